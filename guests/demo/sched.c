@@ -1,0 +1,80 @@
+/*
+ * Tasks: a fixed table, a circular run ring, one kernel and one user stack
+ * per task. The switching itself happens in the timer handler (entry.S).
+ *
+ * All memory is user-accessible, so ring-3 code creates tasks directly by
+ * writing an initial interrupt frame on the new task's kernel stack; the
+ * timer handler then switches to it like to any preempted task.
+ */
+#include "demo.h"
+
+_Static_assert(offsetof(struct task, ksp) == 0, "entry.S TASK_KSP");
+_Static_assert(offsetof(struct task, ktop) == 8, "entry.S TASK_KTOP");
+_Static_assert(offsetof(struct task, next) == 16, "entry.S TASK_NEXT");
+_Static_assert(offsetof(struct task, state) == 24, "entry.S TASK_STATE");
+_Static_assert(TASK_RUNNABLE == 1, "entry.S TASK_RUNNABLE");
+_Static_assert(sizeof(struct int_frame) == 20 * 8, "entry.S push order");
+
+struct task tasks[NTASKS];
+struct task *volatile cur_task;
+volatile u64 ticks;
+
+static u8 kstacks[NTASKS][KSTACK_SIZE] __attribute__((aligned(16)));
+static u8 ustacks[NTASKS][USTACK_SIZE] __attribute__((aligned(16)));
+
+struct task *task_spawn(task_fn fn, u64 arg)
+{
+    int i;
+    for (i = 0; i < NTASKS; i++)
+        if (tasks[i].state != TASK_RUNNABLE)
+            break;
+    if (i == NTASKS)
+        return 0;
+
+    struct task *t = &tasks[i];
+    u64 ktop = (u64)&kstacks[i][KSTACK_SIZE];
+    struct int_frame *f = (struct int_frame *)(ktop - sizeof(*f));
+    memset(f, 0, sizeof(*f));
+    f->rdi = arg;
+    f->rsi = (u64)fn;
+    f->rip = (u64)task_trampoline;
+    f->cs = SEL_USER_CS;
+    f->rflags = USER_RFLAGS;
+    f->rsp = (u64)&ustacks[i][USTACK_SIZE];
+    f->ss = SEL_USER_DS;
+    t->ksp = (u64)f;
+    t->ktop = ktop;
+
+    /* Publish: the timer handler may run between any two of these stores. */
+    int in_ring = t->state == TASK_DEAD; /* a dead task is still linked */
+    barrier();
+    t->state = TASK_RUNNABLE;
+    barrier();
+    if (!in_ring) {
+        struct task *cur = cur_task;
+        if (!cur) {
+            t->next = t; /* the first task, created by kmain */
+        } else {
+            t->next = cur->next;
+            barrier();
+            cur->next = t;
+        }
+    }
+    return t;
+}
+
+void task_exit(void)
+{
+    struct task *t = cur_task;
+    if (t == &tasks[0])
+        power_off(0); /* the main task never exits; do not leave a VM without runnable tasks */
+    t->state = TASK_DEAD; /* skipped by the scheduler from now on */
+    for (;;)
+        idle(); /* until the next tick switches away for good */
+}
+
+void task_wait(struct task *t)
+{
+    while (t->state != TASK_DEAD)
+        idle(); /* wakes at the next tick, which runs the other task */
+}

@@ -1,0 +1,19 @@
+/* The ring-3 workloads; each returns the exit status (see README.md). */
+#ifndef REVIRT_DEMO_WORKLOADS_H
+#define REVIRT_DEMO_WORKLOADS_H
+
+#include "demo.h"
+
+#define COMPUTE_ITERS 50000000ULL
+#define DEMO_COMPUTE_ITERS 20000000ULL
+#define RACE_ITERS 2000000ULL
+#define CLOCK_ITERS 10000000ULL
+
+int wl_compute(u64 iters);
+int wl_clock(u64 iters);
+int wl_race(u64 iters, u64 hz);
+int wl_echo(void);
+int wl_disk(void);
+int wl_vuln(void);
+
+#endif

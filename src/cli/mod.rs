@@ -1,0 +1,74 @@
+//! Command-line front end. One file per subcommand; errors become anyhow
+//! reports here and nowhere else.
+
+mod doctor;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "revirt", version, about = "Forensic record/replay debugger for KVM virtual machines")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a guest image live: console on this terminal, exit status = the guest's.
+    Run(run::Args),
+    /// Check what this host's KVM supports and which replay clocks that allows.
+    Doctor(doctor::Args),
+}
+
+/// Exit status when revirt itself fails (bad image, KVM error, ...).
+pub const EXIT_ERROR: u8 = 125;
+/// Exit status when the guest crashed (exception, triple fault).
+pub const EXIT_GUEST_CRASH: u8 = 124;
+
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run(a) => run::main(a),
+        Cmd::Doctor(a) => doctor::main(a),
+    };
+    match r {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("revirt: error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// Parses sizes like `64M`, `1G`, `512m`, `67108864` (bytes when no unit; `M` default for small numbers).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("unknown size unit '{c}' in '{s}' (use K, M or G)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 64M, 1G)"))?;
+    Ok(match mult {
+        0 if n < 1 << 20 => n << 20, // a bare small number means MiB
+        0 => n,
+        m => n.checked_mul(m).ok_or_else(|| format!("size '{s}' is too large"))?,
+    })
+}

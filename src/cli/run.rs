@@ -1,0 +1,73 @@
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use revirt::vmm::{Console, Image, LiveHost, Machine, Snapshot, Stop, VmConfig};
+
+use super::{parse_size, EXIT_GUEST_CRASH};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Guest image (ELF64, see docs/platform.md). Not needed with --restore.
+    #[arg(required_unless_present = "restore")]
+    image: Option<PathBuf>,
+    /// Disk image for the block device (raw, a multiple of 512 bytes). Written in place.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Guest RAM, e.g. 64M or 1G (a multiple of 2 MiB).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    mem: u64,
+    /// Kernel command line passed to the guest (the demo guest reads workload=NAME).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Pause after this many guest-caused exits and write a snapshot to --save.
+    #[arg(long, requires = "save")]
+    pause_at: Option<u64>,
+    /// Snapshot file written when --pause-at is reached.
+    #[arg(long, requires = "pause_at")]
+    save: Option<PathBuf>,
+    /// Resume a snapshot written by --save instead of booting an image.
+    #[arg(long, conflicts_with_all = ["image", "disk", "cmdline"])]
+    restore: Option<PathBuf>,
+}
+
+pub fn main(a: Args) -> anyhow::Result<u8> {
+    let (mut machine, clock_start) = match &a.restore {
+        Some(path) => {
+            let snap = Snapshot::read(path)?;
+            let clock = snap.state.clock_ns;
+            let m = Machine::restore(&snap.state, &snap.memory)
+                .with_context(|| format!("restoring {}", path.display()))?;
+            (m, clock)
+        }
+        None => {
+            let image_path = a.image.as_ref().expect("clap requires image");
+            let image = Image::load_file(image_path)?;
+            let config = VmConfig { mem_size: a.mem, cmdline: a.cmdline.clone(), disk: a.disk.clone() };
+            (Machine::boot(&config, &image)?, 0)
+        }
+    };
+    let mut host = LiveHost::new(Box::new(std::io::stdin()), Console::Stdout, clock_start);
+    let stop = machine.run(&mut host, a.pause_at)?;
+    match stop {
+        Stop::PowerOff(status) => Ok(status),
+        Stop::Panic(p) => {
+            eprintln!("revirt: {p}");
+            Ok(EXIT_GUEST_CRASH)
+        }
+        Stop::Paused => {
+            let Some(path) = &a.save else { bail!("paused without a snapshot path") };
+            use revirt::vmm::Host;
+            let clock = host.now_ns();
+            let state = machine.save_state(clock)?;
+            let memory = machine.memory_bytes()?;
+            Snapshot { state, memory }.write(path)?;
+            eprintln!(
+                "revirt: paused after {} exits; snapshot written to {} (resume with `revirt run --restore {}`)",
+                machine.exits,
+                path.display(),
+                path.display()
+            );
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The host side of the machine: where time, input and output come from and
+//! go to. `revirt run` uses [`LiveHost`] (real clock, stdin, stdout); the
+//! recorder wraps a live host and logs what it answers; the replayer answers
+//! from the log. The run loop only ever talks to this trait.
+
+use std::io::{Read, Write};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::vcpu::Kicker;
+
+/// An asynchronous input: something the guest did not ask for at this instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Async {
+    TimerTick,
+    SerialInput(Vec<u8>),
+}
+
+/// What the run loop tells the host at a poll point.
+#[derive(Debug, Clone, Copy)]
+pub struct PollCtx {
+    /// Guest-caused exits so far (the exit clock's coarse time).
+    pub exits: u64,
+    /// Whether this poll follows a guest-caused exit (a deterministic point).
+    pub guest_caused: bool,
+    pub timer_deadline_ns: Option<u64>,
+    /// Bytes the serial receive FIFO can take now.
+    pub serial_room: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("the guest is idle waiting for input, but no timer is running and the input is closed (it would wait forever)")]
+    WouldWaitForever,
+    #[error("{0}")]
+    Other(String),
+}
+
+pub trait Host {
+    /// Host time on the guest clock's scale (ns since VM start). Used for
+    /// timer deadlines; never shown to the guest directly.
+    fn now_ns(&mut self) -> u64;
+    /// The guest reads the clock device.
+    fn clock_read(&mut self, ctx: &PollCtx) -> u64;
+    /// Guest output on the serial console.
+    fn output(&mut self, bytes: &[u8]);
+    /// Async inputs to deliver now, before the guest runs again.
+    fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>);
+    /// The guest is idle: block until there is something to deliver.
+    fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError>;
+    /// The vCPU thread is about to run the guest; `kicker` makes KVM_RUN return.
+    fn attach(&mut self, _kicker: Kicker) {}
+    /// The run loop stopped; no more kicks may be sent.
+    fn detach(&mut self) {}
+}
+
+/// Where a live guest's console output goes.
+#[derive(Clone)]
+pub enum Console {
+    Stdout,
+    /// Captured in memory (tests, tools); optionally echoed to stdout too.
+    Capture { buf: Arc<Mutex<Vec<u8>>>, echo: bool },
+}
+
+enum Input {
+    Bytes(Vec<u8>),
+    Closed,
+}
+
+struct TimerShared {
+    deadline: Option<Instant>,
+    kicker: Option<Kicker>,
+    quit: bool,
+}
+
+/// Real time, real input, real output.
+pub struct LiveHost {
+    start: Instant,
+    clock_offset_ns: u64,
+    console: Console,
+    rx: Receiver<Input>,
+    input_closed: bool,
+    pending_input: Vec<u8>,
+    input_kicker: Arc<Mutex<Option<Kicker>>>,
+    timer: Arc<(Mutex<TimerShared>, Condvar)>,
+    timer_thread: Option<JoinHandle<()>>,
+    last_deadline_ns: Option<u64>,
+}
+
+impl LiveHost {
+    /// A live host reading guest input from `input` (stdin, a pipe, a byte slice).
+    /// `clock_start_ns` continues the guest clock after a restore (0 at boot).
+    pub fn new(input: Box<dyn Read + Send>, console: Console, clock_start_ns: u64) -> LiveHost {
+        let (tx, rx) = mpsc::channel();
+        let input_kicker: Arc<Mutex<Option<Kicker>>> = Arc::new(Mutex::new(None));
+        let ik = input_kicker.clone();
+        std::thread::Builder::new()
+            .name("revirt-input".into())
+            .spawn(move || {
+                let mut input = input;
+                let mut buf = [0u8; 4096];
+                loop {
+                    let msg = match input.read(&mut buf) {
+                        Ok(0) | Err(_) => Input::Closed,
+                        Ok(n) => Input::Bytes(buf[..n].to_vec()),
+                    };
+                    let closed = matches!(msg, Input::Closed);
+                    if tx.send(msg).is_err() {
+                        return;
+                    }
+                    if let Some(k) = *ik.lock().unwrap() {
+                        k.kick();
+                    }
+                    if closed {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn input thread");
+
+        let timer = Arc::new((
+            Mutex::new(TimerShared { deadline: None, kicker: None, quit: false }),
+            Condvar::new(),
+        ));
+        let t = timer.clone();
+        let timer_thread = std::thread::Builder::new()
+            .name("revirt-timer".into())
+            .spawn(move || timer_thread(t))
+            .expect("spawn timer thread");
+
+        LiveHost {
+            start: Instant::now(),
+            clock_offset_ns: clock_start_ns,
+            console,
+            rx,
+            input_closed: false,
+            pending_input: Vec::new(),
+            input_kicker,
+            timer,
+            timer_thread: Some(timer_thread),
+            last_deadline_ns: None,
+        }
+    }
+
+    fn instant_of(&self, ns: u64) -> Instant {
+        self.start + Duration::from_nanos(ns.saturating_sub(self.clock_offset_ns))
+    }
+
+    fn drain_input(&mut self) {
+        while let Ok(m) = self.rx.try_recv() {
+            self.take(m);
+        }
+    }
+
+    fn take(&mut self, m: Input) {
+        match m {
+            Input::Bytes(b) => self.pending_input.extend_from_slice(&b),
+            Input::Closed => self.input_closed = true,
+        }
+    }
+
+    fn set_deadline(&mut self, deadline_ns: Option<u64>) {
+        if deadline_ns == self.last_deadline_ns {
+            return;
+        }
+        self.last_deadline_ns = deadline_ns;
+        let at = deadline_ns.map(|d| self.instant_of(d));
+        let (m, cv) = &*self.timer;
+        m.lock().unwrap().deadline = at;
+        cv.notify_one();
+    }
+}
+
+fn timer_thread(t: Arc<(Mutex<TimerShared>, Condvar)>) {
+    let (m, cv) = &*t;
+    let mut s = m.lock().unwrap();
+    loop {
+        if s.quit {
+            return;
+        }
+        match (s.deadline, s.kicker) {
+            (Some(d), Some(k)) => {
+                let now = Instant::now();
+                if now >= d {
+                    k.kick();
+                    // One kick per deadline; the run loop sets the next one.
+                    s.deadline = None;
+                } else {
+                    s = cv.wait_timeout(s, d - now).unwrap().0;
+                }
+            }
+            _ => s = cv.wait(s).unwrap(),
+        }
+    }
+}
+
+impl Drop for LiveHost {
+    fn drop(&mut self) {
+        self.detach();
+        {
+            let (m, cv) = &*self.timer;
+            m.lock().unwrap().quit = true;
+            cv.notify_one();
+        }
+        if let Some(h) = self.timer_thread.take() {
+            let _ = h.join();
+        }
+        let _ = std::io::stdout().flush();
+    }
+}
+
+impl Host for LiveHost {
+    fn now_ns(&mut self) -> u64 {
+        self.clock_offset_ns + self.start.elapsed().as_nanos() as u64
+    }
+
+    fn clock_read(&mut self, _ctx: &PollCtx) -> u64 {
+        self.now_ns()
+    }
+
+    fn output(&mut self, bytes: &[u8]) {
+        match &self.console {
+            Console::Stdout => {
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(bytes);
+                let _ = o.flush();
+            }
+            Console::Capture { buf, echo } => {
+                buf.lock().unwrap().extend_from_slice(bytes);
+                if *echo {
+                    let mut o = std::io::stdout().lock();
+                    let _ = o.write_all(bytes);
+                    let _ = o.flush();
+                }
+            }
+        }
+    }
+
+    fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) {
+        self.drain_input();
+        if ctx.serial_room > 0 && !self.pending_input.is_empty() {
+            let n = ctx.serial_room.min(self.pending_input.len());
+            out.push(Async::SerialInput(self.pending_input.drain(..n).collect()));
+        }
+        let now = self.now_ns();
+        if matches!(ctx.timer_deadline_ns, Some(d) if now >= d) {
+            out.push(Async::TimerTick);
+        }
+        self.set_deadline(ctx.timer_deadline_ns);
+    }
+
+    fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
+        loop {
+            self.poll(ctx, out);
+            if !out.is_empty() {
+                return Ok(());
+            }
+            let timeout = ctx
+                .timer_deadline_ns
+                .map(|d| Duration::from_nanos(d.saturating_sub(self.now_ns())));
+            if timeout.is_none() && self.input_closed && self.pending_input.is_empty() {
+                return Err(HostError::WouldWaitForever);
+            }
+            let msg = match timeout {
+                Some(t) => match self.rx.recv_timeout(t) {
+                    Ok(m) => m,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => Input::Closed,
+                },
+                None => self.rx.recv().unwrap_or(Input::Closed),
+            };
+            self.take(msg);
+        }
+    }
+
+    fn attach(&mut self, kicker: Kicker) {
+        *self.input_kicker.lock().unwrap() = Some(kicker);
+        self.timer.0.lock().unwrap().kicker = Some(kicker);
+        self.timer.1.notify_one();
+    }
+
+    fn detach(&mut self) {
+        *self.input_kicker.lock().unwrap() = None;
+        self.timer.0.lock().unwrap().kicker = None;
+    }
+}

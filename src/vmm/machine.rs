@@ -1,0 +1,502 @@
+//! The machine: one KVM VM with one vCPU, guest memory and the platform
+//! devices, driven by a small run loop (run -> exit -> device -> run).
+
+use std::path::PathBuf;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::boot::{self, BootError};
+use super::devices::{Block, DeviceState, Devices, DiskError};
+use super::host::{Async, Host, HostError, PollCtx};
+use super::image::Image;
+use super::layout::{self, ports, MAX_MEM, MIB, MIN_MEM};
+use super::vcpu::{KickGuard, Kicker, Vcpu, VcpuError, VcpuState};
+
+/// How a VM is built. Saved in checkpoints and recordings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub mem_size: u64,
+    pub cmdline: String,
+    pub disk: Option<PathBuf>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig { mem_size: 64 * MIB, cmdline: String::new(), disk: None }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it? try `revirt doctor`)")]
+    NoKvm(kvm_ioctls::Error),
+    #[error("KVM setup failed ({op}): {source}")]
+    Setup { op: &'static str, source: kvm_ioctls::Error },
+    #[error("guest memory size {0} MiB is out of range ({min}..={max} MiB)", min = MIN_MEM >> 20, max = MAX_MEM >> 20)]
+    MemSize(u64),
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("{0}")]
+    State(String),
+    #[error(transparent)]
+    Host(#[from] HostError),
+    #[error("the guest triple-faulted (KVM_EXIT_SHUTDOWN) at rip {rip:#x}")]
+    TripleFault { rip: u64 },
+    #[error("KVM could not run the guest instruction at rip {rip:#x} (cpl {cpl}): {what}")]
+    Emulation { rip: u64, cpl: u16, what: String },
+    #[error("the guest halted with interrupts disabled at rip {rip:#x}; it can never wake up")]
+    DeadHalt { rip: u64 },
+    #[error("unexpected vCPU exit {what} at rip {rip:#x}")]
+    UnexpectedExit { what: String, rip: u64 },
+}
+
+/// An unhandled exception the guest kernel reported on the panic port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestPanic {
+    pub vector: u8,
+    pub error_code: Option<u64>,
+    pub rip: u64,
+    pub cs: u64,
+    pub rsp: u64,
+    pub cr2: u64,
+}
+
+impl std::fmt::Display for GuestPanic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const NAMES: [&str; 21] = [
+            "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow",
+            "#BR bound range", "#UD invalid opcode", "#NM device not available",
+            "#DF double fault", "coprocessor overrun", "#TS invalid TSS",
+            "#NP segment not present", "#SS stack fault", "#GP general protection",
+            "#PF page fault", "reserved", "#MF x87 error", "#AC alignment check",
+            "#MC machine check", "#XM SIMD error", "#VE virtualization",
+        ];
+        let name = NAMES.get(self.vector as usize).copied().unwrap_or("exception");
+        write!(f, "guest exception {name} (vector {}) at rip {:#x} in ring {}", self.vector, self.rip, self.cs & 3)?;
+        if let Some(e) = self.error_code {
+            write!(f, ", error code {e:#x}")?;
+        }
+        if self.vector == 14 {
+            write!(f, ", faulting address {:#x}", self.cr2)?;
+        }
+        write!(f, ", rsp {:#x}", self.rsp)
+    }
+}
+
+/// Why the run loop returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// The guest powered off with this status.
+    PowerOff(u8),
+    /// The guest kernel reported an unhandled exception.
+    Panic(GuestPanic),
+    /// The requested exit count was reached; the machine can be saved or resumed.
+    Paused,
+}
+
+/// Full machine state except memory contents (see `vmm::snapshot`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MachineState {
+    pub config: VmConfig,
+    pub vcpu: VcpuState,
+    pub devices: DeviceState,
+    pub exits: u64,
+    pub clock_ns: u64,
+}
+
+pub struct Machine {
+    pub config: VmConfig,
+    _kvm: Kvm,
+    vm: VmFd,
+    pub vcpu: Vcpu,
+    pub mem: GuestMemoryMmap,
+    pub devices: Devices,
+    /// Guest-caused exits (I/O, MMIO, HLT) so far: deterministic for a given input.
+    pub exits: u64,
+    /// An IN/MMIO read exit whose result KVM has not yet written to the guest.
+    io_pending: bool,
+    asyncs: Vec<Async>,
+}
+
+fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, MachineError> {
+    r.map_err(|source| MachineError::Setup { op, source })
+}
+
+impl Machine {
+    /// Builds an empty VM (memory, vCPU, devices) without loading anything.
+    fn create(config: &VmConfig) -> Result<Machine, MachineError> {
+        if !(MIN_MEM..=MAX_MEM).contains(&config.mem_size) || config.mem_size % (2 * MIB) != 0 {
+            return Err(MachineError::MemSize(config.mem_size >> 20));
+        }
+        let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
+        let vm = setup("KVM_CREATE_VM", kvm.create_vm())?;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.mem_size as usize)])
+            .map_err(|e| MachineError::Memory(e.to_string()))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mmap owned by `mem`, which the
+            // Machine keeps for as long as the VM fd (dropped together).
+            setup("KVM_SET_USER_MEMORY_REGION", unsafe { vm.set_user_memory_region(r) })?;
+        }
+        let fd = setup("KVM_CREATE_VCPU", vm.create_vcpu(0))?;
+        let vcpu = Vcpu::new(&kvm, fd)?;
+        let block = Block::new(config.disk.as_deref())?;
+        Ok(Machine {
+            config: config.clone(),
+            _kvm: kvm,
+            vm,
+            vcpu,
+            mem,
+            devices: Devices::new(block),
+            exits: 0,
+            io_pending: false,
+            asyncs: Vec::new(),
+        })
+    }
+
+    /// Boots `image` fresh.
+    pub fn boot(config: &VmConfig, image: &Image) -> Result<Machine, MachineError> {
+        image.check_fits(config.mem_size).map_err(BootError::from)?;
+        let m = Machine::create(config)?;
+        boot::load(&m.mem, config.mem_size, image, &config.cmdline, m.devices.block.capacity() > 0 || config.disk.is_some())?;
+        let sregs = boot::entry_sregs(m.vcpu.sregs()?);
+        m.vcpu.set_sregs(&sregs)?;
+        m.vcpu.set_regs(&boot::entry_regs(image.entry))?;
+        Ok(m)
+    }
+
+    /// Rebuilds a machine from a saved state and memory image.
+    pub fn restore(state: &MachineState, memory: &[u8]) -> Result<Machine, MachineError> {
+        if memory.len() as u64 != state.config.mem_size {
+            return Err(MachineError::State(format!(
+                "memory image is {} bytes but the saved VM has {} bytes of RAM",
+                memory.len(),
+                state.config.mem_size
+            )));
+        }
+        let mut m = Machine::create(&state.config)?;
+        m.mem
+            .write_slice(memory, GuestAddress(0))
+            .map_err(|e| MachineError::Memory(e.to_string()))?;
+        m.vcpu.restore(&state.vcpu)?;
+        let block = Block::new(state.config.disk.as_deref())?;
+        m.devices = Devices::from_state(&state.devices, block).map_err(|e| MachineError::State(e.to_string()))?;
+        m.exits = state.exits;
+        Ok(m)
+    }
+
+    /// Saves everything but memory. Completes a pending IN first, so the
+    /// saved registers hold its result.
+    pub fn save_state(&mut self, clock_ns: u64) -> Result<MachineState, MachineError> {
+        self.complete_pending_io()?;
+        Ok(MachineState {
+            config: self.config.clone(),
+            vcpu: self.vcpu.save()?,
+            devices: self.devices.state(),
+            exits: self.exits,
+            clock_ns,
+        })
+    }
+
+    /// A copy of all guest RAM.
+    pub fn memory_bytes(&self) -> Result<Vec<u8>, MachineError> {
+        let mut v = vec![0u8; self.config.mem_size as usize];
+        self.mem
+            .read_slice(&mut v, GuestAddress(0))
+            .map_err(|e| MachineError::Memory(e.to_string()))?;
+        Ok(v)
+    }
+
+    /// KVM finishes an IN/MMIO read only on the next KVM_RUN; with
+    /// immediate_exit set it does so without running guest code.
+    fn complete_pending_io(&mut self) -> Result<(), MachineError> {
+        if !self.io_pending {
+            return Ok(());
+        }
+        self.vcpu.fd.set_kvm_immediate_exit(1);
+        let r = self.vcpu.fd.run().map(|_| ()).map_err(|e| e.errno());
+        self.vcpu.fd.set_kvm_immediate_exit(0);
+        match r {
+            Err(libc::EINTR) | Ok(()) => {
+                self.io_pending = false;
+                Ok(())
+            }
+            Err(e) => Err(VcpuError::Kvm {
+                op: "KVM_RUN (complete I/O)",
+                source: kvm_ioctls::Error::new(e),
+            }
+            .into()),
+        }
+    }
+
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    fn ctx(&self, guest_caused: bool) -> PollCtx {
+        PollCtx {
+            exits: self.exits,
+            guest_caused,
+            timer_deadline_ns: self.devices.timer.deadline_ns,
+            serial_room: self.devices.serial.rx_room(),
+        }
+    }
+
+    fn deliver(&mut self, host: &mut dyn Host) {
+        let now = if self.asyncs.iter().any(|a| *a == Async::TimerTick) { host.now_ns() } else { 0 };
+        for a in self.asyncs.drain(..) {
+            match a {
+                Async::TimerTick => {
+                    self.devices.timer.fire(now);
+                    self.devices.pic.raise(layout::IRQ_TIMER);
+                }
+                Async::SerialInput(bytes) => {
+                    self.devices.serial.enqueue(&bytes);
+                }
+            }
+        }
+        self.devices.collect_irqs();
+    }
+
+    /// Injects the next interrupt if the guest can take it, else asks KVM
+    /// for an exit as soon as it can.
+    fn inject(&mut self) -> Result<(), MachineError> {
+        let run = self.vcpu.fd.get_kvm_run();
+        let can_take = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
+        match self.devices.pic.next_vector() {
+            Some(v) if can_take => {
+                run.request_interrupt_window = 0;
+                self.vcpu.inject_interrupt(v)?;
+                self.devices.pic.ack(v);
+            }
+            Some(_) => run.request_interrupt_window = 1,
+            None => run.request_interrupt_window = 0,
+        }
+        Ok(())
+    }
+
+    fn idle(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
+        if self.devices.wake_pending() {
+            return Ok(());
+        }
+        let ctx = self.ctx(true);
+        let mut asyncs = std::mem::take(&mut self.asyncs);
+        host.wait(&ctx, &mut asyncs)?;
+        self.asyncs = asyncs;
+        self.deliver(host);
+        Ok(())
+    }
+
+    fn rip(&self) -> u64 {
+        self.vcpu.regs().map(|r| r.rip).unwrap_or(0)
+    }
+
+    fn guest_panic(&self) -> Result<GuestPanic, MachineError> {
+        let r = self.vcpu.regs()?;
+        let s = self.vcpu.sregs()?;
+        let mut frame = [0u64; 6];
+        let has_code = r.rsi & 1 == 1;
+        for (i, slot) in frame.iter_mut().enumerate() {
+            *slot = self.mem.read_obj(GuestAddress(r.rdi + 8 * i as u64)).unwrap_or(0);
+        }
+        let f = if has_code { &frame[1..] } else { &frame[..5] };
+        Ok(GuestPanic {
+            vector: r.rax as u8,
+            error_code: has_code.then_some(frame[0]),
+            rip: f[0],
+            cs: f[1],
+            rsp: f[3],
+            cr2: s.cr2,
+        })
+    }
+
+    /// Runs until the guest powers off or panics, or until `exit_limit`
+    /// guest-caused exits have happened (then returns `Stop::Paused`).
+    pub fn run(&mut self, host: &mut dyn Host, exit_limit: Option<u64>) -> Result<Stop, MachineError> {
+        let _guard = KickGuard::register(&mut self.vcpu.fd);
+        host.attach(Kicker::current());
+        let r = self.run_loop(host, exit_limit);
+        host.detach();
+        // Leave the machine savable: a pending IN gets its result now.
+        self.complete_pending_io()?;
+        r
+    }
+
+    fn run_loop(&mut self, host: &mut dyn Host, exit_limit: Option<u64>) -> Result<Stop, MachineError> {
+        loop {
+            if matches!(exit_limit, Some(l) if self.exits >= l) {
+                return Ok(Stop::Paused);
+            }
+            self.inject()?;
+            let Machine { vcpu, devices, mem, exits, io_pending, .. } = self;
+            let mut guest_caused = true;
+            let mut action = Action::None;
+            match vcpu.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    *exits += 1;
+                    *io_pending = true;
+                    action = io_in(devices, port, data);
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    *exits += 1;
+                    action = io_out(devices, mem, port, data);
+                }
+                Ok(VcpuExit::MmioRead(_, data)) => {
+                    *exits += 1;
+                    *io_pending = true;
+                    data.fill(0xFF); // nothing is mapped there
+                }
+                Ok(VcpuExit::MmioWrite(..)) => *exits += 1,
+                Ok(VcpuExit::Hlt) => {
+                    *exits += 1;
+                    action = Action::Halt;
+                }
+                Ok(VcpuExit::IrqWindowOpen) => guest_caused = false,
+                Ok(VcpuExit::Intr) => guest_caused = false,
+                Ok(VcpuExit::Shutdown) => action = Action::TripleFault,
+                Ok(VcpuExit::InternalError) => action = Action::Emulation("internal error (instruction emulation failed)".into()),
+                Ok(VcpuExit::FailEntry(reason, _)) => action = Action::Emulation(format!("VM entry failed, hardware reason {reason:#x}")),
+                Ok(other) => action = Action::Unexpected(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    vcpu.fd.set_kvm_immediate_exit(0);
+                    guest_caused = false;
+                }
+                Err(e) => return Err(VcpuError::Kvm { op: "KVM_RUN", source: e }.into()),
+            }
+            let out = self.devices.serial.drain_output();
+            if !out.is_empty() {
+                host.output(&out);
+            }
+            match action {
+                Action::None => {}
+                Action::ClockRead(slot) => {
+                    let ctx = self.ctx(true);
+                    let now = host.clock_read(&ctx);
+                    let v = self.devices.clock.read_lo(now);
+                    self.fill_in(slot, v);
+                }
+                Action::TimerProgram(us) => {
+                    let now = host.now_ns();
+                    self.devices.timer.program(us, now);
+                }
+                Action::Halt => {
+                    let run = self.vcpu.fd.get_kvm_run();
+                    if run.if_flag == 0 {
+                        return Err(MachineError::DeadHalt { rip: self.rip() });
+                    }
+                    self.idle(host)?;
+                }
+                Action::Idle => self.idle(host)?,
+                Action::PowerOff(status) => return Ok(Stop::PowerOff(status)),
+                Action::Panic => return Ok(Stop::Panic(self.guest_panic()?)),
+                Action::TripleFault => return Err(MachineError::TripleFault { rip: self.rip() }),
+                Action::Emulation(what) => {
+                    let cpl = self.vcpu.sregs().map(|s| s.cs.selector & 3).unwrap_or(0);
+                    return Err(MachineError::Emulation { rip: self.rip(), cpl, what });
+                }
+                Action::Unexpected(what) => return Err(MachineError::UnexpectedExit { what, rip: self.rip() }),
+            }
+            let ctx = self.ctx(guest_caused);
+            let mut asyncs = std::mem::take(&mut self.asyncs);
+            host.poll(&ctx, &mut asyncs);
+            self.asyncs = asyncs;
+            self.deliver(host);
+        }
+    }
+
+    /// Writes the answer of a pending IN into kvm_run's data area.
+    fn fill_in(&mut self, slot: InSlot, value: u32) {
+        let run = self.vcpu.fd.get_kvm_run();
+        // SAFETY: the last exit was KVM_EXIT_IO (direction in); the io union
+        // member is valid and data_offset/size point inside the kvm_run mapping.
+        unsafe {
+            let io = run.__bindgen_anon_1.io;
+            let base = (run as *mut kvm_bindings::kvm_run as *mut u8).add(io.data_offset as usize);
+            let bytes = value.to_le_bytes();
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), base, slot.size.min(4));
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct InSlot {
+    size: usize,
+}
+
+enum Action {
+    None,
+    ClockRead(InSlot),
+    TimerProgram(u32),
+    Halt,
+    Idle,
+    PowerOff(u8),
+    Panic,
+    TripleFault,
+    Emulation(String),
+    Unexpected(String),
+}
+
+fn le(data: &[u8]) -> u32 {
+    let mut b = [0u8; 4];
+    let n = data.len().min(4);
+    b[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(b)
+}
+
+fn put(data: &mut [u8], v: u32) {
+    let b = v.to_le_bytes();
+    let n = data.len().min(4);
+    data[..n].copy_from_slice(&b[..n]);
+}
+
+fn io_in(d: &mut Devices, port: u16, data: &mut [u8]) -> Action {
+    match port {
+        ports::SERIAL_BASE..=ports::SERIAL_END => {
+            data[0] = d.serial.read((port - ports::SERIAL_BASE) as u8);
+            for b in &mut data[1..] {
+                *b = 0;
+            }
+        }
+        ports::CLOCK_LO => return Action::ClockRead(InSlot { size: data.len() }),
+        ports::CLOCK_HI => put(data, d.clock.read_hi()),
+        ports::TIMER_PERIOD => put(data, d.timer.period_us),
+        ports::PIC_MASK => put(data, d.pic.mask as u32),
+        ports::BLK_LBA..=ports::BLK_CAPACITY => put(data, d.block.read_port(port)),
+        _ => data.fill(0xFF),
+    }
+    Action::None
+}
+
+fn io_out(d: &mut Devices, mem: &GuestMemoryMmap, port: u16, data: &[u8]) -> Action {
+    let v = le(data);
+    match port {
+        ports::SERIAL_BASE..=ports::SERIAL_END => {
+            d.serial.write((port - ports::SERIAL_BASE) as u8, data[0]);
+            d.collect_irqs();
+        }
+        ports::TIMER_PERIOD => return Action::TimerProgram(v),
+        ports::PIC_EOI => d.pic.eoi(),
+        ports::PIC_MASK => d.pic.set_mask(v as u16),
+        ports::IDLE => return Action::Idle,
+        ports::BLK_LBA..=ports::BLK_CAPACITY => d.block.write_port(port, v, mem),
+        ports::POWER_OFF => return Action::PowerOff(v as u8),
+        ports::PANIC => return Action::Panic,
+        _ => {}
+    }
+    Action::None
+}

@@ -1,0 +1,16 @@
+//! KVM mechanics: memory, the vCPU, devices, boot, the run loop. This module
+//! decides nothing about recording or replay; it asks a [`host::Host`].
+
+pub mod boot;
+pub mod devices;
+pub mod host;
+pub mod image;
+pub mod layout;
+pub mod machine;
+pub mod snapshot;
+pub mod vcpu;
+
+pub use host::{Async, Console, Host, LiveHost, PollCtx};
+pub use image::Image;
+pub use machine::{GuestPanic, Machine, MachineError, MachineState, Stop, VmConfig};
+pub use snapshot::Snapshot;

@@ -1,0 +1,237 @@
+//! The vCPU: KVM's register files, their save/restore in a fixed order, and a
+//! way for another thread to make `KVM_RUN` return (a "kick").
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
+use kvm_bindings::{
+    kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, Msrs,
+};
+use kvm_ioctls::{Kvm, VcpuFd};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM ioctl {op} failed: {source}")]
+    Kvm { op: &'static str, source: kvm_ioctls::Error },
+    #[error("KVM_SET_MSRS wrote {written} of {wanted} MSRs")]
+    PartialMsrs { written: usize, wanted: usize },
+}
+
+fn ck<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VcpuError> {
+    r.map_err(|source| VcpuError::Kvm { op, source })
+}
+
+/// MSRs a guest of ours can change and that a checkpoint must carry.
+/// EFER lives in sregs; the rest are syscall/sysenter/TLS state and TSC.
+const SAVED_MSRS: &[u32] = &[
+    0x10,        // TSC
+    0x174,       // SYSENTER_CS
+    0x175,       // SYSENTER_ESP
+    0x176,       // SYSENTER_EIP
+    0x277,       // PAT
+    0xC000_0081, // STAR
+    0xC000_0082, // LSTAR
+    0xC000_0083, // CSTAR
+    0xC000_0084, // SFMASK
+    0xC000_0100, // FS_BASE
+    0xC000_0101, // GS_BASE
+    0xC000_0102, // KERNEL_GS_BASE
+    0xC000_0103, // TSC_AUX
+];
+
+/// Everything KVM holds for one vCPU, in serializable form.
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub msrs: Vec<(u32, u64)>,
+    pub events: kvm_vcpu_events,
+}
+
+impl std::fmt::Debug for VcpuState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuState")
+            .field("rip", &format_args!("{:#x}", self.regs.rip))
+            .field("msrs", &self.msrs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+pub struct Vcpu {
+    pub fd: VcpuFd,
+    msr_list: Vec<u32>,
+}
+
+impl Vcpu {
+    pub fn new(kvm: &Kvm, fd: VcpuFd) -> Result<Vcpu, VcpuError> {
+        let supported = ck("KVM_GET_MSR_INDEX_LIST", kvm.get_msr_index_list())?;
+        let supported = supported.as_slice();
+        let msr_list = SAVED_MSRS.iter().copied().filter(|m| supported.contains(m)).collect();
+        let cpuid = ck(
+            "KVM_GET_SUPPORTED_CPUID",
+            kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES),
+        )?;
+        // Must precede KVM_SET_SREGS (measured: long-mode entry fails otherwise).
+        ck("KVM_SET_CPUID2", fd.set_cpuid2(&cpuid))?;
+        Ok(Vcpu { fd, msr_list })
+    }
+
+    pub fn regs(&self) -> Result<kvm_regs, VcpuError> {
+        ck("KVM_GET_REGS", self.fd.get_regs())
+    }
+    pub fn set_regs(&self, r: &kvm_regs) -> Result<(), VcpuError> {
+        ck("KVM_SET_REGS", self.fd.set_regs(r))
+    }
+    pub fn sregs(&self) -> Result<kvm_sregs, VcpuError> {
+        ck("KVM_GET_SREGS", self.fd.get_sregs())
+    }
+    pub fn set_sregs(&self, s: &kvm_sregs) -> Result<(), VcpuError> {
+        ck("KVM_SET_SREGS", self.fd.set_sregs(s))
+    }
+
+    /// Saves the full vCPU state. Order follows Firecracker: MP state first,
+    /// vCPU events last, so pending-event state is the freshest.
+    pub fn save(&self) -> Result<VcpuState, VcpuError> {
+        let mp_state = ck("KVM_GET_MP_STATE", self.fd.get_mp_state())?;
+        let regs = self.regs()?;
+        let sregs = self.sregs()?;
+        let xsave = ck("KVM_GET_XSAVE", self.fd.get_xsave())?;
+        let xcrs = ck("KVM_GET_XCRS", self.fd.get_xcrs())?;
+        let debugregs = ck("KVM_GET_DEBUGREGS", self.fd.get_debug_regs())?;
+        let entries: Vec<kvm_msr_entry> = self
+            .msr_list
+            .iter()
+            .map(|&index| kvm_msr_entry { index, ..Default::default() })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).expect("MSR list is small");
+        let n = ck("KVM_GET_MSRS", self.fd.get_msrs(&mut msrs))?;
+        let msrs = msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect();
+        let events = ck("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events())?;
+        Ok(VcpuState { mp_state, regs, sregs, xsave, xcrs, debugregs, msrs, events })
+    }
+
+    pub fn restore(&self, s: &VcpuState) -> Result<(), VcpuError> {
+        ck("KVM_SET_MP_STATE", self.fd.set_mp_state(s.mp_state))?;
+        self.set_regs(&s.regs)?;
+        self.set_sregs(&s.sregs)?;
+        // SAFETY: the xsave buffer came from KVM_GET_XSAVE on a vCPU with the
+        // same CPUID (both set from KVM_GET_SUPPORTED_CPUID on this host).
+        ck("KVM_SET_XSAVE", unsafe { self.fd.set_xsave(&s.xsave) })?;
+        ck("KVM_SET_XCRS", self.fd.set_xcrs(&s.xcrs))?;
+        ck("KVM_SET_DEBUGREGS", self.fd.set_debug_regs(&s.debugregs))?;
+        let entries: Vec<kvm_msr_entry> = s
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
+            .collect();
+        let msrs = Msrs::from_entries(&entries).expect("MSR list is small");
+        let n = ck("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
+        if n != entries.len() {
+            return Err(VcpuError::PartialMsrs { written: n, wanted: entries.len() });
+        }
+        ck("KVM_SET_VCPU_EVENTS", self.fd.set_vcpu_events(&s.events))?;
+        Ok(())
+    }
+}
+
+// ---- kicking: make KVM_RUN return from another thread -----------------------
+
+thread_local! {
+    /// The kvm_run page of the vCPU that runs on this thread, for the signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+static HANDLER: Once = Once::new();
+static HANDLER_OK: AtomicBool = AtomicBool::new(false);
+
+/// The real-time signal used for kicks.
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Setting immediate_exit closes the race where the signal lands just
+    // before KVM_RUN is entered: KVM then returns EINTR at once.
+    let p = KVM_RUN.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: p points at this thread's mapped kvm_run page, which lives as
+        // long as the Vcpu that registered it (it unregisters before dropping).
+        unsafe { std::ptr::write_volatile(&mut (*p).immediate_exit, 1) };
+    }
+}
+
+/// Registers the kick handler once per process.
+pub fn install_kick_handler() -> bool {
+    HANDLER.call_once(|| {
+        let ok = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick).is_ok();
+        HANDLER_OK.store(ok, Ordering::SeqCst);
+    });
+    HANDLER_OK.load(Ordering::SeqCst)
+}
+
+/// While alive, kicks sent to this thread make this vCPU's KVM_RUN return.
+pub struct KickGuard;
+
+impl KickGuard {
+    pub fn register(vcpu: &mut VcpuFd) -> KickGuard {
+        install_kick_handler();
+        let p: *mut kvm_run = vcpu.get_kvm_run();
+        KVM_RUN.with(|c| c.set(p));
+        KickGuard
+    }
+}
+
+impl Drop for KickGuard {
+    fn drop(&mut self) {
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+    }
+}
+
+/// A handle another thread uses to kick the vCPU thread.
+#[derive(Clone, Copy, Debug)]
+pub struct Kicker {
+    thread: libc::pthread_t,
+}
+
+impl Kicker {
+    /// A kicker for the calling thread.
+    pub fn current() -> Kicker {
+        // SAFETY: pthread_self has no preconditions.
+        Kicker { thread: unsafe { libc::pthread_self() } }
+    }
+    pub fn kick(&self) {
+        // SAFETY: the thread id came from pthread_self of a thread that joins
+        // (and stops its kickers) before exiting; a stale kick is harmless.
+        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+    }
+}
+
+// kvm-ioctls has no wrapper for KVM_INTERRUPT (it assumes an in-kernel irqchip).
+vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_bindings::kvm_interrupt);
+
+impl Vcpu {
+    /// Queues external interrupt `vector` for delivery at the next KVM_RUN.
+    /// Only valid without an in-kernel irqchip and when the guest can take it.
+    pub fn inject_interrupt(&self, vector: u8) -> Result<(), VcpuError> {
+        let irq = kvm_bindings::kvm_interrupt { irq: vector as u32 };
+        // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer, which
+        // is valid for the duration of the call; the fd is a vCPU fd.
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq)
+        };
+        if ret < 0 {
+            return Err(VcpuError::Kvm {
+                op: "KVM_INTERRUPT",
+                source: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(())
+    }
+}
