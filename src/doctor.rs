@@ -78,18 +78,23 @@ fn probe_image(ring0: Vec<u8>, ring3: Vec<u8>, with_idt: bool) -> Image {
     mem[..ring0.len()].copy_from_slice(&ring0);
     mem[0x1000..0x1000 + ring3.len()].copy_from_slice(&ring3);
     // Interrupt handler: mov al, 0x42; mov dx, 0x550; out dx, al
+    // Vector 0x20 powers off with 0x42; every other vector (a fault) with 0x99,
+    // so a probe that faulted is never mistaken for a delivered interrupt.
     let handler = [0xB0, 0x42, 0x66, 0xBA, 0x50, 0x05, 0xEE];
     mem[0x2000..0x2000 + handler.len()].copy_from_slice(&handler);
+    let fault = [0xB0, 0x99, 0x66, 0xBA, 0x50, 0x05, 0xEE];
+    mem[0x2040..0x2040 + fault.len()].copy_from_slice(&fault);
     if with_idt {
         let idtr = 0x2100;
         mem[idtr..idtr + 2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
         mem[idtr + 2..idtr + 10].copy_from_slice(&IDT.to_le_bytes());
         for v in 0..256usize {
             let g = 0x3000 + v * 16;
-            mem[g..g + 2].copy_from_slice(&(HANDLER as u16).to_le_bytes());
+            let h = if v == 0x20 { HANDLER } else { HANDLER + 0x40 };
+            mem[g..g + 2].copy_from_slice(&(h as u16).to_le_bytes());
             mem[g + 2..g + 4].copy_from_slice(&0x10u16.to_le_bytes());
             mem[g + 5] = 0x8E; // present, DPL 0, interrupt gate
-            mem[g + 6..g + 8].copy_from_slice(&((HANDLER >> 16) as u16).to_le_bytes());
+            mem[g + 6..g + 8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
         }
     }
     Image { entry: RING0, segments: vec![Segment { paddr: RING0, memsz: 0x4000, data: mem }] }
@@ -207,6 +212,9 @@ fn injection_check(ring3: bool) -> Check {
         match m.vcpu.fd.run() {
             Ok(VcpuExit::IoOut(0x550, d)) if d.first() == Some(&0x42) => {
                 return Check::yes("an injected interrupt reached the guest's handler");
+            }
+            Ok(VcpuExit::IoOut(0x550, _)) => {
+                return Check::no("the probe faulted before the interrupt was delivered");
             }
             Ok(VcpuExit::IoOut(..)) | Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) => {}
             Ok(e) => return Check::no(format!("probe stopped with {e:?}")),

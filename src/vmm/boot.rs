@@ -113,7 +113,10 @@ pub fn load(
 
     let mut tss = vec![0u8; TSS_SIZE as usize];
     tss[4..12].copy_from_slice(&BOOT_STACK_TOP.to_le_bytes()); // rsp0
-    tss[102..104].copy_from_slice(&(TSS_SIZE as u16).to_le_bytes()); // no I/O bitmap
+    // I/O bitmap right after the TSS: all zero = every port below
+    // IO_BITMAP_PORTS is allowed in ring 3 even when IOPL is 0.
+    tss[102..104].copy_from_slice(&104u16.to_le_bytes());
+    tss[TSS_SIZE as usize - 1] = 0xFF;
     write(mem, TSS_ADDR, &tss)?;
 
     // Identity map all of RAM with 2 MiB pages, user-accessible at every level.

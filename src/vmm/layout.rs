@@ -3,7 +3,10 @@
 
 pub const GDT_ADDR: u64 = 0x1000;
 pub const TSS_ADDR: u64 = 0x1080;
-pub const TSS_SIZE: u64 = 104;
+/// The 104-byte TSS plus an I/O permission bitmap that allows ports
+/// 0..IO_BITMAP_PORTS from ring 3 (and a terminating 0xFF byte).
+pub const TSS_SIZE: u64 = 104 + IO_BITMAP_PORTS / 8 + 1;
+pub const IO_BITMAP_PORTS: u64 = 0x800;
 pub const BOOT_INFO_ADDR: u64 = 0x3000;
 pub const CMDLINE_ADDR: u64 = 0x4000;
 pub const CMDLINE_MAX: usize = 4095;
