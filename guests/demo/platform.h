@@ -17,11 +17,15 @@ typedef uint64_t u64;
 #define SEL_USER_CS 0x33
 #define SEL_TSS 0x40
 
+#define GDT_ADDR 0x1000
+
 /* 64-bit TSS at 0x1080; rsp0 at offset 4 (unaligned). */
 #define TSS_ADDR 0x1080
 #define TSS_RSP0_ADDR (TSS_ADDR + 4)
 
-/* RFLAGS for ring-3 tasks: IF | IOPL=3 | reserved bit 1. */
+/* RFLAGS for ring-3 tasks: IF | IOPL=3 | reserved bit 1. IOPL=3 is what lets
+ * ring 3 use in/out on ordinary hosts; on kvm_pvm IOPL is forced to 0 and the
+ * VMM's TSS I/O bitmap (ports < 0x800, docs/platform.md) allows them instead. */
 #define USER_RFLAGS 0x3202
 
 /* Serial 16550 (COM1). */

@@ -8,14 +8,14 @@
 
 /* Work per iteration, in (imul, add) pairs of a private LCG: RACE_WORK_IN
  * between the load and the store (the window), RACE_WORK_OUT after it.
- * About 25 ns per iteration natively, so 2 x 2M iterations take ~100 ms. */
+ * About 25 ns per iteration natively: 2 x 2M iterations take ~100 ms. */
 #define RACE_WORK_IN 3
-#define RACE_WORK_OUT 7
+#define RACE_WORK_OUT 12
 #define LCG_MUL 6364136223846793005ULL
 
 static volatile u64 race_counter;
 
-static void race_loop(u64 iters, u64 seed)
+static NOINLINE void race_loop(u64 iters, u64 seed)
 {
     u64 s = seed;
     for (u64 i = 0; i < iters; i++) {

@@ -34,14 +34,15 @@ struct task *task_spawn(task_fn fn, u64 arg)
     struct task *t = &tasks[i];
     u64 ktop = (u64)&kstacks[i][KSTACK_SIZE];
     struct int_frame *f = (struct int_frame *)(ktop - sizeof(*f));
-    memset(f, 0, sizeof(*f));
-    f->rdi = arg;
-    f->rsi = (u64)fn;
-    f->rip = (u64)task_trampoline;
-    f->cs = SEL_USER_CS;
-    f->rflags = USER_RFLAGS;
-    f->rsp = (u64)&ustacks[i][USTACK_SIZE];
-    f->ss = SEL_USER_DS;
+    *f = (struct int_frame){
+        .rdi = arg,
+        .rsi = (u64)fn,
+        .rip = (u64)task_trampoline,
+        .cs = SEL_USER_CS,
+        .rflags = USER_RFLAGS,
+        .rsp = (u64)&ustacks[i][USTACK_SIZE],
+        .ss = SEL_USER_DS,
+    };
     t->ksp = (u64)f;
     t->ktop = ktop;
 

@@ -83,6 +83,7 @@ pub struct LiveHost {
     rx: Receiver<Input>,
     input_closed: bool,
     pending_input: Vec<u8>,
+    delivered_input: usize,
     input_kicker: Arc<Mutex<Option<Kicker>>>,
     timer: Arc<(Mutex<TimerShared>, Condvar)>,
     timer_thread: Option<JoinHandle<()>>,
@@ -137,11 +138,17 @@ impl LiveHost {
             rx,
             input_closed: false,
             pending_input: Vec::new(),
+            delivered_input: 0,
             input_kicker,
             timer,
             timer_thread: Some(timer_thread),
             last_deadline_ns: None,
         }
+    }
+
+    /// How many input bytes have been handed to the guest's UART so far.
+    pub fn input_delivered(&self) -> usize {
+        self.delivered_input
     }
 
     fn instant_of(&self, ns: u64) -> Instant {
@@ -242,6 +249,7 @@ impl Host for LiveHost {
         self.drain_input();
         if ctx.serial_room > 0 && !self.pending_input.is_empty() {
             let n = ctx.serial_room.min(self.pending_input.len());
+            self.delivered_input += n;
             out.push(Async::SerialInput(self.pending_input.drain(..n).collect()));
         }
         let now = self.now_ns();

@@ -35,7 +35,7 @@ pub enum MachineError {
     NoKvm(kvm_ioctls::Error),
     #[error("KVM setup failed ({op}): {source}")]
     Setup { op: &'static str, source: kvm_ioctls::Error },
-    #[error("guest memory size {0} MiB is out of range ({min}..={max} MiB)", min = MIN_MEM >> 20, max = MAX_MEM >> 20)]
+    #[error("guest memory size of {0} bytes is not usable: it must be a multiple of 2 MiB from {min} to {max} MiB", min = MIN_MEM >> 20, max = MAX_MEM >> 20)]
     MemSize(u64),
     #[error("guest memory: {0}")]
     Memory(String),
@@ -135,7 +135,7 @@ impl Machine {
     /// Builds an empty VM (memory, vCPU, devices) without loading anything.
     fn create(config: &VmConfig) -> Result<Machine, MachineError> {
         if !(MIN_MEM..=MAX_MEM).contains(&config.mem_size) || config.mem_size % (2 * MIB) != 0 {
-            return Err(MachineError::MemSize(config.mem_size >> 20));
+            return Err(MachineError::MemSize(config.mem_size));
         }
         let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
         let vm = setup("KVM_CREATE_VM", kvm.create_vm())?;

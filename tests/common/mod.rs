@@ -1,0 +1,86 @@
+//! Helpers shared by the end-to-end tests: the real binary, the real demo
+//! guest, real KVM.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub fn revirt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_revirt"))
+}
+
+pub fn demo_image() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/demo/out/vm.img");
+    assert!(p.exists(), "demo guest not built at {}", p.display());
+    p
+}
+
+/// Runs `revirt` with `args`, feeding `stdin`, with a time limit so a hung
+/// guest fails the test instead of hanging it.
+pub fn run_with_input(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = revirt()
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn revirt");
+    let mut si = child.stdin.take().unwrap();
+    si.write_all(stdin).unwrap();
+    drop(si);
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        if rx.recv_timeout(std::time::Duration::from_secs(120)).is_err() {
+            // SAFETY: plain kill(2) of our own child process.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    });
+    let out = child.wait_with_output().unwrap();
+    let _ = tx.send(());
+    t.join().unwrap();
+    out
+}
+
+pub fn run_demo(cmdline: &str, extra: &[&str], stdin: &[u8]) -> Output {
+    let img = demo_image();
+    let mut args = vec!["run", img.to_str().unwrap(), "--cmdline", cmdline];
+    args.extend_from_slice(extra);
+    run_with_input(&args, stdin)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The demo's compute loop (guests/demo/README.md), computed on the host.
+pub fn compute_result(iters: u64) -> u64 {
+    let (mut x, mut acc) = (0x2545_F491_4F6C_DD1Du64, 0u64);
+    for i in 0..iters {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        acc = acc.wrapping_add(x ^ i);
+    }
+    acc
+}
+
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+/// Extracts `key=value` from a line of guest output.
+pub fn field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+}

@@ -1,0 +1,170 @@
+//! `revirt run` end to end: the real binary boots the real demo guest on KVM.
+
+mod common;
+use common::*;
+
+#[test]
+fn compute_workload_matches_host_computation() {
+    let o = run_demo("workload=compute iters=1000000", &[], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = format!("compute: iters=1000000 result={:#018x}", compute_result(1_000_000));
+    assert!(stdout(&o).contains(&want), "stdout: {}\nwanted: {want}", stdout(&o));
+}
+
+#[test]
+fn ring0_workload_runs_in_ring0_and_matches() {
+    let o = run_demo("workload=ring0 iters=3000", &[], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = format!("ring0: iters=3000 result={:#018x}", compute_result(3000));
+    assert!(stdout(&o).contains(&want), "stdout: {}", stdout(&o));
+}
+
+#[test]
+fn timer_preempts_racing_ring3_tasks() {
+    let o = run_demo("workload=race", &[], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let line = out.lines().find(|l| l.starts_with("race:")).unwrap_or_else(|| panic!("no race line: {out}"));
+    let num = |k| field(line, k).unwrap().parse::<u64>().unwrap();
+    let (counter, expected, lost, ticks) = (num("counter"), num("expected"), num("lost"), num("ticks"));
+    assert!(ticks > 0, "no timer interrupt was delivered: {line}");
+    assert!(counter <= expected && counter > 0, "{line}");
+    assert_eq!(lost, expected - counter, "{line}");
+}
+
+#[test]
+fn echo_workload_echoes_serial_input() {
+    let o = run_demo("workload=echo", &[], b"hello\nworld of replay\nquit\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for l in ["echo: ready", "echo: hello", "echo: world of replay", "echo: bye"] {
+        assert!(out.contains(l), "missing {l:?} in {out}");
+    }
+}
+
+#[test]
+fn idle_guest_with_closed_input_is_an_error_not_a_hang() {
+    let o = run_demo("workload=echo", &[], b"only one line\n");
+    assert!(!o.status.success());
+    assert!(stdout(&o).contains("echo: only one line"));
+    assert!(stderr(&o).contains("wait forever"), "stderr: {}", stderr(&o));
+}
+
+#[test]
+fn disk_checksum_round_trips_through_the_block_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.img");
+    let mut content = vec![0u8; 128 * 512];
+    for (i, b) in content.iter_mut().enumerate().skip(512) {
+        *b = (i * 7 % 251) as u8;
+    }
+    std::fs::write(&disk, &content).unwrap();
+    for round in 1..=2u64 {
+        let o = run_demo("workload=disk", &["--disk", disk.to_str().unwrap()], b"");
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        let line = out.lines().find(|l| l.starts_with("disk:")).unwrap();
+        assert_eq!(field(line, "counter").unwrap(), round.to_string(), "{line}");
+        assert_eq!(field(line, "sectors").unwrap(), "64", "{line}");
+        let after = std::fs::read(&disk).unwrap();
+        assert_eq!(&after[..8], b"RVDISK01");
+        assert_eq!(u64::from_le_bytes(after[8..16].try_into().unwrap()), round);
+        assert_eq!(&after[512..], &content[512..], "guest changed sectors it should not touch");
+        let want = format!("{:#018x}", fnv1a(&after[..64 * 512]));
+        assert_eq!(field(line, "checksum").unwrap(), want, "{line}");
+    }
+}
+
+#[test]
+fn disk_workload_without_disk_reports_it() {
+    let o = run_demo("workload=disk", &[], b"");
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stdout(&o).contains("disk: no disk"));
+}
+
+#[test]
+fn exit_status_propagates() {
+    for status in [0u8, 42, 255] {
+        let o = run_demo(&format!("workload=exit status={status}"), &[], b"");
+        assert_eq!(o.status.code(), Some(status as i32), "{}", stderr(&o));
+        assert!(stdout(&o).contains(&format!("exit: status={status}")));
+    }
+}
+
+#[test]
+fn unknown_workload_exits_2() {
+    let o = run_demo("workload=nonesuch", &[], b"");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stdout(&o).contains("unknown workload 'nonesuch'"), "{}", stdout(&o));
+}
+
+#[test]
+fn clock_advances() {
+    let o = run_demo("workload=clock", &[], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let line = out.lines().find(|l| l.starts_with("clock:")).unwrap();
+    let t0: u64 = field(line, "t0").unwrap().parse().unwrap();
+    let t1: u64 = field(line, "t1").unwrap().parse().unwrap();
+    let d: u64 = field(line, "elapsed_ns").unwrap().parse().unwrap();
+    assert!(t1 > t0 && d == t1 - t0 && d > 0, "{line}");
+}
+
+#[test]
+fn malformed_image_gives_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.img");
+    std::fs::write(&junk, b"this is not a kernel").unwrap();
+    let o = run_with_input(&["run", junk.to_str().unwrap()], b"");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not an ELF file"), "stderr: {}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+
+    let img = std::fs::read(demo_image()).unwrap();
+    let cut = dir.path().join("cut.img");
+    std::fs::write(&cut, &img[..300]).unwrap(); // headers intact, segment data cut off
+    let o = run_with_input(&["run", cut.to_str().unwrap()], b"");
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("truncated") || e.contains("beyond the end of the file"), "stderr: {e}");
+
+    let mut arm = img.clone();
+    arm[18] = 183; // EM_AARCH64
+    let armp = dir.path().join("arm.img");
+    std::fs::write(&armp, &arm).unwrap();
+    let o = run_with_input(&["run", armp.to_str().unwrap()], b"");
+    assert!(stderr(&o).contains("expected x86-64"), "stderr: {}", stderr(&o));
+
+    let o = run_with_input(&["run", "/nonexistent/vm.img"], b"");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("/nonexistent/vm.img"), "stderr: {}", stderr(&o));
+}
+
+#[test]
+fn image_larger_than_memory_is_refused() {
+    let img = demo_image();
+    let o = run_with_input(&["run", img.to_str().unwrap(), "--mem", "1M"], b"");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("beyond the end of guest RAM"), "stderr: {}", stderr(&o));
+    let o = run_with_input(&["run", img.to_str().unwrap(), "--mem", "5M"], b"");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("multiple of 2 MiB"), "stderr: {}", stderr(&o));
+}
+
+#[test]
+fn missing_disk_gives_a_clear_error() {
+    let o = run_demo("workload=disk", &["--disk", "/nonexistent/disk.img"], b"");
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("/nonexistent/disk.img") && e.contains("No such file"), "stderr: {e}");
+}
+
+#[test]
+fn odd_sized_disk_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("odd.img");
+    std::fs::write(&disk, vec![0u8; 1000]).unwrap();
+    let o = run_demo("workload=disk", &["--disk", disk.to_str().unwrap()], b"");
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not a multiple of 512"), "stderr: {}", stderr(&o));
+}
