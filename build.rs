@@ -6,7 +6,14 @@ use std::process::Command;
 
 fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/demo");
-    println!("cargo:rerun-if-changed=guests/demo");
+    // Watch the sources, not the directory: out/ lives inside it.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                println!("cargo:rerun-if-changed={}", e.path().display());
+            }
+        }
+    }
     if !dir.join("Makefile").exists() {
         println!("cargo:warning=guests/demo/Makefile missing; demo guest not built");
         return;
