@@ -168,3 +168,31 @@ fn odd_sized_disk_is_refused() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("not a multiple of 512"), "stderr: {}", stderr(&o));
 }
+
+#[test]
+fn vuln_service_greets_and_overflow_hijacks_control_flow() {
+    let o = run_demo("workload=vuln", &[], b"alice\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("vuln: hello, alice"));
+    assert!(stdout(&o).contains("vuln: bye"));
+
+    // 56 filler bytes, then backdoor's address (0x200000) over the return address.
+    let mut payload = vec![b'0'; 56];
+    payload.extend_from_slice(&0x200000u64.to_le_bytes());
+    payload.push(b'\n');
+    let o = run_demo("workload=vuln", &[], &payload);
+    assert_eq!(o.status.code(), Some(66), "{}{}", stdout(&o), stderr(&o));
+    assert!(stdout(&o).contains("vuln: PWNED - backdoor reached"));
+    assert!(!stdout(&o).contains("vuln: bye"));
+}
+
+#[test]
+fn guest_crash_is_reported_with_the_faulting_instruction() {
+    // A long line smashes the return address with ASCII: serve's `ret` faults.
+    let mut line = vec![b'0'; 80];
+    line.push(b'\n');
+    let o = run_demo("workload=vuln", &[], &line);
+    assert_eq!(o.status.code(), Some(124), "{}", stderr(&o));
+    assert!(stderr(&o).contains("guest exception #GP"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("in ring 3"), "{}", stderr(&o));
+}
