@@ -4,5 +4,6 @@
 //! exits into device operations; the host side of the run loop ([`vmm::Host`])
 //! supplies time and input. [`doctor`] probes what this host's KVM can do.
 
+pub mod clock;
 pub mod doctor;
 pub mod vmm;
