@@ -6,4 +6,7 @@
 
 pub mod clock;
 pub mod doctor;
+pub mod record;
+pub mod replay;
+pub mod trace;
 pub mod vmm;

@@ -2,6 +2,8 @@
 //! reports here and nowhere else.
 
 mod doctor;
+mod record;
+mod replay;
 mod run;
 
 use std::process::ExitCode;
@@ -19,6 +21,10 @@ struct Cli {
 enum Cmd {
     /// Run a guest image live: console on this terminal, exit status = the guest's.
     Run(run::Args),
+    /// Run a guest live and record every non-deterministic input.
+    Record(record::Args),
+    /// Replay a recording exactly and check it matches.
+    Replay(replay::Args),
     /// Check what this host's KVM supports and which replay clocks that allows.
     Doctor(doctor::Args),
 }
@@ -39,6 +45,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Run(a) => run::main(a),
+        Cmd::Record(a) => record::main(a),
+        Cmd::Replay(a) => replay::main(a),
         Cmd::Doctor(a) => doctor::main(a),
     };
     match r {
@@ -71,4 +79,20 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         0 => n,
         m => n.checked_mul(m).ok_or_else(|| format!("size '{s}' is too large"))?,
     })
+}
+
+/// Parses durations like `1s`, `250ms`, `2m`, `0`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration (e.g. 1s, 250ms)"))?;
+    match unit {
+        "" if n == 0 => Ok(Duration::ZERO),
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("'{s}': use a unit: ms, s or m")),
+    }
 }

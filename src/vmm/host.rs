@@ -14,8 +14,17 @@ use super::vcpu::Kicker;
 /// An asynchronous input: something the guest did not ask for at this instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Async {
-    TimerTick,
+    /// The timer fires; `now_ns` is the guest clock it fires at.
+    Timer { now_ns: u64 },
     SerialInput(Vec<u8>),
+}
+
+/// What the host wants the run loop to do after a poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    /// Return `Stop::Paused` at this (deterministic) point, e.g. for a checkpoint.
+    Pause,
 }
 
 /// What the run loop tells the host at a poll point.
@@ -30,10 +39,23 @@ pub struct PollCtx {
     pub serial_room: usize,
 }
 
+impl PollCtx {
+    /// The exit clock's execution point for this poll (RIP filled in by the caller).
+    pub fn point(&self, rip: u64) -> crate::clock::ExecPoint {
+        crate::clock::ExecPoint { exits: self.exits, branches: 0, rip }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("the guest is idle waiting for input, but no timer is running and the input is closed (it would wait forever)")]
     WouldWaitForever,
+    /// Replay no longer matches the recording.
+    #[error("replay diverged from the recording: {0}")]
+    Divergence(String),
+    /// Replay needs an input the (cut-short) recording does not have.
+    #[error("the recording ends here: {0}")]
+    EndOfRecording(String),
     #[error("{0}")]
     Other(String),
 }
@@ -42,14 +64,19 @@ pub trait Host {
     /// Host time on the guest clock's scale (ns since VM start). Used for
     /// timer deadlines; never shown to the guest directly.
     fn now_ns(&mut self) -> u64;
-    /// The guest reads the clock device.
-    fn clock_read(&mut self, ctx: &PollCtx) -> u64;
+    /// The guest (or the timer on its behalf) reads the clock.
+    fn clock_read(&mut self, ctx: &PollCtx) -> Result<u64, HostError>;
     /// Guest output on the serial console.
-    fn output(&mut self, bytes: &[u8]);
+    fn output(&mut self, bytes: &[u8]) -> Result<(), HostError>;
     /// Async inputs to deliver now, before the guest runs again.
-    fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>);
+    fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError>;
     /// The guest is idle: block until there is something to deliver.
     fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError>;
+    /// `events` (from poll or wait) were delivered at `at`, where the
+    /// registers had fingerprint `fp`. The recorder logs; the replayer checks.
+    fn delivered(&mut self, _at: &crate::clock::ExecPoint, _fp: u64, _events: &[Async]) -> Result<(), HostError> {
+        Ok(())
+    }
     /// The vCPU thread is about to run the guest; `kicker` makes KVM_RUN return.
     fn attach(&mut self, _kicker: Kicker) {}
     /// The run loop stopped; no more kicks may be sent.
@@ -223,11 +250,11 @@ impl Host for LiveHost {
         self.clock_offset_ns + self.start.elapsed().as_nanos() as u64
     }
 
-    fn clock_read(&mut self, _ctx: &PollCtx) -> u64 {
-        self.now_ns()
+    fn clock_read(&mut self, _ctx: &PollCtx) -> Result<u64, HostError> {
+        Ok(self.now_ns())
     }
 
-    fn output(&mut self, bytes: &[u8]) {
+    fn output(&mut self, bytes: &[u8]) -> Result<(), HostError> {
         match &self.console {
             Console::Stdout => {
                 let mut o = std::io::stdout().lock();
@@ -243,9 +270,10 @@ impl Host for LiveHost {
                 }
             }
         }
+        Ok(())
     }
 
-    fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) {
+    fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
         self.drain_input();
         if ctx.serial_room > 0 && !self.pending_input.is_empty() {
             let n = ctx.serial_room.min(self.pending_input.len());
@@ -254,14 +282,15 @@ impl Host for LiveHost {
         }
         let now = self.now_ns();
         if matches!(ctx.timer_deadline_ns, Some(d) if now >= d) {
-            out.push(Async::TimerTick);
+            out.push(Async::Timer { now_ns: now });
         }
         self.set_deadline(ctx.timer_deadline_ns);
+        Ok(Control::Continue)
     }
 
     fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
         loop {
-            self.poll(ctx, out);
+            self.poll(ctx, out)?;
             if !out.is_empty() {
                 return Ok(());
             }

@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 
 use super::boot::{self, BootError};
 use super::devices::{Block, DeviceState, Devices, DiskError};
-use super::host::{Async, Host, HostError, PollCtx};
+use super::host::{Async, Control, Host, HostError, PollCtx};
 use super::image::Image;
 use super::layout::{self, ports, MAX_MEM, MIB, MIN_MEM};
 use super::vcpu::{KickGuard, Kicker, Vcpu, VcpuError, VcpuState};
@@ -125,6 +125,7 @@ pub struct Machine {
     /// An IN/MMIO read exit whose result KVM has not yet written to the guest.
     io_pending: bool,
     asyncs: Vec<Async>,
+    pause_requested: bool,
 }
 
 fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, MachineError> {
@@ -166,6 +167,7 @@ impl Machine {
             exits: 0,
             io_pending: false,
             asyncs: Vec::new(),
+            pause_requested: false,
         })
     }
 
@@ -257,12 +259,16 @@ impl Machine {
         }
     }
 
-    fn deliver(&mut self, host: &mut dyn Host) {
-        let now = if self.asyncs.iter().any(|a| *a == Async::TimerTick) { host.now_ns() } else { 0 };
+    fn deliver(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
+        if !self.asyncs.is_empty() {
+            let regs = self.vcpu.regs()?;
+            let at = crate::clock::ExecPoint { exits: self.exits, branches: 0, rip: regs.rip };
+            host.delivered(&at, crate::clock::fingerprint(&regs), &self.asyncs)?;
+        }
         for a in self.asyncs.drain(..) {
             match a {
-                Async::TimerTick => {
-                    self.devices.timer.fire(now);
+                Async::Timer { now_ns } => {
+                    self.devices.timer.fire(now_ns);
                     self.devices.pic.raise(layout::IRQ_TIMER);
                 }
                 Async::SerialInput(bytes) => {
@@ -271,6 +277,7 @@ impl Machine {
             }
         }
         self.devices.collect_irqs();
+        Ok(())
     }
 
     /// Injects the next interrupt if the guest can take it, else asks KVM
@@ -296,10 +303,10 @@ impl Machine {
         }
         let ctx = self.ctx(true);
         let mut asyncs = std::mem::take(&mut self.asyncs);
-        host.wait(&ctx, &mut asyncs)?;
+        let r = host.wait(&ctx, &mut asyncs);
         self.asyncs = asyncs;
-        self.deliver(host);
-        Ok(())
+        r?;
+        self.deliver(host)
     }
 
     fn rip(&self) -> u64 {
@@ -339,7 +346,8 @@ impl Machine {
 
     fn run_loop(&mut self, host: &mut dyn Host, exit_limit: Option<u64>) -> Result<Stop, MachineError> {
         loop {
-            if matches!(exit_limit, Some(l) if self.exits >= l) {
+            if matches!(exit_limit, Some(l) if self.exits >= l) || self.pause_requested {
+                self.pause_requested = false;
                 return Ok(Stop::Paused);
             }
             self.inject()?;
@@ -380,18 +388,20 @@ impl Machine {
             }
             let out = self.devices.serial.drain_output();
             if !out.is_empty() {
-                host.output(&out);
+                host.output(&out)?;
             }
             match action {
                 Action::None => {}
                 Action::ClockRead(slot) => {
                     let ctx = self.ctx(true);
-                    let now = host.clock_read(&ctx);
+                    let now = host.clock_read(&ctx)?;
                     let v = self.devices.clock.read_lo(now);
                     self.fill_in(slot, v);
                 }
                 Action::TimerProgram(us) => {
-                    let now = host.now_ns();
+                    // The deadline depends on the time: an input, logged like a clock read.
+                    let ctx = self.ctx(true);
+                    let now = host.clock_read(&ctx)?;
                     self.devices.timer.program(us, now);
                 }
                 Action::Halt => {
@@ -413,10 +423,65 @@ impl Machine {
             }
             let ctx = self.ctx(guest_caused);
             let mut asyncs = std::mem::take(&mut self.asyncs);
-            host.poll(&ctx, &mut asyncs);
+            let r = host.poll(&ctx, &mut asyncs);
             self.asyncs = asyncs;
-            self.deliver(host);
+            if r? == Control::Pause {
+                self.pause_requested = true;
+            }
+            self.deliver(host)?;
         }
+    }
+
+    /// Pages and disk sectors changed since the last call (KVM's dirty log
+    /// for guest writes, plus the block device's DMA).
+    pub fn take_dirty(&mut self) -> Result<(Vec<u64>, Vec<u64>), MachineError> {
+        let bitmap = self
+            .vm
+            .get_dirty_log(0, self.config.mem_size as usize)
+            .map_err(|source| MachineError::Setup { op: "KVM_GET_DIRTY_LOG", source })?;
+        let mut pages = std::mem::take(&mut self.devices.block.dma_pages);
+        for (i, word) in bitmap.iter().enumerate() {
+            let mut w = *word;
+            while w != 0 {
+                let b = w.trailing_zeros() as u64;
+                pages.insert(i as u64 * 64 + b);
+                w &= w - 1;
+            }
+        }
+        let sectors = std::mem::take(&mut self.devices.block.written_sectors);
+        Ok((pages.into_iter().collect(), sectors.into_iter().collect()))
+    }
+
+    /// SHA-256 over everything that must match after an exact replay:
+    /// registers, device state, all of memory and the disk.
+    pub fn state_hash(&mut self) -> Result<String, MachineError> {
+        use sha2::{Digest, Sha256};
+        self.complete_pending_io()?;
+        let r = self.vcpu.regs()?;
+        let s = self.vcpu.sregs()?;
+        let mut h = Sha256::new();
+        for w in [
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+            s.cs.selector as u64, s.ss.selector as u64,
+        ] {
+            h.update(w.to_le_bytes());
+        }
+        h.update(serde_json::to_vec(&self.devices.state()).expect("device state serializes"));
+        h.update(self.memory_bytes()?);
+        let cap = self.devices.block.capacity();
+        let mut at = 0;
+        while at < cap {
+            let n = (cap - at).min(2048);
+            let chunk = self
+                .devices
+                .block
+                .read_sectors(at, n)
+                .map_err(|e| MachineError::State(format!("reading the disk for the state hash: {e}")))?;
+            h.update(chunk);
+            at += n;
+        }
+        Ok(hex::encode(h.finalize()))
     }
 
     /// Writes the answer of a pending IN into kvm_run's data area.

@@ -1,6 +1,7 @@
 //! A DMA block device on ports: the guest names a sector range and a buffer,
 //! the VMM copies synchronously between the disk file and guest memory.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -40,11 +41,22 @@ pub struct Block {
     pub regs: BlockRegs,
     disk: Option<(File, PathBuf)>,
     sectors: u64,
+    /// Sectors written since the last `take_dirty` (for incremental checkpoints).
+    pub written_sectors: BTreeSet<u64>,
+    /// Guest pages the device wrote by DMA since the last `take_dirty`:
+    /// KVM's dirty log only sees writes made by the guest itself.
+    pub dma_pages: BTreeSet<u64>,
 }
 
 impl Block {
     pub fn new(path: Option<&Path>) -> Result<Block, DiskError> {
-        let mut b = Block { regs: BlockRegs::default(), disk: None, sectors: 0 };
+        let mut b = Block {
+            regs: BlockRegs::default(),
+            disk: None,
+            sectors: 0,
+            written_sectors: BTreeSet::new(),
+            dma_pages: BTreeSet::new(),
+        };
         if let Some(p) = path {
             let err = |source| DiskError::Open { path: p.display().to_string(), source };
             let f = OpenOptions::new().read(true).write(true).open(p).map_err(err)?;
@@ -64,6 +76,23 @@ impl Block {
 
     pub fn capacity(&self) -> u64 {
         self.sectors
+    }
+
+    /// Reads `count` sectors from the disk file (for checkpoints and hashes).
+    pub fn read_sectors(&self, first: u64, count: u64) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; (count * SECTOR) as usize];
+        if let Some((f, _)) = &self.disk {
+            f.read_exact_at(&mut buf, first * SECTOR)?;
+        }
+        Ok(buf)
+    }
+
+    /// Overwrites sectors (restoring a checkpoint's disk delta).
+    pub fn write_sectors(&self, first: u64, data: &[u8]) -> std::io::Result<()> {
+        match &self.disk {
+            Some((f, _)) => f.write_all_at(data, first * SECTOR),
+            None => Ok(()),
+        }
     }
 
     pub fn read_port(&self, port: u16) -> u32 {
@@ -104,6 +133,8 @@ impl Block {
                 if mem.write_slice(&buf, addr).is_err() {
                     return STATUS_BAD_ADDR;
                 }
+                let (first, last) = (addr.0 / 4096, (addr.0 + len as u64 - 1) / 4096);
+                self.dma_pages.extend(first..=last);
                 STATUS_OK
             }
             2 => {
@@ -113,6 +144,7 @@ impl Block {
                 if file.write_all_at(&buf, lba * SECTOR).is_err() {
                     return STATUS_IO;
                 }
+                self.written_sectors.extend(lba..lba + count);
                 STATUS_OK
             }
             _ => STATUS_BAD_CMD,

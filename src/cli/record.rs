@@ -1,0 +1,69 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use revirt::clock::ClockKind;
+use revirt::record::{record, RecordOptions};
+use revirt::trace::EndReason;
+use revirt::vmm::{Console, VmConfig};
+
+use super::{parse_duration, parse_size, EXIT_GUEST_CRASH};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Guest image (ELF64, see docs/platform.md).
+    image: PathBuf,
+    /// Disk image for the block device; the recording keeps a copy of it as it was at the start.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    mem: u64,
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Recording directory to create (default: recordings/<image>-<time>).
+    #[arg(short, long)]
+    out: Option<PathBuf>,
+    /// Where asynchronous events may land (see `revirt doctor`).
+    #[arg(long, value_enum, default_value_t = ClockKind::Exit)]
+    clock: ClockKind,
+    /// Host time between incremental checkpoints, e.g. 1s, 250ms; 0 disables.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    checkpoint_every: Duration,
+}
+
+pub fn main(a: Args) -> anyhow::Result<u8> {
+    let out = a.out.clone().unwrap_or_else(|| {
+        let stem = a.image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "vm".into());
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        PathBuf::from("recordings").join(format!("{stem}-{t}"))
+    });
+    let opts = RecordOptions {
+        image: a.image.clone(),
+        config: VmConfig { mem_size: a.mem, cmdline: a.cmdline.clone(), disk: a.disk.clone() },
+        out,
+        clock: a.clock,
+        checkpoint_every: a.checkpoint_every,
+    };
+    let s = record(&opts, Box::new(std::io::stdin()), Console::Stdout)?;
+    eprintln!(
+        "revirt: recorded {} in {:.2} s: {} exits, {} events ({} bytes of log), {} checkpoints ({} bytes), clock {}{}",
+        s.dir.display(),
+        s.wall.as_secs_f64(),
+        s.exits,
+        s.events,
+        s.log_bytes,
+        s.checkpoints,
+        s.checkpoint_bytes,
+        a.clock,
+        if s.max_irq_delay > Duration::from_millis(10) {
+            format!("; interrupts waited up to {} ms for an exit", s.max_irq_delay.as_millis())
+        } else {
+            String::new()
+        }
+    );
+    eprintln!("revirt: replay it with `revirt replay {}`", s.dir.display());
+    Ok(match s.stop {
+        EndReason::PowerOff(st) => st,
+        EndReason::Panic(_) => EXIT_GUEST_CRASH,
+        EndReason::Stopped => 0,
+    })
+}

@@ -1,0 +1,330 @@
+//! The recorder: runs the guest live and turns every non-deterministic input
+//! into an event (the live host answers; we log what it answered and where).
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::clock::{fingerprint, ClockKind, ExecPoint};
+use crate::trace::checkpoint::{runs, CheckpointHeader, PAGE};
+use crate::trace::{self, Checkpoint, EndReason, Event, FileInfo, HostInfo, LogWriter, Meta};
+use crate::vmm::{
+    Async, Console, Control, Host, HostError, Image, LiveHost, Machine, MachineError, PollCtx, Stop,
+    VmConfig,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{0} already exists and is not empty; choose another -o or remove it")]
+    Exists(String),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: String, source: std::io::Error },
+    #[error("clock '{0}' cannot record on this build yet (see `revirt doctor`)")]
+    Clock(ClockKind),
+    #[error(transparent)]
+    Image(#[from] crate::vmm::image::ImageError),
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    #[error(transparent)]
+    Meta(#[from] trace::MetaError),
+    #[error(transparent)]
+    Log(#[from] trace::LogError),
+    #[error(transparent)]
+    Checkpoint(#[from] trace::CheckpointError),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> RecordError + 'a {
+    move |source| RecordError::Io { what, path: path.display().to_string(), source }
+}
+
+pub struct RecordOptions {
+    pub image: PathBuf,
+    pub config: VmConfig,
+    pub out: PathBuf,
+    pub clock: ClockKind,
+    /// Host time between incremental checkpoints; zero disables them.
+    pub checkpoint_every: Duration,
+}
+
+#[derive(Debug)]
+pub struct RecordSummary {
+    pub dir: PathBuf,
+    pub stop: EndReason,
+    pub exits: u64,
+    pub events: u64,
+    pub log_bytes: u64,
+    pub checkpoints: u32,
+    pub checkpoint_bytes: u64,
+    pub wall: Duration,
+    /// Longest a due timer interrupt waited for a guest-caused exit (exit clock).
+    pub max_irq_delay: Duration,
+    pub state_hash: String,
+}
+
+fn file_info(path: &Path, bytes: &[u8]) -> FileInfo {
+    FileInfo {
+        original_path: path.display().to_string(),
+        sha256: trace::sha256_hex(bytes),
+        size: bytes.len() as u64,
+    }
+}
+
+/// The live host, plus a log of everything it told the guest.
+struct RecordHost<'a> {
+    inner: LiveHost,
+    log: &'a LogWriter,
+    clock: ClockKind,
+    events: u64,
+    console: BufWriter<File>,
+    output: Sha256,
+    output_len: u64,
+    last_event: Instant,
+    checkpoint_every: Duration,
+    last_checkpoint: Instant,
+    starving_since: Option<Instant>,
+    max_irq_delay: Duration,
+    warned_starving: bool,
+}
+
+const MARK_EVERY: Duration = Duration::from_millis(100);
+const STARVE_WARN: Duration = Duration::from_millis(100);
+
+impl RecordHost<'_> {
+    fn log(&mut self, e: Event) {
+        self.log.push(e);
+        self.events += 1;
+        self.last_event = Instant::now();
+    }
+}
+
+impl Host for RecordHost<'_> {
+    fn now_ns(&mut self) -> u64 {
+        self.inner.now_ns()
+    }
+
+    fn clock_read(&mut self, ctx: &PollCtx) -> Result<u64, HostError> {
+        let value = self.inner.clock_read(ctx)?;
+        self.log(Event::Clock { exits: ctx.exits, value });
+        Ok(value)
+    }
+
+    fn output(&mut self, bytes: &[u8]) -> Result<(), HostError> {
+        self.inner.output(bytes)?;
+        self.output.update(bytes);
+        self.output_len += bytes.len() as u64;
+        self.console
+            .write_all(bytes)
+            .map_err(|e| HostError::Other(format!("writing console.log: {e}")))
+    }
+
+    fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
+        if !ctx.guest_caused && self.clock == ClockKind::Exit {
+            // Not a deterministic point: whatever is due waits for the next
+            // guest-caused exit. Note how long a due timer waits.
+            let due = matches!(ctx.timer_deadline_ns, Some(d) if self.inner.now_ns() >= d);
+            if due && self.starving_since.is_none() {
+                self.starving_since = Some(Instant::now());
+            }
+            return Ok(Control::Continue);
+        }
+        self.inner.poll(ctx, out)?;
+        if self.last_event.elapsed() >= MARK_EVERY {
+            self.log(Event::Mark { exits: ctx.exits });
+        }
+        if !self.checkpoint_every.is_zero() && self.last_checkpoint.elapsed() >= self.checkpoint_every {
+            return Ok(Control::Pause);
+        }
+        Ok(Control::Continue)
+    }
+
+    fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
+        self.inner.wait(ctx, out)
+    }
+
+    fn delivered(&mut self, at: &ExecPoint, fp: u64, events: &[Async]) -> Result<(), HostError> {
+        for e in events {
+            match e {
+                Async::Timer { now_ns } => {
+                    if let Some(since) = self.starving_since.take() {
+                        let d = since.elapsed();
+                        self.max_irq_delay = self.max_irq_delay.max(d);
+                        if d > STARVE_WARN && !self.warned_starving {
+                            self.warned_starving = true;
+                            tracing::warn!(
+                                "the guest ran {} ms without a guest-caused exit, so a timer interrupt waited that long \
+                                 (exit clock delivers interrupts only at exits; --clock step delivers them at their natural instant)",
+                                d.as_millis()
+                            );
+                        }
+                    }
+                    self.log(Event::Timer { at: *at, fp, now_ns: *now_ns });
+                }
+                Async::SerialInput(bytes) => self.log(Event::Serial { at: *at, fp, bytes: bytes.clone() }),
+            }
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, k: crate::vmm::vcpu::Kicker) {
+        self.inner.attach(k)
+    }
+    fn detach(&mut self) {
+        self.inner.detach()
+    }
+}
+
+/// Writes checkpoint `id` of the running machine: everything dirtied since
+/// the previous one (or, for id 0, all of memory).
+fn write_checkpoint(
+    dir: &Path,
+    m: &mut Machine,
+    id: u32,
+    next_event: u64,
+    output_len: u64,
+    clock_ns: u64,
+) -> Result<u64, RecordError> {
+    let (pages, sectors) = m.take_dirty()?;
+    let pages = if id == 0 { vec![(0, m.config.mem_size / PAGE)] } else { runs(pages) };
+    let sectors = if id == 0 { vec![] } else { runs(sectors) };
+    let mut data = Vec::new();
+    for &(first, count) in &pages {
+        let start = data.len();
+        data.resize(start + (count * PAGE) as usize, 0);
+        m.mem
+            .read_slice(&mut data[start..], GuestAddress(first * PAGE))
+            .map_err(|e| MachineError::Memory(e.to_string()))?;
+    }
+    for &(first, count) in &sectors {
+        let bytes = m
+            .devices
+            .block
+            .read_sectors(first, count)
+            .map_err(|e| MachineError::State(format!("reading the disk for a checkpoint: {e}")))?;
+        data.extend_from_slice(&bytes);
+    }
+    let machine = m.save_state(clock_ns)?;
+    let ck = Checkpoint {
+        header: CheckpointHeader { id, exits: m.exits, next_event, output_len, machine, pages, sectors },
+        data,
+    };
+    Ok(ck.write(&trace::checkpoint_path(dir, id))?)
+}
+
+pub fn record(opts: &RecordOptions, input: Box<dyn Read + Send>, console: Console) -> Result<RecordSummary, RecordError> {
+    if opts.clock == ClockKind::Pmu || opts.clock == ClockKind::Step {
+        return Err(RecordError::Clock(opts.clock));
+    }
+    let dir = &opts.out;
+    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(RecordError::Exists(dir.display().to_string()));
+    }
+    std::fs::create_dir_all(dir.join(trace::CHECKPOINTS)).map_err(io("creating", dir))?;
+
+    let image_bytes = std::fs::read(&opts.image).map_err(io("reading image", &opts.image))?;
+    let image = Image::parse(&image_bytes)?;
+    image.check_fits(opts.config.mem_size)?;
+    std::fs::write(dir.join(trace::IMAGE), &image_bytes).map_err(io("writing", dir))?;
+    let disk = match &opts.config.disk {
+        Some(d) => {
+            let bytes = std::fs::read(d).map_err(io("reading disk", d))?;
+            std::fs::write(dir.join(trace::DISK), &bytes).map_err(io("writing", dir))?;
+            Some(file_info(d, &bytes))
+        }
+        None => None,
+    };
+    let meta = Meta {
+        format: trace::meta::FORMAT.into(),
+        version: trace::meta::VERSION,
+        id: trace::meta::new_id(),
+        revirt_version: env!("CARGO_PKG_VERSION").into(),
+        created_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        clock: opts.clock,
+        config: VmConfig {
+            disk: opts.config.disk.as_ref().map(|_| PathBuf::from(trace::DISK)),
+            ..opts.config.clone()
+        },
+        image: file_info(&opts.image, &image_bytes),
+        disk,
+        host: HostInfo::probe(),
+        checkpoint_every_ms: opts.checkpoint_every.as_millis() as u64,
+    };
+    meta.write(&dir.join(trace::META))?;
+
+    let start = Instant::now();
+    let mut m = Machine::boot(&opts.config, &image)?;
+    let log = LogWriter::create(&dir.join(trace::EVENTS), trace::log::genesis(&meta.id))?;
+    let console_path = dir.join(trace::CONSOLE);
+    let console_file = File::create(&console_path).map_err(io("creating", &console_path))?;
+    let mut host = RecordHost {
+        inner: LiveHost::new(input, console, 0),
+        log: &log,
+        clock: opts.clock,
+        events: 0,
+        console: BufWriter::new(console_file),
+        output: Sha256::new(),
+        output_len: 0,
+        last_event: Instant::now(),
+        checkpoint_every: opts.checkpoint_every,
+        last_checkpoint: Instant::now(),
+        starving_since: None,
+        max_irq_delay: Duration::ZERO,
+        warned_starving: false,
+    };
+
+    let regs = m.vcpu.regs().map_err(MachineError::from)?;
+    host.log(Event::Checkpoint { id: 0, exits: 0, fp: fingerprint(&regs) });
+    let mut checkpoint_bytes = write_checkpoint(dir, &mut m, 0, host.events, 0, 0)?;
+    let mut checkpoints = 1u32;
+
+    let end = loop {
+        match m.run(&mut host, None) {
+            Ok(Stop::Paused) => {
+                let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
+                host.log(Event::Checkpoint { id: checkpoints, exits: m.exits, fp });
+                let now = host.inner.now_ns();
+                host.console.flush().map_err(io("writing", &console_path))?;
+                checkpoint_bytes += write_checkpoint(dir, &mut m, checkpoints, host.events, host.output_len, now)?;
+                checkpoints += 1;
+                host.last_checkpoint = Instant::now();
+                log.flush()?;
+            }
+            Ok(Stop::PowerOff(s)) => break EndReason::PowerOff(s),
+            Ok(Stop::Panic(p)) => {
+                tracing::warn!("recorded guest crashed: {p}");
+                break EndReason::Panic(p.vector);
+            }
+            Err(e) => {
+                // Keep what was recorded; the log ends without End and says so.
+                drop(host);
+                let _ = log.finish();
+                return Err(e.into());
+            }
+        }
+    };
+    let state_hash = m.state_hash()?;
+    host.console.flush().map_err(io("writing", &console_path))?;
+    let output_sha256 = hex::encode(host.output.clone().finalize());
+    let (events, output_len, max_irq_delay) = (host.events + 1, host.output_len, host.max_irq_delay);
+    host.log(Event::End { exits: m.exits, reason: end.clone(), state_hash: state_hash.clone(), output_len, output_sha256 });
+    drop(host);
+    let stats = log.finish()?;
+    Ok(RecordSummary {
+        dir: dir.clone(),
+        stop: end,
+        exits: m.exits,
+        events,
+        log_bytes: stats.compressed_bytes,
+        checkpoints,
+        checkpoint_bytes,
+        wall: start.elapsed(),
+        max_irq_delay,
+        state_hash,
+    })
+}

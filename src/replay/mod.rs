@@ -1,0 +1,254 @@
+//! The replayer: restore a checkpoint, run the guest, answer every
+//! non-deterministic input from the log at the recorded point, and check
+//! that the guest arrives where the recording says it did.
+
+pub mod timeline;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::clock::ExecPoint;
+use crate::trace::{self, Event, LogReader, LogStatus, Meta};
+use crate::vmm::{Async, Control, Host, HostError, PollCtx};
+
+pub use timeline::{Outcome, Timeline};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{0} is not a recording directory (no meta.json)")]
+    NotARecording(String),
+    #[error(transparent)]
+    Meta(#[from] trace::MetaError),
+    #[error(transparent)]
+    Log(#[from] trace::LogError),
+    #[error(transparent)]
+    Checkpoint(#[from] trace::CheckpointError),
+    #[error("{what} {path}: {source}")]
+    Io { what: &'static str, path: String, source: std::io::Error },
+    #[error("recording {0}: {1}")]
+    Damaged(String, String),
+    #[error("no checkpoint {0} in this recording")]
+    NoCheckpoint(u32),
+    #[error(transparent)]
+    Image(#[from] crate::vmm::image::ImageError),
+    #[error(transparent)]
+    Machine(#[from] crate::vmm::MachineError),
+}
+
+/// A recording opened for replay: metadata, the verified event log, the
+/// recorded console output. Never modified.
+pub struct Recording {
+    pub dir: PathBuf,
+    pub meta: Meta,
+    pub events: Vec<Event>,
+    pub status: LogStatus,
+    pub chunks: u32,
+    pub console: Vec<u8>,
+    /// (checkpoint id, exits, index of its Checkpoint event), in order.
+    pub checkpoints: Vec<(u32, u64, usize)>,
+}
+
+impl Recording {
+    pub fn open(dir: &Path) -> Result<Recording, ReplayError> {
+        let meta_path = dir.join(trace::META);
+        if !meta_path.exists() {
+            return Err(ReplayError::NotARecording(dir.display().to_string()));
+        }
+        let meta = Meta::read(&meta_path)?;
+        let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis(&meta.id))?;
+        let console = std::fs::read(dir.join(trace::CONSOLE)).unwrap_or_default();
+        let checkpoints = log
+            .events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e {
+                Event::Checkpoint { id, exits, .. } => Some((*id, *exits, i)),
+                _ => None,
+            })
+            .filter(|(id, _, _)| trace::checkpoint_path(dir, *id).exists())
+            .collect();
+        Ok(Recording {
+            dir: dir.to_path_buf(),
+            meta,
+            events: log.events,
+            status: log.status,
+            chunks: log.chunks,
+            console,
+            checkpoints,
+        })
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.status == LogStatus::Complete
+    }
+
+    /// The last exit count the log vouches for.
+    pub fn last_exits(&self) -> u64 {
+        self.events.iter().map(Event::exits).max().unwrap_or(0)
+    }
+
+    pub fn end(&self) -> Option<&Event> {
+        self.events.last().filter(|e| matches!(e, Event::End { .. }))
+    }
+}
+
+/// Where replay output goes.
+pub enum Sink {
+    Discard,
+    Stdout,
+    Buffer(Vec<u8>),
+}
+
+/// Answers the guest from the log, and checks it arrives where it should.
+pub struct ReplayHost {
+    pub rec: Arc<Recording>,
+    /// Index of the next event to consume.
+    pub next: usize,
+    /// Console bytes produced so far (compared with the recording's).
+    pub output_len: u64,
+    pub sink: Sink,
+    last_clock: u64,
+    /// Async events handed out at the last poll, awaiting `delivered`.
+    expect: Vec<(ExecPoint, u64, usize)>,
+}
+
+impl ReplayHost {
+    pub fn new(rec: Arc<Recording>, next: usize, output_len: u64, sink: Sink) -> ReplayHost {
+        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new() }
+    }
+
+    fn next_desc(&self) -> String {
+        match self.rec.events.get(self.next) {
+            Some(e) => format!("event #{} is {e}", self.next),
+            None => "the log has no more events".into(),
+        }
+    }
+
+    fn out_of_log(&self, what: String) -> HostError {
+        if self.rec.is_complete() {
+            HostError::Divergence(format!("{what}, but {}", self.next_desc()))
+        } else {
+            HostError::EndOfRecording(format!("{what}, and the recording was cut short before that (event #{})", self.next))
+        }
+    }
+
+    /// Skips bookkeeping events (marks, checkpoints) at or before `exits`.
+    fn skip_marks(&mut self, exits: u64) {
+        while let Some(e @ (Event::Mark { .. } | Event::Checkpoint { .. })) = self.rec.events.get(self.next) {
+            if e.exits() > exits {
+                break;
+            }
+            self.next += 1;
+        }
+    }
+
+    fn collect(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
+        self.skip_marks(ctx.exits);
+        loop {
+            let (at, fp, a) = match self.rec.events.get(self.next) {
+                Some(Event::Timer { at, fp, now_ns }) => (*at, *fp, Async::Timer { now_ns: *now_ns }),
+                Some(Event::Serial { at, fp, bytes }) => (*at, *fp, Async::SerialInput(bytes.clone())),
+                _ => return Ok(()),
+            };
+            if at.exits > ctx.exits {
+                return Ok(());
+            }
+            if at.exits < ctx.exits {
+                return Err(HostError::Divergence(format!(
+                    "event #{} ({}) was due at exit {}, but the guest is already at exit {}",
+                    self.next, self.rec.events[self.next], at.exits, ctx.exits
+                )));
+            }
+            self.expect.push((at, fp, self.next));
+            self.next += 1;
+            out.push(a);
+        }
+    }
+}
+
+impl Host for ReplayHost {
+    fn now_ns(&mut self) -> u64 {
+        self.last_clock
+    }
+
+    fn clock_read(&mut self, ctx: &PollCtx) -> Result<u64, HostError> {
+        self.skip_marks(ctx.exits.saturating_sub(1));
+        match self.rec.events.get(self.next) {
+            Some(Event::Clock { exits, value }) if *exits == ctx.exits => {
+                self.next += 1;
+                self.last_clock = *value;
+                Ok(*value)
+            }
+            Some(_) => Err(HostError::Divergence(format!(
+                "the guest read the clock at exit {}, but {}",
+                ctx.exits,
+                self.next_desc()
+            ))),
+            None => Err(self.out_of_log(format!("the guest read the clock at exit {}", ctx.exits))),
+        }
+    }
+
+    fn output(&mut self, bytes: &[u8]) -> Result<(), HostError> {
+        let start = self.output_len as usize;
+        let rec = &self.rec.console;
+        for (i, b) in bytes.iter().enumerate() {
+            match rec.get(start + i) {
+                Some(r) if r == b => {}
+                Some(r) => {
+                    return Err(HostError::Divergence(format!(
+                        "console output differs at byte {}: the recording has {:?}, the replay printed {:?}",
+                        start + i,
+                        *r as char,
+                        *b as char
+                    )))
+                }
+                None if self.rec.is_complete() => {
+                    return Err(HostError::Divergence(format!(
+                        "the replay printed more than the recording's {} console bytes",
+                        rec.len()
+                    )))
+                }
+                None => {}
+            }
+        }
+        self.output_len += bytes.len() as u64;
+        match &mut self.sink {
+            Sink::Discard => {}
+            Sink::Stdout => {
+                use std::io::Write;
+                let mut o = std::io::stdout().lock();
+                let _ = o.write_all(bytes);
+                let _ = o.flush();
+            }
+            Sink::Buffer(b) => b.extend_from_slice(bytes),
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
+        if ctx.guest_caused {
+            self.collect(ctx, out)?;
+        }
+        Ok(Control::Continue)
+    }
+
+    fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
+        self.collect(ctx, out)?;
+        if out.is_empty() {
+            return Err(self.out_of_log(format!("the guest went idle at exit {} waiting for input", ctx.exits)));
+        }
+        Ok(())
+    }
+
+    fn delivered(&mut self, at: &ExecPoint, fp: u64, _events: &[Async]) -> Result<(), HostError> {
+        for (want, want_fp, idx) in self.expect.drain(..) {
+            if want != *at || want_fp != fp {
+                return Err(HostError::Divergence(format!(
+                    "event #{idx} ({}): recorded at {want} with register fingerprint {want_fp:#x}, replay is at {at} with fingerprint {fp:#x}",
+                    self.rec.events[idx]
+                )));
+            }
+        }
+        Ok(())
+    }
+}

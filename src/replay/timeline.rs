@@ -1,0 +1,164 @@
+//! `Timeline`: a replay session that can be restored to any checkpoint and
+//! run forward to any execution point — the API the GDB stub and the REPL
+//! build on (as rr's GdbServer talks only to its ReplayTimeline).
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::{Recording, ReplayError, ReplayHost, Sink};
+use crate::trace::{self, Checkpoint, EndReason, Event};
+use crate::trace::checkpoint::{PAGE, SECTOR};
+use crate::vmm::{HostError, Machine, MachineError, Stop};
+
+/// How a replay run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest reached the recording's end; `problems` is empty when the
+    /// final state, output and exit count all match the recording.
+    Finished { stop: Stop, state_hash: String, problems: Vec<String> },
+    /// The requested point was reached.
+    Reached,
+    /// The recording was cut short; replay got as far as it vouches for.
+    EndOfRecording(String),
+    /// The replay stopped matching the recording.
+    Diverged(String),
+}
+
+pub struct Timeline {
+    pub rec: Arc<Recording>,
+    pub machine: Machine,
+    pub host: ReplayHost,
+    /// The disk the replay runs on: a private copy, so the recording is never written.
+    _disk: Option<tempfile::NamedTempFile>,
+}
+
+impl Timeline {
+    /// The latest checkpoint at or before `exits`.
+    pub fn nearest_checkpoint(rec: &Recording, exits: u64) -> u32 {
+        rec.checkpoints.iter().filter(|c| c.1 <= exits).map(|c| c.0).last().unwrap_or(0)
+    }
+
+    /// A replay session positioned at checkpoint `id`.
+    pub fn at_checkpoint(rec: Arc<Recording>, id: u32, sink: Sink) -> Result<Timeline, ReplayError> {
+        if !rec.checkpoints.iter().any(|c| c.0 == id) {
+            return Err(ReplayError::NoCheckpoint(id));
+        }
+        let dir = rec.dir.clone();
+        let mut memory: Vec<u8> = Vec::new();
+        let disk = match &rec.meta.config.disk {
+            Some(_) => {
+                let src = dir.join(trace::DISK);
+                let tmp = tempfile::Builder::new().prefix("revirt-replay-disk").tempfile().map_err(|source| {
+                    ReplayError::Io { what: "creating a replay disk", path: std::env::temp_dir().display().to_string(), source }
+                })?;
+                std::fs::copy(&src, tmp.path())
+                    .map_err(|source| ReplayError::Io { what: "copying", path: src.display().to_string(), source })?;
+                Some(tmp)
+            }
+            None => None,
+        };
+        let mut last = None;
+        for k in 0..=id {
+            let ck = Checkpoint::read(&trace::checkpoint_path(&dir, k))?;
+            if ck.header.id != k {
+                return Err(ReplayError::Damaged(dir.display().to_string(), format!("checkpoint file {k} says it is {}", ck.header.id)));
+            }
+            if k == 0 {
+                memory = vec![0u8; ck.header.machine.config.mem_size as usize];
+            }
+            let mut at = 0usize;
+            for &(first, count) in &ck.header.pages {
+                let (start, len) = ((first * PAGE) as usize, (count * PAGE) as usize);
+                let dst = memory.get_mut(start..start + len).ok_or_else(|| {
+                    ReplayError::Damaged(dir.display().to_string(), format!("checkpoint {k} has pages beyond guest memory"))
+                })?;
+                dst.copy_from_slice(&ck.data[at..at + len]);
+                at += len;
+            }
+            for &(first, count) in &ck.header.sectors {
+                let len = (count * SECTOR) as usize;
+                if let Some(d) = &disk {
+                    use std::os::unix::fs::FileExt;
+                    d.as_file().write_all_at(&ck.data[at..at + len], first * SECTOR).map_err(|source| {
+                        ReplayError::Io { what: "writing", path: d.path().display().to_string(), source }
+                    })?;
+                }
+                at += len;
+            }
+            last = Some(ck);
+        }
+        let mut ck = last.expect("at least checkpoint 0");
+        ck.header.machine.config.disk = disk.as_ref().map(|d| d.path().to_path_buf());
+        let machine = Machine::restore(&ck.header.machine, &memory)?;
+        let host = ReplayHost::new(rec.clone(), ck.header.next_event as usize, ck.header.output_len, sink);
+        Ok(Timeline { rec, machine, host, _disk: disk })
+    }
+
+    pub fn open(rec: Arc<Recording>, sink: Sink) -> Result<Timeline, ReplayError> {
+        Timeline::at_checkpoint(rec, 0, sink)
+    }
+
+    /// Guest-caused exits so far.
+    pub fn exits(&self) -> u64 {
+        self.machine.exits
+    }
+
+    /// Runs forward until exit count `to` (or the end), verifying as it goes.
+    pub fn run(&mut self, to: Option<u64>) -> Result<Outcome, ReplayError> {
+        let vouched = (!self.rec.is_complete()).then(|| self.rec.last_exits());
+        let limit = match (to, vouched) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match self.machine.run(&mut self.host, limit) {
+            Ok(Stop::Paused) => {
+                if to.is_some() && Some(self.machine.exits) == to {
+                    Ok(Outcome::Reached)
+                } else {
+                    Ok(Outcome::EndOfRecording(format!(
+                        "replayed up to exit {}, the last point the cut-short recording vouches for",
+                        self.machine.exits
+                    )))
+                }
+            }
+            Ok(stop) => self.finish(stop),
+            Err(MachineError::Host(HostError::Divergence(d))) => Ok(Outcome::Diverged(d)),
+            Err(MachineError::Host(HostError::EndOfRecording(d))) => Ok(Outcome::EndOfRecording(d)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn finish(&mut self, stop: Stop) -> Result<Outcome, ReplayError> {
+        let state_hash = self.machine.state_hash()?;
+        let mut problems = Vec::new();
+        match self.rec.end() {
+            None => problems.push("the recording has no end record to compare with (it was cut short)".into()),
+            Some(Event::End { exits, reason, state_hash: want, output_len, output_sha256 }) => {
+                let got_reason = match &stop {
+                    Stop::PowerOff(s) => EndReason::PowerOff(*s),
+                    Stop::Panic(p) => EndReason::Panic(p.vector),
+                    Stop::Paused => EndReason::Stopped,
+                };
+                if got_reason != *reason {
+                    problems.push(format!("the recording ended with {reason:?}, the replay with {got_reason:?}"));
+                }
+                if *exits != self.machine.exits {
+                    problems.push(format!("the recording ended at exit {exits}, the replay at exit {}", self.machine.exits));
+                }
+                if *output_len != self.host.output_len {
+                    problems.push(format!("the recording printed {output_len} bytes, the replay {}", self.host.output_len));
+                }
+                let rec_sha = hex::encode(Sha256::digest(&self.rec.console));
+                if rec_sha != *output_sha256 {
+                    problems.push("console.log does not match the output digest in the log (edited?)".into());
+                }
+                if *want != state_hash {
+                    problems.push(format!("final state hash differs: recorded {want}, replayed {state_hash}"));
+                }
+            }
+            Some(_) => unreachable!("end() only returns End"),
+        }
+        Ok(Outcome::Finished { stop, state_hash, problems })
+    }
+}

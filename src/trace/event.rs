@@ -1,0 +1,69 @@
+//! Events: every non-deterministic input the guest saw, with where it saw it.
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::ExecPoint;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EndReason {
+    PowerOff(u8),
+    /// The guest kernel reported an unhandled exception (vector).
+    Panic(u8),
+    /// The recorder stopped the guest (Ctrl-C, limit).
+    Stopped,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// The guest (or a device on its behalf, e.g. timer programming) read
+    /// the clock during guest-caused exit number `exits`.
+    Clock { exits: u64, value: u64 },
+    /// A timer interrupt was raised at `at`; `now_ns` is the clock the timer saw.
+    Timer { at: ExecPoint, fp: u64, now_ns: u64 },
+    /// Serial input arrived at `at`.
+    Serial { at: ExecPoint, fp: u64, bytes: Vec<u8> },
+    /// Nothing else happened up to here (lets a cut-short recording replay this far).
+    Mark { exits: u64 },
+    /// Checkpoint `id` was taken here, before the guest ran on.
+    Checkpoint { id: u32, exits: u64, fp: u64 },
+    /// The recording ended. `state_hash` covers registers, devices, memory and disk;
+    /// `output_sha256` the whole console output.
+    End { exits: u64, reason: EndReason, state_hash: String, output_len: u64, output_sha256: String },
+}
+
+impl Event {
+    /// Guest-caused exits at which the event happened.
+    pub fn exits(&self) -> u64 {
+        match self {
+            Event::Clock { exits, .. }
+            | Event::Mark { exits }
+            | Event::Checkpoint { exits, .. }
+            | Event::End { exits, .. } => *exits,
+            Event::Timer { at, .. } | Event::Serial { at, .. } => at.exits,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Event::Clock { .. } => "clock",
+            Event::Timer { .. } => "timer",
+            Event::Serial { .. } => "serial",
+            Event::Mark { .. } => "mark",
+            Event::Checkpoint { .. } => "checkpoint",
+            Event::End { .. } => "end",
+        }
+    }
+}
+
+impl std::fmt::Display for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Event::Clock { exits, value } => write!(f, "clock read = {value} ns at exit {exits}"),
+            Event::Timer { at, fp, now_ns } => write!(f, "timer interrupt at {at} (fingerprint {fp:#x}, clock {now_ns} ns)"),
+            Event::Serial { at, bytes, .. } => write!(f, "serial input {:?} at {at}", String::from_utf8_lossy(bytes)),
+            Event::Mark { exits } => write!(f, "mark at exit {exits}"),
+            Event::Checkpoint { id, exits, .. } => write!(f, "checkpoint {id} at exit {exits}"),
+            Event::End { exits, reason, .. } => write!(f, "end ({reason:?}) at exit {exits}"),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! meta.json: what was recorded, with what, where. Written once, atomically,
+//! before the guest starts; the event log's hash chain is bound to its `id`.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::ClockKind;
+use crate::vmm::VmConfig;
+
+pub const FORMAT: &str = "revirt-recording";
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("{path} is not a revirt recording's meta.json: {msg}")]
+    Parse { path: String, msg: String },
+    #[error("{path}: recording format {found} version {version}; this revirt reads {FORMAT} version {VERSION}")]
+    Version { path: String, found: String, version: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Where the file was when recording started (for the record only).
+    pub original_path: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub kernel: String,
+    pub cpu: String,
+    pub kvm_pvm: bool,
+    pub pmu: bool,
+}
+
+impl HostInfo {
+    pub fn probe() -> HostInfo {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split(':').nth(1))
+                    .map(|m| m.trim().to_string())
+            })
+            .unwrap_or_default();
+        HostInfo {
+            kernel,
+            cpu,
+            kvm_pvm: Path::new("/sys/module/kvm_pvm").exists(),
+            pmu: Path::new("/sys/bus/event_source/devices/cpu").exists(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub format: String,
+    pub version: u32,
+    /// Random identity; the event log's hash chain starts from it.
+    pub id: String,
+    pub revirt_version: String,
+    pub created_unix: u64,
+    pub clock: ClockKind,
+    /// The VM as built; `disk` names the recording's own copy (`disk.img`).
+    pub config: VmConfig,
+    pub image: FileInfo,
+    pub disk: Option<FileInfo>,
+    pub host: HostInfo,
+    pub checkpoint_every_ms: u64,
+}
+
+impl Meta {
+    pub fn write(&self, path: &Path) -> Result<(), MetaError> {
+        let io = |source| MetaError::Io { path: path.display().to_string(), source };
+        let json = serde_json::to_vec_pretty(self).expect("meta serializes");
+        let tmp = path.with_extension("json.partial");
+        std::fs::write(&tmp, json).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    pub fn read(path: &Path) -> Result<Meta, MetaError> {
+        let p = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| MetaError::Io { path: p.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| MetaError::Parse { path: p.clone(), msg: e.to_string() })?;
+        let found = v.get("format").and_then(|f| f.as_str()).unwrap_or("?").to_string();
+        let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0) as u32;
+        if found != FORMAT || version != VERSION {
+            return Err(MetaError::Version { path: p, found, version });
+        }
+        serde_json::from_value(v).map_err(|e| MetaError::Parse { path: p, msg: e.to_string() })
+    }
+}
+
+/// A random 128-bit id, hex (from the kernel's RNG; no extra crate needed).
+pub fn new_id() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    hex::encode(b)
+}
