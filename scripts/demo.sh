@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # One command for a newcomer: install what is missing, build revirt and the
-# demo guest, check the host, and run the demo guest.
+# demo guest, check the host, then record the demo guest and replay it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 cargo build --release --quiet
-./target/release/revirt doctor
+R=./target/release/revirt
+G=guests/demo/out/vm.img
+$R doctor
 echo
-echo "== revirt run guests/demo/out/vm.img --cmdline workload=demo"
-./target/release/revirt run guests/demo/out/vm.img --cmdline workload=demo </dev/null
+rec=recordings/demo-$(date +%Y%m%d-%H%M%S)
+echo "== $R record $G --cmdline workload=demo -o $rec"
+$R record $G --cmdline workload=demo -o "$rec" </dev/null
+echo
+echo "== $R replay $rec"
+$R replay "$rec"
