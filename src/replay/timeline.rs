@@ -36,7 +36,7 @@ pub struct Timeline {
 impl Timeline {
     /// The latest checkpoint at or before `exits`.
     pub fn nearest_checkpoint(rec: &Recording, exits: u64) -> u32 {
-        rec.checkpoints.iter().filter(|c| c.1 <= exits).map(|c| c.0).last().unwrap_or(0)
+        rec.checkpoints.iter().rev().find(|c| c.1 <= exits).map(|c| c.0).unwrap_or(0)
     }
 
     /// A replay session positioned at checkpoint `id`.

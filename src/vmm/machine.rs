@@ -135,7 +135,7 @@ fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Mach
 impl Machine {
     /// Builds an empty VM (memory, vCPU, devices) without loading anything.
     fn create(config: &VmConfig) -> Result<Machine, MachineError> {
-        if !(MIN_MEM..=MAX_MEM).contains(&config.mem_size) || config.mem_size % (2 * MIB) != 0 {
+        if !(MIN_MEM..=MAX_MEM).contains(&config.mem_size) || !config.mem_size.is_multiple_of(2 * MIB) {
             return Err(MachineError::MemSize(config.mem_size));
         }
         let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
