@@ -104,6 +104,22 @@ impl Timeline {
         self.machine.exits
     }
 
+    /// Moves to exit count `exits`: restores the nearest checkpoint at or
+    /// before it when that is closer than running on from here (or when the
+    /// target lies behind us), then replays forward.
+    pub fn seek(&mut self, exits: u64) -> Result<Outcome, ReplayError> {
+        let ck = Timeline::nearest_checkpoint(&self.rec, exits);
+        let ck_exits = self.rec.checkpoints.iter().find(|c| c.0 == ck).map(|c| c.1).unwrap_or(0);
+        if exits < self.exits() || ck_exits > self.exits() {
+            let sink = std::mem::replace(&mut self.host.sink, Sink::Discard);
+            *self = Timeline::at_checkpoint(self.rec.clone(), ck, sink)?;
+        }
+        if self.exits() == exits {
+            return Ok(Outcome::Reached);
+        }
+        self.run(Some(exits))
+    }
+
     /// Runs forward until exit count `to` (or the end), verifying as it goes.
     pub fn run(&mut self, to: Option<u64>) -> Result<Outcome, ReplayError> {
         let vouched = (!self.rec.is_complete()).then(|| self.rec.last_exits());
