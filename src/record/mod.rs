@@ -214,7 +214,11 @@ fn write_checkpoint(
     Ok(ck.write(&trace::checkpoint_path(dir, id))?)
 }
 
-pub fn record(opts: &RecordOptions, input: Box<dyn Read + Send>, console: Console) -> Result<RecordSummary, RecordError> {
+/// Creates the recording directory and writes everything known before the
+/// guest runs: meta.json, the image copy, the disk copy (from `disk_now`,
+/// the disk's current contents, which may differ from `opts.config.disk`'s
+/// original when continuing from a replay).
+fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) -> Result<Meta, RecordError> {
     if opts.clock == ClockKind::Pmu || opts.clock == ClockKind::Step {
         return Err(RecordError::Clock(opts.clock));
     }
@@ -223,16 +227,12 @@ pub fn record(opts: &RecordOptions, input: Box<dyn Read + Send>, console: Consol
         return Err(RecordError::Exists(dir.display().to_string()));
     }
     std::fs::create_dir_all(dir.join(trace::CHECKPOINTS)).map_err(io("creating", dir))?;
-
-    let image_bytes = std::fs::read(&opts.image).map_err(io("reading image", &opts.image))?;
-    let image = Image::parse(&image_bytes)?;
-    image.check_fits(opts.config.mem_size)?;
-    std::fs::write(dir.join(trace::IMAGE), &image_bytes).map_err(io("writing", dir))?;
-    let disk = match &opts.config.disk {
+    std::fs::write(dir.join(trace::IMAGE), image_bytes).map_err(io("writing", dir))?;
+    let disk = match disk_now {
         Some(d) => {
             let bytes = std::fs::read(d).map_err(io("reading disk", d))?;
             std::fs::write(dir.join(trace::DISK), &bytes).map_err(io("writing", dir))?;
-            Some(file_info(d, &bytes))
+            Some(file_info(opts.config.disk.as_deref().unwrap_or(d), &bytes))
         }
         None => None,
     };
@@ -247,23 +247,60 @@ pub fn record(opts: &RecordOptions, input: Box<dyn Read + Send>, console: Consol
             .unwrap_or(0),
         clock: opts.clock,
         config: VmConfig {
-            disk: opts.config.disk.as_ref().map(|_| PathBuf::from(trace::DISK)),
+            disk: disk_now.map(|_| PathBuf::from(trace::DISK)),
             ..opts.config.clone()
         },
-        image: file_info(&opts.image, &image_bytes),
+        image: file_info(&opts.image, image_bytes),
         disk,
         host: HostInfo::probe(),
         checkpoint_every_ms: opts.checkpoint_every.as_millis() as u64,
     };
     meta.write(&dir.join(trace::META))?;
+    Ok(meta)
+}
 
+/// Boots `opts.image` and records it until it powers off.
+pub fn record(opts: &RecordOptions, input: Box<dyn Read + Send>, console: Console) -> Result<RecordSummary, RecordError> {
+    let image_bytes = std::fs::read(&opts.image).map_err(io("reading image", &opts.image))?;
+    let image = Image::parse(&image_bytes)?;
+    image.check_fits(opts.config.mem_size)?;
+    let meta = prepare(opts, &image_bytes, opts.config.disk.as_deref())?;
+    let m = Machine::boot(&opts.config, &image)?;
+    session(opts, &meta, m, input, console, 0)
+}
+
+/// Records an already running machine (e.g. one restored from a replay and
+/// going live): the new recording starts with a full checkpoint of it.
+/// `image` is the image it was booted from; its disk is copied as it is now;
+/// the guest clock continues from `clock_ns`.
+pub fn record_from(
+    opts: &RecordOptions,
+    image_bytes: &[u8],
+    m: Machine,
+    input: Box<dyn Read + Send>,
+    console: Console,
+    clock_ns: u64,
+) -> Result<RecordSummary, RecordError> {
+    let disk_now = m.devices.block.path().map(Path::to_path_buf);
+    let meta = prepare(opts, image_bytes, disk_now.as_deref())?;
+    session(opts, &meta, m, input, console, clock_ns)
+}
+
+fn session(
+    opts: &RecordOptions,
+    meta: &Meta,
+    mut m: Machine,
+    input: Box<dyn Read + Send>,
+    console: Console,
+    clock_ns: u64,
+) -> Result<RecordSummary, RecordError> {
+    let dir = &opts.out;
     let start = Instant::now();
-    let mut m = Machine::boot(&opts.config, &image)?;
     let log = LogWriter::create(&dir.join(trace::EVENTS), trace::log::genesis(&meta.id))?;
     let console_path = dir.join(trace::CONSOLE);
     let console_file = File::create(&console_path).map_err(io("creating", &console_path))?;
     let mut host = RecordHost {
-        inner: LiveHost::new(input, console, 0),
+        inner: LiveHost::new(input, console, clock_ns),
         log: &log,
         clock: opts.clock,
         events: 0,
@@ -279,8 +316,8 @@ pub fn record(opts: &RecordOptions, input: Box<dyn Read + Send>, console: Consol
     };
 
     let regs = m.vcpu.regs().map_err(MachineError::from)?;
-    host.log(Event::Checkpoint { id: 0, exits: 0, fp: fingerprint(&regs) });
-    let mut checkpoint_bytes = write_checkpoint(dir, &mut m, 0, host.events, 0, 0)?;
+    host.log(Event::Checkpoint { id: 0, exits: m.exits, fp: fingerprint(&regs) });
+    let mut checkpoint_bytes = write_checkpoint(dir, &mut m, 0, host.events, 0, clock_ns)?;
     let mut checkpoints = 1u32;
 
     let end = loop {
