@@ -1,0 +1,257 @@
+//! Record then replay, end to end: the real binary, the real demo guest,
+//! real KVM. Each replay must reproduce its recording's console output and
+//! final state hash exactly.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use revirt::trace::{self, Event, LogReader, LogWriter, Meta};
+
+fn record(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) -> Output {
+    let img = demo_image();
+    let mut args = vec!["record", img.to_str().unwrap(), "--cmdline", cmdline, "-o", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = run_with_input(&args, stdin);
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    o
+}
+
+fn replay(dir: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["replay", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = run_with_input(&args, b"");
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    o
+}
+
+/// Records, replays, and checks the replay matched (output and final state).
+fn round_trip(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) -> (Output, Output) {
+    let r = record(dir, cmdline, extra, stdin);
+    assert!(r.status.code().is_some(), "{}", stderr(&r));
+    let p = replay(dir, &[]);
+    assert_eq!(p.status.code(), Some(0), "replay did not match:\n{}", stderr(&p));
+    assert_eq!(stdout(&p), stdout(&r), "replayed console differs from the recorded one");
+    assert!(stderr(&p).contains("replay matches the recording"), "{}", stderr(&p));
+    let recorded_hash = final_hash(dir);
+    assert!(stderr(&p).contains(&recorded_hash), "final state hash differs\n{}", stderr(&p));
+    (r, p)
+}
+
+fn final_hash(dir: &Path) -> String {
+    let meta = Meta::read(&dir.join(trace::META)).unwrap();
+    let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis(&meta.id)).unwrap();
+    match log.events.last() {
+        Some(Event::End { state_hash, .. }) => state_hash.clone(),
+        other => panic!("no End event: {other:?}"),
+    }
+}
+
+fn tmp() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("rec");
+    (d, p)
+}
+
+#[test]
+fn race_plain_runs_differ_but_every_replay_matches_its_recording() {
+    // Plain runs: the result depends on where the timer preempts.
+    let mut plain = Vec::new();
+    for _ in 0..6 {
+        let o = run_demo("workload=race", &[], b"");
+        let out = stdout(&o);
+        let line = out.lines().find(|l| l.starts_with("race:")).unwrap().to_string();
+        plain.push(field(&line, "counter").unwrap());
+        plain.sort();
+        plain.dedup();
+        if plain.len() > 1 {
+            break;
+        }
+    }
+    assert!(plain.len() > 1, "six plain runs of the race gave the same result: {plain:?}");
+
+    // Recorded with the exit clock (exits=16 puts a port read inside every
+    // 16th racy window, so interrupts at exits preempt there): each replay
+    // reproduces its own recording's result, whatever it was.
+    let cmd = "workload=race iters=20000 exits=16 hz=2000";
+    let mut recorded = Vec::new();
+    for _ in 0..3 {
+        let (_d, dir) = tmp();
+        let (r, p) = round_trip(&dir, cmd, &["--checkpoint-every", "20ms"], b"");
+        let line = stdout(&r).lines().find(|l| l.starts_with("race:")).unwrap().to_string();
+        assert!(field(&line, "ticks").unwrap().parse::<u64>().unwrap() > 0, "{line}");
+        assert!(stdout(&p).contains(&line));
+        recorded.push(line);
+    }
+    eprintln!("recorded race results: {recorded:?}");
+}
+
+#[test]
+fn exit_clock_serial_input_is_replayed_without_input() {
+    let (_d, dir) = tmp();
+    let (r, p) = round_trip(&dir, "workload=echo", &[], b"first line\nsecond\nquit\n");
+    assert!(stdout(&r).contains("echo: second"));
+    assert!(stdout(&p).contains("echo: second"), "replay got no input from the log");
+}
+
+#[test]
+fn exit_clock_disk_workload_replays_and_leaves_recording_untouched() {
+    let (_d, dir) = tmp();
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 * 512]).unwrap();
+    round_trip(&dir, "workload=disk", &["--disk", disk.to_str().unwrap()], b"");
+    // The recording keeps the disk as it was at the start, and replay must not change it.
+    let kept = std::fs::read(dir.join(trace::DISK)).unwrap();
+    assert!(kept.iter().all(|&b| b == 0));
+    let live = std::fs::read(&disk).unwrap();
+    assert_eq!(&live[..8], b"RVDISK01", "the live run wrote the user's disk");
+    let again = replay(&dir, &["-q"]);
+    assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
+}
+
+#[test]
+fn exit_clock_clock_workload_replays_recorded_time() {
+    let (_d, dir) = tmp();
+    let (r, p) = round_trip(&dir, "workload=clock", &[], b"");
+    let line = |o: &Output| stdout(o).lines().find(|l| l.starts_with("clock:")).unwrap().to_string();
+    assert_eq!(line(&r), line(&p));
+}
+
+#[test]
+fn replay_from_a_later_checkpoint_reaches_the_same_final_state() {
+    let (_d, dir) = tmp();
+    let cmd = "workload=race iters=20000 exits=16 hz=2000";
+    round_trip(&dir, cmd, &["--checkpoint-every", "10ms"], b"");
+    let n = std::fs::read_dir(dir.join(trace::CHECKPOINTS)).unwrap().count();
+    assert!(n >= 3, "expected several checkpoints, got {n}");
+    let last = (n - 1).to_string();
+    let p = replay(&dir, &["-q", "--from-checkpoint", &last]);
+    assert_eq!(p.status.code(), Some(0), "{}", stderr(&p));
+    assert!(stderr(&p).contains(&final_hash(&dir)), "{}", stderr(&p));
+    assert!(stderr(&p).contains(&format!("starting from checkpoint {last}")));
+}
+
+/// Rewrites the event log with `edit` applied, re-sealing the hash chain,
+/// as a careful forger (or a bug) would.
+fn rewrite_log(dir: &Path, edit: impl Fn(&mut Vec<Event>)) {
+    let meta = Meta::read(&dir.join(trace::META)).unwrap();
+    let g = trace::log::genesis(&meta.id);
+    let mut events = LogReader::read(&dir.join(trace::EVENTS), g).unwrap().events;
+    edit(&mut events);
+    let w = LogWriter::create(&dir.join(trace::EVENTS), g).unwrap();
+    for e in events {
+        w.push(e);
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn divergence_is_reported_at_the_first_differing_event() {
+    let (_d, dir) = tmp();
+    round_trip(&dir, "workload=echo", &[], b"abc\nquit\n");
+    // Tamper with one logged input: the serial bytes.
+    rewrite_log(&dir, |events| {
+        for e in events.iter_mut() {
+            if let Event::Serial { bytes, .. } = e {
+                if bytes.contains(&b'b') {
+                    *bytes = bytes.iter().map(|&b| if b == b'b' { b'X' } else { b }).collect();
+                    return;
+                }
+            }
+        }
+        panic!("no serial event with 'b'");
+    });
+    let p = replay(&dir, &["-q"]);
+    assert_eq!(p.status.code(), Some(1), "{}", stderr(&p));
+    let e = stderr(&p);
+    assert!(e.contains("DIVERGED"), "{e}");
+    assert!(e.contains("console output differs"), "{e}");
+
+    // Timing tampering: move a timer interrupt to another exit.
+    let (_d2, dir2) = tmp();
+    round_trip(&dir2, "workload=race iters=20000 exits=16 hz=2000", &[], b"");
+    rewrite_log(&dir2, |events| {
+        let i = events.iter().position(|e| matches!(e, Event::Timer { .. })).expect("a timer event");
+        if let Event::Timer { at, .. } = &mut events[i] {
+            at.exits += 1;
+        }
+    });
+    let p = replay(&dir2, &["-q"]);
+    assert_eq!(p.status.code(), Some(1), "{}", stderr(&p));
+    let e = stderr(&p);
+    assert!(e.contains("DIVERGED") || e.contains("MISMATCH"), "{e}");
+}
+
+#[test]
+fn a_damaged_log_is_detected_and_replayed_up_to_the_damage() {
+    let (_d, dir) = tmp();
+    round_trip(&dir, "workload=echo", &[], b"one\ntwo\nquit\n");
+    let p = dir.join(trace::EVENTS);
+    let mut b = std::fs::read(&p).unwrap();
+    let n = b.len();
+    b[n - 40] ^= 0xFF;
+    std::fs::write(&p, &b).unwrap();
+    let o = replay(&dir, &["-q"]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("incomplete") && stderr(&o).contains("checksum"), "{}", stderr(&o));
+}
+
+#[test]
+fn bad_recordings_give_clear_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let o = replay(d.path(), &[]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("not a recording directory"), "{}", stderr(&o));
+
+    let (_d, dir) = tmp();
+    round_trip(&dir, "workload=exit status=0", &[], b"");
+    let meta = dir.join(trace::META);
+    let text = std::fs::read_to_string(&meta).unwrap();
+    std::fs::write(&meta, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
+    let o = replay(&dir, &[]);
+    assert!(stderr(&o).contains("version 99"), "{}", stderr(&o));
+    std::fs::write(&meta, &text).unwrap();
+
+    std::fs::remove_file(trace::checkpoint_path(&dir, 0)).unwrap();
+    let o = replay(&dir, &[]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("checkpoint 0"), "{}", stderr(&o));
+
+    let o = record(&dir, "workload=exit", &[], b"");
+    assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
+}
+
+#[test]
+fn killed_recorder_leaves_a_replayable_prefix() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let (_d, dir) = tmp();
+    let img = demo_image();
+    let mut child = revirt()
+        .args(["record", img.to_str().unwrap(), "--cmdline", "workload=echo", "-o", dir.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for i in 0..8 {
+        writeln!(stdin, "line {i}").unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(120));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let out = child.wait_with_output().unwrap();
+    let recorded = stdout(&out);
+    assert!(recorded.contains("echo: line 3"), "{recorded}");
+
+    let o = replay(&dir, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("incomplete"), "{}", stderr(&o));
+    let replayed = stdout(&o);
+    assert!(replayed.contains("echo: line 2"), "replayed too little: {replayed}");
+    assert!(recorded.starts_with(&replayed), "replay is not a prefix of the recording:\n{replayed}\nvs\n{recorded}");
+}
