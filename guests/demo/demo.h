@@ -16,6 +16,7 @@ struct config {
     u64 iters;                        /* iters=N, valid when iters_set */
     int iters_set;
     u64 hz;                           /* hz=N, timer frequency for race */
+    u64 exits;                        /* exits=K, race: a port read in every K-th racy window */
     u64 status;                       /* status=N, for the exit workload */
 };
 extern struct config cfg;

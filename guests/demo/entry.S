@@ -21,6 +21,7 @@
 #define PORT_PIC_EOI 0x520
 #define PORT_POWER_OFF 0x550
 #define PORT_PANIC 0x554
+#define PORT_DEBUG 0x560
 
 #define IMAGE_BASE 0x100000
 
@@ -55,9 +56,43 @@ exc\vec:
 .endm
 
 	EXC 0, 0	/* #DE */
-	EXC 1, 0	/* #DB */
+
+/* #DB. The first instruction must stay a one-byte `nop`: it is what lets the
+ * VMM single-step ring 3 on hosts where KVM cannot (kvm_pvm). There the
+ * single-step #DB of a ring-3 instruction is delivered here; KVM emulates
+ * this ring-0 `nop`, exits to the VMM after it, and the VMM undoes the
+ * delivery (src/clock/step.rs), so the rest of the handler never runs for
+ * those. A #DB of the guest's own (int1, its own TF or DR7) falls through
+ * to the panic report like any other exception. */
+	.balign 16
+exc1:
+	nop
+	mov $1, %eax
+	xor %esi, %esi
+	jmp exc_common
+
 	EXC 2, 0	/* NMI */
-	EXC 3, 0	/* #BP */
+
+/* #BP from an `int3` in ring 3 (in ring 0 KVM cannot emulate int3 here):
+ * report to the debug port 0x560 with eax = 3 and rdi = the CPU frame (rip
+ * after the int3, cs, rflags, rsp, ss); the interrupted rax, rdx, rdi are
+ * saved just below it (rdi-8, rdi-16, rdi-24). The VMM (a GDB stub) may
+ * rewrite the frame before resuming, e.g. rip -= 1 after putting the
+ * original byte back; resumed untouched, the int3 acts as a 1-byte nop. */
+	.balign 16
+exc3:
+	push %rax
+	push %rdx
+	push %rdi
+	lea 24(%rsp), %rdi
+	mov $3, %eax
+	mov $PORT_DEBUG, %edx
+	out %eax, %dx
+	pop %rdi
+	pop %rdx
+	pop %rax
+	iretq
+
 	EXC 4, 0	/* #OF */
 	EXC 5, 0	/* #BR */
 	EXC 6, 0	/* #UD */

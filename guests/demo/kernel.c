@@ -77,6 +77,8 @@ static void parse_cmdline(const char *s)
             cfg.iters_set = 1;
         } else if (key_is(k, eq, "hz")) {
             cfg.hz = parse_u64(v, s);
+        } else if (key_is(k, eq, "exits")) {
+            cfg.exits = parse_u64(v, s);
         } else if (key_is(k, eq, "status")) {
             cfg.status = parse_u64(v, s);
         }

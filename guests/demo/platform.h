@@ -48,6 +48,7 @@ typedef uint64_t u64;
 #define PORT_BLK_CAPACITY 0x540
 #define PORT_POWER_OFF 0x550  /* out: low 8 bits = exit status */
 #define PORT_PANIC 0x554      /* out: eax=vector, rdi=frame, rsi=has error code */
+#define PORT_DEBUG 0x560      /* out: eax=3 (#BP from ring-3 int3), rdi=frame */
 
 #define BLK_CMD_READ 1
 #define BLK_CMD_WRITE 2

@@ -2,6 +2,11 @@
  * race: two ring-3 tasks increment a shared counter without atomics. The
  * timer preempts them anywhere; a preemption between a task's load and its
  * store makes that store overwrite everything the other task added meanwhile.
+ *
+ * exits=K (K > 0): every K-th iteration also reads the clock port between the
+ * load and the store. That port read exits to the VMM inside the racy window,
+ * so a VMM that delivers interrupts only at exits (the "exit clock") can
+ * still preempt there and lose updates.
  */
 #include "demo.h"
 #include "workloads.h"
@@ -15,10 +20,16 @@
 
 static volatile u64 race_counter;
 
+static u64 race_exits; /* exits=K; 0 = never */
+
 static NOINLINE void race_loop(u64 iters, u64 seed)
 {
     u64 s = seed;
+    u64 k = 0;
     for (u64 i = 0; i < iters; i++) {
+        int port_read = race_exits && ++k == race_exits;
+        if (port_read)
+            k = 0;
         u64 v = race_counter; /* load */
         asm volatile(".rept %c[n]\n\t"
                      "imul %[m], %[s]\n\t"
@@ -26,6 +37,13 @@ static NOINLINE void race_loop(u64 iters, u64 seed)
                      ".endr"
                      : [s] "+r"(s), [v] "+r"(v)
                      : [m] "r"(LCG_MUL), [n] "i"(RACE_WORK_IN));
+        if (port_read) {
+            /* An exit inside the window; "memory" keeps it between the
+             * load and the store. */
+            u32 t;
+            asm volatile("inl %w1, %0" : "=a"(t) : "Nd"(PORT_CLOCK_LO) : "memory");
+            s += t;
+        }
         race_counter = v + 1; /* store */
         asm volatile(".rept %c[n]\n\t"
                      "imul %[m], %[s]\n\t"
@@ -41,8 +59,9 @@ static void race_task_b(u64 iters)
     race_loop(iters, 0xB0B);
 }
 
-int wl_race(u64 iters, u64 hz)
+int wl_race(u64 iters, u64 hz, u64 exits)
 {
+    race_exits = exits;
     if (hz == 0)
         hz = 1000;
     u64 period_us = 1000000 / hz;

@@ -17,7 +17,7 @@ static int wl_demo(void)
 {
     int st = wl_compute(iters_or(DEMO_COMPUTE_ITERS));
     if (!st)
-        st = wl_race(iters_or(RACE_ITERS), cfg.hz);
+        st = wl_race(iters_or(RACE_ITERS), cfg.hz, cfg.exits);
     if (!st)
         st = wl_clock(iters_or(CLOCK_ITERS));
     if (!st)
@@ -32,7 +32,7 @@ static int run_workload(const char *w)
     if (str_eq(w, "compute"))
         return wl_compute(iters_or(COMPUTE_ITERS));
     if (str_eq(w, "race"))
-        return wl_race(iters_or(RACE_ITERS), cfg.hz);
+        return wl_race(iters_or(RACE_ITERS), cfg.hz, cfg.exits);
     if (str_eq(w, "echo"))
         return wl_echo();
     if (str_eq(w, "disk"))

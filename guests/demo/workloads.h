@@ -11,7 +11,7 @@
 
 int wl_compute(u64 iters);
 int wl_clock(u64 iters);
-int wl_race(u64 iters, u64 hz);
+int wl_race(u64 iters, u64 hz, u64 exits);
 int wl_echo(void);
 int wl_disk(void);
 int wl_vuln(void);

@@ -12,6 +12,8 @@
 //! - `pmu`: anywhere; a hardware branch counter overflows near the target
 //!   (hosts with a PMU; its own module).
 
+pub mod step;
+
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
