@@ -391,7 +391,8 @@ fn step_run(cmdline: &str, opts: &Opts) -> Outcome {
         let tick_due = dev.timer_on
             && dev.mask & 1 == 0
             && !dev.in_service
-            && (dev.force_tick || (opts.inject_every > 0 && o.ring3 % opts.inject_every == 0));
+            && (dev.force_tick
+                || (opts.inject_every > 0 && o.ring3.is_multiple_of(opts.inject_every)));
         if b.cpl == 3 && tick_due && prev.rflags & IF != 0 {
             m.vcpu.inject_interrupt(TIMER_VECTOR).unwrap();
             dev.in_service = true;

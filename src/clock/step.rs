@@ -751,4 +751,24 @@ mod tests {
         assert!(!is_conditional_branch(&[0x90])); // nop
         assert!(!is_conditional_branch(&[])); // nothing
     }
+
+    #[test]
+    fn user_segments_from_the_platform_gdt() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+        mem.write_obj(0x00AF_FA00_0000_FFFFu64, GuestAddress(0x1030))
+            .unwrap();
+        mem.write_obj(0x00CF_F200_0000_FFFFu64, GuestAddress(0x1028))
+            .unwrap();
+        let cs = segment_from_gdt(&mem, 0x1000, 0x33).unwrap();
+        assert_eq!(
+            (cs.selector, cs.type_, cs.dpl, cs.l, cs.db, cs.s, cs.present),
+            (0x33, 0xA, 3, 1, 0, 1, 1)
+        );
+        assert_eq!((cs.base, cs.limit, cs.g), (0, 0xffff_ffff, 1));
+        let ss = segment_from_gdt(&mem, 0x1000, 0x2B).unwrap();
+        assert_eq!(
+            (ss.selector, ss.type_, ss.dpl, ss.l, ss.db),
+            (0x2B, 0x2, 3, 0, 1)
+        );
+    }
 }
