@@ -23,7 +23,7 @@ pub enum RecordError {
     Exists(String),
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: String, source: std::io::Error },
-    #[error("clock '{0}' cannot record on this build yet (see `revirt doctor`)")]
+    #[error("clock '{0}' needs a hardware PMU, which this host does not have (see `revirt doctor`); use --clock step or --clock exit")]
     Clock(ClockKind),
     #[error(transparent)]
     Image(#[from] crate::vmm::image::ImageError),
@@ -121,8 +121,17 @@ impl Host for RecordHost<'_> {
             .map_err(|e| HostError::Other(format!("writing console.log: {e}")))
     }
 
+    fn precise(&mut self, _exits: u64) -> bool {
+        // The step clock delivers at any instruction boundary: step everything.
+        self.clock == ClockKind::Step
+    }
+
     fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
-        if !ctx.guest_caused && self.clock == ClockKind::Exit {
+        let deterministic = match self.clock {
+            ClockKind::Step => ctx.rip.is_some(),
+            _ => ctx.guest_caused,
+        };
+        if !deterministic {
             // Not a deterministic point: whatever is due waits for the next
             // guest-caused exit. Note how long a due timer waits.
             let due = matches!(ctx.timer_deadline_ns, Some(d) if self.inner.now_ns() >= d);
@@ -170,7 +179,11 @@ impl Host for RecordHost<'_> {
     }
 
     fn attach(&mut self, k: crate::vmm::vcpu::Kicker) {
-        self.inner.attach(k)
+        // Stepping returns to us after every instruction: no kicks needed, and
+        // a kick landing mid-step would make the step's outcome depend on timing.
+        if self.clock != ClockKind::Step {
+            self.inner.attach(k)
+        }
     }
     fn detach(&mut self) {
         self.inner.detach()
@@ -219,7 +232,7 @@ fn write_checkpoint(
 /// the disk's current contents, which may differ from `opts.config.disk`'s
 /// original when continuing from a replay).
 fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) -> Result<Meta, RecordError> {
-    if opts.clock == ClockKind::Pmu || opts.clock == ClockKind::Step {
+    if opts.clock == ClockKind::Pmu {
         return Err(RecordError::Clock(opts.clock));
     }
     let dir = &opts.out;

@@ -7,7 +7,7 @@ pub mod timeline;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::clock::ExecPoint;
+use crate::clock::{ClockKind, ExecPoint};
 use crate::trace::{self, Event, LogReader, LogStatus, Meta};
 use crate::vmm::{Async, Control, Host, HostError, PollCtx};
 
@@ -142,7 +142,23 @@ impl ReplayHost {
         }
     }
 
-    fn collect(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
+    fn stepped(&self) -> bool {
+        self.rec.meta.clock == ClockKind::Step
+    }
+
+    /// The next asynchronous event (timer, serial) at or after `self.next`.
+    fn next_async(&self) -> Option<&Event> {
+        self.rec.events[self.next.min(self.rec.events.len())..]
+            .iter()
+            .take_while(|e| !matches!(e, Event::End { .. }))
+            .find(|e| matches!(e, Event::Timer { .. } | Event::Serial { .. }))
+    }
+
+    /// Hands out the async events recorded at this poll's point. With the
+    /// exit clock that is the exit count; with the step clock the exact
+    /// boundary (exits, branches, RIP, fingerprint), or — while the guest
+    /// waits idle at an exit — that exit.
+    fn collect(&mut self, ctx: &PollCtx, out: &mut Vec<Async>, waiting: bool) -> Result<(), HostError> {
         self.skip_marks(ctx.exits);
         loop {
             let (at, fp, a) = match self.rec.events.get(self.next) {
@@ -150,14 +166,30 @@ impl ReplayHost {
                 Some(Event::Serial { at, fp, bytes }) => (*at, *fp, Async::SerialInput(bytes.clone())),
                 _ => return Ok(()),
             };
-            if at.exits > ctx.exits {
-                return Ok(());
-            }
-            if at.exits < ctx.exits {
+            let passed = at.exits < ctx.exits
+                || (self.stepped() && ctx.rip.is_some() && at.exits == ctx.exits && at.branches < ctx.branches);
+            if passed {
+                let here = match ctx.point() {
+                    Some(p) => p.to_string(),
+                    None => format!("exit {}", ctx.exits),
+                };
                 return Err(HostError::Divergence(format!(
-                    "event #{} ({}) was due at exit {}, but the guest is already at exit {}",
-                    self.next, self.rec.events[self.next], at.exits, ctx.exits
+                    "event #{} ({}) was due at {at}, but the guest is already at {here}",
+                    self.next, self.rec.events[self.next]
                 )));
+            }
+            let now = if !self.stepped() {
+                at.exits == ctx.exits
+            } else if waiting {
+                at.exits == ctx.exits && at.branches == 0
+            } else {
+                ctx.point() == Some(at) && ctx.fp == Some(fp)
+            };
+            if !now {
+                if ctx.point() == Some(at) {
+                    tracing::debug!("at {at} but fingerprint {:?} != recorded {fp:#x}: a branch-free loop, or divergence", ctx.fp);
+                }
+                return Ok(());
             }
             self.expect.push((at, fp, self.next));
             self.next += 1;
@@ -225,15 +257,20 @@ impl Host for ReplayHost {
         Ok(())
     }
 
+    fn precise(&mut self, exits: u64) -> bool {
+        // Step only across the exit interval that holds the next event.
+        self.stepped() && matches!(self.next_async(), Some(e) if e.exits() <= exits)
+    }
+
     fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
         if ctx.guest_caused {
-            self.collect(ctx, out)?;
+            self.collect(ctx, out, false)?;
         }
         Ok(Control::Continue)
     }
 
     fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
-        self.collect(ctx, out)?;
+        self.collect(ctx, out, true)?;
         if out.is_empty() {
             return Err(self.out_of_log(format!("the guest went idle at exit {} waiting for input", ctx.exits)));
         }

@@ -37,12 +37,18 @@ pub struct PollCtx {
     pub timer_deadline_ns: Option<u64>,
     /// Bytes the serial receive FIFO can take now.
     pub serial_room: usize,
+    /// Conditional branches retired since the last guest-caused exit (step clock).
+    pub branches: u64,
+    /// Set when this poll is at an exact instruction boundary (stepping, or
+    /// an exit the host asked to be precise about): RIP and register fingerprint.
+    pub rip: Option<u64>,
+    pub fp: Option<u64>,
 }
 
 impl PollCtx {
-    /// The exit clock's execution point for this poll (RIP filled in by the caller).
-    pub fn point(&self, rip: u64) -> crate::clock::ExecPoint {
-        crate::clock::ExecPoint { exits: self.exits, branches: 0, rip }
+    /// The execution point of this poll, if it is an exact boundary.
+    pub fn point(&self) -> Option<crate::clock::ExecPoint> {
+        self.rip.map(|rip| crate::clock::ExecPoint { exits: self.exits, branches: self.branches, rip })
     }
 }
 
@@ -76,6 +82,11 @@ pub trait Host {
     /// registers had fingerprint `fp`. The recorder logs; the replayer checks.
     fn delivered(&mut self, _at: &crate::clock::ExecPoint, _fp: u64, _events: &[Async]) -> Result<(), HostError> {
         Ok(())
+    }
+    /// Whether the run loop should single-step from here (step clock) and
+    /// report exact boundaries: asked before every entry into the guest.
+    fn precise(&mut self, _exits: u64) -> bool {
+        false
     }
     /// The vCPU thread is about to run the guest; `kicker` makes KVM_RUN return.
     fn attach(&mut self, _kicker: Kicker) {}

@@ -14,6 +14,8 @@ use super::host::{Async, Control, Host, HostError, PollCtx};
 use super::image::Image;
 use super::layout::{self, ports, MAX_MEM, MIB, MIN_MEM};
 use super::vcpu::{KickGuard, Kicker, Vcpu, VcpuError, VcpuState};
+use crate::clock::step::{StepError, StepStop, Stepper};
+use crate::clock::{fingerprint, ExecPoint};
 
 /// How a VM is built. Saved in checkpoints and recordings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +59,8 @@ pub enum MachineError {
     DeadHalt { rip: u64 },
     #[error("unexpected vCPU exit {what} at rip {rip:#x}")]
     UnexpectedExit { what: String, rip: u64 },
+    #[error("single-stepping failed: {0}")]
+    Step(#[from] StepError),
 }
 
 /// An unhandled exception the guest kernel reported on the panic port.
@@ -126,6 +130,11 @@ pub struct Machine {
     io_pending: bool,
     asyncs: Vec<Async>,
     pause_requested: bool,
+    /// Single-steps the guest while the host asks for precision (step clock).
+    pub stepper: Stepper,
+    /// Conditional branches retired since the last guest-caused exit, counted
+    /// while stepping (the step clock's fine time).
+    pub branches: u64,
 }
 
 fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, MachineError> {
@@ -168,6 +177,8 @@ impl Machine {
             io_pending: false,
             asyncs: Vec::new(),
             pause_requested: false,
+            stepper: Stepper::new(),
+            branches: 0,
         })
     }
 
@@ -256,14 +267,31 @@ impl Machine {
             guest_caused,
             timer_deadline_ns: self.devices.timer.deadline_ns,
             serial_room: self.devices.serial.rx_room(),
+            branches: self.branches,
+            rip: None,
+            fp: None,
         }
+    }
+
+    /// A poll context at an exact boundary (reads the registers).
+    fn precise_ctx(&self, rip: Option<u64>) -> Result<PollCtx, MachineError> {
+        let regs = self.vcpu.regs()?;
+        let mut c = self.ctx(true);
+        c.rip = Some(rip.unwrap_or(regs.rip));
+        c.fp = Some(fingerprint(&regs));
+        Ok(c)
+    }
+
+    /// The current execution point (reads RIP).
+    pub fn exec_point(&self) -> Result<ExecPoint, MachineError> {
+        Ok(ExecPoint { exits: self.exits, branches: self.branches, rip: self.vcpu.regs()?.rip })
     }
 
     fn deliver(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
         if !self.asyncs.is_empty() {
             let regs = self.vcpu.regs()?;
-            let at = crate::clock::ExecPoint { exits: self.exits, branches: 0, rip: regs.rip };
-            host.delivered(&at, crate::clock::fingerprint(&regs), &self.asyncs)?;
+            let at = ExecPoint { exits: self.exits, branches: self.branches, rip: regs.rip };
+            host.delivered(&at, fingerprint(&regs), &self.asyncs)?;
         }
         for a in self.asyncs.drain(..) {
             match a {
@@ -281,18 +309,39 @@ impl Machine {
     }
 
     /// Injects the next interrupt if the guest can take it, else asks KVM
-    /// for an exit as soon as it can.
+    /// for an exit as soon as it can (not while stepping: every boundary is
+    /// a chance anyway).
+    ///
+    /// Whether the guest can take it is read from its actual state (IF, the
+    /// interrupt shadow, events in flight), not from kvm_run's flags: those
+    /// describe the last exit, and go stale when the VMM itself changed the
+    /// registers (a restore, or the stepper unwinding a #DB), which would
+    /// make the landing point depend on history rather than on the state.
     fn inject(&mut self) -> Result<(), MachineError> {
+        let Some(v) = self.devices.pic.next_vector() else {
+            self.vcpu.fd.get_kvm_run().request_interrupt_window = 0;
+            return Ok(());
+        };
+        let regs = self.vcpu.regs()?;
+        let ev = self
+            .vcpu
+            .fd
+            .get_vcpu_events()
+            .map_err(|source| VcpuError::Kvm { op: "KVM_GET_VCPU_EVENTS", source })?;
+        let can_take = regs.rflags & 0x200 != 0
+            && ev.interrupt.shadow == 0
+            && ev.interrupt.injected == 0
+            && ev.exception.injected == 0
+            && ev.exception.pending == 0
+            && ev.nmi.injected == 0;
+        let stepping = self.stepper.is_armed();
         let run = self.vcpu.fd.get_kvm_run();
-        let can_take = run.ready_for_interrupt_injection != 0 && run.if_flag != 0;
-        match self.devices.pic.next_vector() {
-            Some(v) if can_take => {
-                run.request_interrupt_window = 0;
-                self.vcpu.inject_interrupt(v)?;
-                self.devices.pic.ack(v);
-            }
-            Some(_) => run.request_interrupt_window = 1,
-            None => run.request_interrupt_window = 0,
+        if can_take {
+            run.request_interrupt_window = 0;
+            self.vcpu.inject_interrupt(v)?;
+            self.devices.pic.ack(v);
+        } else {
+            run.request_interrupt_window = u8::from(!stepping);
         }
         Ok(())
     }
@@ -339,6 +388,10 @@ impl Machine {
         host.attach(Kicker::current());
         let r = self.run_loop(host, exit_limit);
         host.detach();
+        // Saved state must not carry stepping artifacts (TF in RFLAGS).
+        if self.stepper.is_armed() {
+            self.stepper.disarm(&self.vcpu)?;
+        }
         // Leave the machine savable: a pending IN gets its result now.
         self.complete_pending_io()?;
         r
@@ -350,29 +403,55 @@ impl Machine {
                 self.pause_requested = false;
                 return Ok(Stop::Paused);
             }
+            let precise = host.precise(self.exits);
+            if precise != self.stepper.is_armed() {
+                if precise {
+                    self.stepper.arm(&self.vcpu, &self.mem)?;
+                } else {
+                    self.stepper.disarm(&self.vcpu)?;
+                }
+            }
             self.inject()?;
-            let Machine { vcpu, devices, mem, exits, io_pending, .. } = self;
+            if self.stepper.is_armed() {
+                if let Some(stop) = self.stepper.before_run(&self.vcpu, &self.mem)? {
+                    self.at_boundary(stop, host)?;
+                    continue;
+                }
+            }
+            let stepping = self.stepper.is_armed();
+            let Machine { vcpu, devices, mem, exits, io_pending, branches, .. } = self;
             let mut guest_caused = true;
             let mut action = Action::None;
             match vcpu.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     *exits += 1;
+                    *branches = 0;
                     *io_pending = true;
                     action = io_in(devices, port, data);
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
                     *exits += 1;
+                    *branches = 0;
                     action = io_out(devices, mem, port, data);
                 }
                 Ok(VcpuExit::MmioRead(_, data)) => {
                     *exits += 1;
+                    *branches = 0;
                     *io_pending = true;
                     data.fill(0xFF); // nothing is mapped there
                 }
-                Ok(VcpuExit::MmioWrite(..)) => *exits += 1,
+                Ok(VcpuExit::MmioWrite(..)) => {
+                    *exits += 1;
+                    *branches = 0;
+                }
                 Ok(VcpuExit::Hlt) => {
                     *exits += 1;
+                    *branches = 0;
                     action = Action::Halt;
+                }
+                Ok(VcpuExit::Debug(d)) if stepping => {
+                    guest_caused = false;
+                    action = Action::Step(d);
                 }
                 Ok(VcpuExit::IrqWindowOpen) => guest_caused = false,
                 Ok(VcpuExit::Intr) => guest_caused = false,
@@ -390,8 +469,18 @@ impl Machine {
             if !out.is_empty() {
                 host.output(&out)?;
             }
+            // Where the step clock sees the boundary of an exiting instruction.
+            let mut exit_boundary = None;
+            if stepping && guest_caused {
+                exit_boundary = self.stepper.on_other_exit(&self.vcpu, &self.mem)?;
+            }
             match action {
                 Action::None => {}
+                Action::Step(d) => {
+                    let stop = self.stepper.on_debug_exit(&self.vcpu, &self.mem, &d)?;
+                    self.at_boundary(stop, host)?;
+                    continue;
+                }
                 Action::ClockRead(slot) => {
                     let ctx = self.ctx(true);
                     let now = host.clock_read(&ctx)?;
@@ -421,15 +510,47 @@ impl Machine {
                 }
                 Action::Unexpected(what) => return Err(MachineError::UnexpectedExit { what, rip: self.rip() }),
             }
-            let ctx = self.ctx(guest_caused);
-            let mut asyncs = std::mem::take(&mut self.asyncs);
-            let r = host.poll(&ctx, &mut asyncs);
-            self.asyncs = asyncs;
-            if r? == Control::Pause {
-                self.pause_requested = true;
-            }
-            self.deliver(host)?;
+            let ctx = if stepping {
+                match exit_boundary {
+                    // The exiting instruction retired: this exit is the boundary.
+                    Some(b) => self.precise_ctx(Some(b.rip))?,
+                    // It retires on the next entry; a debug exit reports the boundary.
+                    None if guest_caused => continue,
+                    None => self.ctx(false),
+                }
+            } else if guest_caused && host.precise(self.exits) {
+                // Free-running, but the host needs this exit exactly: finish
+                // the instruction (an IN completes on entry) so RIP is past it.
+                self.complete_pending_io()?;
+                self.precise_ctx(None)?
+            } else {
+                self.ctx(guest_caused)
+            };
+            self.poll_and_deliver(&ctx, host)?;
         }
+    }
+
+    fn poll_and_deliver(&mut self, ctx: &PollCtx, host: &mut dyn Host) -> Result<(), MachineError> {
+        let mut asyncs = std::mem::take(&mut self.asyncs);
+        let r = host.poll(ctx, &mut asyncs);
+        self.asyncs = asyncs;
+        if r? == Control::Pause {
+            self.pause_requested = true;
+        }
+        self.deliver(host)
+    }
+
+    /// A single-step stop: count the branch and let the host act here.
+    fn at_boundary(&mut self, stop: StepStop, host: &mut dyn Host) -> Result<(), MachineError> {
+        let b = match stop {
+            StepStop::Boundary(b) | StepStop::GuestDebug(b) => b,
+            StepStop::Internal => return Ok(()),
+        };
+        if b.branch_retired {
+            self.branches += 1;
+        }
+        let ctx = self.precise_ctx(Some(b.rip))?;
+        self.poll_and_deliver(&ctx, host)
     }
 
     /// Pages and disk sectors changed since the last call (KVM's dirty log
@@ -505,6 +626,7 @@ struct InSlot {
 
 enum Action {
     None,
+    Step(kvm_bindings::kvm_debug_exit_arch),
     ClockRead(InSlot),
     TimerProgram(u32),
     Halt,
