@@ -255,3 +255,75 @@ fn killed_recorder_leaves_a_replayable_prefix() {
     assert!(replayed.contains("echo: line 2"), "replayed too little: {replayed}");
     assert!(recorded.starts_with(&replayed), "replay is not a prefix of the recording:\n{replayed}\nvs\n{recorded}");
 }
+
+// ---- the step clock: interrupts at their natural instant --------------------
+
+fn symbol_range(name: &str) -> (u64, u64) {
+    let out = std::process::Command::new("nm").args(["-S", demo_image().to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() == 4 && f[3] == name {
+            let start = u64::from_str_radix(f[0], 16).unwrap();
+            let size = u64::from_str_radix(f[1], 16).unwrap();
+            return (start, start + size);
+        }
+    }
+    panic!("symbol {name} not found");
+}
+
+fn events(dir: &Path) -> Vec<Event> {
+    revirt::replay::Recording::open(dir).unwrap().events
+}
+
+#[test]
+fn step_clock_race_interrupts_land_mid_block_and_replay_exactly() {
+    let (_d, dir) = tmp();
+    let (r, _) = round_trip(&dir, "workload=race iters=150 hz=1000", &["--clock", "step", "--checkpoint-every", "300ms"], b"");
+    let line = stdout(&r).lines().find(|l| l.starts_with("race:")).unwrap().to_string();
+    assert!(field(&line, "ticks").unwrap().parse::<u64>().unwrap() > 0, "{line}");
+    // Timer interrupts recorded between exits, inside the ring-3 racing loop.
+    let (lo, hi) = symbol_range("race_loop");
+    let mid_block: Vec<_> = events(&dir)
+        .into_iter()
+        .filter_map(|e| match e {
+            Event::Timer { at, .. } if at.branches > 0 && (lo..hi).contains(&at.rip) => Some(at),
+            _ => None,
+        })
+        .collect();
+    assert!(!mid_block.is_empty(), "no timer interrupt landed inside race_loop between exits");
+}
+
+#[test]
+fn step_clock_serial_disk_and_clock_workloads_replay() {
+    let (_d, dir) = tmp();
+    let (_, p) = round_trip(&dir, "workload=echo", &["--clock", "step"], b"step by step\nquit\n");
+    assert!(stdout(&p).contains("echo: step by step"));
+
+    let (_d2, dir2) = tmp();
+    let work = tempfile::tempdir().unwrap();
+    let disk = work.path().join("disk.img");
+    std::fs::write(&disk, vec![7u8; 8 * 512]).unwrap();
+    round_trip(&dir2, "workload=disk", &["--clock", "step", "--disk", disk.to_str().unwrap()], b"");
+
+    let (_d3, dir3) = tmp();
+    round_trip(&dir3, "workload=clock iters=2000", &["--clock", "step"], b"");
+}
+
+#[test]
+fn step_clock_tampered_timing_is_a_divergence() {
+    let (_d, dir) = tmp();
+    round_trip(&dir, "workload=race iters=100 hz=1000", &["--clock", "step"], b"");
+    rewrite_log(&dir, |events| {
+        let i = events
+            .iter()
+            .position(|e| matches!(e, Event::Timer { at, .. } if at.branches > 2))
+            .expect("a mid-block timer event");
+        if let Event::Timer { at, .. } = &mut events[i] {
+            at.branches -= 1;
+        }
+    });
+    let p = replay(&dir, &["-q"]);
+    assert_eq!(p.status.code(), Some(1), "{}", stderr(&p));
+    assert!(stderr(&p).contains("DIVERGED"), "{}", stderr(&p));
+}
