@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod doctor;
+pub mod inspect;
 pub mod record;
 pub mod replay;
 pub mod trace;

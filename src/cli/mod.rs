@@ -2,6 +2,8 @@
 //! reports here and nowhere else.
 
 mod doctor;
+mod inspect;
+mod live;
 mod record;
 mod replay;
 mod run;
@@ -27,6 +29,10 @@ enum Cmd {
     Replay(replay::Args),
     /// Check what this host's KVM supports and which replay clocks that allows.
     Doctor(doctor::Args),
+    /// Examine a recording at any point: registers, memory, page tables, events (REPL or -c).
+    Inspect(inspect::Args),
+    /// Restore the state at a point of a recording and run on live from there.
+    Live(live::Args),
 }
 
 /// Exit status when revirt itself fails (bad image, KVM error, ...).
@@ -48,6 +54,8 @@ pub fn main() -> ExitCode {
         Cmd::Record(a) => record::main(a),
         Cmd::Replay(a) => replay::main(a),
         Cmd::Doctor(a) => doctor::main(a),
+        Cmd::Inspect(a) => inspect::main(a),
+        Cmd::Live(a) => live::main(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

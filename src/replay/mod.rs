@@ -110,11 +110,26 @@ pub struct ReplayHost {
     last_clock: u64,
     /// Async events handed out at the last poll, awaiting `delivered`.
     expect: Vec<(ExecPoint, u64, usize)>,
+    /// While set, single-step and pause at the first boundary that satisfies it.
+    pub stop_at: Option<StopAt>,
+    /// The last exact boundary seen while stepping.
+    pub last_boundary: Option<ExecPoint>,
+    /// Set when `stop_at` was satisfied.
+    pub reached: bool,
+}
+
+/// A fine-grained stop the Timeline asks the replay host for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopAt {
+    /// After this many more instruction boundaries.
+    Steps(u64),
+    /// At this exact point.
+    Point(ExecPoint),
 }
 
 impl ReplayHost {
     pub fn new(rec: Arc<Recording>, next: usize, output_len: u64, sink: Sink) -> ReplayHost {
-        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new() }
+        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false }
     }
 
     fn next_desc(&self) -> String {
@@ -258,6 +273,11 @@ impl Host for ReplayHost {
     }
 
     fn precise(&mut self, exits: u64) -> bool {
+        match self.stop_at {
+            Some(StopAt::Steps(_)) => return true,
+            Some(StopAt::Point(p)) if p.exits <= exits => return true,
+            _ => {}
+        }
         // Step only across the exit interval that holds the next event.
         self.stepped() && matches!(self.next_async(), Some(e) if e.exits() <= exits)
     }
@@ -265,6 +285,28 @@ impl Host for ReplayHost {
     fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
         if ctx.guest_caused {
             self.collect(ctx, out, false)?;
+        }
+        if let Some(p) = ctx.point() {
+            self.last_boundary = Some(p);
+            match &mut self.stop_at {
+                Some(StopAt::Steps(n)) => {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.stop_at = None;
+                        self.reached = true;
+                        return Ok(Control::Pause);
+                    }
+                }
+                Some(StopAt::Point(t)) if *t == p => {
+                    self.stop_at = None;
+                    self.reached = true;
+                    return Ok(Control::Pause);
+                }
+                Some(StopAt::Point(t)) if (t.exits, t.branches) < (p.exits, p.branches) => {
+                    return Err(HostError::Divergence(format!("stepped past {t} without reaching it (now at {p})")));
+                }
+                _ => {}
+            }
         }
         Ok(Control::Continue)
     }

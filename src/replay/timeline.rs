@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::{Recording, ReplayError, ReplayHost, Sink};
+use super::{Recording, ReplayError, ReplayHost, Sink, StopAt};
+use crate::clock::ExecPoint;
 use crate::trace::{self, Checkpoint, EndReason, Event};
 use crate::trace::checkpoint::{PAGE, SECTOR};
 use crate::vmm::{HostError, Machine, MachineError, Stop};
@@ -120,6 +121,41 @@ impl Timeline {
         self.run(Some(exits))
     }
 
+    /// Executes `n` guest instructions forward (single-stepping), then stops.
+    pub fn step(&mut self, n: u64) -> Result<Outcome, ReplayError> {
+        if n == 0 {
+            return Ok(Outcome::Reached);
+        }
+        self.host.stop_at = Some(StopAt::Steps(n));
+        let r = self.run(None);
+        self.host.stop_at = None;
+        r
+    }
+
+    /// Moves to an exact execution point: to its exit interval (via the
+    /// nearest checkpoint), then single-steps to its branch count and RIP.
+    pub fn seek_point(&mut self, p: ExecPoint) -> Result<Outcome, ReplayError> {
+        let here = self.position()?;
+        if (p.exits, p.branches) < (here.exits, here.branches) || p.exits > here.exits {
+            match self.seek(p.exits)? {
+                Outcome::Reached => {}
+                other => return Ok(other),
+            }
+        }
+        if self.position()? == p {
+            return Ok(Outcome::Reached);
+        }
+        self.host.stop_at = Some(StopAt::Point(p));
+        let r = self.run(None);
+        self.host.stop_at = None;
+        r
+    }
+
+    /// The current execution point (branches are exact only after stepping).
+    pub fn position(&self) -> Result<ExecPoint, ReplayError> {
+        Ok(self.machine.exec_point()?)
+    }
+
     /// Runs forward until exit count `to` (or the end), verifying as it goes.
     pub fn run(&mut self, to: Option<u64>) -> Result<Outcome, ReplayError> {
         let vouched = (!self.rec.is_complete()).then(|| self.rec.last_exits());
@@ -129,7 +165,8 @@ impl Timeline {
         };
         match self.machine.run(&mut self.host, limit) {
             Ok(Stop::Paused) => {
-                if to.is_some() && Some(self.machine.exits) == to {
+                let stepped_here = std::mem::take(&mut self.host.reached);
+                if (to.is_some() && Some(self.machine.exits) == to) || stepped_here {
                     Ok(Outcome::Reached)
                 } else {
                     Ok(Outcome::EndOfRecording(format!(
