@@ -1,16 +1,37 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use revirt::clock::ExecPoint;
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
+
+/// `N` (an exit count) or `N:B:RIP` (exits, branches, RIP in hex or decimal).
+pub fn parse_point(s: &str) -> Result<ExecPoint, String> {
+    let num = |t: &str| -> Result<u64, String> {
+        let t = t.trim();
+        match t.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16),
+            None => t.parse(),
+        }
+        .map_err(|_| format!("'{t}' is not a number"))
+    };
+    let parts: Vec<&str> = s.split(':').collect();
+    match parts.as_slice() {
+        [e] => Ok(ExecPoint { exits: num(e)?, branches: 0, rip: u64::MAX }),
+        [e, b, r] => Ok(ExecPoint { exits: num(e)?, branches: num(b)?, rip: num(r)? }),
+        _ => Err(format!("'{s}': expected EXITS or EXITS:BRANCHES:RIP")),
+    }
+}
 use revirt::trace::LogStatus;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Recording directory (made by `revirt record`).
     recording: PathBuf,
-    /// Stop at this many guest-caused exits instead of running to the end.
-    #[arg(long)]
-    to: Option<u64>,
+    /// Stop at this point instead of running to the end: EXITS, or
+    /// EXITS:BRANCHES:RIP for an exact instruction (as `revirt` prints them).
+    /// Replay always verifies what it passes; the final state only at the end.
+    #[arg(long, value_parser = parse_point)]
+    to: Option<ExecPoint>,
     /// Start from this checkpoint instead of the start (default: the nearest one before --to, else 0).
     #[arg(long)]
     from_checkpoint: Option<u32>,
@@ -25,16 +46,24 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     if let LogStatus::Incomplete { reason } = &rec.status {
         eprintln!("revirt: warning: recording is incomplete: {reason}; replaying what it holds ({} events)", rec.events.len());
     }
-    let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t)).unwrap_or(0));
+    let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));
     let sink = if a.quiet { Sink::Discard } else { Sink::Stdout };
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;
     if ck != 0 {
         eprintln!("revirt: starting from checkpoint {ck} (exit {})", tl.exits());
     }
-    let outcome = tl.run(a.to)?;
+    let outcome = match a.to {
+        None => tl.run(None)?,
+        Some(p) if p.rip == u64::MAX => tl.run(Some(p.exits))?,
+        Some(p) => match tl.run(Some(p.exits))? {
+            Outcome::Reached => tl.seek_point(p)?,
+            other => other,
+        },
+    };
     Ok(match outcome {
         Outcome::Reached => {
-            eprintln!("revirt: reached exit {} (event #{})", tl.exits(), tl.host.next);
+            let p = tl.position()?;
+            eprintln!("revirt: reached {p} (event #{})", tl.host.next);
             0
         }
         Outcome::Finished { problems, state_hash, stop } if problems.is_empty() => {
@@ -53,6 +82,10 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
         Outcome::Diverged(d) => {
             eprintln!("revirt: DIVERGED at exit {}: {d}", tl.exits());
+            1
+        }
+        Outcome::NotReached(d) => {
+            eprintln!("revirt: {d}");
             1
         }
         Outcome::EndOfRecording(d) => {

@@ -507,6 +507,7 @@ pub fn run_to(tl: &mut Timeline, target: u64, progress: bool) -> Result<Ran, Err
                 break Err(Error::Msg(format!("cannot replay to exit {target}: the recording ends first: {d}")))
             }
             Ok(Outcome::Diverged(why)) => break Err(Error::Diverged { at: tl.exits(), why }),
+            Ok(Outcome::NotReached(why)) => break Err(Error::Msg(why)),
             Err(e) => break Err(e.into()),
         }
         let took = t0.elapsed();

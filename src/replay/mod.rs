@@ -303,7 +303,9 @@ impl Host for ReplayHost {
                     return Ok(Control::Pause);
                 }
                 Some(StopAt::Point(t)) if (t.exits, t.branches) < (p.exits, p.branches) => {
-                    return Err(HostError::Divergence(format!("stepped past {t} without reaching it (now at {p})")));
+                    return Err(HostError::NotReached(format!(
+                        "the execution never stops at {t}: it goes on to {p} (is the RIP an instruction boundary at that branch count?)"
+                    )));
                 }
                 _ => {}
             }

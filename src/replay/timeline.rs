@@ -24,6 +24,8 @@ pub enum Outcome {
     EndOfRecording(String),
     /// The replay stopped matching the recording.
     Diverged(String),
+    /// A requested point is not on the recorded execution path.
+    NotReached(String),
 }
 
 pub struct Timeline {
@@ -178,6 +180,7 @@ impl Timeline {
             Ok(stop) => self.finish(stop),
             Err(MachineError::Host(HostError::Divergence(d))) => Ok(Outcome::Diverged(d)),
             Err(MachineError::Host(HostError::EndOfRecording(d))) => Ok(Outcome::EndOfRecording(d)),
+            Err(MachineError::Host(HostError::NotReached(d))) => Ok(Outcome::NotReached(d)),
             Err(e) => Err(e.into()),
         }
     }

@@ -62,6 +62,9 @@ pub enum HostError {
     /// Replay needs an input the (cut-short) recording does not have.
     #[error("the recording ends here: {0}")]
     EndOfRecording(String),
+    /// A requested stopping point does not exist on this execution path.
+    #[error("{0}")]
+    NotReached(String),
     #[error("{0}")]
     Other(String),
 }
