@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use revirt::clock::ExecPoint;
+use revirt::clock::{ClockKind, ExecPoint};
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
 
 /// `N` (an exit count) or `N:B:RIP` (exits, branches, RIP in hex or decimal).
@@ -38,6 +38,21 @@ pub struct Args {
     /// Do not print the guest's console output.
     #[arg(short, long)]
     quiet: bool,
+    /// How to reach precisely timed events (step- or PMU-clock recordings):
+    /// `step` steps straight to each; `pmu-sim` lands with the PMU algorithm
+    /// over the simulated counter. Default: as recorded (a `pmu` recording on a
+    /// host without a PMU replays with `step`).
+    #[arg(long, value_enum)]
+    clock: Option<ClockKind>,
+    /// Landing margin in branches for `--clock pmu-sim`.
+    #[arg(long, default_value_t = 100)]
+    margin: u64,
+    /// Largest simulated overflow skid in branches for `--clock pmu-sim`.
+    #[arg(long, default_value_t = 80)]
+    skid: u64,
+    /// Seed of the simulated skids.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
 }
 
 /// Exit statuses: 0 replay matched, 1 diverged or mismatched, 2 the recording is incomplete.
@@ -49,6 +64,27 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));
     let sink = if a.quiet { Sink::Discard } else { Sink::Stdout };
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;
+    let recorded = rec.meta.clock;
+    let clock = a.clock.unwrap_or(match recorded {
+        ClockKind::Pmu => ClockKind::Step,
+        c => c,
+    });
+    match (recorded, clock) {
+        (ClockKind::Exit, c) if c != ClockKind::Exit => {
+            anyhow::bail!("an exit-clock recording has no instruction-precise events; replay it with its own clock")
+        }
+        (r, ClockKind::Exit) if r != ClockKind::Exit => {
+            anyhow::bail!("a {r}-clock recording needs a precise clock to replay: step or pmu-sim")
+        }
+        (_, ClockKind::Pmu) => anyhow::bail!(
+            "replaying with the hardware PMU is not wired in yet; use --clock pmu-sim (same algorithm, simulated counter) or step"
+        ),
+        (_, ClockKind::PmuSim) => {
+            eprintln!("revirt: landing on events with the PMU algorithm over the simulated counter (margin {}, skid up to {}, seed {})", a.margin, a.skid, a.seed);
+            tl.use_simulated_pmu(a.margin, a.skid, a.seed);
+        }
+        _ => {}
+    }
     if ck != 0 {
         eprintln!("revirt: starting from checkpoint {ck} (exit {})", tl.exits());
     }

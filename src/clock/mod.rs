@@ -12,6 +12,7 @@
 //! - `pmu`: anywhere; a hardware branch counter overflows near the target
 //!   (hosts with a PMU; its own module).
 
+pub mod pmu;
 pub mod step;
 
 use serde::{Deserialize, Serialize};
@@ -35,7 +36,21 @@ impl std::fmt::Display for ExecPoint {
 pub enum ClockKind {
     Exit,
     Step,
+    /// A hardware branch counter (hosts with a PMU).
     Pmu,
+    /// The PMU clock's behaviour without a PMU: exact counts by
+    /// single-stepping, overflows reported late by a random skid.
+    #[serde(rename = "pmu-sim")]
+    #[value(name = "pmu-sim")]
+    PmuSim,
+}
+
+impl ClockKind {
+    /// Whether async events sit at exact instruction boundaries
+    /// (branch count + RIP) rather than at exits.
+    pub fn is_precise(self) -> bool {
+        !matches!(self, ClockKind::Exit)
+    }
 }
 
 impl std::fmt::Display for ClockKind {
@@ -44,6 +59,7 @@ impl std::fmt::Display for ClockKind {
             ClockKind::Exit => "exit",
             ClockKind::Step => "step",
             ClockKind::Pmu => "pmu",
+            ClockKind::PmuSim => "pmu-sim",
         })
     }
 }

@@ -23,8 +23,8 @@ pub enum RecordError {
     Exists(String),
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: String, source: std::io::Error },
-    #[error("clock '{0}' needs a hardware PMU, which this host does not have (see `revirt doctor`); use --clock step or --clock exit")]
-    Clock(ClockKind),
+    #[error("clock 'pmu' unavailable: {0}. Use --clock pmu-sim (same timestamps, counted by single-stepping), step or exit; `revirt doctor` explains")]
+    NoPmu(String),
     #[error(transparent)]
     Image(#[from] crate::vmm::image::ImageError),
     #[error(transparent)]
@@ -122,13 +122,14 @@ impl Host for RecordHost<'_> {
     }
 
     fn precise(&mut self, _exits: u64) -> bool {
-        // The step clock delivers at any instruction boundary: step everything.
-        self.clock == ClockKind::Step
+        // The step clock (and the simulated PMU, which counts by stepping)
+        // delivers at any instruction boundary: step everything.
+        matches!(self.clock, ClockKind::Step | ClockKind::PmuSim)
     }
 
     fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
         let deterministic = match self.clock {
-            ClockKind::Step => ctx.rip.is_some(),
+            ClockKind::Step | ClockKind::PmuSim => ctx.rip.is_some(),
             _ => ctx.guest_caused,
         };
         if !deterministic {
@@ -181,7 +182,7 @@ impl Host for RecordHost<'_> {
     fn attach(&mut self, k: crate::vmm::vcpu::Kicker) {
         // Stepping returns to us after every instruction: no kicks needed, and
         // a kick landing mid-step would make the step's outcome depend on timing.
-        if self.clock != ClockKind::Step {
+        if !matches!(self.clock, ClockKind::Step | ClockKind::PmuSim) {
             self.inner.attach(k)
         }
     }
@@ -233,7 +234,13 @@ fn write_checkpoint(
 /// original when continuing from a replay).
 fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) -> Result<Meta, RecordError> {
     if opts.clock == ClockKind::Pmu {
-        return Err(RecordError::Clock(opts.clock));
+        // The real counter path (clock::pmu::PerfCounter) needs a PMU; say why there is none.
+        if let Err(e) = crate::clock::pmu::PerfCounter::open(crate::vmm::vcpu::kick_signal()) {
+            return Err(RecordError::NoPmu(e.to_string()));
+        }
+        return Err(RecordError::NoPmu(
+            "a PMU is present, but recording with the hardware counter is not wired into the run loop yet; use --clock pmu-sim or step".into(),
+        ));
     }
     let dir = &opts.out;
     if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {

@@ -7,7 +7,7 @@ pub mod timeline;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::clock::{ClockKind, ExecPoint};
+use crate::clock::ExecPoint;
 use crate::trace::{self, Event, LogReader, LogStatus, Meta};
 use crate::vmm::{Async, Control, Host, HostError, PollCtx};
 
@@ -116,6 +116,29 @@ pub struct ReplayHost {
     pub last_boundary: Option<ExecPoint>,
     /// Set when `stop_at` was satisfied.
     pub reached: bool,
+    /// How this replay reaches precise events: step straight to them, or
+    /// land with the (simulated) PMU algorithm.
+    pub landing: Option<SimLanding>,
+}
+
+/// Replaying precise events with the PMU clock's landing algorithm over the
+/// simulated counter: the host is blind until the counter "overflows"
+/// (margin before the target, plus a random skid), then steps.
+#[derive(Debug, Clone)]
+pub struct SimLanding {
+    pub margin: u64,
+    pub max_skid: u64,
+    pub rng: crate::clock::pmu::Skid,
+    current: Option<(usize, crate::clock::pmu::Lander, u64)>,
+    /// Events landed, and single-steps taken after overflows.
+    pub landed: u64,
+    pub steps: u64,
+}
+
+impl SimLanding {
+    pub fn new(margin: u64, max_skid: u64, seed: u64) -> SimLanding {
+        SimLanding { margin, max_skid, rng: crate::clock::pmu::Skid::new(seed), current: None, landed: 0, steps: 0 }
+    }
 }
 
 /// A fine-grained stop the Timeline asks the replay host for.
@@ -129,7 +152,7 @@ pub enum StopAt {
 
 impl ReplayHost {
     pub fn new(rec: Arc<Recording>, next: usize, output_len: u64, sink: Sink) -> ReplayHost {
-        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false }
+        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false, landing: None }
     }
 
     fn next_desc(&self) -> String {
@@ -158,7 +181,43 @@ impl ReplayHost {
     }
 
     fn stepped(&self) -> bool {
-        self.rec.meta.clock == ClockKind::Step
+        self.rec.meta.clock.is_precise()
+    }
+
+    /// With simulated-PMU landing: whether the event at index `idx` (target
+    /// `at`/`fp`) is reached at this boundary. Errors on overshoot.
+    fn land(&mut self, idx: usize, at: ExecPoint, fp: u64, ctx: &PollCtx) -> Result<bool, HostError> {
+        use crate::clock::pmu::{Lander, Pos, Target, Verdict};
+        let Some(sim) = self.landing.as_mut() else { return Ok(false) };
+        let (Some(p), Some(pfp)) = (ctx.point(), ctx.fp) else { return Ok(false) };
+        if sim.current.as_ref().map(|c| c.0) != Some(idx) {
+            let skid = sim.rng.next(sim.max_skid);
+            sim.current = Some((idx, Lander::new(Target { at, fp }, sim.margin), skid));
+        }
+        let (_, lander, skid) = sim.current.as_mut().unwrap();
+        let pos = Pos { at: p, fp: pfp };
+        let verdict = if lander.free_running() {
+            let fired = match lander.overflow_at {
+                Some(o) => p.exits > at.exits || p.branches >= o + *skid,
+                None => true,
+            };
+            if !fired {
+                return Ok(false); // the counter has not overflowed: we see nothing
+            }
+            lander.on_overflow(pos)
+        } else {
+            sim.steps += 1;
+            lander.on_step(pos)
+        };
+        match verdict {
+            Verdict::Arrived => {
+                sim.landed += 1;
+                sim.current = None;
+                Ok(true)
+            }
+            Verdict::KeepStepping => Ok(false),
+            Verdict::Overshoot(why) => Err(HostError::Divergence(format!("event #{idx}: {why}"))),
+        }
     }
 
     /// The next asynchronous event (timer, serial) at or after `self.next`.
@@ -181,6 +240,23 @@ impl ReplayHost {
                 Some(Event::Serial { at, fp, bytes }) => (*at, *fp, Async::SerialInput(bytes.clone())),
                 _ => return Ok(()),
             };
+            let landing = self.landing.is_some() && self.stepped() && !waiting;
+            if landing {
+                // The landing algorithm judges overshoot itself, with what a PMU lets it see.
+                if self.land(self.next, at, fp, ctx)? {
+                    self.expect.push((at, fp, self.next));
+                    self.next += 1;
+                    out.push(a);
+                    continue;
+                }
+                if at.exits < ctx.exits {
+                    return Err(HostError::Divergence(format!(
+                        "event #{} ({}) was due at {at}, but the guest is already at exit {}",
+                        self.next, self.rec.events[self.next], ctx.exits
+                    )));
+                }
+                return Ok(());
+            }
             let passed = at.exits < ctx.exits
                 || (self.stepped() && ctx.rip.is_some() && at.exits == ctx.exits && at.branches < ctx.branches);
             if passed {

@@ -123,6 +123,50 @@ impl Timeline {
         self.run(Some(exits))
     }
 
+    /// Replays precise events with the PMU clock's landing algorithm over
+    /// the simulated counter (margin before each target, random skid up to
+    /// `max_skid` branches), instead of stepping straight to them.
+    pub fn use_simulated_pmu(&mut self, margin: u64, max_skid: u64, seed: u64) {
+        self.host.landing = Some(super::SimLanding::new(margin, max_skid, seed));
+    }
+
+    /// Lands on `target` from the start of its exit interval the way the
+    /// PMU clock does: single-step blind until the simulated counter has
+    /// counted `target.branches - margin + skid` branches (the overflow
+    /// arriving `skid` late), then step comparing count, RIP and registers.
+    pub fn land_simulated(
+        &mut self,
+        target: crate::clock::pmu::Target,
+        margin: u64,
+        skid: u64,
+    ) -> Result<crate::clock::pmu::Verdict, ReplayError> {
+        use crate::clock::pmu::{Lander, Pos, Verdict};
+        let pos = |t: &Timeline| -> Result<Pos, ReplayError> {
+            let regs = t.machine.vcpu.regs().map_err(crate::vmm::MachineError::from)?;
+            Ok(Pos { at: t.position()?, fp: crate::clock::fingerprint(&regs) })
+        };
+        let mut l = Lander::new(target, margin);
+        let mut v = match l.overflow_at {
+            Some(at) => loop {
+                if !matches!(self.step(1)?, Outcome::Reached) {
+                    return Ok(Verdict::Overshoot("the recording ended before the counter overflowed".into()));
+                }
+                let p = pos(self)?;
+                if p.at.exits > target.at.exits || p.at.branches >= at + skid {
+                    break l.on_overflow(p);
+                }
+            },
+            None => l.on_step(pos(self)?),
+        };
+        while v == Verdict::KeepStepping {
+            if !matches!(self.step(1)?, Outcome::Reached) {
+                return Ok(Verdict::Overshoot("the recording ended before the target".into()));
+            }
+            v = l.on_step(pos(self)?);
+        }
+        Ok(v)
+    }
+
     /// Executes `n` guest instructions forward (single-stepping), then stops.
     pub fn step(&mut self, n: u64) -> Result<Outcome, ReplayError> {
         if n == 0 {
