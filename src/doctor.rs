@@ -350,6 +350,7 @@ impl Report {
             let _ = writeln!(s, "  [{}] {name:<31} {}", mark(c), c.detail);
         }
         let _ = writeln!(s, "\nreplay clocks:");
+        let _ = writeln!(s, "  (--clock auto picks: {})", auto_clock().0);
         for c in &self.clocks {
             let _ = writeln!(
                 s,
@@ -360,5 +361,23 @@ impl Report {
             );
         }
         s
+    }
+}
+
+/// What `--clock auto` picks on this host, and why.
+pub fn auto_clock() -> (crate::clock::ClockKind, String) {
+    use crate::clock::ClockKind;
+    let pmu = pmu_check();
+    if pmu.ok {
+        (ClockKind::Pmu, "a hardware PMU is available: interrupts at their natural instant at full speed".into())
+    } else {
+        (
+            ClockKind::Exit,
+            format!(
+                "no PMU ({}); using the exit clock: full speed, interrupts only at guest-caused exits. \
+                 For interrupts at their natural instant use --clock step or pmu-sim (single-stepping, slow)",
+                pmu.detail
+            ),
+        )
     }
 }

@@ -133,3 +133,25 @@ fn pmu_clock_on_a_host_without_pmu_explains_itself() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("clock 'pmu' unavailable") && stderr(&o).contains("pmu-sim"), "{}", stderr(&o));
 }
+
+#[test]
+fn clock_auto_chooses_and_explains() {
+    let has_pmu = Path::new("/sys/bus/event_source/devices/cpu").exists();
+    let d = tempfile::tempdir().unwrap();
+    let img = demo_image();
+    let o = run_with_input(
+        &["record", img.to_str().unwrap(), "--cmdline", "workload=exit status=0", "-o", d.path().join("r").to_str().unwrap(), "--clock", "auto"],
+        b"",
+    );
+    let e = stderr(&o);
+    if has_pmu {
+        assert!(e.contains("--clock auto: pmu"), "{e}");
+    } else {
+        assert!(o.status.success(), "{e}");
+        assert!(e.contains("--clock auto: exit: no PMU"), "{e}");
+        let meta = std::fs::read_to_string(d.path().join("r/meta.json")).unwrap();
+        assert!(meta.contains("\"clock\": \"exit\""), "{meta}");
+    }
+    let doc = run_with_input(&["doctor"], b"");
+    assert!(stdout(&doc).contains(&format!("--clock auto picks: {}", if has_pmu { "pmu" } else { "exit" })));
+}

@@ -22,15 +22,38 @@ pub struct Args {
     /// Recording directory to create (default: recordings/<image>-<time>).
     #[arg(short, long)]
     out: Option<PathBuf>,
-    /// Where asynchronous events may land (see `revirt doctor`).
-    #[arg(long, value_enum, default_value_t = ClockKind::Exit)]
-    clock: ClockKind,
+    /// Where asynchronous events may land: auto, exit, step, pmu, pmu-sim
+    /// (see `revirt doctor`). auto = pmu when the host has one, else exit.
+    #[arg(long, default_value = "exit", value_parser = parse_clock)]
+    clock: ClockArg,
     /// Host time between incremental checkpoints, e.g. 1s, 250ms; 0 disables.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     checkpoint_every: Duration,
 }
 
+#[derive(Clone, Copy)]
+enum ClockArg {
+    Auto,
+    Kind(ClockKind),
+}
+
+fn parse_clock(s: &str) -> Result<ClockArg, String> {
+    use clap::ValueEnum;
+    if s == "auto" {
+        return Ok(ClockArg::Auto);
+    }
+    ClockKind::from_str(s, true).map(ClockArg::Kind).map_err(|_| format!("unknown clock '{s}': auto, exit, step, pmu or pmu-sim"))
+}
+
 pub fn main(a: Args) -> anyhow::Result<u8> {
+    let clock = match a.clock {
+        ClockArg::Kind(c) => c,
+        ClockArg::Auto => {
+            let (c, why) = revirt::doctor::auto_clock();
+            eprintln!("revirt: --clock auto: {c}: {why}");
+            c
+        }
+    };
     let out = a.out.clone().unwrap_or_else(|| {
         let stem = a.image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "vm".into());
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -40,7 +63,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         image: a.image.clone(),
         config: VmConfig { mem_size: a.mem, cmdline: a.cmdline.clone(), disk: a.disk.clone() },
         out,
-        clock: a.clock,
+        clock,
         checkpoint_every: a.checkpoint_every,
     };
     let s = record(&opts, Box::new(std::io::stdin()), Console::Stdout)?;
@@ -53,7 +76,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         s.log_bytes,
         s.checkpoints,
         s.checkpoint_bytes,
-        a.clock,
+        clock,
         if s.max_irq_delay > Duration::from_millis(10) {
             format!("; interrupts waited up to {} ms for an exit", s.max_irq_delay.as_millis())
         } else {
