@@ -8,7 +8,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use revirt::trace::{self, Event, LogReader, LogWriter, Meta};
+use revirt::trace::{self, Event, LogReader, LogWriter};
 
 fn record(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) -> Output {
     let img = demo_image();
@@ -41,8 +41,7 @@ fn round_trip(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) -> (Outpu
 }
 
 fn final_hash(dir: &Path) -> String {
-    let meta = Meta::read(&dir.join(trace::META)).unwrap();
-    let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis(&meta.id)).unwrap();
+    let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis_of(dir).unwrap()).unwrap();
     match log.events.last() {
         Some(Event::End { state_hash, .. }) => state_hash.clone(),
         other => panic!("no End event: {other:?}"),
@@ -137,8 +136,7 @@ fn replay_from_a_later_checkpoint_reaches_the_same_final_state() {
 /// Rewrites the event log with `edit` applied, re-sealing the hash chain,
 /// as a careful forger (or a bug) would.
 fn rewrite_log(dir: &Path, edit: impl Fn(&mut Vec<Event>)) {
-    let meta = Meta::read(&dir.join(trace::META)).unwrap();
-    let g = trace::log::genesis(&meta.id);
+    let g = trace::log::genesis_of(dir).unwrap();
     let mut events = LogReader::read(&dir.join(trace::EVENTS), g).unwrap().events;
     edit(&mut events);
     let w = LogWriter::create(&dir.join(trace::EVENTS), g).unwrap();

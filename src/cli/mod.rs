@@ -7,6 +7,7 @@ mod live;
 mod record;
 mod replay;
 mod run;
+mod verify;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,8 @@ enum Cmd {
     Record(record::Args),
     /// Replay a recording exactly and check it matches.
     Replay(replay::Args),
+    /// Check a recording's integrity without replaying it; print or check its digest.
+    Verify(verify::Args),
     /// Check what this host's KVM supports and which replay clocks that allows.
     Doctor(doctor::Args),
     /// Examine a recording at any point: registers, memory, page tables, events (REPL or -c).
@@ -53,6 +56,7 @@ pub fn main() -> ExitCode {
         Cmd::Run(a) => run::main(a),
         Cmd::Record(a) => record::main(a),
         Cmd::Replay(a) => replay::main(a),
+        Cmd::Verify(a) => verify::main(a),
         Cmd::Doctor(a) => doctor::main(a),
         Cmd::Inspect(a) => inspect::main(a),
         Cmd::Live(a) => live::main(a),

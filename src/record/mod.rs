@@ -284,9 +284,9 @@ pub fn record(opts: &RecordOptions, input: Box<dyn Read + Send>, console: Consol
     let image_bytes = std::fs::read(&opts.image).map_err(io("reading image", &opts.image))?;
     let image = Image::parse(&image_bytes)?;
     image.check_fits(opts.config.mem_size)?;
-    let meta = prepare(opts, &image_bytes, opts.config.disk.as_deref())?;
+    prepare(opts, &image_bytes, opts.config.disk.as_deref())?;
     let m = Machine::boot(&opts.config, &image)?;
-    session(opts, &meta, m, input, console, 0)
+    session(opts, m, input, console, 0)
 }
 
 /// Records an already running machine (e.g. one restored from a replay and
@@ -302,13 +302,12 @@ pub fn record_from(
     clock_ns: u64,
 ) -> Result<RecordSummary, RecordError> {
     let disk_now = m.devices.block.path().map(Path::to_path_buf);
-    let meta = prepare(opts, image_bytes, disk_now.as_deref())?;
-    session(opts, &meta, m, input, console, clock_ns)
+    prepare(opts, image_bytes, disk_now.as_deref())?;
+    session(opts, m, input, console, clock_ns)
 }
 
 fn session(
     opts: &RecordOptions,
-    meta: &Meta,
     mut m: Machine,
     input: Box<dyn Read + Send>,
     console: Console,
@@ -316,7 +315,7 @@ fn session(
 ) -> Result<RecordSummary, RecordError> {
     let dir = &opts.out;
     let start = Instant::now();
-    let log = LogWriter::create(&dir.join(trace::EVENTS), trace::log::genesis(&meta.id))?;
+    let log = LogWriter::create(&dir.join(trace::EVENTS), trace::log::genesis_of(dir)?)?;
     let console_path = dir.join(trace::CONSOLE);
     let console_file = File::create(&console_path).map_err(io("creating", &console_path))?;
     let mut host = RecordHost {

@@ -55,7 +55,7 @@ impl Recording {
             return Err(ReplayError::NotARecording(dir.display().to_string()));
         }
         let meta = Meta::read(&meta_path)?;
-        let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis(&meta.id))?;
+        let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis_of(dir)?)?;
         let console = std::fs::read(dir.join(trace::CONSOLE)).unwrap_or_default();
         let checkpoints = log
             .events

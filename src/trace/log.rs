@@ -38,13 +38,23 @@ pub enum LogError {
     Writer(String),
 }
 
-/// The hash chain starts from a value bound to the recording's identity.
-pub fn genesis(recording_id: &str) -> [u8; 32] {
+/// The hash chain starts from the exact bytes of the recording's meta.json
+/// (which holds a random id), so changing any byte of meta.json, or moving a
+/// log under another recording, breaks the chain at its first chunk.
+pub fn genesis(meta_json: &[u8]) -> [u8; 32] {
     Sha256::new()
         .chain_update(b"revirt-events-v1\0")
-        .chain_update(recording_id.as_bytes())
+        .chain_update(meta_json)
         .finalize()
         .into()
+}
+
+/// The genesis of the recording in `dir` (from its meta.json).
+pub fn genesis_of(dir: &Path) -> Result<[u8; 32], LogError> {
+    let p = dir.join(super::META);
+    std::fs::read(&p)
+        .map(|b| genesis(&b))
+        .map_err(|source| LogError::Io { path: p.display().to_string(), source })
 }
 
 fn seal(prev: &[u8; 32], header: &[u8], payload: &[u8]) -> [u8; 32] {
@@ -338,7 +348,7 @@ mod tests {
 
     fn write(dir: &Path, events: &[Event], flush_every: usize) -> std::path::PathBuf {
         let p = dir.join("events.log");
-        let w = LogWriter::create(&p, genesis("t")).unwrap();
+        let w = LogWriter::create(&p, genesis(b"t")).unwrap();
         for (i, e) in events.iter().enumerate() {
             w.push(e.clone());
             if flush_every > 0 && i % flush_every == flush_every - 1 {
@@ -354,12 +364,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let ev = sample(1000);
         let p = write(d.path(), &ev, 100);
-        let r = LogReader::read(&p, genesis("t")).unwrap();
+        let r = LogReader::read(&p, genesis(b"t")).unwrap();
         assert_eq!(r.status, LogStatus::Complete);
         assert_eq!(r.events, ev);
         assert!(r.chunks >= 10);
         // The chain is bound to the recording id.
-        let other = LogReader::read(&p, genesis("u")).unwrap();
+        let other = LogReader::read(&p, genesis(b"u")).unwrap();
         assert!(other.events.is_empty());
         assert!(matches!(other.status, LogStatus::Incomplete { .. }));
     }
@@ -371,7 +381,7 @@ mod tests {
         let p = write(d.path(), &ev, 100);
         let bytes = std::fs::read(&p).unwrap();
         for cut in [9, 40, bytes.len() / 2, bytes.len() - 1] {
-            let r = LogReader::parse(&bytes[8..cut], genesis("t"));
+            let r = LogReader::parse(&bytes[8..cut], genesis(b"t"));
             assert!(matches!(r.status, LogStatus::Incomplete { .. }), "cut {cut}");
             assert_eq!(&ev[..r.events.len()], &r.events[..]);
             assert_eq!(r.events.len() % 100, 0, "only whole chunks survive");
@@ -387,7 +397,7 @@ mod tests {
         for i in 8..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x01;
-            let r = LogReader::parse(&b[8..], genesis("t"));
+            let r = LogReader::parse(&b[8..], genesis(b"t"));
             assert!(matches!(r.status, LogStatus::Incomplete { .. }), "flip at byte {i} went unnoticed");
         }
     }

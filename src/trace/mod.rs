@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod event;
 pub mod log;
 pub mod meta;
+pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use event::{EndReason, Event};
