@@ -139,16 +139,17 @@ fn repl(s: &mut Session) -> anyhow::Result<u8> {
         let prompt = format!("(revirt @{}) ", s.exits());
         match rl.readline(&prompt) {
             Ok(line) => {
-                if line.trim().is_empty() {
+                let line = line.trim();
+                if line.is_empty() {
                     continue;
                 }
-                let _ = rl.add_history_entry(line.as_str());
+                let _ = rl.add_history_entry(line);
                 if let Some(h) = &hist {
                     if let Err(e) = rl.history_mut().save(h) {
                         eprintln!("revirt: warning: cannot write history {}: {e}", h.display());
                     }
                 }
-                for cmd in parse::split_commands(&line) {
+                for cmd in parse::split_commands(line) {
                     match s.exec(&cmd, &mut out) {
                         Ok(Flow::Quit) => return Ok(0),
                         Ok(Flow::Continue) => {}

@@ -450,7 +450,9 @@ impl Session {
                         None if err.is_some() => return Err(err.unwrap()),
                         None => &b[..],
                     };
-                    writeln!(out, "{a:#018x} {}: \"{}\"", self.syms.describe(a), format::escaped(s))?;
+                    let sym = self.syms.describe(a);
+                    let sym = if sym.is_empty() { sym } else { format!(" {sym}") };
+                    writeln!(out, "{a:#018x}{sym}: \"{}\"", format::escaped(s))?;
                     a += s.len() as u64 + 1;
                 }
                 return Ok(());
@@ -531,7 +533,9 @@ impl Session {
             writeln!(out, "paging is off (CR0.PG = 0): physical = virtual = {va:#x}")?;
             return Ok(());
         }
-        writeln!(out, "pagewalk {va:#x} {}: cr3 {:#x}, 4-level paging", self.syms.describe(va), w.cr3)?;
+        let sym = self.syms.describe(va);
+        let sym = if sym.is_empty() { sym } else { format!(" {sym}") };
+        writeln!(out, "pagewalk {va:#x}{sym}: cr3 {:#x}, 4-level paging", w.cr3)?;
         for l in &w.levels {
             let flags = mmu::flag_names(l.entry, l.level).join(" ");
             let next = if !l.present() {
@@ -668,7 +672,8 @@ impl Session {
         ] {
             regs.push((n.to_string(), va, vb));
         }
-        for &(i, va) in &a.msrs {
+        // The TSC MSR always moves; it says nothing about what the guest did.
+        for &(i, va) in a.msrs.iter().filter(|m| m.0 != 0x10) {
             if let Some(&(_, vb)) = b.msrs.iter().find(|m| m.0 == i) {
                 regs.push((format::msr_name(i).to_ascii_lowercase(), va, vb));
             }

@@ -12,10 +12,16 @@ fn bits(v: u64, names: &[(u32, &str)]) -> String {
 }
 
 pub fn rflags(v: u64) -> String {
-    bits(
+    let flags = bits(
         v,
         &[(0, "CF"), (2, "PF"), (4, "AF"), (6, "ZF"), (7, "SF"), (8, "TF"), (9, "IF"), (10, "DF"), (11, "OF"), (14, "NT"), (16, "RF"), (17, "VM"), (18, "AC"), (19, "VIF"), (20, "VIP"), (21, "ID")],
-    ) + &format!(" IOPL={}", (v >> 12) & 3)
+    );
+    let iopl = format!("IOPL={}", (v >> 12) & 3);
+    if flags.is_empty() {
+        iopl
+    } else {
+        format!("{flags} {iopl}")
+    }
 }
 
 pub fn cr0(v: u64) -> String {

@@ -458,9 +458,10 @@ pub fn event_point(e: &Event) -> u64 {
     }
 }
 
-/// Skips marks and checkpoints at or before `exits` (replay consumes them lazily).
+/// Skips marks, checkpoints and the end at or before `exits` (replay
+/// consumes them lazily or never).
 pub fn normalize_next(events: &[Event], mut next: usize, exits: u64) -> usize {
-    while let Some(e @ (Event::Mark { .. } | Event::Checkpoint { .. })) = events.get(next) {
+    while let Some(e @ (Event::Mark { .. } | Event::Checkpoint { .. } | Event::End { .. })) = events.get(next) {
         if e.exits() > exits {
             break;
         }
