@@ -25,11 +25,23 @@ fn payload() -> Vec<u8> {
     p
 }
 
-/// A temporary directory that lives as long as the test binary.
+static ROOT: OnceLock<PathBuf> = OnceLock::new();
+
+extern "C" fn remove_root() {
+    if let Some(r) = ROOT.get() {
+        let _ = std::fs::remove_dir_all(r);
+    }
+}
+
+/// A temporary directory shared by the tests of this binary, removed when it exits.
 fn scratch(name: &str) -> PathBuf {
-    static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
-    let root = ROOT.get_or_init(|| tempfile::Builder::new().prefix("revirt-inspect-test").tempdir().unwrap());
-    root.path().join(name)
+    let root = ROOT.get_or_init(|| {
+        let d = tempfile::Builder::new().prefix("revirt-inspect-test").tempdir().unwrap().keep();
+        // SAFETY: registers a plain function to run at normal process exit.
+        unsafe { libc::atexit(remove_root) };
+        d
+    });
+    root.join(name)
 }
 
 /// Records the vuln service the way an attacker would use it: the payload
@@ -443,9 +455,60 @@ fn last_write_finds_the_return_address_overwrite() {
     let serial = first_serial(vuln());
     let rec = Recording::open(vuln()).unwrap();
     assert!(e >= rec.events[serial].exits() && e <= p, "{e} not in {}..={p}", rec.events[serial].exits());
+    // Refined by single-stepping: the byte store in serve's read loop (guests/demo/README.md).
+    let out = ok(vuln(), &["--at", &format!("exit:{p}")], &format!("last-write {slot:#x}"));
+    let w = out.lines().find(|l| l.contains("written by the instruction at")).unwrap_or_else(|| panic!("{out}"));
+    assert!(w.contains("<serve+") && w.contains("movb %al, -0x31(%rbp, %rbx)"), "{w}");
+    let at = out.lines().find_map(|l| l.split('(').nth(1).and_then(|x| x.split(')').next()).filter(|x| x.matches(':').count() == 2)).unwrap();
+    // Standing just before that instruction the old byte is there; one step later, the new one.
+    let out = ok(vuln(), &[], &format!("seek {at}; x/1xb {:#x}; stepi; x/1xb {:#x}", slot + 2, slot + 2));
+    let vals: Vec<&str> = out.lines().filter(|l| l.starts_with(&format!("{:#018x}:", slot + 2))).collect();
+    assert_eq!(vals.len(), 2, "{out}");
+    assert!(vals[0].contains(" 10 ") && vals[1].contains(" 20 "), "{out}");
+    assert!(out.contains(&format!("({at}) (state replayed through KVM")), "{out}");
     // Code the guest never writes: unchanged since the start.
     let out = ok(vuln(), &["--at", "end"], "last-write serve");
     assert!(out.contains("unchanged since exit 0"), "{out}");
+}
+
+#[test]
+fn stepi_executes_one_instruction_at_a_time() {
+    let serial = first_serial(vuln());
+    let mut cmds = format!("seek event:{serial}; seek +3; disas $rip 1");
+    for _ in 0..20 {
+        cmds.push_str("; stepi");
+    }
+    cmds.push_str("; where");
+    let out = ok(vuln(), &[], &cmds);
+    // Every `=>` line is the instruction at RIP; after a non-branching one, RIP moved by its length.
+    let insns: Vec<(u64, usize, String)> = out
+        .lines()
+        .filter(|l| l.starts_with("=> "))
+        .map(|l| {
+            let p: Vec<&str> = l.split_whitespace().collect();
+            let addr = u64::from_str_radix(p[1].trim_start_matches("0x"), 16).unwrap();
+            let nbytes = p[3..].iter().take_while(|w| w.len() == 2 && w.chars().all(|c| c.is_ascii_hexdigit())).count();
+            let mnem = p[3 + nbytes].to_string();
+            (addr, nbytes, mnem)
+        })
+        .collect();
+    assert_eq!(insns.len(), 21, "{out}");
+    let mut checked = 0;
+    for w in insns.windows(2) {
+        let (a, n, m) = &w[0];
+        let transfers = m.starts_with('j') || m.starts_with("call") || m.starts_with("ret") || m.starts_with("iret");
+        if !transfers {
+            assert_eq!(w[1].0, a + *n as u64, "after `{m}` at {a:#x}: {out}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 5, "{out}");
+    // The point stepped to is reproducible: seek to it and the registers agree.
+    let at = out.lines().rev().find_map(|l| l.split('(').nth(1).and_then(|x| x.split(')').next()).filter(|x| x.matches(':').count() == 2)).unwrap();
+    let a = ok(vuln(), &[], &format!("{cmds}; regs"));
+    let b = ok(vuln(), &[], &format!("seek {at}; regs"));
+    let regs = |s: &str| s.lines().filter(|l| l.starts_with('r') && l.contains("0x")).map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(regs(&a)[regs(&a).len() - 18..], regs(&b)[regs(&b).len() - 18..], "{a}\n{b}");
 }
 
 #[test]
@@ -474,7 +537,9 @@ fn errors_are_clear_and_nothing_panics() {
         ("last-write 0 0", "LEN must be"),
         ("info bogus", "unknown info subcommand"),
         ("set bogus 1", "usage: set"),
-        ("stepi", "single-step replay"),
+        ("stepi 0", "N must be at least 1"),
+        ("stepi x", "'x' is not a number"),
+        ("seek 5:x:1", "bad point"),
         ("regs nosuch", "unknown register 'nosuch'"),
         ("help nosuch", "unknown command 'nosuch'"),
     ] {
@@ -563,8 +628,8 @@ struct Tmux {
 }
 
 impl Tmux {
-    fn start(dir: &Path, cmd: &str) -> Tmux {
-        let sock = dir.join("tmux.sock");
+    fn start(dir: &Path, name: &str, cmd: &str) -> Tmux {
+        let sock = dir.join(name);
         let st = Command::new("tmux")
             .args(["-S", sock.to_str().unwrap(), "-f", "/dev/null", "new-session", "-d", "-x", "160", "-y", "50", "-s", "t", cmd])
             .status()
@@ -642,7 +707,7 @@ fn repl_in_a_terminal_completes_keeps_history_and_survives_ctrl_c() {
     )
     .unwrap();
     let cmd = format!("bash {}", script.display());
-    let t = Tmux::start(&dir, &cmd);
+    let t = Tmux::start(&dir, "tmux-1.sock", &cmd);
     t.wait("the prompt", |s| s.contains("(revirt @0)"));
 
     // Completion of a command name, then of a second word.
@@ -707,7 +772,7 @@ fn repl_in_a_terminal_completes_keeps_history_and_survives_ctrl_c() {
         assert!(hist.lines().any(|l| l == c), "{c} not in history:\n{hist}");
     }
     drop(t);
-    let t = Tmux::start(&dir, &cmd);
+    let t = Tmux::start(&dir, "tmux-2.sock", &cmd);
     t.wait("the prompt", |s| s.contains("(revirt @0)"));
     t.keys(&["Up", "Up"]);
     t.wait("history from the last session", |s| s.lines().any(|l| l.ends_with("(revirt @0) where")));

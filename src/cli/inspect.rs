@@ -136,7 +136,7 @@ fn repl(s: &mut Session) -> anyhow::Result<u8> {
     );
     let mut out = std::io::stdout();
     loop {
-        let prompt = format!("(revirt @{}) ", s.exits());
+        let prompt = format!("(revirt @{}) ", s.label());
         match rl.readline(&prompt) {
             Ok(line) => {
                 let line = line.trim();

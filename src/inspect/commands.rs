@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use super::format;
 use super::mmu::{self, WalkEnd};
 use super::parse::{self, Word};
-use super::{interrupt, run_to, Error, Frozen, Ran, Session, View};
+use super::{interrupt, point_str, run_to, Error, Frozen, Ran, Session, View};
+use crate::clock::ExecPoint;
+use crate::replay::Outcome;
 use crate::trace::{EndReason, Event, LogStatus};
 
 /// What the REPL does after a command.
@@ -39,8 +41,8 @@ pub const COMMANDS: &[CommandInfo] = &[
     CommandInfo { name: "find", aliases: &[], args: "[/b|/h|/w|/g] \"string\"|HEXBYTES|VALUE", help: "search all guest physical memory: find \"text\", find de ad be ef, find/g 0x200000 (little-endian 8-byte value)" },
     CommandInfo { name: "diff", aliases: &[], args: "POINT [bytes]", help: "compare the current point with POINT: registers that differ and the pages that changed; with `bytes`, the changed bytes" },
     CommandInfo { name: "dump", aliases: &[], args: "[-p] ADDR LEN FILE", help: "write LEN bytes of memory at virtual (or with -p physical) ADDR to FILE" },
-    CommandInfo { name: "last-write", aliases: &["lw"], args: "ADDR [LEN]", help: "when the LEN bytes (default 8) at ADDR last changed before now: the exit interval, the old and new value" },
-    CommandInfo { name: "stepi", aliases: &["si"], args: "[N]", help: "step N instructions (needs single-step replay; not in this build yet)" },
+    CommandInfo { name: "last-write", aliases: &["lw"], args: "ADDR [LEN]", help: "when the LEN bytes (default 8) at ADDR last changed before now: the exit interval, the old and new value, and the instruction that wrote them" },
+    CommandInfo { name: "stepi", aliases: &["si"], args: "[N]", help: "execute N instructions (default 1) by single-stepping the replay; shows the next instruction" },
     CommandInfo { name: "console", aliases: &[], args: "[N]", help: "the last N lines (default 20) the guest had printed by this point" },
     CommandInfo { name: "symbols", aliases: &["sym"], args: "[PATTERN]", help: "symbols of the guest image (those whose name contains PATTERN)" },
     CommandInfo { name: "set", aliases: &[], args: "disassembly-flavor att|intel | progress on|off", help: "settings" },
@@ -152,13 +154,7 @@ impl Session {
             "diff" => self.cmd_diff(c, args, out)?,
             "dump" => self.cmd_dump(c, args, out)?,
             "last-write" => self.cmd_last_write(c, args, out)?,
-            "stepi" => {
-                return Err(Error::Msg(
-                    "stepi needs single-step replay (Timeline::step), which this build does not have yet; \
-                     `seek +1` moves one guest-caused exit"
-                        .into(),
-                ))
-            }
+            "stepi" => self.cmd_stepi(c, args, out)?,
             "console" => self.cmd_console(c, args, out)?,
             "symbols" => self.cmd_symbols(args, out)?,
             "set" => self.cmd_set(c, args, out)?,
@@ -239,6 +235,24 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    fn cmd_stepi(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
+        let n = match args {
+            [] => 1,
+            [n] => parse::number(&n.text())?,
+            _ => return Err(usage(c)),
+        };
+        if n == 0 {
+            return Err(Error::Usage("N must be at least 1".into()));
+        }
+        match self.stepi(n)? {
+            Ran::Reached => {}
+            Ran::Finished(_) => writeln!(out, "the guest reached the end of the recording")?,
+        }
+        writeln!(out, "{}", self.describe_here())?;
+        let rip = self.view()?.regs()?.rip;
+        self.disassemble(rip, 1, false, out)
     }
 
     fn cmd_summary(&mut self, out: &mut dyn Write) -> Result<(), Error> {
@@ -650,8 +664,18 @@ impl Session {
         let t = self.resolve(parse::point(&p.text())?)?;
         let other = self.frozen_at(t)?;
         let here = Frozen::of(self.view()?)?;
-        let (a, b) = if other.exits <= here.exits { (&other, &here) } else { (&here, &other) };
-        writeln!(out, "diff exit {} -> exit {} (earlier -> later)", a.exits, b.exits)?;
+        let key = |exits: u64, exact: Option<ExecPoint>| (exits, exact.map(|p| p.branches + 1).unwrap_or(0));
+        let label = |exits: u64, exact: Option<ExecPoint>| match exact {
+            Some(p) => format!("{}:{}:{:#x}", p.exits, p.branches, p.rip),
+            None => format!("exit {exits}"),
+        };
+        let (lo, hi) = ((t.exits, t.exact), (self.exits(), self.exact()));
+        let ((a, la), (b, lb)) = if key(lo.0, lo.1) <= key(hi.0, hi.1) {
+            ((&other, label(lo.0, lo.1)), (&here, label(hi.0, hi.1)))
+        } else {
+            ((&here, label(hi.0, hi.1)), (&other, label(lo.0, lo.1)))
+        };
+        writeln!(out, "diff {la} -> {lb} (earlier -> later)")?;
         let mut regs = Vec::new();
         for ((n, va), (_, vb)) in format::gprs(&a.regs).iter().zip(format::gprs(&b.regs).iter()) {
             regs.push((n.to_string(), *va, *vb));
@@ -838,8 +862,11 @@ impl Session {
         }
         let va = self.addr(&a.text())?;
         let r = self.last_write(va, len)?;
-        let now = self.exits();
-        writeln!(out, "last-write {va:#x} {} ({len} bytes, physical {:#x}) before exit {now}:", self.syms.describe(va), r.phys)?;
+        let now = match self.exact() {
+            Some(p) => point_str(&p),
+            None => format!("exit {}", self.exits()),
+        };
+        writeln!(out, "last-write {va:#x} {} ({len} bytes, physical {:#x}) before {now}:", self.syms.describe(va), r.phys)?;
         writeln!(out, "  value now: {}", format::hex_bytes(&r.now))?;
         match &r.change {
             None => writeln!(
@@ -848,17 +875,20 @@ impl Session {
                 r.searched_from
             )?,
             Some(ch) => {
-                writeln!(out, "  last changed between exit {} and exit {}", ch.exits - 1, ch.exits)?;
+                match &ch.writer {
+                    Some(w) => {
+                        writeln!(out, "  written by the instruction at {:#x} {}: {}", w.at.rip, self.syms.describe(w.at.rip), w.insn)?;
+                        writeln!(out, "    at {} (`seek` to it stands just before the write)", point_str(&w.at))?;
+                    }
+                    None => writeln!(out, "  (not refined to an instruction: {})", ch.why_not.as_deref().unwrap_or("-"))?,
+                }
+                let end = if r.within_here { "here".to_string() } else { format!("exit {}", ch.exits) };
+                writeln!(out, "  last changed between exit {} and {end}", ch.exits - 1)?;
                 writeln!(out, "    before: {}", format::hex_bytes(&ch.before))?;
                 writeln!(out, "    after:  {}", format::hex_bytes(&ch.after))?;
                 writeln!(out, "  rip at exit {}: {:#x} {}", ch.exits - 1, ch.rip_before, self.syms.describe(ch.rip_before))?;
-                writeln!(out, "  rip at exit {}: {:#x} {}", ch.exits, ch.rip_after, self.syms.describe(ch.rip_after))?;
-                writeln!(
-                    out,
-                    "  the write is one of the instructions the guest ran between those two exits (`seek exit:{}` then `disas` to look; \
-                     instruction-exact needs single-step replay)",
-                    ch.exits - 1
-                )?;
+                writeln!(out, "  rip at {end}: {:#x} {}", ch.rip_after, self.syms.describe(ch.rip_after))?;
+
             }
         }
         Ok(())
@@ -876,6 +906,19 @@ impl Session {
         let mut now_val = vec![0u8; len];
         self.view()?.read_phys(pa, &mut now_val)?;
         let now = self.exits();
+        // Inside an exit interval (after stepi): first the instructions since exit `now`.
+        if let Some(p) = self.exact() {
+            let (before, rip_before) = self.value_at(now, pa, len)?;
+            if before != now_val {
+                let (writer, why_not) = match self.refine_write(pa, len, now, Some(p)) {
+                    Ok(w) => (w, None),
+                    Err(Error::Interrupted { at }) => return Err(Error::Interrupted { at }),
+                    Err(e) => (None, Some(e.to_string())),
+                };
+                let change = Change { exits: now + 1, before, after: now_val.clone(), rip_before, rip_after: p.rip, writer, why_not };
+                return Ok(LastWrite { phys: pa, now: now_val, change: Some(change), searched_from: now, within_here: true });
+            }
+        }
         let page = pa / 4096;
         let cks = self.rec.checkpoints.clone();
         let start = cks[0].1;
@@ -901,11 +944,17 @@ impl Session {
                     continue;
                 }
             }
-            if let Some(ch) = self.scan_interval(id, s, t, pa, len)? {
-                return Ok(LastWrite { phys: pa, now: now_val, change: Some(ch), searched_from: start });
+            if let Some(mut ch) = self.scan_interval(id, s, t, pa, len)? {
+                match self.refine_write(pa, len, ch.exits - 1, None) {
+                    Ok(Some(w)) => ch.writer = Some(w),
+                    Ok(None) => ch.why_not = Some(format!("no single instruction changed it within {MAX_REFINE_STEPS} steps")),
+                    Err(Error::Interrupted { at }) => return Err(Error::Interrupted { at }),
+                    Err(e) => ch.why_not = Some(e.to_string()),
+                }
+                return Ok(LastWrite { phys: pa, now: now_val, change: Some(ch), searched_from: start, within_here: false });
             }
         }
-        Ok(LastWrite { phys: pa, now: now_val, change: None, searched_from: start })
+        Ok(LastWrite { phys: pa, now: now_val, change: None, searched_from: start, within_here: false })
     }
 
     /// Replays (s, t] from checkpoint `id` one exit at a time; the last exit
@@ -934,7 +983,15 @@ impl Session {
             }
             let (cur, rip) = read(&tl)?;
             if cur != prev {
-                last = Some(Change { exits: tl.exits(), before: prev.clone(), after: cur.clone(), rip_before: prev_rip, rip_after: rip });
+                last = Some(Change {
+                    exits: tl.exits(),
+                    before: prev.clone(),
+                    after: cur.clone(),
+                    rip_before: prev_rip,
+                    rip_after: rip,
+                    writer: None,
+                    why_not: None,
+                });
             }
             prev = cur;
             prev_rip = rip;
@@ -944,6 +1001,78 @@ impl Session {
         }
         Ok(last)
     }
+
+    /// The bytes at `pa` and RIP at exit `exits` (a scratch replay).
+    fn value_at(&mut self, exits: u64, pa: u64, len: usize) -> Result<(Vec<u8>, u64), Error> {
+        let t = super::Target { exits, ckpt: self.rec.checkpoints.iter().find(|c| c.1 == exits).map(|c| c.0), exact: None };
+        let f = self.frozen_at(t)?;
+        let mut b = vec![0u8; len];
+        f.read_phys(pa, &mut b)?;
+        Ok((b, f.regs.rip))
+    }
+
+    /// Single-steps from exit `from` until the bytes at `pa` change (or
+    /// `limit`, or the next exit interval is passed): the instruction that
+    /// wrote them, with the exact point just before it.
+    pub fn refine_write(&mut self, pa: u64, len: usize, from: u64, limit: Option<ExecPoint>) -> Result<Option<Writer>, Error> {
+        let mut tl = self.scratch_timeline(from)?;
+        run_to(&mut tl, from, false)?;
+        let read = |tl: &crate::replay::Timeline| -> Result<Vec<u8>, Error> {
+            let mut b = vec![0u8; len];
+            tl.read_phys(pa, &mut b)?;
+            Ok(b)
+        };
+        let mut prev = read(&tl)?;
+        let mut pos = tl.position()?;
+        for _ in 0..MAX_REFINE_STEPS {
+            if limit == Some(pos) {
+                break;
+            }
+            if interrupt::take() {
+                return Err(Error::Interrupted { at: self.exits() });
+            }
+            let done = match tl.step(1)? {
+                Outcome::Reached => false,
+                Outcome::Finished { .. } => true,
+                Outcome::Diverged(why) => return Err(Error::Diverged { at: tl.exits(), why }),
+                Outcome::EndOfRecording(d) | Outcome::NotReached(d) => return Err(Error::Msg(d)),
+            };
+            let cur = read(&tl)?;
+            if cur != prev {
+                let insn = disasm_one(&tl, pos.rip, self.intel).unwrap_or_else(|| "(unreadable)".into());
+                return Ok(Some(Writer { at: pos, insn }));
+            }
+            prev = cur;
+            let np = tl.position()?;
+            if done || np.exits > from + 1 {
+                break;
+            }
+            pos = np;
+        }
+        Ok(None)
+    }
+}
+
+/// How many instructions `last-write` single-steps at most to find the writer.
+pub const MAX_REFINE_STEPS: u64 = 2_000_000;
+
+/// One instruction at `addr` as "bytes  text".
+pub fn disasm_one(v: &dyn View, addr: u64, intel: bool) -> Option<String> {
+    use capstone::prelude::*;
+    let (bytes, _) = mmu::read_virt_partial(v, addr, 15);
+    let syntax = if intel { arch::x86::ArchSyntax::Intel } else { arch::x86::ArchSyntax::Att };
+    let cs = Capstone::new().x86().mode(arch::x86::ArchMode::Mode64).syntax(syntax).build().ok()?;
+    let insns = cs.disasm_count(&bytes, addr, 1).ok()?;
+    let i = insns.iter().next()?;
+    Some(format!("{}  {} {}", format::hex_bytes(i.bytes()), i.mnemonic().unwrap_or("?"), i.op_str().unwrap_or("")).trim_end().to_string())
+}
+
+/// The instruction that wrote a value.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    /// The exact point just before the instruction ran.
+    pub at: ExecPoint,
+    pub insn: String,
 }
 
 /// The answer of `last-write`.
@@ -954,6 +1083,8 @@ pub struct LastWrite {
     /// None: the value has not changed since the first checkpoint.
     pub change: Option<Change>,
     pub searched_from: u64,
+    /// The change lies between the last exit and the current (stepped-to) point.
+    pub within_here: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -964,6 +1095,9 @@ pub struct Change {
     pub after: Vec<u8>,
     pub rip_before: u64,
     pub rip_after: u64,
+    /// The instruction that wrote it (single-stepping), when found.
+    pub writer: Option<Writer>,
+    pub why_not: Option<String>,
 }
 
 fn end_reason(r: &EndReason) -> String {

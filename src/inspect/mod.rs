@@ -21,6 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::clock::ExecPoint;
 use crate::replay::{Outcome, Recording, ReplayError, Sink, Timeline};
 use crate::trace::Event;
 
@@ -110,11 +111,13 @@ pub struct Options {
     pub progress: bool,
 }
 
-/// A resolved point: an exit count, and the checkpoint that is exactly there.
+/// A resolved point: an exit count, the checkpoint that is exactly there,
+/// or an exact instruction inside the exit interval.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target {
     pub exits: u64,
     pub ckpt: Option<u32>,
+    pub exact: Option<ExecPoint>,
 }
 
 /// Where the session stands.
@@ -122,8 +125,9 @@ pub struct Target {
 enum Here {
     /// At checkpoint `id`, state from its files.
     Checkpoint(u32, Arc<Frozen>),
-    /// At this exit count, state in the replay timeline (re-created on demand).
-    Replay(u64),
+    /// At this exit count (or exactly at this point inside the interval
+    /// after it), state in the replay timeline (re-created on demand).
+    Replay(u64, Option<ExecPoint>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,7 +168,11 @@ impl Session {
     pub fn open(dir: &Path, opts: Options) -> Result<Session, Error> {
         let rec = Arc::new(Recording::open(dir)?);
         if rec.checkpoints.is_empty() {
-            return Err(Error::Msg(format!("{}: the recording has no usable checkpoint (not even checkpoint 0)", dir.display())));
+            let why = match &rec.status {
+                crate::trace::LogStatus::Incomplete { reason } if rec.events.is_empty() => format!(": its event log is unusable: {reason}"),
+                _ => String::new(),
+            };
+            return Err(Error::Msg(format!("{}: the recording has no usable checkpoint (not even checkpoint 0){why}", dir.display())));
         }
         let image = std::fs::read(dir.join(crate::trace::IMAGE)).unwrap_or_default();
         let syms = Symbols::from_elf(&image);
@@ -197,7 +205,23 @@ impl Session {
     pub fn exits(&self) -> u64 {
         match &self.here {
             Here::Checkpoint(_, f) => f.exits,
-            Here::Replay(x) => *x,
+            Here::Replay(x, _) => *x,
+        }
+    }
+
+    /// The exact point when the session stands inside an exit interval (after `stepi`).
+    pub fn exact(&self) -> Option<ExecPoint> {
+        match &self.here {
+            Here::Replay(_, p) => *p,
+            Here::Checkpoint(..) => None,
+        }
+    }
+
+    /// Short form of the current point for prompts: `E` or `E:B:RIP`.
+    pub fn label(&self) -> String {
+        match self.exact() {
+            Some(p) => format!("{}:{}:{:#x}", p.exits, p.branches, p.rip),
+            None => self.exits().to_string(),
         }
     }
 
@@ -205,7 +229,7 @@ impl Session {
     pub fn at_checkpoint(&self) -> Option<u32> {
         match &self.here {
             Here::Checkpoint(id, _) => Some(*id),
-            Here::Replay(_) => None,
+            Here::Replay(..) => None,
         }
     }
 
@@ -236,13 +260,17 @@ impl Session {
                     let have: Vec<String> = self.rec.checkpoints.iter().map(|c| c.0.to_string()).collect();
                     Error::Usage(format!("no checkpoint {k} in this recording (it has {})", have.join(", ")))
                 })?;
-                return Ok(Target { exits, ckpt: Some(k) });
+                return Ok(Target { exits, ckpt: Some(k), exact: None });
             }
             Point::Event(i) => {
                 let e = self.rec.events.get(i).ok_or_else(|| {
                     Error::Usage(format!("no event #{i}: the recording has events #0..#{}", self.rec.events.len().saturating_sub(1)))
                 })?;
                 event_point(e)
+            }
+            Point::Exec(p) => {
+                let t = self.resolve(Point::Exit(p.exits))?;
+                return Ok(Target { exact: Some(p), ckpt: None, ..t });
             }
         };
         if exits > end {
@@ -252,7 +280,7 @@ impl Session {
         if exits < start {
             return Err(Error::Usage(format!("exit {exits} is before the recording's first checkpoint (exit {start})")));
         }
-        Ok(Target { exits, ckpt: self.ckpt_at(exits) })
+        Ok(Target { exits, ckpt: self.ckpt_at(exits), exact: None })
     }
 
     /// Moves to a point: from the checkpoint files when it is a checkpoint,
@@ -265,6 +293,12 @@ impl Session {
     }
 
     pub fn goto(&mut self, t: Target) -> Result<(), Error> {
+        if let Some(p) = t.exact {
+            self.replay_to(t.exits)?;
+            self.here = Here::Replay(t.exits, None);
+            self.step_to(p)?;
+            return Ok(());
+        }
         match t.ckpt {
             Some(id) => {
                 let st = self.ckpts.state(id)?;
@@ -272,10 +306,64 @@ impl Session {
             }
             None => {
                 self.replay_to(t.exits)?;
-                self.here = Here::Replay(t.exits);
+                self.here = Here::Replay(t.exits, None);
             }
         }
         Ok(())
+    }
+
+    /// From an exit-level position in `p`'s interval, single-steps to `p`.
+    fn step_to(&mut self, p: ExecPoint) -> Result<(), Error> {
+        let tl = self.tl.as_mut().expect("positioned by replay_to");
+        let r = tl.seek_point(p);
+        let outcome = self.stepped(r)?;
+        if outcome != Ran::Reached {
+            return Err(Error::Msg(format!("the recording ended before reaching {}", point_str(&p))));
+        }
+        Ok(())
+    }
+
+    /// Bookkeeping after a single-stepping Timeline call: the new position, or why not.
+    fn stepped(&mut self, r: Result<Outcome, ReplayError>) -> Result<Ran, Error> {
+        let tl = self.tl.as_mut().expect("a timeline");
+        let ran = match r {
+            Ok(Outcome::Reached) => Ran::Reached,
+            Ok(Outcome::Finished { problems, .. }) => {
+                self.tl_state = TlState::Finished;
+                self.end_problems = Some(problems.clone());
+                Ran::Finished(problems)
+            }
+            Ok(Outcome::Diverged(why)) => {
+                self.tl_state = TlState::Broken;
+                return Err(Error::Diverged { at: tl.exits(), why });
+            }
+            Ok(Outcome::EndOfRecording(d)) | Ok(Outcome::NotReached(d)) => {
+                self.tl_state = TlState::Broken;
+                return Err(Error::Msg(d));
+            }
+            Err(e) => {
+                self.tl_state = TlState::Broken;
+                return Err(e.into());
+            }
+        };
+        let p = tl.position()?;
+        self.here = Here::Replay(p.exits, if ran == Ran::Reached { Some(p) } else { None });
+        Ok(ran)
+    }
+
+    /// Executes `n` instructions forward from the current point (single-stepping through KVM).
+    pub fn stepi(&mut self, n: u64) -> Result<Ran, Error> {
+        if self.opts.no_kvm {
+            return Err(Error::Msg("stepping needs KVM (disabled by --no-kvm)".into()));
+        }
+        if self.exits() == self.end_exits() && self.rec.end().is_some() {
+            return Err(Error::Msg("this is the end of the recording: the guest has stopped".into()));
+        }
+        let tl = self.take_timeline()?;
+        self.tl = Some(tl);
+        self.tl_state = TlState::Running;
+        let r = self.tl.as_mut().expect("just set").step(n);
+        self.stepped(r)
     }
 
     fn no_kvm_error(&self, exits: u64) -> Error {
@@ -296,7 +384,9 @@ impl Session {
         let ck_exits = self.ckpt_exits(ck).unwrap_or(0);
         let reusable = match &self.tl {
             Some(tl) => {
-                (self.tl_state == TlState::Running && tl.exits() <= target && tl.exits() >= ck_exits)
+                let stepped = tl.position().map(|p| p.branches > 0).unwrap_or(true);
+                let behind = tl.exits() < target || (tl.exits() == target && !stepped);
+                (self.tl_state == TlState::Running && behind && tl.exits() >= ck_exits)
                     || (self.tl_state == TlState::Finished && tl.exits() == target)
             }
             None => false,
@@ -321,7 +411,7 @@ impl Session {
             Err(Error::Interrupted { at }) => {
                 self.here = match self.ckpt_at(at) {
                     Some(id) => Here::Checkpoint(id, Arc::new(self.ckpts.state(id)?)),
-                    None => Here::Replay(at),
+                    None => Here::Replay(at, None),
                 };
                 Err(Error::Interrupted { at })
             }
@@ -335,20 +425,27 @@ impl Session {
     /// The state at the current point (replaying to it if the timeline was
     /// dropped or moved, e.g. after `live`).
     pub fn view(&mut self) -> Result<&dyn View, Error> {
-        if let Here::Replay(x) = self.here {
-            let ready = self.tl.as_ref().is_some_and(|tl| tl.exits() == x) && self.tl_state != TlState::Broken;
+        if let Here::Replay(x, exact) = self.here {
+            let pos = self.tl.as_ref().and_then(|tl| tl.position().ok());
+            let ready = self.tl_state != TlState::Broken
+                && match (pos, exact) {
+                    (Some(p), Some(e)) => p == e,
+                    (Some(p), None) => p.exits == x && p.branches == 0,
+                    (None, _) => false,
+                };
             if !ready {
                 let prev = self.here.clone();
-                let r = self.replay_to(x);
-                if r.is_err() {
-                    self.here = prev;
-                }
+                let r = self.replay_to(x).and_then(|_| match exact {
+                    Some(p) => self.step_to(p),
+                    None => Ok(()),
+                });
+                self.here = prev;
                 r?;
             }
         }
         match &self.here {
             Here::Checkpoint(_, f) => Ok(&**f),
-            Here::Replay(_) => Ok(self.tl.as_ref().expect("positioned above")),
+            Here::Replay(..) => Ok(self.tl.as_ref().expect("positioned above")),
         }
     }
 
@@ -358,13 +455,19 @@ impl Session {
         if let Some(id) = t.ckpt {
             return self.ckpts.state(id);
         }
-        if t.exits == self.exits() {
+        if t.exits == self.exits() && t.exact == self.exact() {
             return Frozen::of(self.view()?);
         }
         let mut tl = self.scratch_timeline(t.exits)?;
-        match run_to(&mut tl, t.exits, self.opts.progress)? {
-            Ran::Reached | Ran::Finished(_) => Frozen::of(&tl),
+        run_to(&mut tl, t.exits, self.opts.progress)?;
+        if let Some(p) = t.exact {
+            match tl.seek_point(p)? {
+                Outcome::Reached => {}
+                Outcome::Diverged(why) => return Err(Error::Diverged { at: tl.exits(), why }),
+                _ => return Err(Error::Msg(format!("cannot reach {}", point_str(&p)))),
+            }
         }
+        Frozen::of(&tl)
     }
 
     /// A new replay timeline at the nearest checkpoint at or before `exits`.
@@ -393,7 +496,7 @@ impl Session {
                     self.tl_state = TlState::Running;
                 }
             }
-            Here::Replay(_) => {
+            Here::Replay(..) => {
                 self.view()?;
             }
         }
@@ -439,12 +542,20 @@ impl Session {
     pub fn describe_here(&self) -> String {
         match &self.here {
             Here::Checkpoint(id, f) => format!("exit {} = checkpoint {id} (state read from the checkpoint files, no KVM)", f.exits),
-            Here::Replay(x) => {
+            Here::Replay(x, exact) => {
                 let from = Timeline::nearest_checkpoint(&self.rec, *x);
-                format!("exit {x} (state replayed through KVM from checkpoint {from})")
+                match exact {
+                    Some(p) => format!("{} (state replayed through KVM from checkpoint {from}, then single-stepped)", point_str(p)),
+                    None => format!("exit {x} (state replayed through KVM from checkpoint {from})"),
+                }
             }
         }
     }
+}
+
+/// An exact point the way `seek` takes it back: `exit E + B branches @ rip R (E:B:RIP)`.
+pub fn point_str(p: &ExecPoint) -> String {
+    format!("exit {} + {} branches @ rip {:#x} ({}:{}:{:#x})", p.exits, p.branches, p.rip, p.exits, p.branches, p.rip)
 }
 
 /// The point just before `e` takes effect. Clock reads happen during their
@@ -453,6 +564,8 @@ impl Session {
 pub fn event_point(e: &Event) -> u64 {
     match e {
         Event::Clock { exits, .. } => exits.saturating_sub(1),
+        // Delivered right after exit E (branches 0), or inside the interval after it.
+        Event::Timer { at, .. } | Event::Serial { at, .. } if at.branches > 0 => at.exits,
         Event::Timer { at, .. } | Event::Serial { at, .. } => at.exits.saturating_sub(1),
         Event::Mark { exits } | Event::Checkpoint { exits, .. } | Event::End { exits, .. } => *exits,
     }

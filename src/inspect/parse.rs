@@ -131,14 +131,22 @@ pub enum Point {
     Event(usize),
     Start,
     End,
+    /// An exact instruction: `E:B:RIP` (exits, branches since, RIP), as `where` prints it.
+    Exec(crate::clock::ExecPoint),
 }
 
 pub const POINT_HELP: &str = "POINT is exit:N (after N guest-caused exits; a bare N means the same), +N / -N (exits from here), \
-ckpt:K (checkpoint K), event:I (just before event I takes effect), start, or end";
+ckpt:K (checkpoint K), event:I (just before event I takes effect), E:B:RIP (the instruction at RIP after B branches past exit E), \
+start, or end";
 
 pub fn point(s: &str) -> Result<Point, Error> {
     let t = s.trim();
     let bad = |what: &str| usage(format!("bad point '{s}': {what}. {POINT_HELP}"));
+    let parts: Vec<&str> = t.trim_start_matches("exit:").split(':').collect();
+    if let [e, b, r] = parts.as_slice() {
+        let n = |x: &str| number(x).map_err(|_| bad(&format!("'{x}' is not a number")));
+        return Ok(Point::Exec(crate::clock::ExecPoint { exits: n(e)?, branches: n(b)?, rip: n(r)? }));
+    }
     let (kind, val) = match t.split_once(':') {
         Some((k, v)) => (k, v),
         None => match t {
@@ -284,6 +292,10 @@ mod tests {
         assert_eq!(point("event:7").unwrap(), Point::Event(7));
         assert_eq!(point("-5").unwrap(), Point::Rel(-5));
         assert_eq!(point("end").unwrap(), Point::End);
+        let p = crate::clock::ExecPoint { exits: 5, branches: 3, rip: 0x1000 };
+        assert_eq!(point("5:3:0x1000").unwrap(), Point::Exec(p));
+        assert_eq!(point("exit:5:3:0x1000").unwrap(), Point::Exec(p));
+        assert!(point("5:x:1").is_err());
         assert!(point("bogus:1").is_err());
         assert!(point("exit:x").is_err());
     }
