@@ -1,0 +1,344 @@
+//! Reliability: damaged, tampered, cut-short recordings; a killed recorder;
+//! a full disk. Nothing panics, nothing hangs, nothing damaged passes as whole.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use revirt::clock::pmu::Skid;
+use revirt::replay::{Outcome, Recording, Sink, Timeline};
+use revirt::trace::{self, verify::verify};
+
+fn record(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) {
+    let img = demo_image();
+    let mut args = vec!["record", img.to_str().unwrap(), "--cmdline", cmdline, "-o", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = run_with_input(&args, stdin);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// A small recording with several chunks and checkpoints.
+fn sample(dir: &Path) {
+    let mut input = Vec::new();
+    for i in 0..12 {
+        input.extend_from_slice(format!("line number {i}\n").as_bytes());
+    }
+    input.extend_from_slice(b"quit\n");
+    record(dir, "workload=echo", &["--mem", "4M", "--checkpoint-every", "5ms"], &input);
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
+    v.extend(std::fs::read_dir(dir.join(trace::CHECKPOINTS)).unwrap().flatten().map(|e| e.path()));
+    v.sort();
+    v
+}
+
+#[test]
+fn any_single_byte_change_is_detected_by_verify() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    sample(&dir);
+    assert!(verify(&dir).intact);
+    let mut checked = 0;
+    for f in files(&dir) {
+        let orig = std::fs::read(&f).unwrap();
+        // Every byte of meta.json, a spread of positions elsewhere.
+        let is_meta = f.ends_with(trace::META);
+        let stride = if is_meta { 1 } else { (orig.len() / 60).max(1) };
+        for i in (0..orig.len()).step_by(stride) {
+            let mut b = orig.clone();
+            b[i] ^= 0x20;
+            std::fs::write(&f, &b).unwrap();
+            let r = verify(&dir);
+            assert!(!r.intact, "changing byte {i} of {} went unnoticed", f.display());
+            checked += 1;
+        }
+        std::fs::write(&f, &orig).unwrap();
+    }
+    assert!(verify(&dir).intact);
+    eprintln!("{checked} single-byte changes, all detected");
+}
+
+#[test]
+fn digest_catches_a_consistently_rewritten_recording() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    sample(&dir);
+    let digest = verify(&dir).digest.unwrap();
+    // A host attacker rewrites console.log *and* re-seals everything that
+    // covers it: only the published digest can tell.
+    let o = run_with_input(&["verify", dir.to_str().unwrap(), "--expect", &digest], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let c = dir.join(trace::CONSOLE);
+    let mut b = std::fs::read(&c).unwrap();
+    b[0] ^= 1;
+    std::fs::write(&c, &b).unwrap();
+    let o = run_with_input(&["verify", dir.to_str().unwrap(), "--expect", &digest], b"");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("digest differs"), "{}", stdout(&o));
+}
+
+struct Chunks {
+    /// (offset, length) of each chunk in events.log.
+    spans: Vec<(usize, usize)>,
+}
+
+fn chunk_spans(log: &[u8]) -> Chunks {
+    let mut spans = Vec::new();
+    let mut at = 8;
+    while at + trace::log::CHUNK_HEADER <= log.len() {
+        let comp = u32::from_le_bytes(log[at + 24..at + 28].try_into().unwrap()) as usize;
+        let len = trace::log::CHUNK_HEADER + comp + 32;
+        spans.push((at, len));
+        at += len;
+    }
+    Chunks { spans }
+}
+
+/// What a replay of a (possibly damaged) recording did.
+#[derive(Debug, Clone)]
+enum Result_ {
+    Rejected(String),
+    Ran { outcome: String, output: Vec<u8>, matched: bool },
+}
+
+fn replay_in_process(dir: &Path, limit: u64) -> Result_ {
+    let rec = match Recording::open(dir) {
+        Ok(r) => Arc::new(r),
+        Err(e) => return Result_::Rejected(e.to_string()),
+    };
+    let mut t = match Timeline::open(rec.clone(), Sink::Buffer(Vec::new())) {
+        Ok(t) => t,
+        Err(e) => return Result_::Rejected(e.to_string()),
+    };
+    let out = t.run(Some(limit));
+    let output = match &t.host.sink {
+        Sink::Buffer(b) => b.clone(),
+        _ => unreachable!(),
+    };
+    match out {
+        Err(e) => Result_::Rejected(e.to_string()),
+        Ok(o) => {
+            let matched = matches!(&o, Outcome::Finished { problems, .. } if problems.is_empty());
+            Result_::Ran { outcome: format!("{o:?}"), output, matched }
+        }
+    }
+}
+
+#[test]
+fn ten_thousand_mutations_no_panic_no_hang_nothing_damaged_passes() {
+    let n: usize = std::env::var("REVIRT_MUTATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    sample(&dir);
+    let rec = Recording::open(&dir).unwrap();
+    let limit = rec.last_exits() + 10_000;
+    let console = rec.console.clone();
+    drop(rec);
+    let log_path = dir.join(trace::EVENTS);
+    let log = std::fs::read(&log_path).unwrap();
+    let chunks = chunk_spans(&log);
+    assert!(chunks.spans.len() >= 3, "want several chunks, got {}", chunks.spans.len());
+    let all = files(&dir);
+    let ckpts: Vec<PathBuf> = all.iter().filter(|p| p.extension().map(|e| e == "ckpt").unwrap_or(false)).cloned().collect();
+    let meta_path = dir.join(trace::META);
+    let meta = std::fs::read(&meta_path).unwrap();
+
+    let seed = 0xC0FFEE ^ std::process::id() as u64;
+    eprintln!("mutation seed {seed:#x}, {n} mutations");
+    let mut rng = Skid::new(seed);
+    let mut cache: std::collections::HashMap<String, Result_> = std::collections::HashMap::new();
+    let (mut rejected, mut partial, mut replays, mut panics) = (0, 0, 0, 0);
+    for i in 0..n {
+        // Apply one mutation to one file; remember how to undo it.
+        let kind = rng.next(99);
+        let (path, orig) = if kind < 55 { (log_path.clone(), log.clone()) } else if kind < 70 {
+            (meta_path.clone(), meta.clone())
+        } else if kind < 90 {
+            let p = ckpts[rng.next(ckpts.len() as u64 - 1) as usize].clone();
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        } else {
+            let p = all[rng.next(all.len() as u64 - 1) as usize].clone();
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        };
+        let mut b = orig.clone();
+        let what = match rng.next(6) {
+            0 | 1 => {
+                for _ in 0..=rng.next(7) {
+                    let at = rng.next(b.len() as u64 - 1) as usize;
+                    b[at] ^= 1 << rng.next(7);
+                }
+                "flip"
+            }
+            2 => {
+                b.truncate(rng.next(b.len() as u64 - 1) as usize);
+                "truncate"
+            }
+            3 if path == log_path => {
+                let (o, l) = chunks.spans[rng.next(chunks.spans.len() as u64 - 1) as usize];
+                let dup = b[o..o + l].to_vec();
+                let at = chunks.spans[rng.next(chunks.spans.len() as u64 - 1) as usize].0;
+                b.splice(at..at, dup);
+                "duplicate chunk"
+            }
+            4 if path == log_path => {
+                let x = rng.next(chunks.spans.len() as u64 - 2) as usize;
+                let ((o1, l1), (o2, l2)) = (chunks.spans[x], chunks.spans[x + 1]);
+                let mut v = b[..o1].to_vec();
+                v.extend_from_slice(&b[o2..o2 + l2]);
+                v.extend_from_slice(&b[o1..o1 + l1]);
+                v.extend_from_slice(&b[o2 + l2..]);
+                b = v;
+                "swap chunks"
+            }
+            5 => {
+                b.clear();
+                "delete"
+            }
+            _ => {
+                b.extend_from_slice(b"garbage after the end");
+                "append garbage"
+            }
+        };
+        if what == "delete" {
+            std::fs::remove_file(&path).unwrap();
+        } else {
+            std::fs::write(&path, &b).unwrap();
+        }
+
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let v = verify(&dir);
+            assert!(!v.intact, "mutation {i} ({what} of {}) passed verify as intact", path.display());
+            // A replay depends on meta, the log's *verified prefix*, checkpoint
+            // 0 and the console: mutations that leave those equal replay alike.
+            let mut key: String = [trace::META, trace::CONSOLE, "checkpoints/000000.ckpt"]
+                .iter()
+                .map(|f| std::fs::read(dir.join(f)).map(|b| trace::sha256_hex(&b)).unwrap_or_else(|_| "missing".into()))
+                .collect::<Vec<_>>()
+                .join(",");
+            match trace::log::genesis_of(&dir).and_then(|g| trace::LogReader::read(&log_path, g)) {
+                Ok(l) => key.push_str(&format!(",{} events, {:?}", l.events.len(), l.status == trace::LogStatus::Complete)),
+                Err(e) => key.push_str(&format!(",{e}")),
+            }
+            let fresh = !cache.contains_key(&key);
+            let res = cache.entry(key).or_insert_with(|| replay_in_process(&dir, limit)).clone();
+            (res, fresh)
+        }));
+        std::fs::write(&path, &orig).unwrap();
+        match r {
+            Err(_) => panics += 1,
+            Ok((res, fresh)) => {
+                replays += fresh as u32;
+                match res {
+                    Result_::Rejected(msg) => {
+                        assert!(!msg.is_empty(), "mutation {i}: rejected without a message");
+                        rejected += 1;
+                    }
+                    Result_::Ran { outcome, output, matched } => {
+                        // Whatever ran must agree with the real recording as far as it went.
+                        assert!(console.starts_with(&output), "mutation {i} ({what} of {}): replay printed something the recording did not: {outcome}", path.display());
+                        if !matched {
+                            partial += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(verify(&dir).intact, "the original was restored");
+    eprintln!("{n} mutations: {rejected} rejected with an error, {partial} replayed partially with a reason, {} replayed fully (damage elsewhere, caught by verify), {replays} distinct replays, {panics} panics", n - rejected - partial - panics);
+    assert_eq!(panics, 0);
+}
+
+#[test]
+fn sigkill_at_twenty_random_moments_leaves_replayable_prefixes() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let img = demo_image();
+    let mut rng = Skid::new(0xDEAD ^ std::process::id() as u64);
+    let (mut incomplete, mut complete) = (0, 0);
+    for k in 0..20 {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("rec");
+        let mut child = revirt()
+            .args(["record", img.to_str().unwrap(), "--cmdline", "workload=echo", "-o", dir.to_str().unwrap(), "--checkpoint-every", "50ms"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let kill_after = std::time::Duration::from_millis(20 + rng.next(700));
+        let t = std::time::Instant::now();
+        let mut i = 0;
+        while t.elapsed() < kill_after {
+            let _ = writeln!(stdin, "kill test {k} line {i}");
+            let _ = stdin.flush();
+            i += 1;
+            std::thread::sleep(std::time::Duration::from_millis(15));
+        }
+        if rng.next(3) == 0 {
+            let _ = writeln!(stdin, "quit"); // sometimes it finishes first
+            std::thread::sleep(std::time::Duration::from_millis(rng.next(50)));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        let recorded = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !dir.join(trace::META).exists() {
+            continue; // killed before it wrote anything: nothing to present as a recording
+        }
+        let o = run_with_input(&["replay", dir.to_str().unwrap()], b"");
+        let code = o.status.code();
+        assert!(code == Some(0) || code == Some(2) || (code == Some(125) && stderr(&o).contains("checkpoint")),
+            "kill {k} after {kill_after:?}: replay said {code:?}: {}", stderr(&o));
+        assert!(recorded.starts_with(&stdout(&o)), "kill {k}: replay is not a prefix of what was recorded");
+        match code {
+            Some(0) => complete += 1,
+            _ => incomplete += 1,
+        }
+    }
+    eprintln!("20 kills: {incomplete} incomplete recordings replayed to their last chunk, {complete} had finished");
+}
+
+#[test]
+fn disk_full_gives_a_clear_error_and_a_valid_partial_recording() {
+    let mnt = tempfile::tempdir().unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=160k", "tmpfs", mnt.path().to_str().unwrap()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "cannot mount a tmpfs (the test needs root, as CI has)");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.path().to_path_buf());
+    let dir = mnt.path().join("rec");
+    let mut input = Vec::new();
+    for i in 0..4000 {
+        input.extend_from_slice(format!("filling the disk with line {i:05} of the echo workload\n").as_bytes());
+    }
+    input.extend_from_slice(b"quit\n");
+    let img = demo_image();
+    let o = run_with_input(
+        &["record", img.to_str().unwrap(), "--cmdline", "workload=echo", "-o", dir.to_str().unwrap(), "--mem", "4M"],
+        &input,
+    );
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(stderr(&o).contains("No space left on device"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
+    let v = verify(&dir);
+    assert!(!v.intact, "a recording cut short by a full disk must not pass as whole");
+    let r = run_with_input(&["replay", dir.to_str().unwrap()], b"");
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+    assert!(stderr(&r).contains("incomplete"));
+    assert!(stdout(&o).starts_with(&stdout(&r)));
+}
