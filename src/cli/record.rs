@@ -65,6 +65,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         out,
         clock,
         checkpoint_every: a.checkpoint_every,
+        parent: None,
     };
     let s = record(&opts, Box::new(std::io::stdin()), Console::Stdout)?;
     eprintln!(

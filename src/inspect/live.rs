@@ -175,12 +175,14 @@ pub fn record_live(
     };
     state.config.disk = disk.as_ref().map(|d| d.path().to_path_buf());
     let m = Machine::restore(&state, &memory)?;
+    let branched_at = tl.exits();
     drop(tl);
     let image_path = s.rec.dir.join(crate::trace::IMAGE);
     let image_bytes = std::fs::read(&image_path).map_err(|e| Error::Msg(format!("reading {}: {e}", image_path.display())))?;
     let mut config = s.rec.meta.config.clone();
     config.disk = config.disk.as_ref().map(|_| s.rec.dir.join(crate::trace::DISK));
-    let opts = RecordOptions { image: image_path, config, out: out_dir, clock: s.rec.meta.clock, checkpoint_every };
+    let parent = Some(crate::trace::meta::Parent { id: s.rec.meta.id.clone(), exits: branched_at });
+    let opts = RecordOptions { image: image_path, config, out: out_dir, clock: s.rec.meta.clock, checkpoint_every, parent };
     let summary = record::record_from(&opts, &image_bytes, m, input, console, clock)
         .map_err(|e| Error::Msg(format!("recording the live run: {e}")))?;
     drop(disk);

@@ -48,6 +48,8 @@ pub struct RecordOptions {
     pub clock: ClockKind,
     /// Host time between incremental checkpoints; zero disables them.
     pub checkpoint_every: Duration,
+    /// The recording this one continues, if any (written to meta.json).
+    pub parent: Option<trace::meta::Parent>,
 }
 
 #[derive(Debug)]
@@ -274,6 +276,7 @@ fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) ->
         disk,
         host: HostInfo::probe(),
         checkpoint_every_ms: opts.checkpoint_every.as_millis() as u64,
+        parent: opts.parent.clone(),
     };
     meta.write(&dir.join(trace::META))?;
     Ok(meta)

@@ -119,6 +119,9 @@ pub struct ReplayHost {
     /// How this replay reaches precise events: step straight to them, or
     /// land with the (simulated) PMU algorithm.
     pub landing: Option<SimLanding>,
+    /// Set from another thread (e.g. a Ctrl-C handler) to pause the replay
+    /// at the next deterministic point; cleared when honoured.
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Replaying precise events with the PMU clock's landing algorithm over the
@@ -151,8 +154,17 @@ pub enum StopAt {
 }
 
 impl ReplayHost {
+    pub fn set_clock(&mut self, ns: u64) {
+        self.last_clock = ns;
+    }
+
+    /// The last clock value the guest was given (or the checkpoint's clock).
+    pub fn clock_ns(&self) -> u64 {
+        self.last_clock
+    }
+
     pub fn new(rec: Arc<Recording>, next: usize, output_len: u64, sink: Sink) -> ReplayHost {
-        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false, landing: None }
+        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false, landing: None, interrupt: None }
     }
 
     fn next_desc(&self) -> String {
@@ -294,6 +306,7 @@ impl Host for ReplayHost {
         self.last_clock
     }
 
+
     fn clock_read(&mut self, ctx: &PollCtx) -> Result<u64, HostError> {
         self.skip_marks(ctx.exits.saturating_sub(1));
         match self.rec.events.get(self.next) {
@@ -361,6 +374,11 @@ impl Host for ReplayHost {
     fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
         if ctx.guest_caused {
             self.collect(ctx, out, false)?;
+            if let Some(flag) = &self.interrupt {
+                if flag.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    return Ok(Control::Pause);
+                }
+            }
         }
         if let Some(p) = ctx.point() {
             self.last_boundary = Some(p);

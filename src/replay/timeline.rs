@@ -94,12 +94,19 @@ impl Timeline {
         let mut ck = last.expect("at least checkpoint 0");
         ck.header.machine.config.disk = disk.as_ref().map(|d| d.path().to_path_buf());
         let machine = Machine::restore(&ck.header.machine, &memory)?;
-        let host = ReplayHost::new(rec.clone(), ck.header.next_event as usize, ck.header.output_len, sink);
+        let mut host = ReplayHost::new(rec.clone(), ck.header.next_event as usize, ck.header.output_len, sink);
+        host.set_clock(ck.header.machine.clock_ns);
         Ok(Timeline { rec, machine, host, _disk: disk })
     }
 
     pub fn open(rec: Arc<Recording>, sink: Sink) -> Result<Timeline, ReplayError> {
         Timeline::at_checkpoint(rec, 0, sink)
+    }
+
+    /// The guest clock as the guest last saw it (ns): where a live
+    /// continuation's clock should resume.
+    pub fn clock_ns(&self) -> u64 {
+        self.host.clock_ns()
     }
 
     /// Guest-caused exits so far.

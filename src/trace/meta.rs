@@ -75,6 +75,16 @@ pub struct Meta {
     pub disk: Option<FileInfo>,
     pub host: HostInfo,
     pub checkpoint_every_ms: u64,
+    /// When this recording continues another one (going live from a
+    /// replay): that recording's id and the exit count it branched at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<Parent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parent {
+    pub id: String,
+    pub exits: u64,
 }
 
 impl Meta {
