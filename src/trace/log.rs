@@ -401,4 +401,36 @@ mod tests {
             assert!(matches!(r.status, LogStatus::Incomplete { .. }), "flip at byte {i} went unnoticed");
         }
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+            /// The chunk decoder takes any bytes without panicking.
+            #[test]
+            fn decoder_survives_garbage(b in proptest::collection::vec(any::<u8>(), 0..600)) {
+                let r = LogReader::parse(&b, genesis(b"x"));
+                // Garbage never yields events: no chunk can verify by chance.
+                prop_assert!(r.events.is_empty());
+                let complete = r.status == LogStatus::Complete;
+                prop_assert!(!complete);
+            }
+
+            /// Valid logs with random damage: never panics, keeps only a verified prefix.
+            #[test]
+            fn decoder_survives_damage(pos in any::<usize>(), byte in any::<u8>(), cut in any::<usize>()) {
+                let d = tempfile::tempdir().unwrap();
+                let ev = sample(60);
+                let p = write(d.path(), &ev, 25);
+                let mut b = std::fs::read(&p).unwrap();
+                let i = 8 + pos % (b.len() - 8);
+                b[i] = byte;
+                let end = 8 + cut % (b.len() - 7);
+                let r = LogReader::parse(&b[8..end], genesis(b"t"));
+                prop_assert_eq!(&ev[..r.events.len()], &r.events[..]);
+            }
+        }
+    }
 }

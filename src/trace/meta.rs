@@ -119,3 +119,26 @@ pub fn new_id() -> String {
     }
     hex::encode(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+        /// The meta parser answers any file with a Meta or an error, never a panic.
+        #[test]
+        fn meta_parser_survives_anything(s in ".{0,300}", flip in any::<usize>()) {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("meta.json");
+            let mut b = format!(r#"{{"format":"revirt-recording","version":1,"id":"ab",{s}}}"#).into_bytes();
+            let i = flip % b.len();
+            b[i] ^= 0x55;
+            std::fs::write(&p, &b).unwrap();
+            let _ = Meta::read(&p);
+            std::fs::write(&p, s.as_bytes()).unwrap();
+            let _ = Meta::read(&p);
+        }
+    }
+}
