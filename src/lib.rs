@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod doctor;
+pub mod gdb;
 pub mod inspect;
 pub mod record;
 pub mod replay;

@@ -2,6 +2,7 @@
 //! reports here and nowhere else.
 
 mod doctor;
+mod gdb;
 mod inspect;
 mod live;
 mod record;
@@ -36,6 +37,8 @@ enum Cmd {
     Inspect(inspect::Args),
     /// Restore the state at a point of a recording and run on live from there.
     Live(live::Args),
+    /// Serve a replay to GDB (remote protocol) with reverse execution.
+    Gdb(gdb::Args),
 }
 
 /// Exit status when revirt itself fails (bad image, KVM error, ...).
@@ -60,6 +63,7 @@ pub fn main() -> ExitCode {
         Cmd::Doctor(a) => doctor::main(a),
         Cmd::Inspect(a) => inspect::main(a),
         Cmd::Live(a) => live::main(a),
+        Cmd::Gdb(a) => gdb::main(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,586 @@
+//! Time travel over a [`Timeline`]: positions, breakpoints and watchpoints,
+//! forward and reverse stepping and continuing.
+//!
+//! Exactness first: every stop is an instruction boundary reached by
+//! single-stepping (or a guest-caused exit reached by running free), and a
+//! position is remembered as "exit boundary `e`, then `k` single steps", so
+//! going back to it is: restore the checkpoint at or before exit `e`, replay
+//! to exit `e`, step `k` times. See docs/debugging.md.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::clock::{fingerprint, ExecPoint};
+use crate::replay::{Outcome, Recording, ReplayError, Sink, Timeline};
+
+/// Something went wrong below the debugger (KVM, a damaged recording, a divergence).
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+    #[error("replay diverged: {0}")]
+    Diverged(String),
+    #[error("{0}")]
+    Lost(String),
+}
+
+type R<T> = Result<T, SessionError>;
+
+/// What a watchpoint watches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchKind {
+    Write,
+    Read,
+    Access,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watch {
+    pub addr: u64,
+    pub len: u64,
+    pub kind: WatchKind,
+}
+
+/// Why a run stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopWhy {
+    /// One instruction was executed (or undone).
+    Step,
+    /// A breakpoint address was reached.
+    Breakpoint(u64),
+    /// A watched range was written (forward: just after the writing
+    /// instruction; reverse: just before it).
+    Watch { addr: u64, kind: WatchKind },
+    /// The end of the recording (the guest stopped or the log ends).
+    End,
+    /// The start of the recording.
+    Begin,
+    /// The client asked to stop (Ctrl-C).
+    Interrupted,
+}
+
+/// Where the session is: a guest-caused exit count `exits` (the machine as
+/// it is right after that exit), then `steps` single steps; plus the
+/// execution point and register fingerprint found there (a check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pos {
+    pub exits: u64,
+    pub steps: u64,
+    pub point: ExecPoint,
+    pub fp: u64,
+    /// The guest stopped (powered off, panicked) or the log ended here.
+    pub end: bool,
+}
+
+pub struct Session {
+    pub rec: Arc<Recording>,
+    pub tl: Timeline,
+    pos: Pos,
+    /// Why the timeline cannot go forward from here (the end of the recording).
+    pub end_note: Option<String>,
+    pub breakpoints: BTreeSet<u64>,
+    pub watches: Vec<Watch>,
+    /// Polled every `POLL_EVERY` steps during long runs; true = stop now.
+    pub interrupted: Option<Box<dyn FnMut() -> bool>>,
+    /// Steps taken since the session began (for `monitor stats`).
+    pub steps_taken: u64,
+}
+
+const POLL_EVERY: u64 = 512;
+
+impl Session {
+    /// Opens a session at exit `at` (0 = the start of the recording).
+    pub fn open(rec: Arc<Recording>, at: u64) -> R<Session> {
+        let tl = Timeline::open(rec.clone(), Sink::Discard)?;
+        let pos = Pos {
+            exits: 0,
+            steps: 0,
+            point: ExecPoint::default(),
+            fp: 0,
+            end: false,
+        };
+        let mut s = Session {
+            rec,
+            tl,
+            pos,
+            end_note: None,
+            breakpoints: BTreeSet::new(),
+            watches: Vec::new(),
+            interrupted: None,
+            steps_taken: 0,
+        };
+        s.refresh(0, 0)?;
+        if at > 0 {
+            s.goto_exit(at)?;
+        }
+        Ok(s)
+    }
+
+    pub fn pos(&self) -> Pos {
+        self.pos
+    }
+
+    fn refresh(&mut self, exits: u64, steps: u64) -> R<()> {
+        let regs = self
+            .tl
+            .machine
+            .vcpu
+            .regs()
+            .map_err(|e| SessionError::Lost(e.to_string()))?;
+        self.pos = Pos {
+            exits,
+            steps,
+            point: self.tl.position()?,
+            fp: fingerprint(&regs),
+            end: false,
+        };
+        Ok(())
+    }
+
+    fn interrupted(&mut self) -> bool {
+        match &mut self.interrupted {
+            Some(f) => f(),
+            None => false,
+        }
+    }
+
+    /// Goes to the machine state right after guest-caused exit `e` (restoring
+    /// a checkpoint when `e` lies behind us).
+    pub fn goto_exit(&mut self, e: u64) -> R<StopWhy> {
+        if self.pos.exits == e && self.pos.steps == 0 && !self.pos.end {
+            return Ok(StopWhy::Step);
+        }
+        if self.pos.end || e <= self.tl.exits() {
+            let ck = Timeline::nearest_checkpoint(&self.rec, e);
+            self.tl = Timeline::at_checkpoint(self.rec.clone(), ck, Sink::Discard)?;
+            self.end_note = None;
+        }
+        if self.tl.exits() < e {
+            match self.tl.run(Some(e))? {
+                Outcome::Reached => {}
+                other => return self.ended(other),
+            }
+        }
+        self.refresh(e, 0)?;
+        Ok(StopWhy::Step)
+    }
+
+    /// Records that the timeline ran into the end.
+    fn ended(&mut self, o: Outcome) -> R<StopWhy> {
+        let note = match o {
+            Outcome::Finished { stop, problems, .. } if problems.is_empty() => {
+                format!("the guest stopped: {stop:?}")
+            }
+            Outcome::Finished { stop, problems, .. } => {
+                format!("the guest stopped: {stop:?} ({})", problems.join("; "))
+            }
+            Outcome::EndOfRecording(s) => s,
+            Outcome::Diverged(d) => return Err(SessionError::Diverged(d)),
+            Outcome::NotReached(d) => return Err(SessionError::Lost(d)),
+            Outcome::Reached => unreachable!("not an end"),
+        };
+        let exits = self.tl.exits();
+        let steps = if exits == self.pos.exits {
+            self.pos.steps + 1
+        } else {
+            0
+        };
+        self.refresh(exits, steps)?;
+        self.pos.end = true;
+        self.end_note = Some(note);
+        Ok(StopWhy::End)
+    }
+
+    /// One instruction forward. Keeps `pos` as (exit, steps since it).
+    fn step1(&mut self) -> R<StopWhy> {
+        if self.pos.end {
+            return Ok(StopWhy::End);
+        }
+        self.steps_taken += 1;
+        let before = self.pos;
+        match self.tl.step(1)? {
+            Outcome::Reached => {}
+            other => return self.ended(other),
+        }
+        let exits = self.tl.exits();
+        let steps = if exits == before.exits {
+            before.steps + 1
+        } else {
+            0
+        };
+        self.refresh(exits, steps)?;
+        Ok(StopWhy::Step)
+    }
+
+    /// Goes to a position remembered earlier (exit, then steps), and checks
+    /// that it is the same state.
+    pub fn goto(&mut self, p: Pos) -> R<()> {
+        if self.pos == p {
+            return Ok(());
+        }
+        self.goto_exit(p.exits)?;
+        if p.steps > 0 {
+            self.steps_taken += p.steps;
+            match self.tl.step(p.steps)? {
+                Outcome::Reached => self.refresh(p.exits, p.steps)?,
+                other => {
+                    self.ended(other)?;
+                }
+            }
+        }
+        if self.pos.point != p.point || self.pos.fp != p.fp || self.pos.end != p.end {
+            return Err(SessionError::Lost(format!(
+                "went back to exit {} + {} steps expecting {} (fp {:#x}), found {} (fp {:#x})",
+                p.exits, p.steps, p.point, p.fp, self.pos.point, self.pos.fp
+            )));
+        }
+        Ok(())
+    }
+
+    // ---- memory ----
+
+    /// Translates a guest virtual address through the current page tables
+    /// (4-level paging: 4 KiB, 2 MiB and 1 GiB pages).
+    pub fn translate(&self, va: u64) -> Option<u64> {
+        let s = self.tl.machine.vcpu.sregs().ok()?;
+        if s.cr0 & (1 << 31) == 0 {
+            return Some(va);
+        }
+        let mut table = s.cr3 & 0x000f_ffff_ffff_f000;
+        for level in (0..4).rev() {
+            let idx = (va >> (12 + 9 * level)) & 0x1ff;
+            let e: u64 = self
+                .tl
+                .machine
+                .mem
+                .read_obj(GuestAddress(table + idx * 8))
+                .ok()?;
+            if e & 1 == 0 {
+                return None;
+            }
+            let base = e & 0x000f_ffff_ffff_f000;
+            if level == 0 {
+                return Some(base | (va & 0xfff));
+            }
+            if (level == 1 || level == 2) && e & 0x80 != 0 {
+                let size = 1u64 << (12 + 9 * level);
+                return Some((base & !(size - 1)) | (va & (size - 1)));
+            }
+            table = base;
+        }
+        None
+    }
+
+    /// Reads guest virtual memory; returns how many bytes could be read.
+    pub fn read_virt(&self, va: u64, buf: &mut [u8]) -> usize {
+        let mut done = 0;
+        while done < buf.len() {
+            let a = va.wrapping_add(done as u64);
+            let Some(pa) = self.translate(a) else { break };
+            let n = ((0x1000 - (a & 0xfff)) as usize).min(buf.len() - done);
+            if self
+                .tl
+                .machine
+                .mem
+                .read_slice(&mut buf[done..done + n], GuestAddress(pa))
+                .is_err()
+            {
+                break;
+            }
+            done += n;
+        }
+        done
+    }
+
+    fn watched_bytes(&self) -> Vec<Vec<u8>> {
+        self.watches
+            .iter()
+            .map(|w| {
+                let mut b = vec![0u8; w.len as usize];
+                let n = self.read_virt(w.addr, &mut b);
+                b.truncate(n);
+                b
+            })
+            .collect()
+    }
+
+    /// Watches whose bytes changed between `old` and now.
+    fn changed(&self, old: &[Vec<u8>], new: &[Vec<u8>]) -> Option<u64> {
+        self.watches
+            .iter()
+            .zip(old.iter().zip(new))
+            .find(|(w, (a, b))| w.kind != WatchKind::Read && a != b)
+            .map(|(w, _)| w.addr)
+    }
+
+    // ---- forward ----
+
+    pub fn step(&mut self) -> R<StopWhy> {
+        let old = self.watched_bytes();
+        let why = self.step1()?;
+        if why == StopWhy::Step {
+            if let Some(addr) = self.changed(&old, &self.watched_bytes()) {
+                return Ok(StopWhy::Watch {
+                    addr,
+                    kind: WatchKind::Write,
+                });
+            }
+        }
+        Ok(why)
+    }
+
+    /// Runs forward until a breakpoint, a watchpoint, the end, or Ctrl-C.
+    pub fn cont(&mut self) -> R<StopWhy> {
+        if self.pos.end {
+            return Ok(StopWhy::End);
+        }
+        if self.breakpoints.is_empty() && self.watches.is_empty() {
+            return self.run_free();
+        }
+        let mut old = self.watched_bytes();
+        let mut n = 0u64;
+        loop {
+            let why = self.step1()?;
+            if why != StopWhy::Step {
+                return Ok(why);
+            }
+            if !self.watches.is_empty() {
+                let new = self.watched_bytes();
+                if let Some(addr) = self.changed(&old, &new) {
+                    return Ok(StopWhy::Watch {
+                        addr,
+                        kind: WatchKind::Write,
+                    });
+                }
+                old = new;
+            }
+            if self.breakpoints.contains(&self.pos.point.rip) {
+                return Ok(StopWhy::Breakpoint(self.pos.point.rip));
+            }
+            n += 1;
+            if n.is_multiple_of(POLL_EVERY) && self.interrupted() {
+                return Ok(StopWhy::Interrupted);
+            }
+        }
+    }
+
+    /// Nothing to watch for: run at full speed, a chunk of exits at a time
+    /// (so Ctrl-C is noticed between chunks).
+    fn run_free(&mut self) -> R<StopWhy> {
+        loop {
+            let to = self.tl.exits() + 64;
+            match self.tl.run(Some(to))? {
+                Outcome::Reached => self.refresh(to, 0)?,
+                other => return self.ended(other),
+            }
+            if self.interrupted() {
+                return Ok(StopWhy::Interrupted);
+            }
+        }
+    }
+
+    // ---- backward ----
+
+    /// Scans forward from exit boundary `from` up to `until` (a position
+    /// with a later or equal exit count), calling `visit(steps, stop)` for
+    /// each boundary before `until`, where `stop` says whether the step
+    /// from it hit something. Returns the number of steps taken.
+    fn scan(
+        &mut self,
+        from: u64,
+        until: Pos,
+        mut visit: impl FnMut(u64, Option<StopWhy>),
+    ) -> R<Option<u64>> {
+        self.goto_exit(from)?;
+        let mut k = 0u64;
+        let mut old = self.watched_bytes();
+        loop {
+            if self.pos.point == until.point && self.pos.fp == until.fp && self.pos.end == until.end
+            {
+                return Ok(Some(k));
+            }
+            if !until.end && (self.pos.exits > until.exits || self.pos.end) {
+                return Err(SessionError::Lost(format!(
+                    "replaying forward from exit {from} passed {} without reaching it (now at {})",
+                    until.point, self.pos.point
+                )));
+            }
+            if k > 0 && k.is_multiple_of(POLL_EVERY) && self.interrupted() {
+                return Ok(None);
+            }
+            let rip = self.pos.point.rip;
+            let why = self.step1()?;
+            let mut hit = None;
+            if self.breakpoints.contains(&rip) {
+                hit = Some(StopWhy::Breakpoint(rip));
+            }
+            if !self.watches.is_empty() {
+                let new = self.watched_bytes();
+                if let Some(addr) = self.changed(&old, &new) {
+                    hit = Some(StopWhy::Watch {
+                        addr,
+                        kind: WatchKind::Write,
+                    });
+                }
+                old = new;
+            }
+            visit(k, hit);
+            k += 1;
+            if why == StopWhy::End && !until.end {
+                return Err(SessionError::Lost(format!(
+                    "the replay ended before reaching {}",
+                    until.point
+                )));
+            }
+        }
+    }
+
+    /// The position `k` steps after exit boundary `from`.
+    fn goto_steps(&mut self, from: u64, k: u64) -> R<()> {
+        self.goto_exit(from)?;
+        if k > 0 {
+            self.steps_taken += k;
+            match self.tl.step(k)? {
+                Outcome::Reached => {
+                    let exits = self.tl.exits();
+                    // Steps count from the last exit boundary.
+                    if exits == from {
+                        self.refresh(from, k)?;
+                    } else {
+                        // Crossed exits: count the steps again from the last one.
+                        let here = self.tl.position()?;
+                        let fp = fingerprint(
+                            &self
+                                .tl
+                                .machine
+                                .vcpu
+                                .regs()
+                                .map_err(|e| SessionError::Lost(e.to_string()))?,
+                        );
+                        let target = Pos {
+                            exits,
+                            steps: 0,
+                            point: here,
+                            fp,
+                            end: false,
+                        };
+                        let n = self.scan(exits, target, |_, _| {})?.unwrap_or(0);
+                        self.refresh(exits, n)?;
+                    }
+                }
+                other => {
+                    self.ended(other)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The boundary just before the current one.
+    pub fn reverse_step(&mut self) -> R<StopWhy> {
+        let here = self.pos;
+        if here.exits == 0 && here.steps == 0 && !here.end {
+            return Ok(StopWhy::Begin);
+        }
+        let (from, n) = if here.steps > 0 {
+            (here.exits, here.steps)
+        } else {
+            // At an exit boundary (or the end): the previous one lies in an earlier interval.
+            let mut e = if here.end { here.exits } else { here.exits - 1 };
+            loop {
+                let n = self.scan(e, here, |_, _| {})?.unwrap_or(0);
+                if n > 0 {
+                    break (e, n);
+                }
+                if e == 0 {
+                    return Ok(StopWhy::Begin);
+                }
+                e -= 1;
+            }
+        };
+        let old_watch = {
+            self.goto(here)?;
+            self.watched_bytes()
+        };
+        self.goto_steps(from, n - 1)?;
+        if let Some(addr) = self.changed(&self.watched_bytes(), &old_watch) {
+            return Ok(StopWhy::Watch {
+                addr,
+                kind: WatchKind::Write,
+            });
+        }
+        if self.breakpoints.contains(&self.pos.point.rip) {
+            return Ok(StopWhy::Breakpoint(self.pos.point.rip));
+        }
+        Ok(StopWhy::Step)
+    }
+
+    /// Back to the last breakpoint or watchpoint hit before here, or the start.
+    pub fn reverse_cont(&mut self) -> R<StopWhy> {
+        let here = self.pos;
+        if here.exits == 0 && here.steps == 0 && !here.end {
+            return Ok(StopWhy::Begin);
+        }
+        // Windows of exits going back, growing: [lo, hi) then earlier.
+        let mut until = here;
+        let mut hi = here.exits;
+        let mut width = 1u64;
+        let checkpoints: Vec<u64> = self.rec.checkpoints.iter().map(|c| c.1).collect();
+        loop {
+            if hi == 0 && until.steps == 0 && !until.end {
+                // At the very first boundary: nothing earlier.
+                self.goto_exit(0)?;
+                return Ok(StopWhy::Begin);
+            }
+            // Within the current exit interval first, then earlier ones.
+            let mut lo = if until.steps > 0 {
+                hi
+            } else {
+                hi.saturating_sub(width)
+            };
+            // Prefer a checkpoint boundary when one lies in the window (cheap restore).
+            if let Some(&c) = checkpoints.iter().rev().find(|&&c| c >= lo && c < hi) {
+                lo = c;
+            }
+            let mut last: Option<(u64, StopWhy)> = None;
+            let scanned = self.scan(lo, until, |k, hit| {
+                if let Some(h) = hit {
+                    last = Some((k, h));
+                }
+            })?;
+            if scanned.is_none() {
+                return Ok(StopWhy::Interrupted);
+            }
+            if let Some((k, why)) = last {
+                self.goto_steps(lo, k)?;
+                return Ok(why);
+            }
+            if lo == 0 {
+                self.goto_exit(0)?;
+                return Ok(StopWhy::Begin);
+            }
+            if self.interrupted() {
+                return Ok(StopWhy::Interrupted);
+            }
+            hi = lo;
+            until = Pos {
+                exits: lo,
+                steps: 0,
+                ..self.pos_at_exit(lo)?
+            };
+            width = (width * 2).min(1 << 16);
+        }
+    }
+
+    fn pos_at_exit(&mut self, e: u64) -> R<Pos> {
+        self.goto_exit(e)?;
+        Ok(self.pos)
+    }
+
+    /// Event index in the log of the next event to be consumed.
+    pub fn event_index(&self) -> usize {
+        self.tl.host.next
+    }
+}

@@ -1,0 +1,456 @@
+//! `revirt gdb` driven by the real gdb (batch mode) on real KVM: forward and
+//! reverse execution, breakpoints and watchpoints in ring 0 and ring 3, the
+//! forensic demo, and a server that survives bad clients.
+
+mod common;
+use common::*;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn record(dir: &Path, name: &str, cmdline: &str, stdin: &[u8]) -> PathBuf {
+    let out = dir.join(name);
+    let img = demo_image();
+    let o = run_with_input(
+        &[
+            "record",
+            img.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        stdin,
+    );
+    assert!(
+        out.join("meta.json").exists(),
+        "record failed: {}",
+        stderr(&o)
+    );
+    out
+}
+
+fn serve(rec: &Path) -> Server {
+    let mut child = revirt()
+        .args(["gdb", rec.to_str().unwrap(), "--port", "0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn revirt gdb");
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+                let port: u16 = rest.split(';').next().unwrap().parse().unwrap();
+                let _ = tx.send(port);
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server did not start");
+    Server { child, port }
+}
+
+/// Runs gdb in batch mode with these commands after connecting; returns stdout+stderr.
+fn gdb(port: u16, cmds: &[&str]) -> String {
+    let mut c = Command::new("gdb");
+    c.args([
+        "-nx",
+        "-batch",
+        "-ex",
+        "set architecture i386:x86-64",
+        "-ex",
+        "set pagination off",
+    ]);
+    c.args(["-ex", &format!("target remote 127.0.0.1:{port}")]);
+    for x in cmds {
+        c.args(["-ex", x]);
+    }
+    c.arg(demo_image());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = c.spawn().expect("gdb");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        if rx.recv_timeout(Duration::from_secs(240)).is_err() {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    });
+    let o = child.wait_with_output().unwrap();
+    let _ = tx.send(());
+    t.join().unwrap();
+    let s = format!("{}{}", stdout(&o), stderr(&o));
+    eprintln!("---- gdb ----\n{s}-------------");
+    s
+}
+
+/// Values printed with `printf "KEY=%#lx\n", expr`, in order.
+fn values(out: &str, key: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|v| u64::from_str_radix(v.trim().trim_start_matches("0x"), 16).unwrap_or(0))
+        .collect()
+}
+
+fn symbol(name: &str) -> u64 {
+    let o = Command::new("nm").arg(demo_image()).output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && f[2] == name).then(|| u64::from_str_radix(f[0], 16).unwrap())
+        })
+        .unwrap_or_else(|| panic!("no symbol {name}"))
+}
+
+/// (address, text) of each instruction of `func`, from objdump.
+fn disasm(func: &str) -> Vec<(u64, String)> {
+    let o = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(demo_image())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut inside = false;
+    let mut v = Vec::new();
+    for l in text.lines() {
+        if l.ends_with(&format!("<{func}>:")) {
+            inside = true;
+            continue;
+        }
+        if inside {
+            if l.trim().is_empty() {
+                break;
+            }
+            if let Some((a, rest)) = l.trim().split_once(':') {
+                if let Ok(a) = u64::from_str_radix(a, 16) {
+                    v.push((a, rest.trim().to_string()));
+                }
+            }
+        }
+    }
+    v
+}
+
+const PC: &str = "printf \"PC=%#lx\\n\", $pc";
+
+#[test]
+fn stepi_and_reverse_stepi_ring0_and_ring3() {
+    let d = tempfile::tempdir().unwrap();
+    let rec = record(d.path(), "c", "workload=compute iters=20", b"");
+    let s = serve(&rec);
+    let start = disasm("_start");
+    let wl = symbol("wl_compute");
+    let out = gdb(
+        s.port,
+        &[
+            PC,
+            "stepi",
+            PC,
+            "info registers",
+            "stepi",
+            PC,
+            "reverse-stepi",
+            PC,
+            "info registers",
+            // ring 3
+            &format!("break *{wl:#x}"),
+            "continue",
+            PC,
+            "stepi",
+            "stepi",
+            "info registers",
+            "stepi",
+            PC,
+            "reverse-stepi",
+            PC,
+            "info registers",
+        ],
+    );
+    let pcs = values(&out, "PC");
+    assert_eq!(pcs.len(), 7, "{out}");
+    assert_eq!(pcs[0], start[0].0);
+    assert_eq!(
+        pcs[1], start[1].0,
+        "stepi goes to the next instruction of _start (objdump)"
+    );
+    assert_eq!(pcs[2], start[2].0);
+    assert_eq!(pcs[3], start[1].0, "reverse-stepi goes back");
+    assert_eq!(pcs[4], wl, "breakpoint at wl_compute (ring 3)");
+    let regs: Vec<&str> = out
+        .split("rax ")
+        .skip(1)
+        .map(|b| b.split("\ngs ").next().unwrap())
+        .collect();
+    assert_eq!(regs.len(), 4, "{out}");
+    assert_eq!(
+        regs[0], regs[1],
+        "ring 0: registers after reverse-stepi equal those before the stepi"
+    );
+    assert!(
+        regs[0]
+            .lines()
+            .any(|l| l.starts_with("cs") && l.split_whitespace().nth(1) == Some("0x10")),
+        "{}",
+        regs[0]
+    );
+    assert_eq!(pcs[5], disasm("wl_compute")[3].0);
+    assert_eq!(pcs[6], disasm("wl_compute")[2].0);
+    assert_eq!(
+        regs[2], regs[3],
+        "ring 3: registers after reverse-stepi equal those before the stepi"
+    );
+    assert!(
+        regs[2]
+            .lines()
+            .any(|l| l.starts_with("cs") && l.split_whitespace().nth(1) == Some("0x33")),
+        "{}",
+        regs[2]
+    );
+}
+
+#[test]
+fn breakpoints_forward_and_reverse_continue_ring3() {
+    let d = tempfile::tempdir().unwrap();
+    let rec = record(d.path(), "c", "workload=compute iters=20", b"");
+    let s = serve(&rec);
+    // The loop's `add $0x1,%rcx` (i++) inside wl_compute (compute_run inlined).
+    let inc = disasm("wl_compute")
+        .into_iter()
+        .find(|(_, t)| t.starts_with("add") && t.ends_with("$0x1,%rcx"))
+        .unwrap()
+        .0;
+    let out = gdb(
+        s.port,
+        &[
+            "continue", // runs free to the end
+            &format!("break *{inc:#x}"),
+            "reverse-continue",
+            "printf \"RCX=%#lx\\n\", $rcx",
+            PC,
+            "reverse-continue",
+            "printf \"RCX=%#lx\\n\", $rcx",
+            "continue",
+            "printf \"RCX=%#lx\\n\", $rcx",
+            "continue",
+            "delete",
+            "reverse-continue",
+            PC,
+        ],
+    );
+    assert!(out.contains("No more reverse-execution history"), "{out}");
+    let rcx = values(&out, "RCX");
+    assert_eq!(
+        rcx,
+        vec![19, 18, 19],
+        "last hit is the last iteration; the one before is the previous; forward again"
+    );
+    let pcs = values(&out, "PC");
+    assert_eq!(pcs[0], inc);
+    // Forward from the last hit reaches the end, back with no breakpoints reaches the start.
+    assert_eq!(
+        out.matches("No more reverse-execution history").count(),
+        3,
+        "{out}"
+    );
+    assert_eq!(*pcs.last().unwrap(), symbol("_start"));
+}
+
+#[test]
+fn breakpoint_and_watchpoint_ring0() {
+    let d = tempfile::tempdir().unwrap();
+    let rec = record(d.path(), "r", "workload=ring0 iters=30", b"");
+    let s = serve(&rec);
+    let parse = symbol("parse_u64");
+    let out = gdb(
+        s.port,
+        &[
+            &format!("break *{parse:#x}"),
+            "continue",
+            PC,
+            "printf \"CS=%#lx\\n\", $cs",
+            "delete",
+            "continue",
+            "watch -l cfg.iters",
+            "reverse-continue",
+            PC,
+            "printf \"ITERS=%#lx\\n\", cfg.iters",
+            "x/i $pc",
+            "delete",
+            "stepi",
+            "printf \"ITERS=%#lx\\n\", cfg.iters",
+            "reverse-continue",
+        ],
+    );
+    assert_eq!(values(&out, "CS"), vec![0x10]);
+    let pcs = values(&out, "PC");
+    assert_eq!(pcs[0], parse);
+    let kmain = disasm("kmain");
+    assert!(
+        kmain.iter().any(|(a, _)| *a == pcs[1]),
+        "the write to cfg.iters is in kmain: {:#x}",
+        pcs[1]
+    );
+    let it = values(&out, "ITERS");
+    assert_eq!(it.len(), 2, "{out}");
+    assert_ne!(it[0], 30, "before the writing instruction");
+    assert_eq!(it[1], 30, "the instruction stopped at wrote iters=30");
+    assert!(out.contains("No more reverse-execution history"), "{out}");
+}
+
+#[test]
+fn forensic_demo_finds_the_overwrite() {
+    let d = tempfile::tempdir().unwrap();
+    let mut payload = vec![b'0'; 56];
+    payload.extend_from_slice(&0x200000u64.to_le_bytes());
+    payload.push(b'\n');
+    let rec = record(d.path(), "v", "workload=vuln", &payload);
+    let s = serve(&rec);
+    let serve_fn = disasm("serve");
+    let ret = serve_fn
+        .iter()
+        .find(|(_, t)| t.starts_with("ret"))
+        .unwrap()
+        .0;
+    let store = serve_fn
+        .iter()
+        .find(|(_, t)| t.starts_with("mov") && t.contains("%al,-0x31(%rbp,%rbx,1)"))
+        .unwrap()
+        .0;
+    let out = gdb(
+        s.port,
+        &[
+            "continue",
+            PC,
+            // Back to serve's `ret` that jumped to the backdoor.
+            &format!("break *{ret:#x}"),
+            "reverse-continue",
+            PC,
+            "printf \"RET=%#lx\\n\", *(long*)$rsp",
+            "delete",
+            "watch -l *(long*)$rsp",
+            "reverse-continue",
+            PC,
+            "printf \"AL=%#lx\\n\", $al",
+            "x/i $pc",
+            "bt 1",
+        ],
+    );
+    let pcs = values(&out, "PC");
+    assert_eq!(pcs.len(), 3, "{out}");
+    assert_eq!(
+        values(&out, "RET"),
+        vec![0x200000],
+        "the return address was the attacker's"
+    );
+    assert_eq!(pcs[1], ret);
+    assert_eq!(
+        pcs[2], store,
+        "reverse-continue with the watchpoint lands on name[n++] = c"
+    );
+    assert_eq!(
+        values(&out, "AL"),
+        vec![0x20],
+        "the byte it writes is the attacker's 0x20"
+    );
+}
+
+#[test]
+fn bad_clients_do_not_kill_the_server() {
+    let d = tempfile::tempdir().unwrap();
+    let rec = record(d.path(), "c", "workload=compute iters=5", b"");
+    let s = serve(&rec);
+    {
+        let mut t = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let _ = t.write_all(b"$qSupported:xx#00garbage$m12345678,zz#ff+++$vCont;q#");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    {
+        // A client that asks to continue and disconnects while it runs.
+        let mut t = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let _ = t.write_all(b"+$c#63");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = gdb(s.port, &["stepi", PC, "monitor where"]);
+    assert_eq!(values(&out, "PC").len(), 1, "{out}");
+    assert!(out.contains("next event #"), "{out}");
+}
+
+fn packet(body: &str) -> Vec<u8> {
+    let sum = body.bytes().fold(0u8, |a, b| a.wrapping_add(b));
+    format!("${body}#{sum:02x}").into_bytes()
+}
+
+/// Reads from the socket until `pat` shows up (or the time is up).
+fn read_until(t: &mut std::net::TcpStream, pat: &str, secs: u64) -> String {
+    use std::io::Read;
+    t.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let mut got = Vec::new();
+    while std::time::Instant::now() < deadline {
+        let mut b = [0u8; 512];
+        match t.read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&b[..n]),
+            Err(_) => {}
+        }
+        if String::from_utf8_lossy(&got).contains(pat) {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[test]
+fn ctrl_c_interrupts_a_long_continue() {
+    let d = tempfile::tempdir().unwrap();
+    // Long enough that stepping to a breakpoint that is never hit takes minutes.
+    let rec = record(d.path(), "c", "workload=compute iters=2000000", b"");
+    let s = serve(&rec);
+    let mut t = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    t.write_all(&packet("QStartNoAckMode")).unwrap();
+    assert!(read_until(&mut t, "OK", 10).contains("OK"));
+    // A breakpoint nowhere near: `continue` single-steps and checks it.
+    t.write_all(&packet("Z0,123456,1")).unwrap();
+    assert!(read_until(&mut t, "OK", 10).contains("OK"));
+    t.write_all(&packet("vCont;c")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let t0 = std::time::Instant::now();
+    t.write_all(&[0x03]).unwrap();
+    let r = read_until(&mut t, "02", 20);
+    assert!(
+        r.contains("T02") || r.contains("S02"),
+        "a SIGINT stop reply: {r:?}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stopped promptly: {:?}",
+        t0.elapsed()
+    );
+    // Still usable: read the registers.
+    t.write_all(&packet("g")).unwrap();
+    let g = read_until(&mut t, "#", 10);
+    assert!(g.len() > 100, "{g:?}");
+}
