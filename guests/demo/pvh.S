@@ -54,6 +54,22 @@ pvh_start:
 	out %al, $0x21
 	out %al, $0xa1
 
+	/* Command line: copy start_info.cmdline_paddr (offset 24) to a scratch
+	 * buffer at 0x60000 first (start_info and the command line may lie in
+	 * the area cleared below), then to 0x4000. ECX = its length. */
+	xor %ecx, %ecx
+	mov 24(%esi), %ebx
+	test %ebx, %ebx
+	jz 3f
+2:	mov (%ebx, %ecx), %al
+	test %al, %al
+	jz 3f
+	mov %al, 0x60000(%ecx)
+	inc %ecx
+	cmp $4095, %ecx
+	jb 2b
+3:	mov %ecx, %ebp
+
 	/* Zero 0x1000..0x10000 (GDT, TSS, boot info, cmdline, page tables). */
 	mov $0x1000, %edi
 	mov $((0x10000 - 0x1000) / 4), %ecx
@@ -90,24 +106,16 @@ pvh_start:
 	cmp $(PVH_MEM_SIZE | 0x87), %eax
 	jb 1b
 
-	/* Command line: copy start_info.cmdline_paddr (offset 24) to 0x4000. */
-	xor %ecx, %ecx
-	mov 24(%esi), %ebx
-	test %ebx, %ebx
-	jz 3f
-2:	mov (%ebx, %ecx), %al
-	test %al, %al
-	jz 3f
-	mov %al, CMDLINE(%ecx)
-	inc %ecx
-	cmp $4095, %ecx
-	jb 2b
-3:	/* Boot info (struct revirt_boot_info). */
+	mov $0x60000, %esi
+	mov $CMDLINE, %edi
+	mov %ebp, %ecx
+	rep movsb
+	/* Boot info (struct revirt_boot_info). */
 	movl $0x49425652, BOOT_INFO + 0
 	movl $1, BOOT_INFO + 4
 	movl $PVH_MEM_SIZE, BOOT_INFO + 8
 	movl $CMDLINE, BOOT_INFO + 16
-	mov %ecx, BOOT_INFO + 24
+	mov %ebp, BOOT_INFO + 24
 	movl $GDT, BOOT_INFO + 32
 	movl $TSS, BOOT_INFO + 40
 	movl $PML4, BOOT_INFO + 48
