@@ -18,6 +18,7 @@ struct config {
     u64 hz;                           /* hz=N, timer frequency for race */
     u64 exits;                        /* exits=K, race: a port read in every K-th racy window */
     u64 status;                       /* status=N, for the exit workload */
+    u64 pages;                        /* pages=N, for the dirty workload */
 };
 extern struct config cfg;
 

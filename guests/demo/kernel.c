@@ -9,6 +9,7 @@ struct config cfg = {
     .workload = "demo",
     .hz = 1000,
     .status = 7,
+    .pages = 1024,
 };
 
 static int is_space(char c)
@@ -81,6 +82,8 @@ static void parse_cmdline(const char *s)
             cfg.exits = parse_u64(v, s);
         } else if (key_is(k, eq, "status")) {
             cfg.status = parse_u64(v, s);
+        } else if (key_is(k, eq, "pages")) {
+            cfg.pages = parse_u64(v, s);
         }
     }
 }

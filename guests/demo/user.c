@@ -43,6 +43,8 @@ static int run_workload(const char *w)
         return wl_clock(iters_or(CLOCK_ITERS));
     if (str_eq(w, "exit"))
         return wl_exit();
+    if (str_eq(w, "dirty"))
+        return wl_dirty(iters_or(DIRTY_ROUNDS), cfg.pages);
     con_printf("revirt-demo: unknown workload '%s'\n", w);
     return 2;
 }

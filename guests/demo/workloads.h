@@ -8,6 +8,7 @@
 #define DEMO_COMPUTE_ITERS 20000000ULL
 #define RACE_ITERS 2000000ULL
 #define CLOCK_ITERS 10000000ULL
+#define DIRTY_ROUNDS 1000ULL
 
 int wl_compute(u64 iters);
 int wl_clock(u64 iters);
@@ -15,5 +16,6 @@ int wl_race(u64 iters, u64 hz, u64 exits);
 int wl_echo(void);
 int wl_disk(void);
 int wl_vuln(void);
+int wl_dirty(u64 rounds, u64 pages);
 
 #endif
