@@ -402,25 +402,33 @@ fn packet(body: &str) -> Vec<u8> {
     format!("${body}#{sum:02x}").into_bytes()
 }
 
-/// Reads from the socket until `pat` shows up (or the time is up).
-fn read_until(t: &mut std::net::TcpStream, pat: &str, secs: u64) -> String {
+/// Reads from the socket until a whole packet (`$...#xx`) has arrived;
+/// returns its body (acks and notifications before it are skipped).
+fn read_packet(t: &mut std::net::TcpStream, secs: u64) -> String {
     use std::io::Read;
     t.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(secs);
     let mut got = Vec::new();
     while std::time::Instant::now() < deadline {
-        let mut b = [0u8; 512];
+        if let Some(start) = got.iter().position(|&b| b == b'$') {
+            if let Some(h) = got[start..].iter().position(|&b| b == b'#') {
+                if got.len() >= start + h + 3 {
+                    return String::from_utf8_lossy(&got[start + 1..start + h]).into_owned();
+                }
+            }
+        }
+        let mut b = [0u8; 1];
         match t.read(&mut b) {
             Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&b[..n]),
+            Ok(_) => got.push(b[0]),
             Err(_) => {}
         }
-        if String::from_utf8_lossy(&got).contains(pat) {
-            break;
-        }
     }
-    String::from_utf8_lossy(&got).into_owned()
+    panic!(
+        "no whole packet within {secs} s: {:?}",
+        String::from_utf8_lossy(&got)
+    );
 }
 
 #[test]
@@ -431,17 +439,17 @@ fn ctrl_c_interrupts_a_long_continue() {
     let s = serve(&rec);
     let mut t = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     t.write_all(&packet("QStartNoAckMode")).unwrap();
-    assert!(read_until(&mut t, "OK", 10).contains("OK"));
+    assert_eq!(read_packet(&mut t, 10), "OK");
     // A breakpoint nowhere near: `continue` single-steps and checks it.
     t.write_all(&packet("Z0,123456,1")).unwrap();
-    assert!(read_until(&mut t, "OK", 10).contains("OK"));
+    assert_eq!(read_packet(&mut t, 10), "OK");
     t.write_all(&packet("vCont;c")).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let t0 = std::time::Instant::now();
     t.write_all(&[0x03]).unwrap();
-    let r = read_until(&mut t, "02", 20);
+    let r = read_packet(&mut t, 20);
     assert!(
-        r.contains("T02") || r.contains("S02"),
+        r.starts_with("T02") || r.starts_with("S02"),
         "a SIGINT stop reply: {r:?}"
     );
     assert!(
@@ -451,6 +459,60 @@ fn ctrl_c_interrupts_a_long_continue() {
     );
     // Still usable: read the registers.
     t.write_all(&packet("g")).unwrap();
-    let g = read_until(&mut t, "#", 10);
-    assert!(g.len() > 100, "{g:?}");
+    let g = read_packet(&mut t, 10);
+    assert!(g.len() > 50 && !g.starts_with('E'), "{g:?}");
+}
+
+#[test]
+fn read_and_access_watchpoints_and_reverse_breakpoint_ring0() {
+    let d = tempfile::tempdir().unwrap();
+    let rec = record(d.path(), "r", "workload=ring0 iters=30", b"");
+    let s = serve(&rec);
+    let parse = symbol("parse_u64");
+    let out = gdb(
+        s.port,
+        &[
+            "rwatch cfg.iters",
+            "continue", // stops just after the instruction that read it
+            PC,
+            "delete",
+            "continue", // to the end
+            &format!("break *{parse:#x}"),
+            "reverse-continue", // the last (only) call of parse_u64
+            PC,
+            "delete",
+            "continue",
+            "awatch cfg.iters",
+            "reverse-continue", // the last access: the read in ring0_main
+            PC,
+            "reverse-continue", // the access before: the write in kmain
+            PC,
+        ],
+    );
+    let pcs = values(&out, "PC");
+    assert_eq!(pcs.len(), 4, "{out}");
+    let ring0_main = disasm("ring0_main");
+    let read = ring0_main
+        .iter()
+        .position(|(_, t)| t.contains("<cfg+0x40>"))
+        .expect("ring0_main reads cfg.iters");
+    assert_eq!(
+        pcs[0],
+        ring0_main[read + 1].0,
+        "forward read watchpoint: just after the reader"
+    );
+    assert_eq!(pcs[1], parse, "reverse-continue to a ring-0 breakpoint");
+    assert_eq!(
+        pcs[2], ring0_main[read].0,
+        "reverse access watchpoint: at the reader"
+    );
+    let kmain = disasm("kmain");
+    let w = kmain
+        .iter()
+        .find(|(a, _)| *a == pcs[3])
+        .expect("the write is in kmain");
+    assert!(
+        w.1.starts_with("mov") && w.1.contains("<cfg+0x40>"),
+        "{w:?}"
+    );
 }

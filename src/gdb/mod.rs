@@ -266,8 +266,8 @@ impl HwWatchpoint for Target64 {
     ) -> TargetResult<bool, Self> {
         let kind = match kind {
             GdbWatchKind::Write => WatchKind::Write,
-            // Read watchpoints need each instruction's memory operands; not yet.
-            GdbWatchKind::Read | GdbWatchKind::ReadWrite => return Ok(false),
+            GdbWatchKind::Read => WatchKind::Read,
+            GdbWatchKind::ReadWrite => WatchKind::Access,
         };
         if len == 0 || len > 4096 {
             return Ok(false);

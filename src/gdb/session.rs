@@ -315,11 +315,103 @@ impl Session {
             .map(|(w, _)| w.addr)
     }
 
+    /// Read and access watchpoints that the instruction at RIP touches
+    /// (decoded with iced-x86: explicit operands and implicit stack
+    /// accesses, addresses computed from the current registers).
+    fn touched(&self) -> Option<(u64, WatchKind)> {
+        use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory, OpAccess, Register};
+        if !self.watches.iter().any(|w| w.kind != WatchKind::Write) {
+            return None;
+        }
+        let v = &self.tl.machine.vcpu;
+        let (r, sr) = (v.regs().ok()?, v.sregs().ok()?);
+        let mut code = [0u8; 15];
+        let n = self.read_virt(r.rip, &mut code);
+        let bits = if sr.cs.l != 0 {
+            64
+        } else if sr.cs.db != 0 {
+            32
+        } else {
+            16
+        };
+        let mut dec = Decoder::with_ip(bits, &code[..n], r.rip, DecoderOptions::NONE);
+        let ins = dec.decode();
+        if ins.is_invalid() {
+            return None;
+        }
+        let mut f = InstructionInfoFactory::new();
+        let info = f.info(&ins);
+        let value = |reg: Register, _: usize, _: usize| -> Option<u64> {
+            let full = match reg.full_register() {
+                Register::RAX => r.rax,
+                Register::RBX => r.rbx,
+                Register::RCX => r.rcx,
+                Register::RDX => r.rdx,
+                Register::RSI => r.rsi,
+                Register::RDI => r.rdi,
+                Register::RSP => r.rsp,
+                Register::RBP => r.rbp,
+                Register::R8 => r.r8,
+                Register::R9 => r.r9,
+                Register::R10 => r.r10,
+                Register::R11 => r.r11,
+                Register::R12 => r.r12,
+                Register::R13 => r.r13,
+                Register::R14 => r.r14,
+                Register::R15 => r.r15,
+                Register::RIP => r.rip,
+                Register::FS => sr.fs.base,
+                Register::GS => sr.gs.base,
+                Register::ES | Register::CS | Register::SS | Register::DS => 0,
+                _ => return None,
+            };
+            Some(match reg.size() {
+                1 => full & 0xff,
+                2 => full & 0xffff,
+                4 => full & 0xffff_ffff,
+                _ => full,
+            })
+        };
+        for m in info.used_memory() {
+            let Some(addr) = m.virtual_address(0, value) else {
+                continue;
+            };
+            let size = m.memory_size().size().max(1) as u64;
+            let reads = matches!(
+                m.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+            );
+            let writes = matches!(
+                m.access(),
+                OpAccess::Write
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadWrite
+                    | OpAccess::ReadCondWrite
+            );
+            for w in &self.watches {
+                let overlaps = addr < w.addr + w.len && w.addr < addr + size;
+                let hit = match w.kind {
+                    WatchKind::Read => reads,
+                    WatchKind::Access => reads || writes,
+                    WatchKind::Write => false,
+                };
+                if overlaps && hit {
+                    return Some((w.addr, w.kind));
+                }
+            }
+        }
+        None
+    }
+
     // ---- forward ----
 
     pub fn step(&mut self) -> R<StopWhy> {
         let old = self.watched_bytes();
+        let touched = self.touched();
         let why = self.step1()?;
+        if let (StopWhy::Step, Some((addr, kind))) = (&why, touched) {
+            return Ok(StopWhy::Watch { addr, kind });
+        }
         if why == StopWhy::Step {
             if let Some(addr) = self.changed(&old, &self.watched_bytes()) {
                 return Ok(StopWhy::Watch {
@@ -342,9 +434,13 @@ impl Session {
         let mut old = self.watched_bytes();
         let mut n = 0u64;
         loop {
+            let touched = self.touched();
             let why = self.step1()?;
             if why != StopWhy::Step {
                 return Ok(why);
+            }
+            if let Some((addr, kind)) = touched {
+                return Ok(StopWhy::Watch { addr, kind });
             }
             if !self.watches.is_empty() {
                 let new = self.watched_bytes();
@@ -411,8 +507,9 @@ impl Session {
                 return Ok(None);
             }
             let rip = self.pos.point.rip;
+            let touched = self.touched();
             let why = self.step1()?;
-            let mut hit = None;
+            let mut hit = touched.map(|(addr, kind)| StopWhy::Watch { addr, kind });
             if self.breakpoints.contains(&rip) {
                 hit = Some(StopWhy::Breakpoint(rip));
             }
@@ -505,6 +602,9 @@ impl Session {
             self.watched_bytes()
         };
         self.goto_steps(from, n - 1)?;
+        if let Some((addr, kind)) = self.touched() {
+            return Ok(StopWhy::Watch { addr, kind });
+        }
         if let Some(addr) = self.changed(&self.watched_bytes(), &old_watch) {
             return Ok(StopWhy::Watch {
                 addr,
