@@ -90,9 +90,16 @@ struct RecordHost<'a> {
     starving_since: Option<Instant>,
     max_irq_delay: Duration,
     warned_starving: bool,
+    /// Instruction boundaries seen since the last timer interrupt (stepped clocks).
+    steps_since_tick: u64,
 }
 
 const MARK_EVERY: Duration = Duration::from_millis(100);
+/// While single-stepping, the guest runs ~10^4 times slower than real time,
+/// so a host-time timer could fire again before its handler returns and
+/// starve the guest forever. Stepped recordings therefore let at least this
+/// many instructions pass between two timer interrupts.
+const MIN_STEPS_PER_TICK: u64 = 500;
 const STARVE_WARN: Duration = Duration::from_millis(100);
 
 impl RecordHost<'_> {
@@ -144,6 +151,13 @@ impl Host for RecordHost<'_> {
             return Ok(Control::Continue);
         }
         self.inner.poll(ctx, out)?;
+        if self.clock.is_precise() {
+            self.steps_since_tick += 1;
+            if self.steps_since_tick < MIN_STEPS_PER_TICK {
+                // Not yet: the timer stays due (its deadline did not move) and comes back.
+                out.retain(|a| !matches!(a, Async::Timer { .. }));
+            }
+        }
         if self.last_event.elapsed() >= MARK_EVERY {
             self.log(Event::Mark { exits: ctx.exits });
         }
@@ -161,6 +175,7 @@ impl Host for RecordHost<'_> {
         for e in events {
             match e {
                 Async::Timer { now_ns } => {
+                    self.steps_since_tick = 0;
                     if let Some(since) = self.starving_since.take() {
                         let d = since.elapsed();
                         self.max_irq_delay = self.max_irq_delay.max(d);
@@ -335,6 +350,7 @@ fn session(
         starving_since: None,
         max_irq_delay: Duration::ZERO,
         warned_starving: false,
+        steps_since_tick: 0,
     };
 
     let regs = m.vcpu.regs().map_err(MachineError::from)?;
