@@ -355,10 +355,19 @@ fn forensic_demo_finds_the_overwrite() {
             "printf \"AL=%#lx\\n\", $al",
             "x/i $pc",
             "bt 1",
+            // gdb's own reverse commands on top of bs/bc: out of serve, back
+            // over the call before it, and forward again.
+            "delete",
+            "reverse-finish",
+            PC,
+            "reverse-next",
+            PC,
+            "next",
+            PC,
         ],
     );
     let pcs = values(&out, "PC");
-    assert_eq!(pcs.len(), 3, "{out}");
+    assert_eq!(pcs.len(), 6, "{out}");
     assert_eq!(
         values(&out, "RET"),
         vec![0x200000],
@@ -374,6 +383,27 @@ fn forensic_demo_finds_the_overwrite() {
         vec![0x20],
         "the byte it writes is the attacker's 0x20"
     );
+    let wl = disasm("wl_vuln");
+    let call_serve = wl
+        .iter()
+        .find(|(_, t)| t.starts_with("call") && t.contains("<serve>"))
+        .unwrap()
+        .0;
+    let call_puts = wl
+        .iter()
+        .find(|(_, t)| t.starts_with("call") && t.contains("<con_puts>"))
+        .unwrap()
+        .0;
+    assert_eq!(
+        pcs[3], call_serve,
+        "reverse-finish stops at the call of serve"
+    );
+    assert!(
+        pcs[4] < call_puts && pcs[4] >= wl[0].0,
+        "reverse-next goes back over con_puts: {:#x}",
+        pcs[4]
+    );
+    assert_eq!(pcs[5], pcs[3], "next comes forward to the call again");
 }
 
 #[test]

@@ -129,10 +129,15 @@ impl Session {
             .vcpu
             .regs()
             .map_err(|e| SessionError::Lost(e.to_string()))?;
+        let m = &self.tl.machine;
         self.pos = Pos {
             exits,
             steps,
-            point: self.tl.position()?,
+            point: ExecPoint {
+                exits: m.exits,
+                branches: m.branches,
+                rip: regs.rip,
+            },
             fp: fingerprint(&regs),
             end: false,
         };
@@ -193,6 +198,36 @@ impl Session {
         Ok(StopWhy::End)
     }
 
+    /// True when the instruction at RIP makes a guest-caused exit (port
+    /// I/O, `hlt`) and no interrupt can come first: such an instruction
+    /// ends its exit interval, and is executed by running to that exit
+    /// rather than by single-stepping, so the exit (and any input the
+    /// recording delivers there) is handled exactly as when recording.
+    fn exits_next(&self) -> bool {
+        use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+        if self.tl.machine.devices.pic.next_vector().is_some() {
+            return false;
+        }
+        let Ok(r) = self.tl.machine.vcpu.regs() else {
+            return false;
+        };
+        let mut code = [0u8; 15];
+        let n = self.read_virt(r.rip, &mut code);
+        let ins = Decoder::with_ip(64, &code[..n], r.rip, DecoderOptions::NONE).decode();
+        matches!(
+            ins.mnemonic(),
+            Mnemonic::In
+                | Mnemonic::Out
+                | Mnemonic::Hlt
+                | Mnemonic::Insb
+                | Mnemonic::Insw
+                | Mnemonic::Insd
+                | Mnemonic::Outsb
+                | Mnemonic::Outsw
+                | Mnemonic::Outsd
+        )
+    }
+
     /// One instruction forward. Keeps `pos` as (exit, steps since it).
     fn step1(&mut self) -> R<StopWhy> {
         if self.pos.end {
@@ -200,7 +235,13 @@ impl Session {
         }
         self.steps_taken += 1;
         let before = self.pos;
-        match self.tl.step(1)? {
+        let outcome = if self.exits_next() {
+            let to = self.tl.exits() + 1;
+            self.tl.run(Some(to))?
+        } else {
+            self.tl.step(1)?
+        };
+        match outcome {
             Outcome::Reached => {}
             other => return self.ended(other),
         }
@@ -480,14 +521,14 @@ impl Session {
     // ---- backward ----
 
     /// Scans forward from exit boundary `from` up to `until` (a position
-    /// with a later or equal exit count), calling `visit(steps, stop)` for
-    /// each boundary before `until`, where `stop` says whether the step
+    /// with a later or equal exit count), calling `visit(pos, hit)` for
+    /// each boundary before `until`, where `hit` says whether the step
     /// from it hit something. Returns the number of steps taken.
     fn scan(
         &mut self,
         from: u64,
         until: Pos,
-        mut visit: impl FnMut(u64, Option<StopWhy>),
+        mut visit: impl FnMut(Pos, Option<StopWhy>),
     ) -> R<Option<u64>> {
         self.goto_exit(from)?;
         let mut k = 0u64;
@@ -506,7 +547,8 @@ impl Session {
             if k > 0 && k.is_multiple_of(POLL_EVERY) && self.interrupted() {
                 return Ok(None);
             }
-            let rip = self.pos.point.rip;
+            let at = self.pos;
+            let rip = at.point.rip;
             let touched = self.touched();
             let why = self.step1()?;
             let mut hit = touched.map(|(addr, kind)| StopWhy::Watch { addr, kind });
@@ -523,7 +565,7 @@ impl Session {
                 }
                 old = new;
             }
-            visit(k, hit);
+            visit(at, hit);
             k += 1;
             if why == StopWhy::End && !until.end {
                 return Err(SessionError::Lost(format!(
@@ -534,74 +576,48 @@ impl Session {
         }
     }
 
-    /// The position `k` steps after exit boundary `from`.
-    fn goto_steps(&mut self, from: u64, k: u64) -> R<()> {
-        self.goto_exit(from)?;
-        if k > 0 {
-            self.steps_taken += k;
-            match self.tl.step(k)? {
-                Outcome::Reached => {
-                    let exits = self.tl.exits();
-                    // Steps count from the last exit boundary.
-                    if exits == from {
-                        self.refresh(from, k)?;
-                    } else {
-                        // Crossed exits: count the steps again from the last one.
-                        let here = self.tl.position()?;
-                        let fp = fingerprint(
-                            &self
-                                .tl
-                                .machine
-                                .vcpu
-                                .regs()
-                                .map_err(|e| SessionError::Lost(e.to_string()))?,
-                        );
-                        let target = Pos {
-                            exits,
-                            steps: 0,
-                            point: here,
-                            fp,
-                            end: false,
-                        };
-                        let n = self.scan(exits, target, |_, _| {})?.unwrap_or(0);
-                        self.refresh(exits, n)?;
-                    }
-                }
-                other => {
-                    self.ended(other)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// The boundary just before the current one.
     pub fn reverse_step(&mut self) -> R<StopWhy> {
         let here = self.pos;
         if here.exits == 0 && here.steps == 0 && !here.end {
             return Ok(StopWhy::Begin);
         }
-        let (from, n) = if here.steps > 0 {
-            (here.exits, here.steps)
+        let old_watch = self.watched_bytes();
+        if here.steps > 0 && !here.end {
+            // Inside an exit interval: the same exit boundary, one step fewer
+            // (no exit can lie in between: an exiting instruction ends its interval).
+            self.goto_exit(here.exits)?;
+            let k = here.steps - 1;
+            if k > 0 {
+                self.steps_taken += k;
+                match self.tl.step(k)? {
+                    Outcome::Reached => self.refresh(here.exits, k)?,
+                    other => {
+                        self.ended(other)?;
+                        return Err(SessionError::Lost(format!(
+                            "could not step back to exit {} + {k} steps",
+                            here.exits
+                        )));
+                    }
+                }
+            }
         } else {
-            // At an exit boundary (or the end): the previous one lies in an earlier interval.
+            // At an exit boundary (or the end): the previous boundary lies in an earlier interval.
             let mut e = if here.end { here.exits } else { here.exits - 1 };
-            loop {
-                let n = self.scan(e, here, |_, _| {})?.unwrap_or(0);
-                if n > 0 {
-                    break (e, n);
+            let prev = loop {
+                let mut last = None;
+                self.scan(e, here, |p, _| last = Some(p))?;
+                if let Some(p) = last {
+                    break p;
                 }
                 if e == 0 {
+                    self.goto(here)?;
                     return Ok(StopWhy::Begin);
                 }
                 e -= 1;
-            }
-        };
-        let old_watch = {
-            self.goto(here)?;
-            self.watched_bytes()
-        };
-        self.goto_steps(from, n - 1)?;
+            };
+            self.goto(prev)?;
+        }
         if let Some((addr, kind)) = self.touched() {
             return Ok(StopWhy::Watch { addr, kind });
         }
@@ -644,17 +660,17 @@ impl Session {
             if let Some(&c) = checkpoints.iter().rev().find(|&&c| c >= lo && c < hi) {
                 lo = c;
             }
-            let mut last: Option<(u64, StopWhy)> = None;
-            let scanned = self.scan(lo, until, |k, hit| {
+            let mut last: Option<(Pos, StopWhy)> = None;
+            let scanned = self.scan(lo, until, |p, hit| {
                 if let Some(h) = hit {
-                    last = Some((k, h));
+                    last = Some((p, h));
                 }
             })?;
             if scanned.is_none() {
                 return Ok(StopWhy::Interrupted);
             }
-            if let Some((k, why)) = last {
-                self.goto_steps(lo, k)?;
+            if let Some((p, why)) = last {
+                self.goto(p)?;
                 return Ok(why);
             }
             if lo == 0 {
