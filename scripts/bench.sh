@@ -203,9 +203,9 @@ res["time_travel"] = {"recording_exits": E, "recording_checkpoints": st["checkpo
 print(f"  {res['time_travel']}", file=sys.stderr)
 
 # ---------------------------------------------------------------- QEMU
-QITERS = int(os.environ.get("QEMU_ITERS", "20000000"))
-QCL = f"workload=compute iters={QITERS}"
-if QEMU:
+res["qemu"] = []
+for QITERS in [int(x) for x in os.environ.get("QEMU_ITERS", "20000000,200000000").split(",")] if QEMU else []:
+    QCL = f"workload=compute iters={QITERS}"
     section(f"QEMU TCG rr vs revirt, {QCL}")
     qbase = [QEMU, "-kernel", G, "-append", QCL, "-m", "64M", "-display", "none", "-serial", "stdio",
              "-monitor", "none", "-net", "none", "-device", "isa-debug-exit,iobase=0x550,iosize=4"]
@@ -230,7 +230,7 @@ if QEMU:
               qemu_replay_over_revirt_replay=qm["replay"] / qm["revirt_replay"],
               qemu_record_over_revirt_record_cpu=qm["record_cpu"] / qm["revirt_record_cpu"],
               qemu_replay_over_revirt_replay_cpu=qm["replay_cpu"] / qm["revirt_replay_cpu"])
-    res["qemu"] = qm
+    res["qemu"].append(qm)
     print(f"  {qm}", file=sys.stderr)
 
 json.dump(res, open(os.path.join(OUT, "bench.json"), "w"), indent=1)
@@ -253,11 +253,11 @@ T.append(("full checkpoint 0 (slope 64M->512M)", f"wall {f(full['ms_per_1000_pag
 tt = res["time_travel"]
 T.append(("seek --to EXITS (median / p95 over depths)", f"{f(tt['seek_median_s']*1000,0)} / {f(tt['seek_p95_s']*1000,0)} ms", "reverse-stepi <= 50 ms median"))
 T.append(("seek to 90%: from nearest ckpt / from start / full replay", f"{f(tt['to_late_from_nearest_s'],3)} / {f(tt['to_late_from_start_s'],3)} / {f(tt['forward_replay_s'],3)} s", "-"))
-if "qemu" in res:
-    qm = res["qemu"]
+for qm in res.get("qemu", []):
+    QCL = qm["cmdline"]
     T.append((f"QEMU rr=record / revirt record ({QCL})", f"wall {f(qm['record'],3)}/{f(qm['revirt_record'],3)} s = {f(qm['qemu_record_over_revirt_record'],1)}x; cpu {f(qm['qemu_record_over_revirt_record_cpu'],1)}x", ">= 20x"))
     T.append((f"QEMU rr=replay / revirt replay", f"wall {f(qm['replay'],3)}/{f(qm['revirt_replay'],3)} s = {f(qm['qemu_replay_over_revirt_replay'],1)}x; cpu {f(qm['qemu_replay_over_revirt_replay_cpu'],1)}x", "-"))
-    T.append(("QEMU plain TCG / revirt run", f"{f(qm['plain'],3)} / {f(qm['revirt_run'],3)} s", "-"))
+    T.append(("QEMU plain TCG / revirt run", f"{f(qm['plain'],3)} / {f(qm['revirt_run'],3)} s; same output: {qm['same_output']}", "-"))
 w = max(len(a) for a, _, _ in T); v = max(len(b) for _, b, _ in T)
 print(f"\nrevirt bench, {res['date']}, median of {REPS}; JSON: {os.path.relpath(OUT)}/bench.json")
 print(f"| {'what':{w}} | {'measured':{v}} | target |")
