@@ -284,7 +284,7 @@ impl ReplayHost {
             let now = if !self.stepped() {
                 at.exits == ctx.exits
             } else if waiting {
-                at.exits == ctx.exits && at.branches == 0
+                at.exits == ctx.exits && at.branches == 0 && ctx.rip.is_none_or(|r| r == at.rip)
             } else {
                 ctx.point() == Some(at) && ctx.fp == Some(fp)
             };

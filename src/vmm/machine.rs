@@ -350,7 +350,9 @@ impl Machine {
         if self.devices.wake_pending() {
             return Ok(());
         }
-        let ctx = self.ctx(true);
+        // A precise host needs to know exactly where the guest waits: events
+        // that arrive now belong to this boundary, not to later ones.
+        let ctx = if host.precise(self.exits) { self.precise_ctx(None)? } else { self.ctx(true) };
         let mut asyncs = std::mem::take(&mut self.asyncs);
         let r = host.wait(&ctx, &mut asyncs);
         self.asyncs = asyncs;
