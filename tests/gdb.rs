@@ -546,3 +546,51 @@ fn read_and_access_watchpoints_and_reverse_breakpoint_ring0() {
         "{w:?}"
     );
 }
+
+#[test]
+fn step_clock_recording_back_and_forth_is_exact() {
+    // Timer interrupts land at arbitrary ring-3 instructions (step clock).
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("race");
+    let img = demo_image();
+    let o = run_with_input(
+        &[
+            "record",
+            img.to_str().unwrap(),
+            "--cmdline",
+            "workload=race iters=300 hz=1000",
+            "--clock",
+            "step",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = serve(&out);
+    let out = gdb(
+        s.port,
+        &[
+            "break race_loop",
+            "continue",
+            "delete",
+            "stepi 3000",
+            "info registers",
+            "reverse-stepi",
+            "info registers",
+            "stepi",
+            "info registers",
+        ],
+    );
+    let regs: Vec<&str> = out
+        .split("rax ")
+        .skip(1)
+        .map(|b| b.split("\ngs ").next().unwrap())
+        .collect();
+    assert_eq!(regs.len(), 3, "{out}");
+    assert_ne!(regs[0], regs[1], "reverse-stepi moved");
+    assert_eq!(
+        regs[0], regs[2],
+        "back and forth again: identical registers"
+    );
+}
