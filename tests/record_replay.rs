@@ -277,7 +277,7 @@ fn events(dir: &Path) -> Vec<Event> {
 #[test]
 fn step_clock_race_interrupts_land_mid_block_and_replay_exactly() {
     let (_d, dir) = tmp();
-    let (r, _) = round_trip(&dir, "workload=race iters=150 hz=1000", &["--clock", "step", "--checkpoint-every", "300ms"], b"");
+    let (r, _) = round_trip(&dir, "workload=race iters=150 hz=1000", &["--clock", "step", "--checkpoint-every", "100ms"], b"");
     let line = stdout(&r).lines().find(|l| l.starts_with("race:")).unwrap().to_string();
     assert!(field(&line, "ticks").unwrap().parse::<u64>().unwrap() > 0, "{line}");
     // Timer interrupts recorded between exits, inside the ring-3 racing loop.
@@ -290,6 +290,13 @@ fn step_clock_race_interrupts_land_mid_block_and_replay_exactly() {
         })
         .collect();
     assert!(!mid_block.is_empty(), "no timer interrupt landed inside race_loop between exits");
+    // Checkpoints of a stepped recording sit mid-interval: replay from the last one.
+    let n = std::fs::read_dir(dir.join(trace::CHECKPOINTS)).unwrap().count();
+    assert!(n >= 2, "want a later checkpoint, got {n}");
+    let last = (n - 1).to_string();
+    let p = replay(&dir, &["-q", "--from-checkpoint", &last]);
+    assert_eq!(p.status.code(), Some(0), "{}", stderr(&p));
+    assert!(stderr(&p).contains(&final_hash(&dir)), "{}", stderr(&p));
 }
 
 #[test]

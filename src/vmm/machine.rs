@@ -114,6 +114,10 @@ pub struct MachineState {
     pub vcpu: VcpuState,
     pub devices: DeviceState,
     pub exits: u64,
+    /// Branches since the last exit: a stepped (precise) recording may
+    /// checkpoint mid-interval, and the count must carry on from here.
+    #[serde(default)]
+    pub branches: u64,
     pub clock_ns: u64,
 }
 
@@ -210,6 +214,7 @@ impl Machine {
         let block = Block::new(state.config.disk.as_deref())?;
         m.devices = Devices::from_state(&state.devices, block).map_err(|e| MachineError::State(e.to_string()))?;
         m.exits = state.exits;
+        m.branches = state.branches;
         Ok(m)
     }
 
@@ -222,6 +227,7 @@ impl Machine {
             vcpu: self.vcpu.save()?,
             devices: self.devices.state(),
             exits: self.exits,
+            branches: self.branches,
             clock_ns,
         })
     }
