@@ -158,15 +158,9 @@ impl Session {
             return Ok(StopWhy::Step);
         }
         if self.pos.end || e <= self.tl.exits() {
-            // Replaying a step-clock recording from a later checkpoint currently
-            // diverges at its first timer event (`revirt replay --from-checkpoint K`
-            // does too); from checkpoint 0 it is exact. Until that is fixed,
-            // step-clock recordings restore checkpoint 0 (slower, correct).
-            let ck = if self.rec.meta.clock == crate::clock::ClockKind::Step {
-                0
-            } else {
-                Timeline::nearest_checkpoint(&self.rec, e)
-            };
+            // nearest_checkpoint knows that stepped recordings checkpoint
+            // mid-interval and picks one that lies before exit `e`.
+            let ck = Timeline::nearest_checkpoint(&self.rec, e);
             self.tl = Timeline::at_checkpoint(self.rec.clone(), ck, Sink::Discard)?;
             self.end_note = None;
         }

@@ -37,9 +37,18 @@ pub struct Timeline {
 }
 
 impl Timeline {
-    /// The latest checkpoint at or before `exits`.
+    /// The latest checkpoint from which "right after exit `exits`" can be
+    /// reached. Exit-clock checkpoints sit right after an exit, so one at
+    /// `exits` itself will do; stepped recordings checkpoint anywhere inside
+    /// an interval (possibly past that point), so theirs must lie before it.
     pub fn nearest_checkpoint(rec: &Recording, exits: u64) -> u32 {
-        rec.checkpoints.iter().rev().find(|c| c.1 <= exits).map(|c| c.0).unwrap_or(0)
+        let precise = rec.meta.clock.is_precise();
+        rec.checkpoints
+            .iter()
+            .rev()
+            .find(|c| if precise { c.1 < exits } else { c.1 <= exits })
+            .map(|c| c.0)
+            .unwrap_or(0)
     }
 
     /// A replay session positioned at checkpoint `id`.
