@@ -202,6 +202,32 @@ res["time_travel"] = {"recording_exits": E, "recording_checkpoints": st["checkpo
                       "process_start_s": noop}
 print(f"  {res['time_travel']}", file=sys.stderr)
 
+# reverse-stepi through the GDB stub (in one process): gdb batch with 0 and with
+# NRS reverse-stepi from exit E*frac; the difference / NRS is one reverse-stepi.
+GDB = shutil.which("gdb")
+NRS = 5
+def gdb_batch(port, n):
+    cmd = [GDB, "-nx", "-batch", "-ex", "set architecture i386:x86-64", "-ex", "set pagination off",
+           "-ex", f"target remote 127.0.0.1:{port}"] + ["-ex", "reverse-stepi"] * n + ["-ex", "disconnect", G]
+    return sh(cmd, ok=(0, 1))[0]
+if GDB:
+    rs = {}
+    for frac in [0.3, 0.9]:
+        srv = subprocess.Popen([R, "gdb", rec_dir("long"), "--port", "0", "--at", str(int(E * frac))],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        port = None
+        for line in srv.stderr:
+            m = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            if m: port = int(m.group(1)); break
+        per = []
+        for _ in range(REPS):
+            t0 = gdb_batch(port, 0); t1 = gdb_batch(port, NRS)
+            per.append((t1 - t0) / NRS)
+        srv.kill(); srv.wait(); CPU.pop() if CPU else None
+        rs[str(frac)] = {"median_s": med(per), "max_s": max(per)}
+    res["time_travel"]["gdb_reverse_stepi"] = rs
+    print(f"  gdb reverse-stepi: {rs}", file=sys.stderr)
+
 # ---------------------------------------------------------------- QEMU
 res["qemu"] = []
 for QITERS in [int(x) for x in os.environ.get("QEMU_ITERS", "20000000,200000000").split(",")] if QEMU else []:
@@ -252,6 +278,8 @@ for c in res["checkpoints"]:
 T.append(("full checkpoint 0 (slope 64M->512M)", f"wall {f(full['ms_per_1000_pages'],1)}, cpu {f(full['cpu_ms_per_1000_pages'],1)} ms/1000 pages", "-"))
 tt = res["time_travel"]
 T.append(("seek --to EXITS (median / p95 over depths)", f"{f(tt['seek_median_s']*1000,0)} / {f(tt['seek_p95_s']*1000,0)} ms", "reverse-stepi <= 50 ms median"))
+for k, v in tt.get("gdb_reverse_stepi", {}).items():
+    T.append((f"gdb reverse-stepi at {float(k):.0%} (median / max of {REPS}x{NRS})", f"{f(v['median_s']*1000,0)} / {f(v['max_s']*1000,0)} ms", "<= 50 ms median"))
 T.append(("seek to 90%: from nearest ckpt / from start / full replay", f"{f(tt['to_late_from_nearest_s'],3)} / {f(tt['to_late_from_start_s'],3)} / {f(tt['forward_replay_s'],3)} s", "-"))
 for qm in res.get("qemu", []):
     QCL = qm["cmdline"]
