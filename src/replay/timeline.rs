@@ -57,7 +57,6 @@ impl Timeline {
             return Err(ReplayError::NoCheckpoint(id));
         }
         let dir = rec.dir.clone();
-        let mut memory: Vec<u8> = Vec::new();
         let disk = match &rec.meta.config.disk {
             Some(_) => {
                 let src = dir.join(trace::DISK);
@@ -70,23 +69,26 @@ impl Timeline {
             }
             None => None,
         };
-        let mut last = None;
+        // Read every checkpoint up to `id` (0 holds all memory, the rest
+        // deltas), then write pages straight into the new guest's RAM:
+        // fresh RAM is zero, so all-zero pages of checkpoint 0 are skipped,
+        // and no full staging copy of memory is made (it dominated seeks).
+        let mut cks = Vec::with_capacity(id as usize + 1);
         for k in 0..=id {
             let ck = Checkpoint::read(&trace::checkpoint_path(&dir, k))?;
             if ck.header.id != k {
                 return Err(ReplayError::Damaged(dir.display().to_string(), format!("checkpoint file {k} says it is {}", ck.header.id)));
             }
-            if k == 0 {
-                memory = vec![0u8; ck.header.machine.config.mem_size as usize];
-            }
+            cks.push(ck);
+        }
+        let mem_size = cks[0].header.machine.config.mem_size;
+        for (k, ck) in cks.iter().enumerate() {
             let mut at = 0usize;
             for &(first, count) in &ck.header.pages {
-                let (start, len) = ((first * PAGE) as usize, (count * PAGE) as usize);
-                let dst = memory.get_mut(start..start + len).ok_or_else(|| {
-                    ReplayError::Damaged(dir.display().to_string(), format!("checkpoint {k} has pages beyond guest memory"))
-                })?;
-                dst.copy_from_slice(&ck.data[at..at + len]);
-                at += len;
+                if (first + count) * PAGE > mem_size {
+                    return Err(ReplayError::Damaged(dir.display().to_string(), format!("checkpoint {k} has pages beyond guest memory")));
+                }
+                at += (count * PAGE) as usize;
             }
             for &(first, count) in &ck.header.sectors {
                 let len = (count * SECTOR) as usize;
@@ -98,11 +100,28 @@ impl Timeline {
                 }
                 at += len;
             }
-            last = Some(ck);
         }
-        let mut ck = last.expect("at least checkpoint 0");
-        ck.header.machine.config.disk = disk.as_ref().map(|d| d.path().to_path_buf());
-        let machine = Machine::restore(&ck.header.machine, &memory)?;
+        let mut last = cks.pop().expect("at least checkpoint 0");
+        last.header.machine.config.disk = disk.as_ref().map(|d| d.path().to_path_buf());
+        let machine = Machine::restore_with(&last.header.machine, |mem| {
+            use vm_memory::{Bytes, GuestAddress};
+            for (k, ck) in cks.iter().chain(std::iter::once(&last)).enumerate() {
+                let mut at = 0usize;
+                for &(first, count) in &ck.header.pages {
+                    for p in 0..count {
+                        let page = &ck.data[at..at + PAGE as usize];
+                        at += PAGE as usize;
+                        if k == 0 && page.iter().all(|&b| b == 0) {
+                            continue;
+                        }
+                        mem.write_slice(page, GuestAddress((first + p) * PAGE))
+                            .map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let ck = last;
         let mut host = ReplayHost::new(rec.clone(), ck.header.next_event as usize, ck.header.output_len, sink);
         host.set_clock(ck.header.machine.clock_ns);
         Ok(Timeline { rec, machine, host, _disk: disk })

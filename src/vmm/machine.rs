@@ -206,10 +206,20 @@ impl Machine {
                 state.config.mem_size
             )));
         }
+        Machine::restore_with(state, |mem| {
+            mem.write_slice(memory, GuestAddress(0)).map_err(|e| MachineError::Memory(e.to_string()))
+        })
+    }
+
+    /// Rebuilds a machine whose memory `fill` writes into fresh (all-zero)
+    /// guest RAM: callers that know which pages matter write only those,
+    /// instead of staging a full copy of memory first.
+    pub fn restore_with(
+        state: &MachineState,
+        fill: impl FnOnce(&GuestMemoryMmap) -> Result<(), MachineError>,
+    ) -> Result<Machine, MachineError> {
         let mut m = Machine::create(&state.config)?;
-        m.mem
-            .write_slice(memory, GuestAddress(0))
-            .map_err(|e| MachineError::Memory(e.to_string()))?;
+        fill(&m.mem)?;
         m.vcpu.restore(&state.vcpu)?;
         let block = Block::new(state.config.disk.as_deref())?;
         m.devices = Devices::from_state(&state.devices, block).map_err(|e| MachineError::State(e.to_string()))?;
