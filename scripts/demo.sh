@@ -9,9 +9,16 @@ R=./target/release/revirt
 G=guests/demo/out/vm.img
 $R doctor
 echo
-rec=recordings/demo-$(date +%Y%m%d-%H%M%S)
-echo "== $R record $G --cmdline workload=demo -o $rec"
-$R record $G --cmdline workload=demo -o "$rec" </dev/null
+rec=recordings/race-$(date +%Y%m%d-%H%M%S)
+# Two ring-3 tasks racing under a 1 kHz timer; exits=16 puts a port read in
+# every 16th racy window so the exit clock's interrupts preempt there: the
+# result differs from run to run, and the replay reproduces this one exactly.
+cmd="workload=race iters=200000 exits=16"
+echo "== $R record $G --cmdline '$cmd' -o $rec"
+$R record $G --cmdline "$cmd" -o "$rec" </dev/null
 echo
 echo "== $R replay $rec"
 $R replay "$rec"
+echo
+echo "Next: $R gdb $rec   (then: gdb $G -ex 'target remote :1234'; reverse-stepi, reverse-continue)"
+echo "      $R inspect $rec"
