@@ -7,9 +7,8 @@ mod common;
 use common::*;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -44,44 +43,12 @@ fn scratch(name: &str) -> PathBuf {
     root.join(name)
 }
 
-/// Records the vuln service the way an attacker would use it: the payload
-/// is typed only after the guest asked for a name.
-fn record_vuln_interactive(dir: &Path, input: &[u8]) -> Output {
-    let img = demo_image();
-    let mut child = revirt()
-        .args(["record", img.to_str().unwrap(), "--cmdline", "workload=vuln", "-o", dir.to_str().unwrap(), "--checkpoint-every", "20ms"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut so = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("vuln: name?\n") {
-        assert!(Instant::now() < deadline, "no prompt: {}", String::from_utf8_lossy(&seen));
-        let n = so.read(&mut buf).unwrap();
-        assert!(n > 0, "guest output ended early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    // Let the guest go idle waiting for the input.
-    std::thread::sleep(Duration::from_millis(100));
-    let mut si = child.stdin.take().unwrap();
-    si.write_all(input).unwrap();
-    drop(si);
-    so.read_to_end(&mut seen).unwrap();
-    let mut o = child.wait_with_output().unwrap();
-    o.stdout = seen;
-    o
-}
-
 /// The exploited vuln recording, shared by the tests of this file.
 fn vuln() -> &'static Path {
     static REC: OnceLock<PathBuf> = OnceLock::new();
     REC.get_or_init(|| {
         let dir = scratch("vuln");
-        let o = record_vuln_interactive(&dir, &payload());
+        let o = record_vuln_after_prompt(&dir, &payload());
         assert_eq!(o.status.code(), Some(66), "{}\n{}", stdout(&o), stderr(&o));
         assert!(stdout(&o).contains("vuln: PWNED - backdoor reached"), "{}", stdout(&o));
         dir

@@ -8,10 +8,8 @@ mod common;
 use common::*;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
 use revirt::replay::Recording;
 use revirt::trace::Event;
@@ -21,36 +19,6 @@ fn payload() -> Vec<u8> {
     p.extend_from_slice(&0x200000u64.to_le_bytes());
     p.push(b'\n');
     p
-}
-
-/// Records the vuln service with the payload typed after the prompt.
-fn record_vuln(dir: &Path, input: &[u8]) -> Output {
-    let img = demo_image();
-    let mut child = revirt()
-        .args(["record", img.to_str().unwrap(), "--cmdline", "workload=vuln", "-o", dir.to_str().unwrap(), "--checkpoint-every", "20ms"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut so = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut buf = [0u8; 256];
-    while !String::from_utf8_lossy(&seen).contains("vuln: name?\n") {
-        assert!(Instant::now() < deadline, "no prompt: {}", String::from_utf8_lossy(&seen));
-        let n = so.read(&mut buf).unwrap();
-        assert!(n > 0, "guest output ended early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    let mut si = child.stdin.take().unwrap();
-    si.write_all(input).unwrap();
-    drop(si);
-    so.read_to_end(&mut seen).unwrap();
-    let mut o = child.wait_with_output().unwrap();
-    o.stdout = seen;
-    o
 }
 
 fn tree_hash(dir: &Path) -> BTreeMap<PathBuf, String> {
@@ -79,7 +47,7 @@ fn replays(dir: &Path) -> Output {
 /// The exploited recording, checked: PWNED, status 66.
 fn exploited(d: &Path) -> PathBuf {
     let rec = d.join("vuln");
-    let o = record_vuln(&rec, &payload());
+    let o = record_vuln_after_prompt(&rec, &payload());
     assert_eq!(o.status.code(), Some(66), "{}\n{}", stdout(&o), stderr(&o));
     assert!(stdout(&o).contains("vuln: PWNED - backdoor reached"));
     rec

@@ -2,9 +2,10 @@
 //! guest, real KVM.
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn revirt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_revirt"))
@@ -83,4 +84,36 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 pub fn field(line: &str, key: &str) -> Option<String> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(&format!("{key}=")).map(str::to_string))
+}
+
+/// Records the vuln service the way an attacker would use it: the payload
+/// is typed only after the guest asked for a name.
+pub fn record_vuln_after_prompt(dir: &Path, input: &[u8]) -> Output {
+    let img = demo_image();
+    let mut child = revirt()
+        .args(["record", img.to_str().unwrap(), "--cmdline", "workload=vuln", "-o", dir.to_str().unwrap(), "--checkpoint-every", "20ms"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut so = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("vuln: name?\n") {
+        assert!(Instant::now() < deadline, "no prompt: {}", String::from_utf8_lossy(&seen));
+        let n = so.read(&mut buf).unwrap();
+        assert!(n > 0, "guest output ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // Let the guest go idle waiting for the input.
+    std::thread::sleep(Duration::from_millis(100));
+    let mut si = child.stdin.take().unwrap();
+    si.write_all(input).unwrap();
+    drop(si);
+    so.read_to_end(&mut seen).unwrap();
+    let mut o = child.wait_with_output().unwrap();
+    o.stdout = seen;
+    o
 }
