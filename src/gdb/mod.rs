@@ -257,6 +257,14 @@ impl HwBreakpoint for Target64 {
     }
 }
 
+fn watch_kind(k: GdbWatchKind) -> WatchKind {
+    match k {
+        GdbWatchKind::Write => WatchKind::Write,
+        GdbWatchKind::Read => WatchKind::Read,
+        GdbWatchKind::ReadWrite => WatchKind::Access,
+    }
+}
+
 impl HwWatchpoint for Target64 {
     fn add_hw_watchpoint(
         &mut self,
@@ -264,11 +272,7 @@ impl HwWatchpoint for Target64 {
         len: u64,
         kind: GdbWatchKind,
     ) -> TargetResult<bool, Self> {
-        let kind = match kind {
-            GdbWatchKind::Write => WatchKind::Write,
-            GdbWatchKind::Read => WatchKind::Read,
-            GdbWatchKind::ReadWrite => WatchKind::Access,
-        };
+        let kind = watch_kind(kind);
         if len == 0 || len > 4096 {
             return Ok(false);
         }
@@ -281,11 +285,7 @@ impl HwWatchpoint for Target64 {
         len: u64,
         kind: GdbWatchKind,
     ) -> TargetResult<bool, Self> {
-        let kind = match kind {
-            GdbWatchKind::Write => WatchKind::Write,
-            GdbWatchKind::Read => WatchKind::Read,
-            GdbWatchKind::ReadWrite => WatchKind::Access,
-        };
+        let kind = watch_kind(kind);
         let w = Watch { addr, len, kind };
         match self.s.watches.iter().position(|x| *x == w) {
             Some(i) => {
