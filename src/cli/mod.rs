@@ -41,6 +41,27 @@ enum Cmd {
     Gdb(gdb::Args),
 }
 
+/// How to build the VM: shared by the commands that boot an image.
+#[derive(clap::Args)]
+pub struct VmArgs {
+    /// Disk image for the block device (raw, a multiple of 512 bytes). `run`
+    /// writes it in place; `record` also keeps a copy as it was at the start.
+    #[arg(long)]
+    disk: Option<std::path::PathBuf>,
+    /// Guest RAM, e.g. 64M or 1G (a multiple of 2 MiB).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    mem: u64,
+    /// Kernel command line passed to the guest (the demo guest reads workload=NAME).
+    #[arg(long, default_value = "")]
+    cmdline: String,
+}
+
+impl VmArgs {
+    pub fn config(&self) -> revirt::vmm::VmConfig {
+        revirt::vmm::VmConfig { mem_size: self.mem, cmdline: self.cmdline.clone(), disk: self.disk.clone() }
+    }
+}
+
 /// Exit status when revirt itself fails (bad image, KVM error, ...).
 pub const EXIT_ERROR: u8 = 125;
 /// Exit status when the guest crashed (exception, triple fault).

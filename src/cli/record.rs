@@ -4,21 +4,16 @@ use std::time::Duration;
 use revirt::clock::ClockKind;
 use revirt::record::{record, RecordOptions};
 use revirt::trace::EndReason;
-use revirt::vmm::{Console, VmConfig};
+use revirt::vmm::Console;
 
-use super::{parse_duration, parse_size, EXIT_GUEST_CRASH};
+use super::{parse_duration, VmArgs, EXIT_GUEST_CRASH};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Guest image (ELF64, see docs/platform.md).
     image: PathBuf,
-    /// Disk image for the block device; the recording keeps a copy of it as it was at the start.
-    #[arg(long)]
-    disk: Option<PathBuf>,
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    mem: u64,
-    #[arg(long, default_value = "")]
-    cmdline: String,
+    #[command(flatten)]
+    vm: VmArgs,
     /// Recording directory to create (default: recordings/<image>-<time>).
     #[arg(short, long)]
     out: Option<PathBuf>,
@@ -61,7 +56,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     });
     let opts = RecordOptions {
         image: a.image.clone(),
-        config: VmConfig { mem_size: a.mem, cmdline: a.cmdline.clone(), disk: a.disk.clone() },
+        config: a.vm.config(),
         out,
         clock,
         checkpoint_every: a.checkpoint_every,

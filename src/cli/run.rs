@@ -1,24 +1,17 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use revirt::vmm::{Console, Image, LiveHost, Machine, Snapshot, Stop, VmConfig};
+use revirt::vmm::{Console, Image, LiveHost, Machine, Snapshot, Stop};
 
-use super::{parse_size, EXIT_GUEST_CRASH};
+use super::{VmArgs, EXIT_GUEST_CRASH};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Guest image (ELF64, see docs/platform.md). Not needed with --restore.
     #[arg(required_unless_present = "restore")]
     image: Option<PathBuf>,
-    /// Disk image for the block device (raw, a multiple of 512 bytes). Written in place.
-    #[arg(long)]
-    disk: Option<PathBuf>,
-    /// Guest RAM, e.g. 64M or 1G (a multiple of 2 MiB).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
-    mem: u64,
-    /// Kernel command line passed to the guest (the demo guest reads workload=NAME).
-    #[arg(long, default_value = "")]
-    cmdline: String,
+    #[command(flatten)]
+    vm: VmArgs,
     /// Pause after this many guest-caused exits and write a snapshot to --save.
     #[arg(long, requires = "save")]
     pause_at: Option<u64>,
@@ -42,7 +35,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         None => {
             let image_path = a.image.as_ref().expect("clap requires image");
             let image = Image::load_file(image_path)?;
-            let config = VmConfig { mem_size: a.mem, cmdline: a.cmdline.clone(), disk: a.disk.clone() };
+            let config = a.vm.config();
             (Machine::boot(&config, &image)?, 0)
         }
     };
