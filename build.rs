@@ -5,7 +5,10 @@ use std::path::Path;
 use std::process::Command;
 
 fn main() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/demo");
+    // Read at run time: a build script binary reused from another checkout
+    // (shared target dir) must not build that checkout's guest.
+    let root = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let dir = Path::new(&root).join("guests/demo");
     // Watch the sources, not the directory: out/ lives inside it.
     if let Ok(entries) = std::fs::read_dir(&dir) {
         for e in entries.flatten() {
