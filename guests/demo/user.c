@@ -43,6 +43,8 @@ static int run_workload(const char *w)
         return wl_clock(iters_or(CLOCK_ITERS));
     if (str_eq(w, "exit"))
         return wl_exit();
+    if (str_eq(w, "churn"))
+        return wl_churn(iters_or(CHURN_ROUNDS), cfg.pages, cfg.hz);
     if (str_eq(w, "dirty"))
         return wl_dirty(iters_or(DIRTY_ROUNDS), cfg.pages);
     con_printf("revirt-demo: unknown workload '%s'\n", w);

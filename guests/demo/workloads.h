@@ -9,6 +9,7 @@
 #define RACE_ITERS 2000000ULL
 #define CLOCK_ITERS 10000000ULL
 #define DIRTY_ROUNDS 1000ULL
+#define CHURN_ROUNDS 500ULL
 
 int wl_compute(u64 iters);
 int wl_clock(u64 iters);
@@ -17,5 +18,6 @@ int wl_echo(void);
 int wl_disk(void);
 int wl_vuln(void);
 int wl_dirty(u64 rounds, u64 pages);
+int wl_churn(u64 rounds, u64 pages, u64 hz);
 
 #endif
