@@ -108,6 +108,18 @@ pub enum Console {
 enum Input {
     Bytes(Vec<u8>),
     Closed,
+    /// Stop waiting (someone wants the run loop back, e.g. to pause it).
+    Wake,
+}
+
+/// Wakes a [`LiveHost`] that waits for the idle guest; callable from any thread.
+#[derive(Clone)]
+pub struct Waker(mpsc::Sender<Input>);
+
+impl Waker {
+    pub fn wake(&self) {
+        let _ = self.0.send(Input::Wake);
+    }
 }
 
 struct TimerShared {
@@ -129,6 +141,8 @@ pub struct LiveHost {
     timer: Arc<(Mutex<TimerShared>, Condvar)>,
     timer_thread: Option<JoinHandle<()>>,
     last_deadline_ns: Option<u64>,
+    wake_tx: mpsc::Sender<Input>,
+    woken: bool,
 }
 
 impl LiveHost {
@@ -136,6 +150,7 @@ impl LiveHost {
     /// `clock_start_ns` continues the guest clock after a restore (0 at boot).
     pub fn new(input: Box<dyn Read + Send>, console: Console, clock_start_ns: u64) -> LiveHost {
         let (tx, rx) = mpsc::channel();
+        let wake_tx = tx.clone();
         let input_kicker: Arc<Mutex<Option<Kicker>>> = Arc::new(Mutex::new(None));
         let ik = input_kicker.clone();
         std::thread::Builder::new()
@@ -184,7 +199,26 @@ impl LiveHost {
             timer,
             timer_thread: Some(timer_thread),
             last_deadline_ns: None,
+            wake_tx,
+            woken: false,
         }
+    }
+
+    /// A handle that makes a blocked [`Host::wait`] return with nothing.
+    pub fn waker(&self) -> Waker {
+        Waker(self.wake_tx.clone())
+    }
+
+    /// Input read from the user but not yet handed to the guest (a
+    /// migrating VM takes it along).
+    pub fn take_pending_input(&mut self) -> Vec<u8> {
+        self.drain_input();
+        std::mem::take(&mut self.pending_input)
+    }
+
+    /// Queues input for the guest ahead of anything read later.
+    pub fn push_input(&mut self, bytes: &[u8]) {
+        self.pending_input.splice(0..0, bytes.iter().copied());
     }
 
     /// How many input bytes have been handed to the guest's UART so far.
@@ -206,6 +240,7 @@ impl LiveHost {
         match m {
             Input::Bytes(b) => self.pending_input.extend_from_slice(&b),
             Input::Closed => self.input_closed = true,
+            Input::Wake => self.woken = true,
         }
     }
 
@@ -305,7 +340,7 @@ impl Host for LiveHost {
     fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
         loop {
             self.poll(ctx, out)?;
-            if !out.is_empty() {
+            if !out.is_empty() || std::mem::take(&mut self.woken) {
                 return Ok(());
             }
             let timeout = ctx

@@ -1,7 +1,9 @@
 //! The machine: one KVM VM with one vCPU, guest memory and the platform
 //! devices, driven by a small run loop (run -> exit -> device -> run).
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
@@ -119,12 +121,113 @@ pub struct MachineState {
     #[serde(default)]
     pub branches: u64,
     pub clock_ns: u64,
+    /// The guest was waiting idle (HLT or the idle port) for an interrupt
+    /// or input when it was saved: it must go on waiting, not run on.
+    #[serde(default)]
+    pub waiting: bool,
+}
+
+/// Pages and disk sectors the guest (or a device on its behalf) changed,
+/// kept for each consumer: checkpoints always, a live migration while one
+/// runs. KVM's dirty log is read-and-clear, so it is read here only and
+/// fanned out; the migration thread calls [`DirtyLog::take_tracked`] while
+/// the vCPU keeps running (KVM_GET_DIRTY_LOG is safe alongside KVM_RUN).
+pub struct DirtyLog {
+    vm: Arc<VmFd>,
+    mem_size: u64,
+    sets: Mutex<DirtySets>,
+}
+
+#[derive(Default)]
+struct DirtySets {
+    ckpt_pages: BTreeSet<u64>,
+    ckpt_sectors: BTreeSet<u64>,
+    migration: Option<(BTreeSet<u64>, BTreeSet<u64>)>,
+}
+
+impl DirtyLog {
+    fn sync(&self, s: &mut DirtySets) -> Result<(), MachineError> {
+        let bitmap = self
+            .vm
+            .get_dirty_log(0, self.mem_size as usize)
+            .map_err(|source| MachineError::Setup { op: "KVM_GET_DIRTY_LOG", source })?;
+        for (i, word) in bitmap.iter().enumerate() {
+            let mut w = *word;
+            while w != 0 {
+                let page = i as u64 * 64 + w.trailing_zeros() as u64;
+                s.ckpt_pages.insert(page);
+                if let Some((p, _)) = &mut s.migration {
+                    p.insert(page);
+                }
+                w &= w - 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Device writes (DMA into RAM, sectors onto the disk): KVM does not see them.
+    fn note(&self, pages: &BTreeSet<u64>, sectors: &BTreeSet<u64>) {
+        let mut s = self.sets.lock().unwrap();
+        s.ckpt_pages.extend(pages);
+        s.ckpt_sectors.extend(sectors);
+        if let Some((p, d)) = &mut s.migration {
+            p.extend(pages);
+            d.extend(sectors);
+        }
+    }
+
+    /// Everything changed since the last checkpoint.
+    pub fn take_checkpoint(&self) -> Result<(Vec<u64>, Vec<u64>), MachineError> {
+        let mut s = self.sets.lock().unwrap();
+        self.sync(&mut s)?;
+        let pages = std::mem::take(&mut s.ckpt_pages).into_iter().collect();
+        let sectors = std::mem::take(&mut s.ckpt_sectors).into_iter().collect();
+        Ok((pages, sectors))
+    }
+
+    /// What the next checkpoint would hold so far, without taking it (a
+    /// migrating recording hands it to the destination's next checkpoint).
+    pub fn checkpoint_pending(&self) -> Result<(Vec<u64>, Vec<u64>), MachineError> {
+        let mut s = self.sets.lock().unwrap();
+        self.sync(&mut s)?;
+        Ok((s.ckpt_pages.iter().copied().collect(), s.ckpt_sectors.iter().copied().collect()))
+    }
+
+    /// Adds changes made elsewhere (the source of a migration) to the next checkpoint.
+    pub fn seed_checkpoint(&self, pages: &[u64], sectors: &[u64]) {
+        let mut s = self.sets.lock().unwrap();
+        s.ckpt_pages.extend(pages);
+        s.ckpt_sectors.extend(sectors);
+    }
+
+    /// Starts a migration's tracking: from now on every change is also kept for it.
+    pub fn start_tracking(&self) -> Result<(), MachineError> {
+        let mut s = self.sets.lock().unwrap();
+        self.sync(&mut s)?;
+        s.migration = Some(Default::default());
+        Ok(())
+    }
+
+    /// Pages and sectors changed since the last call (or since tracking started).
+    pub fn take_tracked(&self) -> Result<(Vec<u64>, Vec<u64>), MachineError> {
+        let mut s = self.sets.lock().unwrap();
+        self.sync(&mut s)?;
+        let (p, d) = s.migration.get_or_insert_with(Default::default);
+        Ok((std::mem::take(p).into_iter().collect(), std::mem::take(d).into_iter().collect()))
+    }
+
+    pub fn stop_tracking(&self) {
+        self.sets.lock().unwrap().migration = None;
+    }
 }
 
 pub struct Machine {
     pub config: VmConfig,
     _kvm: Kvm,
-    vm: VmFd,
+    vm: Arc<VmFd>,
+    dirty: Arc<DirtyLog>,
+    /// Waiting idle for an interrupt or input (see `MachineState::waiting`).
+    waiting: bool,
     pub vcpu: Vcpu,
     pub mem: GuestMemoryMmap,
     pub devices: Devices,
@@ -146,8 +249,9 @@ fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, Mach
 }
 
 impl Machine {
-    /// Builds an empty VM (memory, vCPU, devices) without loading anything.
-    fn create(config: &VmConfig) -> Result<Machine, MachineError> {
+    /// Builds an empty VM (memory, vCPU, devices) without loading anything:
+    /// fill its memory, then [`Machine::load_state`].
+    pub fn create(config: &VmConfig) -> Result<Machine, MachineError> {
         if !(MIN_MEM..=MAX_MEM).contains(&config.mem_size) || !config.mem_size.is_multiple_of(2 * MIB) {
             return Err(MachineError::MemSize(config.mem_size));
         }
@@ -170,10 +274,14 @@ impl Machine {
         let fd = setup("KVM_CREATE_VCPU", vm.create_vcpu(0))?;
         let vcpu = Vcpu::new(&kvm, fd)?;
         let block = Block::new(config.disk.as_deref())?;
+        let vm = Arc::new(vm);
+        let dirty = Arc::new(DirtyLog { vm: vm.clone(), mem_size: config.mem_size, sets: Mutex::default() });
         Ok(Machine {
             config: config.clone(),
             _kvm: kvm,
             vm,
+            dirty,
+            waiting: false,
             vcpu,
             mem,
             devices: Devices::new(block),
@@ -220,12 +328,31 @@ impl Machine {
     ) -> Result<Machine, MachineError> {
         let mut m = Machine::create(&state.config)?;
         fill(&m.mem)?;
-        m.vcpu.restore(&state.vcpu)?;
-        let block = Block::new(state.config.disk.as_deref())?;
-        m.devices = Devices::from_state(&state.devices, block).map_err(|e| MachineError::State(e.to_string()))?;
-        m.exits = state.exits;
-        m.branches = state.branches;
+        m.load_state(state)?;
         Ok(m)
+    }
+
+    /// Loads vCPU, devices and counters into a machine whose memory is in place.
+    pub fn load_state(&mut self, state: &MachineState) -> Result<(), MachineError> {
+        if state.config.mem_size != self.config.mem_size {
+            return Err(MachineError::State(format!(
+                "the saved VM has {} bytes of RAM, this one {}",
+                state.config.mem_size, self.config.mem_size
+            )));
+        }
+        self.vcpu.restore(&state.vcpu)?;
+        let block = Block::new(state.config.disk.as_deref())?;
+        self.devices = Devices::from_state(&state.devices, block).map_err(|e| MachineError::State(e.to_string()))?;
+        self.config.disk = state.config.disk.clone();
+        self.exits = state.exits;
+        self.branches = state.branches;
+        self.waiting = state.waiting;
+        Ok(())
+    }
+
+    /// The shared dirty-page log (for a migration thread).
+    pub fn dirty_log(&self) -> Arc<DirtyLog> {
+        self.dirty.clone()
     }
 
     /// Saves everything but memory. Completes a pending IN first, so the
@@ -239,6 +366,7 @@ impl Machine {
             exits: self.exits,
             branches: self.branches,
             clock_ns,
+            waiting: self.waiting,
         })
     }
 
@@ -364,6 +492,7 @@ impl Machine {
 
     fn idle(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
         if self.devices.wake_pending() {
+            self.waiting = false;
             return Ok(());
         }
         // A precise host needs to know exactly where the guest waits: events
@@ -371,6 +500,9 @@ impl Machine {
         let ctx = if host.precise(self.exits) { self.precise_ctx(None)? } else { self.ctx(true) };
         let mut asyncs = std::mem::take(&mut self.asyncs);
         let r = host.wait(&ctx, &mut asyncs);
+        // Woken with nothing to deliver (the host wants to pause here): the
+        // guest still waits, and must go on waiting when it resumes.
+        self.waiting = asyncs.is_empty() && !self.devices.wake_pending();
         self.asyncs = asyncs;
         r?;
         self.deliver(host)
@@ -420,6 +552,13 @@ impl Machine {
             if matches!(exit_limit, Some(l) if self.exits >= l) || self.pause_requested {
                 self.pause_requested = false;
                 return Ok(Stop::Paused);
+            }
+            if self.waiting {
+                // Resumed (or woken) while idle: wait on, at the same exit.
+                self.idle(host)?;
+                let ctx = self.ctx(true);
+                self.poll_and_deliver(&ctx, host)?;
+                continue;
             }
             let precise = host.precise(self.exits);
             if precise != self.stepper.is_armed() {
@@ -482,6 +621,11 @@ impl Machine {
                     guest_caused = false;
                 }
                 Err(e) => return Err(VcpuError::Kvm { op: "KVM_RUN", source: e }.into()),
+            }
+            if !self.devices.block.dma_pages.is_empty() || !self.devices.block.written_sectors.is_empty() {
+                let pages = std::mem::take(&mut self.devices.block.dma_pages);
+                let sectors = std::mem::take(&mut self.devices.block.written_sectors);
+                self.dirty.note(&pages, &sectors);
             }
             let out = self.devices.serial.drain_output();
             if !out.is_empty() {
@@ -571,24 +715,10 @@ impl Machine {
         self.poll_and_deliver(&ctx, host)
     }
 
-    /// Pages and disk sectors changed since the last call (KVM's dirty log
-    /// for guest writes, plus the block device's DMA).
+    /// Pages and disk sectors changed since the last checkpoint (KVM's
+    /// dirty log for guest writes, plus the block device's DMA and writes).
     pub fn take_dirty(&mut self) -> Result<(Vec<u64>, Vec<u64>), MachineError> {
-        let bitmap = self
-            .vm
-            .get_dirty_log(0, self.config.mem_size as usize)
-            .map_err(|source| MachineError::Setup { op: "KVM_GET_DIRTY_LOG", source })?;
-        let mut pages = std::mem::take(&mut self.devices.block.dma_pages);
-        for (i, word) in bitmap.iter().enumerate() {
-            let mut w = *word;
-            while w != 0 {
-                let b = w.trailing_zeros() as u64;
-                pages.insert(i as u64 * 64 + b);
-                w &= w - 1;
-            }
-        }
-        let sectors = std::mem::take(&mut self.devices.block.written_sectors);
-        Ok((pages.into_iter().collect(), sectors.into_iter().collect()))
+        self.dirty.take_checkpoint()
     }
 
     /// SHA-256 over everything that must match after an exact replay:

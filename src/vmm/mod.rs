@@ -10,7 +10,7 @@ pub mod machine;
 pub mod snapshot;
 pub mod vcpu;
 
-pub use host::{Async, Console, Control, Host, HostError, LiveHost, PollCtx};
+pub use host::{Async, Console, Control, Host, HostError, LiveHost, PollCtx, Waker};
 pub use image::Image;
 pub use machine::{GuestPanic, Machine, MachineError, MachineState, Stop, VmConfig};
 pub use snapshot::Snapshot;
