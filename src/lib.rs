@@ -8,6 +8,7 @@ pub mod clock;
 pub mod doctor;
 pub mod gdb;
 pub mod inspect;
+pub mod migrate;
 pub mod record;
 pub mod replay;
 pub mod trace;

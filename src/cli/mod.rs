@@ -5,6 +5,8 @@ mod doctor;
 mod gdb;
 mod inspect;
 mod live;
+mod migrate;
+mod receive;
 mod record;
 mod replay;
 mod run;
@@ -39,6 +41,10 @@ enum Cmd {
     Live(live::Args),
     /// Serve a replay to GDB (remote protocol) with reverse execution.
     Gdb(gdb::Args),
+    /// Live-migrate a running VM (started with --control) to a `revirt receive`.
+    Migrate(migrate::Args),
+    /// Wait for a live-migrated VM and run it here (continuing its recording, if any).
+    Receive(receive::Args),
 }
 
 /// How to build the VM: shared by the commands that boot an image.
@@ -85,6 +91,8 @@ pub fn main() -> ExitCode {
         Cmd::Inspect(a) => inspect::main(a),
         Cmd::Live(a) => live::main(a),
         Cmd::Gdb(a) => gdb::main(a),
+        Cmd::Migrate(a) => migrate::main(a),
+        Cmd::Receive(a) => receive::main(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

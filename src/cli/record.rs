@@ -24,6 +24,10 @@ pub struct Args {
     /// Host time between incremental checkpoints, e.g. 1s, 250ms; 0 disables.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     checkpoint_every: Duration,
+    /// Accept `revirt migrate PATH --to ...` on this Unix socket; the
+    /// recording continues at the destination (`revirt receive -o DIR`).
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy)]
@@ -61,8 +65,18 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         clock,
         checkpoint_every: a.checkpoint_every,
         parent: None,
+        control: a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?,
     };
     let s = record(&opts, Box::new(std::io::stdin()), Console::Stdout)?;
+    if let Some(m) = &s.migrated {
+        super::migrate::print_summary(m);
+        eprintln!(
+            "revirt: {} holds the recording up to the move ({} events); the destination's copy goes on from there",
+            s.dir.display(),
+            s.events
+        );
+        return Ok(0);
+    }
     eprintln!(
         "revirt: recorded {} in {:.2} s: {} exits, {} events ({} bytes of log), {} checkpoints ({} bytes), clock {}{}",
         s.dir.display(),

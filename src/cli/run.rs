@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
+use revirt::migrate::dest::{run_live_until, LiveEnd};
 use revirt::vmm::{Console, Image, LiveHost, Machine, Snapshot, Stop};
 
 use super::{VmArgs, EXIT_GUEST_CRASH};
@@ -21,6 +22,9 @@ pub struct Args {
     /// Resume a snapshot written by --save instead of booting an image.
     #[arg(long, conflicts_with_all = ["image", "disk", "cmdline"])]
     restore: Option<PathBuf>,
+    /// Accept `revirt migrate PATH --to ...` on this Unix socket (live migration).
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 pub fn main(a: Args) -> anyhow::Result<u8> {
@@ -40,7 +44,14 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
     };
     let mut host = LiveHost::new(Box::new(std::io::stdin()), Console::Stdout, clock_start);
-    let stop = machine.run(&mut host, a.pause_at)?;
+    let control = a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?;
+    let stop = match run_live_until(&mut machine, &mut host, control.as_deref(), a.pause_at)? {
+        LiveEnd::Stopped(s) => s,
+        LiveEnd::Migrated(s) => {
+            super::migrate::print_summary(&s);
+            return Ok(0);
+        }
+    };
     match stop {
         Stop::PowerOff(status) => Ok(status),
         Stop::Panic(p) => {

@@ -567,14 +567,14 @@ pub fn event_point(e: &Event) -> u64 {
         // Delivered right after exit E (branches 0), or inside the interval after it.
         Event::Timer { at, .. } | Event::Serial { at, .. } if at.branches > 0 => at.exits,
         Event::Timer { at, .. } | Event::Serial { at, .. } => at.exits.saturating_sub(1),
-        Event::Mark { exits } | Event::Checkpoint { exits, .. } | Event::End { exits, .. } => *exits,
+        Event::Mark { exits } | Event::Checkpoint { exits, .. } | Event::End { exits, .. } | Event::Migrated { exits, .. } => *exits,
     }
 }
 
 /// Skips marks, checkpoints and the end at or before `exits` (replay
 /// consumes them lazily or never).
 pub fn normalize_next(events: &[Event], mut next: usize, exits: u64) -> usize {
-    while let Some(e @ (Event::Mark { .. } | Event::Checkpoint { .. } | Event::End { .. })) = events.get(next) {
+    while let Some(e @ (Event::Mark { .. } | Event::Checkpoint { .. } | Event::End { .. } | Event::Migrated { .. })) = events.get(next) {
         if e.exits() > exits {
             break;
         }

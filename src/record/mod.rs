@@ -50,6 +50,8 @@ pub struct RecordOptions {
     pub checkpoint_every: Duration,
     /// The recording this one continues, if any (written to meta.json).
     pub parent: Option<trace::meta::Parent>,
+    /// A control socket through which `revirt migrate` may move the VM.
+    pub control: Option<std::sync::Arc<crate::migrate::Controller>>,
 }
 
 #[derive(Debug)]
@@ -64,7 +66,11 @@ pub struct RecordSummary {
     pub wall: Duration,
     /// Longest a due timer interrupt waited for a guest-caused exit (exit clock).
     pub max_irq_delay: Duration,
+    /// Empty when the VM migrated away (the recording goes on at the destination).
     pub state_hash: String,
+    /// The VM moved to another host mid-recording; this end holds the
+    /// recording up to the move and no End event.
+    pub migrated: Option<crate::migrate::Summary>,
 }
 
 fn file_info(path: &Path, bytes: &[u8]) -> FileInfo {
@@ -76,9 +82,9 @@ fn file_info(path: &Path, bytes: &[u8]) -> FileInfo {
 }
 
 /// The live host, plus a log of everything it told the guest.
-struct RecordHost<'a> {
+struct RecordHost {
     inner: LiveHost,
-    log: &'a LogWriter,
+    log: LogWriter,
     clock: ClockKind,
     events: u64,
     console: BufWriter<File>,
@@ -102,7 +108,7 @@ const MARK_EVERY: Duration = Duration::from_millis(100);
 const MIN_STEPS_PER_TICK: u64 = 500;
 const STARVE_WARN: Duration = Duration::from_millis(100);
 
-impl RecordHost<'_> {
+impl RecordHost {
     fn log(&mut self, e: Event) {
         self.log.push(e);
         self.events += 1;
@@ -110,7 +116,7 @@ impl RecordHost<'_> {
     }
 }
 
-impl Host for RecordHost<'_> {
+impl Host for RecordHost {
     fn now_ns(&mut self) -> u64 {
         self.inner.now_ns()
     }
@@ -332,74 +338,188 @@ fn session(
     clock_ns: u64,
 ) -> Result<RecordSummary, RecordError> {
     let dir = &opts.out;
-    let start = Instant::now();
     let log = LogWriter::create(&dir.join(trace::EVENTS), trace::log::genesis_of(dir)?)?;
     let console_path = dir.join(trace::CONSOLE);
     let console_file = File::create(&console_path).map_err(io("creating", &console_path))?;
-    let mut host = RecordHost {
-        inner: LiveHost::new(input, console, clock_ns),
-        log: &log,
-        clock: opts.clock,
-        events: 0,
-        console: BufWriter::new(console_file),
-        output: Sha256::new(),
-        output_len: 0,
-        last_event: Instant::now(),
-        checkpoint_every: opts.checkpoint_every,
-        last_checkpoint: Instant::now(),
-        starving_since: None,
-        max_irq_delay: Duration::ZERO,
-        warned_starving: false,
-        steps_since_tick: 0,
-    };
-
-    let regs = m.vcpu.regs().map_err(MachineError::from)?;
-    host.log(Event::Checkpoint { id: 0, exits: m.exits, fp: fingerprint(&regs) });
-    let mut checkpoint_bytes = write_checkpoint(dir, &mut m, 0, host.events, 0, clock_ns)?;
-    let mut checkpoints = 1u32;
-
-    let end = loop {
-        match m.run(&mut host, None) {
-            Ok(Stop::Paused) => {
-                let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
-                host.log(Event::Checkpoint { id: checkpoints, exits: m.exits, fp });
-                let now = host.inner.now_ns();
-                host.console.flush().map_err(io("writing", &console_path))?;
-                checkpoint_bytes += write_checkpoint(dir, &mut m, checkpoints, host.events, host.output_len, now)?;
-                checkpoints += 1;
-                host.last_checkpoint = Instant::now();
-                log.flush()?;
-            }
-            Ok(Stop::PowerOff(s)) => break EndReason::PowerOff(s),
-            Ok(Stop::Panic(p)) => {
-                tracing::warn!("recorded guest crashed: {p}");
-                break EndReason::Panic(p.vector);
-            }
-            Err(e) => {
-                // Keep what was recorded; the log ends without End and says so.
-                drop(host);
-                let _ = log.finish();
-                return Err(e.into());
-            }
-        }
-    };
-    let state_hash = m.state_hash()?;
-    host.console.flush().map_err(io("writing", &console_path))?;
-    let output_sha256 = hex::encode(host.output.clone().finalize());
-    let (events, output_len, max_irq_delay) = (host.events + 1, host.output_len, host.max_irq_delay);
-    host.log(Event::End { exits: m.exits, reason: end.clone(), state_hash: state_hash.clone(), output_len, output_sha256 });
-    drop(host);
-    let stats = log.finish()?;
-    Ok(RecordSummary {
+    let mut s = Session {
         dir: dir.clone(),
-        stop: end,
-        exits: m.exits,
-        events,
-        log_bytes: stats.compressed_bytes,
-        checkpoints,
-        checkpoint_bytes,
-        wall: start.elapsed(),
-        max_irq_delay,
-        state_hash,
-    })
+        host: RecordHost::new(LiveHost::new(input, console, clock_ns), log, opts.clock, console_file, opts.checkpoint_every),
+        checkpoints: 0,
+        checkpoint_bytes: 0,
+        start: Instant::now(),
+        control: opts.control.clone(),
+    };
+    let regs = m.vcpu.regs().map_err(MachineError::from)?;
+    s.host.log(Event::Checkpoint { id: 0, exits: m.exits, fp: fingerprint(&regs) });
+    s.checkpoint_bytes = write_checkpoint(dir, &mut m, 0, s.host.events, 0, clock_ns)?;
+    s.checkpoints = 1;
+    s.run(m)
+}
+
+impl RecordHost {
+    fn new(inner: LiveHost, log: LogWriter, clock: ClockKind, console: File, checkpoint_every: Duration) -> RecordHost {
+        RecordHost {
+            inner,
+            log,
+            clock,
+            events: 0,
+            console: BufWriter::new(console),
+            output: Sha256::new(),
+            output_len: 0,
+            last_event: Instant::now(),
+            checkpoint_every,
+            last_checkpoint: Instant::now(),
+            starving_since: None,
+            max_irq_delay: Duration::ZERO,
+            warned_starving: false,
+            steps_since_tick: 0,
+        }
+    }
+}
+
+/// A recording in progress: the recorder host, the checkpoint series, and
+/// (optionally) a migration controller that may move the VM elsewhere.
+pub struct Session {
+    dir: PathBuf,
+    host: RecordHost,
+    checkpoints: u32,
+    checkpoint_bytes: u64,
+    start: Instant,
+    control: Option<std::sync::Arc<crate::migrate::Controller>>,
+}
+
+impl Session {
+    /// Continues a recording whose files (meta, image, disk, checkpoints,
+    /// the log up to `rs.log`, the console up to `rs.output_len`) were
+    /// copied into `dir` by a migration; `m` is the migrated machine.
+    pub fn resume(
+        dir: &Path,
+        m: &Machine,
+        rs: &crate::migrate::proto::RecorderState,
+        live: LiveHost,
+        from_host: &str,
+        control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    ) -> Result<Session, RecordError> {
+        let meta = Meta::read(&dir.join(trace::META))?;
+        let log = LogWriter::append(&dir.join(trace::EVENTS), &rs.log)?;
+        let console_path = dir.join(trace::CONSOLE);
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&console_path)
+            .map_err(io("opening", &console_path))?;
+        f.set_len(rs.output_len).map_err(io("truncating", &console_path))?;
+        let mut before = Vec::new();
+        f.read_to_end(&mut before).map_err(io("reading", &console_path))?;
+        let mut host = RecordHost::new(live, log, meta.clock, f, Duration::from_millis(meta.checkpoint_every_ms));
+        host.output.update(&before);
+        host.output_len = rs.output_len;
+        host.events = rs.events;
+        m.dirty_log().seed_checkpoint(&rs.ckpt_pages, &rs.ckpt_sectors);
+        host.log(Event::Migrated { exits: m.exits, from: from_host.to_string(), to: crate::migrate::hostname() });
+        Ok(Session {
+            dir: dir.to_path_buf(),
+            host,
+            checkpoints: rs.checkpoints,
+            checkpoint_bytes: 0,
+            start: Instant::now(),
+            control,
+        })
+    }
+
+    /// Input that arrived before the move, handed to the guest first.
+    pub fn push_input(&mut self, bytes: &[u8]) {
+        self.host.inner.push_input(bytes);
+    }
+
+    /// Records until the guest stops, or until it migrates away.
+    pub fn run(mut self, mut m: Machine) -> Result<RecordSummary, RecordError> {
+        let dir = self.dir.clone();
+        let console_path = dir.join(trace::CONSOLE);
+        if let Some(c) = &self.control {
+            c.attach(&m, Some(crate::migrate::source::RecordingInfo {
+                dir: dir.clone(),
+                id: Meta::read(&dir.join(trace::META))?.id,
+                clock: self.host.clock,
+            }));
+            c.shared.set_waker(self.host.inner.waker());
+        }
+        let mut migrated = None;
+        let end = loop {
+            let r = match &self.control {
+                Some(c) => m.run(&mut crate::migrate::Pausable::new(&mut self.host, c.shared.clone()), None),
+                None => m.run(&mut self.host, None),
+            };
+            match r {
+                Ok(Stop::Paused) if self.control.as_ref().is_some_and(|c| c.shared.stop_requested()) => {
+                    let c = self.control.clone().expect("checked");
+                    self.host.console.flush().map_err(io("writing", &console_path))?;
+                    let head = self.host.log.head()?;
+                    let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
+                    let rs = crate::migrate::proto::RecorderState {
+                        events: self.host.events,
+                        log: head,
+                        checkpoints: self.checkpoints,
+                        output_len: self.host.output_len,
+                        ckpt_pages,
+                        ckpt_sectors,
+                    };
+                    let clock = self.host.inner.now_ns();
+                    if let Ok(s) = c.finish(&mut m, &mut self.host.inner, clock, Some(rs)) {
+                        migrated = Some(s);
+                        break EndReason::Stopped;
+                    }
+                    // Not committed: record on here.
+                }
+                Ok(Stop::Paused) => {
+                    let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
+                    let id = self.checkpoints;
+                    self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
+                    let now = self.host.inner.now_ns();
+                    self.host.console.flush().map_err(io("writing", &console_path))?;
+                    self.checkpoint_bytes +=
+                        write_checkpoint(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
+                    self.checkpoints += 1;
+                    self.host.last_checkpoint = Instant::now();
+                    self.host.log.flush()?;
+                }
+                Ok(Stop::PowerOff(s)) => break EndReason::PowerOff(s),
+                Ok(Stop::Panic(p)) => {
+                    tracing::warn!("recorded guest crashed: {p}");
+                    break EndReason::Panic(p.vector);
+                }
+                Err(e) => {
+                    // Keep what was recorded; the log ends without End and says so.
+                    let RecordHost { log, .. } = self.host;
+                    let _ = log.finish();
+                    return Err(e.into());
+                }
+            }
+        };
+        let state_hash = if migrated.is_some() { String::new() } else { m.state_hash()? };
+        self.host.console.flush().map_err(io("writing", &console_path))?;
+        let output_sha256 = hex::encode(self.host.output.clone().finalize());
+        let (mut events, output_len, max_irq_delay) = (self.host.events, self.host.output_len, self.host.max_irq_delay);
+        if migrated.is_none() {
+            events += 1;
+            self.host.log(Event::End { exits: m.exits, reason: end.clone(), state_hash: state_hash.clone(), output_len, output_sha256 });
+        }
+        let RecordHost { log, .. } = self.host;
+        let stats = log.finish()?;
+        Ok(RecordSummary {
+            dir,
+            stop: end,
+            exits: m.exits,
+            events,
+            log_bytes: stats.compressed_bytes,
+            checkpoints: self.checkpoints,
+            checkpoint_bytes: self.checkpoint_bytes,
+            wall: self.start.elapsed(),
+            max_irq_delay,
+            state_hash,
+            migrated,
+        })
+    }
 }

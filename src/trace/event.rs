@@ -29,6 +29,10 @@ pub enum Event {
     /// The recording ended. `state_hash` covers registers, devices, memory and disk;
     /// `output_sha256` the whole console output.
     End { exits: u64, reason: EndReason, state_hash: String, output_len: u64, output_sha256: String },
+    /// The VM was live-migrated here (after exit `exits`) from host `from`
+    /// to host `to`; the recording goes on at the destination. Nothing the
+    /// guest sees changes: replay runs through it.
+    Migrated { exits: u64, from: String, to: String },
 }
 
 impl Event {
@@ -38,7 +42,8 @@ impl Event {
             Event::Clock { exits, .. }
             | Event::Mark { exits }
             | Event::Checkpoint { exits, .. }
-            | Event::End { exits, .. } => *exits,
+            | Event::End { exits, .. }
+            | Event::Migrated { exits, .. } => *exits,
             Event::Timer { at, .. } | Event::Serial { at, .. } => at.exits,
         }
     }
@@ -51,6 +56,7 @@ impl Event {
             Event::Mark { .. } => "mark",
             Event::Checkpoint { .. } => "checkpoint",
             Event::End { .. } => "end",
+            Event::Migrated { .. } => "migrated",
         }
     }
 }
@@ -64,6 +70,7 @@ impl std::fmt::Display for Event {
             Event::Mark { exits } => write!(f, "mark at exit {exits}"),
             Event::Checkpoint { id, exits, .. } => write!(f, "checkpoint {id} at exit {exits}"),
             Event::End { exits, reason, .. } => write!(f, "end ({reason:?}) at exit {exits}"),
+            Event::Migrated { exits, from, to } => write!(f, "migrated from {from} to {to} at exit {exits}"),
         }
     }
 }

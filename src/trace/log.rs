@@ -64,6 +64,21 @@ fn seal(prev: &[u8; 32], header: &[u8], payload: &[u8]) -> [u8; 32] {
 enum Msg {
     Event(Event),
     Flush(mpsc::SyncSender<Result<(), String>>),
+    Head(mpsc::SyncSender<Result<LogHead, String>>),
+}
+
+/// Where a log ends after a flush: what an appender needs to continue its
+/// hash chain (a recording that migrates goes on at the destination).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogHead {
+    /// Hash of the last chunk (hex), or the genesis when there is none.
+    pub prev: String,
+    /// Sequence number of the next chunk.
+    pub seq: u32,
+    /// Index of the next event.
+    pub next_event: u64,
+    /// File length: where the next chunk starts.
+    pub len: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -144,6 +159,17 @@ fn writer_thread(mut w: ChunkWriter, rx: Receiver<Msg>) -> Result<WriterStats, S
                 Some(_) => Ok(()),
                 None => w.add(&e),
             },
+            Ok(Msg::Head(reply)) => {
+                let r = match &failed {
+                    Some(f) => Err(f.clone()),
+                    None => w.flush_chunk().and_then(|_| {
+                        let len = w.out.get_ref().metadata().map_err(|e| e.to_string())?.len();
+                        Ok(LogHead { prev: hex::encode(w.prev), seq: w.seq, next_event: w.next_event, len })
+                    }),
+                };
+                let _ = reply.send(r.clone());
+                r.map(|_| ())
+            }
             Ok(Msg::Flush(reply)) => {
                 let r = match &failed {
                     Some(f) => Err(f.clone()),
@@ -173,11 +199,37 @@ impl LogWriter {
         let mut out = BufWriter::with_capacity(1 << 20, f);
         out.write_all(FILE_MAGIC).map_err(io)?;
         out.flush().map_err(io)?;
+        Self::start(out, genesis, 0, 0, path)
+    }
+
+    /// Continues a log another writer left at `head` (the file holds exactly
+    /// `head.len` bytes of it; anything after is cut off).
+    pub fn append(path: &Path, head: &LogHead) -> Result<LogWriter, LogError> {
+        let io = |source| LogError::Io { path: path.display().to_string(), source };
+        let bad = |m: String| LogError::Writer(format!("{}: {m}", path.display()));
+        let prev: [u8; 32] = hex::decode(&head.prev)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| bad("log head is not a SHA-256".into()))?;
+        let f = std::fs::OpenOptions::new().write(true).open(path).map_err(io)?;
+        let have = f.metadata().map_err(io)?.len();
+        if have < head.len {
+            return Err(bad(format!("holds {have} bytes, the log head says {}", head.len)));
+        }
+        f.set_len(head.len).map_err(io)?;
+        let mut out = BufWriter::with_capacity(1 << 20, f);
+        use std::io::Seek;
+        out.seek(std::io::SeekFrom::End(0)).map_err(io)?;
+        Self::start(out, prev, head.seq, head.next_event, path)
+    }
+
+    fn start(out: BufWriter<File>, prev: [u8; 32], seq: u32, next_event: u64, path: &Path) -> Result<LogWriter, LogError> {
+        let io = |source| LogError::Io { path: path.display().to_string(), source };
         let w = ChunkWriter {
             out,
-            prev: genesis,
-            seq: 0,
-            next_event: 0,
+            prev,
+            seq,
+            next_event,
             buf: Vec::with_capacity(CHUNK_BYTES + 1024),
             n: 0,
             first_at: None,
@@ -203,6 +255,16 @@ impl LogWriter {
         let (rtx, rrx) = mpsc::sync_channel(1);
         let tx = self.tx.as_ref().ok_or_else(|| LogError::Writer("closed".into()))?;
         tx.send(Msg::Flush(rtx)).map_err(|_| LogError::Writer("writer thread is gone".into()))?;
+        rrx.recv()
+            .map_err(|_| LogError::Writer("writer thread is gone".into()))?
+            .map_err(LogError::Writer)
+    }
+
+    /// Flushes and says where the log ends.
+    pub fn head(&self) -> Result<LogHead, LogError> {
+        let (rtx, rrx) = mpsc::sync_channel(1);
+        let tx = self.tx.as_ref().ok_or_else(|| LogError::Writer("closed".into()))?;
+        tx.send(Msg::Head(rtx)).map_err(|_| LogError::Writer("writer thread is gone".into()))?;
         rrx.recv()
             .map_err(|_| LogError::Writer("writer thread is gone".into()))?
             .map_err(LogError::Writer)

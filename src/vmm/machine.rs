@@ -216,6 +216,13 @@ impl DirtyLog {
         Ok((std::mem::take(p).into_iter().collect(), std::mem::take(d).into_iter().collect()))
     }
 
+    /// How many pages and sectors the next [`DirtyLog::take_tracked`] would return.
+    pub fn peek_tracked(&self) -> Result<(u64, u64), MachineError> {
+        let mut s = self.sets.lock().unwrap();
+        self.sync(&mut s)?;
+        Ok(s.migration.as_ref().map(|(p, d)| (p.len() as u64, d.len() as u64)).unwrap_or((0, 0)))
+    }
+
     pub fn stop_tracking(&self) {
         self.sets.lock().unwrap().migration = None;
     }
@@ -341,9 +348,9 @@ impl Machine {
             )));
         }
         self.vcpu.restore(&state.vcpu)?;
-        let block = Block::new(state.config.disk.as_deref())?;
+        // The disk is this machine's own (a migration may have put it elsewhere).
+        let block = Block::new(self.config.disk.as_deref())?;
         self.devices = Devices::from_state(&state.devices, block).map_err(|e| MachineError::State(e.to_string()))?;
-        self.config.disk = state.config.disk.clone();
         self.exits = state.exits;
         self.branches = state.branches;
         self.waiting = state.waiting;

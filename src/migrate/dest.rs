@@ -1,0 +1,262 @@
+//! The receiving side (`revirt receive`): allocate the VM, take pages as
+//! they come, load the final state, confirm, and run once the source commits.
+
+use std::io::{Read, Seek, Write};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::proto::{self, FinalState, Hello, Kind, ProtoError, Welcome, PAGE};
+use super::{Conn, Controller, Listener, MigrateError, Summary};
+use crate::record::{RecordSummary, Session};
+use crate::vmm::{Console, LiveHost, Machine, Stop, VmConfig};
+
+
+pub struct ReceiveOptions {
+    /// Where the recording goes on, if the incoming VM is being recorded.
+    pub out: Option<PathBuf>,
+    /// Where a streamed disk (`--copy-disk`) is written.
+    pub disk: Option<PathBuf>,
+    pub input: Box<dyn Read + Send>,
+    pub console: Console,
+    /// Accept `revirt migrate` requests for the received VM here (move it on).
+    pub control: Option<Arc<Controller>>,
+}
+
+/// How a received VM ended.
+pub enum Outcome {
+    /// It ran here until it stopped.
+    Stopped(Stop),
+    /// It was being recorded; the recording was continued and is summarized here.
+    Recorded(RecordSummary),
+    /// It moved on to yet another host.
+    MovedOn(Summary),
+}
+
+pub struct Received {
+    pub outcome: Outcome,
+    pub from: String,
+    /// From the final state's arrival to the guest running here.
+    pub resume_ms: f64,
+    pub bytes: u64,
+}
+
+/// A recording file name as the source may send it: a plain name or one
+/// directory level below, never absolute or with `..`.
+fn safe_name(name: &str) -> Result<PathBuf, ProtoError> {
+    let p = Path::new(name);
+    let ok = !name.is_empty()
+        && p.components().count() <= 2
+        && p.components().all(|c| matches!(c, Component::Normal(_)));
+    if ok {
+        Ok(p.to_path_buf())
+    } else {
+        Err(ProtoError::Corrupt(format!("refusing file name {name:?}")))
+    }
+}
+
+/// Waits for one incoming VM on `listener`, receives it and runs it.
+pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, MigrateError> {
+    let mut conn = listener.accept()?;
+    let mut w = conn.try_clone().map_err(|source| MigrateError::Io { what: "socket".into(), source })?;
+    let r = take(&mut conn, &mut w, &opts);
+    let (mut m, state, hello, bytes, state_at) = match r {
+        Ok(v) => v,
+        Err(e) => {
+            // Tell the source why (it keeps running), then give up.
+            let _ = proto::write_frame(&mut w, Kind::Abort, e.to_string().as_bytes());
+            return Err(e);
+        }
+    };
+    // Everything is in place: what the recorder needs too, before confirming.
+    let mut live = LiveHost::new(opts.input, opts.console.clone(), state.machine.clock_ns);
+    live.push_input(&state.pending_input);
+    let mut live = Some(live);
+    let mut session = None;
+    if let (Some(rs), Some(out)) = (&state.recorder, &opts.out) {
+        let l = live.take().expect("not yet taken");
+        match Session::resume(out, &m, rs, l, &hello.source_host, opts.control.clone()) {
+            Ok(s) => session = Some(s),
+            Err(e) => {
+                let e: MigrateError = e.into();
+                let _ = proto::write_frame(&mut w, Kind::Abort, e.to_string().as_bytes());
+                return Err(e);
+            }
+        }
+    }
+    proto::write_frame(&mut w, Kind::Ready, &[])?;
+    w.flush().map_err(ProtoError::Io)?;
+    match proto::read_frame(&mut conn) {
+        Ok(f) if f.kind == Kind::Commit => {}
+        Ok(f) => return Err(ProtoError::Unexpected { got: f.kind.name(), want: "commit" }.into()),
+        Err(e) => {
+            return Err(MigrateError::Refused(format!(
+                "the source did not commit ({e}); the VM stays with the source"
+            )))
+        }
+    }
+    let resume_ms = state_at.elapsed().as_secs_f64() * 1e3;
+    conn.shutdown();
+    let from = hello.source_host.clone();
+    let outcome = match session {
+        Some(s) => Outcome::Recorded(s.run(m)?),
+        None => match run_live(&mut m, live.as_mut().expect("no session, so the live host is here"), opts.control.as_deref())? {
+            LiveEnd::Stopped(s) => Outcome::Stopped(s),
+            LiveEnd::Migrated(s) => Outcome::MovedOn(s),
+        },
+    };
+    Ok(Received { outcome, from, resume_ms, bytes })
+}
+
+type Taken = (Machine, FinalState, Hello, u64, Instant);
+
+/// Everything up to the final state: handshake, hello, pages, files, state.
+fn take(conn: &mut Conn, w: &mut Conn, opts: &ReceiveOptions) -> Result<Taken, MigrateError> {
+    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    proto::read_handshake(conn)?;
+    proto::write_handshake(w).map_err(MigrateError::from)?;
+    let hello: Hello = proto::from_json(&proto::expect(conn, Kind::Hello)?, "hello")?;
+    let mut config: VmConfig = hello.config.clone();
+    let mut disk_file = None;
+    if let Some(size) = hello.copy_disk {
+        let Some(path) = &opts.disk else {
+            return Err(MigrateError::Refused("the source streams its disk (--copy-disk): give `revirt receive --disk PATH` for the copy".into()));
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(|source| MigrateError::Io { what: format!("creating disk {}", path.display()), source })?;
+        f.set_len(size).map_err(|source| MigrateError::Io { what: format!("sizing disk {}", path.display()), source })?;
+        disk_file = Some(f);
+        config.disk = Some(path.clone());
+    } else if let Some(d) = &opts.disk {
+        config.disk = Some(d.clone());
+    }
+    let out = match (&hello.recording, &opts.out) {
+        (Some(r), Some(out)) => {
+            if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+                return Err(MigrateError::Refused(format!("{} already exists and is not empty", out.display())));
+            }
+            std::fs::create_dir_all(out.join(crate::trace::CHECKPOINTS))
+                .map_err(|source| MigrateError::Io { what: format!("creating {}", out.display()), source })?;
+            tracing::info!("continuing recording {} in {}", r.id, out.display());
+            Some(out.clone())
+        }
+        (Some(r), None) => {
+            return Err(MigrateError::Refused(format!(
+                "the VM is being recorded (recording {}): give `revirt receive -o DIR` to continue the recording",
+                r.id
+            )))
+        }
+        (None, _) => None,
+    };
+    let mut m = Machine::create(&config)?;
+    proto::write_frame(w, Kind::Welcome, &proto::json(&Welcome { host: super::hostname() }))?;
+    w.flush().map_err(ProtoError::Io)?;
+    conn.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let mut bytes = 12u64;
+    let npages = config.mem_size / PAGE;
+    let zero = vec![0u8; PAGE as usize];
+    let mut buf = Vec::new();
+    loop {
+        let kind = proto::read_frame_into(conn, &mut buf)?;
+        bytes += 9 + buf.len() as u64;
+        match kind {
+            Kind::Pages => {
+                let (pages, data) = proto::decode_pages(&buf)?;
+                for (p, d) in pages.iter().zip(data.chunks_exact(PAGE as usize)) {
+                    if *p >= npages {
+                        return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
+                    }
+                    m.mem.write_slice(d, GuestAddress(p * PAGE)).map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                }
+            }
+            Kind::ZeroPages => {
+                for p in proto::decode_numbers(&buf)? {
+                    if p >= npages {
+                        return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
+                    }
+                    m.mem.write_slice(&zero, GuestAddress(p * PAGE)).map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                }
+            }
+            Kind::Disk => {
+                let (first, data) = proto::decode_disk(&buf)?;
+                let Some(d) = disk_file.as_mut() else {
+                    return Err(ProtoError::Corrupt("disk data, but no disk is being copied".into()).into());
+                };
+                let size = hello.copy_disk.unwrap_or(0);
+                if first * 512 + data.len() as u64 > size {
+                    return Err(ProtoError::Corrupt("disk data beyond the end of the disk".into()).into());
+                }
+                d.seek(std::io::SeekFrom::Start(first * 512))
+                    .and_then(|_| d.write_all(&data))
+                    .map_err(|source| MigrateError::Io { what: "writing the disk copy".into(), source })?;
+            }
+            Kind::File => {
+                let (name, offset, data) = proto::decode_file(&buf)?;
+                let Some(out) = &out else {
+                    return Err(ProtoError::Corrupt("recording files, but the VM is not being recorded".into()).into());
+                };
+                let path = out.join(safe_name(&name)?);
+                let io = |source| MigrateError::Io { what: format!("writing {}", path.display()), source };
+                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io)?;
+                file.seek(std::io::SeekFrom::Start(offset)).and_then(|_| file.write_all(&data)).map_err(io)?;
+            }
+            Kind::State => {
+                let at = Instant::now();
+                let state: FinalState = proto::from_json(&buf, "final state")?;
+                m.load_state(&state.machine)?;
+                if let Some(d) = disk_file.as_mut() {
+                    d.sync_data().map_err(|source| MigrateError::Io { what: "syncing the disk copy".into(), source })?;
+                }
+                if state.recorder.is_some() != out.is_some() {
+                    return Err(ProtoError::Corrupt("recorder state does not match the hello".into()).into());
+                }
+                return Ok((m, state, hello, bytes, at));
+            }
+            other => return Err(ProtoError::Unexpected { got: other.name(), want: "pages, files or state" }.into()),
+        }
+    }
+}
+
+/// How a live run ended.
+pub enum LiveEnd {
+    Stopped(Stop),
+    Migrated(Summary),
+}
+
+/// Runs a VM live; with a controller, `revirt migrate` can move it away
+/// (then this returns `Migrated` and the VM must not run here again).
+pub fn run_live(m: &mut Machine, live: &mut LiveHost, control: Option<&Controller>) -> Result<LiveEnd, MigrateError> {
+    run_live_until(m, live, control, None)
+}
+
+pub fn run_live_until(
+    m: &mut Machine,
+    live: &mut LiveHost,
+    control: Option<&Controller>,
+    exit_limit: Option<u64>,
+) -> Result<LiveEnd, MigrateError> {
+    let Some(c) = control else {
+        return Ok(LiveEnd::Stopped(m.run(live, exit_limit)?));
+    };
+    c.attach(m, None);
+    c.shared.set_waker(live.waker());
+    loop {
+        let stop = m.run(&mut super::Pausable::new(live, c.shared.clone()), exit_limit)?;
+        if stop == Stop::Paused && c.shared.stop_requested() {
+            use crate::vmm::Host;
+            let clock = live.now_ns();
+            match c.finish(m, live, clock, None) {
+                Ok(s) => return Ok(LiveEnd::Migrated(s)),
+                Err(_) => continue, // not committed: run on here
+            }
+        }
+        return Ok(LiveEnd::Stopped(stop));
+    }
+}

@@ -1,0 +1,297 @@
+//! Live migration (lecture notes Part I; Clark et al., NSDI 2005): move a
+//! running — even a recording — VM to another host by iterative pre-copy of
+//! dirty pages, a short stop-and-copy, and a commit.
+//!
+//! The vCPU keeps running during pre-copy: a migration thread reads the
+//! shared [`DirtyLog`](crate::vmm::machine::DirtyLog) and guest memory and
+//! streams pages, while the run loop only sees a [`Pausable`] host that can
+//! throttle it (auto-converge) and finally pause it. Stop-and-copy, the
+//! commit and the hand-over of the recorder happen on the vCPU thread
+//! (`source::Migration::finish`). The destination is [`dest::receive`].
+
+pub mod dest;
+pub mod proto;
+pub mod source;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::vmm::vcpu::Kicker;
+use crate::vmm::{Async, Control, Host, HostError, PollCtx, Waker};
+
+pub use proto::ProtoError;
+pub use source::{Controller, MigrateRequest};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Proto(#[from] ProtoError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error(transparent)]
+    Machine(#[from] crate::vmm::MachineError),
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Record(#[from] Box<crate::record::RecordError>),
+}
+
+impl From<crate::record::RecordError> for MigrateError {
+    fn from(e: crate::record::RecordError) -> Self {
+        MigrateError::Record(Box::new(e))
+    }
+}
+
+/// What a finished migration reports (source side).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Summary {
+    pub to: String,
+    pub rounds: u32,
+    /// Bytes put on the wire (after compression).
+    pub bytes: u64,
+    /// Pages sent over all rounds, including the stop-and-copy.
+    pub pages: u64,
+    /// Pages sent while the guest was stopped.
+    pub final_pages: u64,
+    pub total_ms: f64,
+    /// Guest paused at the source until the commit was sent; the
+    /// destination resumes it on receipt (plus one network latency).
+    pub downtime_ms: f64,
+    /// Highest throttle auto-converge applied (percent of time the guest slept).
+    pub max_throttle: u32,
+    pub recording: bool,
+}
+
+/// A connection over TCP (`HOST:PORT`) or a Unix socket (`unix:PATH`).
+pub enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    pub fn connect(addr: &str) -> Result<Conn, MigrateError> {
+        let io = |source| MigrateError::Io { what: format!("connecting to {addr}"), source };
+        match addr.strip_prefix("unix:") {
+            Some(p) => Ok(Conn::Unix(UnixStream::connect(p).map_err(io)?)),
+            None => {
+                let s = TcpStream::connect(addr).map_err(io)?;
+                let _ = s.set_nodelay(true);
+                Ok(Conn::Tcp(s))
+            }
+        }
+    }
+
+    pub fn try_clone(&self) -> std::io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.set_read_timeout(t),
+            Conn::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Conn::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.read(b),
+            Conn::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Tcp(s) => s.write(b),
+            Conn::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Tcp(s) => s.flush(),
+            Conn::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// A listening socket for `revirt receive`.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, std::path::PathBuf),
+}
+
+impl Listener {
+    pub fn bind(addr: &str) -> Result<Listener, MigrateError> {
+        let io = |source| MigrateError::Io { what: format!("listening on {addr}"), source };
+        match addr.strip_prefix("unix:") {
+            Some(p) => {
+                let _ = std::fs::remove_file(p);
+                Ok(Listener::Unix(UnixListener::bind(p).map_err(io)?, p.into()))
+            }
+            None => Ok(Listener::Tcp(TcpListener::bind(addr).map_err(io)?)),
+        }
+    }
+
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, p) => format!("unix:{}", p.display()),
+        }
+    }
+
+    pub fn accept(&self) -> Result<Conn, MigrateError> {
+        let io = |source| MigrateError::Io { what: "accepting a connection".into(), source };
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (s, _) = l.accept().map_err(io)?;
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s)
+            }
+            Listener::Unix(l, _) => Conn::Unix(l.accept().map_err(io)?.0),
+        })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// What the migration thread and the run loop share.
+#[derive(Default)]
+pub struct Shared {
+    /// Pause the guest at the next poll point for stop-and-copy.
+    stop: AtomicBool,
+    /// Percent of wall time the guest must sleep (auto-converge).
+    throttle: AtomicU32,
+    kicker: Mutex<Option<Kicker>>,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl Shared {
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    /// Makes the vCPU thread come back to the run loop soon: out of KVM_RUN
+    /// (a kick) or out of an idle wait (a wake).
+    pub fn nudge(&self) {
+        if let Some(k) = *self.kicker.lock().unwrap() {
+            k.kick();
+        }
+        if let Some(w) = &*self.waker.lock().unwrap() {
+            w.wake();
+        }
+    }
+
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.nudge();
+    }
+
+    fn clear(&self) {
+        self.stop.store(false, Ordering::SeqCst);
+        self.throttle.store(0, Ordering::SeqCst);
+    }
+
+    pub fn set_waker(&self, w: Waker) {
+        *self.waker.lock().unwrap() = Some(w);
+    }
+}
+
+/// Wraps the VM's host: pauses the run loop when the migration asks for
+/// stop-and-copy, and throttles the guest while auto-converge says so.
+/// Both are invisible to the guest and to a recording (a pause is not an
+/// input; sleeping only delays host time, which the recorder logs anyway).
+pub struct Pausable<'a> {
+    pub inner: &'a mut dyn Host,
+    shared: Arc<Shared>,
+    ran_since: Instant,
+}
+
+/// Throttling works in slices of this much wall time.
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+impl<'a> Pausable<'a> {
+    pub fn new(inner: &'a mut dyn Host, shared: Arc<Shared>) -> Pausable<'a> {
+        Pausable { inner, shared, ran_since: Instant::now() }
+    }
+
+    fn throttle(&mut self) {
+        let pct = self.shared.throttle.load(Ordering::Relaxed).min(99);
+        if pct == 0 {
+            return;
+        }
+        let run = THROTTLE_SLICE * (100 - pct) / 100;
+        if self.ran_since.elapsed() >= run {
+            std::thread::sleep(THROTTLE_SLICE * pct / 100);
+            self.ran_since = Instant::now();
+        }
+    }
+}
+
+impl Host for Pausable<'_> {
+    fn now_ns(&mut self) -> u64 {
+        self.inner.now_ns()
+    }
+    fn clock_read(&mut self, ctx: &PollCtx) -> Result<u64, HostError> {
+        self.inner.clock_read(ctx)
+    }
+    fn output(&mut self, bytes: &[u8]) -> Result<(), HostError> {
+        self.inner.output(bytes)
+    }
+    fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
+        let c = self.inner.poll(ctx, out)?;
+        self.throttle();
+        Ok(if self.shared.stop_requested() { Control::Pause } else { c })
+    }
+    fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
+        if self.shared.stop_requested() {
+            return Ok(());
+        }
+        self.inner.wait(ctx, out)
+    }
+    fn delivered(&mut self, at: &crate::clock::ExecPoint, fp: u64, events: &[Async]) -> Result<(), HostError> {
+        self.inner.delivered(at, fp, events)
+    }
+    fn precise(&mut self, exits: u64) -> bool {
+        self.inner.precise(exits)
+    }
+    fn attach(&mut self, kicker: Kicker) {
+        *self.shared.kicker.lock().unwrap() = Some(kicker);
+        self.inner.attach(kicker)
+    }
+    fn detach(&mut self) {
+        *self.shared.kicker.lock().unwrap() = None;
+        self.inner.detach()
+    }
+}
+
+/// This host's name, for the migration's records.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
