@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need=()
-for tool in gcc:gcc make:make ld:binutils objdump:binutils gdb:gdb tmux:tmux; do
+for tool in gcc:gcc make:make ld:binutils objdump:binutils gdb:gdb tmux:tmux ip:iproute2; do
   cmd=${tool%%:*} pkg=${tool##*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

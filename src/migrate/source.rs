@@ -229,7 +229,9 @@ impl Controller {
             return Err(MigrateError::Refused("paused for a migration that is gone".into()));
         };
         let pending_input = live.take_pending_input();
-        let r = self.stop_and_copy(&mut h, m, clock_ns, pending_input.clone(), recorder, stopped);
+        let r = self
+            .stop_and_copy(&mut h, m, clock_ns, pending_input.clone(), recorder, stopped)
+            .map_err(|e| peer_reason(&h.rx, e));
         let dirty = m.dirty_log();
         dirty.stop_tracking();
         self.shared.clear();
@@ -552,6 +554,32 @@ impl FileSync {
     }
 }
 
+/// Anything the destination says during pre-copy is an error (an abort).
+fn check(rx: &Receiver<Result<proto::Frame, ProtoError>>) -> Result<(), MigrateError> {
+    match rx.try_recv() {
+        Ok(Ok(f)) => Err(ProtoError::Unexpected { got: f.kind.name(), want: "nothing during pre-copy" }.into()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Ok(()),
+    }
+}
+
+/// A failed write usually means the destination hung up; if it said why
+/// (an Abort frame, e.g. a corrupt frame it received), that is the error.
+fn peer_reason(rx: &Receiver<Result<proto::Frame, ProtoError>>, e: MigrateError) -> MigrateError {
+    if !matches!(e, MigrateError::Proto(ProtoError::Io(_))) {
+        return e;
+    }
+    let until = Instant::now() + Duration::from_secs(2);
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(Err(ProtoError::Io(_))) | Err(_) => break,
+            Ok(Err(peer)) => return peer.into(),
+            Ok(Ok(_)) => continue,
+        }
+    }
+    e
+}
+
 /// Connects, announces the VM, and copies memory round after round while
 /// the guest runs; returns once it asked the vCPU thread to stop.
 fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Instant) -> Result<Handoff, MigrateError> {
@@ -605,16 +633,21 @@ fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Inst
             }
         })
         .map_err(|source| MigrateError::Io { what: "spawning a reader".into(), source })?;
-    let check = |rx: &Receiver<Result<proto::Frame, ProtoError>>| -> Result<(), MigrateError> {
-        match rx.try_recv() {
-            Ok(Ok(f)) => Err(ProtoError::Unexpected { got: f.kind.name(), want: "nothing during pre-copy" }.into()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Ok(()),
-        }
-    };
 
-    let mut files = FileSync { dir: vm.recording.as_ref().map(|r| r.dir.clone()), sent: HashMap::new() };
+    let files = FileSync { dir: vm.recording.as_ref().map(|r| r.dir.clone()), sent: HashMap::new() };
     vm.dirty.start_tracking()?;
+    let mut h = Handoff { tx, rx, files, req: req.clone(), started, rounds: 0, max_throttle: 0 };
+    match rounds(ctl, vm, req, &mut h, disk_size) {
+        Ok(()) => Ok(h),
+        Err(e) => Err(peer_reason(&h.rx, e)),
+    }
+}
+
+/// The pre-copy rounds, until the rest fits the downtime budget.
+fn rounds(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, h: &mut Handoff, disk_size: Option<u64>) -> Result<(), MigrateError> {
+    let Handoff { tx, rx, files, .. } = h;
+    let tx = &mut *tx;
+    let rx = &*rx;
     let max_downtime = Duration::from_millis(req.max_downtime_ms);
     let mut round = 1u32;
     let mut throttle = 0u32;
@@ -626,7 +659,7 @@ fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Inst
         let bytes0 = tx.bytes;
         let sent = if round == 1 {
             let p0 = tx.pages;
-            tx.send_all(&vm.mem, vm.config.mem_size, &mut || check(&rx))?;
+            tx.send_all(&vm.mem, vm.config.mem_size, &mut || check(rx))?;
             if let Some(size) = disk_size {
                 let all: Vec<u64> = (0..size / 512).collect();
                 tx.send_sectors(vm.config.disk.as_deref(), &all)?;
@@ -641,10 +674,10 @@ fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Inst
             n
         };
         if let Some(dir) = files.dir.clone() {
-            files.sync(&mut tx, &dir, None)?;
+            files.sync(tx, &dir, None)?;
         }
         tx.flush()?;
-        check(&rx)?;
+        check(rx)?;
         let secs = t.elapsed().as_secs_f64().max(1e-6);
         let bps = (tx.bytes - bytes0) as f64 / secs;
         // What got dirty while this round was being sent is the next round.
@@ -687,7 +720,9 @@ fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Inst
             ctl.shared.nudge();
         }
     }
-    Ok(Handoff { tx, rx, files, req: req.clone(), started, rounds: round, max_throttle })
+    h.rounds = round;
+    h.max_throttle = max_throttle;
+    Ok(())
 }
 
 /// `revirt migrate`: sends the request to a running VM's control socket,

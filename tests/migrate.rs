@@ -1,0 +1,458 @@
+//! Live migration end to end on real KVM: a guest that keeps dirtying
+//! memory and printing moves between two revirt processes (over loopback,
+//! and between network namespaces), with and without a recording, and
+//! the failure cases leave the source running.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A running revirt process whose stdout/stderr are collected as they come.
+struct Proc {
+    child: Child,
+    out: Arc<Mutex<Vec<u8>>>,
+    err: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn collect(mut r: impl Read + Send + 'static, buf: Arc<Mutex<Vec<u8>>>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok(n) = r.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            buf.lock().unwrap().extend_from_slice(&b[..n]);
+        }
+    })
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> Proc {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let err = Arc::new(Mutex::new(Vec::new()));
+        let readers = vec![
+            collect(child.stdout.take().unwrap(), out.clone()),
+            collect(child.stderr.take().unwrap(), err.clone()),
+        ];
+        Proc { child, out, err, readers }
+    }
+
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until stdout or stderr contains `pat`.
+    fn wait_for(&self, pat: &str, limit: Duration) {
+        let t = Instant::now();
+        while !self.stdout().contains(pat) && !self.stderr().contains(pat) {
+            assert!(t.elapsed() < limit, "no {pat:?} within {limit:?}; stdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the exit (killing it after `limit`): status, stdout, stderr.
+    fn finish(mut self, limit: Duration) -> (i32, String, String) {
+        let t = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            if t.elapsed() > limit {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        for r in self.readers.drain(..) {
+            r.join().unwrap();
+        }
+        (status.code().unwrap_or(-1), self.stdout(), self.stderr())
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_revirt")
+}
+
+/// `revirt receive` listening on an ephemeral port; returns it and its address.
+fn receive(extra: &[&str]) -> (Proc, String) {
+    receive_in(None, "127.0.0.1:0", extra)
+}
+
+fn receive_in(netns: Option<&str>, listen: &str, extra: &[&str]) -> (Proc, String) {
+    let mut cmd = in_ns(netns);
+    cmd.args(["receive", "--listen", listen]).args(extra);
+    let p = Proc::spawn(cmd);
+    p.wait_for("waiting for a VM on ", Duration::from_secs(30));
+    let err = p.stderr();
+    let addr = err.split("waiting for a VM on ").nth(1).unwrap().lines().next().unwrap().trim().to_string();
+    (p, addr)
+}
+
+fn in_ns(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin()]);
+            c
+        }
+        None => Command::new(bin()),
+    }
+}
+
+fn churn_cmdline(rounds: u64, pages: u64) -> String {
+    format!("workload=churn iters={rounds} pages={pages} hz=100")
+}
+
+/// What the churn workload must print last: the host's own computation.
+fn churn_check(rounds: u64, pages: u64) -> String {
+    let mut sum = 0u64;
+    for p in 0..pages {
+        let mut v = 0u64;
+        for r in 0..rounds {
+            v = v.wrapping_mul(6364136223846793005).wrapping_add(r + p);
+        }
+        sum = sum.wrapping_add(v);
+    }
+    format!("churn: rounds={rounds} pages={pages} check={sum:#018x}")
+}
+
+/// The round numbers printed, in order.
+fn rounds_in(out: &str) -> Vec<u64> {
+    out.lines().filter_map(|l| l.strip_prefix("churn: round ")).map(|n| n.trim().parse().unwrap()).collect()
+}
+
+/// A source VM (`run` or `record`) with a control socket, started in `netns`.
+fn source(netns: Option<&str>, dir: &Path, cmdline: &str, record: Option<&Path>) -> (Proc, String) {
+    let img = demo_image();
+    let sock = dir.join("ctl.sock").display().to_string();
+    let mut cmd = in_ns(netns);
+    match record {
+        Some(rec) => cmd.args(["record", img.to_str().unwrap(), "-o", rec.to_str().unwrap(), "--checkpoint-every", "300ms"]),
+        None => cmd.args(["run", img.to_str().unwrap()]),
+    };
+    cmd.args(["--cmdline", cmdline, "--control", &sock]);
+    let p = Proc::spawn(cmd);
+    p.wait_for("churn: round 20\n", Duration::from_secs(60));
+    (p, sock)
+}
+
+fn migrate(sock: &str, to: &str, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec!["migrate", sock, "--to", to, "--json"];
+    args.extend_from_slice(extra);
+    let o = run_with_input(&args, b"");
+    (o.status.code().unwrap_or(-1), stdout(&o), stderr(&o))
+}
+
+fn summary_field(json: &str, key: &str) -> f64 {
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("summary {json:?}: {e}"));
+    v[key].as_f64().unwrap_or_else(|| panic!("no {key} in {json}"))
+}
+
+/// Output continues without loss or duplication: every round exactly
+/// once, in order, part at the source and the rest at the destination.
+fn assert_joined(src: &str, dst: &str, rounds: u64, pages: u64) {
+    let (a, b) = (rounds_in(src), rounds_in(dst));
+    assert!(!a.is_empty() && !b.is_empty(), "the move happened mid-run: source printed {} rounds, destination {}", a.len(), b.len());
+    let all: Vec<u64> = a.iter().chain(&b).copied().collect();
+    assert_eq!(all, (0..rounds).collect::<Vec<_>>(), "rounds lost or duplicated across the move");
+    assert!(dst.contains(&churn_check(rounds, pages)), "destination's final line is not {}:\n{dst}", churn_check(rounds, pages));
+    assert!(!src.contains("churn: rounds="), "the source must not finish the workload too");
+}
+
+#[test]
+fn migrates_a_running_guest_over_loopback_without_losing_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (rounds, pages) = (300, 2000);
+    let (dst, addr) = receive(&[]);
+    let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), None);
+    let (code, json, err) = migrate(&sock, &addr, &[]);
+    assert_eq!(code, 0, "migrate failed: {err}");
+    assert!(err.contains("round 1:") && err.contains("predicted downtime"), "progress shown: {err}");
+    let downtime = summary_field(&json, "downtime_ms");
+    let total = summary_field(&json, "total_ms");
+    assert!(downtime > 0.0 && downtime <= total, "downtime {downtime} ms of {total} ms");
+    assert!(summary_field(&json, "rounds") >= 2.0);
+    eprintln!("loopback migration of a 64 MiB guest dirtying {pages} pages per tick: downtime {downtime:.1} ms, total {total:.0} ms");
+    let (sc, so, se) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0, "source: {se}");
+    assert!(se.contains("migrated to"), "source reports the move: {se}");
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
+    assert_eq!(dc, 0, "destination: {de}");
+    assert_joined(&so, &d_out, rounds, pages);
+}
+
+#[test]
+fn a_recording_continues_across_the_move_and_replays_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (rounds, pages) = (200, 500);
+    let (src_rec, dst_rec) = (tmp.path().join("src-rec"), tmp.path().join("dst-rec"));
+    let (dst, addr) = receive(&["-o", dst_rec.to_str().unwrap()]);
+    let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), Some(&src_rec));
+    std::thread::sleep(Duration::from_millis(400)); // let the source write a checkpoint or two
+    let (code, json, err) = migrate(&sock, &addr, &[]);
+    assert_eq!(code, 0, "migrate failed: {err}");
+    assert!(summary_field(&json, "downtime_ms") > 0.0);
+    let (sc, so, se) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0, "source: {se}");
+    assert!(se.contains("the recording continues at the destination"), "{se}");
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
+    assert_eq!(dc, 0, "destination: {de}");
+    assert_joined(&so, &d_out, rounds, pages);
+
+    // The joined recording: one console, one log with the move in it, and it replays exactly.
+    let console = std::fs::read_to_string(dst_rec.join("console.log")).unwrap();
+    assert_eq!(console, format!("{so}{d_out}"), "console.log holds the output of both hosts, in order");
+    let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q"], b"");
+    assert_eq!(o.status.code(), Some(0), "replay of the joined recording: {}", stderr(&o));
+    assert!(stderr(&o).contains("replay matches the recording"), "{}", stderr(&o));
+    let o = run_with_input(&["replay", dst_rec.to_str().unwrap()], b"");
+    assert_eq!(stdout(&o), console, "replay reproduces the output of both hosts");
+    let o = run_with_input(&["verify", dst_rec.to_str().unwrap()], b"");
+    assert_eq!(o.status.code(), Some(0), "verify: {}", stdout(&o));
+    let o = run_with_input(&["inspect", dst_rec.to_str().unwrap(), "-c", "events all"], b"");
+    let migrated = stdout(&o).lines().filter(|l| l.contains("migrated from")).count();
+    assert_eq!(migrated, 1, "exactly one migration event: {}", stdout(&o));
+    // Checkpoints written at the destination after the move hold what changed since
+    // the source's last one: replaying from the last checkpoint matches too.
+    let o = run_with_input(&["inspect", dst_rec.to_str().unwrap(), "-c", "summary"], b"");
+    let n = stdout(&o)
+        .lines()
+        .find_map(|l| l.strip_prefix("checkpoints").and_then(|r| r.trim().split(':').next()).and_then(|n| n.trim().parse::<u32>().ok()))
+        .unwrap_or_else(|| panic!("checkpoint count in {}", stdout(&o)));
+    assert!(n >= 2, "{}", stdout(&o));
+    let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q", "--from-checkpoint", &(n - 1).to_string()], b"");
+    assert_eq!(o.status.code(), Some(0), "replay from the last checkpoint: {}", stderr(&o));
+    // The source's copy stops at the move and says so.
+    let o = run_with_input(&["replay", src_rec.to_str().unwrap(), "-q"], b"");
+    assert_eq!(o.status.code(), Some(2), "the source's part is incomplete: {}", stderr(&o));
+}
+
+#[test]
+fn killing_the_destination_mid_transfer_leaves_the_source_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (rounds, pages) = (300, 2000);
+    let (mut dst, addr) = receive(&[]);
+    let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), None);
+    // 1 MB/s: the first round alone takes seconds.
+    let m = std::thread::spawn(move || migrate(&sock, &addr, &["--bandwidth", "1M"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    dst.kill();
+    let (code, _, err) = m.join().unwrap();
+    assert_eq!(code, 1, "migrate must fail: {err}");
+    assert!(err.contains("migration failed") && err.contains("keeps running on the source"), "{err}");
+    let (dc, _, _) = dst.finish(Duration::from_secs(5));
+    assert_ne!(dc, 0);
+    let (sc, so, se) = src.finish(Duration::from_secs(60));
+    assert_eq!(sc, 0, "source: {se}");
+    assert_eq!(rounds_in(&so), (0..rounds).collect::<Vec<_>>(), "the source ran every round itself");
+    assert!(so.contains(&churn_check(rounds, pages)), "{so}");
+}
+
+/// Forwards one TCP connection to `to`, flipping one byte of the source's
+/// stream at offset `flip`.
+fn corrupting_proxy(to: String, flip: usize) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (a, _) = l.accept().unwrap();
+        let b = TcpStream::connect(&to).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+            let _ = a2.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut a, mut b) = (a, b);
+        let mut seen = 0usize;
+        let mut buf = [0u8; 65536];
+        loop {
+            let n = match a.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if (seen..seen + n).contains(&flip) {
+                buf[flip - seen] ^= 0x10;
+            }
+            seen += n;
+            if b.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = b.shutdown(std::net::Shutdown::Write);
+    });
+    addr
+}
+
+#[test]
+fn a_corrupt_frame_is_a_clear_error_and_the_source_keeps_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (rounds, pages) = (200, 1000);
+    let (dst, addr) = receive(&[]);
+    let proxy = corrupting_proxy(addr, 300_000);
+    let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), None);
+    let (code, _, err) = migrate(&sock, &proxy, &[]);
+    assert_eq!(code, 1, "migrate must fail: {err}");
+    assert!(err.contains("checksum mismatch"), "the destination's reason reaches the user: {err}");
+    let (dc, _, de) = dst.finish(Duration::from_secs(10));
+    assert_ne!(dc, 0);
+    assert!(de.contains("corrupt frame: checksum mismatch"), "destination says why: {de}");
+    assert!(!de.contains("panicked"), "{de}");
+    let (sc, so, se) = src.finish(Duration::from_secs(60));
+    assert_eq!(sc, 0, "source: {se}");
+    assert_eq!(rounds_in(&so), (0..rounds).collect::<Vec<_>>());
+    assert!(so.contains(&churn_check(rounds, pages)));
+}
+
+#[test]
+fn protocol_version_mismatch_and_garbage_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A destination from the future: answers with version 99.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let fake = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut hs = [0u8; 12];
+        s.read_exact(&mut hs).unwrap();
+        assert_eq!(&hs[..8], b"RVMIGRAT");
+        s.write_all(b"RVMIGRAT").unwrap();
+        s.write_all(&99u32.to_le_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let (rounds, pages) = (120, 100);
+    let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), None);
+    let (code, _, err) = migrate(&sock, &addr, &[]);
+    fake.join().unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("protocol version 99 is not supported"), "{err}");
+    let (sc, so, _) = src.finish(Duration::from_secs(60));
+    assert_eq!(sc, 0);
+    assert!(so.contains(&churn_check(rounds, pages)));
+
+    // Something that is not revirt talks to `revirt receive`.
+    let (dst, addr) = receive(&[]);
+    let mut s = TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let (dc, _, de) = dst.finish(Duration::from_secs(10));
+    assert_ne!(dc, 0);
+    assert!(de.contains("not a revirt migration stream"), "{de}");
+
+    // A migrate request to a VM without a control socket.
+    let o = run_with_input(&["migrate", tmp.path().join("nope.sock").to_str().unwrap(), "--to", "127.0.0.1:1"], b"");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("was it started with --control"), "{}", stderr(&o));
+}
+
+#[test]
+fn copy_disk_streams_the_disk_to_the_destination() {
+    let tmp = tempfile::tempdir().unwrap();
+    let disk = tmp.path().join("disk.img");
+    let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&disk, &bytes).unwrap();
+    let copy = tmp.path().join("copy.img");
+    let (dst, addr) = receive(&["--disk", copy.to_str().unwrap()]);
+    let img = demo_image();
+    let sock = tmp.path().join("ctl.sock").display().to_string();
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", img.to_str().unwrap(), "--disk", disk.to_str().unwrap(), "--cmdline", &churn_cmdline(150, 200), "--control", &sock]);
+    let src = Proc::spawn(cmd);
+    src.wait_for("churn: round 20\n", Duration::from_secs(60));
+    let (code, _, err) = migrate(&sock, &addr, &["--copy-disk"]);
+    assert_eq!(code, 0, "{err}");
+    let (sc, _, se) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0, "{se}");
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
+    assert_eq!(dc, 0, "{de}");
+    assert!(d_out.contains(&churn_check(150, 200)));
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes, "the destination's disk is the source's");
+
+    // Without --disk the receiver refuses a streamed disk, and the source runs on.
+    let (dst, addr) = receive(&[]);
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", img.to_str().unwrap(), "--disk", disk.to_str().unwrap(), "--cmdline", &churn_cmdline(100, 50), "--control", &sock]);
+    let src = Proc::spawn(cmd);
+    src.wait_for("churn: round 20\n", Duration::from_secs(60));
+    let (code, _, err) = migrate(&sock, &addr, &["--copy-disk"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("give `revirt receive --disk PATH`"), "{err}");
+    let _ = dst.finish(Duration::from_secs(10));
+    let (sc, so, _) = src.finish(Duration::from_secs(60));
+    assert_eq!(sc, 0);
+    assert!(so.contains(&churn_check(100, 50)));
+}
+
+/// Two network namespaces joined by a veth pair: two "hosts".
+struct Netns {
+    a: String,
+    b: String,
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    assert!(o.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+}
+
+impl Netns {
+    fn new() -> Netns {
+        let tag = std::process::id() % 100000;
+        let n = Netns { a: format!("rvA{tag}"), b: format!("rvB{tag}") };
+        let (va, vb) = (format!("rva{tag}"), format!("rvb{tag}"));
+        ip(&["netns", "add", &n.a]);
+        ip(&["netns", "add", &n.b]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &n.a]);
+        ip(&["link", "set", &vb, "netns", &n.b]);
+        ip(&["-n", &n.a, "addr", "add", "10.231.0.1/24", "dev", &va]);
+        ip(&["-n", &n.b, "addr", "add", "10.231.0.2/24", "dev", &vb]);
+        for (ns, dev) in [(&n.a, &va), (&n.b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        n
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.a]).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.b]).status();
+    }
+}
+
+#[test]
+fn migrates_between_network_namespaces() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ns = Netns::new();
+    let (rounds, pages) = (250, 1000);
+    let (src_rec, dst_rec) = (tmp.path().join("src-rec"), tmp.path().join("dst-rec"));
+    let (dst, addr) = receive_in(Some(&ns.b), "10.231.0.2:0", &["-o", dst_rec.to_str().unwrap()]);
+    assert!(addr.starts_with("10.231.0.2:"), "{addr}");
+    let (src, sock) = source(Some(&ns.a), tmp.path(), &churn_cmdline(rounds, pages), Some(&src_rec));
+    // The control socket is a file: `revirt migrate` runs outside both namespaces.
+    let (code, json, err) = migrate(&sock, &addr, &[]);
+    assert_eq!(code, 0, "{err}");
+    eprintln!("veth migration: downtime {:.1} ms", summary_field(&json, "downtime_ms"));
+    let (sc, so, se) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0, "{se}");
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
+    assert_eq!(dc, 0, "{de}");
+    assert_joined(&so, &d_out, rounds, pages);
+    let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q"], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
