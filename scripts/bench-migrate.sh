@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Live-migration figures: downtime and total time against guest memory size
+# and dirty rate, source and destination on this machine over TCP loopback.
+# Usage: scripts/bench-migrate.sh [REPS]   (median of REPS runs, default 3)
+# Prints a table and writes target/bench/migrate.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPS=${1:-3}
+cargo build --release -q
+R=$PWD/target/release/revirt
+IMG=$PWD/guests/demo/out/vm.img
+OUT=$PWD/target/bench
+mkdir -p "$OUT"
+T=$(mktemp -d)
+trap 'rm -rf "$T"; kill $(jobs -p) 2>/dev/null || true' EXIT
+
+one() { # mem pages -> one JSON summary line (or nothing on failure)
+  local mem=$1 pages=$2 port
+  rm -f "$T"/*
+  "$R" receive --listen 127.0.0.1:0 >"$T/dst.out" 2>"$T/dst.err" &
+  local dpid=$!
+  for _ in $(seq 100); do grep -q "waiting for a VM on" "$T/dst.err" 2>/dev/null && break; sleep 0.05; done
+  local addr; addr=$(sed -n 's/.*waiting for a VM on //p' "$T/dst.err" | head -1)
+  "$R" run "$IMG" --mem "$mem" --cmdline "workload=churn iters=400 pages=$pages hz=100" \
+    --control "$T/ctl.sock" </dev/null >"$T/src.out" 2>"$T/src.err" &
+  local spid=$!
+  for _ in $(seq 200); do grep -q "churn: round 30" "$T/src.out" 2>/dev/null && break; sleep 0.05; done
+  "$R" migrate "$T/ctl.sock" --to "$addr" --json 2>"$T/mig.err" | tail -1 || true
+  wait "$spid" || true
+  wait "$dpid" || true
+  grep -q "churn: rounds=400" "$T/dst.out" || echo "bench-migrate: destination did not finish ($mem, $pages)" >&2
+}
+
+echo "revirt live migration, $(date -u +%F), $(nproc) CPUs, median of $REPS; guest: churn at 100 Hz" >&2
+printf '%-6s %-14s %-10s %-12s %-10s %-8s %-10s\n' mem dirty_pages/s downtime_ms total_ms rounds MiB_sent throttle%
+results=()
+for mem in 64M 256M 1G; do
+  for pages in 1 256 1024 4096; do
+    runs=()
+    for _ in $(seq "$REPS"); do
+      j=$(one "$mem" "$pages")
+      [[ -n "$j" ]] && runs+=("$j")
+    done
+    line=$(printf '%s\n' "${runs[@]}" | python3 -c '
+import json,sys,statistics as st
+rs=[json.loads(l) for l in sys.stdin if l.strip()]
+if not rs: print("{}"); sys.exit()
+m=lambda k: st.median(r[k] for r in rs)
+print(json.dumps({"downtime_ms":m("downtime_ms"),"total_ms":m("total_ms"),"rounds":m("rounds"),"mib":m("bytes")/2**20,"throttle":max(r["max_throttle"] for r in rs),"n":len(rs)}))')
+    results+=("{\"mem\":\"$mem\",\"pages_per_tick\":$pages,\"r\":$line}")
+    python3 - "$mem" "$pages" "$line" <<'PY'
+import json,sys
+mem,pages,r=sys.argv[1],int(sys.argv[2]),json.loads(sys.argv[3])
+if not r: print(f"{mem:<6} {pages*100:<14} failed"); sys.exit()
+print(f"{mem:<6} {pages*100:<14} {r['downtime_ms']:<10.1f} {r['total_ms']:<12.0f} {r['rounds']:<10.0f} {r['mib']:<8.1f} {r['throttle']:<10}")
+PY
+  done
+done
+printf '[%s]\n' "$(IFS=,; echo "${results[*]}")" >"$OUT/migrate.json"
+echo "written $OUT/migrate.json" >&2
