@@ -267,10 +267,13 @@ impl Controller {
         if let (Some(rec), Some(dir)) = (&recorder, h.files.dir.clone()) {
             h.files.sync(&mut h.tx, &dir, Some((rec.log.len, rec.output_len)))?;
         }
+        let t_pages = stopped.elapsed();
         let machine = m.save_state(clock_ns)?;
         let state = FinalState { machine, pending_input, recorder };
-        h.tx.send(Kind::State, &proto::json(&state))?;
+        let state = proto::json(&state);
+        h.tx.send(Kind::State, &state)?;
         h.tx.flush()?;
+        let t_state = stopped.elapsed();
         match h.rx.recv_timeout(Duration::from_secs(30)) {
             Ok(Ok(f)) if f.kind == Kind::Ready => {}
             Ok(Ok(f)) => return Err(ProtoError::Unexpected { got: f.kind.name(), want: "ready" }.into()),
@@ -286,6 +289,15 @@ impl Controller {
         h.tx.send(Kind::Commit, &[])?;
         h.tx.flush()?;
         let downtime = stopped.elapsed();
+        tracing::info!(
+            "downtime {:.2} ms: {} pages + files sent by {:.2} ms, state ({} bytes) by {:.2} ms, destination ready by {:.2} ms",
+            downtime.as_secs_f64() * 1e3,
+            final_pages,
+            t_pages.as_secs_f64() * 1e3,
+            state.len(),
+            t_state.as_secs_f64() * 1e3,
+            downtime.as_secs_f64() * 1e3
+        );
         Ok(Summary {
             to: h.req.to.clone(),
             rounds: h.rounds + 1,
