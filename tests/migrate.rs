@@ -456,3 +456,51 @@ fn migrates_between_network_namespaces() {
     let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q"], b"");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
+
+#[test]
+fn auto_converge_throttles_a_guest_that_outruns_the_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    // ~1.2 GB/s of dirtying against a 40 MB/s link: pre-copy alone never converges.
+    let (rounds, pages) = (400, 3000);
+    let (dst, addr) = receive(&[]);
+    let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), None);
+    let (code, json, err) = migrate(&sock, &addr, &["--bandwidth", "40M"]);
+    assert_eq!(code, 0, "{err}\nsource: {}", src.stderr());
+    assert!(err.contains("auto-converge: the guest dirties memory faster than it can be sent"), "{err}");
+    assert!(summary_field(&json, "max_throttle") >= 20.0, "{json}");
+    let (sc, so, se) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0, "{se}");
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(120));
+    assert_eq!(dc, 0, "{de}");
+    assert_joined(&so, &d_out, rounds, pages);
+
+    // Without auto-converge the rounds stop making progress and the copy
+    // stops anyway (a longer downtime), still exact.
+    let (dst, addr) = receive(&[]);
+    let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), None);
+    let (code, json, err) = migrate(&sock, &addr, &["--bandwidth", "40M", "--no-auto-converge"]);
+    assert_eq!(code, 0, "{err}\nsource: {}", src.stderr());
+    assert!(err.contains("no progress for 2 rounds"), "{err}");
+    assert_eq!(summary_field(&json, "max_throttle"), 0.0);
+    let (sc, so, _) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0);
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(120));
+    assert_eq!(dc, 0, "{de}");
+    assert_joined(&so, &d_out, rounds, pages);
+}
+
+#[test]
+fn a_guest_that_powers_off_during_the_migration_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut dst, addr) = receive(&[]);
+    // 50 more rounds (0.5 s) against a 2 MB/s link: the guest is done first.
+    let (src, sock) = source(None, tmp.path(), &churn_cmdline(70, 2000), None);
+    let (code, _, err) = migrate(&sock, &addr, &["--bandwidth", "2M"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("the guest powered off (status 0) before the migration finished"), "{err}");
+    let (sc, so, _) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0);
+    assert!(so.contains(&churn_check(70, 2000)));
+    dst.kill();
+    let _ = dst.finish(Duration::from_secs(5));
+}

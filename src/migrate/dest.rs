@@ -224,6 +224,15 @@ fn take(conn: &mut Conn, w: &mut Conn, opts: &ReceiveOptions) -> Result<Taken, M
     }
 }
 
+/// "powered off (status 0)" and the like, for a requester's error.
+pub fn stopped_what(stop: &Stop) -> String {
+    match stop {
+        Stop::PowerOff(s) => format!("powered off (status {s})"),
+        Stop::Panic(p) => format!("crashed ({p})"),
+        Stop::Paused => "paused".into(),
+    }
+}
+
 /// How a live run ended.
 pub enum LiveEnd {
     Stopped(Stop),
@@ -257,6 +266,7 @@ pub fn run_live_until(
                 Err(_) => continue, // not committed: run on here
             }
         }
+        c.ended(&stopped_what(&stop));
         return Ok(LiveEnd::Stopped(stop));
     }
 }

@@ -207,6 +207,15 @@ impl Controller {
         *self.busy.lock().unwrap() = false;
     }
 
+    /// The VM stopped here (powered off, crashed): a migration under way
+    /// cannot finish; its requester is told why instead of a closed socket.
+    pub fn ended(&self, why: &str) {
+        if *self.busy.lock().unwrap() {
+            reply(&self.client, &Reply::Error(format!("the guest {why} before the migration finished")));
+            *self.client.lock().unwrap() = None;
+        }
+    }
+
     fn progress(&self, msg: String) {
         tracing::info!("{msg}");
         reply(&self.client, &Reply::Progress(msg));
@@ -724,6 +733,9 @@ fn rounds(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, h: &mut Handof
             ctl.shared.throttle.store(throttle, Ordering::SeqCst);
             ctl.progress(format!("auto-converge: the guest dirties memory faster than it can be sent; throttling it to {}% of its time", 100 - throttle));
             stalled = 0;
+        } else if stalled >= 2 {
+            ctl.progress(format!("no progress for {stalled} rounds: stopping with {dirty_now} pages left"));
+            break;
         }
         prev_dirty = dirty_now;
         round += 1;

@@ -498,6 +498,13 @@ impl Session {
                 }
             }
         };
+        if let (Some(c), None) = (&self.control, &migrated) {
+            c.ended(&match &end {
+                EndReason::PowerOff(s) => format!("powered off (status {s})"),
+                EndReason::Panic(v) => format!("crashed (exception vector {v})"),
+                EndReason::Stopped => "stopped".into(),
+            });
+        }
         let state_hash = if migrated.is_some() { String::new() } else { m.state_hash()? };
         self.host.console.flush().map_err(io("writing", &console_path))?;
         let output_sha256 = hex::encode(self.host.output.clone().finalize());
