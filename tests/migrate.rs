@@ -194,6 +194,11 @@ fn migrates_a_running_guest_over_loopback_without_losing_output() {
     let (sc, so, se) = src.finish(Duration::from_secs(30));
     assert_eq!(sc, 0, "source: {se}");
     assert!(se.contains("migrated to"), "source reports the move: {se}");
+    // No residual dependency: the source process is gone, the guest runs on.
+    let before = rounds_in(&dst.stdout()).len();
+    assert!(!dst.stdout().contains("churn: rounds="), "the guest is still running after the source exited");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(rounds_in(&dst.stdout()).len() > before, "the destination makes progress on its own");
     let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
     assert_eq!(dc, 0, "destination: {de}");
     assert_joined(&so, &d_out, rounds, pages);
