@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use super::{interrupt, Error, Session};
 use crate::record::{self, RecordOptions, RecordSummary};
-use crate::vmm::vcpu::Kicker;
-use crate::vmm::{Async, Console, Control, GuestPanic, Host, HostError, LiveHost, Machine, MachineError, PollCtx, Stop};
+use crate::migrate::Pausable;
+use crate::vmm::{Console, GuestPanic, HostError, LiveHost, Machine, MachineError, Stop};
 
 /// How a live run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,39 +70,6 @@ impl Read for StoppableStdin {
     }
 }
 
-/// A live host that pauses the machine when Ctrl-C was pressed.
-struct InterruptibleHost {
-    inner: LiveHost,
-}
-
-impl Host for InterruptibleHost {
-    fn now_ns(&mut self) -> u64 {
-        self.inner.now_ns()
-    }
-    fn clock_read(&mut self, ctx: &PollCtx) -> Result<u64, HostError> {
-        self.inner.clock_read(ctx)
-    }
-    fn output(&mut self, bytes: &[u8]) -> Result<(), HostError> {
-        self.inner.output(bytes)
-    }
-    fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
-        let c = self.inner.poll(ctx, out)?;
-        Ok(if interrupt::is_set() { Control::Pause } else { c })
-    }
-    fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
-        self.inner.wait(ctx, out)
-    }
-    fn delivered(&mut self, at: &crate::clock::ExecPoint, fp: u64, events: &[Async]) -> Result<(), HostError> {
-        self.inner.delivered(at, fp, events)
-    }
-    fn attach(&mut self, k: Kicker) {
-        self.inner.attach(k)
-    }
-    fn detach(&mut self) {
-        self.inner.detach()
-    }
-}
-
 /// Runs the machine at the session's current point live until the guest
 /// powers off or crashes (or Ctrl-C, when [`interrupt::install`] was
 /// called). The session keeps its position; its next look replays again.
@@ -110,9 +77,9 @@ pub fn run_live(s: &mut Session, input: Box<dyn Read + Send>, console: Console) 
     let clock = s.clock_ns()?;
     let mut tl = s.take_timeline()?;
     interrupt::clear();
-    let mut host = InterruptibleHost { inner: LiveHost::new(input, console, clock) };
-    let r = tl.machine.run(&mut host, None);
-    drop(host);
+    let mut live = LiveHost::new(input, console, clock);
+    let r = tl.machine.run(&mut Pausable::new(&mut live, Default::default()).or_when(interrupt::is_set), None);
+    drop(live);
     let interrupted = interrupt::take();
     match r {
         Ok(Stop::PowerOff(st)) => Ok(LiveEnd::PowerOff(st)),

@@ -229,6 +229,8 @@ pub struct Pausable<'a> {
     pub inner: &'a mut dyn Host,
     shared: Arc<Shared>,
     ran_since: Instant,
+    /// Another reason to pause (e.g. Ctrl-C in `revirt live`).
+    also: Option<fn() -> bool>,
 }
 
 /// Throttling works in slices of this much wall time.
@@ -236,7 +238,17 @@ const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 impl<'a> Pausable<'a> {
     pub fn new(inner: &'a mut dyn Host, shared: Arc<Shared>) -> Pausable<'a> {
-        Pausable { inner, shared, ran_since: Instant::now() }
+        Pausable { inner, shared, ran_since: Instant::now(), also: None }
+    }
+
+    /// Also pauses whenever `f` says so.
+    pub fn or_when(mut self, f: fn() -> bool) -> Self {
+        self.also = Some(f);
+        self
+    }
+
+    fn pausing(&self) -> bool {
+        self.shared.stop_requested() || self.also.is_some_and(|f| f())
     }
 
     fn throttle(&mut self) {
@@ -265,10 +277,10 @@ impl Host for Pausable<'_> {
     fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
         let c = self.inner.poll(ctx, out)?;
         self.throttle();
-        Ok(if self.shared.stop_requested() { Control::Pause } else { c })
+        Ok(if self.pausing() { Control::Pause } else { c })
     }
     fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
-        if self.shared.stop_requested() {
+        if self.pausing() {
             return Ok(());
         }
         self.inner.wait(ctx, out)
