@@ -212,7 +212,8 @@ fn a_recording_continues_across_the_move_and_replays_exactly() {
     let (dst, addr) = receive(&["-o", dst_rec.to_str().unwrap()]);
     let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), Some(&src_rec));
     std::thread::sleep(Duration::from_millis(400)); // let the source write a checkpoint or two
-    let (code, json, err) = migrate(&sock, &addr, &[]);
+    // zstd on every frame here, to run that path end to end too.
+    let (code, json, err) = migrate(&sock, &addr, &["--compress", "always"]);
     assert_eq!(code, 0, "migrate failed: {err}");
     assert!(summary_field(&json, "downtime_ms") > 0.0);
     let (sc, so, se) = src.finish(Duration::from_secs(30));

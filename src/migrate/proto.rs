@@ -265,7 +265,7 @@ pub fn unpack_ref(b: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, ProtoError> {
         return Err(ProtoError::Corrupt("blob header cut short".into()));
     }
     let raw = u32::from_le_bytes(b[1..5].try_into().unwrap()) as usize;
-    if raw > MAX_FRAME as usize * 8 {
+    if raw > MAX_FRAME as usize {
         return Err(ProtoError::Corrupt(format!("blob claims {raw} bytes")));
     }
     match b[0] {
@@ -422,6 +422,22 @@ mod tests {
         assert!(read_frame(&mut &buf[..]).is_err());
         assert!(decode_pages(&[255, 255, 255, 255]).is_err());
         assert!(decode_file(&[3, 0, b'a']).is_err());
+    }
+
+    proptest::proptest! {
+        /// Whatever arrives, decoding is an answer or an error, never a panic.
+        #[test]
+        fn decoders_never_panic(b in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+            let _ = read_frame(&mut &b[..]);
+            let _ = read_handshake(&mut &b[..]);
+            let _ = decode_pages(&b);
+            let _ = decode_numbers(&b);
+            let _ = decode_disk(&b);
+            let _ = decode_file(&b);
+            let _ = unpack(&b);
+            let _ = from_json::<Hello>(&b, "hello");
+            let _ = from_json::<FinalState>(&b, "state");
+        }
     }
 
     #[test]
