@@ -510,3 +510,36 @@ fn a_guest_that_powers_off_during_the_migration_is_reported() {
     dst.kill();
     let _ = dst.finish(Duration::from_secs(5));
 }
+
+#[test]
+fn a_step_clock_recording_moves_mid_race_and_replays_exactly() {
+    // Interrupts land between exits here (branch counts): the move happens
+    // inside such a stretch and the ExecPoints after it still line up.
+    let tmp = tempfile::tempdir().unwrap();
+    let (src_rec, dst_rec) = (tmp.path().join("src-rec"), tmp.path().join("dst-rec"));
+    let (dst, addr) = receive(&["-o", dst_rec.to_str().unwrap()]);
+    let img = demo_image();
+    let sock = tmp.path().join("ctl.sock").display().to_string();
+    let mut cmd = Command::new(bin());
+    cmd.args(["record", img.to_str().unwrap(), "-o", src_rec.to_str().unwrap(), "--clock", "step"])
+        .args(["--checkpoint-every", "300ms", "--cmdline", "workload=race iters=400 hz=1000", "--control", &sock]);
+    let src = Proc::spawn(cmd);
+    src.wait_for("workload=race", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(800));
+    let (code, _, err) = migrate(&sock, &addr, &[]);
+    assert_eq!(code, 0, "{err}\nsource: {}", src.stderr());
+    let (sc, _, se) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0, "{se}");
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(120));
+    assert_eq!(dc, 0, "{de}");
+    assert!(d_out.contains("race: counter="), "the race finished at the destination: {d_out}");
+    let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q"], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = run_with_input(&["inspect", dst_rec.to_str().unwrap(), "-c", "events all"], b"");
+    let events = stdout(&o);
+    let mig = events.lines().position(|l| l.contains("migrated from")).expect("a Migrated event");
+    assert!(
+        events.lines().skip(mig).any(|l| l.contains("timer") && !l.contains("+ 0 branches")),
+        "timer interrupts between exits after the move:\n{events}"
+    );
+}
