@@ -120,6 +120,10 @@ impl Controller {
         }
         let l = UnixListener::bind(path)
             .map_err(|source| MigrateError::Io { what: format!("control socket {}", path.display()), source })?;
+        // Whoever can connect can send the VM anywhere: owner only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| MigrateError::Io { what: format!("control socket {}", path.display()), source })?;
         let ctl = Arc::new(Controller {
             shared: Arc::default(),
             vm: Mutex::new(None),
