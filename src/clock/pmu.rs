@@ -291,6 +291,12 @@ impl Lander {
         }
     }
 
+    /// The overflow will not come (the count is already past where it was
+    /// programmed): go on by stepping/breakpoints from here.
+    pub fn start_stepping(&mut self) {
+        self.stepping = true;
+    }
+
     /// The counter overflowed and the guest stopped at `p` (some skid late).
     pub fn on_overflow(&mut self, p: Pos) -> Verdict {
         self.stepping = true;
