@@ -45,10 +45,12 @@ pub trait BranchCounter {
     }
     /// One single-step retired (simulated counter: this is how it counts).
     fn on_step(&mut self, _branch_retired: bool) {}
-    /// Whether the host may reach a target RIP with a hardware breakpoint
-    /// instead of single-stepping (a counter that counts by stepping cannot).
+    /// Whether the counter counts while the guest runs free, so the host
+    /// may reach a target RIP with a hardware breakpoint instead of
+    /// single-stepping and read the count at any stop (a counter that
+    /// counts by stepping cannot).
     fn breakpoints_ok(&self) -> bool {
-        !self.needs_stepping()
+        true
     }
     /// A name for messages.
     fn name(&self) -> &'static str;
@@ -281,6 +283,9 @@ impl BranchCounter for SimCounter {
     }
     fn needs_stepping(&self) -> bool {
         self.always || self.armed.is_some()
+    }
+    fn breakpoints_ok(&self) -> bool {
+        false // it counts only what it is stepped through
     }
     fn on_step(&mut self, branch_retired: bool) {
         if branch_retired {
