@@ -113,6 +113,118 @@ pub fn classify(overflowed: bool, kicked: bool) -> CounterStop {
     }
 }
 
+/// The run loop's side of a counter: what it programmed, what it owes the
+/// host. `vmm::Machine` drives the guest and calls these at each kind of
+/// stop; all the decisions are here, so they are unit-tested with a fake.
+pub struct RunCounter {
+    counter: Box<dyn BranchCounter + Send>,
+    /// The count when the counter was installed mid-interval (a checkpoint
+    /// taken between exits carries its branch count).
+    base: u64,
+    /// The overflow point programmed for this exit interval.
+    programmed: Option<u64>,
+    /// A kick arrived while stepping: the next boundary is the stop.
+    kicked: bool,
+    /// The overflow fired in the interval an exit just ended: reported with
+    /// that exit's poll.
+    exit_overflow: bool,
+}
+
+impl RunCounter {
+    /// Starts counting from `branches_now` (the count since the last exit).
+    pub fn new(mut counter: Box<dyn BranchCounter + Send>, branches_now: u64) -> Result<RunCounter, PmuError> {
+        counter.reset()?;
+        counter.take_overflow();
+        Ok(RunCounter { counter, base: branches_now, programmed: None, kicked: false, exit_overflow: false })
+    }
+
+    pub fn into_inner(self) -> Box<dyn BranchCounter + Send> {
+        self.counter
+    }
+
+    pub fn counter(&self) -> &dyn BranchCounter {
+        &*self.counter
+    }
+
+    /// Branches since the last guest-caused exit.
+    pub fn count(&mut self) -> Result<u64, PmuError> {
+        Ok(self.base + self.counter.read()?)
+    }
+
+    /// Programs the overflow the host wants at count `want` (once per
+    /// change; `None` disarms). A point already reached is armed one branch
+    /// on, the soonest a counter can stop (hosts step from there instead).
+    pub fn program(&mut self, want: Option<u64>) -> Result<(), PmuError> {
+        if want == self.programmed {
+            return Ok(());
+        }
+        match want {
+            Some(at) => {
+                let now = self.count()?;
+                self.counter.arm(arm_distance(at, now).unwrap_or(1))?
+            }
+            None => self.counter.disarm()?,
+        }
+        self.programmed = want;
+        Ok(())
+    }
+
+    /// A guest-caused exit ended the interval: note an overflow that fired
+    /// in it, restart the count at zero, forget what was programmed.
+    pub fn at_exit(&mut self) -> Result<(), PmuError> {
+        self.exit_overflow |= self.counter.take_overflow();
+        self.counter.reset()?;
+        self.base = 0;
+        self.programmed = None;
+        Ok(())
+    }
+
+    /// The overflow owed to the exit's poll (taken once).
+    pub fn take_exit_overflow(&mut self) -> bool {
+        std::mem::take(&mut self.exit_overflow)
+    }
+
+    /// `KVM_RUN` returned `EINTR` (a kick, or the real counter's overflow
+    /// signal). Free-running with a counter that counts so: this is the
+    /// stop, at an instruction boundary: `Some((overflowed, count))`.
+    /// While stepping the vCPU may be mid-step: the next boundary is the
+    /// stop (noted, `None`). A counter that counts by stepping and is not
+    /// stepped is not counting: nothing to say (a spurious EINTR).
+    pub fn at_eintr(&mut self, stepping: bool) -> Result<Option<(bool, u64)>, PmuError> {
+        if stepping {
+            self.kicked = true;
+            return Ok(None);
+        }
+        if !self.counter.breakpoints_ok() {
+            return Ok(None);
+        }
+        let overflow = self.counter.take_overflow();
+        Ok(Some((overflow, self.count()?)))
+    }
+
+    /// A single-step boundary: the counter counts it (if it counts by
+    /// stepping) and says whether it is a counter stop.
+    pub fn at_step(&mut self, branch_retired: bool) -> CounterStop {
+        self.counter.on_step(branch_retired);
+        let overflow = self.counter.take_overflow() | std::mem::take(&mut self.exit_overflow);
+        classify(overflow, std::mem::take(&mut self.kicked))
+    }
+
+    /// The hardware breakpoint at the landing RIP fired: the count there.
+    pub fn at_breakpoint(&mut self) -> Result<(bool, u64), PmuError> {
+        let overflow = self.counter.take_overflow();
+        Ok((overflow, self.count()?))
+    }
+
+    pub fn needs_stepping(&self) -> bool {
+        self.counter.needs_stepping()
+    }
+
+    pub fn breakpoints_ok(&self) -> bool {
+        self.counter.breakpoints_ok()
+    }
+}
+
 // ---- the real counter's overflow signal -----------------------------------
 
 thread_local! {
@@ -386,7 +498,8 @@ pub mod tests {
     fn fake_counter_overflows_late_and_resets_at_exits() {
         let mut c = FakeCounter { late: 7, ..Default::default() };
         c.retire(10);
-        c.arm(arm_distance(100, c.read().unwrap()).unwrap()).unwrap();
+        let n = arm_distance(100, c.read().unwrap()).unwrap();
+        c.arm(n).unwrap();
         assert_eq!(c.armed_at, Some(100));
         c.retire(95);
         assert!(!c.take_overflow(), "not yet: 105 < 100 + 7");
@@ -396,6 +509,114 @@ pub mod tests {
         assert!(!c.take_overflow(), "reported once");
         c.reset().unwrap();
         assert_eq!((c.read().unwrap(), c.armed_at, c.resets), (0, None, 1));
+    }
+
+    /// A `FakeCounter` shared with the test while the `RunCounter` owns it.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<FakeCounter>>);
+
+    impl BranchCounter for Shared {
+        fn reset(&mut self) -> Result<(), PmuError> {
+            self.0.lock().unwrap().reset()
+        }
+        fn read(&mut self) -> Result<u64, PmuError> {
+            self.0.lock().unwrap().read()
+        }
+        fn arm(&mut self, n: u64) -> Result<(), PmuError> {
+            self.0.lock().unwrap().arm(n)
+        }
+        fn disarm(&mut self) -> Result<(), PmuError> {
+            self.0.lock().unwrap().disarm()
+        }
+        fn take_overflow(&mut self) -> bool {
+            self.0.lock().unwrap().take_overflow()
+        }
+        fn name(&self) -> &'static str {
+            "fake"
+        }
+    }
+
+    fn glue(late: u64, branches_now: u64) -> (RunCounter, Shared) {
+        let f = Shared::default();
+        f.0.lock().unwrap().late = late;
+        (RunCounter::new(Box::new(f.clone()), branches_now).unwrap(), f)
+    }
+
+    #[test]
+    fn run_loop_arms_target_minus_margin_and_reads_the_overflow_stop() {
+        let (mut rc, f) = glue(5, 0);
+        // The host asks for the overflow 100 before a target at 1000.
+        rc.program(overflow_point(1000, 100)).unwrap();
+        assert_eq!(f.0.lock().unwrap().armed_at, Some(900));
+        rc.program(Some(900)).unwrap(); // asked again before the next entry: unchanged
+        assert_eq!(f.0.lock().unwrap().armed_at, Some(900));
+        f.0.lock().unwrap().retire(904);
+        // KVM_RUN returns EINTR for another reason (a spurious one): a stop, no overflow.
+        assert_eq!(rc.at_eintr(false).unwrap(), Some((false, 904)));
+        f.0.lock().unwrap().retire(1);
+        // The overflow signal: EINTR, and the count read there (5 late).
+        assert_eq!(rc.at_eintr(false).unwrap(), Some((true, 905)));
+        assert_eq!(rc.at_eintr(false).unwrap(), Some((false, 905)), "one overflow, one report");
+    }
+
+    #[test]
+    fn run_loop_reads_the_count_at_a_kick_stop_and_resets_at_exits() {
+        let (mut rc, f) = glue(0, 0);
+        f.0.lock().unwrap().retire(37);
+        assert_eq!(rc.at_eintr(false).unwrap(), Some((false, 37)), "a kick: deliver at 37 branches");
+        rc.program(Some(50)).unwrap();
+        rc.at_exit().unwrap();
+        let fc = f.0.lock().unwrap();
+        assert_eq!((fc.count, fc.armed_at), (0, None), "reset and disarmed at the exit");
+        assert_eq!(fc.resets, 2, "once when installed, once at the exit");
+        drop(fc);
+        assert_eq!(rc.count().unwrap(), 0);
+        // The next interval's request is programmed afresh, even if equal.
+        rc.program(Some(50)).unwrap();
+        assert_eq!(f.0.lock().unwrap().armed_at, Some(50));
+    }
+
+    #[test]
+    fn run_loop_reports_an_overflow_that_an_exit_overtook() {
+        let (mut rc, f) = glue(30, 0);
+        rc.program(Some(10)).unwrap();
+        f.0.lock().unwrap().retire(45); // past 10 + 30: signalled, but an exit came first
+        rc.at_exit().unwrap();
+        assert!(rc.take_exit_overflow(), "reported with the exit's poll");
+        assert!(!rc.take_exit_overflow());
+    }
+
+    #[test]
+    fn run_loop_counts_from_a_mid_interval_start_and_arms_the_rest() {
+        // Restored from a checkpoint 300 branches past the last exit.
+        let (mut rc, f) = glue(0, 300);
+        f.0.lock().unwrap().retire(20);
+        assert_eq!(rc.count().unwrap(), 320);
+        rc.program(Some(400)).unwrap();
+        assert_eq!(f.0.lock().unwrap().armed_at, Some(20 + 80), "80 more branches");
+        // Already past: the soonest stop, one branch on.
+        let (mut rc, f) = glue(0, 500);
+        rc.program(Some(400)).unwrap();
+        assert_eq!(f.0.lock().unwrap().armed_at, Some(1));
+    }
+
+    #[test]
+    fn a_kick_while_stepping_stops_at_the_next_boundary() {
+        let (mut rc, _f) = glue(0, 0);
+        assert_eq!(rc.at_eintr(true).unwrap(), None, "mid-step: not a boundary");
+        assert_eq!(rc.at_step(false), CounterStop::Kick);
+        assert_eq!(rc.at_step(false), CounterStop::None);
+    }
+
+    #[test]
+    fn the_simulated_counter_through_the_run_loop_glue() {
+        let mut rc = RunCounter::new(Box::new(SimCounter::with_fixed_skid(2)), 0).unwrap();
+        assert_eq!(rc.at_eintr(false).unwrap(), None, "not stepped, not counting: a spurious EINTR");
+        rc.program(Some(3)).unwrap();
+        assert!(rc.needs_stepping() && !rc.breakpoints_ok());
+        let stops: Vec<CounterStop> = (0..8).map(|_| rc.at_step(true)).collect();
+        assert_eq!(stops.iter().position(|s| *s == CounterStop::Overflow), Some(4), "at 5 = 3 + skid 2");
+        assert_eq!(rc.count().unwrap(), 8);
     }
 
     #[test]
@@ -447,7 +668,7 @@ pub mod tests {
     }
 
     #[test]
-    fn overflow_signal_sets_the_flag_and_immediate_exit_on_this_thread() {
+    fn overflow_signal_sets_the_flag_on_this_thread() {
         assert!(install_overflow_handler());
         take_overflow_flag();
         // SAFETY: sending a signal with an installed handler to this thread.

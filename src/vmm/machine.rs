@@ -14,7 +14,7 @@ use super::host::{Async, Control, Host, HostError, PollCtx};
 use super::image::Image;
 use super::layout::{self, ports, MAX_MEM, MIB, MIN_MEM};
 use super::vcpu::{KickGuard, Kicker, Vcpu, VcpuError, VcpuState};
-use crate::clock::counter::{arm_distance, BranchCounter};
+use crate::clock::counter::{BranchCounter, CounterStop, RunCounter};
 use crate::clock::pmu::PmuError;
 use crate::clock::step::{StepError, StepStop, Stepper};
 use crate::clock::{fingerprint, ExecPoint};
@@ -145,16 +145,7 @@ pub struct Machine {
     /// counter at its stops.
     pub branches: u64,
     /// The PMU clock's branch counter (real or simulated), if installed.
-    counter: Option<Box<dyn BranchCounter + Send>>,
-    /// What the count stood at when the counter was installed mid-interval.
-    counter_base: u64,
-    /// The overflow point programmed for this exit interval.
-    overflow_req: Option<u64>,
-    /// A kick arrived while stepping: the next boundary is the stop.
-    kicked: bool,
-    /// The counter overflowed in the interval that a guest-caused exit just
-    /// ended: reported with that exit's poll.
-    pending_overflow: bool,
+    counter: Option<RunCounter>,
     /// A guest-caused exit whose instruction retires on the next entry: the
     /// boundary after it is that exit's poll.
     exit_poll_pending: bool,
@@ -211,10 +202,6 @@ impl Machine {
             stepper: Stepper::new(),
             branches: 0,
             counter: None,
-            counter_base: 0,
-            overflow_req: None,
-            kicked: false,
-            pending_overflow: false,
             exit_poll_pending: false,
             host_precise: false,
             bp: None,
@@ -332,62 +319,34 @@ impl Machine {
     /// here on, the current count carrying on from `branches`. A real
     /// counter belongs to the thread it was opened on: run the machine there.
     pub fn set_counter(&mut self, counter: Option<Box<dyn BranchCounter + Send>>) -> Result<(), MachineError> {
-        self.counter = counter;
-        self.counter_base = self.branches;
-        self.overflow_req = None;
-        if let Some(c) = self.counter.as_mut() {
-            c.reset()?;
-            c.take_overflow();
-        }
+        self.counter = match counter {
+            Some(c) => Some(RunCounter::new(c, self.branches)?),
+            None => None,
+        };
         Ok(())
     }
 
     /// Takes the installed counter out (e.g. to look at a simulated one).
     pub fn take_counter(&mut self) -> Option<Box<dyn BranchCounter + Send>> {
-        self.overflow_req = None;
-        self.counter.take()
+        self.counter.take().map(RunCounter::into_inner)
     }
 
     pub fn has_counter(&self) -> bool {
         self.counter.is_some()
     }
 
-    /// The branch count since the last guest-caused exit, from the counter.
-    fn counter_count(&mut self) -> Result<u64, MachineError> {
-        match self.counter.as_mut() {
-            Some(c) => Ok(self.counter_base + c.read()?),
-            None => Ok(self.branches),
-        }
-    }
-
-    /// Programs the overflow the host asked for (once per change).
-    fn program_overflow(&mut self, want: Option<u64>) -> Result<(), MachineError> {
-        if want == self.overflow_req {
-            return Ok(());
-        }
-        let now = self.counter_count()?;
-        let Some(c) = self.counter.as_mut() else { return Ok(()) };
-        match want {
-            // Already there: the soonest a counter can stop is one branch on
-            // (hosts avoid this by stepping from here instead).
-            Some(at) => c.arm(arm_distance(at, now).unwrap_or(1))?,
-            None => c.disarm()?,
-        }
-        self.overflow_req = want;
-        Ok(())
-    }
-
-    /// A guest-caused exit ended the interval: note an overflow that fired
-    /// in it (reported with this exit's poll) and restart the count.
+    /// A guest-caused exit ended the interval: restart the count.
     fn counter_at_exit(&mut self) -> Result<(), MachineError> {
         self.bp_step_over = false;
         if let Some(c) = self.counter.as_mut() {
-            self.pending_overflow |= c.take_overflow();
-            c.reset()?;
-            self.counter_base = 0;
-            self.overflow_req = None;
+            c.at_exit()?;
         }
         Ok(())
+    }
+
+    /// The overflow owed to a guest-caused exit's poll.
+    fn exit_overflow(&mut self) -> bool {
+        self.counter.as_mut().is_some_and(RunCounter::take_exit_overflow)
     }
 
     /// Programs (or clears) the hardware breakpoint at `rip`.
@@ -487,7 +446,7 @@ impl Machine {
         // that arrive now belong to this boundary, not to later ones.
         let ctx = if host.precise(self.exits) || self.counter.is_some() {
             let mut c = self.precise_ctx(None)?;
-            c.overflow = std::mem::take(&mut self.pending_overflow);
+            c.overflow = self.exit_overflow();
             c
         } else {
             self.ctx(true)
@@ -548,9 +507,9 @@ impl Machine {
             }
             // The PMU clock: program what the host wants from the counter.
             let mut plan = crate::clock::counter::CounterPlan::default();
-            if self.counter.is_some() {
+            if let Some(c) = self.counter.as_mut() {
                 plan = host.counter_plan(self.exits, self.branches);
-                self.program_overflow(plan.overflow_at)?;
+                c.program(plan.overflow_at)?;
             }
             self.bp = plan.breakpoint;
             let (counter_steps, breakpoints_ok) = match self.counter.as_ref() {
@@ -661,8 +620,11 @@ impl Machine {
                 Action::Breakpoint => {
                     // The hardware breakpoint on the landing RIP: read the
                     // counter here; step off it before it is armed again.
-                    let overflow = self.counter.as_mut().is_some_and(|c| c.take_overflow());
-                    self.branches = self.counter_count()?;
+                    let (overflow, count) = match self.counter.as_mut() {
+                        Some(c) => c.at_breakpoint()?,
+                        None => (false, self.branches),
+                    };
+                    self.branches = count;
                     self.bp_step_over = true;
                     let mut ctx = self.precise_ctx(None)?;
                     ctx.overflow = overflow;
@@ -698,13 +660,16 @@ impl Machine {
                 }
                 Action::Unexpected(what) => return Err(MachineError::UnexpectedExit { what, rip: self.rip() }),
             }
-            let counts_free = self.counter.as_ref().is_some_and(|c| c.breakpoints_ok());
+            let counter_stop = match self.counter.as_mut() {
+                Some(c) if eintr => c.at_eintr(stepping)?,
+                _ => None,
+            };
             let ctx = if stepping {
                 match exit_boundary {
                     // The exiting instruction retired: this exit is the boundary.
                     Some(b) => {
                         let mut c = self.precise_ctx(Some(b.rip))?;
-                        c.overflow = std::mem::take(&mut self.pending_overflow);
+                        c.overflow = self.exit_overflow();
                         c
                     }
                     // It retires on the next entry; a debug exit reports the boundary.
@@ -712,21 +677,15 @@ impl Machine {
                         self.exit_poll_pending = true;
                         continue;
                     }
-                    None => {
-                        // A kick while stepping: the counter clock stops at
-                        // the next boundary (the vCPU may be mid-step now).
-                        if eintr && self.counter.is_some() {
-                            self.kicked = true;
-                        }
-                        self.ctx(false)
-                    }
+                    // (A kick while stepping: the counter noted it; the next
+                    // boundary is its stop, the vCPU may be mid-step now.)
+                    None => self.ctx(false),
                 }
-            } else if eintr && counts_free {
+            } else if let Some((overflow, count)) = counter_stop {
                 // The real counter's stop: its overflow signal or a kick made
                 // KVM_RUN return at an instruction boundary. Read the count
                 // and the registers here; the host may deliver right here.
-                let overflow = self.counter.as_mut().is_some_and(|c| c.take_overflow());
-                self.branches = self.counter_count()?;
+                self.branches = count;
                 let mut c = self.precise_ctx(None)?;
                 c.overflow = overflow;
                 c
@@ -735,7 +694,7 @@ impl Machine {
                 // the instruction (an IN completes on entry) so RIP is past it.
                 self.complete_pending_io()?;
                 let mut c = self.precise_ctx(None)?;
-                c.overflow = std::mem::take(&mut self.pending_overflow);
+                c.overflow = self.exit_overflow();
                 c
             } else {
                 self.ctx(guest_caused)
@@ -769,23 +728,24 @@ impl Machine {
             // that arrived during the step), an exit's poll is due here, or
             // it is the landing RIP. Otherwise the guest runs on, as it would
             // at full speed with a hardware counter.
-            let mut overflow = std::mem::take(&mut self.pending_overflow);
-            if let Some(c) = self.counter.as_mut() {
-                c.on_step(b.branch_retired);
-                overflow |= c.take_overflow();
-            }
-            let kicked = std::mem::take(&mut self.kicked);
+            let stop = match self.counter.as_mut() {
+                Some(c) => c.at_step(b.branch_retired),
+                None => CounterStop::None,
+            };
             let exit_poll = std::mem::take(&mut self.exit_poll_pending);
             let at_bp = self.bp == Some(b.rip);
             self.bp_step_over = false;
-            if !(self.host_precise || overflow || kicked || exit_poll || at_bp) {
+            if !(self.host_precise || stop != CounterStop::None || exit_poll || at_bp) {
                 return Ok(());
             }
-            if (overflow || kicked) && self.counter.as_ref().is_some_and(|c| c.breakpoints_ok()) {
+            if stop != CounterStop::None && self.counter.as_ref().is_some_and(RunCounter::breakpoints_ok) {
                 // A hardware counter stepping (off a breakpoint): its count
                 // is the truth. (The simulated one counts these very steps.)
-                self.branches = self.counter_count()?;
+                if let Some(c) = self.counter.as_mut() {
+                    self.branches = c.count()?;
+                }
             }
+            let overflow = stop == CounterStop::Overflow;
             let mut c = self.precise_ctx(Some(b.rip))?;
             c.overflow = overflow;
             c
