@@ -172,8 +172,10 @@ impl RunCounter {
     /// A guest-caused exit ended the interval: note an overflow that fired
     /// in it, restart the count at zero, forget what was programmed.
     pub fn at_exit(&mut self) -> Result<(), PmuError> {
+        // Fired before the exit, or (simulated) due but skidding past it.
         self.exit_overflow |= self.counter.take_overflow();
         self.counter.reset()?;
+        self.exit_overflow |= self.counter.take_overflow();
         self.base = 0;
         self.programmed = None;
         Ok(())

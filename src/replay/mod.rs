@@ -325,6 +325,11 @@ impl ReplayHost {
                 Some(Event::Serial { at, fp, bytes }) => (*at, *fp, Async::SerialInput(bytes.clone())),
                 _ => return Ok(()),
             };
+            if self.landing.is_some() && self.stepped() && ctx.overflow && at.exits < ctx.exits {
+                // The overflow for this event skidded past the end of its
+                // interval (reported here, at the exit): the lander's verdict.
+                self.land(LandKey::Event(self.next), crate::clock::pmu::Target { at, fp }, ctx)?;
+            }
             let landing = self.landing.is_some() && self.stepped() && !waiting;
             if landing {
                 // The landing algorithm judges overshoot itself, with what a PMU lets it see.
