@@ -66,6 +66,8 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;
     let recorded = rec.meta.clock;
     let clock = a.clock.unwrap_or(match recorded {
+        // The hardware counter where there is one, else the step clock.
+        ClockKind::Pmu if revirt::clock::counter::RealCounter::open().is_ok() => ClockKind::Pmu,
         ClockKind::Pmu => ClockKind::Step,
         c => c,
     });
