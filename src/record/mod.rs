@@ -169,7 +169,10 @@ impl Host for RecordHost<'_> {
         if !deterministic {
             // Not a deterministic point: whatever is due waits for the next
             // guest-caused exit. Note how long a due timer waits.
-            let due = matches!(ctx.timer_deadline_ns, Some(d) if self.inner.now_ns() >= d);
+            // (The exit clock's concern: the counter clocks are kicked and stop
+            // at once; a held-back timer there is the stepped guest's pacing.)
+            let due = self.clock == ClockKind::Exit
+                && matches!(ctx.timer_deadline_ns, Some(d) if self.inner.now_ns() >= d);
             if due && self.starving_since.is_none() {
                 self.starving_since = Some(Instant::now());
             }
