@@ -229,10 +229,20 @@ impl Timeline {
         margin: u64,
         skid: u64,
     ) -> Result<crate::clock::pmu::Verdict, ReplayError> {
+        self.land_with(Box::new(crate::clock::counter::SimCounter::with_fixed_skid(skid)), target, margin)
+    }
+
+    /// [`Timeline::land_simulated`] with any branch counter.
+    pub fn land_with(
+        &mut self,
+        counter: Box<dyn crate::clock::counter::BranchCounter + Send>,
+        target: crate::clock::pmu::Target,
+        margin: u64,
+    ) -> Result<crate::clock::pmu::Verdict, ReplayError> {
         use crate::clock::pmu::Verdict;
         let saved_counter = self.machine.take_counter();
         let saved_landing = self.host.landing.take();
-        self.machine.set_counter(Some(Box::new(crate::clock::counter::SimCounter::with_fixed_skid(skid))))?;
+        self.machine.set_counter(Some(counter))?;
         self.host.landing = Some(super::Landing::new(margin));
         self.host.stop_at = Some(StopAt::Land(target));
         let r = self.run(None);

@@ -157,6 +157,8 @@ pub struct Machine {
     hw_bp: Option<u64>,
     /// Step once off a breakpoint that was hit (then re-arm it).
     bp_step_over: bool,
+    /// Hardware-breakpoint exits taken so far (landing on a target RIP).
+    pub hw_bp_hits: u64,
 }
 
 fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, MachineError> {
@@ -207,6 +209,7 @@ impl Machine {
             bp: None,
             hw_bp: None,
             bp_step_over: false,
+            hw_bp_hits: 0,
         })
     }
 
@@ -626,6 +629,7 @@ impl Machine {
                     };
                     self.branches = count;
                     self.bp_step_over = true;
+                    self.hw_bp_hits += 1;
                     let mut ctx = self.precise_ctx(None)?;
                     ctx.overflow = overflow;
                     self.poll_and_deliver(&ctx, host)?;
