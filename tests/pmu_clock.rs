@@ -132,6 +132,13 @@ fn pmu_clock_on_a_host_without_pmu_explains_itself() {
     }
     assert!(!o.status.success());
     assert!(stderr(&o).contains("clock 'pmu' unavailable") && stderr(&o).contains("pmu-sim"), "{}", stderr(&o));
+    assert!(!d.path().join("r").join("meta.json").exists(), "nothing written");
+    // Replaying with the hardware counter says the same.
+    let r = d.path().join("sim");
+    record(&r, "workload=exit status=0", &["--clock", "pmu-sim"], b"");
+    let o = replay(&r, &["--clock", "pmu"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("clock 'pmu' unavailable for replay") && stderr(&o).contains("pmu-sim"), "{}", stderr(&o));
 }
 
 #[test]

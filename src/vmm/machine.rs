@@ -726,7 +726,7 @@ impl Machine {
         if b.branch_retired {
             self.branches += 1;
         }
-        let mut ctx = if self.counter.is_some() {
+        let ctx = if self.counter.is_some() {
             // The counter clock: the host sees this boundary only if it asked
             // for every one, the counter stopped here (overflow, or a kick
             // that arrived during the step), an exit's poll is due here, or
@@ -756,7 +756,6 @@ impl Machine {
         } else {
             self.precise_ctx(Some(b.rip))?
         };
-        ctx.rip = Some(b.rip);
         self.poll_and_deliver(&ctx, host)
     }
 
