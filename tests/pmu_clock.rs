@@ -132,6 +132,13 @@ fn pmu_clock_on_a_host_without_pmu_explains_itself() {
     }
     assert!(!o.status.success());
     assert!(stderr(&o).contains("clock 'pmu' unavailable") && stderr(&o).contains("pmu-sim"), "{}", stderr(&o));
+    assert!(!d.path().join("r").join("meta.json").exists(), "nothing written");
+    // Replaying with the hardware counter says the same.
+    let r = d.path().join("sim");
+    record(&r, "workload=exit status=0", &["--clock", "pmu-sim"], b"");
+    let o = replay(&r, &["--clock", "pmu"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("clock 'pmu' unavailable for replay") && stderr(&o).contains("pmu-sim"), "{}", stderr(&o));
 }
 
 #[test]
@@ -154,4 +161,174 @@ fn clock_auto_chooses_and_explains() {
     }
     let doc = run_with_input(&["doctor"], b"");
     assert!(stdout(&doc).contains(&format!("--clock auto picks: {}", if has_pmu { "pmu" } else { "exit" })));
+}
+
+/// The hash the replay reports ("final state hash H").
+fn final_hash(err: &str) -> Option<String> {
+    err.split("final state hash ").nth(1).map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+}
+
+#[test]
+fn race_recorded_with_pmu_sim_replays_through_the_counter_with_random_skids() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("race");
+    record(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
+    let console = std::fs::read(dir.join("console.log")).unwrap();
+    let rec = Arc::new(Recording::open(&dir).unwrap());
+    // The race's ring-3 loop retires few branches between exits (a timer
+    // tick is ~80): a small margin makes most events wait for an overflow.
+    let margin = 8;
+    let seed = 0xace_u64 ^ std::process::id() as u64;
+    eprintln!("race replay skid seed {seed:#x}");
+
+    // Through the library: the landing must have gone through the counter's
+    // overflow stops (not a side path), and the state must match.
+    let mut t = Timeline::open(rec.clone(), Sink::Buffer(Vec::new())).unwrap();
+    t.use_simulated_pmu(margin, margin, seed).unwrap();
+    let hash = match t.run(None).unwrap() {
+        Outcome::Finished { problems, state_hash, .. } => {
+            assert!(problems.is_empty(), "{problems:?}");
+            state_hash
+        }
+        other => panic!("replay did not finish: {other:?}"),
+    };
+    let Sink::Buffer(out) = &t.host.sink else { unreachable!() };
+    assert_eq!(out, &console, "console output differs");
+    let l = t.host.landing.as_ref().unwrap();
+    let far: usize = rec
+        .events
+        .iter()
+        .filter(|e| matches!(e, revirt::trace::Event::Timer { at, .. } | revirt::trace::Event::Serial { at, .. } if at.branches > margin))
+        .count();
+    eprintln!("landed {} events: {} overflow stops, {} stops judged after them; {far} events past the margin", l.landed, l.overflows, l.steps);
+    assert!(l.landed > 0);
+    assert!(far > 0, "no event past the margin: nothing went through an overflow");
+    assert!(l.overflows as usize >= far, "every event past the margin is reached through an overflow stop");
+
+    // Through the CLI, with another random seed, against the step clock.
+    let s = (seed % 1000 + 2).to_string();
+    let o = replay(&dir, &["--clock", "pmu-sim", "--margin", "8", "--skid", "8", "--seed", &s]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let st = replay(&dir, &["--clock", "step"]);
+    assert_eq!(st.status.code(), Some(0), "{}", stderr(&st));
+    assert_eq!(final_hash(&stderr(&o)), Some(hash.clone()));
+    assert_eq!(final_hash(&stderr(&st)), Some(hash));
+}
+
+#[test]
+fn skids_past_the_margin_are_reported_never_silent() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("race");
+    record(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
+    let rec = Arc::new(Recording::open(&dir).unwrap());
+    // A tiny margin and large skids: the replay either matches exactly or
+    // says where it overshot; it never finishes with a different state.
+    for seed in 1..4u64 {
+        let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();
+        t.use_simulated_pmu(2, 300, seed).unwrap();
+        match t.run(None).unwrap() {
+            Outcome::Finished { problems, .. } => assert!(problems.is_empty(), "seed {seed}: {problems:?}"),
+            Outcome::Diverged(why) => assert!(why.contains("overshot"), "seed {seed}: {why}"),
+            other => panic!("seed {seed}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn real_pmu_record_and_replay_where_present() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("r");
+    let img = demo_image();
+    let o = run_with_input(
+        &["record", img.to_str().unwrap(), "--cmdline", "workload=race iters=100 hz=1000", "-o", dir.to_str().unwrap(), "--clock", "pmu"],
+        b"",
+    );
+    if !o.status.success() {
+        let e = stderr(&o);
+        assert!(e.contains("clock 'pmu' unavailable"), "{e}");
+        eprintln!("skipping the real PMU record/replay test: {}", e.lines().last().unwrap_or(""));
+        return;
+    }
+    for clock in ["pmu", "step", "pmu-sim"] {
+        let o = replay(&dir, &["--clock", clock]);
+        assert_eq!(o.status.code(), Some(0), "{clock}: {}", stderr(&o));
+        assert!(stderr(&o).contains("replay matches the recording"), "{}", stderr(&o));
+    }
+}
+
+/// A counter that counts while the guest runs free (so the run loop uses a
+/// hardware breakpoint for the landing) but cannot tell visits apart: it
+/// always reads 0. Only the register fingerprint then tells the target's
+/// visit of its RIP from the others.
+struct BlindCounter;
+
+impl revirt::clock::counter::BranchCounter for BlindCounter {
+    fn reset(&mut self) -> Result<(), revirt::clock::pmu::PmuError> {
+        Ok(())
+    }
+    fn read(&mut self) -> Result<u64, revirt::clock::pmu::PmuError> {
+        Ok(0)
+    }
+    fn arm(&mut self, _: u64) -> Result<(), revirt::clock::pmu::PmuError> {
+        Ok(())
+    }
+    fn disarm(&mut self) -> Result<(), revirt::clock::pmu::PmuError> {
+        Ok(())
+    }
+    fn take_overflow(&mut self) -> bool {
+        false
+    }
+    fn name(&self) -> &'static str {
+        "blind"
+    }
+}
+
+#[test]
+fn landing_by_hardware_breakpoint_steps_past_false_hits_in_ring_0() {
+    // The real counter's landing realisation (KVM_GUESTDBG_USE_HW_BP on the
+    // target RIP, step off each false hit, re-arm) on the ring-0 loop, where
+    // KVM hardware breakpoints work on this host.
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    record(&dir, "workload=ring0 iters=400", &[], b"");
+    let rec = Arc::new(Recording::open(&dir).unwrap());
+    let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();
+    let mut interval = None;
+    for e in 1..rec.last_exits() {
+        assert_eq!(t.seek(e).unwrap(), Outcome::Reached);
+        assert_eq!(t.step(300).unwrap(), Outcome::Reached);
+        if t.position().unwrap().exits == e {
+            interval = Some(e);
+            break;
+        }
+    }
+    let e = interval.expect("no long exit interval in the ring0 workload");
+    // From the start of the interval (a fresh timeline: seeking to the exit
+    // we stand in would not go back).
+    let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();
+    assert_eq!(t.seek(e).unwrap(), Outcome::Reached);
+    let mut oracle = Vec::new();
+    for _ in 0..600 {
+        assert_eq!(t.step(1).unwrap(), Outcome::Reached);
+        oracle.push((t.position().unwrap(), t.machine.vcpu.regs().unwrap()));
+    }
+    // A RIP the loop visits several times; land on its third visit.
+    let rip = oracle[oracle.len() / 2].0.rip;
+    let visits: Vec<usize> = (0..oracle.len()).filter(|&i| oracle[i].0.rip == rip).collect();
+    assert!(visits.len() >= 3, "the loop does not come back to {rip:#x}");
+    let (at, regs) = &oracle[visits[2]];
+    assert_eq!(t.machine.vcpu.sregs().unwrap().cs.selector & 3, 0, "the loop runs in ring 0");
+    let target = Target { at: ExecPoint { exits: e, branches: 0, rip }, fp: fingerprint(regs) };
+
+    let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();
+    assert_eq!(t.seek(e).unwrap(), Outcome::Reached);
+    match t.land_with(Box::new(BlindCounter), target, 50).unwrap() {
+        Verdict::Arrived => {}
+        other => panic!("did not land: {other:?}"),
+    }
+    assert_eq!(t.position().unwrap().rip, at.rip);
+    let got = t.machine.vcpu.regs().unwrap();
+    assert_eq!(format!("{got:?}"), format!("{regs:?}"), "registers differ from the step clock's");
+    eprintln!("landed on the third visit of {rip:#x} after {} hardware breakpoint hits", t.machine.hw_bp_hits);
+    assert_eq!(t.machine.hw_bp_hits, 3, "two false hits stepped past, then the target");
 }

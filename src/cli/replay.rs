@@ -66,6 +66,8 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;
     let recorded = rec.meta.clock;
     let clock = a.clock.unwrap_or(match recorded {
+        // The hardware counter where there is one, else the step clock.
+        ClockKind::Pmu if revirt::clock::counter::RealCounter::open().is_ok() => ClockKind::Pmu,
         ClockKind::Pmu => ClockKind::Step,
         c => c,
     });
@@ -76,12 +78,13 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         (r, ClockKind::Exit) if r != ClockKind::Exit => {
             anyhow::bail!("a {r}-clock recording needs a precise clock to replay: step or pmu-sim")
         }
-        (_, ClockKind::Pmu) => anyhow::bail!(
-            "replaying with the hardware PMU is not wired in yet; use --clock pmu-sim (same algorithm, simulated counter) or step"
-        ),
+        (_, ClockKind::Pmu) => {
+            tl.use_pmu(None)?;
+            eprintln!("revirt: landing on events with the hardware PMU (margin {})", tl.landing().map(|l| l.margin).unwrap_or(0));
+        }
         (_, ClockKind::PmuSim) => {
             eprintln!("revirt: landing on events with the PMU algorithm over the simulated counter (margin {}, skid up to {}, seed {})", a.margin, a.skid, a.seed);
-            tl.use_simulated_pmu(a.margin, a.skid, a.seed);
+            tl.use_simulated_pmu(a.margin, a.skid, a.seed)?;
         }
         _ => {}
     }

@@ -12,6 +12,7 @@
 //! - `pmu`: anywhere; a hardware branch counter overflows near the target
 //!   (hosts with a PMU; its own module).
 
+pub mod counter;
 pub mod pmu;
 pub mod step;
 

@@ -9,13 +9,15 @@
 //! fingerprint at every stop; a position past the target is an overshoot and
 //! is reported, never silently accepted.
 //!
-//! Two counters implement the same behaviour:
+//! Two counters implement the same behaviour, behind the run loop's
+//! [`super::counter::BranchCounter`]:
 //! - [`PerfCounter`]: perf_event_open on the vCPU thread, guest-only
 //!   (`exclude_host`), raw "retired conditional branches" event per CPU
-//!   family, overflow delivered as the kick signal so KVM_RUN returns;
+//!   family, overflow delivered as a signal so KVM_RUN returns
+//!   ([`super::counter::RealCounter`]);
 //! - the simulated counter for hosts without a PMU (ours): it counts exactly
 //!   by single-stepping and reports the overflow late by a random skid
-//!   (see `replay::ReplayHost` and `replay::Timeline::land_simulated`).
+//!   ([`super::counter::SimCounter`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -289,6 +291,12 @@ impl Lander {
         } else {
             Verdict::KeepStepping
         }
+    }
+
+    /// The overflow will not come (the count is already past where it was
+    /// programmed): go on by stepping/breakpoints from here.
+    pub fn start_stepping(&mut self) {
+        self.stepping = true;
     }
 
     /// The counter overflowed and the guest stopped at `p` (some skid late).

@@ -291,6 +291,9 @@ impl Host for Pausable<'_> {
     fn precise(&mut self, exits: u64) -> bool {
         self.inner.precise(exits)
     }
+    fn counter_plan(&mut self, exits: u64, branches: u64) -> crate::clock::counter::CounterPlan {
+        self.inner.counter_plan(exits, branches)
+    }
     fn attach(&mut self, kicker: Kicker) {
         *self.shared.kicker.lock().unwrap() = Some(kicker);
         self.inner.attach(kicker)

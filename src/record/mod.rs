@@ -96,8 +96,15 @@ struct RecordHost {
     starving_since: Option<Instant>,
     max_irq_delay: Duration,
     warned_starving: bool,
-    /// Instruction boundaries seen since the last timer interrupt (stepped clocks).
+    /// Instruction boundaries seen since the last timer interrupt (step clock).
     steps_since_tick: u64,
+    /// Simulated PMU clock: the machine's step count at the last timer
+    /// interrupt, and at the last poll.
+    steps_at_tick: u64,
+    last_poll_steps: u64,
+    /// A due timer was held back (the stepped guest must get on first):
+    /// stop again at this branch count of this exit interval.
+    slice: Option<(u64, u64)>,
 }
 
 const MARK_EVERY: Duration = Duration::from_millis(100);
@@ -107,6 +114,11 @@ const MARK_EVERY: Duration = Duration::from_millis(100);
 /// many instructions pass between two timer interrupts.
 const MIN_STEPS_PER_TICK: u64 = 500;
 const STARVE_WARN: Duration = Duration::from_millis(100);
+/// Simulated PMU clock: a held-back timer is looked at again this many
+/// branches later (the counter's overflow, as rr time-slices with it).
+const SLICE_BRANCHES: u64 = 4;
+/// Largest skid of the simulated counter while recording.
+const SIM_RECORD_SKID: u64 = 16;
 
 impl RecordHost {
     fn log(&mut self, e: Event) {
@@ -137,32 +149,60 @@ impl Host for RecordHost {
     }
 
     fn precise(&mut self, _exits: u64) -> bool {
-        // The step clock (and the simulated PMU, which counts by stepping)
-        // delivers at any instruction boundary: step everything.
-        matches!(self.clock, ClockKind::Step | ClockKind::PmuSim)
+        // The step clock delivers at any instruction boundary: step
+        // everything. The PMU clocks run on their counter (which steps by
+        // itself when simulated) and stop when kicked.
+        matches!(self.clock, ClockKind::Step)
+    }
+
+    fn counter_plan(&mut self, exits: u64, _branches: u64) -> crate::clock::counter::CounterPlan {
+        match self.slice {
+            // Until the overflow stop comes (skid late) and a poll renews or clears it.
+            Some((e, at)) if e == exits => {
+                crate::clock::counter::CounterPlan { overflow_at: Some(at), breakpoint: None }
+            }
+            _ => crate::clock::counter::CounterPlan::default(),
+        }
     }
 
     fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
         let deterministic = match self.clock {
-            ClockKind::Step | ClockKind::PmuSim => ctx.rip.is_some(),
-            _ => ctx.guest_caused,
+            // Exact points: every step, or the counter's stops (exits,
+            // kicks, overflows) where the count and registers were read.
+            ClockKind::Step | ClockKind::PmuSim | ClockKind::Pmu => ctx.rip.is_some(),
+            ClockKind::Exit => ctx.guest_caused,
         };
         if !deterministic {
             // Not a deterministic point: whatever is due waits for the next
             // guest-caused exit. Note how long a due timer waits.
-            let due = matches!(ctx.timer_deadline_ns, Some(d) if self.inner.now_ns() >= d);
+            // (The exit clock's concern: the counter clocks are kicked and stop
+            // at once; a held-back timer there is the stepped guest's pacing.)
+            let due = self.clock == ClockKind::Exit
+                && matches!(ctx.timer_deadline_ns, Some(d) if self.inner.now_ns() >= d);
             if due && self.starving_since.is_none() {
                 self.starving_since = Some(Instant::now());
             }
             return Ok(Control::Continue);
         }
         self.inner.poll(ctx, out)?;
-        if self.clock.is_precise() {
-            self.steps_since_tick += 1;
-            if self.steps_since_tick < MIN_STEPS_PER_TICK {
-                // Not yet: the timer stays due (its deadline did not move) and comes back.
-                out.retain(|a| !matches!(a, Async::Timer { .. }));
+        self.last_poll_steps = ctx.steps;
+        match self.clock {
+            ClockKind::Step => {
+                self.steps_since_tick += 1;
+                if self.steps_since_tick < MIN_STEPS_PER_TICK {
+                    // Not yet: the timer stays due (its deadline did not move) and comes back.
+                    out.retain(|a| !matches!(a, Async::Timer { .. }));
+                }
             }
+            ClockKind::PmuSim if ctx.steps.saturating_sub(self.steps_at_tick) < MIN_STEPS_PER_TICK => {
+                let n = out.len();
+                out.retain(|a| !matches!(a, Async::Timer { .. }));
+                if out.len() != n && !matches!(self.slice, Some((e, at)) if e == ctx.exits && at > ctx.branches) {
+                    // Held back: have the counter stop us again a little later.
+                    self.slice = Some((ctx.exits, ctx.branches + SLICE_BRANCHES));
+                }
+            }
+            _ => {}
         }
         if self.last_event.elapsed() >= MARK_EVERY {
             self.log(Event::Mark { exits: ctx.exits });
@@ -182,6 +222,8 @@ impl Host for RecordHost {
             match e {
                 Async::Timer { now_ns } => {
                     self.steps_since_tick = 0;
+                    self.steps_at_tick = self.last_poll_steps;
+                    self.slice = None;
                     if let Some(since) = self.starving_since.take() {
                         let d = since.elapsed();
                         self.max_irq_delay = self.max_irq_delay.max(d);
@@ -205,7 +247,10 @@ impl Host for RecordHost {
     fn attach(&mut self, k: crate::vmm::vcpu::Kicker) {
         // Stepping returns to us after every instruction: no kicks needed, and
         // a kick landing mid-step would make the step's outcome depend on timing.
-        if !matches!(self.clock, ClockKind::Step | ClockKind::PmuSim) {
+        // The PMU clocks are kicked when something is due, like the exit
+        // clock; the simulated counter turns a kick that lands mid-step into
+        // a stop at the next boundary.
+        if self.clock != ClockKind::Step {
             self.inner.attach(k)
         }
     }
@@ -257,13 +302,12 @@ fn write_checkpoint(
 /// original when continuing from a replay).
 fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) -> Result<Meta, RecordError> {
     if opts.clock == ClockKind::Pmu {
-        // The real counter path (clock::pmu::PerfCounter) needs a PMU; say why there is none.
-        if let Err(e) = crate::clock::pmu::PerfCounter::open(crate::vmm::vcpu::kick_signal()) {
+        // The real counter (clock::counter::RealCounter) needs a PMU; say why
+        // there is none before anything is written. The session opens its
+        // own on the thread that runs the guest.
+        if let Err(e) = crate::clock::counter::RealCounter::open() {
             return Err(RecordError::NoPmu(e.to_string()));
         }
-        return Err(RecordError::NoPmu(
-            "a PMU is present, but recording with the hardware counter is not wired into the run loop yet; use --clock pmu-sim or step".into(),
-        ));
     }
     let dir = &opts.out;
     if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
@@ -373,8 +417,31 @@ impl RecordHost {
             max_irq_delay: Duration::ZERO,
             warned_starving: false,
             steps_since_tick: 0,
+            steps_at_tick: 0,
+            last_poll_steps: 0,
+            slice: None,
         }
     }
+}
+
+/// The PMU clocks: the run loop drives a branch counter (reset at every
+/// exit, read at every stop where the host delivers).
+fn install_counter(m: &mut Machine, clock: ClockKind) -> Result<(), RecordError> {
+    match clock {
+        ClockKind::Pmu => {
+            let c = crate::clock::counter::RealCounter::open().map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            m.set_counter(Some(Box::new(c)))?;
+        }
+        ClockKind::PmuSim => {
+            let seed = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() as u64)
+                .unwrap_or(1);
+            m.set_counter(Some(Box::new(crate::clock::counter::SimCounter::new(SIM_RECORD_SKID, seed, true))))?;
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// A recording in progress: the recorder host, the checkpoint series, and
@@ -436,6 +503,7 @@ impl Session {
 
     /// Records until the guest stops, or until it migrates away.
     pub fn run(mut self, mut m: Machine) -> Result<RecordSummary, RecordError> {
+        install_counter(&mut m, self.host.clock)?;
         let dir = self.dir.clone();
         let console_path = dir.join(trace::CONSOLE);
         if let Some(c) = &self.control {

@@ -11,7 +11,7 @@ use crate::clock::ExecPoint;
 use crate::trace::{self, Event, LogReader, LogStatus, Meta};
 use crate::vmm::{Async, Control, Host, HostError, PollCtx};
 
-pub use timeline::{Outcome, Timeline};
+pub use timeline::{CounterKind, LandingConfig, Outcome, Timeline};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
@@ -33,6 +33,8 @@ pub enum ReplayError {
     Image(#[from] crate::vmm::image::ImageError),
     #[error(transparent)]
     Machine(#[from] crate::vmm::MachineError),
+    #[error("clock 'pmu' unavailable for replay: {0}. Use --clock pmu-sim (the same landing over the simulated counter) or step")]
+    NoPmu(String),
 }
 
 /// A recording opened for replay: metadata, the verified event log, the
@@ -117,30 +119,63 @@ pub struct ReplayHost {
     /// Set when `stop_at` was satisfied.
     pub reached: bool,
     /// How this replay reaches precise events: step straight to them, or
-    /// land with the (simulated) PMU algorithm.
-    pub landing: Option<SimLanding>,
+    /// land with the PMU algorithm over the machine's branch counter.
+    pub landing: Option<Landing>,
     /// Set from another thread (e.g. a Ctrl-C handler) to pause the replay
     /// at the next deterministic point; cleared when honoured.
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Replaying precise events with the PMU clock's landing algorithm over the
-/// simulated counter: the host is blind until the counter "overflows"
-/// (margin before the target, plus a random skid), then steps.
+/// branch counter installed in the machine (`Machine::set_counter`: the
+/// hardware one, or the simulated one): the host sees nothing until the
+/// counter overflows (programmed `margin` branches before the target), then
+/// the `Lander` judges every arrival at the target RIP (hardware breakpoint
+/// or single-stepping) until it arrives or reports an overshoot.
 #[derive(Debug, Clone)]
-pub struct SimLanding {
+pub struct Landing {
     pub margin: u64,
-    pub max_skid: u64,
-    pub rng: crate::clock::pmu::Skid,
-    current: Option<(usize, crate::clock::pmu::Lander, u64)>,
-    /// Events landed, and single-steps taken after overflows.
+    /// One lander per target being approached, and whether its overflow
+    /// has been programmed yet.
+    landers: Vec<(LandKey, crate::clock::pmu::Lander, bool)>,
+    /// Targets landed on, overflow stops seen, stops judged after them.
     pub landed: u64,
+    pub overflows: u64,
     pub steps: u64,
 }
 
-impl SimLanding {
-    pub fn new(margin: u64, max_skid: u64, seed: u64) -> SimLanding {
-        SimLanding { margin, max_skid, rng: crate::clock::pmu::Skid::new(seed), current: None, landed: 0, steps: 0 }
+/// What a landing heads for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LandKey {
+    /// The async event with this index in the log.
+    Event(usize),
+    /// `StopAt::Land`.
+    Stop,
+}
+
+impl Landing {
+    pub fn new(margin: u64) -> Landing {
+        Landing { margin, landers: Vec::new(), landed: 0, overflows: 0, steps: 0 }
+    }
+
+    /// The lander for `key` (made on first use); landers of events already
+    /// consumed (`next`) are dropped.
+    fn lander(&mut self, key: LandKey, t: crate::clock::pmu::Target, next: usize) -> (&mut crate::clock::pmu::Lander, &mut bool) {
+        self.landers.retain(|(k, l, _)| !matches!(k, LandKey::Event(i) if *i < next) && (*k != key || l.target == t));
+        let i = match self.landers.iter().position(|(k, _, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                self.landers.push((key, crate::clock::pmu::Lander::new(t, self.margin), false));
+                self.landers.len() - 1
+            }
+        };
+        let (_, l, armed) = &mut self.landers[i];
+        (l, armed)
+    }
+
+    fn done(&mut self, key: LandKey) {
+        self.landers.retain(|(k, _, _)| *k != key);
+        self.landed += 1;
     }
 }
 
@@ -151,6 +186,9 @@ pub enum StopAt {
     Steps(u64),
     /// At this exact point.
     Point(ExecPoint),
+    /// At this exact point, reached with the landing algorithm over the
+    /// machine's branch counter (needs `landing`).
+    Land(crate::clock::pmu::Target),
 }
 
 impl ReplayHost {
@@ -196,40 +234,75 @@ impl ReplayHost {
         self.rec.meta.clock.is_precise()
     }
 
-    /// With simulated-PMU landing: whether the event at index `idx` (target
-    /// `at`/`fp`) is reached at this boundary. Errors on overshoot.
-    fn land(&mut self, idx: usize, at: ExecPoint, fp: u64, ctx: &PollCtx) -> Result<bool, HostError> {
-        use crate::clock::pmu::{Lander, Pos, Target, Verdict};
-        let Some(sim) = self.landing.as_mut() else { return Ok(false) };
+    /// The point the landing heads for in exit interval `exits`: the next
+    /// async event (precise recordings) or a `StopAt::Land` target, whichever
+    /// comes first.
+    fn landing_target(&self, exits: u64) -> Option<(LandKey, crate::clock::pmu::Target)> {
+        use crate::clock::pmu::Target;
+        let ev = self.next_async_idx().filter(|_| self.stepped()).and_then(|i| match &self.rec.events[i] {
+            Event::Timer { at, fp, .. } | Event::Serial { at, fp, .. } => Some((LandKey::Event(i), Target { at: *at, fp: *fp })),
+            _ => None,
+        });
+        let stop = match self.stop_at {
+            Some(StopAt::Land(t)) => Some((LandKey::Stop, t)),
+            _ => None,
+        };
+        let key = |t: &Target| (t.at.exits, t.at.branches);
+        let first = match (ev, stop) {
+            (Some(e), Some(s)) => Some(if key(&e.1) <= key(&s.1) { e } else { s }),
+            (a, b) => a.or(b),
+        };
+        first.filter(|(_, t)| t.at.exits == exits)
+    }
+
+    /// With PMU landing: whether target `t` is reached at this poll. The
+    /// lander is blind until the counter's overflow stop (or until the
+    /// count is past the point the overflow was due, then it judges every
+    /// stop it is shown). Errors on overshoot.
+    fn land(&mut self, key: LandKey, t: crate::clock::pmu::Target, ctx: &PollCtx) -> Result<bool, HostError> {
+        use crate::clock::pmu::{Pos, Verdict};
+        let next = self.next;
+        let Some(l) = self.landing.as_mut() else { return Ok(false) };
         let (Some(p), Some(pfp)) = (ctx.point(), ctx.fp) else { return Ok(false) };
-        if sim.current.as_ref().map(|c| c.0) != Some(idx) {
-            let skid = sim.rng.next(sim.max_skid);
-            sim.current = Some((idx, Lander::new(Target { at, fp }, sim.margin), skid));
-        }
-        let (_, lander, skid) = sim.current.as_mut().unwrap();
+        let (lander, _) = l.lander(key, t, next);
         let pos = Pos { at: p, fp: pfp };
-        let verdict = if lander.free_running() {
-            let fired = match lander.overflow_at {
-                Some(o) => p.exits > at.exits || p.branches >= o + *skid,
-                None => true,
-            };
-            if !fired {
+        let (verdict, overflowed) = if lander.free_running() {
+            if ctx.overflow {
+                (lander.on_overflow(pos), true)
+            } else if p.exits == t.at.exits && lander.overflow_at.is_none_or(|o| o <= p.branches) {
+                lander.start_stepping();
+                (lander.on_step(pos), false)
+            } else {
                 return Ok(false); // the counter has not overflowed: we see nothing
             }
-            lander.on_overflow(pos)
         } else {
-            sim.steps += 1;
-            lander.on_step(pos)
+            (lander.on_step(pos), false)
         };
+        if overflowed {
+            l.overflows += 1;
+        } else {
+            l.steps += 1;
+        }
         match verdict {
             Verdict::Arrived => {
-                sim.landed += 1;
-                sim.current = None;
+                l.done(key);
                 Ok(true)
             }
             Verdict::KeepStepping => Ok(false),
-            Verdict::Overshoot(why) => Err(HostError::Divergence(format!("event #{idx}: {why}"))),
+            Verdict::Overshoot(why) => Err(HostError::Divergence(match key {
+                LandKey::Event(idx) => format!("event #{idx}: {why}"),
+                LandKey::Stop => format!("landing target: {why}"),
+            })),
         }
+    }
+
+    fn next_async_idx(&self) -> Option<usize> {
+        let start = self.next.min(self.rec.events.len());
+        self.rec.events[start..]
+            .iter()
+            .take_while(|e| !matches!(e, Event::End { .. }))
+            .position(|e| matches!(e, Event::Timer { .. } | Event::Serial { .. }))
+            .map(|i| start + i)
     }
 
     /// The next asynchronous event (timer, serial) at or after `self.next`.
@@ -252,10 +325,15 @@ impl ReplayHost {
                 Some(Event::Serial { at, fp, bytes }) => (*at, *fp, Async::SerialInput(bytes.clone())),
                 _ => return Ok(()),
             };
+            if self.landing.is_some() && self.stepped() && ctx.overflow && at.exits < ctx.exits {
+                // The overflow for this event skidded past the end of its
+                // interval (reported here, at the exit): the lander's verdict.
+                self.land(LandKey::Event(self.next), crate::clock::pmu::Target { at, fp }, ctx)?;
+            }
             let landing = self.landing.is_some() && self.stepped() && !waiting;
             if landing {
                 // The landing algorithm judges overshoot itself, with what a PMU lets it see.
-                if self.land(self.next, at, fp, ctx)? {
+                if self.land(LandKey::Event(self.next), crate::clock::pmu::Target { at, fp }, ctx)? {
                     self.expect.push((at, fp, self.next));
                     self.next += 1;
                     out.push(a);
@@ -367,13 +445,45 @@ impl Host for ReplayHost {
             Some(StopAt::Point(p)) if p.exits <= exits => return true,
             _ => {}
         }
+        if self.landing.is_some() {
+            // The counter and the landing algorithm drive (counter_plan).
+            return false;
+        }
         // Step only across the exit interval that holds the next event.
         self.stepped() && matches!(self.next_async(), Some(e) if e.exits() <= exits)
+    }
+
+    fn counter_plan(&mut self, exits: u64, branches: u64) -> crate::clock::counter::CounterPlan {
+        use crate::clock::counter::CounterPlan;
+        let next = self.next;
+        let Some((key, t)) = self.landing_target(exits) else { return CounterPlan::default() };
+        let Some(l) = self.landing.as_mut() else { return CounterPlan::default() };
+        let (lander, armed) = l.lander(key, t, next);
+        if lander.free_running() {
+            match lander.overflow_at {
+                // Once programmed, it stays until the overflow stop (which
+                // comes some skid after the count passed it).
+                Some(o) if *armed || o > branches => {
+                    *armed = true;
+                    return CounterPlan { overflow_at: Some(o), breakpoint: None };
+                }
+                // Within the margin of where we stand: no overflow to wait for.
+                _ => lander.start_stepping(),
+            }
+        }
+        CounterPlan { overflow_at: None, breakpoint: Some(t.at.rip) }
     }
 
     fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
         if ctx.guest_caused {
             self.collect(ctx, out, false)?;
+            if let Some(StopAt::Land(t)) = self.stop_at {
+                if self.land(LandKey::Stop, t, ctx)? {
+                    self.stop_at = None;
+                    self.reached = true;
+                    return Ok(Control::Pause);
+                }
+            }
             if let Some(flag) = &self.interrupt {
                 if flag.swap(false, std::sync::atomic::Ordering::SeqCst) {
                     return Ok(Control::Pause);

@@ -28,10 +28,28 @@ pub enum Outcome {
     NotReached(String),
 }
 
+/// Which branch counter a PMU-clock replay lands with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterKind {
+    /// The simulated counter: skids up to `max_skid` from `seed`.
+    Sim { max_skid: u64, seed: u64 },
+    /// The hardware PMU (perf_event_open on this thread).
+    Real,
+}
+
+/// PMU-clock landing: the counter and the margin before each target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LandingConfig {
+    pub margin: u64,
+    pub counter: CounterKind,
+}
+
 pub struct Timeline {
     pub rec: Arc<Recording>,
     pub machine: Machine,
     pub host: ReplayHost,
+    /// Kept across restores (seeks rebuild the machine and the host).
+    landing: Option<LandingConfig>,
     /// The disk the replay runs on: a private copy, so the recording is never written.
     _disk: Option<tempfile::NamedTempFile>,
 }
@@ -124,7 +142,7 @@ impl Timeline {
         let ck = last;
         let mut host = ReplayHost::new(rec.clone(), ck.header.next_event as usize, ck.header.output_len, sink);
         host.set_clock(ck.header.machine.clock_ns);
-        Ok(Timeline { rec, machine, host, _disk: disk })
+        Ok(Timeline { rec, machine, host, landing: None, _disk: disk })
     }
 
     pub fn open(rec: Arc<Recording>, sink: Sink) -> Result<Timeline, ReplayError> {
@@ -150,7 +168,11 @@ impl Timeline {
         let ck_exits = self.rec.checkpoints.iter().find(|c| c.0 == ck).map(|c| c.1).unwrap_or(0);
         if exits < self.exits() || ck_exits > self.exits() {
             let sink = std::mem::replace(&mut self.host.sink, Sink::Discard);
+            let landing = self.landing;
             *self = Timeline::at_checkpoint(self.rec.clone(), ck, sink)?;
+            if let Some(l) = landing {
+                self.use_landing(l)?;
+            }
         }
         if self.exits() == exits {
             return Ok(Outcome::Reached);
@@ -161,45 +183,78 @@ impl Timeline {
     /// Replays precise events with the PMU clock's landing algorithm over
     /// the simulated counter (margin before each target, random skid up to
     /// `max_skid` branches), instead of stepping straight to them.
-    pub fn use_simulated_pmu(&mut self, margin: u64, max_skid: u64, seed: u64) {
-        self.host.landing = Some(super::SimLanding::new(margin, max_skid, seed));
+    pub fn use_simulated_pmu(&mut self, margin: u64, max_skid: u64, seed: u64) -> Result<(), ReplayError> {
+        self.use_landing(LandingConfig { margin, counter: CounterKind::Sim { max_skid, seed } })
     }
 
-    /// Lands on `target` from the start of its exit interval the way the
-    /// PMU clock does: single-step blind until the simulated counter has
-    /// counted `target.branches - margin + skid` branches (the overflow
-    /// arriving `skid` late), then step comparing count, RIP and registers.
+    /// Replays precise events with the hardware PMU (this thread must be
+    /// the one that runs the replay); `margin` defaults to the CPU's.
+    pub fn use_pmu(&mut self, margin: Option<u64>) -> Result<(), ReplayError> {
+        let c = crate::clock::counter::RealCounter::open().map_err(|e| ReplayError::NoPmu(e.to_string()))?;
+        let margin = margin.unwrap_or(c.perf.config.replay_margin);
+        self.machine.set_counter(Some(Box::new(c)))?;
+        self.landing = Some(LandingConfig { margin, counter: CounterKind::Real });
+        self.host.landing = Some(super::Landing::new(margin));
+        Ok(())
+    }
+
+    /// Installs the counter and the landing `cfg` describes.
+    pub fn use_landing(&mut self, cfg: LandingConfig) -> Result<(), ReplayError> {
+        match cfg.counter {
+            CounterKind::Sim { max_skid, seed } => {
+                let c = crate::clock::counter::SimCounter::new(max_skid, seed, false);
+                self.machine.set_counter(Some(Box::new(c)))?;
+            }
+            CounterKind::Real => return self.use_pmu(Some(cfg.margin)),
+        }
+        self.landing = Some(cfg);
+        self.host.landing = Some(super::Landing::new(cfg.margin));
+        Ok(())
+    }
+
+    /// The landing in use, if any.
+    pub fn landing(&self) -> Option<LandingConfig> {
+        self.landing
+    }
+
+    /// Lands on `target` from here (normally the start of its exit
+    /// interval) the way the PMU clock does, through the run loop: the
+    /// simulated counter is armed `margin` branches before the target and
+    /// reports the overflow exactly `skid` branches late; the `Lander` then
+    /// judges every arrival at the target RIP. Restores the previous
+    /// counter and landing afterwards.
     pub fn land_simulated(
         &mut self,
         target: crate::clock::pmu::Target,
         margin: u64,
         skid: u64,
     ) -> Result<crate::clock::pmu::Verdict, ReplayError> {
-        use crate::clock::pmu::{Lander, Pos, Verdict};
-        let pos = |t: &Timeline| -> Result<Pos, ReplayError> {
-            let regs = t.machine.vcpu.regs().map_err(crate::vmm::MachineError::from)?;
-            Ok(Pos { at: t.position()?, fp: crate::clock::fingerprint(&regs) })
-        };
-        let mut l = Lander::new(target, margin);
-        let mut v = match l.overflow_at {
-            Some(at) => loop {
-                if !matches!(self.step(1)?, Outcome::Reached) {
-                    return Ok(Verdict::Overshoot("the recording ended before the counter overflowed".into()));
-                }
-                let p = pos(self)?;
-                if p.at.exits > target.at.exits || p.at.branches >= at + skid {
-                    break l.on_overflow(p);
-                }
-            },
-            None => l.on_step(pos(self)?),
-        };
-        while v == Verdict::KeepStepping {
-            if !matches!(self.step(1)?, Outcome::Reached) {
-                return Ok(Verdict::Overshoot("the recording ended before the target".into()));
-            }
-            v = l.on_step(pos(self)?);
-        }
-        Ok(v)
+        self.land_with(Box::new(crate::clock::counter::SimCounter::with_fixed_skid(skid)), target, margin)
+    }
+
+    /// [`Timeline::land_simulated`] with any branch counter.
+    pub fn land_with(
+        &mut self,
+        counter: Box<dyn crate::clock::counter::BranchCounter + Send>,
+        target: crate::clock::pmu::Target,
+        margin: u64,
+    ) -> Result<crate::clock::pmu::Verdict, ReplayError> {
+        use crate::clock::pmu::Verdict;
+        let saved_counter = self.machine.take_counter();
+        let saved_landing = self.host.landing.take();
+        self.machine.set_counter(Some(counter))?;
+        self.host.landing = Some(super::Landing::new(margin));
+        self.host.stop_at = Some(StopAt::Land(target));
+        let r = self.run(None);
+        self.host.stop_at = None;
+        self.host.landing = saved_landing;
+        self.machine.set_counter(saved_counter)?;
+        Ok(match r? {
+            Outcome::Reached => Verdict::Arrived,
+            Outcome::Diverged(why) => Verdict::Overshoot(why),
+            Outcome::EndOfRecording(why) | Outcome::NotReached(why) => Verdict::Overshoot(why),
+            Outcome::Finished { .. } => Verdict::Overshoot("the recording ended before the target".into()),
+        })
     }
 
     /// Executes `n` guest instructions forward (single-stepping), then stops.

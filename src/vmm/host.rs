@@ -43,6 +43,12 @@ pub struct PollCtx {
     /// an exit the host asked to be precise about): RIP and register fingerprint.
     pub rip: Option<u64>,
     pub fp: Option<u64>,
+    /// Counter clocks: this stop is the branch counter's overflow (some skid
+    /// after the point it was programmed for), not an exit or a kick.
+    pub overflow: bool,
+    /// Instructions single-stepped so far (0 when never stepping): how far
+    /// a stepped guest has got, for hosts that must not starve it.
+    pub steps: u64,
 }
 
 impl PollCtx {
@@ -90,6 +96,12 @@ pub trait Host {
     /// report exact boundaries: asked before every entry into the guest.
     fn precise(&mut self, _exits: u64) -> bool {
         false
+    }
+    /// With a branch counter installed (`Machine::set_counter`): where to
+    /// stop next, asked before every entry into the guest. `branches` is the
+    /// count since the last guest-caused exit as of now.
+    fn counter_plan(&mut self, _exits: u64, _branches: u64) -> crate::clock::counter::CounterPlan {
+        crate::clock::counter::CounterPlan::default()
     }
     /// The vCPU thread is about to run the guest; `kicker` makes KVM_RUN return.
     fn attach(&mut self, _kicker: Kicker) {}

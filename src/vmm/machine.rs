@@ -16,6 +16,8 @@ use super::host::{Async, Control, Host, HostError, PollCtx};
 use super::image::Image;
 use super::layout::{self, ports, MAX_MEM, MIB, MIN_MEM};
 use super::vcpu::{KickGuard, Kicker, Vcpu, VcpuError, VcpuState};
+use crate::clock::counter::{BranchCounter, CounterStop, RunCounter};
+use crate::clock::pmu::PmuError;
 use crate::clock::step::{StepError, StepStop, Stepper};
 use crate::clock::{fingerprint, ExecPoint};
 
@@ -63,6 +65,8 @@ pub enum MachineError {
     UnexpectedExit { what: String, rip: u64 },
     #[error("single-stepping failed: {0}")]
     Step(#[from] StepError),
+    #[error("branch counter: {0}")]
+    Counter(#[from] PmuError),
 }
 
 /// An unhandled exception the guest kernel reported on the panic port.
@@ -247,8 +251,24 @@ pub struct Machine {
     /// Single-steps the guest while the host asks for precision (step clock).
     pub stepper: Stepper,
     /// Conditional branches retired since the last guest-caused exit, counted
-    /// while stepping (the step clock's fine time).
+    /// while stepping (the step clock's fine time), or read from the branch
+    /// counter at its stops.
     pub branches: u64,
+    /// The PMU clock's branch counter (real or simulated), if installed.
+    counter: Option<RunCounter>,
+    /// A guest-caused exit whose instruction retires on the next entry: the
+    /// boundary after it is that exit's poll.
+    exit_poll_pending: bool,
+    /// The host asked for every boundary this entry (step clock, seeks).
+    host_precise: bool,
+    /// The RIP the host wants reported (landing after an overflow).
+    bp: Option<u64>,
+    /// The hardware breakpoint programmed in KVM, if any.
+    hw_bp: Option<u64>,
+    /// Step once off a breakpoint that was hit (then re-arm it).
+    bp_step_over: bool,
+    /// Hardware-breakpoint exits taken so far (landing on a target RIP).
+    pub hw_bp_hits: u64,
 }
 
 fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, MachineError> {
@@ -298,6 +318,13 @@ impl Machine {
             pause_requested: false,
             stepper: Stepper::new(),
             branches: 0,
+            counter: None,
+            exit_poll_pending: false,
+            host_precise: false,
+            bp: None,
+            hw_bp: None,
+            bp_step_over: false,
+            hw_bp_hits: 0,
         })
     }
 
@@ -421,7 +448,59 @@ impl Machine {
             branches: self.branches,
             rip: None,
             fp: None,
+            overflow: false,
+            steps: self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps,
         }
+    }
+
+    /// Installs (or removes) the PMU clock's branch counter. It counts from
+    /// here on, the current count carrying on from `branches`. A real
+    /// counter belongs to the thread it was opened on: run the machine there.
+    pub fn set_counter(&mut self, counter: Option<Box<dyn BranchCounter + Send>>) -> Result<(), MachineError> {
+        self.counter = match counter {
+            Some(c) => Some(RunCounter::new(c, self.branches)?),
+            None => None,
+        };
+        Ok(())
+    }
+
+    /// Takes the installed counter out (e.g. to look at a simulated one).
+    pub fn take_counter(&mut self) -> Option<Box<dyn BranchCounter + Send>> {
+        self.counter.take().map(RunCounter::into_inner)
+    }
+
+    pub fn has_counter(&self) -> bool {
+        self.counter.is_some()
+    }
+
+    /// A guest-caused exit ended the interval: restart the count.
+    fn counter_at_exit(&mut self) -> Result<(), MachineError> {
+        self.bp_step_over = false;
+        if let Some(c) = self.counter.as_mut() {
+            c.at_exit()?;
+        }
+        Ok(())
+    }
+
+    /// The overflow owed to a guest-caused exit's poll.
+    fn exit_overflow(&mut self) -> bool {
+        self.counter.as_mut().is_some_and(RunCounter::take_exit_overflow)
+    }
+
+    /// Programs (or clears) the hardware breakpoint at `rip`.
+    fn set_hw_bp(&mut self, rip: Option<u64>) -> Result<(), MachineError> {
+        if rip == self.hw_bp {
+            return Ok(());
+        }
+        let mut dbg = kvm_bindings::kvm_guest_debug::default();
+        if let Some(r) = rip {
+            dbg.control = kvm_bindings::KVM_GUESTDBG_ENABLE | kvm_bindings::KVM_GUESTDBG_USE_HW_BP;
+            dbg.arch.debugreg[0] = r;
+            dbg.arch.debugreg[7] = 0x1; // L0, execute, 1 byte
+        }
+        self.vcpu.fd.set_guest_debug(&dbg).map_err(StepError::GuestDebug)?;
+        self.hw_bp = rip;
+        Ok(())
     }
 
     /// A poll context at an exact boundary (reads the registers).
@@ -504,7 +583,13 @@ impl Machine {
         }
         // A precise host needs to know exactly where the guest waits: events
         // that arrive now belong to this boundary, not to later ones.
-        let ctx = if host.precise(self.exits) { self.precise_ctx(None)? } else { self.ctx(true) };
+        let ctx = if host.precise(self.exits) || self.counter.is_some() {
+            let mut c = self.precise_ctx(None)?;
+            c.overflow = self.exit_overflow();
+            c
+        } else {
+            self.ctx(true)
+        };
         let mut asyncs = std::mem::take(&mut self.asyncs);
         let r = host.wait(&ctx, &mut asyncs);
         // Woken with nothing to deliver (the host wants to pause here): the
@@ -549,6 +634,8 @@ impl Machine {
         if self.stepper.is_armed() {
             self.stepper.disarm(&self.vcpu)?;
         }
+        self.set_hw_bp(None)?;
+        self.bp = None;
         // Leave the machine savable: a pending IN gets its result now.
         self.complete_pending_io()?;
         r
@@ -567,13 +654,33 @@ impl Machine {
                 self.poll_and_deliver(&ctx, host)?;
                 continue;
             }
-            let precise = host.precise(self.exits);
+            // The PMU clock: program what the host wants from the counter.
+            let mut plan = crate::clock::counter::CounterPlan::default();
+            if let Some(c) = self.counter.as_mut() {
+                plan = host.counter_plan(self.exits, self.branches);
+                c.program(plan.overflow_at)?;
+            }
+            self.bp = plan.breakpoint;
+            let (counter_steps, breakpoints_ok) = match self.counter.as_ref() {
+                Some(c) => (c.needs_stepping(), c.breakpoints_ok()),
+                None => (false, false),
+            };
+            let use_hw_bp = self.bp.is_some() && breakpoints_ok && !self.bp_step_over;
+            self.host_precise = host.precise(self.exits);
+            // Step for the host, for a counter that counts by stepping, or
+            // to reach a breakpoint RIP that no hardware breakpoint watches.
+            let precise = self.host_precise || counter_steps || (self.bp.is_some() && !use_hw_bp);
             if precise != self.stepper.is_armed() {
                 if precise {
+                    self.set_hw_bp(None)?;
                     self.stepper.arm(&self.vcpu, &self.mem)?;
                 } else {
                     self.stepper.disarm(&self.vcpu)?;
+                    self.hw_bp = None; // disarming cleared all guest debugging
                 }
+            }
+            if !self.stepper.is_armed() {
+                self.set_hw_bp(if use_hw_bp { self.bp } else { None })?;
             }
             self.inject()?;
             if self.stepper.is_armed() {
@@ -583,8 +690,11 @@ impl Machine {
                 }
             }
             let stepping = self.stepper.is_armed();
+            let hw_bp = self.hw_bp;
+            let exits_before = self.exits;
             let Machine { vcpu, devices, mem, exits, io_pending, branches, .. } = self;
             let mut guest_caused = true;
+            let mut eintr = false;
             let mut action = Action::None;
             match vcpu.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -617,8 +727,15 @@ impl Machine {
                     guest_caused = false;
                     action = Action::Step(d);
                 }
+                Ok(VcpuExit::Debug(_)) if hw_bp.is_some() => {
+                    guest_caused = false;
+                    action = Action::Breakpoint;
+                }
                 Ok(VcpuExit::IrqWindowOpen) => guest_caused = false,
-                Ok(VcpuExit::Intr) => guest_caused = false,
+                Ok(VcpuExit::Intr) => {
+                    guest_caused = false;
+                    eintr = true;
+                }
                 Ok(VcpuExit::Shutdown) => action = Action::TripleFault,
                 Ok(VcpuExit::InternalError) => action = Action::Emulation("internal error (instruction emulation failed)".into()),
                 Ok(VcpuExit::FailEntry(reason, _)) => action = Action::Emulation(format!("VM entry failed, hardware reason {reason:#x}")),
@@ -626,6 +743,7 @@ impl Machine {
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     vcpu.fd.set_kvm_immediate_exit(0);
                     guest_caused = false;
+                    eintr = true;
                 }
                 Err(e) => return Err(VcpuError::Kvm { op: "KVM_RUN", source: e }.into()),
             }
@@ -633,6 +751,9 @@ impl Machine {
                 let pages = std::mem::take(&mut self.devices.block.dma_pages);
                 let sectors = std::mem::take(&mut self.devices.block.written_sectors);
                 self.dirty.note(&pages, &sectors);
+            }
+            if guest_caused && !matches!(action, Action::Step(_) | Action::Breakpoint) && self.exits != exits_before {
+                self.counter_at_exit()?;
             }
             let out = self.devices.serial.drain_output();
             if !out.is_empty() {
@@ -648,6 +769,21 @@ impl Machine {
                 Action::Step(d) => {
                     let stop = self.stepper.on_debug_exit(&self.vcpu, &self.mem, &d)?;
                     self.at_boundary(stop, host)?;
+                    continue;
+                }
+                Action::Breakpoint => {
+                    // The hardware breakpoint on the landing RIP: read the
+                    // counter here; step off it before it is armed again.
+                    let (overflow, count) = match self.counter.as_mut() {
+                        Some(c) => c.at_breakpoint()?,
+                        None => (false, self.branches),
+                    };
+                    self.branches = count;
+                    self.bp_step_over = true;
+                    self.hw_bp_hits += 1;
+                    let mut ctx = self.precise_ctx(None)?;
+                    ctx.overflow = overflow;
+                    self.poll_and_deliver(&ctx, host)?;
                     continue;
                 }
                 Action::ClockRead(slot) => {
@@ -679,19 +815,42 @@ impl Machine {
                 }
                 Action::Unexpected(what) => return Err(MachineError::UnexpectedExit { what, rip: self.rip() }),
             }
+            let counter_stop = match self.counter.as_mut() {
+                Some(c) if eintr => c.at_eintr(stepping)?,
+                _ => None,
+            };
             let ctx = if stepping {
                 match exit_boundary {
                     // The exiting instruction retired: this exit is the boundary.
-                    Some(b) => self.precise_ctx(Some(b.rip))?,
+                    Some(b) => {
+                        let mut c = self.precise_ctx(Some(b.rip))?;
+                        c.overflow = self.exit_overflow();
+                        c
+                    }
                     // It retires on the next entry; a debug exit reports the boundary.
-                    None if guest_caused => continue,
+                    None if guest_caused => {
+                        self.exit_poll_pending = true;
+                        continue;
+                    }
+                    // (A kick while stepping: the counter noted it; the next
+                    // boundary is its stop, the vCPU may be mid-step now.)
                     None => self.ctx(false),
                 }
-            } else if guest_caused && host.precise(self.exits) {
+            } else if let Some((overflow, count)) = counter_stop {
+                // The real counter's stop: its overflow signal or a kick made
+                // KVM_RUN return at an instruction boundary. Read the count
+                // and the registers here; the host may deliver right here.
+                self.branches = count;
+                let mut c = self.precise_ctx(None)?;
+                c.overflow = overflow;
+                c
+            } else if guest_caused && (self.counter.is_some() || host.precise(self.exits)) {
                 // Free-running, but the host needs this exit exactly: finish
                 // the instruction (an IN completes on entry) so RIP is past it.
                 self.complete_pending_io()?;
-                self.precise_ctx(None)?
+                let mut c = self.precise_ctx(None)?;
+                c.overflow = self.exit_overflow();
+                c
             } else {
                 self.ctx(guest_caused)
             };
@@ -718,7 +877,36 @@ impl Machine {
         if b.branch_retired {
             self.branches += 1;
         }
-        let ctx = self.precise_ctx(Some(b.rip))?;
+        let ctx = if self.counter.is_some() {
+            // The counter clock: the host sees this boundary only if it asked
+            // for every one, the counter stopped here (overflow, or a kick
+            // that arrived during the step), an exit's poll is due here, or
+            // it is the landing RIP. Otherwise the guest runs on, as it would
+            // at full speed with a hardware counter.
+            let stop = match self.counter.as_mut() {
+                Some(c) => c.at_step(b.branch_retired),
+                None => CounterStop::None,
+            };
+            let exit_poll = std::mem::take(&mut self.exit_poll_pending);
+            let at_bp = self.bp == Some(b.rip);
+            self.bp_step_over = false;
+            if !(self.host_precise || stop != CounterStop::None || exit_poll || at_bp) {
+                return Ok(());
+            }
+            if stop != CounterStop::None && self.counter.as_ref().is_some_and(RunCounter::breakpoints_ok) {
+                // A hardware counter stepping (off a breakpoint): its count
+                // is the truth. (The simulated one counts these very steps.)
+                if let Some(c) = self.counter.as_mut() {
+                    self.branches = c.count()?;
+                }
+            }
+            let overflow = stop == CounterStop::Overflow;
+            let mut c = self.precise_ctx(Some(b.rip))?;
+            c.overflow = overflow;
+            c
+        } else {
+            self.precise_ctx(Some(b.rip))?
+        };
         self.poll_and_deliver(&ctx, host)
     }
 
@@ -782,6 +970,8 @@ struct InSlot {
 enum Action {
     None,
     Step(kvm_bindings::kvm_debug_exit_arch),
+    /// The hardware breakpoint at the landing RIP.
+    Breakpoint,
     ClockRead(InSlot),
     TimerProgram(u32),
     Halt,

@@ -156,7 +156,13 @@ pub fn kick_signal() -> i32 {
     libc::SIGRTMIN() + 1
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn on_kick(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    on_kick_signal(sig, info, ctx)
+}
+
+/// The kick handler's work, for other handlers that must also make KVM_RUN
+/// return (the perf counter's overflow signal, clock::counter).
+pub fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Setting immediate_exit closes the race where the signal lands just
     // before KVM_RUN is entered: KVM then returns EINTR at once.
     let p = KVM_RUN.with(|c| c.get());
