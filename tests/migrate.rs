@@ -512,16 +512,22 @@ fn a_guest_that_powers_off_during_the_migration_is_reported() {
 }
 
 #[test]
-fn a_step_clock_recording_moves_mid_race_and_replays_exactly() {
-    // Interrupts land between exits here (branch counts): the move happens
-    // inside such a stretch and the ExecPoints after it still line up.
+fn step_and_pmu_sim_recordings_move_mid_race_and_replay_exactly() {
+    for clock in ["step", "pmu-sim"] {
+        moves_mid_race(clock);
+    }
+}
+
+/// Interrupts land between exits with these clocks (branch counts): the
+/// move happens inside such a stretch and the ExecPoints after it still line up.
+fn moves_mid_race(clock: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let (src_rec, dst_rec) = (tmp.path().join("src-rec"), tmp.path().join("dst-rec"));
     let (dst, addr) = receive(&["-o", dst_rec.to_str().unwrap()]);
     let img = demo_image();
     let sock = tmp.path().join("ctl.sock").display().to_string();
     let mut cmd = Command::new(bin());
-    cmd.args(["record", img.to_str().unwrap(), "-o", src_rec.to_str().unwrap(), "--clock", "step"])
+    cmd.args(["record", img.to_str().unwrap(), "-o", src_rec.to_str().unwrap(), "--clock", clock])
         .args(["--checkpoint-every", "300ms", "--cmdline", "workload=race iters=400 hz=1000", "--control", &sock]);
     let src = Proc::spawn(cmd);
     src.wait_for("workload=race", Duration::from_secs(60));
@@ -534,7 +540,11 @@ fn a_step_clock_recording_moves_mid_race_and_replays_exactly() {
     assert_eq!(dc, 0, "{de}");
     assert!(d_out.contains("race: counter="), "the race finished at the destination: {d_out}");
     let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q"], b"");
-    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(0), "{clock}: {}", stderr(&o));
+    // And with the other exact clock (the pmu-sim recording by stepping, and vice versa).
+    let other = if clock == "step" { "pmu-sim" } else { "step" };
+    let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q", "--clock", other], b"");
+    assert_eq!(o.status.code(), Some(0), "{clock} recording replayed with {other}: {}", stderr(&o));
     let o = run_with_input(&["inspect", dst_rec.to_str().unwrap(), "-c", "events all"], b"");
     let events = stdout(&o);
     let mig = events.lines().position(|l| l.contains("migrated from")).expect("a Migrated event");
