@@ -34,6 +34,14 @@ fn collect(mut r: impl Read + Send + 'static, buf: Arc<Mutex<Vec<u8>>>) -> std::
     })
 }
 
+/// A test that fails half-way must not leave VMs running.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Proc {
     fn spawn(mut cmd: Command) -> Proc {
         let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
@@ -100,7 +108,12 @@ fn receive_in(netns: Option<&str>, listen: &str, extra: &[&str]) -> (Proc, Strin
     let mut cmd = in_ns(netns);
     cmd.args(["receive", "--listen", listen]).args(extra);
     let p = Proc::spawn(cmd);
-    p.wait_for("waiting for a VM on ", Duration::from_secs(30));
+    // The whole line: the address may arrive in pieces.
+    let t = Instant::now();
+    while !p.stderr().split("waiting for a VM on ").nth(1).is_some_and(|r| r.contains('\n')) {
+        assert!(t.elapsed() < Duration::from_secs(30), "receive did not start: {}", p.stderr());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let err = p.stderr();
     let addr = err.split("waiting for a VM on ").nth(1).unwrap().lines().next().unwrap().trim().to_string();
     (p, addr)

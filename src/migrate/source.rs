@@ -173,8 +173,16 @@ impl Controller {
             Ok(q) => q,
             Err(e) => return say(Reply::Error(format!("bad request: {e}"))),
         };
-        let Some(vm) = self.vm.lock().unwrap().clone() else {
-            return say(Reply::Error("the VM is not running yet".into()));
+        // A request that arrives while the VM is still being set up waits for it.
+        let t = Instant::now();
+        let vm = loop {
+            if let Some(vm) = self.vm.lock().unwrap().clone() {
+                break vm;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                return say(Reply::Error("the VM is not running yet".into()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         };
         {
             let mut busy = self.busy.lock().unwrap();
