@@ -4,6 +4,7 @@
 //! target is x86-64 (`gdbstub_arch::x86::X86_64_SSE`).
 
 pub mod session;
+pub mod snapshots;
 
 use std::net::{TcpListener, TcpStream};
 

@@ -7,13 +7,15 @@
 //! going back to it is: restore the checkpoint at or before exit `e`, replay
 //! to exit `e`, step `k` times. See docs/debugging.md.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::clock::{fingerprint, ExecPoint};
 use crate::replay::{Outcome, Recording, ReplayError, Sink, Timeline};
+
+use super::snapshots::Snapshots;
 
 /// Something went wrong below the debugger (KVM, a damaged recording, a divergence).
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +88,15 @@ pub struct Session {
     pub interrupted: Option<Box<dyn FnMut() -> bool>>,
     /// Steps taken since the session began (for `monitor stats`).
     pub steps_taken: u64,
+    /// In-memory snapshots taken while going back (see `snapshots`).
+    pub snaps: Snapshots,
+    /// For an exit boundary `e`: the boundary just before it (the last one
+    /// of an earlier interval), once a reverse step has counted it.
+    prev_boundary: HashMap<u64, Pos>,
 }
+
+/// Fewer steps than this to a target: no snapshot halfway.
+const SNAP_HALFWAY_MIN: u64 = 16;
 
 const POLL_EVERY: u64 = 512;
 
@@ -94,6 +104,7 @@ impl Session {
     /// Opens a session at exit `at` (0 = the start of the recording).
     pub fn open(rec: Arc<Recording>, at: u64) -> R<Session> {
         let tl = Timeline::open(rec.clone(), Sink::Discard)?;
+        let rec_has_disk = rec.meta.config.disk.is_some();
         let pos = Pos {
             exits: 0,
             steps: 0,
@@ -110,6 +121,8 @@ impl Session {
             watches: Vec::new(),
             interrupted: None,
             steps_taken: 0,
+            snaps: Snapshots::new(rec_has_disk),
+            prev_boundary: HashMap::new(),
         };
         s.refresh(0, 0)?;
         if at > 0 {
@@ -152,25 +165,113 @@ impl Session {
     }
 
     /// Goes to the machine state right after guest-caused exit `e` (restoring
-    /// a checkpoint when `e` lies behind us).
+    /// a snapshot or checkpoint when `e` lies behind us).
     pub fn goto_exit(&mut self, e: u64) -> R<StopWhy> {
-        if self.pos.exits == e && self.pos.steps == 0 && !self.pos.end {
+        self.reach(e, 0)
+    }
+
+    /// Takes a snapshot here (when snapshots are on).
+    fn snap_here(&mut self) -> R<()> {
+        let pos = self.pos;
+        self.snaps
+            .take(&mut self.tl, pos)
+            .map_err(|e| SessionError::Lost(format!("taking a snapshot: {e}")))
+    }
+
+    /// Goes to exit boundary `e` then `k` steps: from here when that lies
+    /// on the way, else from the nearest in-memory snapshot or recording
+    /// checkpoint before it; leaves snapshots on the way (at `e - 1`, `e`,
+    /// halfway through long step runs and at the target) so the next move
+    /// back is short. Returns `End` if the recording ends first.
+    fn reach(&mut self, e: u64, k: u64) -> R<StopWhy> {
+        let target = (e, k);
+        let here = (self.pos.exits, self.pos.steps);
+        if here == target && !self.pos.end {
             return Ok(StopWhy::Step);
         }
-        if self.pos.end || e <= self.tl.exits() {
-            // nearest_checkpoint knows that stepped recordings checkpoint
-            // mid-interval and picks one that lies before exit `e`.
-            let ck = Timeline::nearest_checkpoint(&self.rec, e);
-            self.tl = Timeline::at_checkpoint(self.rec.clone(), ck, Sink::Discard)?;
-            self.end_note = None;
-        }
-        if self.tl.exits() < e {
-            match self.tl.run(Some(e))? {
-                Outcome::Reached => {}
-                other => return self.ended(other),
+        // Where to start: here, a snapshot, or a checkpoint (latest wins).
+        let from_here = !self.pos.end && here <= target && self.tl.exits() == self.pos.exits;
+        let snap = if self.snaps.enabled {
+            self.snaps.best(target)
+        } else {
+            None
+        };
+        let ck = Timeline::nearest_checkpoint(&self.rec, e);
+        let ck_exits = self
+            .rec
+            .checkpoints
+            .iter()
+            .find(|c| c.0 == ck)
+            .map(|c| c.1)
+            .unwrap_or(0);
+        let mut fresh = false;
+        match snap {
+            Some(s) if !(from_here && here >= s) && s.0 >= ck_exits => {
+                self.pos = self
+                    .snaps
+                    .restore(&mut self.tl, s)
+                    .map_err(|e| SessionError::Lost(format!("restoring a snapshot: {e}")))?;
+                self.end_note = None;
+            }
+            _ if from_here && (here.0 >= ck_exits || here.0 == e) => {}
+            _ => {
+                self.tl = Timeline::at_checkpoint(self.rec.clone(), ck, Sink::Discard)?;
+                self.snaps.forget_base();
+                self.end_note = None;
+                self.pos.end = false;
+                self.pos.exits = self.tl.exits();
+                fresh = true;
             }
         }
-        self.refresh(e, 0)?;
+        if fresh || self.tl.exits() < e {
+            let start = self.tl.exits();
+            // A snapshot at the boundary before `e` (where stepping back from
+            // `e` will go), when the run is long enough to be worth saving.
+            if self.snaps.enabled && e >= 1 && start + 1 < e {
+                match self.tl.run(Some(e - 1))? {
+                    Outcome::Reached => {
+                        self.refresh(e - 1, 0)?;
+                        self.snap_here()?;
+                    }
+                    other => return self.ended(other),
+                }
+            }
+            if self.tl.exits() < e {
+                match self.tl.run(Some(e))? {
+                    Outcome::Reached => {}
+                    other => return self.ended(other),
+                }
+            }
+            self.refresh(e, 0)?;
+            if start < e || fresh {
+                self.snap_here()?;
+            }
+        }
+        let j = self.pos.steps;
+        if k > j {
+            let n = k - j;
+            self.steps_taken += n;
+            if self.snaps.enabled && n >= SNAP_HALFWAY_MIN {
+                let half = n / 2;
+                match self.tl.step(half)? {
+                    Outcome::Reached => self.refresh(e, j + half)?,
+                    other => return self.ended(other),
+                }
+                self.snap_here()?;
+                match self.tl.step(n - half)? {
+                    Outcome::Reached => self.refresh(e, k)?,
+                    other => return self.ended(other),
+                }
+            } else {
+                match self.tl.step(n)? {
+                    Outcome::Reached => self.refresh(e, k)?,
+                    other => return self.ended(other),
+                }
+            }
+            if n >= 2 {
+                self.snap_here()?;
+            }
+        }
         Ok(StopWhy::Step)
     }
 
@@ -263,16 +364,7 @@ impl Session {
         if self.pos == p {
             return Ok(());
         }
-        self.goto_exit(p.exits)?;
-        if p.steps > 0 {
-            self.steps_taken += p.steps;
-            match self.tl.step(p.steps)? {
-                Outcome::Reached => self.refresh(p.exits, p.steps)?,
-                other => {
-                    self.ended(other)?;
-                }
-            }
-        }
+        self.reach(p.exits, p.steps)?;
         if self.pos.point != p.point || self.pos.fp != p.fp || self.pos.end != p.end {
             return Err(SessionError::Lost(format!(
                 "went back to exit {} + {} steps expecting {} (fp {:#x}), found {} (fp {:#x})",
@@ -588,21 +680,16 @@ impl Session {
         if here.steps > 0 && !here.end {
             // Inside an exit interval: the same exit boundary, one step fewer
             // (no exit can lie in between: an exiting instruction ends its interval).
-            self.goto_exit(here.exits)?;
             let k = here.steps - 1;
-            if k > 0 {
-                self.steps_taken += k;
-                match self.tl.step(k)? {
-                    Outcome::Reached => self.refresh(here.exits, k)?,
-                    other => {
-                        self.ended(other)?;
-                        return Err(SessionError::Lost(format!(
-                            "could not step back to exit {} + {k} steps",
-                            here.exits
-                        )));
-                    }
-                }
+            if self.reach(here.exits, k)? != StopWhy::Step || self.pos.end {
+                return Err(SessionError::Lost(format!(
+                    "could not step back to exit {} + {k} steps",
+                    here.exits
+                )));
             }
+        } else if let Some(prev) = self.prev_boundary.get(&here.exits).copied().filter(|_| !here.end) {
+            // Counted before: go straight there.
+            self.goto(prev)?;
         } else {
             // At an exit boundary (or the end): the previous boundary lies in an earlier interval.
             let mut e = if here.end { here.exits } else { here.exits - 1 };
@@ -618,6 +705,12 @@ impl Session {
                 }
                 e -= 1;
             };
+            if !here.end {
+                if self.prev_boundary.len() >= 1 << 16 {
+                    self.prev_boundary.clear();
+                }
+                self.prev_boundary.insert(here.exits, prev);
+            }
             self.goto(prev)?;
         }
         if let Some((addr, kind)) = self.touched() {
