@@ -361,11 +361,30 @@ impl MonitorCmd for Target64 {
                     self.s.rec.events.len()
                 ),
             },
-            ["stats"] => outputln!(
-                out,
-                "instructions single-stepped this session: {}",
-                self.s.steps_taken
-            ),
+            ["stats"] => {
+                outputln!(
+                    out,
+                    "instructions single-stepped this session: {}",
+                    self.s.steps_taken
+                );
+                let n = &self.s.snaps;
+                let st = n.stats;
+                if n.enabled {
+                    outputln!(
+                        out,
+                        "snapshots: {} held ({} KiB of pages), {} taken, {} restored, {} evicted; pages copied {}, written back {}",
+                        n.len(),
+                        n.bytes() >> 10,
+                        st.taken,
+                        st.restored,
+                        st.evicted,
+                        st.pages_copied,
+                        st.pages_written
+                    );
+                } else {
+                    outputln!(out, "snapshots: off");
+                }
+            }
             _ => {
                 outputln!(out, "revirt monitor commands:");
                 outputln!(out, "  where | when        current execution point, exit/step position, event index");

@@ -102,7 +102,15 @@ const POLL_EVERY: u64 = 512;
 
 impl Session {
     /// Opens a session at exit `at` (0 = the start of the recording).
+    /// In-memory snapshots are on unless `REVIRT_GDB_SNAPSHOTS=0`.
     pub fn open(rec: Arc<Recording>, at: u64) -> R<Session> {
+        let on = !std::env::var("REVIRT_GDB_SNAPSHOTS").is_ok_and(|v| v == "0" || v == "off");
+        Session::open_with(rec, at, on)
+    }
+
+    /// Like [`Session::open`], with in-memory snapshots on or off (off: every
+    /// move back restores a recording checkpoint and replays, as before).
+    pub fn open_with(rec: Arc<Recording>, at: u64, snapshots: bool) -> R<Session> {
         let tl = Timeline::open(rec.clone(), Sink::Discard)?;
         let rec_has_disk = rec.meta.config.disk.is_some();
         let pos = Pos {
@@ -121,7 +129,7 @@ impl Session {
             watches: Vec::new(),
             interrupted: None,
             steps_taken: 0,
-            snaps: Snapshots::new(rec_has_disk),
+            snaps: Snapshots::new(snapshots && !rec_has_disk),
             prev_boundary: HashMap::new(),
         };
         s.refresh(0, 0)?;

@@ -78,14 +78,13 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// Snapshots are on unless `REVIRT_GDB_SNAPSHOTS=0` (or the recording has a disk).
-    pub fn new(has_disk: bool) -> Snapshots {
-        let off = std::env::var("REVIRT_GDB_SNAPSHOTS").is_ok_and(|v| v == "0" || v == "off");
+    /// `REVIRT_GDB_SNAPSHOT_MIB` sets the memory budget (default 512 MiB).
+    pub fn new(enabled: bool) -> Snapshots {
         let live = Arc::new(AtomicI64::new(1));
         let zero = Arc::new(Page { data: vec![0u8; PAGE].into_boxed_slice(), live: live.clone() });
         let max_mib: u64 = std::env::var("REVIRT_GDB_SNAPSHOT_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(512);
         Snapshots {
-            enabled: !off && !has_disk,
+            enabled,
             list: Vec::new(),
             base: None,
             zero,
