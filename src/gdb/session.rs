@@ -198,7 +198,12 @@ impl Session {
             return Ok(StopWhy::Step);
         }
         // Where to start: here, a snapshot, or a checkpoint (latest wins).
-        let from_here = !self.pos.end && here <= target && self.tl.exits() == self.pos.exits;
+        // (The machine must really be where `pos` says: an error may have
+        // left it elsewhere.)
+        let from_here = !self.pos.end
+            && here <= target
+            && self.tl.exits() == self.pos.exits
+            && self.tl.position().ok() == Some(self.pos.point);
         let snap = if self.snaps.enabled {
             self.snaps.best(target)
         } else {
