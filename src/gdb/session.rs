@@ -97,6 +97,9 @@ pub struct Session {
 
 /// Fewer steps than this to a target: no snapshot halfway.
 const SNAP_HALFWAY_MIN: u64 = 16;
+/// While a reverse step counts the previous exit interval: a snapshot every
+/// this many steps, so going to its last boundary afterwards is short.
+const SCAN_SNAP_EVERY: u64 = 64;
 
 const POLL_EVERY: u64 = 512;
 
@@ -233,6 +236,7 @@ impl Session {
                 self.end_note = None;
                 self.pos.end = false;
                 self.pos.exits = self.tl.exits();
+                self.pos.steps = 0;
                 fresh = true;
             }
         }
@@ -635,6 +639,7 @@ impl Session {
         &mut self,
         from: u64,
         until: Pos,
+        snap_every: u64,
         mut visit: impl FnMut(Pos, Option<StopWhy>),
     ) -> R<Option<u64>> {
         self.goto_exit(from)?;
@@ -680,6 +685,9 @@ impl Session {
                     until.point
                 )));
             }
+            if snap_every > 0 && k.is_multiple_of(snap_every) && !self.pos.end {
+                self.snap_here()?;
+            }
         }
     }
 
@@ -708,7 +716,7 @@ impl Session {
             let mut e = if here.end { here.exits } else { here.exits - 1 };
             let prev = loop {
                 let mut last = None;
-                self.scan(e, here, |p, _| last = Some(p))?;
+                self.scan(e, here, SCAN_SNAP_EVERY, |p, _| last = Some(p))?;
                 if let Some(p) = last {
                     break p;
                 }
@@ -769,7 +777,7 @@ impl Session {
                 lo = c;
             }
             let mut last: Option<(Pos, StopWhy)> = None;
-            let scanned = self.scan(lo, until, |p, hit| {
+            let scanned = self.scan(lo, until, 0, |p, hit| {
                 if let Some(h) = hit {
                     last = Some((p, h));
                 }
