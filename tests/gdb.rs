@@ -763,6 +763,9 @@ fn session_snapshots_give_the_exact_machine_state() {
         let mut a = Session::open_with(rec.clone(), at, true).unwrap();
         let mut b = Session::open_with(rec.clone(), at, false).unwrap();
         assert!(a.snaps.enabled && !b.snaps.enabled);
+        // And one that keeps only 3 snapshots (evicts all the time).
+        let mut t = Session::open_with(rec.clone(), at, true).unwrap();
+        t.snaps.max_snaps = 3;
         let same = |a: &mut Session, b: &mut Session, hash: bool, what: &str| {
             assert_eq!(a.pos(), b.pos(), "{name}: {what}");
             assert_eq!(a.event_index(), b.event_index(), "{name}: {what}");
@@ -782,21 +785,28 @@ fn session_snapshots_give_the_exact_machine_state() {
                 let e = a.pos().exits;
                 a.reverse_step().unwrap();
                 b.reverse_step().unwrap();
+                t.reverse_step().unwrap();
                 crossed += (a.pos().exits != e) as u32;
                 same(&mut a, &mut b, i % 4 == 0, &format!("round {round} back {i}"));
+                same(&mut t, &mut b, i % 4 == 2, &format!("round {round} back {i}, 3 snapshots"));
             }
             for i in 0..(6 + round * 4) {
                 a.step().unwrap();
                 b.step().unwrap();
+                t.step().unwrap();
                 same(&mut a, &mut b, i == 0, &format!("round {round} forward {i}"));
+                same(&mut t, &mut b, false, &format!("round {round} forward {i}, 3 snapshots"));
             }
             let e = a.pos().exits.saturating_sub(1 + round as u64);
             a.goto_exit(e).unwrap();
             b.goto_exit(e).unwrap();
+            t.goto_exit(e).unwrap();
             same(&mut a, &mut b, true, &format!("round {round} goto-exit {e}"));
+            same(&mut t, &mut b, true, &format!("round {round} goto-exit {e}, 3 snapshots"));
         }
         assert!(crossed > 0, "{name}: some reverse step crossed an exit boundary");
         assert!(a.snaps.stats.restored > 0, "{name}: {:?}", a.snaps.stats);
+        assert!(t.snaps.stats.evicted > 0 && t.snaps.len() <= 3, "{name}: {:?}", t.snaps.stats);
         // And a fresh session that went straight there.
         let p = a.pos();
         let mut c = Session::open_with(rec.clone(), p.exits, false).unwrap();

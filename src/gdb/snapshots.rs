@@ -104,9 +104,11 @@ impl Snapshots {
         self.list.is_empty()
     }
 
-    /// Bytes of guest pages held (shared pages once).
+    /// Bytes held: guest pages (shared pages once) plus each snapshot's page table.
     pub fn bytes(&self) -> u64 {
-        self.live.load(Ordering::Relaxed).max(0) as u64 * PAGE as u64
+        let pages = self.live.load(Ordering::Relaxed).max(0) as u64 * PAGE as u64;
+        let tables: usize = self.list.iter().map(|s| s.pages.len() * std::mem::size_of::<usize>()).sum();
+        pages + tables as u64
     }
 
     /// The machine was rebuilt (or its memory changed behind our back).
