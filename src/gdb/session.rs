@@ -708,7 +708,12 @@ impl Session {
                     here.exits
                 )));
             }
-        } else if let Some(prev) = self.prev_boundary.get(&here.exits).copied().filter(|_| !here.end) {
+        } else if let Some(prev) = self
+            .prev_boundary
+            .get(&here.exits)
+            .copied()
+            .filter(|_| !here.end)
+        {
             // Counted before: go straight there.
             self.goto(prev)?;
         } else {

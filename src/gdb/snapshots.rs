@@ -81,8 +81,14 @@ impl Snapshots {
     /// `REVIRT_GDB_SNAPSHOT_MIB` sets the memory budget (default 512 MiB).
     pub fn new(enabled: bool) -> Snapshots {
         let live = Arc::new(AtomicI64::new(1));
-        let zero = Arc::new(Page { data: vec![0u8; PAGE].into_boxed_slice(), live: live.clone() });
-        let max_mib: u64 = std::env::var("REVIRT_GDB_SNAPSHOT_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(512);
+        let zero = Arc::new(Page {
+            data: vec![0u8; PAGE].into_boxed_slice(),
+            live: live.clone(),
+        });
+        let max_mib: u64 = std::env::var("REVIRT_GDB_SNAPSHOT_MIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(512);
         Snapshots {
             enabled,
             list: Vec::new(),
@@ -107,7 +113,11 @@ impl Snapshots {
     /// Bytes held: guest pages (shared pages once) plus each snapshot's page table.
     pub fn bytes(&self) -> u64 {
         let pages = self.live.load(Ordering::Relaxed).max(0) as u64 * PAGE as u64;
-        let tables: usize = self.list.iter().map(|s| s.pages.len() * std::mem::size_of::<usize>()).sum();
+        let tables: usize = self
+            .list
+            .iter()
+            .map(|s| s.pages.len() * std::mem::size_of::<usize>())
+            .sum();
         pages + tables as u64
     }
 
@@ -127,12 +137,19 @@ impl Snapshots {
 
     fn new_page(&self, data: &[u8]) -> Arc<Page> {
         self.live.fetch_add(1, Ordering::Relaxed);
-        Arc::new(Page { data: data.into(), live: self.live.clone() })
+        Arc::new(Page {
+            data: data.into(),
+            live: self.live.clone(),
+        })
     }
 
     /// Takes a snapshot of the timeline as it stands, at session position
     /// `pos` (which must be right after a run: no pending I/O).
-    pub fn take(&mut self, tl: &mut Timeline, pos: super::session::Pos) -> Result<(), MachineError> {
+    pub fn take(
+        &mut self,
+        tl: &mut Timeline,
+        pos: super::session::Pos,
+    ) -> Result<(), MachineError> {
         let at = (pos.exits, pos.steps);
         if !self.enabled || pos.end || self.has(at) {
             return Ok(());
@@ -145,11 +162,17 @@ impl Snapshots {
             Some(base) => {
                 let mut v: Vec<Arc<Page>> = base.as_ref().clone();
                 for &p in &dirty {
-                    let Some(slot) = v.get_mut(p as usize) else { continue };
+                    let Some(slot) = v.get_mut(p as usize) else {
+                        continue;
+                    };
                     m.mem
                         .read_slice(&mut buf, GuestAddress(p * PAGE as u64))
                         .map_err(|e| MachineError::Memory(e.to_string()))?;
-                    *slot = if buf.iter().all(|&b| b == 0) { self.zero.clone() } else { self.new_page(&buf) };
+                    *slot = if buf.iter().all(|&b| b == 0) {
+                        self.zero.clone()
+                    } else {
+                        self.new_page(&buf)
+                    };
                     self.stats.pages_copied += 1;
                 }
                 v
@@ -192,8 +215,16 @@ impl Snapshots {
 
     /// Drops least recently used snapshots beyond the count or memory budget.
     fn evict(&mut self) {
-        while self.list.len() > 1 && (self.list.len() > self.max_snaps || self.bytes() > self.max_bytes) {
-            let i = self.list.iter().enumerate().min_by_key(|(_, s)| s.used).map(|(i, _)| i).unwrap();
+        while self.list.len() > 1
+            && (self.list.len() > self.max_snaps || self.bytes() > self.max_bytes)
+        {
+            let i = self
+                .list
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.used)
+                .map(|(i, _)| i)
+                .unwrap();
             self.list.swap_remove(i);
             self.stats.evicted += 1;
         }
@@ -201,14 +232,24 @@ impl Snapshots {
 
     /// Puts the machine (in place: same VM) and the replay host into the
     /// state of the snapshot at `at`. Returns the session position there.
-    pub fn restore(&mut self, tl: &mut Timeline, at: At) -> Result<super::session::Pos, MachineError> {
-        let i = self.list.iter().position(|s| s.at == at).expect("restore a snapshot that exists");
+    pub fn restore(
+        &mut self,
+        tl: &mut Timeline,
+        at: At,
+    ) -> Result<super::session::Pos, MachineError> {
+        let i = self
+            .list
+            .iter()
+            .position(|s| s.at == at)
+            .expect("restore a snapshot that exists");
         self.tick += 1;
         self.list[i].used = self.tick;
         let s = &self.list[i];
         let m = &mut tl.machine;
         if m.stepper.is_armed() {
-            m.stepper.disarm(&m.vcpu).map_err(|e| MachineError::State(e.to_string()))?;
+            m.stepper
+                .disarm(&m.vcpu)
+                .map_err(|e| MachineError::State(e.to_string()))?;
         }
         let (dirty, _) = m.take_dirty()?;
         let write = |p: usize| -> Result<(), MachineError> {
