@@ -115,7 +115,9 @@ impl Session {
     /// move back restores a recording checkpoint and replays, as before).
     pub fn open_with(rec: Arc<Recording>, at: u64, snapshots: bool) -> R<Session> {
         let tl = Timeline::open(rec.clone(), Sink::Discard)?;
-        let rec_has_disk = rec.meta.config.disk.is_some();
+        // Snapshots keep copies of the disk too: only for small ones.
+        let disk_bytes = tl.machine.devices.block.capacity() * 512;
+        let big_disk = disk_bytes > super::snapshots::MAX_DISK_BYTES;
         let pos = Pos {
             exits: 0,
             steps: 0,
@@ -132,7 +134,7 @@ impl Session {
             watches: Vec::new(),
             interrupted: None,
             steps_taken: 0,
-            snaps: Snapshots::new(snapshots && !rec_has_disk),
+            snaps: Snapshots::new(snapshots && !big_disk),
             prev_boundary: HashMap::new(),
         };
         s.refresh(0, 0)?;

@@ -12,9 +12,11 @@
 //! pages dirtied since the base plus those where the base and the target
 //! snapshot differ. See docs/debugging.md ("Snapshots").
 //!
-//! Recordings with a disk keep the old path (no snapshots): the disk copy
-//! would need the same treatment.
+//! The replay's private disk copy is kept the same way, in 4 KiB chunks
+//! (the block device's written sectors tell what changed); disks over 64 MiB
+//! turn snapshots off (every move back restores a recording checkpoint).
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -24,8 +26,14 @@ use crate::replay::{ReplayHost, Sink, Timeline};
 use crate::vmm::{MachineError, MachineState};
 
 const PAGE: usize = 4096;
+const SECTOR: u64 = 512;
+/// Sectors per disk chunk (a chunk is a `Page` of the disk image).
+const CHUNK: u64 = PAGE as u64 / SECTOR;
+/// Larger disks: no snapshots.
+pub const MAX_DISK_BYTES: u64 = 64 << 20;
 
-/// One page of guest RAM held by snapshots; counts itself in `live`.
+/// One page of guest RAM (or 4 KiB of disk) held by snapshots; counts its
+/// bytes in `live`.
 pub struct Page {
     data: Box<[u8]>,
     live: Arc<AtomicI64>,
@@ -33,11 +41,19 @@ pub struct Page {
 
 impl Drop for Page {
     fn drop(&mut self) {
-        self.live.fetch_sub(1, Ordering::Relaxed);
+        self.live
+            .fetch_sub(self.data.len() as i64, Ordering::Relaxed);
     }
 }
 
 type Pages = Arc<Vec<Arc<Page>>>;
+
+/// Guest RAM and the disk, as shared pages.
+#[derive(Clone)]
+struct Image {
+    mem: Pages,
+    disk: Pages,
+}
 
 /// A position in the session's terms: exit boundary, then steps.
 pub type At = (u64, u64);
@@ -46,7 +62,7 @@ pub struct Snap {
     pub at: At,
     pub pos: super::session::Pos,
     state: MachineState,
-    pages: Pages,
+    image: Image,
     next_event: usize,
     output_len: u64,
     clock_ns: u64,
@@ -66,9 +82,9 @@ pub struct SnapStats {
 pub struct Snapshots {
     pub enabled: bool,
     list: Vec<Snap>,
-    /// The pages the machine's RAM equals, except for pages dirtied since
-    /// (None: unknown, e.g. right after a VM was built from a checkpoint).
-    base: Option<Pages>,
+    /// The pages the machine's RAM and disk equal, except for pages dirtied
+    /// since (None: unknown, e.g. right after a VM was built from a checkpoint).
+    base: Option<Image>,
     zero: Arc<Page>,
     live: Arc<AtomicI64>,
     pub max_snaps: usize,
@@ -80,7 +96,7 @@ pub struct Snapshots {
 impl Snapshots {
     /// `REVIRT_GDB_SNAPSHOT_MIB` sets the memory budget (default 512 MiB).
     pub fn new(enabled: bool) -> Snapshots {
-        let live = Arc::new(AtomicI64::new(1));
+        let live = Arc::new(AtomicI64::new(PAGE as i64));
         let zero = Arc::new(Page {
             data: vec![0u8; PAGE].into_boxed_slice(),
             live: live.clone(),
@@ -110,13 +126,14 @@ impl Snapshots {
         self.list.is_empty()
     }
 
-    /// Bytes held: guest pages (shared pages once) plus each snapshot's page table.
+    /// Bytes held: guest pages and disk chunks (shared ones once) plus each
+    /// snapshot's page tables.
     pub fn bytes(&self) -> u64 {
-        let pages = self.live.load(Ordering::Relaxed).max(0) as u64 * PAGE as u64;
+        let pages = self.live.load(Ordering::Relaxed).max(0) as u64;
         let tables: usize = self
             .list
             .iter()
-            .map(|s| s.pages.len() * std::mem::size_of::<usize>())
+            .map(|s| (s.image.mem.len() + s.image.disk.len()) * std::mem::size_of::<usize>())
             .sum();
         pages + tables as u64
     }
@@ -136,11 +153,60 @@ impl Snapshots {
     }
 
     fn new_page(&self, data: &[u8]) -> Arc<Page> {
-        self.live.fetch_add(1, Ordering::Relaxed);
+        self.live.fetch_add(data.len() as i64, Ordering::Relaxed);
         Arc::new(Page {
             data: data.into(),
             live: self.live.clone(),
         })
+    }
+
+    /// `n` units as shared pages: from `base` with the `dirty` units read
+    /// again, or (no base) all read. `read(i)` gives unit `i`'s bytes.
+    fn capture(
+        &mut self,
+        base: Option<&Pages>,
+        dirty: &BTreeSet<u64>,
+        n: usize,
+        mut read: impl FnMut(usize) -> Result<Vec<u8>, MachineError>,
+    ) -> Result<Pages, MachineError> {
+        let mut one = |this: &mut Snapshots, i: usize| -> Result<Arc<Page>, MachineError> {
+            let buf = read(i)?;
+            if buf.len() == PAGE && buf.iter().all(|&b| b == 0) {
+                return Ok(this.zero.clone());
+            }
+            this.stats.pages_copied += 1;
+            Ok(this.new_page(&buf))
+        };
+        let v = match base {
+            Some(base) if base.len() == n => {
+                let mut v: Vec<Arc<Page>> = base.as_ref().clone();
+                for &i in dirty.iter().filter(|&&i| (i as usize) < n) {
+                    v[i as usize] = one(self, i as usize)?;
+                }
+                v
+            }
+            _ => (0..n).map(|i| one(self, i)).collect::<Result<_, _>>()?,
+        };
+        Ok(Arc::new(v))
+    }
+
+    /// Units to write so that storage now holding `base` + `dirty` holds `target`.
+    fn to_write(base: Option<&Pages>, target: &Pages, dirty: &BTreeSet<u64>) -> Vec<usize> {
+        match base {
+            Some(base) if base.len() == target.len() => (0..target.len())
+                .filter(|&i| dirty.contains(&(i as u64)) || !Arc::ptr_eq(&base[i], &target[i]))
+                .collect(),
+            _ => (0..target.len()).collect(),
+        }
+    }
+
+    /// Guest pages and disk chunks changed since the last drain.
+    fn drain(m: &mut crate::vmm::Machine) -> Result<(BTreeSet<u64>, BTreeSet<u64>), MachineError> {
+        let (pages, sectors) = m.take_dirty()?;
+        Ok((
+            pages.into_iter().collect(),
+            sectors.into_iter().map(|s| s / CHUNK).collect(),
+        ))
     }
 
     /// Takes a snapshot of the timeline as it stands, at session position
@@ -156,58 +222,45 @@ impl Snapshots {
         }
         let m = &mut tl.machine;
         // Drain the dirty log first: it then tells what changes after this snapshot.
-        let (dirty, _sectors) = m.take_dirty()?;
-        let mut buf = vec![0u8; PAGE];
-        let pages: Vec<Arc<Page>> = match &self.base {
-            Some(base) => {
-                let mut v: Vec<Arc<Page>> = base.as_ref().clone();
-                for &p in &dirty {
-                    let Some(slot) = v.get_mut(p as usize) else {
-                        continue;
-                    };
-                    m.mem
-                        .read_slice(&mut buf, GuestAddress(p * PAGE as u64))
-                        .map_err(|e| MachineError::Memory(e.to_string()))?;
-                    *slot = if buf.iter().all(|&b| b == 0) {
-                        self.zero.clone()
-                    } else {
-                        self.new_page(&buf)
-                    };
-                    self.stats.pages_copied += 1;
-                }
-                v
-            }
-            None => {
-                let n = (m.config.mem_size as usize) / PAGE;
-                let mut v = Vec::with_capacity(n);
-                for p in 0..n {
-                    m.mem
-                        .read_slice(&mut buf, GuestAddress((p * PAGE) as u64))
-                        .map_err(|e| MachineError::Memory(e.to_string()))?;
-                    if buf.iter().all(|&b| b == 0) {
-                        v.push(self.zero.clone());
-                    } else {
-                        v.push(self.new_page(&buf));
-                        self.stats.pages_copied += 1;
-                    }
-                }
-                v
-            }
-        };
-        let pages = Arc::new(pages);
+        let (dirty_mem, dirty_disk) = Self::drain(m)?;
+        let base = self.base.clone();
+        let mem_pages = (m.config.mem_size as usize) / PAGE;
+        let mem = &m.mem;
+        let mem = self.capture(base.as_ref().map(|b| &b.mem), &dirty_mem, mem_pages, |p| {
+            let mut buf = vec![0u8; PAGE];
+            mem.read_slice(&mut buf, GuestAddress((p * PAGE) as u64))
+                .map_err(|e| MachineError::Memory(e.to_string()))?;
+            Ok(buf)
+        })?;
+        let cap = m.devices.block.capacity();
+        let block = &m.devices.block;
+        let disk = self.capture(
+            base.as_ref().map(|b| &b.disk),
+            &dirty_disk,
+            cap.div_ceil(CHUNK) as usize,
+            |c| {
+                let first = c as u64 * CHUNK;
+                block
+                    .read_sectors(first, CHUNK.min(cap - first))
+                    .map_err(|e| {
+                        MachineError::State(format!("reading the disk for a snapshot: {e}"))
+                    })
+            },
+        )?;
+        let image = Image { mem, disk };
         let state = m.save_state(tl.host.clock_ns())?;
         self.tick += 1;
         self.list.push(Snap {
             at,
             pos,
             state,
-            pages: pages.clone(),
+            image: image.clone(),
             next_event: tl.host.next,
             output_len: tl.host.output_len,
             clock_ns: tl.host.clock_ns(),
             used: self.tick,
         });
-        self.base = Some(pages);
+        self.base = Some(image);
         self.stats.taken += 1;
         self.evict();
         Ok(())
@@ -251,34 +304,26 @@ impl Snapshots {
                 .disarm(&m.vcpu)
                 .map_err(|e| MachineError::State(e.to_string()))?;
         }
-        let (dirty, _) = m.take_dirty()?;
-        let write = |p: usize| -> Result<(), MachineError> {
-            m.mem
-                .write_slice(&s.pages[p].data, GuestAddress((p * PAGE) as u64))
-                .map_err(|e| MachineError::Memory(e.to_string()))
-        };
+        let (dirty_mem, dirty_disk) = Self::drain(m)?;
         let mut written = 0u64;
-        match &self.base {
-            Some(base) if base.len() == s.pages.len() => {
-                let mut marks = vec![false; s.pages.len()];
-                for &p in &dirty {
-                    if let Some(f) = marks.get_mut(p as usize) {
-                        *f = true;
-                    }
-                }
-                for (p, mark) in marks.iter_mut().enumerate() {
-                    if *mark || !Arc::ptr_eq(&base[p], &s.pages[p]) {
-                        write(p)?;
-                        written += 1;
-                    }
-                }
-            }
-            _ => {
-                for p in 0..s.pages.len() {
-                    write(p)?;
-                    written += 1;
-                }
-            }
+        for p in Self::to_write(self.base.as_ref().map(|b| &b.mem), &s.image.mem, &dirty_mem) {
+            m.mem
+                .write_slice(&s.image.mem[p].data, GuestAddress((p * PAGE) as u64))
+                .map_err(|e| MachineError::Memory(e.to_string()))?;
+            written += 1;
+        }
+        for c in Self::to_write(
+            self.base.as_ref().map(|b| &b.disk),
+            &s.image.disk,
+            &dirty_disk,
+        ) {
+            m.devices
+                .block
+                .write_sectors(c as u64 * CHUNK, &s.image.disk[c].data)
+                .map_err(|e| {
+                    MachineError::State(format!("restoring the disk from a snapshot: {e}"))
+                })?;
+            written += 1;
         }
         m.load_state(&s.state)?;
         // A fresh stepper, as a VM built from a checkpoint has (the run
@@ -290,7 +335,7 @@ impl Snapshots {
         host.set_clock(s.clock_ns);
         host.interrupt = tl.host.interrupt.take();
         tl.host = host;
-        self.base = Some(s.pages.clone());
+        self.base = Some(s.image.clone());
         self.stats.restored += 1;
         self.stats.pages_written += written;
         Ok(s.pos)
