@@ -372,7 +372,7 @@ impl MonitorCmd for Target64 {
                 if n.enabled {
                     outputln!(
                         out,
-                        "snapshots: {} held ({} KiB of pages), {} taken, {} restored, {} evicted; pages copied {}, written back {}",
+                        "snapshots: {} held ({} KiB: pages, disk chunks, page tables), {} taken, {} restored, {} evicted; pages copied {}, written back {}",
                         n.len(),
                         n.bytes() >> 10,
                         st.taken,
