@@ -4,8 +4,9 @@
 //! Exactness first: every stop is an instruction boundary reached by
 //! single-stepping (or a guest-caused exit reached by running free), and a
 //! position is remembered as "exit boundary `e`, then `k` single steps", so
-//! going back to it is: restore the checkpoint at or before exit `e`, replay
-//! to exit `e`, step `k` times. See docs/debugging.md.
+//! going back to it is: restore the latest in-memory snapshot (see
+//! `snapshots`) or recording checkpoint before it, replay to exit `e`, step
+//! to `k`. See docs/debugging.md.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
