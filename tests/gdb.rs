@@ -594,3 +594,279 @@ fn step_clock_recording_back_and_forth_is_exact() {
         "back and forth again: identical registers"
     );
 }
+
+fn serve_with(rec: &Path, at: u64, snapshots: bool) -> Server {
+    let mut cmd = revirt();
+    cmd.args(["gdb", rec.to_str().unwrap(), "--port", "0", "--at", &at.to_string()]);
+    if !snapshots {
+        cmd.env("REVIRT_GDB_SNAPSHOTS", "0");
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn revirt gdb");
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+                let port: u16 = rest.split(';').next().unwrap().parse().unwrap();
+                let _ = tx.send(port);
+            }
+        }
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server did not start");
+    Server { child, port }
+}
+
+/// Register blocks of `info registers` (rax .. fs), in order.
+fn reg_blocks(out: &str) -> Vec<String> {
+    out.split("\nrax ")
+        .skip(1)
+        .map(|b| b.split("\ngs ").next().unwrap().to_string())
+        .collect()
+}
+
+/// (exit, steps) from `monitor where`.
+fn where_at(out: &str) -> (u64, u64) {
+    let l = out
+        .lines()
+        .rev()
+        .find(|l| l.contains(" steps); next event"))
+        .unwrap_or_else(|| panic!("no position in {out}"));
+    let inner = l.rsplit_once("(exit ").unwrap().1;
+    let (e, rest) = inner.split_once(" + ").unwrap();
+    let k = rest.split_once(' ').unwrap().0;
+    (e.parse().unwrap(), k.parse().unwrap())
+}
+
+#[test]
+fn reverse_stepi_through_snapshots_matches_a_direct_replay() {
+    // Back and forth across exit boundaries, many times over the same
+    // stretch (so later moves restore in-memory snapshots), then the same
+    // position reached directly by a server without snapshots.
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("race");
+    let img = demo_image();
+    let o = run_with_input(
+        &[
+            "record",
+            img.to_str().unwrap(),
+            "--cmdline",
+            "workload=race iters=20000 exits=16",
+            "--checkpoint-every",
+            "5ms",
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rec = revirt::replay::Recording::open(&out).unwrap();
+    let at = rec.last_exits() * 3 / 4;
+    let s = serve_with(&out, at, true);
+    let mut cmds: Vec<String> = vec!["monitor where".into()];
+    let moves = |v: &mut Vec<String>, what: &str, n: usize| {
+        for _ in 0..n {
+            v.push(what.into());
+        }
+        v.push("info registers".into());
+        v.push("monitor where".into());
+    };
+    moves(&mut cmds, "reverse-stepi", 25); // across the exit boundary `at`
+    moves(&mut cmds, "stepi", 40); // forward over it again
+    moves(&mut cmds, "reverse-stepi", 30); // and back over it
+    cmds.push(format!("monitor goto-exit {}", at - 2));
+    cmds.push("maintenance flush register-cache".into());
+    moves(&mut cmds, "stepi", 3);
+    moves(&mut cmds, "reverse-stepi", 8); // across exit at - 2
+    moves(&mut cmds, "reverse-stepi", 1);
+    moves(&mut cmds, "stepi", 1);
+    cmds.push("monitor stats".into());
+    let cmds_ref: Vec<&str> = cmds.iter().map(|s| s.as_str()).collect();
+    let a = gdb(s.port, &cmds_ref);
+    let blocks = reg_blocks(&a);
+    let wheres: Vec<(u64, u64)> = a
+        .lines()
+        .filter(|l| l.contains(" steps); next event"))
+        .map(where_at)
+        .collect();
+    assert_eq!(blocks.len(), 7, "{a}");
+    assert_eq!(wheres.len(), 8, "{a}");
+    assert_eq!(wheres[0], (at, 0));
+    assert!(wheres[1].0 < at, "25 back crossed the boundary: {wheres:?}");
+    assert!(wheres[2].0 > wheres[1].0, "40 forward crossed one again: {wheres:?}");
+    assert!(wheres[3].0 < wheres[2].0, "{wheres:?}");
+    assert_eq!(wheres[4], (at - 2, 3), "{wheres:?}");
+    assert!(wheres[5].0 < at - 2, "8 back crossed exit at - 2: {wheres:?}");
+    assert_eq!(wheres[7], wheres[5], "{wheres:?}");
+    assert_eq!(blocks[6], blocks[4], "back one and forward one");
+    let stats = a.lines().find(|l| l.starts_with("snapshots:")).unwrap_or("");
+    assert!(
+        stats.contains(" restored") && !stats.contains(" 0 restored"),
+        "snapshots were used: {stats}"
+    );
+    // Each stop, reached directly by a fresh server without snapshots.
+    let plain = serve_with(&out, at, false);
+    let mut direct: Vec<String> = Vec::new();
+    for &(e, k) in &wheres[1..] {
+        direct.push(format!("monitor goto-exit {e}"));
+        direct.push("maintenance flush register-cache".into());
+        if k > 0 {
+            direct.push(format!("stepi {k}"));
+        }
+        direct.push("info registers".into());
+        direct.push("monitor where".into());
+    }
+    let direct_ref: Vec<&str> = direct.iter().map(|s| s.as_str()).collect();
+    let b = gdb(plain.port, &direct_ref);
+    let bwheres: Vec<(u64, u64)> = b
+        .lines()
+        .filter(|l| l.contains(" steps); next event"))
+        .map(where_at)
+        .collect();
+    assert_eq!(bwheres, wheres[1..].to_vec(), "{b}");
+    assert_eq!(reg_blocks(&b), blocks, "registers via snapshots == direct replay");
+}
+
+#[test]
+fn session_snapshots_give_the_exact_machine_state() {
+    // Library level: the full state hash (registers, devices, all memory),
+    // event index, output length and clock after each move equal those of
+    // a session without snapshots; both clocks.
+    use revirt::gdb::session::Session;
+    use std::sync::Arc;
+    for (name, extra) in [("exit", vec![]), ("step", vec!["--clock", "step"])] {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join(name);
+        let img = demo_image();
+        let mut args = vec![
+            "record",
+            img.to_str().unwrap(),
+            "--cmdline",
+            "workload=race iters=3000 exits=16 hz=1000",
+            "--checkpoint-every",
+            "5ms",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = run_with_input(&args, b"");
+        assert!(o.status.success(), "{}", stderr(&o));
+        let rec = Arc::new(revirt::replay::Recording::open(&out).unwrap());
+        let at = rec.last_exits() / 2;
+        let mut a = Session::open_with(rec.clone(), at, true).unwrap();
+        let mut b = Session::open_with(rec.clone(), at, false).unwrap();
+        assert!(a.snaps.enabled && !b.snaps.enabled);
+        // And one that keeps only 3 snapshots (evicts all the time).
+        let mut t = Session::open_with(rec.clone(), at, true).unwrap();
+        t.snaps.max_snaps = 3;
+        let same = |a: &mut Session, b: &mut Session, hash: bool, what: &str| {
+            assert_eq!(a.pos(), b.pos(), "{name}: {what}");
+            assert_eq!(a.event_index(), b.event_index(), "{name}: {what}");
+            assert_eq!(a.tl.host.output_len, b.tl.host.output_len, "{name}: {what}");
+            assert_eq!(a.tl.clock_ns(), b.tl.clock_ns(), "{name}: {what}");
+            if hash {
+                assert_eq!(
+                    a.tl.machine.state_hash().unwrap(),
+                    b.tl.machine.state_hash().unwrap(),
+                    "{name}: {what}"
+                );
+            }
+        };
+        let mut crossed = 0;
+        for round in 0..3 {
+            for i in 0..12 {
+                let e = a.pos().exits;
+                a.reverse_step().unwrap();
+                b.reverse_step().unwrap();
+                t.reverse_step().unwrap();
+                crossed += (a.pos().exits != e) as u32;
+                same(&mut a, &mut b, i % 4 == 0, &format!("round {round} back {i}"));
+                same(&mut t, &mut b, i % 4 == 2, &format!("round {round} back {i}, 3 snapshots"));
+            }
+            for i in 0..(6 + round * 4) {
+                a.step().unwrap();
+                b.step().unwrap();
+                t.step().unwrap();
+                same(&mut a, &mut b, i == 0, &format!("round {round} forward {i}"));
+                same(&mut t, &mut b, false, &format!("round {round} forward {i}, 3 snapshots"));
+            }
+            let e = a.pos().exits.saturating_sub(1 + round as u64);
+            a.goto_exit(e).unwrap();
+            b.goto_exit(e).unwrap();
+            t.goto_exit(e).unwrap();
+            same(&mut a, &mut b, true, &format!("round {round} goto-exit {e}"));
+            same(&mut t, &mut b, true, &format!("round {round} goto-exit {e}, 3 snapshots"));
+        }
+        assert!(crossed > 0, "{name}: some reverse step crossed an exit boundary");
+        assert!(a.snaps.stats.restored > 0, "{name}: {:?}", a.snaps.stats);
+        assert!(t.snaps.stats.evicted > 0 && t.snaps.len() <= 3, "{name}: {:?}", t.snaps.stats);
+        // And a fresh session that went straight there.
+        let p = a.pos();
+        let mut c = Session::open_with(rec.clone(), p.exits, false).unwrap();
+        c.goto(p).unwrap();
+        same(&mut a, &mut c, true, "fresh session");
+    }
+}
+
+#[test]
+fn session_snapshots_restore_the_disk_too() {
+    // The disk workload writes sector 0 once: go past the write, back before
+    // it through a snapshot, and forth again; the state hash covers the disk.
+    use revirt::gdb::session::Session;
+    use std::sync::Arc;
+    let d = tempfile::tempdir().unwrap();
+    let disk = d.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let out = d.path().join("disk");
+    let img = demo_image();
+    let o = run_with_input(
+        &[
+            "record",
+            img.to_str().unwrap(),
+            "--cmdline",
+            "workload=disk",
+            "--disk",
+            disk.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rec = Arc::new(revirt::replay::Recording::open(&out).unwrap());
+    let last = rec.last_exits();
+    assert!(last > 8, "{last}");
+    let mut a = Session::open_with(rec.clone(), 2, true).unwrap();
+    let mut b = Session::open_with(rec.clone(), 2, false).unwrap();
+    assert!(a.snaps.enabled);
+    let sector0 = |s: &mut Session| s.tl.machine.devices.block.read_sectors(0, 1).unwrap();
+    let before = sector0(&mut a);
+    let mut seen_write = false;
+    for (i, e) in [last - 1, 2, last - 2, 3, last - 1, 2].into_iter().enumerate() {
+        a.goto_exit(e).unwrap();
+        b.goto_exit(e).unwrap();
+        assert_eq!(a.pos(), b.pos(), "move {i} to exit {e}");
+        assert_eq!(sector0(&mut a), sector0(&mut b), "move {i} to exit {e}");
+        seen_write |= sector0(&mut a) != before;
+        assert_eq!(
+            a.tl.machine.state_hash().unwrap(),
+            b.tl.machine.state_hash().unwrap(),
+            "move {i} to exit {e}"
+        );
+    }
+    for i in 0..5 {
+        a.reverse_step().unwrap();
+        b.reverse_step().unwrap();
+        assert_eq!(a.pos(), b.pos(), "reverse step {i}");
+    }
+    assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap());
+    assert!(seen_write, "the workload wrote sector 0 at some point");
+    assert!(a.snaps.stats.restored > 0, "{:?}", a.snaps.stats);
+}

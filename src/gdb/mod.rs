@@ -4,6 +4,7 @@
 //! target is x86-64 (`gdbstub_arch::x86::X86_64_SSE`).
 
 pub mod session;
+pub mod snapshots;
 
 use std::net::{TcpListener, TcpStream};
 
@@ -360,11 +361,30 @@ impl MonitorCmd for Target64 {
                     self.s.rec.events.len()
                 ),
             },
-            ["stats"] => outputln!(
-                out,
-                "instructions single-stepped this session: {}",
-                self.s.steps_taken
-            ),
+            ["stats"] => {
+                outputln!(
+                    out,
+                    "instructions single-stepped this session: {}",
+                    self.s.steps_taken
+                );
+                let n = &self.s.snaps;
+                let st = n.stats;
+                if n.enabled {
+                    outputln!(
+                        out,
+                        "snapshots: {} held ({} KiB: pages, disk chunks, page tables), {} taken, {} restored, {} evicted; pages copied {}, written back {}",
+                        n.len(),
+                        n.bytes() >> 10,
+                        st.taken,
+                        st.restored,
+                        st.evicted,
+                        st.pages_copied,
+                        st.pages_written
+                    );
+                } else {
+                    outputln!(out, "snapshots: off");
+                }
+            }
             _ => {
                 outputln!(out, "revirt monitor commands:");
                 outputln!(out, "  where | when        current execution point, exit/step position, event index");

@@ -4,16 +4,19 @@
 //! Exactness first: every stop is an instruction boundary reached by
 //! single-stepping (or a guest-caused exit reached by running free), and a
 //! position is remembered as "exit boundary `e`, then `k` single steps", so
-//! going back to it is: restore the checkpoint at or before exit `e`, replay
-//! to exit `e`, step `k` times. See docs/debugging.md.
+//! going back to it is: restore the latest in-memory snapshot (see
+//! `snapshots`) or recording checkpoint before it, replay to exit `e`, step
+//! to `k`. See docs/debugging.md.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::clock::{fingerprint, ExecPoint};
 use crate::replay::{Outcome, Recording, ReplayError, Sink, Timeline};
+
+use super::snapshots::Snapshots;
 
 /// Something went wrong below the debugger (KVM, a damaged recording, a divergence).
 #[derive(Debug, thiserror::Error)]
@@ -86,14 +89,36 @@ pub struct Session {
     pub interrupted: Option<Box<dyn FnMut() -> bool>>,
     /// Steps taken since the session began (for `monitor stats`).
     pub steps_taken: u64,
+    /// In-memory snapshots taken while going back (see `snapshots`).
+    pub snaps: Snapshots,
+    /// For an exit boundary `e`: the boundary just before it (the last one
+    /// of an earlier interval), once a reverse step has counted it.
+    prev_boundary: HashMap<u64, Pos>,
 }
+
+/// Fewer steps than this to a target: no snapshot halfway.
+const SNAP_HALFWAY_MIN: u64 = 16;
+/// While a reverse step counts the previous exit interval: a snapshot every
+/// this many steps, so going to its last boundary afterwards is short.
+const SCAN_SNAP_EVERY: u64 = 64;
 
 const POLL_EVERY: u64 = 512;
 
 impl Session {
     /// Opens a session at exit `at` (0 = the start of the recording).
+    /// In-memory snapshots are on unless `REVIRT_GDB_SNAPSHOTS=0`.
     pub fn open(rec: Arc<Recording>, at: u64) -> R<Session> {
+        let on = !std::env::var("REVIRT_GDB_SNAPSHOTS").is_ok_and(|v| v == "0" || v == "off");
+        Session::open_with(rec, at, on)
+    }
+
+    /// Like [`Session::open`], with in-memory snapshots on or off (off: every
+    /// move back restores a recording checkpoint and replays, as before).
+    pub fn open_with(rec: Arc<Recording>, at: u64, snapshots: bool) -> R<Session> {
         let tl = Timeline::open(rec.clone(), Sink::Discard)?;
+        // Snapshots keep copies of the disk too: only for small ones.
+        let disk_bytes = tl.machine.devices.block.capacity() * 512;
+        let big_disk = disk_bytes > super::snapshots::MAX_DISK_BYTES;
         let pos = Pos {
             exits: 0,
             steps: 0,
@@ -110,6 +135,8 @@ impl Session {
             watches: Vec::new(),
             interrupted: None,
             steps_taken: 0,
+            snaps: Snapshots::new(snapshots && !big_disk),
+            prev_boundary: HashMap::new(),
         };
         s.refresh(0, 0)?;
         if at > 0 {
@@ -152,25 +179,119 @@ impl Session {
     }
 
     /// Goes to the machine state right after guest-caused exit `e` (restoring
-    /// a checkpoint when `e` lies behind us).
+    /// a snapshot or checkpoint when `e` lies behind us).
     pub fn goto_exit(&mut self, e: u64) -> R<StopWhy> {
-        if self.pos.exits == e && self.pos.steps == 0 && !self.pos.end {
+        self.reach(e, 0)
+    }
+
+    /// Takes a snapshot here (when snapshots are on).
+    fn snap_here(&mut self) -> R<()> {
+        let pos = self.pos;
+        self.snaps
+            .take(&mut self.tl, pos)
+            .map_err(|e| SessionError::Lost(format!("taking a snapshot: {e}")))
+    }
+
+    /// Goes to exit boundary `e` then `k` steps: from here when that lies
+    /// on the way, else from the nearest in-memory snapshot or recording
+    /// checkpoint before it; leaves snapshots on the way (at `e - 1`, `e`,
+    /// halfway through long step runs and at the target) so the next move
+    /// back is short. Returns `End` if the recording ends first.
+    fn reach(&mut self, e: u64, k: u64) -> R<StopWhy> {
+        let target = (e, k);
+        let here = (self.pos.exits, self.pos.steps);
+        if here == target && !self.pos.end {
             return Ok(StopWhy::Step);
         }
-        if self.pos.end || e <= self.tl.exits() {
-            // nearest_checkpoint knows that stepped recordings checkpoint
-            // mid-interval and picks one that lies before exit `e`.
-            let ck = Timeline::nearest_checkpoint(&self.rec, e);
-            self.tl = Timeline::at_checkpoint(self.rec.clone(), ck, Sink::Discard)?;
-            self.end_note = None;
-        }
-        if self.tl.exits() < e {
-            match self.tl.run(Some(e))? {
-                Outcome::Reached => {}
-                other => return self.ended(other),
+        // Where to start: here, a snapshot, or a checkpoint (latest wins).
+        // (The machine must really be where `pos` says: an error may have
+        // left it elsewhere.)
+        let from_here = !self.pos.end
+            && here <= target
+            && self.tl.exits() == self.pos.exits
+            && self.tl.position().ok() == Some(self.pos.point);
+        let snap = if self.snaps.enabled {
+            self.snaps.best(target)
+        } else {
+            None
+        };
+        let ck = Timeline::nearest_checkpoint(&self.rec, e);
+        let ck_exits = self
+            .rec
+            .checkpoints
+            .iter()
+            .find(|c| c.0 == ck)
+            .map(|c| c.1)
+            .unwrap_or(0);
+        let mut fresh = false;
+        match snap {
+            Some(s) if !(from_here && here >= s) && s.0 >= ck_exits => {
+                self.pos = self
+                    .snaps
+                    .restore(&mut self.tl, s)
+                    .map_err(|e| SessionError::Lost(format!("restoring a snapshot: {e}")))?;
+                self.end_note = None;
+            }
+            _ if from_here && (here.0 >= ck_exits || here.0 == e) => {}
+            _ => {
+                self.tl = Timeline::at_checkpoint(self.rec.clone(), ck, Sink::Discard)?;
+                self.snaps.forget_base();
+                self.end_note = None;
+                self.pos.end = false;
+                self.pos.exits = self.tl.exits();
+                self.pos.steps = 0;
+                fresh = true;
             }
         }
-        self.refresh(e, 0)?;
+        if fresh || self.tl.exits() < e {
+            let start = self.tl.exits();
+            // A snapshot at the boundary before `e` (where stepping back from
+            // `e` will go), when the run is long enough to be worth saving.
+            if self.snaps.enabled && e >= 1 && start + 1 < e {
+                match self.tl.run(Some(e - 1))? {
+                    Outcome::Reached => {
+                        self.refresh(e - 1, 0)?;
+                        self.snap_here()?;
+                    }
+                    other => return self.ended(other),
+                }
+            }
+            if self.tl.exits() < e {
+                match self.tl.run(Some(e))? {
+                    Outcome::Reached => {}
+                    other => return self.ended(other),
+                }
+            }
+            self.refresh(e, 0)?;
+            if start < e || fresh {
+                self.snap_here()?;
+            }
+        }
+        let j = self.pos.steps;
+        if k > j {
+            let n = k - j;
+            self.steps_taken += n;
+            if self.snaps.enabled && n >= SNAP_HALFWAY_MIN {
+                let half = n / 2;
+                match self.tl.step(half)? {
+                    Outcome::Reached => self.refresh(e, j + half)?,
+                    other => return self.ended(other),
+                }
+                self.snap_here()?;
+                match self.tl.step(n - half)? {
+                    Outcome::Reached => self.refresh(e, k)?,
+                    other => return self.ended(other),
+                }
+            } else {
+                match self.tl.step(n)? {
+                    Outcome::Reached => self.refresh(e, k)?,
+                    other => return self.ended(other),
+                }
+            }
+            if n >= 2 {
+                self.snap_here()?;
+            }
+        }
         Ok(StopWhy::Step)
     }
 
@@ -263,16 +384,7 @@ impl Session {
         if self.pos == p {
             return Ok(());
         }
-        self.goto_exit(p.exits)?;
-        if p.steps > 0 {
-            self.steps_taken += p.steps;
-            match self.tl.step(p.steps)? {
-                Outcome::Reached => self.refresh(p.exits, p.steps)?,
-                other => {
-                    self.ended(other)?;
-                }
-            }
-        }
+        self.reach(p.exits, p.steps)?;
         if self.pos.point != p.point || self.pos.fp != p.fp || self.pos.end != p.end {
             return Err(SessionError::Lost(format!(
                 "went back to exit {} + {} steps expecting {} (fp {:#x}), found {} (fp {:#x})",
@@ -530,6 +642,7 @@ impl Session {
         &mut self,
         from: u64,
         until: Pos,
+        snap_every: u64,
         mut visit: impl FnMut(Pos, Option<StopWhy>),
     ) -> R<Option<u64>> {
         self.goto_exit(from)?;
@@ -575,6 +688,9 @@ impl Session {
                     until.point
                 )));
             }
+            if snap_every > 0 && k.is_multiple_of(snap_every) && !self.pos.end {
+                self.snap_here()?;
+            }
         }
     }
 
@@ -588,27 +704,27 @@ impl Session {
         if here.steps > 0 && !here.end {
             // Inside an exit interval: the same exit boundary, one step fewer
             // (no exit can lie in between: an exiting instruction ends its interval).
-            self.goto_exit(here.exits)?;
             let k = here.steps - 1;
-            if k > 0 {
-                self.steps_taken += k;
-                match self.tl.step(k)? {
-                    Outcome::Reached => self.refresh(here.exits, k)?,
-                    other => {
-                        self.ended(other)?;
-                        return Err(SessionError::Lost(format!(
-                            "could not step back to exit {} + {k} steps",
-                            here.exits
-                        )));
-                    }
-                }
+            if self.reach(here.exits, k)? != StopWhy::Step || self.pos.end {
+                return Err(SessionError::Lost(format!(
+                    "could not step back to exit {} + {k} steps",
+                    here.exits
+                )));
             }
+        } else if let Some(prev) = self
+            .prev_boundary
+            .get(&here.exits)
+            .copied()
+            .filter(|_| !here.end)
+        {
+            // Counted before: go straight there.
+            self.goto(prev)?;
         } else {
             // At an exit boundary (or the end): the previous boundary lies in an earlier interval.
             let mut e = if here.end { here.exits } else { here.exits - 1 };
             let prev = loop {
                 let mut last = None;
-                self.scan(e, here, |p, _| last = Some(p))?;
+                self.scan(e, here, SCAN_SNAP_EVERY, |p, _| last = Some(p))?;
                 if let Some(p) = last {
                     break p;
                 }
@@ -618,6 +734,12 @@ impl Session {
                 }
                 e -= 1;
             };
+            if !here.end {
+                if self.prev_boundary.len() >= 1 << 16 {
+                    self.prev_boundary.clear();
+                }
+                self.prev_boundary.insert(here.exits, prev);
+            }
             self.goto(prev)?;
         }
         if let Some((addr, kind)) = self.touched() {
@@ -663,7 +785,7 @@ impl Session {
                 lo = c;
             }
             let mut last: Option<(Pos, StopWhy)> = None;
-            let scanned = self.scan(lo, until, |p, hit| {
+            let scanned = self.scan(lo, until, 0, |p, hit| {
                 if let Some(h) = hit {
                     last = Some((p, h));
                 }
