@@ -22,3 +22,6 @@ $R replay "$rec"
 echo
 echo "Next: $R gdb $rec   (then: gdb $G -ex 'target remote :1234'; reverse-stepi, reverse-continue)"
 echo "      $R inspect $rec"
+echo "      live migration: $R receive --listen 127.0.0.1:4444   (one terminal)"
+echo "                      $R run $G --cmdline 'workload=churn iters=1000 pages=1000 hz=100' --control /tmp/vm.sock   (another)"
+echo "                      $R migrate /tmp/vm.sock --to 127.0.0.1:4444   (a third; docs/migration.md)"
