@@ -568,3 +568,37 @@ fn moves_mid_race(clock: &str) {
         "timer interrupts between exits after the move:\n{events}"
     );
 }
+
+#[test]
+fn a_received_vm_moves_on_again_and_its_recording_follows() {
+    // A -> B -> C: B received the VM (continuing its recording) and is asked
+    // to move it on; C ends up with one recording that replays from A's boot.
+    let tmp = tempfile::tempdir().unwrap();
+    let (rounds, pages) = (300, 500);
+    let (rec_a, rec_b, rec_c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+    let sock_b = tmp.path().join("b.sock").display().to_string();
+    let (c, addr_c) = receive(&["-o", rec_c.to_str().unwrap()]);
+    let (b, addr_b) = receive(&["-o", rec_b.to_str().unwrap(), "--control", &sock_b]);
+    let (a, sock_a) = source(None, tmp.path(), &churn_cmdline(rounds, pages), Some(&rec_a));
+    let (code, _, err) = migrate(&sock_a, &addr_b, &[]);
+    assert_eq!(code, 0, "A -> B: {err}");
+    b.wait_for("churn: round ", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500));
+    let (code, _, err) = migrate(&sock_b, &addr_c, &[]);
+    assert_eq!(code, 0, "B -> C: {err}");
+    let (ac, a_out, ae) = a.finish(Duration::from_secs(30));
+    assert_eq!(ac, 0, "{ae}");
+    let (bc, b_out, be) = b.finish(Duration::from_secs(30));
+    assert_eq!(bc, 0, "{be}");
+    assert!(be.contains("migrated to"), "B reports moving the VM on: {be}");
+    let (cc, c_out, ce) = c.finish(Duration::from_secs(60));
+    assert_eq!(cc, 0, "{ce}");
+    assert!(!rounds_in(&b_out).is_empty(), "the VM ran on B for a while");
+    assert_joined(&format!("{a_out}{b_out}"), &c_out, rounds, pages);
+    let console = std::fs::read_to_string(rec_c.join("console.log")).unwrap();
+    assert_eq!(console, format!("{a_out}{b_out}{c_out}"));
+    let o = run_with_input(&["replay", rec_c.to_str().unwrap(), "-q"], b"");
+    assert_eq!(o.status.code(), Some(0), "the twice-moved recording replays: {}", stderr(&o));
+    let o = run_with_input(&["inspect", rec_c.to_str().unwrap(), "-c", "events all"], b"");
+    assert_eq!(stdout(&o).lines().filter(|l| l.contains("migrated from")).count(), 2, "{}", stdout(&o));
+}
