@@ -24,18 +24,7 @@ impl Drop for Server {
 
 fn record(dir: &Path, name: &str, cmdline: &str, stdin: &[u8]) -> PathBuf {
     let out = dir.join(name);
-    let img = demo_image();
-    let o = run_with_input(
-        &[
-            "record",
-            img.to_str().unwrap(),
-            "--cmdline",
-            cmdline,
-            "-o",
-            out.to_str().unwrap(),
-        ],
-        stdin,
-    );
+    let o = record_demo(&out, cmdline, &[], stdin);
     assert!(
         out.join("meta.json").exists(),
         "record failed: {}",
@@ -45,8 +34,14 @@ fn record(dir: &Path, name: &str, cmdline: &str, stdin: &[u8]) -> PathBuf {
 }
 
 fn serve(rec: &Path) -> Server {
-    let mut child = revirt()
-        .args(["gdb", rec.to_str().unwrap(), "--port", "0"])
+    let mut cmd = revirt();
+    cmd.args(["gdb", rec.to_str().unwrap(), "--port", "0"]);
+    start(cmd)
+}
+
+/// Starts a `revirt gdb` server and waits for the port it listens on.
+fn start(mut cmd: std::process::Command) -> Server {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -552,18 +547,10 @@ fn step_clock_recording_back_and_forth_is_exact() {
     // Timer interrupts land at arbitrary ring-3 instructions (step clock).
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("race");
-    let img = demo_image();
-    let o = run_with_input(
-        &[
-            "record",
-            img.to_str().unwrap(),
-            "--cmdline",
-            "workload=race iters=300 hz=1000",
-            "--clock",
-            "step",
-            "-o",
-            out.to_str().unwrap(),
-        ],
+    let o = record_demo(
+        &out,
+        "workload=race iters=300 hz=1000",
+        &["--clock", "step"],
         b"",
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -601,27 +588,7 @@ fn serve_with(rec: &Path, at: u64, snapshots: bool) -> Server {
     if !snapshots {
         cmd.env("REVIRT_GDB_SNAPSHOTS", "0");
     }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn revirt gdb");
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            eprintln!("[server] {line}");
-            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-                let port: u16 = rest.split(';').next().unwrap().parse().unwrap();
-                let _ = tx.send(port);
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("server did not start");
-    Server { child, port }
+    start(cmd)
 }
 
 /// Register blocks of `info registers` (rax .. fs), in order.
@@ -652,18 +619,10 @@ fn reverse_stepi_through_snapshots_matches_a_direct_replay() {
     // position reached directly by a server without snapshots.
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("race");
-    let img = demo_image();
-    let o = run_with_input(
-        &[
-            "record",
-            img.to_str().unwrap(),
-            "--cmdline",
-            "workload=race iters=20000 exits=16",
-            "--checkpoint-every",
-            "5ms",
-            "-o",
-            out.to_str().unwrap(),
-        ],
+    let o = record_demo(
+        &out,
+        "workload=race iters=20000 exits=16",
+        &["--checkpoint-every", "5ms"],
         b"",
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -744,20 +703,9 @@ fn session_snapshots_give_the_exact_machine_state() {
     for (name, extra) in [("exit", vec![]), ("step", vec!["--clock", "step"])] {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join(name);
-        let img = demo_image();
-        let mut args = vec![
-            "record",
-            img.to_str().unwrap(),
-            "--cmdline",
-            "workload=race iters=3000 exits=16 hz=1000",
-            "--checkpoint-every",
-            "5ms",
-            "-o",
-            out.to_str().unwrap(),
-        ];
+        let mut args = vec!["--checkpoint-every", "5ms"];
         args.extend(extra);
-        let o = run_with_input(&args, b"");
-        assert!(o.status.success(), "{}", stderr(&o));
+        record_demo_ok(&out, "workload=race iters=3000 exits=16 hz=1000", &args, b"");
         let rec = Arc::new(revirt::replay::Recording::open(&out).unwrap());
         let at = rec.last_exits() / 2;
         let mut a = Session::open_with(rec.clone(), at, true).unwrap();
@@ -825,18 +773,10 @@ fn session_snapshots_restore_the_disk_too() {
     let disk = d.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let out = d.path().join("disk");
-    let img = demo_image();
-    let o = run_with_input(
-        &[
-            "record",
-            img.to_str().unwrap(),
-            "--cmdline",
-            "workload=disk",
-            "--disk",
-            disk.to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-        ],
+    let o = record_demo(
+        &out,
+        "workload=disk",
+        &["--disk", disk.to_str().unwrap()],
         b"",
     );
     assert!(o.status.success(), "{}", stderr(&o));

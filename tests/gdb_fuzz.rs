@@ -54,10 +54,7 @@ fn hostile_clients_never_kill_the_server() {
     let d = tempfile::tempdir().unwrap();
     let rec = d.path().join("rec");
     let img = demo_image();
-    let o = run_with_input(
-        &["record", img.to_str().unwrap(), "--cmdline", "workload=compute iters=5", "-o", rec.to_str().unwrap(), "--mem", "4M"],
-        b"",
-    );
+    let o = record_demo(&rec, "workload=compute iters=5", &["--mem", "4M"], b"");
     assert!(o.status.success(), "{}", stderr(&o));
 
     let mut child = revirt()

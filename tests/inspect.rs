@@ -60,11 +60,7 @@ fn race() -> &'static Path {
     static REC: OnceLock<PathBuf> = OnceLock::new();
     REC.get_or_init(|| {
         let dir = scratch("race");
-        let img = demo_image();
-        let o = run_with_input(
-            &["record", img.to_str().unwrap(), "--cmdline", "workload=race", "-o", dir.to_str().unwrap(), "--checkpoint-every", "15ms"],
-            b"",
-        );
+        let o = record_demo(&dir, "workload=race", &["--checkpoint-every", "15ms"], b"");
         assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
         dir
     })
@@ -114,23 +110,6 @@ fn section(name: &str) -> (u64, u64, u64) {
         }
     }
     panic!("no section {name}");
-}
-
-/// Hashes every file of a recording (to show nothing was modified).
-fn tree_hash(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let mut m = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                m.insert(p.clone(), revirt::trace::sha256_hex(&std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    m
 }
 
 fn first_serial(rec: &Path) -> usize {
@@ -664,11 +643,7 @@ fn repl_in_a_terminal_completes_keeps_history_and_survives_ctrl_c() {
         input.push_str(&format!("line {i}\n"));
     }
     input.push_str("quit\n");
-    let img = demo_image();
-    let o = run_with_input(
-        &["record", img.to_str().unwrap(), "--cmdline", "workload=echo", "-o", rec.to_str().unwrap(), "--checkpoint-every", "0"],
-        input.as_bytes(),
-    );
+    let o = record_demo(&rec, "workload=echo", &["--checkpoint-every", "0"], input.as_bytes());
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 
     // bash (unlike dash) carries on after a child that handled Ctrl-C itself.

@@ -7,7 +7,6 @@
 mod common;
 use common::*;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
@@ -19,22 +18,6 @@ fn payload() -> Vec<u8> {
     p.extend_from_slice(&0x200000u64.to_le_bytes());
     p.push(b'\n');
     p
-}
-
-fn tree_hash(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let mut m = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                m.insert(p.clone(), revirt::trace::sha256_hex(&std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    m
 }
 
 fn replays(dir: &Path) -> Output {
@@ -153,11 +136,7 @@ fn the_disk_is_copy_on_write() {
     let disk = d.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let rec = d.path().join("disk");
-    let img = demo_image();
-    let o = run_with_input(
-        &["record", img.to_str().unwrap(), "--cmdline", "workload=disk", "--disk", disk.to_str().unwrap(), "-o", rec.to_str().unwrap()],
-        b"",
-    );
+    let o = record_demo(&rec, "workload=disk", &["--disk", disk.to_str().unwrap()], b"");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).contains("counter=1 "), "{}", stdout(&o));
     let before = tree_hash(&rec);

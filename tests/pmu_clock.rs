@@ -11,12 +11,16 @@ use revirt::clock::pmu::{Skid, Target, Verdict};
 use revirt::clock::{fingerprint, ExecPoint};
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
 
-fn record(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) {
-    let img = demo_image();
-    let mut args = vec!["record", img.to_str().unwrap(), "--cmdline", cmdline, "-o", dir.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let o = run_with_input(&args, stdin);
-    assert!(o.status.success(), "{}", stderr(&o));
+/// The first exit interval of at least 300 instructions (the ring-0 loop).
+fn long_interval(t: &mut Timeline, rec: &Recording) -> u64 {
+    for e in 1..rec.last_exits() {
+        assert_eq!(t.seek(e).unwrap(), Outcome::Reached);
+        assert_eq!(t.step(300).unwrap(), Outcome::Reached);
+        if t.position().unwrap().exits == e {
+            return e;
+        }
+    }
+    panic!("no long exit interval in the ring0 workload");
 }
 
 fn replay(dir: &Path, extra: &[&str]) -> std::process::Output {
@@ -30,21 +34,12 @@ fn landing_over_the_simulated_counter_hits_the_step_clock_oracle() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("rec");
     // The ring-0 compute loop: thousands of branches without an exit.
-    record(&dir, "workload=ring0 iters=400", &[], b"");
+    record_demo_ok(&dir, "workload=ring0 iters=400", &[], b"");
     let rec = Arc::new(Recording::open(&dir).unwrap());
 
     // Find the long exit interval (the loop) and take the oracle by stepping.
     let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();
-    let mut interval = None;
-    for e in 1..rec.last_exits() {
-        assert_eq!(t.seek(e).unwrap(), Outcome::Reached);
-        assert_eq!(t.step(300).unwrap(), Outcome::Reached);
-        if t.position().unwrap().exits == e {
-            interval = Some(e);
-            break;
-        }
-    }
-    let e = interval.expect("no long exit interval in the ring0 workload");
+    let e = long_interval(&mut t, &rec);
     assert_eq!(t.seek(e).unwrap(), Outcome::Reached);
     let mut oracle: Vec<(ExecPoint, kvm_bindings::kvm_regs)> = Vec::new();
     for _ in 0..2500 {
@@ -102,7 +97,7 @@ fn landing_over_the_simulated_counter_hits_the_step_clock_oracle() {
 fn pmu_sim_recording_replays_with_step_and_step_recording_with_pmu_sim() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("pmu");
-    record(&a, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
+    record_demo_ok(&a, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
     let want = std::fs::read_to_string(a.join("console.log")).unwrap();
     for clock in ["pmu-sim", "step"] {
         let o = replay(&a, &["--clock", clock]);
@@ -112,7 +107,7 @@ fn pmu_sim_recording_replays_with_step_and_step_recording_with_pmu_sim() {
     assert!(want.contains("race: counter="));
 
     let b = d.path().join("step");
-    record(&b, "workload=echo", &["--clock", "step"], b"hello pmu\nquit\n");
+    record_demo_ok(&b, "workload=echo", &["--clock", "step"], b"hello pmu\nquit\n");
     let o = replay(&b, &["--clock", "pmu-sim", "--skid", "40", "--margin", "50"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
@@ -121,11 +116,7 @@ fn pmu_sim_recording_replays_with_step_and_step_recording_with_pmu_sim() {
 fn pmu_clock_on_a_host_without_pmu_explains_itself() {
     let has_pmu = Path::new("/sys/bus/event_source/devices/cpu").exists();
     let d = tempfile::tempdir().unwrap();
-    let img = demo_image();
-    let o = run_with_input(
-        &["record", img.to_str().unwrap(), "--cmdline", "workload=exit status=0", "-o", d.path().join("r").to_str().unwrap(), "--clock", "pmu"],
-        b"",
-    );
+    let o = record_demo(&d.path().join("r"), "workload=exit status=0", &["--clock", "pmu"], b"");
     if has_pmu {
         eprintln!("this host has a PMU; the no-PMU message is not checked here");
         return;
@@ -135,7 +126,7 @@ fn pmu_clock_on_a_host_without_pmu_explains_itself() {
     assert!(!d.path().join("r").join("meta.json").exists(), "nothing written");
     // Replaying with the hardware counter says the same.
     let r = d.path().join("sim");
-    record(&r, "workload=exit status=0", &["--clock", "pmu-sim"], b"");
+    record_demo_ok(&r, "workload=exit status=0", &["--clock", "pmu-sim"], b"");
     let o = replay(&r, &["--clock", "pmu"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("clock 'pmu' unavailable for replay") && stderr(&o).contains("pmu-sim"), "{}", stderr(&o));
@@ -145,11 +136,7 @@ fn pmu_clock_on_a_host_without_pmu_explains_itself() {
 fn clock_auto_chooses_and_explains() {
     let has_pmu = Path::new("/sys/bus/event_source/devices/cpu").exists();
     let d = tempfile::tempdir().unwrap();
-    let img = demo_image();
-    let o = run_with_input(
-        &["record", img.to_str().unwrap(), "--cmdline", "workload=exit status=0", "-o", d.path().join("r").to_str().unwrap(), "--clock", "auto"],
-        b"",
-    );
+    let o = record_demo(&d.path().join("r"), "workload=exit status=0", &["--clock", "auto"], b"");
     let e = stderr(&o);
     if has_pmu {
         assert!(e.contains("--clock auto: pmu"), "{e}");
@@ -172,7 +159,7 @@ fn final_hash(err: &str) -> Option<String> {
 fn race_recorded_with_pmu_sim_replays_through_the_counter_with_random_skids() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("race");
-    record(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
+    record_demo_ok(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
     let console = std::fs::read(dir.join("console.log")).unwrap();
     let rec = Arc::new(Recording::open(&dir).unwrap());
     // The race's ring-3 loop retires few branches between exits (a timer
@@ -219,7 +206,7 @@ fn race_recorded_with_pmu_sim_replays_through_the_counter_with_random_skids() {
 fn skids_past_the_margin_are_reported_never_silent() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("race");
-    record(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
+    record_demo_ok(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
     let rec = Arc::new(Recording::open(&dir).unwrap());
     // A tiny margin and large skids: the replay either matches exactly or
     // says where it overshot; it never finishes with a different state.
@@ -238,11 +225,7 @@ fn skids_past_the_margin_are_reported_never_silent() {
 fn real_pmu_record_and_replay_where_present() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("r");
-    let img = demo_image();
-    let o = run_with_input(
-        &["record", img.to_str().unwrap(), "--cmdline", "workload=race iters=100 hz=1000", "-o", dir.to_str().unwrap(), "--clock", "pmu"],
-        b"",
-    );
+    let o = record_demo(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu"], b"");
     if !o.status.success() {
         let e = stderr(&o);
         assert!(e.contains("clock 'pmu' unavailable"), "{e}");
@@ -290,19 +273,10 @@ fn landing_by_hardware_breakpoint_steps_past_false_hits_in_ring_0() {
     // KVM hardware breakpoints work on this host.
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("rec");
-    record(&dir, "workload=ring0 iters=400", &[], b"");
+    record_demo_ok(&dir, "workload=ring0 iters=400", &[], b"");
     let rec = Arc::new(Recording::open(&dir).unwrap());
     let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();
-    let mut interval = None;
-    for e in 1..rec.last_exits() {
-        assert_eq!(t.seek(e).unwrap(), Outcome::Reached);
-        assert_eq!(t.step(300).unwrap(), Outcome::Reached);
-        if t.position().unwrap().exits == e {
-            interval = Some(e);
-            break;
-        }
-    }
-    let e = interval.expect("no long exit interval in the ring0 workload");
+    let e = long_interval(&mut t, &rec);
     // From the start of the interval (a fresh timeline: seeking to the exit
     // we stand in would not go back).
     let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();

@@ -11,10 +11,7 @@ use std::process::Output;
 use revirt::trace::{self, Event, LogReader, LogWriter};
 
 fn record(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) -> Output {
-    let img = demo_image();
-    let mut args = vec!["record", img.to_str().unwrap(), "--cmdline", cmdline, "-o", dir.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let o = run_with_input(&args, stdin);
+    let o = record_demo(dir, cmdline, extra, stdin);
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
     o
 }

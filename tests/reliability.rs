@@ -11,14 +11,6 @@ use revirt::clock::pmu::Skid;
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
 use revirt::trace::{self, verify::verify};
 
-fn record(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) {
-    let img = demo_image();
-    let mut args = vec!["record", img.to_str().unwrap(), "--cmdline", cmdline, "-o", dir.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let o = run_with_input(&args, stdin);
-    assert!(o.status.success(), "{}", stderr(&o));
-}
-
 /// A small recording with several chunks and checkpoints.
 fn sample(dir: &Path) {
     let mut input = Vec::new();
@@ -26,7 +18,7 @@ fn sample(dir: &Path) {
         input.extend_from_slice(format!("line number {i}\n").as_bytes());
     }
     input.extend_from_slice(b"quit\n");
-    record(dir, "workload=echo", &["--mem", "4M", "--checkpoint-every", "5ms"], &input);
+    record_demo_ok(dir, "workload=echo", &["--mem", "4M", "--checkpoint-every", "5ms"], &input);
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -332,11 +324,7 @@ fn disk_full_gives_a_clear_error_and_a_valid_partial_recording() {
         input.extend_from_slice(format!("filling the disk with line {i:05} of the echo workload\n").as_bytes());
     }
     input.extend_from_slice(b"quit\n");
-    let img = demo_image();
-    let o = run_with_input(
-        &["record", img.to_str().unwrap(), "--cmdline", "workload=echo", "-o", dir.to_str().unwrap(), "--mem", "4M"],
-        &input,
-    );
+    let o = record_demo(&dir, "workload=echo", &["--mem", "4M"], &input);
     assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
     assert!(stderr(&o).contains("No space left on device"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"));

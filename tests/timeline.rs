@@ -12,11 +12,7 @@ use revirt::replay::{Outcome, Recording, Sink, Timeline};
 fn seek_gives_the_same_state_from_any_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("rec");
-    let img = demo_image();
-    let o = run_with_input(
-        &["record", img.to_str().unwrap(), "--cmdline", "workload=echo", "-o", dir.to_str().unwrap(), "--checkpoint-every", "30ms"],
-        b"alpha\nbeta\ngamma\ndelta\nquit\n",
-    );
+    let o = record_demo(&dir, "workload=echo", &["--checkpoint-every", "30ms"], b"alpha\nbeta\ngamma\ndelta\nquit\n");
     assert!(o.status.success(), "{}", stderr(&o));
     let rec = Arc::new(Recording::open(&dir).unwrap());
     assert!(rec.is_complete());
@@ -50,11 +46,7 @@ fn seek_gives_the_same_state_from_any_checkpoint() {
 fn step_and_seek_to_exact_points() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("rec");
-    let img = demo_image();
-    let o = run_with_input(
-        &["record", img.to_str().unwrap(), "--cmdline", "workload=compute iters=300", "-o", dir.to_str().unwrap()],
-        b"",
-    );
+    let o = record_demo(&dir, "workload=compute iters=300", &[], b"");
     assert!(o.status.success(), "{}", stderr(&o));
     let rec = Arc::new(Recording::open(&dir).unwrap());
     let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();

@@ -51,6 +51,37 @@ pub fn run_demo(cmdline: &str, extra: &[&str], stdin: &[u8]) -> Output {
     run_with_input(&args, stdin)
 }
 
+/// `revirt record` of the demo guest into `dir`; the caller judges the outcome.
+pub fn record_demo(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) -> Output {
+    let img = demo_image();
+    let mut args = vec!["record", img.to_str().unwrap(), "--cmdline", cmdline, "-o", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_with_input(&args, stdin)
+}
+
+/// [`record_demo`] that must succeed.
+pub fn record_demo_ok(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) {
+    let o = record_demo(dir, cmdline, extra, stdin);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Hashes every file under `dir` (to show nothing was modified).
+pub fn tree_hash(dir: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+    let mut m = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                m.insert(p.clone(), revirt::trace::sha256_hex(&std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    m
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
