@@ -100,11 +100,16 @@ impl Drop for Controller {
     }
 }
 
+/// One JSON line to a `revirt migrate` client (gone clients are ignored).
+fn send_line(c: &mut impl Write, r: &Reply) {
+    let mut line = serde_json::to_vec(r).expect("reply serializes");
+    line.push(b'\n');
+    let _ = c.write_all(&line);
+}
+
 fn reply(client: &Mutex<Option<UnixStream>>, r: &Reply) {
     if let Some(c) = client.lock().unwrap().as_mut() {
-        let mut line = serde_json::to_vec(r).expect("reply serializes");
-        line.push(b'\n');
-        let _ = c.write_all(&line);
+        send_line(c, r);
     }
 }
 
@@ -161,11 +166,7 @@ impl Controller {
         });
         let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
         let mut conn = conn;
-        let mut say = |r: Reply| {
-            let mut l = serde_json::to_vec(&r).expect("reply serializes");
-            l.push(b'\n');
-            let _ = conn.write_all(&l);
-        };
+        let mut say = |r: Reply| send_line(&mut conn, &r);
         if r.read_line(&mut line).is_err() {
             return;
         }

@@ -63,7 +63,7 @@ fn seal(prev: &[u8; 32], header: &[u8], payload: &[u8]) -> [u8; 32] {
 
 enum Msg {
     Event(Event),
-    Flush(mpsc::SyncSender<Result<(), String>>),
+    /// Flush, then answer where the log ends.
     Head(mpsc::SyncSender<Result<LogHead, String>>),
 }
 
@@ -170,14 +170,6 @@ fn writer_thread(mut w: ChunkWriter, rx: Receiver<Msg>) -> Result<WriterStats, S
                 let _ = reply.send(r.clone());
                 r.map(|_| ())
             }
-            Ok(Msg::Flush(reply)) => {
-                let r = match &failed {
-                    Some(f) => Err(f.clone()),
-                    None => w.flush_chunk(),
-                };
-                let _ = reply.send(r.clone());
-                r
-            }
             Err(RecvTimeoutError::Timeout) => w.flush_chunk(),
             Err(RecvTimeoutError::Disconnected) => {
                 return match failed {
@@ -252,12 +244,7 @@ impl LogWriter {
 
     /// Waits until every queued event is on disk (in the kernel's hands).
     pub fn flush(&self) -> Result<(), LogError> {
-        let (rtx, rrx) = mpsc::sync_channel(1);
-        let tx = self.tx.as_ref().ok_or_else(|| LogError::Writer("closed".into()))?;
-        tx.send(Msg::Flush(rtx)).map_err(|_| LogError::Writer("writer thread is gone".into()))?;
-        rrx.recv()
-            .map_err(|_| LogError::Writer("writer thread is gone".into()))?
-            .map_err(LogError::Writer)
+        self.head().map(|_| ())
     }
 
     /// Flushes and says where the log ends.
