@@ -5,8 +5,9 @@
 //!
 //! What this protects against: accidental damage and truncation anywhere;
 //! tampering with any single byte of the log, a checkpoint, the console, the
-//! image or disk copies (the chain, CRCs and the End event's digests catch
-//! it). What it does not: an attacker with write access to the recording
+//! image or disk copies (the chain catches the log; each checkpoint file's
+//! SHA-256 is logged in the chain when it lands; meta.json holds the image
+//! and disk hashes and starts the chain; the End event holds the console's). What it does not: an attacker with write access to the recording
 //! can recompute the whole chain consistently; only comparing the published
 //! digest (`--digest`) against a copy kept elsewhere catches that. An
 //! attacker *inside the guest* cannot touch the log at all: the VMM writes it.
@@ -36,7 +37,21 @@ pub struct Report {
 }
 
 fn file_sha(path: &Path) -> Option<String> {
-    std::fs::read(path).ok().map(|b| hex::encode(Sha256::digest(b)))
+    std::fs::read(path)
+        .ok()
+        .map(|b| hex::encode(Sha256::digest(b)))
+}
+
+/// The SHA-256 the log holds for each checkpoint file (see
+/// [`Event::CheckpointFile`]).
+pub fn bound_checkpoints(events: &[Event]) -> std::collections::HashMap<u32, String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::CheckpointFile { id, sha256, .. } => Some((*id, sha256.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 pub fn verify(dir: &Path) -> Report {
@@ -45,86 +60,165 @@ pub fn verify(dir: &Path) -> Report {
     let mut push = |ok: bool, what: String| f.push(Finding { ok, what });
     let meta = match Meta::read(&dir.join(super::META)) {
         Ok(m) => {
-            push(true, format!("meta.json: {} version {}, clock {}, id {}", m.format, m.version, m.clock, m.id));
+            push(
+                true,
+                format!(
+                    "meta.json: {} version {}, clock {}, id {}",
+                    m.format, m.version, m.clock, m.id
+                ),
+            );
             m
         }
         Err(e) => {
             push(false, format!("meta.json: {e}"));
-            return Report { findings: f, intact: false, incomplete: false, digest: None, manifest };
+            return Report {
+                findings: f,
+                intact: false,
+                incomplete: false,
+                digest: None,
+                manifest,
+            };
         }
     };
-    manifest.push(("meta.json".to_string(), file_sha(&dir.join(super::META)).unwrap_or_default()));
+    manifest.push((
+        "meta.json".to_string(),
+        file_sha(&dir.join(super::META)).unwrap_or_default(),
+    ));
     let mut damaged = false;
     let mut incomplete = false;
 
-    for (name, want) in [(super::IMAGE, Some(&meta.image)), (super::DISK, meta.disk.as_ref())] {
+    for (name, want) in [
+        (super::IMAGE, Some(&meta.image)),
+        (super::DISK, meta.disk.as_ref()),
+    ] {
         let Some(want) = want else { continue };
         match file_sha(&dir.join(name)) {
-            Some(h) if h == want.sha256 => push(true, format!("{name}: matches meta.json's SHA-256")),
+            Some(h) if h == want.sha256 => {
+                push(true, format!("{name}: matches meta.json's SHA-256"))
+            }
             Some(_) => {
                 damaged = true;
-                push(false, format!("{name}: does not match meta.json's SHA-256 (changed after recording)"));
+                push(
+                    false,
+                    format!("{name}: does not match meta.json's SHA-256 (changed after recording)"),
+                );
             }
             None => {
                 damaged = true;
                 push(false, format!("{name}: missing"));
             }
         }
-        manifest.push((name.to_string(), file_sha(&dir.join(name)).unwrap_or_default()));
+        manifest.push((
+            name.to_string(),
+            file_sha(&dir.join(name)).unwrap_or_default(),
+        ));
     }
 
-    let log = match log::genesis_of(dir).and_then(|g| LogReader::read(&dir.join(super::EVENTS), g)) {
+    let log = match log::genesis_of(dir).and_then(|g| LogReader::read(&dir.join(super::EVENTS), g))
+    {
         Ok(l) => l,
         Err(e) => {
             push(false, format!("events.log: {e}"));
-            return Report { findings: f, intact: false, incomplete: false, digest: None, manifest };
+            return Report {
+                findings: f,
+                intact: false,
+                incomplete: false,
+                digest: None,
+                manifest,
+            };
         }
     };
     match &log.status {
-        LogStatus::Complete => push(true, format!("events.log: {} chunks, {} events, hash chain verified, ends with End", log.chunks, log.events.len())),
-        LogStatus::Incomplete { reason } => {
-            let cut_short = reason.contains("cut short") || reason.contains("stops before");
-            if cut_short {
-                incomplete = true;
-            } else {
+        LogStatus::Complete => push(
+            true,
+            format!(
+                "events.log: {} chunks, {} events, hash chain verified, ends with End",
+                log.chunks,
+                log.events.len()
+            ),
+        ),
+        LogStatus::Incomplete { reason, damaged: d } => {
+            if *d {
                 damaged = true;
+            } else {
+                incomplete = true;
             }
-            push(false, format!("events.log: {} chunks ({} events) verify; then {reason}", log.chunks, log.events.len()));
+            push(
+                false,
+                format!(
+                    "events.log: {} chunks ({} events) verify; then {reason}",
+                    log.chunks,
+                    log.events.len()
+                ),
+            );
         }
     }
     manifest.push(("events.log chain head".to_string(), log.head.clone()));
 
+    let bound = bound_checkpoints(&log.events);
     for e in &log.events {
         if let Event::Checkpoint { id, exits, .. } = e {
             let p = checkpoint_path(dir, *id);
-            match Checkpoint::read(&p) {
-                Ok(c) if c.header.id == *id && c.header.exits == *exits => {
-                    push(true, format!("checkpoint {id} (exit {exits}): CRC ok"))
+            let Some(sha) = bound.get(id) else {
+                // Taken, but the log stops before its file was bound: the
+                // recorder was killed while writing it.
+                if log.status == LogStatus::Complete {
+                    damaged = true;
+                    push(false, format!("checkpoint {id}: not bound into the log's hash chain (no SHA-256 logged for it)"));
+                } else {
+                    incomplete = true;
+                    push(false, format!("checkpoint {id}: the log is cut short before its file's SHA-256; not trusted"));
                 }
+                continue;
+            };
+            match Checkpoint::read_bound(&p, sha) {
+                Ok(c) if c.header.id == *id && c.header.exits == *exits => push(
+                    true,
+                    format!("checkpoint {id} (exit {exits}): SHA-256 matches the hash chain"),
+                ),
                 Ok(_) => {
                     damaged = true;
-                    push(false, format!("checkpoint {id}: does not match its log entry"));
+                    push(
+                        false,
+                        format!("checkpoint {id}: does not match its log entry (damaged)"),
+                    );
                 }
                 Err(e) => {
                     damaged = true;
                     push(false, format!("checkpoint {id}: {e}"));
                 }
             }
-            manifest.push((format!("checkpoints/{id:06}.ckpt"), file_sha(&p).unwrap_or_default()));
+            manifest.push((
+                format!("checkpoints/{id:06}.ckpt"),
+                file_sha(&p).unwrap_or_default(),
+            ));
         }
     }
 
     let console = std::fs::read(dir.join(super::CONSOLE)).unwrap_or_default();
-    if let Some(Event::End { output_len, output_sha256, reason, exits, .. }) = log.events.last() {
+    if let Some(Event::End {
+        output_len,
+        output_sha256,
+        reason,
+        exits,
+        ..
+    }) = log.events.last()
+    {
         let sha = hex::encode(Sha256::digest(&console));
         if sha == *output_sha256 && console.len() as u64 == *output_len {
             push(true, format!("console.log: {output_len} bytes, matches the End event; ended {reason:?} at exit {exits}"));
         } else {
             damaged = true;
-            push(false, "console.log: does not match the End event's digest (edited or truncated)".into());
+            push(
+                false,
+                "console.log: does not match the End event's digest (edited or truncated)".into(),
+            );
         }
     }
-    manifest.push(("console.log".to_string(), hex::encode(Sha256::digest(&console))));
+    manifest.push((
+        "console.log".to_string(),
+        hex::encode(Sha256::digest(&console)),
+    ));
 
     let mut h = Sha256::new();
     for (name, sha) in &manifest {
