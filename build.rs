@@ -21,12 +21,14 @@ fn main() {
         println!("cargo:warning=guests/demo/Makefile missing; demo guest not built");
         return;
     }
-    let status = Command::new("make").arg("-s").arg("-C").arg(&dir).status();
+    let status = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(&dir)
+        .status();
     match status {
         Ok(s) if s.success() => {}
-        Ok(s) => {
-            panic!("building the demo guest failed ({s}); run `make -C guests/demo` to see why")
-        }
+        Ok(s) => panic!("building the demo guest failed ({s}); run `make -C guests/demo` to see why"),
         Err(e) => panic!("cannot run make to build the demo guest: {e} (install make and gcc)"),
     }
 }

@@ -21,16 +21,10 @@ pub struct Check {
 
 impl Check {
     fn yes(d: impl Into<String>) -> Check {
-        Check {
-            ok: true,
-            detail: d.into(),
-        }
+        Check { ok: true, detail: d.into() }
     }
     fn no(d: impl Into<String>) -> Check {
-        Check {
-            ok: false,
-            detail: d.into(),
-        }
+        Check { ok: false, detail: d.into() }
     }
 }
 
@@ -103,14 +97,7 @@ fn probe_image(ring0: Vec<u8>, ring3: Vec<u8>, with_idt: bool) -> Image {
             mem[g + 6..g + 8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
         }
     }
-    Image {
-        entry: RING0,
-        segments: vec![Segment {
-            paddr: RING0,
-            memsz: 0x4000,
-            data: mem,
-        }],
-    }
+    Image { entry: RING0, segments: vec![Segment { paddr: RING0, memsz: 0x4000, data: mem }] }
 }
 
 fn lidt() -> Vec<u8> {
@@ -120,10 +107,7 @@ fn lidt() -> Vec<u8> {
 }
 
 fn boot(image: &Image) -> Result<Machine, String> {
-    let cfg = VmConfig {
-        mem_size: 4 << 20,
-        ..Default::default()
-    };
+    let cfg = VmConfig { mem_size: 4 << 20, ..Default::default() };
     Machine::boot(&cfg, image).map_err(|e| e.to_string())
 }
 
@@ -138,20 +122,10 @@ enum Outcome {
 /// to `max` debug-exit RIPs before power-off or anything else stops it.
 fn run_debug_probe(image: &Image, control: u32, dr0: u64) -> Result<Vec<Outcome>, String> {
     let mut m = boot(image)?;
-    let mut dbg = kvm_guest_debug {
-        control,
-        ..Default::default()
-    };
+    let mut dbg = kvm_guest_debug { control, ..Default::default() };
     dbg.arch.debugreg[0] = dr0;
-    dbg.arch.debugreg[7] = if control & KVM_GUESTDBG_USE_HW_BP != 0 {
-        0x1
-    } else {
-        0
-    };
-    m.vcpu
-        .fd
-        .set_guest_debug(&dbg)
-        .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
+    dbg.arch.debugreg[7] = if control & KVM_GUESTDBG_USE_HW_BP != 0 { 0x1 } else { 0 };
+    m.vcpu.fd.set_guest_debug(&dbg).map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
     let mut out = Vec::new();
     for _ in 0..64 {
         let o = match m.vcpu.fd.run() {
@@ -176,13 +150,7 @@ fn run_debug_probe(image: &Image, control: u32, dr0: u64) -> Result<Vec<Outcome>
     Ok(out)
 }
 
-fn debug_check(
-    image: &Image,
-    control: u32,
-    dr0: u64,
-    want: std::ops::Range<u64>,
-    what: &str,
-) -> Check {
+fn debug_check(image: &Image, control: u32, dr0: u64, want: std::ops::Range<u64>, what: &str) -> Check {
     match run_debug_probe(image, control, dr0) {
         Err(e) => Check::no(format!("probe failed: {e}")),
         Ok(outs) => {
@@ -194,10 +162,7 @@ fn debug_check(
                 })
                 .collect();
             if !hits.is_empty() {
-                Check::yes(format!(
-                    "{what}: KVM reported {} debug exit(s) in the probe code",
-                    hits.len()
-                ))
+                Check::yes(format!("{what}: KVM reported {} debug exit(s) in the probe code", hits.len()))
             } else {
                 let ending = match outs.last() {
                     Some(Outcome::Other(e)) if e == "Shutdown" => {
@@ -316,34 +281,10 @@ pub fn probe() -> Report {
         let step = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
         let hw = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP;
         (
-            debug_check(
-                &ring0_img,
-                step,
-                0,
-                RING0 + 1..RING0 + 12,
-                "ring 0 single-step",
-            ),
-            debug_check(
-                &ring3_img,
-                step,
-                0,
-                RING3 + 1..RING3 + 8,
-                "ring 3 single-step",
-            ),
-            debug_check(
-                &ring0_img,
-                hw,
-                RING0 + 4,
-                RING0 + 4..RING0 + 5,
-                "ring 0 hardware breakpoint",
-            ),
-            debug_check(
-                &ring3_img,
-                hw,
-                RING3 + 2,
-                RING3 + 2..RING3 + 3,
-                "ring 3 hardware breakpoint",
-            ),
+            debug_check(&ring0_img, step, 0, RING0 + 1..RING0 + 12, "ring 0 single-step"),
+            debug_check(&ring3_img, step, 0, RING3 + 1..RING3 + 8, "ring 3 single-step"),
+            debug_check(&ring0_img, hw, RING0 + 4, RING0 + 4..RING0 + 5, "ring 0 hardware breakpoint"),
+            debug_check(&ring3_img, hw, RING3 + 2, RING3 + 2..RING3 + 3, "ring 3 hardware breakpoint"),
             injection_check(false),
             injection_check(true),
         )
@@ -403,14 +344,8 @@ impl Report {
             ("single-step, ring 3", &self.singlestep_ring3),
             ("hardware breakpoints, ring 0", &self.hw_breakpoint_ring0),
             ("hardware breakpoints, ring 3", &self.hw_breakpoint_ring3),
-            (
-                "interrupt injection, ring 0",
-                &self.interrupt_injection_ring0,
-            ),
-            (
-                "interrupt injection, ring 3",
-                &self.interrupt_injection_ring3,
-            ),
+            ("interrupt injection, ring 0", &self.interrupt_injection_ring0),
+            ("interrupt injection, ring 3", &self.interrupt_injection_ring3),
         ] {
             let _ = writeln!(s, "  [{}] {name:<31} {}", mark(c), c.detail);
         }
@@ -421,11 +356,7 @@ impl Report {
                 s,
                 "  {:<5} {}  {}",
                 c.name,
-                if c.available {
-                    "available  "
-                } else {
-                    "unavailable"
-                },
+                if c.available { "available  " } else { "unavailable" },
                 c.detail
             );
         }
@@ -438,10 +369,7 @@ pub fn auto_clock() -> (crate::clock::ClockKind, String) {
     use crate::clock::ClockKind;
     let pmu = pmu_check();
     if pmu.ok {
-        (
-            ClockKind::Pmu,
-            "a hardware PMU is available: interrupts at their natural instant at full speed".into(),
-        )
+        (ClockKind::Pmu, "a hardware PMU is available: interrupts at their natural instant at full speed".into())
     } else {
         (
             ClockKind::Exit,

@@ -22,18 +22,9 @@ fn doctor_reports_this_host_correctly() {
     let o = run_with_input(&["doctor", "--json"], b"");
     assert!(o.status.success(), "{}", stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let ok = |k: &str| {
-        r[k]["ok"]
-            .as_bool()
-            .unwrap_or_else(|| panic!("no {k} in {r}"))
-    };
+    let ok = |k: &str| r[k]["ok"].as_bool().unwrap_or_else(|| panic!("no {k} in {r}"));
     assert!(ok("kvm"));
-    assert_eq!(
-        ok("pmu"),
-        has_cpu_pmu(),
-        "PMU probe disagrees with sysfs: {}",
-        r["pmu"]
-    );
+    assert_eq!(ok("pmu"), has_cpu_pmu(), "PMU probe disagrees with sysfs: {}", r["pmu"]);
     assert!(ok("singlestep_ring0"), "{}", r["singlestep_ring0"]);
     assert!(ok("hw_breakpoint_ring0"), "{}", r["hw_breakpoint_ring0"]);
     assert!(ok("interrupt_injection_ring0"));
@@ -43,26 +34,13 @@ fn doctor_reports_this_host_correctly() {
         assert!(!ok("hw_breakpoint_ring3"), "{}", r["hw_breakpoint_ring3"]);
     }
     let clock = |name: &str| {
-        r["clocks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == name)
-            .unwrap()
-            .clone()
+        r["clocks"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone()
     };
     assert_eq!(clock("exit")["available"], true);
     assert_eq!(clock("step")["available"], true);
     assert_eq!(clock("pmu")["available"].as_bool().unwrap(), has_cpu_pmu());
     if !has_cpu_pmu() {
-        assert!(
-            r["pmu"]["detail"]
-                .as_str()
-                .unwrap()
-                .contains("no hardware PMU"),
-            "{}",
-            r["pmu"]
-        );
+        assert!(r["pmu"]["detail"].as_str().unwrap().contains("no hardware PMU"), "{}", r["pmu"]);
     }
 }
 
@@ -74,9 +52,6 @@ fn doctor_text_is_readable() {
     assert!(t.contains("replay clocks:"));
     assert!(t.contains("single-step, ring 3"));
     if is_pvm_host() {
-        assert!(
-            t.contains("ring 3 needs the guest's own #DB handler"),
-            "{t}"
-        );
+        assert!(t.contains("ring 3 needs the guest's own #DB handler"), "{t}");
     }
 }

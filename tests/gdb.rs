@@ -584,14 +584,7 @@ fn step_clock_recording_back_and_forth_is_exact() {
 
 fn serve_with(rec: &Path, at: u64, snapshots: bool) -> Server {
     let mut cmd = revirt();
-    cmd.args([
-        "gdb",
-        rec.to_str().unwrap(),
-        "--port",
-        "0",
-        "--at",
-        &at.to_string(),
-    ]);
+    cmd.args(["gdb", rec.to_str().unwrap(), "--port", "0", "--at", &at.to_string()]);
     if !snapshots {
         cmd.env("REVIRT_GDB_SNAPSHOTS", "0");
     }
@@ -666,22 +659,13 @@ fn reverse_stepi_through_snapshots_matches_a_direct_replay() {
     assert_eq!(wheres.len(), 8, "{a}");
     assert_eq!(wheres[0], (at, 0));
     assert!(wheres[1].0 < at, "25 back crossed the boundary: {wheres:?}");
-    assert!(
-        wheres[2].0 > wheres[1].0,
-        "40 forward crossed one again: {wheres:?}"
-    );
+    assert!(wheres[2].0 > wheres[1].0, "40 forward crossed one again: {wheres:?}");
     assert!(wheres[3].0 < wheres[2].0, "{wheres:?}");
     assert_eq!(wheres[4], (at - 2, 3), "{wheres:?}");
-    assert!(
-        wheres[5].0 < at - 2,
-        "8 back crossed exit at - 2: {wheres:?}"
-    );
+    assert!(wheres[5].0 < at - 2, "8 back crossed exit at - 2: {wheres:?}");
     assert_eq!(wheres[7], wheres[5], "{wheres:?}");
     assert_eq!(blocks[6], blocks[4], "back one and forward one");
-    let stats = a
-        .lines()
-        .find(|l| l.starts_with("snapshots:"))
-        .unwrap_or("");
+    let stats = a.lines().find(|l| l.starts_with("snapshots:")).unwrap_or("");
     assert!(
         stats.contains(" restored") && !stats.contains(" 0 restored"),
         "snapshots were used: {stats}"
@@ -706,11 +690,7 @@ fn reverse_stepi_through_snapshots_matches_a_direct_replay() {
         .map(where_at)
         .collect();
     assert_eq!(bwheres, wheres[1..].to_vec(), "{b}");
-    assert_eq!(
-        reg_blocks(&b),
-        blocks,
-        "registers via snapshots == direct replay"
-    );
+    assert_eq!(reg_blocks(&b), blocks, "registers via snapshots == direct replay");
 }
 
 #[test]
@@ -725,12 +705,7 @@ fn session_snapshots_give_the_exact_machine_state() {
         let out = d.path().join(name);
         let mut args = vec!["--checkpoint-every", "5ms"];
         args.extend(extra);
-        record_demo_ok(
-            &out,
-            "workload=race iters=3000 exits=16 hz=1000",
-            &args,
-            b"",
-        );
+        record_demo_ok(&out, "workload=race iters=3000 exits=16 hz=1000", &args, b"");
         let rec = Arc::new(revirt::replay::Recording::open(&out).unwrap());
         let at = rec.last_exits() / 2;
         let mut a = Session::open_with(rec.clone(), at, true).unwrap();
@@ -760,63 +735,26 @@ fn session_snapshots_give_the_exact_machine_state() {
                 b.reverse_step().unwrap();
                 t.reverse_step().unwrap();
                 crossed += (a.pos().exits != e) as u32;
-                same(
-                    &mut a,
-                    &mut b,
-                    i % 4 == 0,
-                    &format!("round {round} back {i}"),
-                );
-                same(
-                    &mut t,
-                    &mut b,
-                    i % 4 == 2,
-                    &format!("round {round} back {i}, 3 snapshots"),
-                );
+                same(&mut a, &mut b, i % 4 == 0, &format!("round {round} back {i}"));
+                same(&mut t, &mut b, i % 4 == 2, &format!("round {round} back {i}, 3 snapshots"));
             }
             for i in 0..(6 + round * 4) {
                 a.step().unwrap();
                 b.step().unwrap();
                 t.step().unwrap();
-                same(
-                    &mut a,
-                    &mut b,
-                    i == 0,
-                    &format!("round {round} forward {i}"),
-                );
-                same(
-                    &mut t,
-                    &mut b,
-                    false,
-                    &format!("round {round} forward {i}, 3 snapshots"),
-                );
+                same(&mut a, &mut b, i == 0, &format!("round {round} forward {i}"));
+                same(&mut t, &mut b, false, &format!("round {round} forward {i}, 3 snapshots"));
             }
             let e = a.pos().exits.saturating_sub(1 + round as u64);
             a.goto_exit(e).unwrap();
             b.goto_exit(e).unwrap();
             t.goto_exit(e).unwrap();
-            same(
-                &mut a,
-                &mut b,
-                true,
-                &format!("round {round} goto-exit {e}"),
-            );
-            same(
-                &mut t,
-                &mut b,
-                true,
-                &format!("round {round} goto-exit {e}, 3 snapshots"),
-            );
+            same(&mut a, &mut b, true, &format!("round {round} goto-exit {e}"));
+            same(&mut t, &mut b, true, &format!("round {round} goto-exit {e}, 3 snapshots"));
         }
-        assert!(
-            crossed > 0,
-            "{name}: some reverse step crossed an exit boundary"
-        );
+        assert!(crossed > 0, "{name}: some reverse step crossed an exit boundary");
         assert!(a.snaps.stats.restored > 0, "{name}: {:?}", a.snaps.stats);
-        assert!(
-            t.snaps.stats.evicted > 0 && t.snaps.len() <= 3,
-            "{name}: {:?}",
-            t.snaps.stats
-        );
+        assert!(t.snaps.stats.evicted > 0 && t.snaps.len() <= 3, "{name}: {:?}", t.snaps.stats);
         // And a fresh session that went straight there.
         let p = a.pos();
         let mut c = Session::open_with(rec.clone(), p.exits, false).unwrap();
@@ -851,10 +789,7 @@ fn session_snapshots_restore_the_disk_too() {
     let sector0 = |s: &mut Session| s.tl.machine.devices.block.read_sectors(0, 1).unwrap();
     let before = sector0(&mut a);
     let mut seen_write = false;
-    for (i, e) in [last - 1, 2, last - 2, 3, last - 1, 2]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, e) in [last - 1, 2, last - 2, 3, last - 1, 2].into_iter().enumerate() {
         a.goto_exit(e).unwrap();
         b.goto_exit(e).unwrap();
         assert_eq!(a.pos(), b.pos(), "move {i} to exit {e}");
@@ -871,10 +806,7 @@ fn session_snapshots_restore_the_disk_too() {
         b.reverse_step().unwrap();
         assert_eq!(a.pos(), b.pos(), "reverse step {i}");
     }
-    assert_eq!(
-        a.tl.machine.state_hash().unwrap(),
-        b.tl.machine.state_hash().unwrap()
-    );
+    assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap());
     assert!(seen_write, "the workload wrote sector 0 at some point");
     assert!(a.snaps.stats.restored > 0, "{:?}", a.snaps.stats);
 }

@@ -21,38 +21,9 @@ fn framed(body: &[u8], good_sum: bool) -> Vec<u8> {
 
 fn random_packet(rng: &mut Skid) -> Vec<u8> {
     const HEADS: &[&str] = &[
-        "m",
-        "M",
-        "g",
-        "G",
-        "p",
-        "P",
-        "Z0,",
-        "Z1,",
-        "Z2,",
-        "Z3,",
-        "Z4,",
-        "z0,",
-        "z2,",
-        "vCont;s",
-        "vCont;c",
-        "vCont?",
-        "qRcmd,",
-        "bs",
-        "bc",
-        "Hg",
-        "Hc",
-        "qSupported:",
-        "qXfer:features:read:target.xml:",
-        "s",
-        "c",
-        "?",
-        "X",
-        "vFile:",
-        "qC",
-        "T",
-        "D",
-        "k",
+        "m", "M", "g", "G", "p", "P", "Z0,", "Z1,", "Z2,", "Z3,", "Z4,", "z0,", "z2,", "vCont;s", "vCont;c", "vCont?",
+        "qRcmd,", "bs", "bc", "Hg", "Hc", "qSupported:", "qXfer:features:read:target.xml:", "s", "c", "?", "X", "vFile:", "qC",
+        "T", "D", "k",
     ];
     let head = HEADS[rng.next(HEADS.len() as u64 - 1) as usize];
     let mut body = head.as_bytes().to_vec();
@@ -105,13 +76,8 @@ fn hostile_clients_never_kill_the_server() {
             }
         }
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("server did not start");
-    assert!(
-        addr.starts_with("127.0.0.1:"),
-        "binds to loopback by default: {addr}"
-    );
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start");
+    assert!(addr.starts_with("127.0.0.1:"), "binds to loopback by default: {addr}");
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
 
     let seed = 0xF00D ^ std::process::id() as u64;
@@ -145,20 +111,12 @@ fn hostile_clients_never_kill_the_server() {
 
     // A real gdb still gets normal service.
     let out = std::process::Command::new("gdb")
-        .args([
-            "-nx",
-            "-batch",
-            "-ex",
-            "set architecture i386:x86-64",
-            "-ex",
-            &format!("target remote 127.0.0.1:{port}"),
-        ])
+        .args(["-nx", "-batch", "-ex", "set architecture i386:x86-64", "-ex", &format!("target remote 127.0.0.1:{port}")])
         .args(["-ex", "stepi", "-ex", "printf \"PC=%#lx\\n\", $pc"])
         .arg(img.to_str().unwrap())
         .output()
         .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("PC=0x"), "{text}");
     assert!(child.try_wait().unwrap().is_none(), "the server exited");
     let _ = child.kill();

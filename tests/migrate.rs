@@ -22,10 +22,7 @@ struct Proc {
     readers: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn collect(
-    mut r: impl Read + Send + 'static,
-    buf: Arc<Mutex<Vec<u8>>>,
-) -> std::thread::JoinHandle<()> {
+fn collect(mut r: impl Read + Send + 'static, buf: Arc<Mutex<Vec<u8>>>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut b = [0u8; 4096];
         while let Ok(n) = r.read(&mut b) {
@@ -47,24 +44,14 @@ impl Drop for Proc {
 
 impl Proc {
     fn spawn(mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
         let out = Arc::new(Mutex::new(Vec::new()));
         let err = Arc::new(Mutex::new(Vec::new()));
         let readers = vec![
             collect(child.stdout.take().unwrap(), out.clone()),
             collect(child.stderr.take().unwrap(), err.clone()),
         ];
-        Proc {
-            child,
-            out,
-            err,
-            readers,
-        }
+        Proc { child, out, err, readers }
     }
 
     fn stdout(&self) -> String {
@@ -79,12 +66,7 @@ impl Proc {
     fn wait_for(&self, pat: &str, limit: Duration) {
         let t = Instant::now();
         while !self.stdout().contains(pat) && !self.stderr().contains(pat) {
-            assert!(
-                t.elapsed() < limit,
-                "no {pat:?} within {limit:?}; stdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
-            );
+            assert!(t.elapsed() < limit, "no {pat:?} within {limit:?}; stdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -128,29 +110,12 @@ fn receive_in(netns: Option<&str>, listen: &str, extra: &[&str]) -> (Proc, Strin
     let p = Proc::spawn(cmd);
     // The whole line: the address may arrive in pieces.
     let t = Instant::now();
-    while !p
-        .stderr()
-        .split("waiting for a VM on ")
-        .nth(1)
-        .is_some_and(|r| r.contains('\n'))
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(30),
-            "receive did not start: {}",
-            p.stderr()
-        );
+    while !p.stderr().split("waiting for a VM on ").nth(1).is_some_and(|r| r.contains('\n')) {
+        assert!(t.elapsed() < Duration::from_secs(30), "receive did not start: {}", p.stderr());
         std::thread::sleep(Duration::from_millis(10));
     }
     let err = p.stderr();
-    let addr = err
-        .split("waiting for a VM on ")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .next()
-        .unwrap()
-        .trim()
-        .to_string();
+    let addr = err.split("waiting for a VM on ").nth(1).unwrap().lines().next().unwrap().trim().to_string();
     (p, addr)
 }
 
@@ -184,10 +149,7 @@ fn churn_check(rounds: u64, pages: u64) -> String {
 
 /// The round numbers printed, in order.
 fn rounds_in(out: &str) -> Vec<u64> {
-    out.lines()
-        .filter_map(|l| l.strip_prefix("churn: round "))
-        .map(|n| n.trim().parse().unwrap())
-        .collect()
+    out.lines().filter_map(|l| l.strip_prefix("churn: round ")).map(|n| n.trim().parse().unwrap()).collect()
 }
 
 /// A source VM (`run` or `record`) with a control socket, started in `netns`.
@@ -196,14 +158,7 @@ fn source(netns: Option<&str>, dir: &Path, cmdline: &str, record: Option<&Path>)
     let sock = dir.join("ctl.sock").display().to_string();
     let mut cmd = in_ns(netns);
     match record {
-        Some(rec) => cmd.args([
-            "record",
-            img.to_str().unwrap(),
-            "-o",
-            rec.to_str().unwrap(),
-            "--checkpoint-every",
-            "300ms",
-        ]),
+        Some(rec) => cmd.args(["record", img.to_str().unwrap(), "-o", rec.to_str().unwrap(), "--checkpoint-every", "300ms"]),
         None => cmd.args(["run", img.to_str().unwrap()]),
     };
     cmd.args(["--cmdline", cmdline, "--control", &sock]);
@@ -220,11 +175,8 @@ fn migrate(sock: &str, to: &str, extra: &[&str]) -> (i32, String, String) {
 }
 
 fn summary_field(json: &str, key: &str) -> f64 {
-    let v: serde_json::Value =
-        serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("summary {json:?}: {e}"));
-    v[key]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no {key} in {json}"))
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap_or_else(|e| panic!("summary {json:?}: {e}"));
+    v[key].as_f64().unwrap_or_else(|| panic!("no {key} in {json}"))
 }
 
 /// Output continues without loss or duplication: every round exactly
@@ -233,27 +185,11 @@ fn summary_field(json: &str, key: &str) -> f64 {
 /// the middle of a line: the two outputs are checked joined.
 fn assert_joined(src: &str, dst: &str, rounds: u64, pages: u64) {
     let (a, b) = (rounds_in(src), rounds_in(dst));
-    assert!(
-        !a.is_empty() && !b.is_empty(),
-        "the move happened mid-run: source printed {} rounds, destination {}",
-        a.len(),
-        b.len()
-    );
+    assert!(!a.is_empty() && !b.is_empty(), "the move happened mid-run: source printed {} rounds, destination {}", a.len(), b.len());
     let all = rounds_in(&format!("{src}{dst}"));
-    assert_eq!(
-        all,
-        (0..rounds).collect::<Vec<_>>(),
-        "rounds lost or duplicated across the move"
-    );
-    assert!(
-        dst.contains(&churn_check(rounds, pages)),
-        "destination's final line is not {}:\n{dst}",
-        churn_check(rounds, pages)
-    );
-    assert!(
-        !src.contains("churn: rounds="),
-        "the source must not finish the workload too"
-    );
+    assert_eq!(all, (0..rounds).collect::<Vec<_>>(), "rounds lost or duplicated across the move");
+    assert!(dst.contains(&churn_check(rounds, pages)), "destination's final line is not {}:\n{dst}", churn_check(rounds, pages));
+    assert!(!src.contains("churn: rounds="), "the source must not finish the workload too");
 }
 
 #[test]
@@ -264,16 +200,10 @@ fn migrates_a_running_guest_over_loopback_without_losing_output() {
     let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), None);
     let (code, json, err) = migrate(&sock, &addr, &[]);
     assert_eq!(code, 0, "migrate failed: {err}");
-    assert!(
-        err.contains("round 1:") && err.contains("predicted downtime"),
-        "progress shown: {err}"
-    );
+    assert!(err.contains("round 1:") && err.contains("predicted downtime"), "progress shown: {err}");
     let downtime = summary_field(&json, "downtime_ms");
     let total = summary_field(&json, "total_ms");
-    assert!(
-        downtime > 0.0 && downtime <= total,
-        "downtime {downtime} ms of {total} ms"
-    );
+    assert!(downtime > 0.0 && downtime <= total, "downtime {downtime} ms of {total} ms");
     assert!(summary_field(&json, "rounds") >= 2.0);
     eprintln!("loopback migration of a 64 MiB guest dirtying {pages} pages per tick: downtime {downtime:.1} ms, total {total:.0} ms");
     let (sc, so, se) = src.finish(Duration::from_secs(30));
@@ -281,15 +211,9 @@ fn migrates_a_running_guest_over_loopback_without_losing_output() {
     assert!(se.contains("migrated to"), "source reports the move: {se}");
     // No residual dependency: the source process is gone, the guest runs on.
     let before = rounds_in(&dst.stdout()).len();
-    assert!(
-        !dst.stdout().contains("churn: rounds="),
-        "the guest is still running after the source exited"
-    );
+    assert!(!dst.stdout().contains("churn: rounds="), "the guest is still running after the source exited");
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        rounds_in(&dst.stdout()).len() > before,
-        "the destination makes progress on its own"
-    );
+    assert!(rounds_in(&dst.stdout()).len() > before, "the destination makes progress on its own");
     let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
     assert_eq!(dc, 0, "destination: {de}");
     assert_joined(&so, &d_out, rounds, pages);
@@ -301,102 +225,45 @@ fn a_recording_continues_across_the_move_and_replays_exactly() {
     let (rounds, pages) = (200, 500);
     let (src_rec, dst_rec) = (tmp.path().join("src-rec"), tmp.path().join("dst-rec"));
     let (dst, addr) = receive(&["-o", dst_rec.to_str().unwrap()]);
-    let (src, sock) = source(
-        None,
-        tmp.path(),
-        &churn_cmdline(rounds, pages),
-        Some(&src_rec),
-    );
+    let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), Some(&src_rec));
     std::thread::sleep(Duration::from_millis(400)); // let the source write a checkpoint or two
-                                                    // zstd on every frame here, to run that path end to end too.
+    // zstd on every frame here, to run that path end to end too.
     let (code, json, err) = migrate(&sock, &addr, &["--compress", "always"]);
     assert_eq!(code, 0, "migrate failed: {err}");
     assert!(summary_field(&json, "downtime_ms") > 0.0);
     let (sc, so, se) = src.finish(Duration::from_secs(30));
     assert_eq!(sc, 0, "source: {se}");
-    assert!(
-        se.contains("the recording continues at the destination"),
-        "{se}"
-    );
+    assert!(se.contains("the recording continues at the destination"), "{se}");
     let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
     assert_eq!(dc, 0, "destination: {de}");
     assert_joined(&so, &d_out, rounds, pages);
 
     // The joined recording: one console, one log with the move in it, and it replays exactly.
     let console = std::fs::read_to_string(dst_rec.join("console.log")).unwrap();
-    assert_eq!(
-        console,
-        format!("{so}{d_out}"),
-        "console.log holds the output of both hosts, in order"
-    );
+    assert_eq!(console, format!("{so}{d_out}"), "console.log holds the output of both hosts, in order");
     let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q"], b"");
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "replay of the joined recording: {}",
-        stderr(&o)
-    );
-    assert!(
-        stderr(&o).contains("replay matches the recording"),
-        "{}",
-        stderr(&o)
-    );
+    assert_eq!(o.status.code(), Some(0), "replay of the joined recording: {}", stderr(&o));
+    assert!(stderr(&o).contains("replay matches the recording"), "{}", stderr(&o));
     let o = run_with_input(&["replay", dst_rec.to_str().unwrap()], b"");
-    assert_eq!(
-        stdout(&o),
-        console,
-        "replay reproduces the output of both hosts"
-    );
+    assert_eq!(stdout(&o), console, "replay reproduces the output of both hosts");
     let o = run_with_input(&["verify", dst_rec.to_str().unwrap()], b"");
     assert_eq!(o.status.code(), Some(0), "verify: {}", stdout(&o));
-    let o = run_with_input(
-        &["inspect", dst_rec.to_str().unwrap(), "-c", "events all"],
-        b"",
-    );
-    let migrated = stdout(&o)
-        .lines()
-        .filter(|l| l.contains("migrated from"))
-        .count();
+    let o = run_with_input(&["inspect", dst_rec.to_str().unwrap(), "-c", "events all"], b"");
+    let migrated = stdout(&o).lines().filter(|l| l.contains("migrated from")).count();
     assert_eq!(migrated, 1, "exactly one migration event: {}", stdout(&o));
     // Checkpoints written at the destination after the move hold what changed since
     // the source's last one: replaying from the last checkpoint matches too.
-    let o = run_with_input(
-        &["inspect", dst_rec.to_str().unwrap(), "-c", "summary"],
-        b"",
-    );
+    let o = run_with_input(&["inspect", dst_rec.to_str().unwrap(), "-c", "summary"], b"");
     let n = stdout(&o)
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("checkpoints")
-                .and_then(|r| r.trim().split(':').next())
-                .and_then(|n| n.trim().parse::<u32>().ok())
-        })
+        .find_map(|l| l.strip_prefix("checkpoints").and_then(|r| r.trim().split(':').next()).and_then(|n| n.trim().parse::<u32>().ok()))
         .unwrap_or_else(|| panic!("checkpoint count in {}", stdout(&o)));
     assert!(n >= 2, "{}", stdout(&o));
-    let o = run_with_input(
-        &[
-            "replay",
-            dst_rec.to_str().unwrap(),
-            "-q",
-            "--from-checkpoint",
-            &(n - 1).to_string(),
-        ],
-        b"",
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "replay from the last checkpoint: {}",
-        stderr(&o)
-    );
+    let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q", "--from-checkpoint", &(n - 1).to_string()], b"");
+    assert_eq!(o.status.code(), Some(0), "replay from the last checkpoint: {}", stderr(&o));
     // The source's copy stops at the move and says so.
     let o = run_with_input(&["replay", src_rec.to_str().unwrap(), "-q"], b"");
-    assert_eq!(
-        o.status.code(),
-        Some(2),
-        "the source's part is incomplete: {}",
-        stderr(&o)
-    );
+    assert_eq!(o.status.code(), Some(2), "the source's part is incomplete: {}", stderr(&o));
 }
 
 #[test]
@@ -411,19 +278,12 @@ fn killing_the_destination_mid_transfer_leaves_the_source_running() {
     dst.kill();
     let (code, _, err) = m.join().unwrap();
     assert_eq!(code, 1, "migrate must fail: {err}");
-    assert!(
-        err.contains("migration failed") && err.contains("keeps running on the source"),
-        "{err}"
-    );
+    assert!(err.contains("migration failed") && err.contains("keeps running on the source"), "{err}");
     let (dc, _, _) = dst.finish(Duration::from_secs(5));
     assert_ne!(dc, 0);
     let (sc, so, se) = src.finish(Duration::from_secs(60));
     assert_eq!(sc, 0, "source: {se}");
-    assert_eq!(
-        rounds_in(&so),
-        (0..rounds).collect::<Vec<_>>(),
-        "the source ran every round itself"
-    );
+    assert_eq!(rounds_in(&so), (0..rounds).collect::<Vec<_>>(), "the source ran every round itself");
     assert!(so.contains(&churn_check(rounds, pages)), "{so}");
 }
 
@@ -470,16 +330,10 @@ fn a_corrupt_frame_is_a_clear_error_and_the_source_keeps_running() {
     let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), None);
     let (code, _, err) = migrate(&sock, &proxy, &[]);
     assert_eq!(code, 1, "migrate must fail: {err}");
-    assert!(
-        err.contains("checksum mismatch"),
-        "the destination's reason reaches the user: {err}"
-    );
+    assert!(err.contains("checksum mismatch"), "the destination's reason reaches the user: {err}");
     let (dc, _, de) = dst.finish(Duration::from_secs(10));
     assert_ne!(dc, 0);
-    assert!(
-        de.contains("corrupt frame: checksum mismatch"),
-        "destination says why: {de}"
-    );
+    assert!(de.contains("corrupt frame: checksum mismatch"), "destination says why: {de}");
     assert!(!de.contains("panicked"), "{de}");
     let (sc, so, se) = src.finish(Duration::from_secs(60));
     assert_eq!(sc, 0, "source: {se}");
@@ -507,10 +361,7 @@ fn protocol_version_mismatch_and_garbage_are_refused() {
     let (code, _, err) = migrate(&sock, &addr, &[]);
     fake.join().unwrap();
     assert_eq!(code, 1);
-    assert!(
-        err.contains("protocol version 99 is not supported"),
-        "{err}"
-    );
+    assert!(err.contains("protocol version 99 is not supported"), "{err}");
     let (sc, so, _) = src.finish(Duration::from_secs(60));
     assert_eq!(sc, 0);
     assert!(so.contains(&churn_check(rounds, pages)));
@@ -524,46 +375,23 @@ fn protocol_version_mismatch_and_garbage_are_refused() {
     assert!(de.contains("not a revirt migration stream"), "{de}");
 
     // A migrate request to a VM without a control socket.
-    let o = run_with_input(
-        &[
-            "migrate",
-            tmp.path().join("nope.sock").to_str().unwrap(),
-            "--to",
-            "127.0.0.1:1",
-        ],
-        b"",
-    );
+    let o = run_with_input(&["migrate", tmp.path().join("nope.sock").to_str().unwrap(), "--to", "127.0.0.1:1"], b"");
     assert_eq!(o.status.code(), Some(1));
-    assert!(
-        stderr(&o).contains("was it started with --control"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("was it started with --control"), "{}", stderr(&o));
 }
 
 #[test]
 fn copy_disk_streams_the_disk_to_the_destination() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = tmp.path().join("disk.img");
-    let bytes: Vec<u8> = (0..4u32 << 20)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let bytes: Vec<u8> = (0..4u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     std::fs::write(&disk, &bytes).unwrap();
     let copy = tmp.path().join("copy.img");
     let (dst, addr) = receive(&["--disk", copy.to_str().unwrap()]);
     let img = demo_image();
     let sock = tmp.path().join("ctl.sock").display().to_string();
     let mut cmd = Command::new(bin());
-    cmd.args([
-        "run",
-        img.to_str().unwrap(),
-        "--disk",
-        disk.to_str().unwrap(),
-        "--cmdline",
-        &churn_cmdline(150, 200),
-        "--control",
-        &sock,
-    ]);
+    cmd.args(["run", img.to_str().unwrap(), "--disk", disk.to_str().unwrap(), "--cmdline", &churn_cmdline(150, 200), "--control", &sock]);
     let src = Proc::spawn(cmd);
     src.wait_for("churn: round 20\n", Duration::from_secs(60));
     let (code, _, err) = migrate(&sock, &addr, &["--copy-disk"]);
@@ -573,25 +401,12 @@ fn copy_disk_streams_the_disk_to_the_destination() {
     let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
     assert_eq!(dc, 0, "{de}");
     assert!(d_out.contains(&churn_check(150, 200)));
-    assert_eq!(
-        std::fs::read(&copy).unwrap(),
-        bytes,
-        "the destination's disk is the source's"
-    );
+    assert_eq!(std::fs::read(&copy).unwrap(), bytes, "the destination's disk is the source's");
 
     // Without --disk the receiver refuses a streamed disk, and the source runs on.
     let (dst, addr) = receive(&[]);
     let mut cmd = Command::new(bin());
-    cmd.args([
-        "run",
-        img.to_str().unwrap(),
-        "--disk",
-        disk.to_str().unwrap(),
-        "--cmdline",
-        &churn_cmdline(100, 50),
-        "--control",
-        &sock,
-    ]);
+    cmd.args(["run", img.to_str().unwrap(), "--disk", disk.to_str().unwrap(), "--cmdline", &churn_cmdline(100, 50), "--control", &sock]);
     let src = Proc::spawn(cmd);
     src.wait_for("churn: round 20\n", Duration::from_secs(60));
     let (code, _, err) = migrate(&sock, &addr, &["--copy-disk"]);
@@ -610,25 +425,14 @@ struct Netns {
 }
 
 fn ip(args: &[&str]) {
-    let o = Command::new("ip")
-        .args(args)
-        .output()
-        .expect("run ip (iproute2)");
-    assert!(
-        o.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let o = Command::new("ip").args(args).output().expect("run ip (iproute2)");
+    assert!(o.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
 }
 
 impl Netns {
     fn new() -> Netns {
         let tag = std::process::id() % 100000;
-        let n = Netns {
-            a: format!("rvA{tag}"),
-            b: format!("rvB{tag}"),
-        };
+        let n = Netns { a: format!("rvA{tag}"), b: format!("rvB{tag}") };
         let (va, vb) = (format!("rva{tag}"), format!("rvb{tag}"));
         ip(&["netns", "add", &n.a]);
         ip(&["netns", "add", &n.b]);
@@ -658,25 +462,13 @@ fn migrates_between_network_namespaces() {
     let ns = Netns::new();
     let (rounds, pages) = (250, 1000);
     let (src_rec, dst_rec) = (tmp.path().join("src-rec"), tmp.path().join("dst-rec"));
-    let (dst, addr) = receive_in(
-        Some(&ns.b),
-        "10.231.0.2:0",
-        &["-o", dst_rec.to_str().unwrap()],
-    );
+    let (dst, addr) = receive_in(Some(&ns.b), "10.231.0.2:0", &["-o", dst_rec.to_str().unwrap()]);
     assert!(addr.starts_with("10.231.0.2:"), "{addr}");
-    let (src, sock) = source(
-        Some(&ns.a),
-        tmp.path(),
-        &churn_cmdline(rounds, pages),
-        Some(&src_rec),
-    );
+    let (src, sock) = source(Some(&ns.a), tmp.path(), &churn_cmdline(rounds, pages), Some(&src_rec));
     // The control socket is a file: `revirt migrate` runs outside both namespaces.
     let (code, json, err) = migrate(&sock, &addr, &[]);
     assert_eq!(code, 0, "{err}");
-    eprintln!(
-        "veth migration: downtime {:.1} ms",
-        summary_field(&json, "downtime_ms")
-    );
+    eprintln!("veth migration: downtime {:.1} ms", summary_field(&json, "downtime_ms"));
     let (sc, so, se) = src.finish(Duration::from_secs(30));
     assert_eq!(sc, 0, "{se}");
     let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
@@ -695,10 +487,7 @@ fn auto_converge_throttles_a_guest_that_outruns_the_link() {
     let (src, sock) = source(None, tmp.path(), &churn_cmdline(rounds, pages), None);
     let (code, json, err) = migrate(&sock, &addr, &["--bandwidth", "40M"]);
     assert_eq!(code, 0, "{err}\nsource: {}", src.stderr());
-    assert!(
-        err.contains("auto-converge: the guest dirties memory faster than it can be sent"),
-        "{err}"
-    );
+    assert!(err.contains("auto-converge: the guest dirties memory faster than it can be sent"), "{err}");
     assert!(summary_field(&json, "max_throttle") >= 20.0, "{json}");
     let (sc, so, se) = src.finish(Duration::from_secs(30));
     assert_eq!(sc, 0, "{se}");
@@ -729,10 +518,7 @@ fn a_guest_that_powers_off_during_the_migration_is_reported() {
     let (src, sock) = source(None, tmp.path(), &churn_cmdline(70, 2000), None);
     let (code, _, err) = migrate(&sock, &addr, &["--bandwidth", "2M"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("the guest powered off (status 0) before the migration finished"),
-        "{err}"
-    );
+    assert!(err.contains("the guest powered off (status 0) before the migration finished"), "{err}");
     let (sc, so, _) = src.finish(Duration::from_secs(30));
     assert_eq!(sc, 0);
     assert!(so.contains(&churn_check(70, 2000)));
@@ -756,22 +542,8 @@ fn moves_mid_race(clock: &str) {
     let img = demo_image();
     let sock = tmp.path().join("ctl.sock").display().to_string();
     let mut cmd = Command::new(bin());
-    cmd.args([
-        "record",
-        img.to_str().unwrap(),
-        "-o",
-        src_rec.to_str().unwrap(),
-        "--clock",
-        clock,
-    ])
-    .args([
-        "--checkpoint-every",
-        "300ms",
-        "--cmdline",
-        "workload=race iters=400 hz=1000",
-        "--control",
-        &sock,
-    ]);
+    cmd.args(["record", img.to_str().unwrap(), "-o", src_rec.to_str().unwrap(), "--clock", clock])
+        .args(["--checkpoint-every", "300ms", "--cmdline", "workload=race iters=400 hz=1000", "--control", &sock]);
     let src = Proc::spawn(cmd);
     src.wait_for("workload=race", Duration::from_secs(60));
     std::thread::sleep(Duration::from_millis(800));
@@ -781,38 +553,18 @@ fn moves_mid_race(clock: &str) {
     assert_eq!(sc, 0, "{se}");
     let (dc, d_out, de) = dst.finish(Duration::from_secs(120));
     assert_eq!(dc, 0, "{de}");
-    assert!(
-        d_out.contains("race: counter="),
-        "the race finished at the destination: {d_out}"
-    );
+    assert!(d_out.contains("race: counter="), "the race finished at the destination: {d_out}");
     let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q"], b"");
     assert_eq!(o.status.code(), Some(0), "{clock}: {}", stderr(&o));
     // And with the other exact clock (the pmu-sim recording by stepping, and vice versa).
     let other = if clock == "step" { "pmu-sim" } else { "step" };
-    let o = run_with_input(
-        &["replay", dst_rec.to_str().unwrap(), "-q", "--clock", other],
-        b"",
-    );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{clock} recording replayed with {other}: {}",
-        stderr(&o)
-    );
-    let o = run_with_input(
-        &["inspect", dst_rec.to_str().unwrap(), "-c", "events all"],
-        b"",
-    );
+    let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q", "--clock", other], b"");
+    assert_eq!(o.status.code(), Some(0), "{clock} recording replayed with {other}: {}", stderr(&o));
+    let o = run_with_input(&["inspect", dst_rec.to_str().unwrap(), "-c", "events all"], b"");
     let events = stdout(&o);
-    let mig = events
-        .lines()
-        .position(|l| l.contains("migrated from"))
-        .expect("a Migrated event");
+    let mig = events.lines().position(|l| l.contains("migrated from")).expect("a Migrated event");
     assert!(
-        events
-            .lines()
-            .skip(mig)
-            .any(|l| l.contains("timer") && !l.contains("+ 0 branches")),
+        events.lines().skip(mig).any(|l| l.contains("timer") && !l.contains("+ 0 branches")),
         "timer interrupts between exits after the move:\n{events}"
     );
 }
@@ -823,20 +575,11 @@ fn a_received_vm_moves_on_again_and_its_recording_follows() {
     // to move it on; C ends up with one recording that replays from A's boot.
     let tmp = tempfile::tempdir().unwrap();
     let (rounds, pages) = (300, 500);
-    let (rec_a, rec_b, rec_c) = (
-        tmp.path().join("a"),
-        tmp.path().join("b"),
-        tmp.path().join("c"),
-    );
+    let (rec_a, rec_b, rec_c) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
     let sock_b = tmp.path().join("b.sock").display().to_string();
     let (c, addr_c) = receive(&["-o", rec_c.to_str().unwrap()]);
     let (b, addr_b) = receive(&["-o", rec_b.to_str().unwrap(), "--control", &sock_b]);
-    let (a, sock_a) = source(
-        None,
-        tmp.path(),
-        &churn_cmdline(rounds, pages),
-        Some(&rec_a),
-    );
+    let (a, sock_a) = source(None, tmp.path(), &churn_cmdline(rounds, pages), Some(&rec_a));
     let (code, _, err) = migrate(&sock_a, &addr_b, &[]);
     assert_eq!(code, 0, "A -> B: {err}");
     b.wait_for("churn: round ", Duration::from_secs(30));
@@ -847,10 +590,7 @@ fn a_received_vm_moves_on_again_and_its_recording_follows() {
     assert_eq!(ac, 0, "{ae}");
     let (bc, b_out, be) = b.finish(Duration::from_secs(30));
     assert_eq!(bc, 0, "{be}");
-    assert!(
-        be.contains("migrated to"),
-        "B reports moving the VM on: {be}"
-    );
+    assert!(be.contains("migrated to"), "B reports moving the VM on: {be}");
     let (cc, c_out, ce) = c.finish(Duration::from_secs(60));
     assert_eq!(cc, 0, "{ce}");
     assert!(!rounds_in(&b_out).is_empty(), "the VM ran on B for a while");
@@ -858,23 +598,7 @@ fn a_received_vm_moves_on_again_and_its_recording_follows() {
     let console = std::fs::read_to_string(rec_c.join("console.log")).unwrap();
     assert_eq!(console, format!("{a_out}{b_out}{c_out}"));
     let o = run_with_input(&["replay", rec_c.to_str().unwrap(), "-q"], b"");
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "the twice-moved recording replays: {}",
-        stderr(&o)
-    );
-    let o = run_with_input(
-        &["inspect", rec_c.to_str().unwrap(), "-c", "events all"],
-        b"",
-    );
-    assert_eq!(
-        stdout(&o)
-            .lines()
-            .filter(|l| l.contains("migrated from"))
-            .count(),
-        2,
-        "{}",
-        stdout(&o)
-    );
+    assert_eq!(o.status.code(), Some(0), "the twice-moved recording replays: {}", stderr(&o));
+    let o = run_with_input(&["inspect", rec_c.to_str().unwrap(), "-c", "events all"], b"");
+    assert_eq!(stdout(&o).lines().filter(|l| l.contains("migrated from")).count(), 2, "{}", stdout(&o));
 }

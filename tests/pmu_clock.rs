@@ -51,10 +51,7 @@ fn landing_over_the_simulated_counter_hits_the_step_clock_oracle() {
         oracle.push((p, t.machine.vcpu.regs().unwrap()));
     }
     let max_branches = oracle.last().unwrap().0.branches;
-    assert!(
-        max_branches > 200,
-        "interval too short: {max_branches} branches"
-    );
+    assert!(max_branches > 200, "interval too short: {max_branches} branches");
 
     let seed = 0x5eed_u64 ^ std::process::id() as u64;
     eprintln!("landing property test seed {seed:#x}");
@@ -64,27 +61,16 @@ fn landing_over_the_simulated_counter_hits_the_step_clock_oracle() {
     for case in 0..24 {
         let i = rng.next(oracle.len() as u64 - 1) as usize;
         // Skids up to a large bound, beyond the margin a third of the time.
-        let skid = if case % 3 == 0 {
-            margin + 1 + rng.next(300)
-        } else {
-            rng.next(margin)
-        };
+        let skid = if case % 3 == 0 { margin + 1 + rng.next(300) } else { rng.next(margin) };
         let (at, regs) = &oracle[i];
-        let target = Target {
-            at: *at,
-            fp: fingerprint(regs),
-        };
+        let target = Target { at: *at, fp: fingerprint(regs) };
         let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();
         assert_eq!(t.seek(e).unwrap(), Outcome::Reached);
         match t.land_simulated(target, margin, skid).unwrap() {
             Verdict::Arrived => {
                 assert_eq!(t.position().unwrap(), *at, "case {case}: wrong point");
                 let got = t.machine.vcpu.regs().unwrap();
-                assert_eq!(
-                    format!("{got:?}"),
-                    format!("{regs:?}"),
-                    "case {case}: registers differ from the step clock's"
-                );
+                assert_eq!(format!("{got:?}"), format!("{regs:?}"), "case {case}: registers differ from the step clock's");
                 exact += 1;
             }
             Verdict::Overshoot(why) => {
@@ -111,35 +97,18 @@ fn landing_over_the_simulated_counter_hits_the_step_clock_oracle() {
 fn pmu_sim_recording_replays_with_step_and_step_recording_with_pmu_sim() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("pmu");
-    record_demo_ok(
-        &a,
-        "workload=race iters=100 hz=1000",
-        &["--clock", "pmu-sim"],
-        b"",
-    );
+    record_demo_ok(&a, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
     let want = std::fs::read_to_string(a.join("console.log")).unwrap();
     for clock in ["pmu-sim", "step"] {
         let o = replay(&a, &["--clock", clock]);
         assert_eq!(o.status.code(), Some(0), "{clock}: {}", stderr(&o));
-        assert!(
-            stderr(&o).contains("replay matches the recording"),
-            "{}",
-            stderr(&o)
-        );
+        assert!(stderr(&o).contains("replay matches the recording"), "{}", stderr(&o));
     }
     assert!(want.contains("race: counter="));
 
     let b = d.path().join("step");
-    record_demo_ok(
-        &b,
-        "workload=echo",
-        &["--clock", "step"],
-        b"hello pmu\nquit\n",
-    );
-    let o = replay(
-        &b,
-        &["--clock", "pmu-sim", "--skid", "40", "--margin", "50"],
-    );
+    record_demo_ok(&b, "workload=echo", &["--clock", "step"], b"hello pmu\nquit\n");
+    let o = replay(&b, &["--clock", "pmu-sim", "--skid", "40", "--margin", "50"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
@@ -147,48 +116,27 @@ fn pmu_sim_recording_replays_with_step_and_step_recording_with_pmu_sim() {
 fn pmu_clock_on_a_host_without_pmu_explains_itself() {
     let has_pmu = Path::new("/sys/bus/event_source/devices/cpu").exists();
     let d = tempfile::tempdir().unwrap();
-    let o = record_demo(
-        &d.path().join("r"),
-        "workload=exit status=0",
-        &["--clock", "pmu"],
-        b"",
-    );
+    let o = record_demo(&d.path().join("r"), "workload=exit status=0", &["--clock", "pmu"], b"");
     if has_pmu {
         eprintln!("this host has a PMU; the no-PMU message is not checked here");
         return;
     }
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("clock 'pmu' unavailable") && stderr(&o).contains("pmu-sim"),
-        "{}",
-        stderr(&o)
-    );
-    assert!(
-        !d.path().join("r").join("meta.json").exists(),
-        "nothing written"
-    );
+    assert!(stderr(&o).contains("clock 'pmu' unavailable") && stderr(&o).contains("pmu-sim"), "{}", stderr(&o));
+    assert!(!d.path().join("r").join("meta.json").exists(), "nothing written");
     // Replaying with the hardware counter says the same.
     let r = d.path().join("sim");
     record_demo_ok(&r, "workload=exit status=0", &["--clock", "pmu-sim"], b"");
     let o = replay(&r, &["--clock", "pmu"]);
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("clock 'pmu' unavailable for replay") && stderr(&o).contains("pmu-sim"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("clock 'pmu' unavailable for replay") && stderr(&o).contains("pmu-sim"), "{}", stderr(&o));
 }
 
 #[test]
 fn clock_auto_chooses_and_explains() {
     let has_pmu = Path::new("/sys/bus/event_source/devices/cpu").exists();
     let d = tempfile::tempdir().unwrap();
-    let o = record_demo(
-        &d.path().join("r"),
-        "workload=exit status=0",
-        &["--clock", "auto"],
-        b"",
-    );
+    let o = record_demo(&d.path().join("r"), "workload=exit status=0", &["--clock", "auto"], b"");
     let e = stderr(&o);
     if has_pmu {
         assert!(e.contains("--clock auto: pmu"), "{e}");
@@ -199,29 +147,19 @@ fn clock_auto_chooses_and_explains() {
         assert!(meta.contains("\"clock\": \"exit\""), "{meta}");
     }
     let doc = run_with_input(&["doctor"], b"");
-    assert!(stdout(&doc).contains(&format!(
-        "--clock auto picks: {}",
-        if has_pmu { "pmu" } else { "exit" }
-    )));
+    assert!(stdout(&doc).contains(&format!("--clock auto picks: {}", if has_pmu { "pmu" } else { "exit" })));
 }
 
 /// The hash the replay reports ("final state hash H").
 fn final_hash(err: &str) -> Option<String> {
-    err.split("final state hash ")
-        .nth(1)
-        .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+    err.split("final state hash ").nth(1).map(|s| s.split_whitespace().next().unwrap_or("").to_string())
 }
 
 #[test]
 fn race_recorded_with_pmu_sim_replays_through_the_counter_with_random_skids() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("race");
-    record_demo_ok(
-        &dir,
-        "workload=race iters=100 hz=1000",
-        &["--clock", "pmu-sim"],
-        b"",
-    );
+    record_demo_ok(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
     let console = std::fs::read(dir.join("console.log")).unwrap();
     let rec = Arc::new(Recording::open(&dir).unwrap());
     // The race's ring-3 loop retires few branches between exits (a timer
@@ -235,19 +173,13 @@ fn race_recorded_with_pmu_sim_replays_through_the_counter_with_random_skids() {
     let mut t = Timeline::open(rec.clone(), Sink::Buffer(Vec::new())).unwrap();
     t.use_simulated_pmu(margin, margin, seed).unwrap();
     let hash = match t.run(None).unwrap() {
-        Outcome::Finished {
-            problems,
-            state_hash,
-            ..
-        } => {
+        Outcome::Finished { problems, state_hash, .. } => {
             assert!(problems.is_empty(), "{problems:?}");
             state_hash
         }
         other => panic!("replay did not finish: {other:?}"),
     };
-    let Sink::Buffer(out) = &t.host.sink else {
-        unreachable!()
-    };
+    let Sink::Buffer(out) = &t.host.sink else { unreachable!() };
     assert_eq!(out, &console, "console output differs");
     let l = t.host.landing.as_ref().unwrap();
     let far: usize = rec
@@ -257,23 +189,12 @@ fn race_recorded_with_pmu_sim_replays_through_the_counter_with_random_skids() {
         .count();
     eprintln!("landed {} events: {} overflow stops, {} stops judged after them; {far} events past the margin", l.landed, l.overflows, l.steps);
     assert!(l.landed > 0);
-    assert!(
-        far > 0,
-        "no event past the margin: nothing went through an overflow"
-    );
-    assert!(
-        l.overflows as usize >= far,
-        "every event past the margin is reached through an overflow stop"
-    );
+    assert!(far > 0, "no event past the margin: nothing went through an overflow");
+    assert!(l.overflows as usize >= far, "every event past the margin is reached through an overflow stop");
 
     // Through the CLI, with another random seed, against the step clock.
     let s = (seed % 1000 + 2).to_string();
-    let o = replay(
-        &dir,
-        &[
-            "--clock", "pmu-sim", "--margin", "8", "--skid", "8", "--seed", &s,
-        ],
-    );
+    let o = replay(&dir, &["--clock", "pmu-sim", "--margin", "8", "--skid", "8", "--seed", &s]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let st = replay(&dir, &["--clock", "step"]);
     assert_eq!(st.status.code(), Some(0), "{}", stderr(&st));
@@ -285,12 +206,7 @@ fn race_recorded_with_pmu_sim_replays_through_the_counter_with_random_skids() {
 fn skids_past_the_margin_are_reported_never_silent() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("race");
-    record_demo_ok(
-        &dir,
-        "workload=race iters=100 hz=1000",
-        &["--clock", "pmu-sim"],
-        b"",
-    );
+    record_demo_ok(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu-sim"], b"");
     let rec = Arc::new(Recording::open(&dir).unwrap());
     // A tiny margin and large skids: the replay either matches exactly or
     // says where it overshot; it never finishes with a different state.
@@ -298,9 +214,7 @@ fn skids_past_the_margin_are_reported_never_silent() {
         let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();
         t.use_simulated_pmu(2, 300, seed).unwrap();
         match t.run(None).unwrap() {
-            Outcome::Finished { problems, .. } => {
-                assert!(problems.is_empty(), "seed {seed}: {problems:?}")
-            }
+            Outcome::Finished { problems, .. } => assert!(problems.is_empty(), "seed {seed}: {problems:?}"),
             Outcome::Diverged(why) => assert!(why.contains("overshot"), "seed {seed}: {why}"),
             other => panic!("seed {seed}: {other:?}"),
         }
@@ -311,29 +225,17 @@ fn skids_past_the_margin_are_reported_never_silent() {
 fn real_pmu_record_and_replay_where_present() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("r");
-    let o = record_demo(
-        &dir,
-        "workload=race iters=100 hz=1000",
-        &["--clock", "pmu"],
-        b"",
-    );
+    let o = record_demo(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu"], b"");
     if !o.status.success() {
         let e = stderr(&o);
         assert!(e.contains("clock 'pmu' unavailable"), "{e}");
-        eprintln!(
-            "skipping the real PMU record/replay test: {}",
-            e.lines().last().unwrap_or("")
-        );
+        eprintln!("skipping the real PMU record/replay test: {}", e.lines().last().unwrap_or(""));
         return;
     }
     for clock in ["pmu", "step", "pmu-sim"] {
         let o = replay(&dir, &["--clock", clock]);
         assert_eq!(o.status.code(), Some(0), "{clock}: {}", stderr(&o));
-        assert!(
-            stderr(&o).contains("replay matches the recording"),
-            "{}",
-            stderr(&o)
-        );
+        assert!(stderr(&o).contains("replay matches the recording"), "{}", stderr(&o));
     }
 }
 
@@ -386,24 +288,11 @@ fn landing_by_hardware_breakpoint_steps_past_false_hits_in_ring_0() {
     }
     // A RIP the loop visits several times; land on its third visit.
     let rip = oracle[oracle.len() / 2].0.rip;
-    let visits: Vec<usize> = (0..oracle.len())
-        .filter(|&i| oracle[i].0.rip == rip)
-        .collect();
+    let visits: Vec<usize> = (0..oracle.len()).filter(|&i| oracle[i].0.rip == rip).collect();
     assert!(visits.len() >= 3, "the loop does not come back to {rip:#x}");
     let (at, regs) = &oracle[visits[2]];
-    assert_eq!(
-        t.machine.vcpu.sregs().unwrap().cs.selector & 3,
-        0,
-        "the loop runs in ring 0"
-    );
-    let target = Target {
-        at: ExecPoint {
-            exits: e,
-            branches: 0,
-            rip,
-        },
-        fp: fingerprint(regs),
-    };
+    assert_eq!(t.machine.vcpu.sregs().unwrap().cs.selector & 3, 0, "the loop runs in ring 0");
+    let target = Target { at: ExecPoint { exits: e, branches: 0, rip }, fp: fingerprint(regs) };
 
     let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();
     assert_eq!(t.seek(e).unwrap(), Outcome::Reached);
@@ -413,17 +302,7 @@ fn landing_by_hardware_breakpoint_steps_past_false_hits_in_ring_0() {
     }
     assert_eq!(t.position().unwrap().rip, at.rip);
     let got = t.machine.vcpu.regs().unwrap();
-    assert_eq!(
-        format!("{got:?}"),
-        format!("{regs:?}"),
-        "registers differ from the step clock's"
-    );
-    eprintln!(
-        "landed on the third visit of {rip:#x} after {} hardware breakpoint hits",
-        t.machine.hw_bp_hits
-    );
-    assert_eq!(
-        t.machine.hw_bp_hits, 3,
-        "two false hits stepped past, then the target"
-    );
+    assert_eq!(format!("{got:?}"), format!("{regs:?}"), "registers differ from the step clock's");
+    eprintln!("landed on the third visit of {rip:#x} after {} hardware breakpoint hits", t.machine.hw_bp_hits);
+    assert_eq!(t.machine.hw_bp_hits, 3, "two false hits stepped past, then the target");
 }

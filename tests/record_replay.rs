@@ -29,37 +29,16 @@ fn round_trip(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) -> (Outpu
     let r = record(dir, cmdline, extra, stdin);
     assert!(r.status.code().is_some(), "{}", stderr(&r));
     let p = replay(dir, &[]);
-    assert_eq!(
-        p.status.code(),
-        Some(0),
-        "replay did not match:\n{}",
-        stderr(&p)
-    );
-    assert_eq!(
-        stdout(&p),
-        stdout(&r),
-        "replayed console differs from the recorded one"
-    );
-    assert!(
-        stderr(&p).contains("replay matches the recording"),
-        "{}",
-        stderr(&p)
-    );
+    assert_eq!(p.status.code(), Some(0), "replay did not match:\n{}", stderr(&p));
+    assert_eq!(stdout(&p), stdout(&r), "replayed console differs from the recorded one");
+    assert!(stderr(&p).contains("replay matches the recording"), "{}", stderr(&p));
     let recorded_hash = final_hash(dir);
-    assert!(
-        stderr(&p).contains(&recorded_hash),
-        "final state hash differs\n{}",
-        stderr(&p)
-    );
+    assert!(stderr(&p).contains(&recorded_hash), "final state hash differs\n{}", stderr(&p));
     (r, p)
 }
 
 fn final_hash(dir: &Path) -> String {
-    let log = LogReader::read(
-        &dir.join(trace::EVENTS),
-        trace::log::genesis_of(dir).unwrap(),
-    )
-    .unwrap();
+    let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis_of(dir).unwrap()).unwrap();
     match log.events.last() {
         Some(Event::End { state_hash, .. }) => state_hash.clone(),
         other => panic!("no End event: {other:?}"),
@@ -79,11 +58,7 @@ fn race_plain_runs_differ_but_every_replay_matches_its_recording() {
     for _ in 0..6 {
         let o = run_demo("workload=race", &[], b"");
         let out = stdout(&o);
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("race:"))
-            .unwrap()
-            .to_string();
+        let line = out.lines().find(|l| l.starts_with("race:")).unwrap().to_string();
         plain.push(field(&line, "counter").unwrap());
         plain.sort();
         plain.dedup();
@@ -91,10 +66,7 @@ fn race_plain_runs_differ_but_every_replay_matches_its_recording() {
             break;
         }
     }
-    assert!(
-        plain.len() > 1,
-        "six plain runs of the race gave the same result: {plain:?}"
-    );
+    assert!(plain.len() > 1, "six plain runs of the race gave the same result: {plain:?}");
 
     // Recorded with the exit clock (exits=16 puts a port read inside every
     // 16th racy window, so interrupts at exits preempt there): each replay
@@ -104,15 +76,8 @@ fn race_plain_runs_differ_but_every_replay_matches_its_recording() {
     for _ in 0..3 {
         let (_d, dir) = tmp();
         let (r, p) = round_trip(&dir, cmd, &["--checkpoint-every", "20ms"], b"");
-        let line = stdout(&r)
-            .lines()
-            .find(|l| l.starts_with("race:"))
-            .unwrap()
-            .to_string();
-        assert!(
-            field(&line, "ticks").unwrap().parse::<u64>().unwrap() > 0,
-            "{line}"
-        );
+        let line = stdout(&r).lines().find(|l| l.starts_with("race:")).unwrap().to_string();
+        assert!(field(&line, "ticks").unwrap().parse::<u64>().unwrap() > 0, "{line}");
         assert!(stdout(&p).contains(&line));
         recorded.push(line);
     }
@@ -124,10 +89,7 @@ fn exit_clock_serial_input_is_replayed_without_input() {
     let (_d, dir) = tmp();
     let (r, p) = round_trip(&dir, "workload=echo", &[], b"first line\nsecond\nquit\n");
     assert!(stdout(&r).contains("echo: second"));
-    assert!(
-        stdout(&p).contains("echo: second"),
-        "replay got no input from the log"
-    );
+    assert!(stdout(&p).contains("echo: second"), "replay got no input from the log");
 }
 
 #[test]
@@ -136,21 +98,12 @@ fn exit_clock_disk_workload_replays_and_leaves_recording_untouched() {
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 64 * 512]).unwrap();
-    round_trip(
-        &dir,
-        "workload=disk",
-        &["--disk", disk.to_str().unwrap()],
-        b"",
-    );
+    round_trip(&dir, "workload=disk", &["--disk", disk.to_str().unwrap()], b"");
     // The recording keeps the disk as it was at the start, and replay must not change it.
     let kept = std::fs::read(dir.join(trace::DISK)).unwrap();
     assert!(kept.iter().all(|&b| b == 0));
     let live = std::fs::read(&disk).unwrap();
-    assert_eq!(
-        &live[..8],
-        b"RVDISK01",
-        "the live run wrote the user's disk"
-    );
+    assert_eq!(&live[..8], b"RVDISK01", "the live run wrote the user's disk");
     let again = replay(&dir, &["-q"]);
     assert_eq!(again.status.code(), Some(0), "{}", stderr(&again));
 }
@@ -159,13 +112,7 @@ fn exit_clock_disk_workload_replays_and_leaves_recording_untouched() {
 fn exit_clock_clock_workload_replays_recorded_time() {
     let (_d, dir) = tmp();
     let (r, p) = round_trip(&dir, "workload=clock", &[], b"");
-    let line = |o: &Output| {
-        stdout(o)
-            .lines()
-            .find(|l| l.starts_with("clock:"))
-            .unwrap()
-            .to_string()
-    };
+    let line = |o: &Output| stdout(o).lines().find(|l| l.starts_with("clock:")).unwrap().to_string();
     assert_eq!(line(&r), line(&p));
 }
 
@@ -174,9 +121,7 @@ fn replay_from_a_later_checkpoint_reaches_the_same_final_state() {
     let (_d, dir) = tmp();
     let cmd = "workload=race iters=20000 exits=16 hz=2000";
     round_trip(&dir, cmd, &["--checkpoint-every", "10ms"], b"");
-    let n = std::fs::read_dir(dir.join(trace::CHECKPOINTS))
-        .unwrap()
-        .count();
+    let n = std::fs::read_dir(dir.join(trace::CHECKPOINTS)).unwrap().count();
     assert!(n >= 3, "expected several checkpoints, got {n}");
     let last = (n - 1).to_string();
     let p = replay(&dir, &["-q", "--from-checkpoint", &last]);
@@ -207,10 +152,7 @@ fn divergence_is_reported_at_the_first_differing_event() {
         for e in events.iter_mut() {
             if let Event::Serial { bytes, .. } = e {
                 if bytes.contains(&b'b') {
-                    *bytes = bytes
-                        .iter()
-                        .map(|&b| if b == b'b' { b'X' } else { b })
-                        .collect();
+                    *bytes = bytes.iter().map(|&b| if b == b'b' { b'X' } else { b }).collect();
                     return;
                 }
             }
@@ -225,17 +167,9 @@ fn divergence_is_reported_at_the_first_differing_event() {
 
     // Timing tampering: move a timer interrupt to another exit.
     let (_d2, dir2) = tmp();
-    round_trip(
-        &dir2,
-        "workload=race iters=20000 exits=16 hz=2000",
-        &[],
-        b"",
-    );
+    round_trip(&dir2, "workload=race iters=20000 exits=16 hz=2000", &[], b"");
     rewrite_log(&dir2, |events| {
-        let i = events
-            .iter()
-            .position(|e| matches!(e, Event::Timer { .. }))
-            .expect("a timer event");
+        let i = events.iter().position(|e| matches!(e, Event::Timer { .. })).expect("a timer event");
         if let Event::Timer { at, .. } = &mut events[i] {
             at.exits += 1;
         }
@@ -257,11 +191,7 @@ fn a_damaged_log_is_detected_and_replayed_up_to_the_damage() {
     std::fs::write(&p, &b).unwrap();
     let o = replay(&dir, &["-q"]);
     assert_ne!(o.status.code(), Some(0));
-    assert!(
-        stderr(&o).contains("incomplete") && stderr(&o).contains("checksum"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("incomplete") && stderr(&o).contains("checksum"), "{}", stderr(&o));
 }
 
 #[test]
@@ -269,11 +199,7 @@ fn bad_recordings_give_clear_errors() {
     let d = tempfile::tempdir().unwrap();
     let o = replay(d.path(), &[]);
     assert_eq!(o.status.code(), Some(125));
-    assert!(
-        stderr(&o).contains("not a recording directory"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("not a recording directory"), "{}", stderr(&o));
 
     let (_d, dir) = tmp();
     round_trip(&dir, "workload=exit status=0", &[], b"");
@@ -300,14 +226,7 @@ fn killed_recorder_leaves_a_replayable_prefix() {
     let (_d, dir) = tmp();
     let img = demo_image();
     let mut child = revirt()
-        .args([
-            "record",
-            img.to_str().unwrap(),
-            "--cmdline",
-            "workload=echo",
-            "-o",
-            dir.to_str().unwrap(),
-        ])
+        .args(["record", img.to_str().unwrap(), "--cmdline", "workload=echo", "-o", dir.to_str().unwrap()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -328,23 +247,14 @@ fn killed_recorder_leaves_a_replayable_prefix() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("incomplete"), "{}", stderr(&o));
     let replayed = stdout(&o);
-    assert!(
-        replayed.contains("echo: line 2"),
-        "replayed too little: {replayed}"
-    );
-    assert!(
-        recorded.starts_with(&replayed),
-        "replay is not a prefix of the recording:\n{replayed}\nvs\n{recorded}"
-    );
+    assert!(replayed.contains("echo: line 2"), "replayed too little: {replayed}");
+    assert!(recorded.starts_with(&replayed), "replay is not a prefix of the recording:\n{replayed}\nvs\n{recorded}");
 }
 
 // ---- the step clock: interrupts at their natural instant --------------------
 
 fn symbol_range(name: &str) -> (u64, u64) {
-    let out = std::process::Command::new("nm")
-        .args(["-S", demo_image().to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new("nm").args(["-S", demo_image().to_str().unwrap()]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     for l in text.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
@@ -364,21 +274,9 @@ fn events(dir: &Path) -> Vec<Event> {
 #[test]
 fn step_clock_race_interrupts_land_mid_block_and_replay_exactly() {
     let (_d, dir) = tmp();
-    let (r, _) = round_trip(
-        &dir,
-        "workload=race iters=150 hz=1000",
-        &["--clock", "step", "--checkpoint-every", "100ms"],
-        b"",
-    );
-    let line = stdout(&r)
-        .lines()
-        .find(|l| l.starts_with("race:"))
-        .unwrap()
-        .to_string();
-    assert!(
-        field(&line, "ticks").unwrap().parse::<u64>().unwrap() > 0,
-        "{line}"
-    );
+    let (r, _) = round_trip(&dir, "workload=race iters=150 hz=1000", &["--clock", "step", "--checkpoint-every", "100ms"], b"");
+    let line = stdout(&r).lines().find(|l| l.starts_with("race:")).unwrap().to_string();
+    assert!(field(&line, "ticks").unwrap().parse::<u64>().unwrap() > 0, "{line}");
     // Timer interrupts recorded between exits, inside the ring-3 racing loop.
     let (lo, hi) = symbol_range("race_loop");
     let mid_block: Vec<_> = events(&dir)
@@ -388,14 +286,9 @@ fn step_clock_race_interrupts_land_mid_block_and_replay_exactly() {
             _ => None,
         })
         .collect();
-    assert!(
-        !mid_block.is_empty(),
-        "no timer interrupt landed inside race_loop between exits"
-    );
+    assert!(!mid_block.is_empty(), "no timer interrupt landed inside race_loop between exits");
     // Checkpoints of a stepped recording sit mid-interval: replay from the last one.
-    let n = std::fs::read_dir(dir.join(trace::CHECKPOINTS))
-        .unwrap()
-        .count();
+    let n = std::fs::read_dir(dir.join(trace::CHECKPOINTS)).unwrap().count();
     assert!(n >= 2, "want a later checkpoint, got {n}");
     let last = (n - 1).to_string();
     let p = replay(&dir, &["-q", "--from-checkpoint", &last]);
@@ -406,43 +299,23 @@ fn step_clock_race_interrupts_land_mid_block_and_replay_exactly() {
 #[test]
 fn step_clock_serial_disk_and_clock_workloads_replay() {
     let (_d, dir) = tmp();
-    let (_, p) = round_trip(
-        &dir,
-        "workload=echo",
-        &["--clock", "step"],
-        b"step by step\nquit\n",
-    );
+    let (_, p) = round_trip(&dir, "workload=echo", &["--clock", "step"], b"step by step\nquit\n");
     assert!(stdout(&p).contains("echo: step by step"));
 
     let (_d2, dir2) = tmp();
     let work = tempfile::tempdir().unwrap();
     let disk = work.path().join("disk.img");
     std::fs::write(&disk, vec![7u8; 8 * 512]).unwrap();
-    round_trip(
-        &dir2,
-        "workload=disk",
-        &["--clock", "step", "--disk", disk.to_str().unwrap()],
-        b"",
-    );
+    round_trip(&dir2, "workload=disk", &["--clock", "step", "--disk", disk.to_str().unwrap()], b"");
 
     let (_d3, dir3) = tmp();
-    round_trip(
-        &dir3,
-        "workload=clock iters=2000",
-        &["--clock", "step"],
-        b"",
-    );
+    round_trip(&dir3, "workload=clock iters=2000", &["--clock", "step"], b"");
 }
 
 #[test]
 fn step_clock_tampered_timing_is_a_divergence() {
     let (_d, dir) = tmp();
-    round_trip(
-        &dir,
-        "workload=race iters=100 hz=1000",
-        &["--clock", "step"],
-        b"",
-    );
+    round_trip(&dir, "workload=race iters=100 hz=1000", &["--clock", "step"], b"");
     rewrite_log(&dir, |events| {
         let i = events
             .iter()

@@ -18,27 +18,12 @@ fn sample(dir: &Path) {
         input.extend_from_slice(format!("line number {i}\n").as_bytes());
     }
     input.extend_from_slice(b"quit\n");
-    record_demo_ok(
-        dir,
-        "workload=echo",
-        &["--mem", "4M", "--checkpoint-every", "5ms"],
-        &input,
-    );
+    record_demo_ok(dir, "workload=echo", &["--mem", "4M", "--checkpoint-every", "5ms"], &input);
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
-    v.extend(
-        std::fs::read_dir(dir.join(trace::CHECKPOINTS))
-            .unwrap()
-            .flatten()
-            .map(|e| e.path()),
-    );
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
+    v.extend(std::fs::read_dir(dir.join(trace::CHECKPOINTS)).unwrap().flatten().map(|e| e.path()));
     v.sort();
     v
 }
@@ -60,11 +45,7 @@ fn any_single_byte_change_is_detected_by_verify() {
             b[i] ^= 0x20;
             std::fs::write(&f, &b).unwrap();
             let r = verify(&dir);
-            assert!(
-                !r.intact,
-                "changing byte {i} of {} went unnoticed",
-                f.display()
-            );
+            assert!(!r.intact, "changing byte {i} of {} went unnoticed", f.display());
             checked += 1;
         }
         std::fs::write(&f, &orig).unwrap();
@@ -98,14 +79,8 @@ fn a_resealed_checkpoint_fails_verify_naming_it() {
         let o = run_with_input(&["verify", dir.to_str().unwrap()], b"");
         let out = stdout(&o);
         assert_eq!(o.status.code(), Some(1), "{out}");
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("FAIL"))
-            .unwrap_or_else(|| panic!("no FAIL line: {out}"));
-        assert!(
-            line.contains(&format!("checkpoint {id}")) && line.contains("SHA-256"),
-            "{out}"
-        );
+        let line = out.lines().find(|l| l.starts_with("FAIL")).unwrap_or_else(|| panic!("no FAIL line: {out}"));
+        assert!(line.contains(&format!("checkpoint {id}")) && line.contains("SHA-256"), "{out}");
         assert!(out.contains("recording DAMAGED"), "{out}");
         std::fs::write(&p, &orig).unwrap();
     }
@@ -152,11 +127,7 @@ fn chunk_spans(log: &[u8]) -> Chunks {
 #[derive(Debug, Clone)]
 enum Result_ {
     Rejected(String),
-    Ran {
-        outcome: String,
-        output: Vec<u8>,
-        matched: bool,
-    },
+    Ran { outcome: String, output: Vec<u8>, matched: bool },
 }
 
 fn replay_in_process(dir: &Path, limit: u64) -> Result_ {
@@ -177,21 +148,14 @@ fn replay_in_process(dir: &Path, limit: u64) -> Result_ {
         Err(e) => Result_::Rejected(e.to_string()),
         Ok(o) => {
             let matched = matches!(&o, Outcome::Finished { problems, .. } if problems.is_empty());
-            Result_::Ran {
-                outcome: format!("{o:?}"),
-                output,
-                matched,
-            }
+            Result_::Ran { outcome: format!("{o:?}"), output, matched }
         }
     }
 }
 
 #[test]
 fn ten_thousand_mutations_no_panic_no_hang_nothing_damaged_passes() {
-    let n: usize = std::env::var("REVIRT_MUTATIONS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
+    let n: usize = std::env::var("REVIRT_MUTATIONS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("rec");
     sample(&dir);
@@ -202,17 +166,9 @@ fn ten_thousand_mutations_no_panic_no_hang_nothing_damaged_passes() {
     let log_path = dir.join(trace::EVENTS);
     let log = std::fs::read(&log_path).unwrap();
     let chunks = chunk_spans(&log);
-    assert!(
-        chunks.spans.len() >= 3,
-        "want several chunks, got {}",
-        chunks.spans.len()
-    );
+    assert!(chunks.spans.len() >= 3, "want several chunks, got {}", chunks.spans.len());
     let all = files(&dir);
-    let ckpts: Vec<PathBuf> = all
-        .iter()
-        .filter(|p| p.extension().map(|e| e == "ckpt").unwrap_or(false))
-        .cloned()
-        .collect();
+    let ckpts: Vec<PathBuf> = all.iter().filter(|p| p.extension().map(|e| e == "ckpt").unwrap_or(false)).cloned().collect();
     let meta_path = dir.join(trace::META);
     let meta = std::fs::read(&meta_path).unwrap();
 
@@ -224,9 +180,7 @@ fn ten_thousand_mutations_no_panic_no_hang_nothing_damaged_passes() {
     for i in 0..n {
         // Apply one mutation to one file; remember how to undo it.
         let kind = rng.next(99);
-        let (path, orig) = if kind < 55 {
-            (log_path.clone(), log.clone())
-        } else if kind < 70 {
+        let (path, orig) = if kind < 55 { (log_path.clone(), log.clone()) } else if kind < 70 {
             (meta_path.clone(), meta.clone())
         } else if kind < 90 {
             let p = ckpts[rng.next(ckpts.len() as u64 - 1) as usize].clone();
@@ -289,35 +243,20 @@ fn ten_thousand_mutations_no_panic_no_hang_nothing_damaged_passes() {
 
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let v = verify(&dir);
-            assert!(
-                !v.intact,
-                "mutation {i} ({what} of {}) passed verify as intact",
-                path.display()
-            );
+            assert!(!v.intact, "mutation {i} ({what} of {}) passed verify as intact", path.display());
             // A replay depends on meta, the log's *verified prefix*, checkpoint
             // 0 and the console: mutations that leave those equal replay alike.
             let mut key: String = [trace::META, trace::CONSOLE, "checkpoints/000000.ckpt"]
                 .iter()
-                .map(|f| {
-                    std::fs::read(dir.join(f))
-                        .map(|b| trace::sha256_hex(&b))
-                        .unwrap_or_else(|_| "missing".into())
-                })
+                .map(|f| std::fs::read(dir.join(f)).map(|b| trace::sha256_hex(&b)).unwrap_or_else(|_| "missing".into()))
                 .collect::<Vec<_>>()
                 .join(",");
             match trace::log::genesis_of(&dir).and_then(|g| trace::LogReader::read(&log_path, g)) {
-                Ok(l) => key.push_str(&format!(
-                    ",{} events, {:?}",
-                    l.events.len(),
-                    l.status == trace::LogStatus::Complete
-                )),
+                Ok(l) => key.push_str(&format!(",{} events, {:?}", l.events.len(), l.status == trace::LogStatus::Complete)),
                 Err(e) => key.push_str(&format!(",{e}")),
             }
             let fresh = !cache.contains_key(&key);
-            let res = cache
-                .entry(key)
-                .or_insert_with(|| replay_in_process(&dir, limit))
-                .clone();
+            let res = cache.entry(key).or_insert_with(|| replay_in_process(&dir, limit)).clone();
             (res, fresh)
         }));
         std::fs::write(&path, &orig).unwrap();
@@ -330,11 +269,7 @@ fn ten_thousand_mutations_no_panic_no_hang_nothing_damaged_passes() {
                         assert!(!msg.is_empty(), "mutation {i}: rejected without a message");
                         rejected += 1;
                     }
-                    Result_::Ran {
-                        outcome,
-                        output,
-                        matched,
-                    } => {
+                    Result_::Ran { outcome, output, matched } => {
                         // Whatever ran must agree with the real recording as far as it went.
                         assert!(console.starts_with(&output), "mutation {i} ({what} of {}): replay printed something the recording did not: {outcome}", path.display());
                         if !matched {
@@ -361,16 +296,7 @@ fn sigkill_at_twenty_random_moments_leaves_replayable_prefixes() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("rec");
         let mut child = revirt()
-            .args([
-                "record",
-                img.to_str().unwrap(),
-                "--cmdline",
-                "workload=echo",
-                "-o",
-                dir.to_str().unwrap(),
-                "--checkpoint-every",
-                "50ms",
-            ])
+            .args(["record", img.to_str().unwrap(), "--cmdline", "workload=echo", "-o", dir.to_str().unwrap(), "--checkpoint-every", "50ms"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -398,17 +324,9 @@ fn sigkill_at_twenty_random_moments_leaves_replayable_prefixes() {
         }
         let o = run_with_input(&["replay", dir.to_str().unwrap()], b"");
         let code = o.status.code();
-        assert!(
-            code == Some(0)
-                || code == Some(2)
-                || (code == Some(125) && stderr(&o).contains("checkpoint")),
-            "kill {k} after {kill_after:?}: replay said {code:?}: {}",
-            stderr(&o)
-        );
-        assert!(
-            recorded.starts_with(&stdout(&o)),
-            "kill {k}: replay is not a prefix of what was recorded"
-        );
+        assert!(code == Some(0) || code == Some(2) || (code == Some(125) && stderr(&o).contains("checkpoint")),
+            "kill {k} after {kill_after:?}: replay said {code:?}: {}", stderr(&o));
+        assert!(recorded.starts_with(&stdout(&o)), "kill {k}: replay is not a prefix of what was recorded");
         match code {
             Some(0) => complete += 1,
             _ => incomplete += 1,
@@ -421,14 +339,7 @@ fn sigkill_at_twenty_random_moments_leaves_replayable_prefixes() {
 fn disk_full_gives_a_clear_error_and_a_valid_partial_recording() {
     let mnt = tempfile::tempdir().unwrap();
     let ok = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=160k",
-            "tmpfs",
-            mnt.path().to_str().unwrap(),
-        ])
+        .args(["-t", "tmpfs", "-o", "size=160k", "tmpfs", mnt.path().to_str().unwrap()])
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
@@ -443,24 +354,15 @@ fn disk_full_gives_a_clear_error_and_a_valid_partial_recording() {
     let dir = mnt.path().join("rec");
     let mut input = Vec::new();
     for i in 0..4000 {
-        input.extend_from_slice(
-            format!("filling the disk with line {i:05} of the echo workload\n").as_bytes(),
-        );
+        input.extend_from_slice(format!("filling the disk with line {i:05} of the echo workload\n").as_bytes());
     }
     input.extend_from_slice(b"quit\n");
     let o = record_demo(&dir, "workload=echo", &["--mem", "4M"], &input);
     assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
-    assert!(
-        stderr(&o).contains("No space left on device"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("No space left on device"), "{}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"));
     let v = verify(&dir);
-    assert!(
-        !v.intact,
-        "a recording cut short by a full disk must not pass as whole"
-    );
+    assert!(!v.intact, "a recording cut short by a full disk must not pass as whole");
     let r = run_with_input(&["replay", dir.to_str().unwrap()], b"");
     assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
     assert!(stderr(&r).contains("incomplete"));

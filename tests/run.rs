@@ -7,15 +7,8 @@ use common::*;
 fn compute_workload_matches_host_computation() {
     let o = run_demo("workload=compute iters=1000000", &[], b"");
     assert!(o.status.success(), "{}", stderr(&o));
-    let want = format!(
-        "compute: iters=1000000 result={:#018x}",
-        compute_result(1_000_000)
-    );
-    assert!(
-        stdout(&o).contains(&want),
-        "stdout: {}\nwanted: {want}",
-        stdout(&o)
-    );
+    let want = format!("compute: iters=1000000 result={:#018x}", compute_result(1_000_000));
+    assert!(stdout(&o).contains(&want), "stdout: {}\nwanted: {want}", stdout(&o));
 }
 
 #[test]
@@ -31,13 +24,9 @@ fn timer_preempts_racing_ring3_tasks() {
     let o = run_demo("workload=race", &[], b"");
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    let line = out
-        .lines()
-        .find(|l| l.starts_with("race:"))
-        .unwrap_or_else(|| panic!("no race line: {out}"));
+    let line = out.lines().find(|l| l.starts_with("race:")).unwrap_or_else(|| panic!("no race line: {out}"));
     let num = |k| field(line, k).unwrap().parse::<u64>().unwrap();
-    let (counter, expected, lost, ticks) =
-        (num("counter"), num("expected"), num("lost"), num("ticks"));
+    let (counter, expected, lost, ticks) = (num("counter"), num("expected"), num("lost"), num("ticks"));
     assert!(ticks > 0, "no timer interrupt was delivered: {line}");
     assert!(counter <= expected && counter > 0, "{line}");
     assert_eq!(lost, expected - counter, "{line}");
@@ -48,12 +37,7 @@ fn echo_workload_echoes_serial_input() {
     let o = run_demo("workload=echo", &[], b"hello\nworld of replay\nquit\n");
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
-    for l in [
-        "echo: ready",
-        "echo: hello",
-        "echo: world of replay",
-        "echo: bye",
-    ] {
+    for l in ["echo: ready", "echo: hello", "echo: world of replay", "echo: bye"] {
         assert!(out.contains(l), "missing {l:?} in {out}");
     }
 }
@@ -63,11 +47,7 @@ fn idle_guest_with_closed_input_is_an_error_not_a_hang() {
     let o = run_demo("workload=echo", &[], b"only one line\n");
     assert!(!o.status.success());
     assert!(stdout(&o).contains("echo: only one line"));
-    assert!(
-        stderr(&o).contains("wait forever"),
-        "stderr: {}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("wait forever"), "stderr: {}", stderr(&o));
 }
 
 #[test]
@@ -89,11 +69,7 @@ fn disk_checksum_round_trips_through_the_block_device() {
         let after = std::fs::read(&disk).unwrap();
         assert_eq!(&after[..8], b"RVDISK01");
         assert_eq!(u64::from_le_bytes(after[8..16].try_into().unwrap()), round);
-        assert_eq!(
-            &after[512..],
-            &content[512..],
-            "guest changed sectors it should not touch"
-        );
+        assert_eq!(&after[512..], &content[512..], "guest changed sectors it should not touch");
         let want = format!("{:#018x}", fnv1a(&after[..64 * 512]));
         assert_eq!(field(line, "checksum").unwrap(), want, "{line}");
     }
@@ -119,11 +95,7 @@ fn exit_status_propagates() {
 fn unknown_workload_exits_2() {
     let o = run_demo("workload=nonesuch", &[], b"");
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        stdout(&o).contains("unknown workload 'nonesuch'"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(stdout(&o).contains("unknown workload 'nonesuch'"), "{}", stdout(&o));
 }
 
 #[test]
@@ -145,11 +117,7 @@ fn malformed_image_gives_a_clear_error() {
     std::fs::write(&junk, b"this is not a kernel").unwrap();
     let o = run_with_input(&["run", junk.to_str().unwrap()], b"");
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("not an ELF file"),
-        "stderr: {}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("not an ELF file"), "stderr: {}", stderr(&o));
     assert!(!stderr(&o).contains("panicked"));
 
     let img = std::fs::read(demo_image()).unwrap();
@@ -158,29 +126,18 @@ fn malformed_image_gives_a_clear_error() {
     let o = run_with_input(&["run", cut.to_str().unwrap()], b"");
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(
-        e.contains("truncated") || e.contains("beyond the end of the file"),
-        "stderr: {e}"
-    );
+    assert!(e.contains("truncated") || e.contains("beyond the end of the file"), "stderr: {e}");
 
     let mut arm = img.clone();
     arm[18] = 183; // EM_AARCH64
     let armp = dir.path().join("arm.img");
     std::fs::write(&armp, &arm).unwrap();
     let o = run_with_input(&["run", armp.to_str().unwrap()], b"");
-    assert!(
-        stderr(&o).contains("expected x86-64"),
-        "stderr: {}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("expected x86-64"), "stderr: {}", stderr(&o));
 
     let o = run_with_input(&["run", "/nonexistent/vm.img"], b"");
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("/nonexistent/vm.img"),
-        "stderr: {}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("/nonexistent/vm.img"), "stderr: {}", stderr(&o));
 }
 
 #[test]
@@ -188,18 +145,10 @@ fn image_larger_than_memory_is_refused() {
     let img = demo_image();
     let o = run_with_input(&["run", img.to_str().unwrap(), "--mem", "1M"], b"");
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("beyond the end of guest RAM"),
-        "stderr: {}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("beyond the end of guest RAM"), "stderr: {}", stderr(&o));
     let o = run_with_input(&["run", img.to_str().unwrap(), "--mem", "5M"], b"");
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("multiple of 2 MiB"),
-        "stderr: {}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("multiple of 2 MiB"), "stderr: {}", stderr(&o));
 }
 
 #[test]
@@ -207,10 +156,7 @@ fn missing_disk_gives_a_clear_error() {
     let o = run_demo("workload=disk", &["--disk", "/nonexistent/disk.img"], b"");
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(
-        e.contains("/nonexistent/disk.img") && e.contains("No such file"),
-        "stderr: {e}"
-    );
+    assert!(e.contains("/nonexistent/disk.img") && e.contains("No such file"), "stderr: {e}");
 }
 
 #[test]
@@ -220,11 +166,7 @@ fn odd_sized_disk_is_refused() {
     std::fs::write(&disk, vec![0u8; 1000]).unwrap();
     let o = run_demo("workload=disk", &["--disk", disk.to_str().unwrap()], b"");
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("not a multiple of 512"),
-        "stderr: {}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("not a multiple of 512"), "stderr: {}", stderr(&o));
 }
 
 #[test]

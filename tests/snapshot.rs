@@ -10,31 +10,17 @@ use revirt::vmm::{Console, Host, Image, LiveHost, Machine, Snapshot, Stop, VmCon
 
 fn capture_host(input: &'static [u8], clock: u64) -> (LiveHost, Arc<Mutex<Vec<u8>>>) {
     let buf = Arc::new(Mutex::new(Vec::new()));
-    let host = LiveHost::new(
-        Box::new(input),
-        Console::Capture {
-            buf: buf.clone(),
-            echo: false,
-        },
-        clock,
-    );
+    let host = LiveHost::new(Box::new(input), Console::Capture { buf: buf.clone(), echo: false }, clock);
     (host, buf)
 }
 
 fn config(cmdline: &str) -> VmConfig {
-    VmConfig {
-        cmdline: cmdline.into(),
-        ..Default::default()
-    }
+    VmConfig { cmdline: cmdline.into(), ..Default::default() }
 }
 
 /// Runs uninterrupted, then again with a pause after `pause_at` exits, a save,
 /// a restore into a new VM and a resume; returns both outputs and statuses.
-fn split_run(
-    cmdline: &str,
-    input: &'static [u8],
-    pause_at: u64,
-) -> ((Stop, String), (Stop, String)) {
+fn split_run(cmdline: &str, input: &'static [u8], pause_at: u64) -> ((Stop, String), (Stop, String)) {
     let image = Image::load_file(&demo_image()).unwrap();
 
     let mut m = Machine::boot(&config(cmdline), &image).unwrap();
@@ -63,10 +49,7 @@ fn split_run(
     let stop = m2.run(&mut host2, None).unwrap();
     let mut split = out1.lock().unwrap().clone();
     split.extend_from_slice(&out2.lock().unwrap());
-    (
-        (whole_stop, whole),
-        (stop, String::from_utf8(split).unwrap()),
-    )
+    ((whole_stop, whole), (stop, String::from_utf8(split).unwrap()))
 }
 
 #[test]
@@ -118,10 +101,7 @@ fn save_restore_with_timer_running() {
         String::from_utf8_lossy(&out2.lock().unwrap())
     );
     let line = text.lines().find(|l| l.starts_with("race:")).expect(&text);
-    assert!(
-        field(line, "ticks").unwrap().parse::<u64>().unwrap() > 0,
-        "{line}"
-    );
+    assert!(field(line, "ticks").unwrap().parse::<u64>().unwrap() > 0, "{line}");
 }
 
 #[test]

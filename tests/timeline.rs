@@ -12,12 +12,7 @@ use revirt::replay::{Outcome, Recording, Sink, Timeline};
 fn seek_gives_the_same_state_from_any_checkpoint() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("rec");
-    let o = record_demo(
-        &dir,
-        "workload=echo",
-        &["--checkpoint-every", "30ms"],
-        b"alpha\nbeta\ngamma\ndelta\nquit\n",
-    );
+    let o = record_demo(&dir, "workload=echo", &["--checkpoint-every", "30ms"], b"alpha\nbeta\ngamma\ndelta\nquit\n");
     assert!(o.status.success(), "{}", stderr(&o));
     let rec = Arc::new(Recording::open(&dir).unwrap());
     assert!(rec.is_complete());
@@ -64,10 +59,7 @@ fn step_and_seek_to_exact_points() {
     assert_eq!(t.step(500).unwrap(), Outcome::Reached);
     let far = t.position().unwrap();
     let far_hash = t.machine.state_hash().unwrap();
-    assert!(
-        far.exits > one.exits || far.branches > one.branches,
-        "{far} vs {one}"
-    );
+    assert!(far.exits > one.exits || far.branches > one.branches, "{far} vs {one}");
 
     // Going back to an exact point (restore + replay + step) gives the same state.
     let mut u = Timeline::open(rec.clone(), Sink::Discard).unwrap();

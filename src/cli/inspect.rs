@@ -29,18 +29,11 @@ pub struct Args {
 }
 
 pub fn main(a: Args) -> anyhow::Result<u8> {
-    let mut s = Session::open(
-        &a.recording,
-        Options {
-            no_kvm: a.no_kvm,
-            progress: true,
-        },
-    )?;
+    let mut s = Session::open(&a.recording, Options { no_kvm: a.no_kvm, progress: true })?;
     // Ctrl-C stops long replays, not the inspector.
     interrupt::install();
     if let Some(at) = &a.at {
-        s.seek(parse::point(at)?)
-            .with_context(|| format!("--at {at}"))?;
+        s.seek(parse::point(at)?).with_context(|| format!("--at {at}"))?;
     }
     if !a.commands.is_empty() {
         return Ok(script(&mut s, &a.commands.join(";")));
@@ -49,9 +42,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         return repl(&mut s);
     }
     let mut text = String::new();
-    std::io::stdin()
-        .read_to_string(&mut text)
-        .context("reading commands from stdin")?;
+    std::io::stdin().read_to_string(&mut text).context("reading commands from stdin")?;
     Ok(script(&mut s, &text))
 }
 
@@ -81,9 +72,7 @@ fn history_path() -> Option<PathBuf> {
         let _ = std::fs::create_dir_all(&dir);
         return Some(dir.join("history"));
     }
-    std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(|h| PathBuf::from(h).join(".revirt_history"))
+    std::env::var_os("HOME").filter(|h| !h.is_empty()).map(|h| PathBuf::from(h).join(".revirt_history"))
 }
 
 /// Tab completion: command names, then a few known second words.
@@ -92,17 +81,9 @@ struct ReplHelper;
 impl Completer for ReplHelper {
     type Candidate = String;
 
-    fn complete(
-        &self,
-        line: &str,
-        pos: usize,
-        _: &rustyline::Context<'_>,
-    ) -> rustyline::Result<(usize, Vec<String>)> {
+    fn complete(&self, line: &str, pos: usize, _: &rustyline::Context<'_>) -> rustyline::Result<(usize, Vec<String>)> {
         let before = &line[..pos];
-        let start = before
-            .rfind(char::is_whitespace)
-            .map(|i| i + 1)
-            .unwrap_or(0);
+        let start = before.rfind(char::is_whitespace).map(|i| i + 1).unwrap_or(0);
         let word = &before[start..];
         let first = before[..start].split_whitespace().collect::<Vec<_>>();
         let pool: Vec<&str> = match first.as_slice() {
@@ -111,11 +92,7 @@ impl Completer for ReplHelper {
             [cmd] => argument_words(cmd).to_vec(),
             _ => vec![],
         };
-        let mut c: Vec<String> = pool
-            .into_iter()
-            .filter(|w| w.starts_with(word))
-            .map(str::to_string)
-            .collect();
+        let mut c: Vec<String> = pool.into_iter().filter(|w| w.starts_with(word)).map(str::to_string).collect();
         if let [only] = c.as_mut_slice() {
             if !only.ends_with(':') {
                 only.push(' ');

@@ -32,13 +32,7 @@ pub struct Args {
 
 /// Exit status = the guest's (124 = it crashed, 130 = stopped with Ctrl-C).
 pub fn main(a: Args) -> anyhow::Result<u8> {
-    let mut s = Session::open(
-        &a.recording,
-        Options {
-            no_kvm: false,
-            progress: true,
-        },
-    )?;
+    let mut s = Session::open(&a.recording, Options { no_kvm: false, progress: true })?;
     interrupt::install();
     let p = parse::point(&a.at)?;
     match s.seek(p) {

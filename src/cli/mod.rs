@@ -17,11 +17,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "revirt",
-    version,
-    about = "Forensic record/replay debugger for KVM virtual machines"
-)]
+#[command(name = "revirt", version, about = "Forensic record/replay debugger for KVM virtual machines")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -68,11 +64,7 @@ pub struct VmArgs {
 
 impl VmArgs {
     pub fn config(&self) -> revirt::vmm::VmConfig {
-        revirt::vmm::VmConfig {
-            mem_size: self.mem,
-            cmdline: self.cmdline.clone(),
-            disk: self.disk.clone(),
-        }
+        revirt::vmm::VmConfig { mem_size: self.mem, cmdline: self.cmdline.clone(), disk: self.disk.clone() }
     }
 }
 
@@ -126,15 +118,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         }
         _ => (t, 0),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (e.g. 64M, 1G)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a size (e.g. 64M, 1G)"))?;
     Ok(match mult {
         0 if n < 1 << 20 => n << 20, // a bare small number means MiB
         0 => n,
-        m => n
-            .checked_mul(m)
-            .ok_or_else(|| format!("size '{s}' is too large"))?,
+        m => n.checked_mul(m).ok_or_else(|| format!("size '{s}' is too large"))?,
     })
 }
 
@@ -144,9 +132,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (e.g. 1s, 250ms)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is not a duration (e.g. 1s, 250ms)"))?;
     match unit {
         "" if n == 0 => Ok(Duration::ZERO),
         "ms" => Ok(Duration::from_millis(n)),

@@ -41,9 +41,7 @@ fn parse_clock(s: &str) -> Result<ClockArg, String> {
     if s == "auto" {
         return Ok(ClockArg::Auto);
     }
-    ClockKind::from_str(s, true)
-        .map(ClockArg::Kind)
-        .map_err(|_| format!("unknown clock '{s}': auto, exit, step, pmu or pmu-sim"))
+    ClockKind::from_str(s, true).map(ClockArg::Kind).map_err(|_| format!("unknown clock '{s}': auto, exit, step, pmu or pmu-sim"))
 }
 
 pub fn main(a: Args) -> anyhow::Result<u8> {
@@ -56,15 +54,8 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
     };
     let out = a.out.clone().unwrap_or_else(|| {
-        let stem = a
-            .image
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "vm".into());
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let stem = a.image.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "vm".into());
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         PathBuf::from("recordings").join(format!("{stem}-{t}"))
     });
     let opts = RecordOptions {
@@ -74,11 +65,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         clock,
         checkpoint_every: a.checkpoint_every,
         parent: None,
-        control: a
-            .control
-            .as_deref()
-            .map(revirt::migrate::Controller::listen)
-            .transpose()?,
+        control: a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?,
     };
     let s = record(&opts, Box::new(std::io::stdin()), Console::Stdout)?;
     if let Some(m) = &s.migrated {

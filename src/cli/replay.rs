@@ -16,16 +16,8 @@ pub fn parse_point(s: &str) -> Result<ExecPoint, String> {
     };
     let parts: Vec<&str> = s.split(':').collect();
     match parts.as_slice() {
-        [e] => Ok(ExecPoint {
-            exits: num(e)?,
-            branches: 0,
-            rip: u64::MAX,
-        }),
-        [e, b, r] => Ok(ExecPoint {
-            exits: num(e)?,
-            branches: num(b)?,
-            rip: num(r)?,
-        }),
+        [e] => Ok(ExecPoint { exits: num(e)?, branches: 0, rip: u64::MAX }),
+        [e, b, r] => Ok(ExecPoint { exits: num(e)?, branches: num(b)?, rip: num(r)? }),
         _ => Err(format!("'{s}': expected EXITS or EXITS:BRANCHES:RIP")),
     }
 }
@@ -69,10 +61,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     if let LogStatus::Incomplete { reason, .. } = &rec.status {
         eprintln!("revirt: warning: recording is incomplete: {reason}; replaying what it holds ({} events)", rec.events.len());
     }
-    let ck = a.from_checkpoint.unwrap_or_else(|| {
-        a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits))
-            .unwrap_or(0)
-    });
+    let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));
     let sink = if a.quiet { Sink::Discard } else { Sink::Stdout };
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;
     let recorded = rec.meta.clock;
@@ -91,10 +80,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
         (_, ClockKind::Pmu) => {
             tl.use_pmu(None)?;
-            eprintln!(
-                "revirt: landing on events with the hardware PMU (margin {})",
-                tl.landing().map(|l| l.margin).unwrap_or(0)
-            );
+            eprintln!("revirt: landing on events with the hardware PMU (margin {})", tl.landing().map(|l| l.margin).unwrap_or(0));
         }
         (_, ClockKind::PmuSim) => {
             eprintln!("revirt: landing on events with the PMU algorithm over the simulated counter (margin {}, skid up to {}, seed {})", a.margin, a.skid, a.seed);
@@ -103,10 +89,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         _ => {}
     }
     if ck != 0 {
-        eprintln!(
-            "revirt: starting from checkpoint {ck} (exit {})",
-            tl.exits()
-        );
+        eprintln!("revirt: starting from checkpoint {ck} (exit {})", tl.exits());
     }
     let outcome = match a.to {
         None => tl.run(None)?,
@@ -122,11 +105,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
             eprintln!("revirt: reached {p} (event #{})", tl.host.next);
             0
         }
-        Outcome::Finished {
-            problems,
-            state_hash,
-            stop,
-        } if problems.is_empty() => {
+        Outcome::Finished { problems, state_hash, stop } if problems.is_empty() => {
             eprintln!(
                 "revirt: replay matches the recording: {} events, {} exits, {stop:?}, final state hash {state_hash}",
                 rec.events.len(),

@@ -44,11 +44,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
     };
     let mut host = LiveHost::new(Box::new(std::io::stdin()), Console::Stdout, clock_start);
-    let control = a
-        .control
-        .as_deref()
-        .map(revirt::migrate::Controller::listen)
-        .transpose()?;
+    let control = a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?;
     let stop = match run_live_until(&mut machine, &mut host, control.as_deref(), a.pause_at)? {
         LiveEnd::Stopped(s) => s,
         LiveEnd::Migrated(s) => {
@@ -63,9 +59,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
             Ok(EXIT_GUEST_CRASH)
         }
         Stop::Paused => {
-            let Some(path) = &a.save else {
-                bail!("paused without a snapshot path")
-            };
+            let Some(path) = &a.save else { bail!("paused without a snapshot path") };
             use revirt::vmm::Host;
             let clock = host.now_ns();
             let state = machine.save_state(clock)?;

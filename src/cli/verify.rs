@@ -27,12 +27,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
     }
     if a.digest {
-        println!(
-            "digest {}",
-            r.digest
-                .as_deref()
-                .unwrap_or("(unavailable: meta.json or events.log unreadable)")
-        );
+        println!("digest {}", r.digest.as_deref().unwrap_or("(unavailable: meta.json or events.log unreadable)"));
     }
     if let Some(want) = &a.expect {
         if r.digest.as_deref() != Some(want.trim()) {

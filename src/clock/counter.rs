@@ -132,19 +132,10 @@ pub struct RunCounter {
 
 impl RunCounter {
     /// Starts counting from `branches_now` (the count since the last exit).
-    pub fn new(
-        mut counter: Box<dyn BranchCounter + Send>,
-        branches_now: u64,
-    ) -> Result<RunCounter, PmuError> {
+    pub fn new(mut counter: Box<dyn BranchCounter + Send>, branches_now: u64) -> Result<RunCounter, PmuError> {
         counter.reset()?;
         counter.take_overflow();
-        Ok(RunCounter {
-            counter,
-            base: branches_now,
-            programmed: None,
-            kicked: false,
-            exit_overflow: false,
-        })
+        Ok(RunCounter { counter, base: branches_now, programmed: None, kicked: false, exit_overflow: false })
     }
 
     pub fn into_inner(self) -> Box<dyn BranchCounter + Send> {
@@ -261,8 +252,7 @@ extern "C" fn on_overflow(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mu
 /// Registers the overflow handler once per process.
 pub fn install_overflow_handler() -> bool {
     HANDLER.call_once(|| {
-        let ok =
-            vmm_sys_util::signal::register_signal_handler(overflow_signal(), on_overflow).is_ok();
+        let ok = vmm_sys_util::signal::register_signal_handler(overflow_signal(), on_overflow).is_ok();
         HANDLER_OK.store(ok, Ordering::SeqCst);
     });
     HANDLER_OK.load(Ordering::SeqCst)
@@ -284,9 +274,7 @@ impl RealCounter {
     /// signal this thread with [`overflow_signal`].
     pub fn open() -> Result<RealCounter, PmuError> {
         if !install_overflow_handler() {
-            return Err(PmuError::Unavailable(
-                "cannot install the overflow signal handler".into(),
-            ));
+            return Err(PmuError::Unavailable("cannot install the overflow signal handler".into()));
         }
         crate::vmm::vcpu::install_kick_handler();
         let perf = PerfCounter::open(overflow_signal())?;
@@ -354,17 +342,7 @@ pub struct SimCounter {
 
 impl SimCounter {
     pub fn new(max_skid: u64, seed: u64, always: bool) -> SimCounter {
-        SimCounter {
-            count: 0,
-            armed: None,
-            skid: 0,
-            fired: false,
-            max_skid,
-            fixed_skid: None,
-            rng: Skid::new(seed),
-            always,
-            overflows: 0,
-        }
+        SimCounter { count: 0, armed: None, skid: 0, fired: false, max_skid, fixed_skid: None, rng: Skid::new(seed), always, overflows: 0 }
     }
     /// Every overflow arrives exactly `skid` branches late.
     pub fn with_fixed_skid(skid: u64) -> SimCounter {
@@ -405,12 +383,8 @@ impl BranchCounter for SimCounter {
         Ok(self.count)
     }
     fn arm(&mut self, n: u64) -> Result<(), PmuError> {
-        self.skid = self
-            .fixed_skid
-            .unwrap_or_else(|| self.rng.next(self.max_skid));
-        self.armed = Some(Armed {
-            at: self.count + n.max(1),
-        });
+        self.skid = self.fixed_skid.unwrap_or_else(|| self.rng.next(self.max_skid));
+        self.armed = Some(Armed { at: self.count + n.max(1) });
         self.check();
         Ok(())
     }
@@ -499,11 +473,7 @@ pub mod tests {
     #[test]
     fn arm_arithmetic_is_target_minus_margin() {
         assert_eq!(overflow_point(1000, 100), Some(900));
-        assert_eq!(
-            overflow_point(100, 100),
-            None,
-            "within the margin: step from the exit"
-        );
+        assert_eq!(overflow_point(100, 100), None, "within the margin: step from the exit");
         assert_eq!(overflow_point(5, 100), None);
         // Armed from a stop part-way through the interval: only the rest.
         assert_eq!(arm_distance(900, 0), Some(900));
@@ -512,14 +482,7 @@ pub mod tests {
         assert_eq!(arm_distance(900, 950), None);
         // Same numbers as the Lander's own.
         let l = super::super::pmu::Lander::new(
-            super::super::pmu::Target {
-                at: super::super::ExecPoint {
-                    exits: 3,
-                    branches: 1000,
-                    rip: 0,
-                },
-                fp: 0,
-            },
+            super::super::pmu::Target { at: super::super::ExecPoint { exits: 3, branches: 1000, rip: 0 }, fp: 0 },
             100,
         );
         assert_eq!(l.overflow_at, overflow_point(1000, 100));
@@ -535,10 +498,7 @@ pub mod tests {
 
     #[test]
     fn fake_counter_overflows_late_and_resets_at_exits() {
-        let mut c = FakeCounter {
-            late: 7,
-            ..Default::default()
-        };
+        let mut c = FakeCounter { late: 7, ..Default::default() };
         c.retire(10);
         let n = arm_distance(100, c.read().unwrap()).unwrap();
         c.arm(n).unwrap();
@@ -581,10 +541,7 @@ pub mod tests {
     fn glue(late: u64, branches_now: u64) -> (RunCounter, Shared) {
         let f = Shared::default();
         f.0.lock().unwrap().late = late;
-        (
-            RunCounter::new(Box::new(f.clone()), branches_now).unwrap(),
-            f,
-        )
+        (RunCounter::new(Box::new(f.clone()), branches_now).unwrap(), f)
     }
 
     #[test]
@@ -601,30 +558,18 @@ pub mod tests {
         f.0.lock().unwrap().retire(1);
         // The overflow signal: EINTR, and the count read there (5 late).
         assert_eq!(rc.at_eintr(false).unwrap(), Some((true, 905)));
-        assert_eq!(
-            rc.at_eintr(false).unwrap(),
-            Some((false, 905)),
-            "one overflow, one report"
-        );
+        assert_eq!(rc.at_eintr(false).unwrap(), Some((false, 905)), "one overflow, one report");
     }
 
     #[test]
     fn run_loop_reads_the_count_at_a_kick_stop_and_resets_at_exits() {
         let (mut rc, f) = glue(0, 0);
         f.0.lock().unwrap().retire(37);
-        assert_eq!(
-            rc.at_eintr(false).unwrap(),
-            Some((false, 37)),
-            "a kick: deliver at 37 branches"
-        );
+        assert_eq!(rc.at_eintr(false).unwrap(), Some((false, 37)), "a kick: deliver at 37 branches");
         rc.program(Some(50)).unwrap();
         rc.at_exit().unwrap();
         let fc = f.0.lock().unwrap();
-        assert_eq!(
-            (fc.count, fc.armed_at),
-            (0, None),
-            "reset and disarmed at the exit"
-        );
+        assert_eq!((fc.count, fc.armed_at), (0, None), "reset and disarmed at the exit");
         assert_eq!(fc.resets, 2, "once when installed, once at the exit");
         drop(fc);
         assert_eq!(rc.count().unwrap(), 0);
@@ -650,11 +595,7 @@ pub mod tests {
         f.0.lock().unwrap().retire(20);
         assert_eq!(rc.count().unwrap(), 320);
         rc.program(Some(400)).unwrap();
-        assert_eq!(
-            f.0.lock().unwrap().armed_at,
-            Some(20 + 80),
-            "80 more branches"
-        );
+        assert_eq!(f.0.lock().unwrap().armed_at, Some(20 + 80), "80 more branches");
         // Already past: the soonest stop, one branch on.
         let (mut rc, f) = glue(0, 500);
         rc.program(Some(400)).unwrap();
@@ -672,19 +613,11 @@ pub mod tests {
     #[test]
     fn the_simulated_counter_through_the_run_loop_glue() {
         let mut rc = RunCounter::new(Box::new(SimCounter::with_fixed_skid(2)), 0).unwrap();
-        assert_eq!(
-            rc.at_eintr(false).unwrap(),
-            None,
-            "not stepped, not counting: a spurious EINTR"
-        );
+        assert_eq!(rc.at_eintr(false).unwrap(), None, "not stepped, not counting: a spurious EINTR");
         rc.program(Some(3)).unwrap();
         assert!(rc.needs_stepping() && !rc.breakpoints_ok());
         let stops: Vec<CounterStop> = (0..8).map(|_| rc.at_step(true)).collect();
-        assert_eq!(
-            stops.iter().position(|s| *s == CounterStop::Overflow),
-            Some(4),
-            "at 5 = 3 + skid 2"
-        );
+        assert_eq!(stops.iter().position(|s| *s == CounterStop::Overflow), Some(4), "at 5 = 3 + skid 2");
         assert_eq!(rc.count().unwrap(), 8);
     }
 
@@ -697,11 +630,7 @@ pub mod tests {
         for i in 0..20 {
             c.on_step(i % 2 == 0); // a branch every other instruction
             if c.take_overflow() {
-                assert_eq!(
-                    c.read().unwrap(),
-                    8,
-                    "overflow at 5, reported 3 branches late"
-                );
+                assert_eq!(c.read().unwrap(), 8, "overflow at 5, reported 3 branches late");
                 assert_eq!(i, 14);
                 assert!(!c.needs_stepping());
                 return;

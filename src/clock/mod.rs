@@ -18,9 +18,7 @@ pub mod step;
 
 use serde::{Deserialize, Serialize};
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 pub struct ExecPoint {
     pub exits: u64,
     pub branches: u64,
@@ -29,11 +27,7 @@ pub struct ExecPoint {
 
 impl std::fmt::Display for ExecPoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {} + {} branches @ rip {:#x}",
-            self.exits, self.branches, self.rip
-        )
+        write!(f, "exit {} + {} branches @ rip {:#x}", self.exits, self.branches, self.rip)
     }
 }
 
@@ -75,24 +69,8 @@ impl std::fmt::Display for ClockKind {
 /// arrives at a recorded point (rr compares the whole register file).
 pub fn fingerprint(r: &kvm_bindings::kvm_regs) -> u64 {
     let words = [
-        r.rax,
-        r.rbx,
-        r.rcx,
-        r.rdx,
-        r.rsi,
-        r.rdi,
-        r.rsp,
-        r.rbp,
-        r.r8,
-        r.r9,
-        r.r10,
-        r.r11,
-        r.r12,
-        r.r13,
-        r.r14,
-        r.r15,
-        r.rip,
-        r.rflags & !0x10100, // ignore TF and RF: debugging artifacts
+        r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12,
+        r.r13, r.r14, r.r15, r.rip, r.rflags & !0x10100, // ignore TF and RF: debugging artifacts
     ];
     let mut h = 0xcbf2_9ce4_8422_2325u64;
     for w in words {

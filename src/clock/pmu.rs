@@ -32,10 +32,7 @@ pub enum PmuError {
     #[error("perf_event_open: {0}")]
     Open(std::io::Error),
     #[error("perf counter {op}: {source}")]
-    Io {
-        op: &'static str,
-        source: std::io::Error,
-    },
+    Io { op: &'static str, source: std::io::Error },
 }
 
 /// The CPU as /proc/cpuinfo describes it.
@@ -89,59 +86,20 @@ impl PerfConfig {
                 // BR_INST_RETIRED.CONDITIONAL; Ice Lake and later moved the umask.
                 let ice_lake_or_later = matches!(
                     cpu.model,
-                    0x6A | 0x6C
-                        | 0x7D
-                        | 0x7E
-                        | 0x8C
-                        | 0x8D
-                        | 0x8F
-                        | 0x97
-                        | 0x9A
-                        | 0xA7
-                        | 0xAA
-                        | 0xAC
-                        | 0xB7
-                        | 0xBA
-                        | 0xBD
-                        | 0xBE
-                        | 0xBF
-                        | 0xC5
-                        | 0xC6
-                        | 0xCF
+                    0x6A | 0x6C | 0x7D | 0x7E | 0x8C | 0x8D | 0x8F | 0x97 | 0x9A | 0xA7 | 0xAA | 0xAC | 0xB7 | 0xBA | 0xBD | 0xBE | 0xBF | 0xC5 | 0xC6 | 0xCF
                 );
-                let alder_lake_or_later = matches!(
-                    cpu.model,
-                    0x97 | 0x9A
-                        | 0xAA
-                        | 0xAC
-                        | 0xB7
-                        | 0xBA
-                        | 0xBD
-                        | 0xBE
-                        | 0xBF
-                        | 0xC5
-                        | 0xC6
-                        | 0xCF
-                        | 0x8F
-                );
+                let alder_lake_or_later =
+                    matches!(cpu.model, 0x97 | 0x9A | 0xAA | 0xAC | 0xB7 | 0xBA | 0xBD | 0xBE | 0xBF | 0xC5 | 0xC6 | 0xCF | 0x8F);
                 Ok(PerfConfig {
-                    raw_event: if ice_lake_or_later {
-                        0x5111c4
-                    } else {
-                        0x5101c4
-                    },
+                    raw_event: if ice_lake_or_later { 0x5111c4 } else { 0x5101c4 },
                     replay_margin: if alder_lake_or_later { 125 } else { 100 },
                 })
             }
-            ("AuthenticAMD", 0x15) => Ok(PerfConfig {
-                raw_event: 0x5100d1,
-                replay_margin: 250,
-            }),
+            ("AuthenticAMD", 0x15) => Ok(PerfConfig { raw_event: 0x5100d1, replay_margin: 250 }),
             // Zen: RETIRED_CONDITIONAL_BRANCH_INSTRUCTIONS; skid is effectively unbounded.
-            ("AuthenticAMD", 0x17 | 0x19 | 0x1A) | ("HygonGenuine", 0x18) => Ok(PerfConfig {
-                raw_event: 0x5100d1,
-                replay_margin: 10000,
-            }),
+            ("AuthenticAMD", 0x17 | 0x19 | 0x1A) | ("HygonGenuine", 0x18) => {
+                Ok(PerfConfig { raw_event: 0x5100d1, replay_margin: 10000 })
+            }
             _ => Err(PmuError::UnsupportedCpu(format!(
                 "{} family {:#x} model {:#x} has no known conditional-branch event",
                 cpu.vendor, cpu.family, cpu.model
@@ -182,14 +140,8 @@ struct FOwnerEx {
 /// Makes overflows of perf fd `fd` deliver signal `sig` to thread `tid`
 /// (O_ASYNC + F_SETSIG + F_SETOWN_EX), so KVM_RUN returns with EINTR.
 pub fn route_overflow_signal(fd: i32, tid: i32, sig: i32) -> Result<(), PmuError> {
-    let err = |op| PmuError::Io {
-        op,
-        source: std::io::Error::last_os_error(),
-    };
-    let owner = FOwnerEx {
-        type_: F_OWNER_TID,
-        pid: tid,
-    };
+    let err = |op| PmuError::Io { op, source: std::io::Error::last_os_error() };
+    let owner = FOwnerEx { type_: F_OWNER_TID, pid: tid };
     // SAFETY: plain fcntl calls on an fd we own; `owner` outlives the call.
     unsafe {
         if libc::fcntl(fd, F_SETOWN_EX, &owner as *const FOwnerEx) != 0 {
@@ -221,20 +173,11 @@ const PERF_EVENT_IOC_PERIOD: libc::c_ulong = 0x40082404;
 impl PerfCounter {
     /// Opens the counter for this thread; overflows send `signal` to it.
     pub fn open(signal: i32) -> Result<PerfCounter, PmuError> {
-        let cpu = CpuModel::host()
-            .ok_or_else(|| PmuError::UnsupportedCpu("cannot read /proc/cpuinfo".into()))?;
+        let cpu = CpuModel::host().ok_or_else(|| PmuError::UnsupportedCpu("cannot read /proc/cpuinfo".into()))?;
         let config = PerfConfig::for_cpu(&cpu)?;
         let mut attr = perf_attr(&config, 1 << 62);
         // SAFETY: attr is fully initialized; pid 0 / cpu -1 = this thread.
-        let fd = unsafe {
-            perf_event_open_sys::perf_event_open(
-                &mut attr,
-                0,
-                -1,
-                -1,
-                perf_event_open_sys::bindings::PERF_FLAG_FD_CLOEXEC as libc::c_ulong,
-            )
-        };
+        let fd = unsafe { perf_event_open_sys::perf_event_open(&mut attr, 0, -1, -1, perf_event_open_sys::bindings::PERF_FLAG_FD_CLOEXEC as libc::c_ulong) };
         if fd < 0 {
             return Err(PmuError::Open(std::io::Error::last_os_error()));
         }
@@ -256,10 +199,7 @@ impl PerfCounter {
             }
         };
         if r < 0 {
-            return Err(PmuError::Io {
-                op,
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(PmuError::Io { op, source: std::io::Error::last_os_error() });
         }
         Ok(())
     }
@@ -269,10 +209,7 @@ impl PerfCounter {
         // SAFETY: reading 8 bytes into a u64 from our perf fd.
         let n = unsafe { libc::read(self.fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
         if n != 8 {
-            return Err(PmuError::Io {
-                op: "read",
-                source: std::io::Error::last_os_error(),
-            });
+            return Err(PmuError::Io { op: "read", source: std::io::Error::last_os_error() });
         }
         Ok(v)
     }
@@ -332,12 +269,7 @@ pub struct Lander {
 impl Lander {
     pub fn new(target: Target, margin: u64) -> Lander {
         let overflow_at = (target.at.branches > margin).then(|| target.at.branches - margin);
-        Lander {
-            target,
-            overflow_at,
-            stepping: overflow_at.is_none(),
-            steps: 0,
-        }
+        Lander { target, overflow_at, stepping: overflow_at.is_none(), steps: 0 }
     }
 
     /// Whether the counter is still running free (no stop seen yet).
@@ -405,74 +337,27 @@ mod tests {
 
     #[test]
     fn event_codes_per_cpu_family() {
-        let intel = |model| CpuModel {
-            vendor: "GenuineIntel".into(),
-            family: 6,
-            model,
-        };
-        assert_eq!(
-            PerfConfig::for_cpu(&intel(0x55)).unwrap(),
-            PerfConfig {
-                raw_event: 0x5101c4,
-                replay_margin: 100
-            }
-        ); // Skylake-X
-        assert_eq!(
-            PerfConfig::for_cpu(&intel(0x6A)).unwrap().raw_event,
-            0x5111c4
-        ); // Ice Lake-SP
-        assert_eq!(
-            PerfConfig::for_cpu(&intel(0x97)).unwrap(),
-            PerfConfig {
-                raw_event: 0x5111c4,
-                replay_margin: 125
-            }
-        ); // Alder Lake
-        let amd = |family| CpuModel {
-            vendor: "AuthenticAMD".into(),
-            family,
-            model: 1,
-        };
-        assert_eq!(
-            PerfConfig::for_cpu(&amd(0x19)).unwrap(),
-            PerfConfig {
-                raw_event: 0x5100d1,
-                replay_margin: 10000
-            }
-        );
+        let intel = |model| CpuModel { vendor: "GenuineIntel".into(), family: 6, model };
+        assert_eq!(PerfConfig::for_cpu(&intel(0x55)).unwrap(), PerfConfig { raw_event: 0x5101c4, replay_margin: 100 }); // Skylake-X
+        assert_eq!(PerfConfig::for_cpu(&intel(0x6A)).unwrap().raw_event, 0x5111c4); // Ice Lake-SP
+        assert_eq!(PerfConfig::for_cpu(&intel(0x97)).unwrap(), PerfConfig { raw_event: 0x5111c4, replay_margin: 125 }); // Alder Lake
+        let amd = |family| CpuModel { vendor: "AuthenticAMD".into(), family, model: 1 };
+        assert_eq!(PerfConfig::for_cpu(&amd(0x19)).unwrap(), PerfConfig { raw_event: 0x5100d1, replay_margin: 10000 });
         assert_eq!(PerfConfig::for_cpu(&amd(0x15)).unwrap().replay_margin, 250);
-        assert_eq!(
-            PerfConfig::for_cpu(&amd(0x19)).unwrap().record_margin(),
-            50000
-        );
-        assert!(PerfConfig::for_cpu(&CpuModel {
-            vendor: "Weird".into(),
-            family: 1,
-            model: 1
-        })
-        .is_err());
+        assert_eq!(PerfConfig::for_cpu(&amd(0x19)).unwrap().record_margin(), 50000);
+        assert!(PerfConfig::for_cpu(&CpuModel { vendor: "Weird".into(), family: 1, model: 1 }).is_err());
     }
 
     #[test]
     fn cpuinfo_parsing() {
         let s = "processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 85\nmodel name\t: Xeon\n";
-        assert_eq!(
-            CpuModel::parse(s),
-            Some(CpuModel {
-                vendor: "GenuineIntel".into(),
-                family: 6,
-                model: 85
-            })
-        );
+        assert_eq!(CpuModel::parse(s), Some(CpuModel { vendor: "GenuineIntel".into(), family: 6, model: 85 }));
         assert_eq!(CpuModel::parse("nothing"), None);
     }
 
     #[test]
     fn perf_attr_counts_guest_branches_and_overflows() {
-        let cfg = PerfConfig {
-            raw_event: 0x5101c4,
-            replay_margin: 100,
-        };
+        let cfg = PerfConfig { raw_event: 0x5101c4, replay_margin: 100 };
         let a = perf_attr(&cfg, 12345);
         assert_eq!(a.type_, perf_event_open_sys::bindings::PERF_TYPE_RAW);
         assert_eq!(a.config, 0x5101c4);
@@ -511,10 +396,7 @@ mod tests {
         // SAFETY: valid attr, this thread.
         let fd = unsafe { perf_event_open_sys::perf_event_open(&mut attr, 0, -1, -1, 0) };
         if fd < 0 {
-            eprintln!(
-                "skipping: perf software events unavailable: {}",
-                std::io::Error::last_os_error()
-            );
+            eprintln!("skipping: perf software events unavailable: {}", std::io::Error::last_os_error());
             return;
         }
         // SAFETY: gettid has no preconditions.
@@ -530,10 +412,7 @@ mod tests {
         std::hint::black_box(x);
         // SAFETY: closing our own fd.
         unsafe { libc::close(fd) };
-        assert!(
-            HITS.load(Ordering::SeqCst) > 0,
-            "the overflow signal never arrived"
-        );
+        assert!(HITS.load(Ordering::SeqCst) > 0, "the overflow signal never arrived");
     }
 
     #[test]
@@ -557,27 +436,14 @@ mod tests {
             if *br {
                 b += 1;
             }
-            v.push(Pos {
-                at: ExecPoint {
-                    exits: 7,
-                    branches: b,
-                    rip: 0x1000 + (i as u64 % 5),
-                },
-                fp: i as u64,
-            });
+            v.push(Pos { at: ExecPoint { exits: 7, branches: b, rip: 0x1000 + (i as u64 % 5) }, fp: i as u64 });
         }
         v
     }
 
     /// Drives the lander over `t` like a counter with `skid` would.
     fn land(t: &[Pos], target: usize, margin: u64, skid: u64) -> Result<usize, String> {
-        let mut l = Lander::new(
-            Target {
-                at: t[target].at,
-                fp: t[target].fp,
-            },
-            margin,
-        );
+        let mut l = Lander::new(Target { at: t[target].at, fp: t[target].fp }, margin);
         let mut i = match l.overflow_at {
             Some(at) => {
                 // Run free until the counter reaches `at`, then `skid` branches more.
@@ -590,11 +456,7 @@ mod tests {
             }
             None => 0,
         };
-        let mut v = if l.overflow_at.is_some() {
-            l.on_overflow(t[i])
-        } else {
-            l.on_step(t[0])
-        };
+        let mut v = if l.overflow_at.is_some() { l.on_overflow(t[i]) } else { l.on_step(t[0]) };
         loop {
             match v {
                 Verdict::Arrived => return Ok(i),

@@ -52,10 +52,7 @@ pub const COMMANDS: &[CommandInfo] = &[
 
 /// Words the REPL completes at the start of a line.
 pub fn completion_words() -> Vec<&'static str> {
-    let mut v: Vec<&'static str> = COMMANDS
-        .iter()
-        .flat_map(|c| std::iter::once(c.name).chain(c.aliases.iter().copied()))
-        .collect();
+    let mut v: Vec<&'static str> = COMMANDS.iter().flat_map(|c| std::iter::once(c.name).chain(c.aliases.iter().copied())).collect();
     v.sort_unstable();
     v.dedup();
     v
@@ -73,30 +70,16 @@ pub fn argument_words(cmd: &str) -> &'static [&'static str] {
 }
 
 fn lookup(name: &str) -> Result<&'static CommandInfo, Error> {
-    if let Some(c) = COMMANDS
-        .iter()
-        .find(|c| c.name == name || c.aliases.contains(&name))
-    {
+    if let Some(c) = COMMANDS.iter().find(|c| c.name == name || c.aliases.contains(&name)) {
         return Ok(c);
     }
-    let cands: Vec<&CommandInfo> = COMMANDS
-        .iter()
-        .filter(|c| c.name.starts_with(name))
-        .collect();
+    let cands: Vec<&CommandInfo> = COMMANDS.iter().filter(|c| c.name.starts_with(name)).collect();
     match cands.as_slice() {
         [one] => Ok(one),
         [] => {
-            let near = COMMANDS
-                .iter()
-                .map(|c| (edit_distance(name, c.name), c.name))
-                .min()
-                .filter(|(d, _)| *d <= 2);
-            let hint = near
-                .map(|(_, n)| format!(" (did you mean `{n}`?)"))
-                .unwrap_or_default();
-            Err(Error::Usage(format!(
-                "unknown command '{name}'{hint}; `help` lists the commands"
-            )))
+            let near = COMMANDS.iter().map(|c| (edit_distance(name, c.name), c.name)).min().filter(|(d, _)| *d <= 2);
+            let hint = near.map(|(_, n)| format!(" (did you mean `{n}`?)")).unwrap_or_default();
+            Err(Error::Usage(format!("unknown command '{name}'{hint}; `help` lists the commands")))
         }
         many => Err(Error::Usage(format!(
             "'{name}' is ambiguous: {}",
@@ -111,9 +94,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for i in 1..=a.len() {
         let mut cur = vec![i; b.len() + 1];
         for j in 1..=b.len() {
-            cur[j] = (prev[j] + 1)
-                .min(cur[j - 1] + 1)
-                .min(prev[j - 1] + usize::from(a[i - 1] != b[j - 1]));
+            cur[j] = (prev[j] + 1).min(cur[j - 1] + 1).min(prev[j - 1] + usize::from(a[i - 1] != b[j - 1]));
         }
         prev = cur;
     }
@@ -136,10 +117,7 @@ fn reg_value(r: &kvm_bindings::kvm_regs, name: &str) -> Option<u64> {
         "eflags" => "rflags",
         o => o,
     };
-    format::gprs(r)
-        .iter()
-        .find(|(k, _)| *k == n)
-        .map(|(_, v)| *v)
+    format::gprs(r).iter().find(|(k, _)| *k == n).map(|(_, v)| *v)
 }
 
 impl Session {
@@ -147,13 +125,9 @@ impl Session {
     pub fn exec(&mut self, line: &str, out: &mut dyn Write) -> Result<Flow, Error> {
         interrupt::clear();
         let ws = parse::words(line)?;
-        let Some(first) = ws.first() else {
-            return Ok(Flow::Continue);
-        };
+        let Some(first) = ws.first() else { return Ok(Flow::Continue) };
         let Word::Plain(first) = first else {
-            return Err(Error::Usage(
-                "a command starts with its name, not a string".into(),
-            ));
+            return Err(Error::Usage("a command starts with its name, not a string".into()));
         };
         let (name, fmt) = match first.split_once('/') {
             Some((n, f)) => (n, Some(f)),
@@ -198,20 +172,12 @@ impl Session {
 
     /// Evaluates an address expression (numbers, $registers, symbols, + and -).
     pub fn addr(&mut self, s: &str) -> Result<u64, Error> {
-        let regs = if s.contains('$') {
-            Some(self.view()?.regs()?)
-        } else {
-            None
-        };
+        let regs = if s.contains('$') { Some(self.view()?.regs()?) } else { None };
         let syms = &self.syms;
         parse::address(s, &mut |t| {
             if let Some(r) = t.strip_prefix('$') {
                 let regs = regs.as_ref().expect("read when the expression has a $");
-                return reg_value(regs, r).ok_or_else(|| {
-                    Error::Usage(format!(
-                        "unknown register ${r} (use $rax..$r15, $rip, $rsp, $rflags)"
-                    ))
-                });
+                return reg_value(regs, r).ok_or_else(|| Error::Usage(format!("unknown register ${r} (use $rax..$r15, $rip, $rsp, $rflags)")));
             }
             syms.lookup(t).map(|s| s.addr).ok_or_else(|| {
                 Error::Usage(format!("no symbol '{t}' in the guest image (numbers: 0x hex or decimal; registers: $rip)"))
@@ -232,10 +198,7 @@ impl Session {
             }
             return Ok(());
         }
-        writeln!(
-            out,
-            "commands (unique prefixes work; several per line with ';'):"
-        )?;
+        writeln!(out, "commands (unique prefixes work; several per line with ';'):")?;
         for c in COMMANDS {
             let head = format!("{} {}", c.name, c.args);
             writeln!(out, "  {head:<44} {}", c.help)?;
@@ -255,21 +218,11 @@ impl Session {
         }
         let v = self.view()?;
         let (r, s, printed) = (v.regs()?, v.sregs()?, v.output_len());
-        writeln!(
-            out,
-            "rip {:#x} {}  ring {}",
-            r.rip,
-            self.syms.describe(r.rip),
-            s.cs.selector & 3
-        )?;
+        writeln!(out, "rip {:#x} {}  ring {}", r.rip, self.syms.describe(r.rip), s.cs.selector & 3)?;
         writeln!(out, "console: {printed} bytes printed so far")?;
         if x == end {
             match self.rec.end() {
-                Some(Event::End { reason, .. }) => writeln!(
-                    out,
-                    "this is the end of the recording ({})",
-                    end_reason(reason)
-                )?,
+                Some(Event::End { reason, .. }) => writeln!(out, "this is the end of the recording ({})", end_reason(reason))?,
                 _ => writeln!(out, "this is as far as the (cut-short) recording goes")?,
             }
             if let Some(p) = self.end_problems() {
@@ -284,12 +237,7 @@ impl Session {
         Ok(())
     }
 
-    fn cmd_stepi(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_stepi(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         let n = match args {
             [] => 1,
             [n] => parse::number(&n.text())?,
@@ -311,11 +259,7 @@ impl Session {
         let rec = self.rec.clone();
         let m = &rec.meta;
         writeln!(out, "recording    {}", rec.dir.display())?;
-        writeln!(
-            out,
-            "id           {} (revirt {}, created at unix time {})",
-            m.id, m.revirt_version, m.created_unix
-        )?;
+        writeln!(out, "id           {} (revirt {}, created at unix time {})", m.id, m.revirt_version, m.created_unix)?;
         writeln!(
             out,
             "guest        {} ({} bytes, sha256 {}), {} MiB RAM, cmdline {:?}, disk {}",
@@ -329,15 +273,10 @@ impl Session {
                 None => "none".into(),
             }
         )?;
-        writeln!(
-            out,
-            "clock        {} (asynchronous events land at {})",
-            m.clock,
-            match m.clock {
-                crate::clock::ClockKind::Exit => "guest-caused exits",
-                _ => "any instruction (branch count + RIP)",
-            }
-        )?;
+        writeln!(out, "clock        {} (asynchronous events land at {})", m.clock, match m.clock {
+            crate::clock::ClockKind::Exit => "guest-caused exits",
+            _ => "any instruction (branch count + RIP)",
+        })?;
         let guest_ns = rec
             .events
             .iter()
@@ -359,55 +298,25 @@ impl Session {
                 None => kinds.push((e.kind(), 1)),
             }
         }
-        let serial_bytes: usize = rec
-            .events
-            .iter()
-            .map(|e| {
-                if let Event::Serial { bytes, .. } = e {
-                    bytes.len()
-                } else {
-                    0
-                }
-            })
-            .sum();
+        let serial_bytes: usize = rec.events.iter().map(|e| if let Event::Serial { bytes, .. } = e { bytes.len() } else { 0 }).sum();
         writeln!(
             out,
             "events       {}: {}{}",
             rec.events.len(),
-            kinds
-                .iter()
-                .map(|(k, n)| format!("{k} {n}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            if serial_bytes > 0 {
-                format!(" ({serial_bytes} bytes of serial input)")
-            } else {
-                String::new()
-            }
+            kinds.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "),
+            if serial_bytes > 0 { format!(" ({serial_bytes} bytes of serial input)") } else { String::new() }
         )?;
-        let cks: Vec<String> = rec
-            .checkpoints
-            .iter()
-            .map(|c| format!("#{} at exit {}", c.0, c.1))
-            .collect();
+        let cks: Vec<String> = rec.checkpoints.iter().map(|c| format!("#{} at exit {}", c.0, c.1)).collect();
         writeln!(
             out,
             "checkpoints  {}: {}{}",
             cks.len(),
             cks.join(", "),
-            if m.checkpoint_every_ms > 0 {
-                format!(" (every {} ms of host time)", m.checkpoint_every_ms)
-            } else {
-                String::new()
-            }
+            if m.checkpoint_every_ms > 0 { format!(" (every {} ms of host time)", m.checkpoint_every_ms) } else { String::new() }
         )?;
         // Integrity: the log's hash chain, the console digest, every checkpoint's CRC.
         match &rec.status {
-            LogStatus::Complete => writeln!(
-                out,
-                "integrity    event log complete: {} chunks, SHA-256 hash chain verified",
-                rec.chunks
-            )?,
+            LogStatus::Complete => writeln!(out, "integrity    event log complete: {} chunks, SHA-256 hash chain verified", rec.chunks)?,
             LogStatus::Incomplete { reason, .. } => writeln!(
                 out,
                 "integrity    event log INCOMPLETE after {} verified chunks ({} events): {reason}",
@@ -415,18 +324,10 @@ impl Session {
                 rec.events.len()
             )?,
         }
-        if let Some(Event::End {
-            output_len,
-            output_sha256,
-            ..
-        }) = rec.end()
-        {
+        if let Some(Event::End { output_len, output_sha256, .. }) = rec.end() {
             let got = crate::trace::sha256_hex(&rec.console);
             if got == *output_sha256 && rec.console.len() as u64 == *output_len {
-                writeln!(
-                    out,
-                    "             console.log matches the digest in the log ({output_len} bytes)"
-                )?;
+                writeln!(out, "             console.log matches the digest in the log ({output_len} bytes)")?;
             } else {
                 writeln!(out, "             console.log does NOT match the digest in the log (edited or damaged)")?;
             }
@@ -438,45 +339,23 @@ impl Session {
             }
         }
         if bad.is_empty() {
-            writeln!(
-                out,
-                "             checkpoint files: {} present, CRC-32 verified",
-                rec.checkpoints.len()
-            )?;
+            writeln!(out, "             checkpoint files: {} present, CRC-32 verified", rec.checkpoints.len())?;
         } else {
-            writeln!(
-                out,
-                "             checkpoint files DAMAGED: {}",
-                bad.join("; ")
-            )?;
+            writeln!(out, "             checkpoint files DAMAGED: {}", bad.join("; "))?;
         }
         match rec.end() {
-            Some(Event::End {
-                exits,
-                reason,
-                state_hash,
-                output_len,
-                ..
-            }) => writeln!(
+            Some(Event::End { exits, reason, state_hash, output_len, .. }) => writeln!(
                 out,
                 "end          {} at exit {exits}; {output_len} console bytes; final state hash {}",
                 end_reason(reason),
                 &state_hash[..state_hash.len().min(16)]
             )?,
-            _ => writeln!(
-                out,
-                "end          none recorded (cut short); replayable up to exit {end}"
-            )?,
+            _ => writeln!(out, "end          none recorded (cut short); replayable up to exit {end}")?,
         }
         Ok(())
     }
 
-    fn cmd_seek(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_seek(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         let [p] = args else { return Err(usage(c)) };
         let p = parse::point(&p.text())?;
         self.seek(p)?;
@@ -510,40 +389,21 @@ impl Session {
         Ok(())
     }
 
-    fn cmd_info(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
-        let Some(sub) = args.first() else {
-            return Err(usage(c));
-        };
+    fn cmd_info(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
+        let Some(sub) = args.first() else { return Err(usage(c)) };
         let sub = sub.text();
         let is = |full: &str| !sub.is_empty() && full.starts_with(sub.as_str());
         if is("registers") || sub == "r" || is("all-registers") {
             self.cmd_regs(&args[1..], out)
         } else if is("checkpoints") {
             let list = self.rec.checkpoints.clone();
-            writeln!(
-                out,
-                "{:>4}  {:>10}  {:>12}  {:>7}  {:>8}",
-                "id", "exits", "clock (ns)", "pages", "sectors"
-            )?;
+            writeln!(out, "{:>4}  {:>10}  {:>12}  {:>7}  {:>8}", "id", "exits", "clock (ns)", "pages", "sectors")?;
             for (id, exits, _) in list {
                 let h = self.ckpts.header(id)?;
                 let pages: u64 = h.pages.iter().map(|r| r.1).sum();
                 let sectors: u64 = h.sectors.iter().map(|r| r.1).sum();
-                let mark = if self.at_checkpoint() == Some(id) {
-                    "=>"
-                } else {
-                    "  "
-                };
-                writeln!(
-                    out,
-                    "{mark}{id:>2}  {exits:>10}  {:>12}  {pages:>7}  {sectors:>8}",
-                    h.machine.clock_ns
-                )?;
+                let mark = if self.at_checkpoint() == Some(id) { "=>" } else { "  " };
+                writeln!(out, "{mark}{id:>2}  {exits:>10}  {:>12}  {pages:>7}  {sectors:>8}", h.machine.clock_ns)?;
             }
             Ok(())
         } else if is("symbol") {
@@ -552,29 +412,18 @@ impl Session {
             }
             let a = self.addr(&joined(&args[1..]))?;
             match self.syms.containing(a) {
-                Some((s, off)) => writeln!(
-                    out,
-                    "{a:#x} is {} + {off:#x} (symbol at {:#x}, size {})",
-                    s.name, s.addr, s.size
-                )?,
+                Some((s, off)) => writeln!(out, "{a:#x} is {} + {off:#x} (symbol at {:#x}, size {})", s.name, s.addr, s.size)?,
                 None => writeln!(out, "no symbol matches {a:#x}")?,
             }
             Ok(())
         } else {
-            Err(Error::Usage(format!(
-                "unknown info subcommand '{sub}': info registers | checkpoints | symbol ADDR"
-            )))
+            Err(Error::Usage(format!("unknown info subcommand '{sub}': info registers | checkpoints | symbol ADDR")))
         }
     }
 
     /// Reads memory (virtual through the page tables, or physical); returns
     /// what was readable and the error that stopped it early.
-    fn read_mem(
-        &mut self,
-        addr: u64,
-        len: usize,
-        physical: bool,
-    ) -> Result<(Vec<u8>, Option<Error>), Error> {
+    fn read_mem(&mut self, addr: u64, len: usize, physical: bool) -> Result<(Vec<u8>, Option<Error>), Error> {
         let v = self.view()?;
         if !physical {
             return Ok(mmu::read_virt_partial(v, addr, len));
@@ -586,33 +435,18 @@ impl Session {
             v.read_phys(addr, &mut b)?;
         }
         let err = (avail < len).then(|| {
-            Error::Msg(format!(
-                "cannot access physical memory at {:#x}: beyond guest RAM ({} MiB)",
-                addr + avail as u64,
-                size >> 20
-            ))
+            Error::Msg(format!("cannot access physical memory at {:#x}: beyond guest RAM ({} MiB)", addr + avail as u64, size >> 20))
         });
         Ok((b, err))
     }
 
-    fn cmd_x(
-        &mut self,
-        c: &CommandInfo,
-        fmt: Option<&str>,
-        args: &[Word],
-        physical: bool,
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_x(&mut self, c: &CommandInfo, fmt: Option<&str>, args: &[Word], physical: bool, out: &mut dyn Write) -> Result<(), Error> {
         if args.is_empty() {
             return Err(usage(c));
         }
         let f = match fmt {
             Some(s) => parse::fmt(s)?,
-            None => parse::Fmt {
-                count: 64,
-                letter: 'x',
-                size: 1,
-            },
+            None => parse::Fmt { count: 64, letter: 'x', size: 1 },
         };
         let addr = self.addr(&joined(args))?;
         let count = if f.count == 0 { 1 } else { f.count };
@@ -631,11 +465,7 @@ impl Session {
                         None => &b[..],
                     };
                     let sym = self.syms.describe(a);
-                    let sym = if sym.is_empty() {
-                        sym
-                    } else {
-                        format!(" {sym}")
-                    };
+                    let sym = if sym.is_empty() { sym } else { format!(" {sym}") };
                     writeln!(out, "{a:#018x}{sym}: \"{}\"", format::escaped(s))?;
                     a += s.len() as u64 + 1;
                 }
@@ -646,11 +476,7 @@ impl Session {
         let size = if f.size == 0 { 1 } else { f.size };
         let (b, err) = self.read_mem(addr, count * size, physical)?;
         let whole = b.len() / size * size;
-        let text = if size == 1 && f.letter == 'x' {
-            format::hexdump(addr, &b)
-        } else {
-            format::words(addr, &b[..whole], size, f.letter)
-        };
+        let text = if size == 1 && f.letter == 'x' { format::hexdump(addr, &b) } else { format::words(addr, &b[..whole], size, f.letter) };
         write!(out, "{text}")?;
         match err {
             Some(e) => Err(e),
@@ -658,33 +484,21 @@ impl Session {
         }
     }
 
-    fn disassemble(
-        &mut self,
-        addr: u64,
-        n: usize,
-        physical: bool,
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn disassemble(&mut self, addr: u64, n: usize, physical: bool, out: &mut dyn Write) -> Result<(), Error> {
         use capstone::prelude::*;
         let rip = self.view()?.regs()?.rip;
         let (bytes, err) = self.read_mem(addr, n * 15, physical)?;
         if bytes.is_empty() {
             return Err(err.unwrap_or_else(|| Error::Msg(format!("nothing readable at {addr:#x}"))));
         }
-        let syntax = if self.intel {
-            arch::x86::ArchSyntax::Intel
-        } else {
-            arch::x86::ArchSyntax::Att
-        };
+        let syntax = if self.intel { arch::x86::ArchSyntax::Intel } else { arch::x86::ArchSyntax::Att };
         let cs = Capstone::new()
             .x86()
             .mode(arch::x86::ArchMode::Mode64)
             .syntax(syntax)
             .build()
             .map_err(|e| Error::Msg(format!("capstone: {e}")))?;
-        let insns = cs
-            .disasm_count(&bytes, addr, n)
-            .map_err(|e| Error::Msg(format!("capstone: {e}")))?;
+        let insns = cs.disasm_count(&bytes, addr, n).map_err(|e| Error::Msg(format!("capstone: {e}")))?;
         let mut next = addr;
         for i in insns.iter() {
             let mark = if i.address() == rip { "=>" } else { "  " };
@@ -702,11 +516,7 @@ impl Session {
         if insns.len() < n {
             let off = (next - addr) as usize;
             if off < bytes.len() && off + 15 <= bytes.len() {
-                writeln!(
-                    out,
-                    "   {next:#018x} (not a valid instruction: {} ...)",
-                    format::hex_bytes(&bytes[off..(off + 4).min(bytes.len())])
-                )?;
+                writeln!(out, "   {next:#018x} (not a valid instruction: {} ...)", format::hex_bytes(&bytes[off..(off + 4).min(bytes.len())]))?;
             } else if let Some(e) = err {
                 return Err(e);
             }
@@ -714,12 +524,7 @@ impl Session {
         Ok(())
     }
 
-    fn cmd_disas(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_disas(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         let (addr, n) = match args {
             [] => (self.view()?.regs()?.rip, 10),
             [a] => (self.addr(&a.text())?, 10),
@@ -732,46 +537,26 @@ impl Session {
         self.disassemble(addr, n, false, out)
     }
 
-    fn cmd_pagewalk(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_pagewalk(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         if args.is_empty() {
             return Err(usage(c));
         }
         let va = self.addr(&joined(args))?;
         let w = mmu::walk(self.view()?, va)?;
         if w.end == WalkEnd::NoPaging {
-            writeln!(
-                out,
-                "paging is off (CR0.PG = 0): physical = virtual = {va:#x}"
-            )?;
+            writeln!(out, "paging is off (CR0.PG = 0): physical = virtual = {va:#x}")?;
             return Ok(());
         }
         let sym = self.syms.describe(va);
-        let sym = if sym.is_empty() {
-            sym
-        } else {
-            format!(" {sym}")
-        };
-        writeln!(
-            out,
-            "pagewalk {va:#x}{sym}: cr3 {:#x}, 4-level paging",
-            w.cr3
-        )?;
+        let sym = if sym.is_empty() { sym } else { format!(" {sym}") };
+        writeln!(out, "pagewalk {va:#x}{sym}: cr3 {:#x}, 4-level paging", w.cr3)?;
         for l in &w.levels {
             let flags = mmu::flag_names(l.entry, l.level).join(" ");
             let next = if !l.present() {
                 "not present".to_string()
             } else if l.level == 0 || l.large() {
                 let size = 1u64 << (12 + 9 * l.level);
-                format!(
-                    "{} page at {:#x}",
-                    size_name(size),
-                    l.entry & mmu::ADDR_MASK & !(size - 1)
-                )
+                format!("{} page at {:#x}", size_name(size), l.entry & mmu::ADDR_MASK & !(size - 1))
             } else {
                 format!("next table at {:#x}", l.entry & mmu::ADDR_MASK)
             };
@@ -797,23 +582,14 @@ impl Session {
                     yn(exec)
                 )?;
             }
-            WalkEnd::NotPresent { at } => writeln!(
-                out,
-                "  => not mapped: the {} entry is not present",
-                w.levels[*at].name()
-            )?,
+            WalkEnd::NotPresent { at } => writeln!(out, "  => not mapped: the {} entry is not present", w.levels[*at].name())?,
             WalkEnd::Reserved { why, .. } => writeln!(out, "  => invalid: {why}")?,
             WalkEnd::NoPaging => unreachable!(),
         }
         Ok(())
     }
 
-    fn cmd_events(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_events(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         let next = self.next_event()?;
         let total = self.rec.events.len();
         let (from, to) = match args {
@@ -825,21 +601,11 @@ impl Session {
             }
             _ => return Err(usage(c)),
         };
-        writeln!(
-            out,
-            "events #{from}..#{} of {total} (at exit {}; => is the next to take effect)",
-            to.saturating_sub(1),
-            self.exits()
-        )?;
+        writeln!(out, "events #{from}..#{} of {total} (at exit {}; => is the next to take effect)", to.saturating_sub(1), self.exits())?;
         for i in from..to {
             let e = &self.rec.events[i];
             let mark = if i == next { "=>" } else { "  " };
-            writeln!(
-                out,
-                "{mark} #{i:<6} exit {:<10} {:<10} {e}",
-                e.exits(),
-                e.kind()
-            )?;
+            writeln!(out, "{mark} #{i:<6} exit {:<10} {:<10} {e}", e.exits(), e.kind())?;
         }
         if next >= total {
             writeln!(out, "=> (no more events)")?;
@@ -847,12 +613,7 @@ impl Session {
         Ok(())
     }
 
-    fn cmd_find(
-        &mut self,
-        fmt: Option<&str>,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_find(&mut self, fmt: Option<&str>, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         let size = match fmt {
             None => None,
             Some(f) => match parse::fmt(f)?.size {
@@ -866,12 +627,7 @@ impl Session {
         let mut total = 0usize;
         let mut at = 0usize;
         while at + pat.len() <= mem.len() {
-            let Some(p) = mem[at..=mem.len() - pat.len()]
-                .iter()
-                .position(|&b| b == pat[0])
-            else {
-                break;
-            };
+            let Some(p) = mem[at..=mem.len() - pat.len()].iter().position(|&b| b == pat[0]) else { break };
             let i = at + p;
             if mem[i..i + pat.len()] == pat[..] {
                 total += 1;
@@ -885,28 +641,13 @@ impl Session {
             }
         }
         if total == 0 {
-            writeln!(
-                out,
-                "not found: {} ({} bytes) in guest physical memory",
-                format::hex_bytes(&pat),
-                pat.len()
-            )?;
+            writeln!(out, "not found: {} ({} bytes) in guest physical memory", format::hex_bytes(&pat), pat.len())?;
             return Ok(());
         }
-        writeln!(
-            out,
-            "{total} match{} in guest physical memory:",
-            if total == 1 { "" } else { "es" }
-        )?;
+        writeln!(out, "{total} match{} in guest physical memory:", if total == 1 { "" } else { "es" })?;
         for i in hits {
             let ctx = &mem[i..(i + 16).min(mem.len())];
-            writeln!(
-                out,
-                "  {:#018x} {:<24} |{}|",
-                i,
-                self.syms.describe(i as u64),
-                format::ascii(ctx)
-            )?;
+            writeln!(out, "  {:#018x} {:<24} |{}|", i, self.syms.describe(i as u64), format::ascii(ctx))?;
         }
         if total > 32 {
             writeln!(out, "  ... and {} more", total - 32)?;
@@ -914,12 +655,7 @@ impl Session {
         Ok(())
     }
 
-    fn cmd_diff(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_diff(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         let (p, bytes) = match args {
             [p] => (p, false),
             [p, b] if b.text() == "bytes" => (p, true),
@@ -928,9 +664,7 @@ impl Session {
         let t = self.resolve(parse::point(&p.text())?)?;
         let other = self.frozen_at(t)?;
         let here = Frozen::of(self.view()?)?;
-        let key = |exits: u64, exact: Option<ExecPoint>| {
-            (exits, exact.map(|p| p.branches + 1).unwrap_or(0))
-        };
+        let key = |exits: u64, exact: Option<ExecPoint>| (exits, exact.map(|p| p.branches + 1).unwrap_or(0));
         let label = |exits: u64, exact: Option<ExecPoint>| match exact {
             Some(p) => format!("{}:{}:{:#x}", p.exits, p.branches, p.rip),
             None => format!("exit {exits}"),
@@ -943,16 +677,10 @@ impl Session {
         };
         writeln!(out, "diff {la} -> {lb} (earlier -> later)")?;
         let mut regs = Vec::new();
-        for ((n, va), (_, vb)) in format::gprs(&a.regs)
-            .iter()
-            .zip(format::gprs(&b.regs).iter())
-        {
+        for ((n, va), (_, vb)) in format::gprs(&a.regs).iter().zip(format::gprs(&b.regs).iter()) {
             regs.push((n.to_string(), *va, *vb));
         }
-        for ((n, sa), (_, sb)) in format::segments(&a.sregs)
-            .iter()
-            .zip(format::segments(&b.sregs).iter())
-        {
+        for ((n, sa), (_, sb)) in format::segments(&a.sregs).iter().zip(format::segments(&b.sregs).iter()) {
             regs.push((n.to_string(), sa.selector as u64, sb.selector as u64));
             regs.push((format!("{n}.base"), sa.base, sb.base));
         }
@@ -984,9 +712,7 @@ impl Session {
             }
         }
         if a.memory.len() != b.memory.len() {
-            return Err(Error::Msg(
-                "the two points have different memory sizes".into(),
-            ));
+            return Err(Error::Msg("the two points have different memory sizes".into()));
         }
         let page = 4096usize;
         let pages: Vec<u64> = a
@@ -998,13 +724,7 @@ impl Session {
             .map(|(i, _)| i as u64)
             .collect();
         let runs = crate::trace::checkpoint::runs(pages.iter().copied());
-        writeln!(
-            out,
-            "memory: {} page{} differ ({} KiB)",
-            pages.len(),
-            if pages.len() == 1 { "" } else { "s" },
-            pages.len() * 4
-        )?;
+        writeln!(out, "memory: {} page{} differ ({} KiB)", pages.len(), if pages.len() == 1 { "" } else { "s" }, pages.len() * 4)?;
         for &(first, count) in &runs {
             let (start, end) = (first * page as u64, (first + count) * page as u64);
             let names: Vec<&str> = self
@@ -1019,11 +739,7 @@ impl Session {
                 out,
                 "  {start:#012x}..{end:#012x}  {count} page{}{}",
                 if count == 1 { "" } else { "s" },
-                if names.is_empty() {
-                    String::new()
-                } else {
-                    format!("  ({})", names.join(", "))
-                }
+                if names.is_empty() { String::new() } else { format!("  ({})", names.join(", ")) }
             )?;
         }
         if bytes {
@@ -1061,19 +777,12 @@ impl Session {
         Ok(())
     }
 
-    fn cmd_dump(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_dump(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         let (physical, rest) = match args.first() {
             Some(w) if w.text() == "-p" => (true, &args[1..]),
             _ => (false, args),
         };
-        let [a, l, f] = rest else {
-            return Err(usage(c));
-        };
+        let [a, l, f] = rest else { return Err(usage(c)) };
         let addr = self.addr(&a.text())?;
         let len = parse::number(&l.text())? as usize;
         if len > 1 << 34 {
@@ -1081,33 +790,18 @@ impl Session {
         }
         let file = PathBuf::from(f.text());
         if inside(&file, &self.rec.dir) {
-            return Err(Error::Usage(format!(
-                "{} is inside the recording; inspect never writes there",
-                file.display()
-            )));
+            return Err(Error::Usage(format!("{} is inside the recording; inspect never writes there", file.display())));
         }
         let (b, err) = self.read_mem(addr, len, physical)?;
         if let Some(e) = err {
             return Err(Error::Msg(format!("{e} (nothing written)")));
         }
-        std::fs::write(&file, &b)
-            .map_err(|e| Error::Msg(format!("writing {}: {e}", file.display())))?;
-        writeln!(
-            out,
-            "wrote {} bytes of {} memory at {addr:#x} to {}",
-            b.len(),
-            if physical { "physical" } else { "virtual" },
-            file.display()
-        )?;
+        std::fs::write(&file, &b).map_err(|e| Error::Msg(format!("writing {}: {e}", file.display())))?;
+        writeln!(out, "wrote {} bytes of {} memory at {addr:#x} to {}", b.len(), if physical { "physical" } else { "virtual" }, file.display())?;
         Ok(())
     }
 
-    fn cmd_console(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_console(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         let n = match args {
             [] => 20,
             [n] => parse::number(&n.text())? as usize,
@@ -1122,11 +816,7 @@ impl Session {
         if !text.is_empty() && !text.ends_with('\n') {
             writeln!(out)?;
         }
-        writeln!(
-            out,
-            "({len} console bytes printed by exit {})",
-            self.exits()
-        )?;
+        writeln!(out, "({len} console bytes printed by exit {})", self.exits())?;
         Ok(())
     }
 
@@ -1143,25 +833,12 @@ impl Session {
             n += 1;
         }
         if n == 0 {
-            writeln!(
-                out,
-                "no symbols{}",
-                if pat.is_empty() {
-                    String::new()
-                } else {
-                    format!(" matching '{pat}'")
-                }
-            )?;
+            writeln!(out, "no symbols{}", if pat.is_empty() { String::new() } else { format!(" matching '{pat}'") })?;
         }
         Ok(())
     }
 
-    fn cmd_set(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_set(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         let [k, v] = args else { return Err(usage(c)) };
         match (k.text().as_str(), v.text().as_str()) {
             ("disassembly-flavor", "intel") => self.intel = true,
@@ -1174,12 +851,7 @@ impl Session {
         Ok(())
     }
 
-    fn cmd_last_write(
-        &mut self,
-        c: &CommandInfo,
-        args: &[Word],
-        out: &mut dyn Write,
-    ) -> Result<(), Error> {
+    fn cmd_last_write(&mut self, c: &CommandInfo, args: &[Word], out: &mut dyn Write) -> Result<(), Error> {
         let (a, len) = match args {
             [a] => (a, 8usize),
             [a, l] => (a, parse::number(&l.text())? as usize),
@@ -1194,12 +866,7 @@ impl Session {
             Some(p) => point_str(&p),
             None => format!("exit {}", self.exits()),
         };
-        writeln!(
-            out,
-            "last-write {va:#x} {} ({len} bytes, physical {:#x}) before {now}:",
-            self.syms.describe(va),
-            r.phys
-        )?;
+        writeln!(out, "last-write {va:#x} {} ({len} bytes, physical {:#x}) before {now}:", self.syms.describe(va), r.phys)?;
         writeln!(out, "  value now: {}", format::hex_bytes(&r.now))?;
         match &r.change {
             None => writeln!(
@@ -1248,22 +915,8 @@ impl Session {
                     Err(Error::Interrupted { at }) => return Err(Error::Interrupted { at }),
                     Err(e) => (None, Some(e.to_string())),
                 };
-                let change = Change {
-                    exits: now + 1,
-                    before,
-                    after: now_val.clone(),
-                    rip_before,
-                    rip_after: p.rip,
-                    writer,
-                    why_not,
-                };
-                return Ok(LastWrite {
-                    phys: pa,
-                    now: now_val,
-                    change: Some(change),
-                    searched_from: now,
-                    within_here: true,
-                });
+                let change = Change { exits: now + 1, before, after: now_val.clone(), rip_before, rip_after: p.rip, writer, why_not };
+                return Ok(LastWrite { phys: pa, now: now_val, change: Some(change), searched_from: now, within_here: true });
             }
         }
         let page = pa / 4096;
@@ -1294,53 +947,26 @@ impl Session {
             if let Some(mut ch) = self.scan_interval(id, s, t, pa, len)? {
                 match self.refine_write(pa, len, ch.exits - 1, None) {
                     Ok(Some(w)) => ch.writer = Some(w),
-                    Ok(None) => {
-                        ch.why_not = Some(format!(
-                            "no single instruction changed it within {MAX_REFINE_STEPS} steps"
-                        ))
-                    }
+                    Ok(None) => ch.why_not = Some(format!("no single instruction changed it within {MAX_REFINE_STEPS} steps")),
                     Err(Error::Interrupted { at }) => return Err(Error::Interrupted { at }),
                     Err(e) => ch.why_not = Some(e.to_string()),
                 }
-                return Ok(LastWrite {
-                    phys: pa,
-                    now: now_val,
-                    change: Some(ch),
-                    searched_from: start,
-                    within_here: false,
-                });
+                return Ok(LastWrite { phys: pa, now: now_val, change: Some(ch), searched_from: start, within_here: false });
             }
         }
-        Ok(LastWrite {
-            phys: pa,
-            now: now_val,
-            change: None,
-            searched_from: start,
-            within_here: false,
-        })
+        Ok(LastWrite { phys: pa, now: now_val, change: None, searched_from: start, within_here: false })
     }
 
     /// Replays (s, t] from checkpoint `id` one exit at a time; the last exit
     /// at which the bytes at `pa` differ from the exit before.
-    fn scan_interval(
-        &mut self,
-        id: u32,
-        s: u64,
-        t: u64,
-        pa: u64,
-        len: usize,
-    ) -> Result<Option<Change>, Error> {
+    fn scan_interval(&mut self, id: u32, s: u64, t: u64, pa: u64, len: usize) -> Result<Option<Change>, Error> {
         if self.opts.no_kvm {
             return Err(Error::Msg(format!(
                 "the value changed between checkpoints at exits {s} and {t}; finding where needs replay through KVM (disabled by --no-kvm)"
             )));
         }
         self.kvm_used = true;
-        let mut tl = crate::replay::Timeline::at_checkpoint(
-            self.rec.clone(),
-            id,
-            crate::replay::Sink::Discard,
-        )?;
+        let mut tl = crate::replay::Timeline::at_checkpoint(self.rec.clone(), id, crate::replay::Sink::Discard)?;
         let read = |tl: &crate::replay::Timeline| -> Result<(Vec<u8>, u64), Error> {
             let mut b = vec![0u8; len];
             tl.read_phys(pa, &mut b)?;
@@ -1378,16 +1004,7 @@ impl Session {
 
     /// The bytes at `pa` and RIP at exit `exits` (a scratch replay).
     fn value_at(&mut self, exits: u64, pa: u64, len: usize) -> Result<(Vec<u8>, u64), Error> {
-        let t = super::Target {
-            exits,
-            ckpt: self
-                .rec
-                .checkpoints
-                .iter()
-                .find(|c| c.1 == exits)
-                .map(|c| c.0),
-            exact: None,
-        };
+        let t = super::Target { exits, ckpt: self.rec.checkpoints.iter().find(|c| c.1 == exits).map(|c| c.0), exact: None };
         let f = self.frozen_at(t)?;
         let mut b = vec![0u8; len];
         f.read_phys(pa, &mut b)?;
@@ -1397,13 +1014,7 @@ impl Session {
     /// Single-steps from exit `from` until the bytes at `pa` change (or
     /// `limit`, or the next exit interval is passed): the instruction that
     /// wrote them, with the exact point just before it.
-    pub fn refine_write(
-        &mut self,
-        pa: u64,
-        len: usize,
-        from: u64,
-        limit: Option<ExecPoint>,
-    ) -> Result<Option<Writer>, Error> {
+    pub fn refine_write(&mut self, pa: u64, len: usize, from: u64, limit: Option<ExecPoint>) -> Result<Option<Writer>, Error> {
         let mut tl = self.scratch_timeline(from)?;
         run_to(&mut tl, from, false)?;
         let read = |tl: &crate::replay::Timeline| -> Result<Vec<u8>, Error> {
@@ -1423,18 +1034,12 @@ impl Session {
             let done = match tl.step(1)? {
                 Outcome::Reached => false,
                 Outcome::Finished { .. } => true,
-                Outcome::Diverged(why) => {
-                    return Err(Error::Diverged {
-                        at: tl.exits(),
-                        why,
-                    })
-                }
+                Outcome::Diverged(why) => return Err(Error::Diverged { at: tl.exits(), why }),
                 Outcome::EndOfRecording(d) | Outcome::NotReached(d) => return Err(Error::Msg(d)),
             };
             let cur = read(&tl)?;
             if cur != prev {
-                let insn =
-                    disasm_one(&tl, pos.rip, self.intel).unwrap_or_else(|| "(unreadable)".into());
+                let insn = disasm_one(&tl, pos.rip, self.intel).unwrap_or_else(|| "(unreadable)".into());
                 return Ok(Some(Writer { at: pos, insn }));
             }
             prev = cur;
@@ -1455,29 +1060,11 @@ pub const MAX_REFINE_STEPS: u64 = 2_000_000;
 pub fn disasm_one(v: &dyn View, addr: u64, intel: bool) -> Option<String> {
     use capstone::prelude::*;
     let (bytes, _) = mmu::read_virt_partial(v, addr, 15);
-    let syntax = if intel {
-        arch::x86::ArchSyntax::Intel
-    } else {
-        arch::x86::ArchSyntax::Att
-    };
-    let cs = Capstone::new()
-        .x86()
-        .mode(arch::x86::ArchMode::Mode64)
-        .syntax(syntax)
-        .build()
-        .ok()?;
+    let syntax = if intel { arch::x86::ArchSyntax::Intel } else { arch::x86::ArchSyntax::Att };
+    let cs = Capstone::new().x86().mode(arch::x86::ArchMode::Mode64).syntax(syntax).build().ok()?;
     let insns = cs.disasm_count(&bytes, addr, 1).ok()?;
     let i = insns.iter().next()?;
-    Some(
-        format!(
-            "{}  {} {}",
-            format::hex_bytes(i.bytes()),
-            i.mnemonic().unwrap_or("?"),
-            i.op_str().unwrap_or("")
-        )
-        .trim_end()
-        .to_string(),
-    )
+    Some(format!("{}  {} {}", format::hex_bytes(i.bytes()), i.mnemonic().unwrap_or("?"), i.op_str().unwrap_or("")).trim_end().to_string())
 }
 
 /// The instruction that wrote a value.
@@ -1534,11 +1121,7 @@ fn size_name(size: u64) -> &'static str {
 /// existing parents resolved).
 fn inside(file: &Path, dir: &Path) -> bool {
     let abs = |p: &Path| -> PathBuf {
-        let p = if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            std::env::current_dir().unwrap_or_default().join(p)
-        };
+        let p = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir().unwrap_or_default().join(p) };
         // Resolve the longest existing ancestor.
         let mut base = p.clone();
         let mut tail = Vec::new();

@@ -3,11 +3,7 @@
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 
 fn bits(v: u64, names: &[(u32, &str)]) -> String {
-    let set: Vec<&str> = names
-        .iter()
-        .filter(|(b, _)| v & (1u64 << b) != 0)
-        .map(|(_, n)| *n)
-        .collect();
+    let set: Vec<&str> = names.iter().filter(|(b, _)| v & (1u64 << b) != 0).map(|(_, n)| *n).collect();
     if set.is_empty() {
         String::new()
     } else {
@@ -18,24 +14,7 @@ fn bits(v: u64, names: &[(u32, &str)]) -> String {
 pub fn rflags(v: u64) -> String {
     let flags = bits(
         v,
-        &[
-            (0, "CF"),
-            (2, "PF"),
-            (4, "AF"),
-            (6, "ZF"),
-            (7, "SF"),
-            (8, "TF"),
-            (9, "IF"),
-            (10, "DF"),
-            (11, "OF"),
-            (14, "NT"),
-            (16, "RF"),
-            (17, "VM"),
-            (18, "AC"),
-            (19, "VIF"),
-            (20, "VIP"),
-            (21, "ID"),
-        ],
+        &[(0, "CF"), (2, "PF"), (4, "AF"), (6, "ZF"), (7, "SF"), (8, "TF"), (9, "IF"), (10, "DF"), (11, "OF"), (14, "NT"), (16, "RF"), (17, "VM"), (18, "AC"), (19, "VIF"), (20, "VIP"), (21, "ID")],
     );
     let iopl = format!("IOPL={}", (v >> 12) & 3);
     if flags.is_empty() {
@@ -46,65 +25,22 @@ pub fn rflags(v: u64) -> String {
 }
 
 pub fn cr0(v: u64) -> String {
-    bits(
-        v,
-        &[
-            (0, "PE"),
-            (1, "MP"),
-            (2, "EM"),
-            (3, "TS"),
-            (4, "ET"),
-            (5, "NE"),
-            (16, "WP"),
-            (18, "AM"),
-            (29, "NW"),
-            (30, "CD"),
-            (31, "PG"),
-        ],
-    )
+    bits(v, &[(0, "PE"), (1, "MP"), (2, "EM"), (3, "TS"), (4, "ET"), (5, "NE"), (16, "WP"), (18, "AM"), (29, "NW"), (30, "CD"), (31, "PG")])
 }
 
 pub fn cr4(v: u64) -> String {
     bits(
         v,
         &[
-            (0, "VME"),
-            (1, "PVI"),
-            (2, "TSD"),
-            (3, "DE"),
-            (4, "PSE"),
-            (5, "PAE"),
-            (6, "MCE"),
-            (7, "PGE"),
-            (8, "PCE"),
-            (9, "OSFXSR"),
-            (10, "OSXMMEXCPT"),
-            (11, "UMIP"),
-            (12, "LA57"),
-            (13, "VMXE"),
-            (14, "SMXE"),
-            (16, "FSGSBASE"),
-            (17, "PCIDE"),
-            (18, "OSXSAVE"),
-            (20, "SMEP"),
-            (21, "SMAP"),
-            (22, "PKE"),
+            (0, "VME"), (1, "PVI"), (2, "TSD"), (3, "DE"), (4, "PSE"), (5, "PAE"), (6, "MCE"), (7, "PGE"), (8, "PCE"),
+            (9, "OSFXSR"), (10, "OSXMMEXCPT"), (11, "UMIP"), (12, "LA57"), (13, "VMXE"), (14, "SMXE"), (16, "FSGSBASE"),
+            (17, "PCIDE"), (18, "OSXSAVE"), (20, "SMEP"), (21, "SMAP"), (22, "PKE"),
         ],
     )
 }
 
 pub fn efer(v: u64) -> String {
-    bits(
-        v,
-        &[
-            (0, "SCE"),
-            (8, "LME"),
-            (10, "LMA"),
-            (11, "NXE"),
-            (12, "SVME"),
-            (14, "FFXSR"),
-        ],
-    )
+    bits(v, &[(0, "SCE"), (8, "LME"), (10, "LMA"), (11, "NXE"), (12, "SVME"), (14, "FFXSR")])
 }
 
 pub fn msr_name(index: u32) -> &'static str {
@@ -128,38 +64,14 @@ pub fn msr_name(index: u32) -> &'static str {
 
 pub fn gprs(r: &kvm_regs) -> [(&'static str, u64); 18] {
     [
-        ("rax", r.rax),
-        ("rbx", r.rbx),
-        ("rcx", r.rcx),
-        ("rdx", r.rdx),
-        ("rsi", r.rsi),
-        ("rdi", r.rdi),
-        ("rbp", r.rbp),
-        ("rsp", r.rsp),
-        ("r8", r.r8),
-        ("r9", r.r9),
-        ("r10", r.r10),
-        ("r11", r.r11),
-        ("r12", r.r12),
-        ("r13", r.r13),
-        ("r14", r.r14),
-        ("r15", r.r15),
-        ("rip", r.rip),
-        ("rflags", r.rflags),
+        ("rax", r.rax), ("rbx", r.rbx), ("rcx", r.rcx), ("rdx", r.rdx), ("rsi", r.rsi), ("rdi", r.rdi),
+        ("rbp", r.rbp), ("rsp", r.rsp), ("r8", r.r8), ("r9", r.r9), ("r10", r.r10), ("r11", r.r11),
+        ("r12", r.r12), ("r13", r.r13), ("r14", r.r14), ("r15", r.r15), ("rip", r.rip), ("rflags", r.rflags),
     ]
 }
 
 pub fn segments(s: &kvm_sregs) -> [(&'static str, &kvm_segment); 8] {
-    [
-        ("cs", &s.cs),
-        ("ss", &s.ss),
-        ("ds", &s.ds),
-        ("es", &s.es),
-        ("fs", &s.fs),
-        ("gs", &s.gs),
-        ("tr", &s.tr),
-        ("ldt", &s.ldt),
-    ]
+    [("cs", &s.cs), ("ss", &s.ss), ("ds", &s.ds), ("es", &s.es), ("fs", &s.fs), ("gs", &s.gs), ("tr", &s.tr), ("ldt", &s.ldt)]
 }
 
 pub fn segment(g: &kvm_segment) -> String {
@@ -198,12 +110,7 @@ pub fn dtable(t: &kvm_dtable) -> String {
 }
 
 /// Every register as (name, line), in display order.
-pub fn register_lines(
-    r: &kvm_regs,
-    s: &kvm_sregs,
-    msrs: &[(u32, u64)],
-    describe: &dyn Fn(u64) -> String,
-) -> Vec<(String, String)> {
+pub fn register_lines(r: &kvm_regs, s: &kvm_sregs, msrs: &[(u32, u64)], describe: &dyn Fn(u64) -> String) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (n, v) in gprs(r) {
         let extra = match n {
@@ -211,16 +118,10 @@ pub fn register_lines(
             "rflags" => rflags(v),
             _ => String::new(),
         };
-        out.push((
-            n.to_string(),
-            format!("{n:<15}{v:#018x}  {extra}").trim_end().to_string(),
-        ));
+        out.push((n.to_string(), format!("{n:<15}{v:#018x}  {extra}").trim_end().to_string()));
     }
     for (n, g) in segments(s) {
-        out.push((
-            n.to_string(),
-            format!("{n:<15}{}", segment(g)).trim_end().to_string(),
-        ));
+        out.push((n.to_string(), format!("{n:<15}{}", segment(g)).trim_end().to_string()));
     }
     out.push(("gdt".into(), format!("{:<15}{}", "gdt", dtable(&s.gdt))));
     out.push(("idt".into(), format!("{:<15}{}", "idt", dtable(&s.idt))));
@@ -233,10 +134,7 @@ pub fn register_lines(
         ("efer", s.efer, efer(s.efer)),
         ("apic_base", s.apic_base, String::new()),
     ] {
-        out.push((
-            n.to_string(),
-            format!("{n:<15}{v:#018x}  {d}").trim_end().to_string(),
-        ));
+        out.push((n.to_string(), format!("{n:<15}{v:#018x}  {d}").trim_end().to_string()));
     }
     for &(i, v) in msrs {
         let name = msr_name(i).to_ascii_lowercase();
@@ -246,15 +144,7 @@ pub fn register_lines(
 }
 
 pub fn ascii(b: &[u8]) -> String {
-    b.iter()
-        .map(|&c| {
-            if (0x20..0x7f).contains(&c) {
-                c as char
-            } else {
-                '.'
-            }
-        })
-        .collect()
+    b.iter().map(|&c| if (0x20..0x7f).contains(&c) { c as char } else { '.' }).collect()
 }
 
 /// Canonical hex+ASCII dump, 16 bytes a line, addresses from `addr`.
@@ -271,11 +161,7 @@ pub fn hexdump(addr: u64, b: &[u8]) -> String {
                 None => hex.push_str("   "),
             }
         }
-        s.push_str(&format!(
-            "{:#018x}:  {hex} |{}|\n",
-            addr + 16 * i as u64,
-            ascii(line)
-        ));
+        s.push_str(&format!("{:#018x}:  {hex} |{}|\n", addr + 16 * i as u64, ascii(line)));
     }
     s
 }
@@ -325,8 +211,5 @@ pub fn escaped(b: &[u8]) -> String {
 }
 
 pub fn hex_bytes(b: &[u8]) -> String {
-    b.iter()
-        .map(|c| format!("{c:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+    b.iter().map(|c| format!("{c:02x}")).collect::<Vec<_>>().join(" ")
 }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{interrupt, Error, Session};
-use crate::migrate::Pausable;
 use crate::record::{self, RecordOptions, RecordSummary};
+use crate::migrate::Pausable;
 use crate::vmm::{Console, GuestPanic, HostError, LiveHost, Machine, MachineError, Stop};
 
 /// How a live run ended.
@@ -20,9 +20,7 @@ pub enum LiveEnd {
     PowerOff(u8),
     Panic(GuestPanic),
     /// Ctrl-C stopped it at this exit count.
-    Interrupted {
-        exits: u64,
-    },
+    Interrupted { exits: u64 },
 }
 
 /// Standard input for the guest that can be let go of: reads fd 0 directly
@@ -45,11 +43,7 @@ impl Read for StoppableStdin {
             if self.stop.load(Ordering::SeqCst) || interrupt::is_set() {
                 return Ok(0);
             }
-            let mut pfd = libc::pollfd {
-                fd: 0,
-                events: libc::POLLIN,
-                revents: 0,
-            };
+            let mut pfd = libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 };
             // SAFETY: one valid pollfd, its count, a timeout.
             let n = unsafe { libc::poll(&mut pfd, 1, 100) };
             if n < 0 {
@@ -79,32 +73,19 @@ impl Read for StoppableStdin {
 /// Runs the machine at the session's current point live until the guest
 /// powers off or crashes (or Ctrl-C, when [`interrupt::install`] was
 /// called). The session keeps its position; its next look replays again.
-pub fn run_live(
-    s: &mut Session,
-    input: Box<dyn Read + Send>,
-    console: Console,
-) -> Result<LiveEnd, Error> {
+pub fn run_live(s: &mut Session, input: Box<dyn Read + Send>, console: Console) -> Result<LiveEnd, Error> {
     let clock = s.clock_ns()?;
     let mut tl = s.take_timeline()?;
     interrupt::clear();
     let mut live = LiveHost::new(input, console, clock);
-    let r = tl.machine.run(
-        &mut Pausable::new(&mut live, Default::default()).or_when(interrupt::is_set),
-        None,
-    );
+    let r = tl.machine.run(&mut Pausable::new(&mut live, Default::default()).or_when(interrupt::is_set), None);
     drop(live);
     let interrupted = interrupt::take();
     match r {
         Ok(Stop::PowerOff(st)) => Ok(LiveEnd::PowerOff(st)),
         Ok(Stop::Panic(p)) => Ok(LiveEnd::Panic(p)),
-        Ok(Stop::Paused) => Ok(LiveEnd::Interrupted {
-            exits: tl.machine.exits,
-        }),
-        Err(MachineError::Host(HostError::WouldWaitForever)) if interrupted => {
-            Ok(LiveEnd::Interrupted {
-                exits: tl.machine.exits,
-            })
-        }
+        Ok(Stop::Paused) => Ok(LiveEnd::Interrupted { exits: tl.machine.exits }),
+        Err(MachineError::Host(HostError::WouldWaitForever)) if interrupted => Ok(LiveEnd::Interrupted { exits: tl.machine.exits }),
         Err(e) => Err(e.into()),
     }
 }
@@ -119,11 +100,7 @@ pub fn repl_live(s: &mut Session, out: &mut dyn Write) -> Result<(), Error> {
     )?;
     out.flush()?;
     let stop = Arc::new(AtomicBool::new(false));
-    let r = run_live(
-        s,
-        Box::new(StoppableStdin::new(stop.clone())),
-        Console::Stdout,
-    );
+    let r = run_live(s, Box::new(StoppableStdin::new(stop.clone())), Console::Stdout);
     stop.store(true, Ordering::SeqCst);
     // Let the input thread see `stop` before the REPL reads the terminal again.
     std::thread::sleep(Duration::from_millis(150));
@@ -131,9 +108,7 @@ pub fn repl_live(s: &mut Session, out: &mut dyn Write) -> Result<(), Error> {
     match r? {
         LiveEnd::PowerOff(st) => writeln!(out, "\nlive: the guest powered off with status {st}")?,
         LiveEnd::Panic(p) => writeln!(out, "\nlive: the guest crashed: {p}")?,
-        LiveEnd::Interrupted { exits } => {
-            writeln!(out, "\nlive: stopped by Ctrl-C at live exit {exits}")?
-        }
+        LiveEnd::Interrupted { exits } => writeln!(out, "\nlive: stopped by Ctrl-C at live exit {exits}")?,
     }
     writeln!(out, "back in the recording at exit {here}")?;
     Ok(())
@@ -160,8 +135,7 @@ pub fn record_live(
                 .prefix("revirt-live-disk")
                 .tempfile()
                 .map_err(|e| Error::Msg(format!("creating a disk copy: {e}")))?;
-            std::fs::copy(p, tmp.path())
-                .map_err(|e| Error::Msg(format!("copying the replay disk: {e}")))?;
+            std::fs::copy(p, tmp.path()).map_err(|e| Error::Msg(format!("copying the replay disk: {e}")))?;
             Some(tmp)
         }
         None => None,
@@ -171,26 +145,11 @@ pub fn record_live(
     let branched_at = tl.exits();
     drop(tl);
     let image_path = s.rec.dir.join(crate::trace::IMAGE);
-    let image_bytes = std::fs::read(&image_path)
-        .map_err(|e| Error::Msg(format!("reading {}: {e}", image_path.display())))?;
+    let image_bytes = std::fs::read(&image_path).map_err(|e| Error::Msg(format!("reading {}: {e}", image_path.display())))?;
     let mut config = s.rec.meta.config.clone();
-    config.disk = config
-        .disk
-        .as_ref()
-        .map(|_| s.rec.dir.join(crate::trace::DISK));
-    let parent = Some(crate::trace::meta::Parent {
-        id: s.rec.meta.id.clone(),
-        exits: branched_at,
-    });
-    let opts = RecordOptions {
-        image: image_path,
-        config,
-        out: out_dir,
-        clock: s.rec.meta.clock,
-        checkpoint_every,
-        parent,
-        control: None,
-    };
+    config.disk = config.disk.as_ref().map(|_| s.rec.dir.join(crate::trace::DISK));
+    let parent = Some(crate::trace::meta::Parent { id: s.rec.meta.id.clone(), exits: branched_at });
+    let opts = RecordOptions { image: image_path, config, out: out_dir, clock: s.rec.meta.clock, checkpoint_every, parent, control: None };
     let summary = record::record_from(&opts, &image_bytes, m, input, console, clock)
         .map_err(|e| Error::Msg(format!("recording the live run: {e}")))?;
     drop(disk);

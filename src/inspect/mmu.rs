@@ -107,12 +107,7 @@ fn canonical(v: u64) -> bool {
 pub fn walk(view: &dyn View, vaddr: u64) -> Result<Walk, Error> {
     let s = view.sregs()?;
     if s.cr0 & CR0_PG == 0 {
-        return Ok(Walk {
-            vaddr,
-            cr3: s.cr3,
-            levels: vec![],
-            end: WalkEnd::NoPaging,
-        });
+        return Ok(Walk { vaddr, cr3: s.cr3, levels: vec![], end: WalkEnd::NoPaging });
     }
     if s.cr4 & CR4_PAE == 0 || s.efer & EFER_LMA == 0 {
         return Err(Error::Msg(format!(
@@ -121,14 +116,10 @@ pub fn walk(view: &dyn View, vaddr: u64) -> Result<Walk, Error> {
         )));
     }
     if s.cr4 & CR4_LA57 != 0 {
-        return Err(Error::Msg(
-            "the guest uses 5-level paging (CR4.LA57); only 4-level paging is supported".into(),
-        ));
+        return Err(Error::Msg("the guest uses 5-level paging (CR4.LA57); only 4-level paging is supported".into()));
     }
     if !canonical(vaddr) {
-        return Err(Error::Msg(format!(
-            "{vaddr:#x} is not a canonical address (bits 63..47 must all be equal)"
-        )));
+        return Err(Error::Msg(format!("{vaddr:#x} is not a canonical address (bits 63..47 must all be equal)")));
     }
     let mut table = s.cr3 & ADDR_MASK;
     let mut levels = Vec::with_capacity(4);
@@ -137,50 +128,24 @@ pub fn walk(view: &dyn View, vaddr: u64) -> Result<Walk, Error> {
         let entry_addr = table + index * 8;
         let mut b = [0u8; 8];
         view.read_phys(entry_addr, &mut b).map_err(|e| {
-            Error::Msg(format!(
-                "the {} table at {table:#x} is outside guest memory: {e}",
-                ["PT", "PD", "PDPT", "PML4"][level]
-            ))
+            Error::Msg(format!("the {} table at {table:#x} is outside guest memory: {e}", ["PT", "PD", "PDPT", "PML4"][level]))
         })?;
         let entry = u64::from_le_bytes(b);
-        let l = Level {
-            level,
-            index,
-            entry_addr,
-            entry,
-        };
+        let l = Level { level, index, entry_addr, entry };
         let (present, large) = (l.present(), l.large());
         levels.push(l);
         let at = levels.len() - 1;
         if !present {
-            return Ok(Walk {
-                vaddr,
-                cr3: s.cr3,
-                levels,
-                end: WalkEnd::NotPresent { at },
-            });
+            return Ok(Walk { vaddr, cr3: s.cr3, levels, end: WalkEnd::NotPresent { at } });
         }
         if level == 3 && entry & (1 << 7) != 0 {
-            return Ok(Walk {
-                vaddr,
-                cr3: s.cr3,
-                levels,
-                end: WalkEnd::Reserved {
-                    at,
-                    why: "PS is reserved in a PML4 entry",
-                },
-            });
+            return Ok(Walk { vaddr, cr3: s.cr3, levels, end: WalkEnd::Reserved { at, why: "PS is reserved in a PML4 entry" } });
         }
         if level == 0 || large {
             let page_size = 1u64 << (12 + 9 * level);
             let base = entry & ADDR_MASK & !(page_size - 1);
             let phys = base | (vaddr & (page_size - 1));
-            return Ok(Walk {
-                vaddr,
-                cr3: s.cr3,
-                levels,
-                end: WalkEnd::Mapped { phys, page_size },
-            });
+            return Ok(Walk { vaddr, cr3: s.cr3, levels, end: WalkEnd::Mapped { phys, page_size } });
         }
         table = entry & ADDR_MASK;
     }
@@ -197,9 +162,7 @@ pub fn translate(view: &dyn View, vaddr: u64) -> Result<u64, Error> {
             w.levels[*at].name(),
             w.levels[*at].index
         ))),
-        (WalkEnd::Reserved { why, .. }, _) => Err(Error::Msg(format!(
-            "cannot access memory at {vaddr:#x}: {why}"
-        ))),
+        (WalkEnd::Reserved { why, .. }, _) => Err(Error::Msg(format!("cannot access memory at {vaddr:#x}: {why}"))),
         _ => unreachable!(),
     }
 }

@@ -169,15 +169,10 @@ impl Session {
         let rec = Arc::new(Recording::open(dir)?);
         if rec.checkpoints.is_empty() {
             let why = match &rec.status {
-                crate::trace::LogStatus::Incomplete { reason, .. } if rec.events.is_empty() => {
-                    format!(": its event log is unusable: {reason}")
-                }
+                crate::trace::LogStatus::Incomplete { reason, .. } if rec.events.is_empty() => format!(": its event log is unusable: {reason}"),
                 _ => String::new(),
             };
-            return Err(Error::Msg(format!(
-                "{}: the recording has no usable checkpoint (not even checkpoint 0){why}",
-                dir.display()
-            )));
+            return Err(Error::Msg(format!("{}: the recording has no usable checkpoint (not even checkpoint 0){why}", dir.display())));
         }
         let image = std::fs::read(dir.join(crate::trace::IMAGE)).unwrap_or_default();
         let syms = Symbols::from_elf(&image);
@@ -243,11 +238,7 @@ impl Session {
     }
 
     fn ckpt_at(&self, exits: u64) -> Option<u32> {
-        self.rec
-            .checkpoints
-            .iter()
-            .find(|c| c.1 == exits)
-            .map(|c| c.0)
+        self.rec.checkpoints.iter().find(|c| c.1 == exits).map(|c| c.0)
     }
 
     /// Turns a point into an exit count (and the checkpoint exactly there).
@@ -260,66 +251,36 @@ impl Session {
             Point::Rel(d) => {
                 let here = self.exits() as i128 + d as i128;
                 if here < 0 {
-                    return Err(Error::Usage(format!(
-                        "{d} exits from exit {} is before the start",
-                        self.exits()
-                    )));
+                    return Err(Error::Usage(format!("{d} exits from exit {} is before the start", self.exits())));
                 }
                 here as u64
             }
             Point::Checkpoint(k) => {
                 let exits = self.ckpt_exits(k).ok_or_else(|| {
-                    let have: Vec<String> = self
-                        .rec
-                        .checkpoints
-                        .iter()
-                        .map(|c| c.0.to_string())
-                        .collect();
-                    Error::Usage(format!(
-                        "no checkpoint {k} in this recording (it has {})",
-                        have.join(", ")
-                    ))
+                    let have: Vec<String> = self.rec.checkpoints.iter().map(|c| c.0.to_string()).collect();
+                    Error::Usage(format!("no checkpoint {k} in this recording (it has {})", have.join(", ")))
                 })?;
-                return Ok(Target {
-                    exits,
-                    ckpt: Some(k),
-                    exact: None,
-                });
+                return Ok(Target { exits, ckpt: Some(k), exact: None });
             }
             Point::Event(i) => {
                 let e = self.rec.events.get(i).ok_or_else(|| {
-                    Error::Usage(format!(
-                        "no event #{i}: the recording has events #0..#{}",
-                        self.rec.events.len().saturating_sub(1)
-                    ))
+                    Error::Usage(format!("no event #{i}: the recording has events #0..#{}", self.rec.events.len().saturating_sub(1)))
                 })?;
                 event_point(e)
             }
             Point::Exec(p) => {
                 let t = self.resolve(Point::Exit(p.exits))?;
-                return Ok(Target {
-                    exact: Some(p),
-                    ckpt: None,
-                    ..t
-                });
+                return Ok(Target { exact: Some(p), ckpt: None, ..t });
             }
         };
         if exits > end {
-            return Err(Error::Usage(format!(
-                "exit {exits} is beyond the end of the recording (exit {end})"
-            )));
+            return Err(Error::Usage(format!("exit {exits} is beyond the end of the recording (exit {end})")));
         }
         let start = self.rec.checkpoints[0].1;
         if exits < start {
-            return Err(Error::Usage(format!(
-                "exit {exits} is before the recording's first checkpoint (exit {start})"
-            )));
+            return Err(Error::Usage(format!("exit {exits} is before the recording's first checkpoint (exit {start})")));
         }
-        Ok(Target {
-            exits,
-            ckpt: self.ckpt_at(exits),
-            exact: None,
-        })
+        Ok(Target { exits, ckpt: self.ckpt_at(exits), exact: None })
     }
 
     /// Moves to a point: from the checkpoint files when it is a checkpoint,
@@ -357,10 +318,7 @@ impl Session {
         let r = tl.seek_point(p);
         let outcome = self.stepped(r)?;
         if outcome != Ran::Reached {
-            return Err(Error::Msg(format!(
-                "the recording ended before reaching {}",
-                point_str(&p)
-            )));
+            return Err(Error::Msg(format!("the recording ended before reaching {}", point_str(&p))));
         }
         Ok(())
     }
@@ -377,10 +335,7 @@ impl Session {
             }
             Ok(Outcome::Diverged(why)) => {
                 self.tl_state = TlState::Broken;
-                return Err(Error::Diverged {
-                    at: tl.exits(),
-                    why,
-                });
+                return Err(Error::Diverged { at: tl.exits(), why });
             }
             Ok(Outcome::EndOfRecording(d)) | Ok(Outcome::NotReached(d)) => {
                 self.tl_state = TlState::Broken;
@@ -399,14 +354,10 @@ impl Session {
     /// Executes `n` instructions forward from the current point (single-stepping through KVM).
     pub fn stepi(&mut self, n: u64) -> Result<Ran, Error> {
         if self.opts.no_kvm {
-            return Err(Error::Msg(
-                "stepping needs KVM (disabled by --no-kvm)".into(),
-            ));
+            return Err(Error::Msg("stepping needs KVM (disabled by --no-kvm)".into()));
         }
         if self.exits() == self.end_exits() && self.rec.end().is_some() {
-            return Err(Error::Msg(
-                "this is the end of the recording: the guest has stopped".into(),
-            ));
+            return Err(Error::Msg("this is the end of the recording: the guest has stopped".into()));
         }
         let tl = self.take_timeline()?;
         self.tl = Some(tl);
@@ -416,12 +367,7 @@ impl Session {
     }
 
     fn no_kvm_error(&self, exits: u64) -> Error {
-        let have: Vec<String> = self
-            .rec
-            .checkpoints
-            .iter()
-            .map(|c| format!("ckpt:{} = exit {}", c.0, c.1))
-            .collect();
+        let have: Vec<String> = self.rec.checkpoints.iter().map(|c| format!("ckpt:{} = exit {}", c.0, c.1)).collect();
         Error::Msg(format!(
             "exit {exits} is not at a checkpoint, and replaying to it needs KVM (disabled by --no-kvm); checkpoints: {}",
             have.join(", ")
@@ -447,11 +393,7 @@ impl Session {
         };
         if !reusable {
             self.tl = None;
-            self.tl = Some(Timeline::at_checkpoint(
-                self.rec.clone(),
-                ck,
-                Sink::Discard,
-            )?);
+            self.tl = Some(Timeline::at_checkpoint(self.rec.clone(), ck, Sink::Discard)?);
             self.tl_state = TlState::Running;
             self.kvm_used = true;
         }
@@ -462,10 +404,7 @@ impl Session {
                 self.tl_state = TlState::Finished;
                 self.end_problems = Some(problems);
                 if tl.exits() != target {
-                    return Err(Error::Msg(format!(
-                        "the guest stopped at exit {} before reaching exit {target}",
-                        tl.exits()
-                    )));
+                    return Err(Error::Msg(format!("the guest stopped at exit {} before reaching exit {target}", tl.exits())));
                 }
                 Ok(())
             }
@@ -524,12 +463,7 @@ impl Session {
         if let Some(p) = t.exact {
             match tl.seek_point(p)? {
                 Outcome::Reached => {}
-                Outcome::Diverged(why) => {
-                    return Err(Error::Diverged {
-                        at: tl.exits(),
-                        why,
-                    })
-                }
+                Outcome::Diverged(why) => return Err(Error::Diverged { at: tl.exits(), why }),
                 _ => return Err(Error::Msg(format!("cannot reach {}", point_str(&p)))),
             }
         }
@@ -543,33 +477,22 @@ impl Session {
         }
         let ck = Timeline::nearest_checkpoint(&self.rec, exits);
         self.kvm_used = true;
-        Ok(Timeline::at_checkpoint(
-            self.rec.clone(),
-            ck,
-            Sink::Discard,
-        )?)
+        Ok(Timeline::at_checkpoint(self.rec.clone(), ck, Sink::Discard)?)
     }
 
     /// Gives the session's timeline away (positioned at the current point),
     /// e.g. to go live with its machine. The session re-creates one on demand.
     pub fn take_timeline(&mut self) -> Result<Timeline, Error> {
         if self.opts.no_kvm {
-            return Err(Error::Msg(
-                "going live needs KVM (disabled by --no-kvm)".into(),
-            ));
+            return Err(Error::Msg("going live needs KVM (disabled by --no-kvm)".into()));
         }
         let x = self.exits();
         match self.here {
             Here::Checkpoint(id, _) => {
-                let usable = self.tl.as_ref().is_some_and(|tl| tl.exits() == x)
-                    && self.tl_state == TlState::Running;
+                let usable = self.tl.as_ref().is_some_and(|tl| tl.exits() == x) && self.tl_state == TlState::Running;
                 if !usable {
                     self.kvm_used = true;
-                    self.tl = Some(Timeline::at_checkpoint(
-                        self.rec.clone(),
-                        id,
-                        Sink::Discard,
-                    )?);
+                    self.tl = Some(Timeline::at_checkpoint(self.rec.clone(), id, Sink::Discard)?);
                     self.tl_state = TlState::Running;
                 }
             }
@@ -602,11 +525,7 @@ impl Session {
         let next = self.next_event()?;
         let x = self.exits();
         let ck = Timeline::nearest_checkpoint(&self.rec, x);
-        let ck_clock = self
-            .ckpts
-            .header(ck)
-            .map(|h| h.machine.clock_ns)
-            .unwrap_or(0);
+        let ck_clock = self.ckpts.header(ck).map(|h| h.machine.clock_ns).unwrap_or(0);
         let logged = self.rec.events[..next.min(self.rec.events.len())]
             .iter()
             .rev()
@@ -622,10 +541,7 @@ impl Session {
     /// A one-line description of where the session stands.
     pub fn describe_here(&self) -> String {
         match &self.here {
-            Here::Checkpoint(id, f) => format!(
-                "exit {} = checkpoint {id} (state read from the checkpoint files, no KVM)",
-                f.exits
-            ),
+            Here::Checkpoint(id, f) => format!("exit {} = checkpoint {id} (state read from the checkpoint files, no KVM)", f.exits),
             Here::Replay(x, exact) => {
                 let from = Timeline::nearest_checkpoint(&self.rec, *x);
                 match exact {
@@ -639,10 +555,7 @@ impl Session {
 
 /// An exact point the way `seek` takes it back: `exit E + B branches @ rip R (E:B:RIP)`.
 pub fn point_str(p: &ExecPoint) -> String {
-    format!(
-        "exit {} + {} branches @ rip {:#x} ({}:{}:{:#x})",
-        p.exits, p.branches, p.rip, p.exits, p.branches, p.rip
-    )
+    format!("exit {} + {} branches @ rip {:#x} ({}:{}:{:#x})", p.exits, p.branches, p.rip, p.exits, p.branches, p.rip)
 }
 
 /// The point just before `e` takes effect. Clock reads happen during their
@@ -665,10 +578,7 @@ pub fn event_point(e: &Event) -> u64 {
 /// Skips marks, checkpoints and the end at or before `exits` (replay
 /// consumes them lazily or never).
 pub fn normalize_next(events: &[Event], mut next: usize, exits: u64) -> usize {
-    while let Some(e) = events
-        .get(next)
-        .filter(|e| e.is_mark() || matches!(e, Event::End { .. }))
-    {
+    while let Some(e) = events.get(next).filter(|e| e.is_mark() || matches!(e, Event::End { .. })) {
         if e.exits() > exits {
             break;
         }
@@ -683,9 +593,7 @@ pub fn normalize_next(events: &[Event], mut next: usize, exits: u64) -> usize {
 pub fn run_to(tl: &mut Timeline, target: u64, progress: bool) -> Result<Ran, Error> {
     let start = tl.exits();
     if start > target {
-        return Err(Error::Msg(format!(
-            "cannot run backwards from exit {start} to {target}"
-        )));
+        return Err(Error::Msg(format!("cannot run backwards from exit {start} to {target}")));
     }
     let bar = (progress && target - start >= 5000 && std::io::stderr().is_terminal()).then(|| {
         let b = indicatif::ProgressBar::with_draw_target(
@@ -693,11 +601,9 @@ pub fn run_to(tl: &mut Timeline, target: u64, progress: bool) -> Result<Ran, Err
             indicatif::ProgressDrawTarget::stderr_with_hz(8),
         );
         b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {pos}/{len} exits, {eta} left",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} exits, {eta} left")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         b.set_message(format!("replaying to exit {target} (Ctrl-C stops)"));
         b
@@ -716,16 +622,9 @@ pub fn run_to(tl: &mut Timeline, target: u64, progress: bool) -> Result<Ran, Err
             Ok(Outcome::Reached) => {}
             Ok(Outcome::Finished { problems, .. }) => break Ok(Ran::Finished(problems)),
             Ok(Outcome::EndOfRecording(d)) => {
-                break Err(Error::Msg(format!(
-                    "cannot replay to exit {target}: the recording ends first: {d}"
-                )))
+                break Err(Error::Msg(format!("cannot replay to exit {target}: the recording ends first: {d}")))
             }
-            Ok(Outcome::Diverged(why)) => {
-                break Err(Error::Diverged {
-                    at: tl.exits(),
-                    why,
-                })
-            }
+            Ok(Outcome::Diverged(why)) => break Err(Error::Diverged { at: tl.exits(), why }),
             Ok(Outcome::NotReached(why)) => break Err(Error::Msg(why)),
             Err(e) => break Err(e.into()),
         }

@@ -31,10 +31,7 @@ pub fn split_commands(s: &str) -> Vec<String> {
         }
     }
     out.push(cur);
-    out.into_iter()
-        .map(|c| c.trim().to_string())
-        .filter(|c| !c.is_empty() && !c.starts_with('#'))
-        .collect()
+    out.into_iter().map(|c| c.trim().to_string()).filter(|c| !c.is_empty() && !c.starts_with('#')).collect()
 }
 
 /// A word of a command line; quoted words keep their bytes (escapes decoded).
@@ -79,9 +76,8 @@ pub fn words(line: &str) -> Result<Vec<Word>, Error> {
                         Some('"') => b.push(b'"'),
                         Some('x') => {
                             let h: String = [it.next(), it.next()].iter().flatten().collect();
-                            let v = u8::from_str_radix(&h, 16).map_err(|_| {
-                                usage(format!("bad escape \\x{h} in string (want two hex digits)"))
-                            })?;
+                            let v = u8::from_str_radix(&h, 16)
+                                .map_err(|_| usage(format!("bad escape \\x{h} in string (want two hex digits)")))?;
                             b.push(v);
                         }
                         Some(o) => return Err(usage(format!("unknown escape \\{o} in string"))),
@@ -149,11 +145,7 @@ pub fn point(s: &str) -> Result<Point, Error> {
     let parts: Vec<&str> = t.trim_start_matches("exit:").split(':').collect();
     if let [e, b, r] = parts.as_slice() {
         let n = |x: &str| number(x).map_err(|_| bad(&format!("'{x}' is not a number")));
-        return Ok(Point::Exec(crate::clock::ExecPoint {
-            exits: n(e)?,
-            branches: n(b)?,
-            rip: n(r)?,
-        }));
+        return Ok(Point::Exec(crate::clock::ExecPoint { exits: n(e)?, branches: n(b)?, rip: n(r)? }));
     }
     let (kind, val) = match t.split_once(':') {
         Some((k, v)) => (k, v),
@@ -171,9 +163,7 @@ pub fn point(s: &str) -> Result<Point, Error> {
     let n = number(val).map_err(|_| bad(&format!("'{val}' is not a number")))?;
     match kind {
         "exit" | "exits" | "e" => Ok(Point::Exit(n)),
-        "ckpt" | "checkpoint" | "c" => Ok(Point::Checkpoint(
-            u32::try_from(n).map_err(|_| bad("no such checkpoint"))?,
-        )),
+        "ckpt" | "checkpoint" | "c" => Ok(Point::Checkpoint(u32::try_from(n).map_err(|_| bad("no such checkpoint"))?)),
         "event" | "ev" => Ok(Point::Event(n as usize)),
         _ => Err(bad(&format!("unknown kind '{kind}'"))),
     }
@@ -184,9 +174,7 @@ pub fn point(s: &str) -> Result<Point, Error> {
 /// integers.
 pub fn pattern(words: &[Word], size: Option<usize>) -> Result<Vec<u8>, Error> {
     if words.is_empty() {
-        return Err(usage(
-            "nothing to search for: give a \"string\", hex bytes (de ad be ef) or find/g VALUE",
-        ));
+        return Err(usage("nothing to search for: give a \"string\", hex bytes (de ad be ef) or find/g VALUE"));
     }
     let mut out = Vec::new();
     for w in words {
@@ -228,16 +216,8 @@ pub fn address(s: &str, resolve: &mut dyn FnMut(&str) -> Result<u64, Error>) -> 
         if w.is_empty() {
             return Err(usage(format!("bad address expression '{s}'")));
         }
-        let v = if w.starts_with(|c: char| c.is_ascii_digit()) {
-            number(w)?
-        } else {
-            resolve(w)?
-        };
-        *total = if sign > 0 {
-            total.wrapping_add(v)
-        } else {
-            total.wrapping_sub(v)
-        };
+        let v = if w.starts_with(|c: char| c.is_ascii_digit()) { number(w)? } else { resolve(w)? };
+        *total = if sign > 0 { total.wrapping_add(v) } else { total.wrapping_sub(v) };
         term.clear();
         Ok(())
     };
@@ -265,16 +245,10 @@ pub struct Fmt {
 }
 
 pub fn fmt(spec: &str) -> Result<Fmt, Error> {
-    let mut f = Fmt {
-        count: 0,
-        letter: 'x',
-        size: 0,
-    };
+    let mut f = Fmt { count: 0, letter: 'x', size: 0 };
     let digits: String = spec.chars().take_while(|c| c.is_ascii_digit()).collect();
     if !digits.is_empty() {
-        f.count = digits
-            .parse()
-            .map_err(|_| usage(format!("bad count in /{spec}")))?;
+        f.count = digits.parse().map_err(|_| usage(format!("bad count in /{spec}")))?;
     }
     for c in spec[digits.len()..].chars() {
         match c {
@@ -299,27 +273,14 @@ mod tests {
 
     #[test]
     fn commands_split_outside_quotes() {
-        assert_eq!(
-            split_commands("regs; find \"a;b\" ;  ; where"),
-            vec!["regs", "find \"a;b\"", "where"]
-        );
-        assert_eq!(
-            split_commands("find \"\\\";x\"; q"),
-            vec!["find \"\\\";x\"", "q"]
-        );
+        assert_eq!(split_commands("regs; find \"a;b\" ;  ; where"), vec!["regs", "find \"a;b\"", "where"]);
+        assert_eq!(split_commands("find \"\\\";x\"; q"), vec!["find \"\\\";x\"", "q"]);
     }
 
     #[test]
     fn words_and_escapes() {
         let w = words(r#"find "hi\x00\n" 41 "#).unwrap();
-        assert_eq!(
-            w,
-            vec![
-                Word::Plain("find".into()),
-                Word::Quoted(b"hi\0\n".to_vec()),
-                Word::Plain("41".into())
-            ]
-        );
+        assert_eq!(w, vec![Word::Plain("find".into()), Word::Quoted(b"hi\0\n".to_vec()), Word::Plain("41".into())]);
         assert!(words("find \"open").is_err());
     }
 
@@ -331,11 +292,7 @@ mod tests {
         assert_eq!(point("event:7").unwrap(), Point::Event(7));
         assert_eq!(point("-5").unwrap(), Point::Rel(-5));
         assert_eq!(point("end").unwrap(), Point::End);
-        let p = crate::clock::ExecPoint {
-            exits: 5,
-            branches: 3,
-            rip: 0x1000,
-        };
+        let p = crate::clock::ExecPoint { exits: 5, branches: 3, rip: 0x1000 };
         assert_eq!(point("5:3:0x1000").unwrap(), Point::Exec(p));
         assert_eq!(point("exit:5:3:0x1000").unwrap(), Point::Exec(p));
         assert!(point("5:x:1").is_err());
@@ -345,18 +302,8 @@ mod tests {
 
     #[test]
     fn patterns() {
-        assert_eq!(
-            pattern(
-                &[Word::Plain("dead".into()), Word::Plain("0xbeef".into())],
-                None
-            )
-            .unwrap(),
-            vec![0xde, 0xad, 0xbe, 0xef]
-        );
-        assert_eq!(
-            pattern(&[Word::Plain("0x200000".into())], Some(8)).unwrap(),
-            vec![0, 0, 0x20, 0, 0, 0, 0, 0]
-        );
+        assert_eq!(pattern(&[Word::Plain("dead".into()), Word::Plain("0xbeef".into())], None).unwrap(), vec![0xde, 0xad, 0xbe, 0xef]);
+        assert_eq!(pattern(&[Word::Plain("0x200000".into())], Some(8)).unwrap(), vec![0, 0, 0x20, 0, 0, 0, 0, 0]);
         assert!(pattern(&[Word::Plain("abc".into())], None).is_err());
         assert!(pattern(&[Word::Plain("0x1ff".into())], Some(1)).is_err());
     }
@@ -377,30 +324,9 @@ mod tests {
 
     #[test]
     fn formats() {
-        assert_eq!(
-            fmt("16xb").unwrap(),
-            Fmt {
-                count: 16,
-                letter: 'x',
-                size: 1
-            }
-        );
-        assert_eq!(
-            fmt("4gx").unwrap(),
-            Fmt {
-                count: 4,
-                letter: 'x',
-                size: 8
-            }
-        );
-        assert_eq!(
-            fmt("s").unwrap(),
-            Fmt {
-                count: 0,
-                letter: 's',
-                size: 0
-            }
-        );
+        assert_eq!(fmt("16xb").unwrap(), Fmt { count: 16, letter: 'x', size: 1 });
+        assert_eq!(fmt("4gx").unwrap(), Fmt { count: 4, letter: 'x', size: 8 });
+        assert_eq!(fmt("s").unwrap(), Fmt { count: 0, letter: 's', size: 0 });
         assert!(fmt("3q").is_err());
     }
 }

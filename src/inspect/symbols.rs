@@ -18,19 +18,13 @@ pub struct Symbols {
 }
 
 fn u16_at(b: &[u8], o: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(
-        b.get(o..o.checked_add(2)?)?.try_into().ok()?,
-    ))
+    Some(u16::from_le_bytes(b.get(o..o.checked_add(2)?)?.try_into().ok()?))
 }
 fn u32_at(b: &[u8], o: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(
-        b.get(o..o.checked_add(4)?)?.try_into().ok()?,
-    ))
+    Some(u32::from_le_bytes(b.get(o..o.checked_add(4)?)?.try_into().ok()?))
 }
 fn u64_at(b: &[u8], o: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(
-        b.get(o..o.checked_add(8)?)?.try_into().ok()?,
-    ))
+    Some(u64::from_le_bytes(b.get(o..o.checked_add(8)?)?.try_into().ok()?))
 }
 
 const SHT_SYMTAB: u32 = 2;
@@ -56,7 +50,7 @@ impl Symbols {
         let sh = |i: usize| -> Option<(u32, usize, usize, u32, usize)> {
             let h = shoff.checked_add(i.checked_mul(shentsize)?)?;
             Some((
-                u32_at(b, h + 4)?,             // sh_type
+                u32_at(b, h + 4)?,            // sh_type
                 u64_at(b, h + 0x18)? as usize, // sh_offset
                 u64_at(b, h + 0x20)? as usize, // sh_size
                 u32_at(b, h + 0x28)?,          // sh_link
@@ -89,12 +83,7 @@ impl Symbols {
                 if name.is_empty() {
                     continue;
                 }
-                syms.push(Symbol {
-                    name: String::from_utf8_lossy(name).into_owned(),
-                    addr: value,
-                    size: sz,
-                    kind,
-                });
+                syms.push(Symbol { name: String::from_utf8_lossy(name).into_owned(), addr: value, size: sz, kind });
             }
         }
         syms.sort_by(|a, b| a.addr.cmp(&b.addr).then_with(|| a.name.cmp(&b.name)));
@@ -124,11 +113,7 @@ impl Symbols {
         }
         // Prefer a sized symbol that covers addr among those at the same address.
         let at = self.syms[i - 1].addr;
-        let same: Vec<&Symbol> = self.syms[..i]
-            .iter()
-            .rev()
-            .take_while(|s| s.addr == at)
-            .collect();
+        let same: Vec<&Symbol> = self.syms[..i].iter().rev().take_while(|s| s.addr == at).collect();
         let off = addr - at;
         if let Some(s) = same.iter().find(|s| s.size > 0 && off < s.size) {
             return Some((s, off));

@@ -117,35 +117,19 @@ impl View for Timeline {
         self.machine.exits
     }
     fn regs(&self) -> Result<kvm_regs, Error> {
-        Ok(self
-            .machine
-            .vcpu
-            .regs()
-            .map_err(crate::vmm::MachineError::from)?)
+        Ok(self.machine.vcpu.regs().map_err(crate::vmm::MachineError::from)?)
     }
     fn sregs(&self) -> Result<kvm_sregs, Error> {
-        Ok(self
-            .machine
-            .vcpu
-            .sregs()
-            .map_err(crate::vmm::MachineError::from)?)
+        Ok(self.machine.vcpu.sregs().map_err(crate::vmm::MachineError::from)?)
     }
     fn msrs(&self) -> Result<Vec<(u32, u64)>, Error> {
-        Ok(self
-            .machine
-            .vcpu
-            .save()
-            .map_err(crate::vmm::MachineError::from)?
-            .msrs)
+        Ok(self.machine.vcpu.save().map_err(crate::vmm::MachineError::from)?.msrs)
     }
     fn mem_size(&self) -> u64 {
         self.machine.config.mem_size
     }
     fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), Error> {
-        if addr
-            .checked_add(buf.len() as u64)
-            .is_none_or(|e| e > self.mem_size())
-        {
+        if addr.checked_add(buf.len() as u64).is_none_or(|e| e > self.mem_size()) {
             return Err(beyond(addr, buf.len(), self.mem_size()));
         }
         self.machine
@@ -177,20 +161,13 @@ const KEEP_IMAGES: usize = 3;
 
 impl Checkpoints {
     pub fn new(dir: PathBuf) -> Checkpoints {
-        Checkpoints {
-            dir,
-            headers: HashMap::new(),
-            images: Vec::new(),
-        }
+        Checkpoints { dir, headers: HashMap::new(), images: Vec::new() }
     }
 
     fn read(&mut self, id: u32) -> Result<Checkpoint, Error> {
         let ck = Checkpoint::read(&trace::checkpoint_path(&self.dir, id))?;
         if ck.header.id != id {
-            return Err(Error::Msg(format!(
-                "checkpoint file {id} says it is checkpoint {} (damaged recording)",
-                ck.header.id
-            )));
+            return Err(Error::Msg(format!("checkpoint file {id} says it is checkpoint {} (damaged recording)", ck.header.id)));
         }
         Ok(ck)
     }
@@ -214,12 +191,7 @@ impl Checkpoints {
             self.images.push(e);
             return Ok(m);
         }
-        let base = self
-            .images
-            .iter()
-            .filter(|(k, _)| *k < id)
-            .max_by_key(|(k, _)| *k)
-            .cloned();
+        let base = self.images.iter().filter(|(k, _)| *k < id).max_by_key(|(k, _)| *k).cloned();
         let (mut mem, from) = match base {
             Some((k, m)) => ((*m).clone(), k + 1),
             None => (Vec::new(), 0),
@@ -232,11 +204,9 @@ impl Checkpoints {
             let mut at = 0usize;
             for &(first, count) in &ck.header.pages {
                 let (start, len) = ((first * PAGE) as usize, (count * PAGE) as usize);
-                let dst = mem.get_mut(start..start + len).ok_or_else(|| {
-                    Error::Msg(format!(
-                        "checkpoint {k} has pages beyond guest memory (damaged recording)"
-                    ))
-                })?;
+                let dst = mem
+                    .get_mut(start..start + len)
+                    .ok_or_else(|| Error::Msg(format!("checkpoint {k} has pages beyond guest memory (damaged recording)")))?;
                 dst.copy_from_slice(&ck.data[at..at + len]);
                 at += len;
             }

@@ -13,6 +13,7 @@ use super::{Conn, Controller, Listener, MigrateError, Summary};
 use crate::record::{RecordSummary, Session};
 use crate::vmm::{Console, LiveHost, Machine, Stop, VmConfig};
 
+
 pub struct ReceiveOptions {
     /// Where the recording goes on, if the incoming VM is being recorded.
     pub out: Option<PathBuf>,
@@ -59,10 +60,7 @@ fn safe_name(name: &str) -> Result<PathBuf, ProtoError> {
 /// Waits for one incoming VM on `listener`, receives it and runs it.
 pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, MigrateError> {
     let mut conn = listener.accept()?;
-    let mut w = conn.try_clone().map_err(|source| MigrateError::Io {
-        what: "socket".into(),
-        source,
-    })?;
+    let mut w = conn.try_clone().map_err(|source| MigrateError::Io { what: "socket".into(), source })?;
     let r = take(&mut conn, &mut w, &opts);
     let (mut m, state, hello, bytes, state_at) = match r {
         Ok(v) => v,
@@ -92,13 +90,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     w.flush().map_err(ProtoError::Io)?;
     match proto::read_frame(&mut conn) {
         Ok(f) if f.kind == Kind::Commit => {}
-        Ok(f) => {
-            return Err(ProtoError::Unexpected {
-                got: f.kind.name(),
-                want: "commit",
-            }
-            .into())
-        }
+        Ok(f) => return Err(ProtoError::Unexpected { got: f.kind.name(), want: "commit" }.into()),
         Err(e) => {
             return Err(MigrateError::Refused(format!(
                 "the source did not commit ({e}); the VM stays with the source"
@@ -110,21 +102,12 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     let from = hello.source_host.clone();
     let outcome = match session {
         Some(s) => Outcome::Recorded(s.run(m)?),
-        None => match run_live(
-            &mut m,
-            live.as_mut().expect("no session, so the live host is here"),
-            opts.control.as_deref(),
-        )? {
+        None => match run_live(&mut m, live.as_mut().expect("no session, so the live host is here"), opts.control.as_deref())? {
             LiveEnd::Stopped(s) => Outcome::Stopped(s),
             LiveEnd::Migrated(s) => Outcome::MovedOn(s),
         },
     };
-    Ok(Received {
-        outcome,
-        from,
-        resume_ms,
-        bytes,
-    })
+    Ok(Received { outcome, from, resume_ms, bytes })
 }
 
 type Taken = (Machine, FinalState, Hello, u64, Instant);
@@ -147,14 +130,8 @@ fn take(conn: &mut Conn, w: &mut Conn, opts: &ReceiveOptions) -> Result<Taken, M
             .create(true)
             .truncate(true)
             .open(path)
-            .map_err(|source| MigrateError::Io {
-                what: format!("creating disk {}", path.display()),
-                source,
-            })?;
-        f.set_len(size).map_err(|source| MigrateError::Io {
-            what: format!("sizing disk {}", path.display()),
-            source,
-        })?;
+            .map_err(|source| MigrateError::Io { what: format!("creating disk {}", path.display()), source })?;
+        f.set_len(size).map_err(|source| MigrateError::Io { what: format!("sizing disk {}", path.display()), source })?;
         disk_file = Some(f);
         config.disk = Some(path.clone());
     } else if let Some(d) = &opts.disk {
@@ -179,13 +156,7 @@ fn take(conn: &mut Conn, w: &mut Conn, opts: &ReceiveOptions) -> Result<Taken, M
         (None, _) => None,
     };
     let mut m = Machine::create(&config)?;
-    proto::write_frame(
-        w,
-        Kind::Welcome,
-        &proto::json(&Welcome {
-            host: super::hostname(),
-        }),
-    )?;
+    proto::write_frame(w, Kind::Welcome, &proto::json(&Welcome { host: super::hostname() }))?;
     w.flush().map_err(ProtoError::Io)?;
     conn.set_read_timeout(Some(Duration::from_secs(60))).ok();
     let mut bytes = 12u64;
@@ -200,98 +171,55 @@ fn take(conn: &mut Conn, w: &mut Conn, opts: &ReceiveOptions) -> Result<Taken, M
                 let (pages, data) = proto::decode_pages(&buf)?;
                 for (p, d) in pages.iter().zip(data.chunks_exact(PAGE as usize)) {
                     if *p >= npages {
-                        return Err(ProtoError::Corrupt(format!(
-                            "page {p} is outside guest memory"
-                        ))
-                        .into());
+                        return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
                     }
-                    m.mem
-                        .write_slice(d, GuestAddress(p * PAGE))
-                        .map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                    m.mem.write_slice(d, GuestAddress(p * PAGE)).map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
                 }
             }
             Kind::ZeroPages => {
                 for p in proto::decode_numbers(&buf)? {
                     if p >= npages {
-                        return Err(ProtoError::Corrupt(format!(
-                            "page {p} is outside guest memory"
-                        ))
-                        .into());
+                        return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
                     }
-                    m.mem
-                        .write_slice(&zero, GuestAddress(p * PAGE))
-                        .map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                    m.mem.write_slice(&zero, GuestAddress(p * PAGE)).map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
                 }
             }
             Kind::Disk => {
                 let (first, data) = proto::decode_disk(&buf)?;
                 let Some(d) = disk_file.as_mut() else {
-                    return Err(ProtoError::Corrupt(
-                        "disk data, but no disk is being copied".into(),
-                    )
-                    .into());
+                    return Err(ProtoError::Corrupt("disk data, but no disk is being copied".into()).into());
                 };
                 let size = hello.copy_disk.unwrap_or(0);
                 if first * 512 + data.len() as u64 > size {
-                    return Err(
-                        ProtoError::Corrupt("disk data beyond the end of the disk".into()).into(),
-                    );
+                    return Err(ProtoError::Corrupt("disk data beyond the end of the disk".into()).into());
                 }
                 d.seek(std::io::SeekFrom::Start(first * 512))
                     .and_then(|_| d.write_all(&data))
-                    .map_err(|source| MigrateError::Io {
-                        what: "writing the disk copy".into(),
-                        source,
-                    })?;
+                    .map_err(|source| MigrateError::Io { what: "writing the disk copy".into(), source })?;
             }
             Kind::File => {
                 let (name, offset, data) = proto::decode_file(&buf)?;
                 let Some(out) = &out else {
-                    return Err(ProtoError::Corrupt(
-                        "recording files, but the VM is not being recorded".into(),
-                    )
-                    .into());
+                    return Err(ProtoError::Corrupt("recording files, but the VM is not being recorded".into()).into());
                 };
                 let path = out.join(safe_name(&name)?);
-                let io = |source| MigrateError::Io {
-                    what: format!("writing {}", path.display()),
-                    source,
-                };
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-                    .map_err(io)?;
-                file.seek(std::io::SeekFrom::Start(offset))
-                    .and_then(|_| file.write_all(&data))
-                    .map_err(io)?;
+                let io = |source| MigrateError::Io { what: format!("writing {}", path.display()), source };
+                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io)?;
+                file.seek(std::io::SeekFrom::Start(offset)).and_then(|_| file.write_all(&data)).map_err(io)?;
             }
             Kind::State => {
                 let at = Instant::now();
                 let state: FinalState = proto::from_json(&buf, "final state")?;
                 m.load_state(&state.machine)?;
                 if let Some(d) = disk_file.as_mut() {
-                    d.sync_data().map_err(|source| MigrateError::Io {
-                        what: "syncing the disk copy".into(),
-                        source,
-                    })?;
+                    d.sync_data().map_err(|source| MigrateError::Io { what: "syncing the disk copy".into(), source })?;
                 }
                 if state.recorder.is_some() != out.is_some() {
-                    return Err(ProtoError::Corrupt(
-                        "recorder state does not match the hello".into(),
-                    )
-                    .into());
+                    return Err(ProtoError::Corrupt("recorder state does not match the hello".into()).into());
                 }
                 return Ok((m, state, hello, bytes, at));
             }
-            other => {
-                return Err(ProtoError::Unexpected {
-                    got: other.name(),
-                    want: "pages, files or state",
-                }
-                .into())
-            }
+            other => return Err(ProtoError::Unexpected { got: other.name(), want: "pages, files or state" }.into()),
         }
     }
 }
@@ -313,11 +241,7 @@ pub enum LiveEnd {
 
 /// Runs a VM live; with a controller, `revirt migrate` can move it away
 /// (then this returns `Migrated` and the VM must not run here again).
-pub fn run_live(
-    m: &mut Machine,
-    live: &mut LiveHost,
-    control: Option<&Controller>,
-) -> Result<LiveEnd, MigrateError> {
+pub fn run_live(m: &mut Machine, live: &mut LiveHost, control: Option<&Controller>) -> Result<LiveEnd, MigrateError> {
     run_live_until(m, live, control, None)
 }
 
@@ -333,10 +257,7 @@ pub fn run_live_until(
     c.attach(m, None);
     c.shared.set_waker(live.waker());
     loop {
-        let stop = m.run(
-            &mut super::Pausable::new(live, c.shared.clone()),
-            exit_limit,
-        )?;
+        let stop = m.run(&mut super::Pausable::new(live, c.shared.clone()), exit_limit)?;
         if stop == Stop::Paused && c.shared.stop_requested() {
             use crate::vmm::Host;
             let clock = live.now_ns();

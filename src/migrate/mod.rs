@@ -33,10 +33,7 @@ pub enum MigrateError {
     #[error(transparent)]
     Proto(#[from] ProtoError),
     #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    Io { what: String, source: std::io::Error },
     #[error(transparent)]
     Machine(#[from] crate::vmm::MachineError),
     #[error("{0}")]
@@ -79,10 +76,7 @@ pub enum Conn {
 
 impl Conn {
     pub fn connect(addr: &str) -> Result<Conn, MigrateError> {
-        let io = |source| MigrateError::Io {
-            what: format!("connecting to {addr}"),
-            source,
-        };
+        let io = |source| MigrateError::Io { what: format!("connecting to {addr}"), source };
         match addr.strip_prefix("unix:") {
             Some(p) => Ok(Conn::Unix(UnixStream::connect(p).map_err(io)?)),
             None => {
@@ -147,10 +141,7 @@ pub enum Listener {
 
 impl Listener {
     pub fn bind(addr: &str) -> Result<Listener, MigrateError> {
-        let io = |source| MigrateError::Io {
-            what: format!("listening on {addr}"),
-            source,
-        };
+        let io = |source| MigrateError::Io { what: format!("listening on {addr}"), source };
         match addr.strip_prefix("unix:") {
             Some(p) => {
                 let _ = std::fs::remove_file(p);
@@ -168,10 +159,7 @@ impl Listener {
     }
 
     pub fn accept(&self) -> Result<Conn, MigrateError> {
-        let io = |source| MigrateError::Io {
-            what: "accepting a connection".into(),
-            source,
-        };
+        let io = |source| MigrateError::Io { what: "accepting a connection".into(), source };
         Ok(match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept().map_err(io)?;
@@ -250,12 +238,7 @@ const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 impl<'a> Pausable<'a> {
     pub fn new(inner: &'a mut dyn Host, shared: Arc<Shared>) -> Pausable<'a> {
-        Pausable {
-            inner,
-            shared,
-            ran_since: Instant::now(),
-            also: None,
-        }
+        Pausable { inner, shared, ran_since: Instant::now(), also: None }
     }
 
     /// Also pauses whenever `f` says so.
@@ -302,12 +285,7 @@ impl Host for Pausable<'_> {
         }
         self.inner.wait(ctx, out)
     }
-    fn delivered(
-        &mut self,
-        at: &crate::clock::ExecPoint,
-        fp: u64,
-        events: &[Async],
-    ) -> Result<(), HostError> {
+    fn delivered(&mut self, at: &crate::clock::ExecPoint, fp: u64, events: &[Async]) -> Result<(), HostError> {
         self.inner.delivered(at, fp, events)
     }
     fn precise(&mut self, exits: u64) -> bool {

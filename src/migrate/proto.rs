@@ -27,10 +27,7 @@ pub enum ProtoError {
     #[error("corrupt frame: {0}")]
     Corrupt(String),
     #[error("unexpected frame {got} (expected {want})")]
-    Unexpected {
-        got: &'static str,
-        want: &'static str,
-    },
+    Unexpected { got: &'static str, want: &'static str },
     #[error("the other side aborted: {0}")]
     Aborted(String),
 }
@@ -171,12 +168,9 @@ pub fn read_handshake(r: &mut impl Read) -> Result<(), ProtoError> {
 
 /// Writes one frame; returns the bytes put on the wire.
 pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<u64, ProtoError> {
-    let len = u32::try_from(payload.len())
-        .ok()
-        .filter(|&l| l <= MAX_FRAME)
-        .ok_or_else(|| {
-            ProtoError::Corrupt(format!("refusing to send a {} byte frame", payload.len()))
-        })?;
+    let len = u32::try_from(payload.len()).ok().filter(|&l| l <= MAX_FRAME).ok_or_else(|| {
+        ProtoError::Corrupt(format!("refusing to send a {} byte frame", payload.len()))
+    })?;
     let mut h = [0u8; 9];
     h[0] = kind as u8;
     h[1..5].copy_from_slice(&len.to_le_bytes());
@@ -200,23 +194,16 @@ pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind,
     let len = u32::from_le_bytes(h[1..5].try_into().unwrap());
     let want = u32::from_le_bytes(h[5..9].try_into().unwrap());
     if len > MAX_FRAME {
-        return Err(ProtoError::Corrupt(format!(
-            "frame length {len} exceeds {MAX_FRAME}"
-        )));
+        return Err(ProtoError::Corrupt(format!("frame length {len} exceeds {MAX_FRAME}")));
     }
     payload.resize(len as usize, 0);
     r.read_exact(payload)?;
     if crc(h[0], len, payload) != want {
-        return Err(ProtoError::Corrupt(format!(
-            "checksum mismatch in a {len} byte frame"
-        )));
+        return Err(ProtoError::Corrupt(format!("checksum mismatch in a {len} byte frame")));
     }
-    let kind = Kind::from_u8(h[0])
-        .ok_or_else(|| ProtoError::Corrupt(format!("unknown frame kind {}", h[0])))?;
+    let kind = Kind::from_u8(h[0]).ok_or_else(|| ProtoError::Corrupt(format!("unknown frame kind {}", h[0])))?;
     if kind == Kind::Abort {
-        return Err(ProtoError::Aborted(
-            String::from_utf8_lossy(payload).into_owned(),
-        ));
+        return Err(ProtoError::Aborted(String::from_utf8_lossy(payload).into_owned()));
     }
     Ok(kind)
 }
@@ -225,10 +212,7 @@ pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind,
 pub fn expect(r: &mut impl Read, want: Kind) -> Result<Vec<u8>, ProtoError> {
     let f = read_frame(r)?;
     if f.kind != want {
-        return Err(ProtoError::Unexpected {
-            got: f.kind.name(),
-            want: want.name(),
-        });
+        return Err(ProtoError::Unexpected { got: f.kind.name(), want: want.name() });
     }
     Ok(f.payload)
 }
@@ -287,16 +271,13 @@ pub fn unpack_ref(b: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, ProtoError> {
     match b[0] {
         0 if b.len() - 5 == raw => Ok(Cow::Borrowed(&b[5..])),
         FLAG_ZSTD => {
-            let v = zstd::bulk::decompress(&b[5..], raw)
-                .map_err(|e| ProtoError::Corrupt(format!("zstd: {e}")))?;
+            let v = zstd::bulk::decompress(&b[5..], raw).map_err(|e| ProtoError::Corrupt(format!("zstd: {e}")))?;
             if v.len() != raw {
                 return Err(ProtoError::Corrupt("blob size mismatch".into()));
             }
             Ok(Cow::Owned(v))
         }
-        f => Err(ProtoError::Corrupt(format!(
-            "blob flags {f:#x} / size mismatch"
-        ))),
+        f => Err(ProtoError::Corrupt(format!("blob flags {f:#x} / size mismatch"))),
     }
 }
 
@@ -316,15 +297,9 @@ fn numbers(b: &[u8]) -> Result<(Vec<u64>, &[u8]), ProtoError> {
         return Err(ProtoError::Corrupt("page list cut short".into()));
     }
     let n = u32::from_le_bytes(b[..4].try_into().unwrap()) as usize;
-    let end = n
-        .checked_mul(8)
-        .and_then(|x| x.checked_add(4))
-        .filter(|&e| e <= b.len());
+    let end = n.checked_mul(8).and_then(|x| x.checked_add(4)).filter(|&e| e <= b.len());
     let end = end.ok_or_else(|| ProtoError::Corrupt("page list longer than its frame".into()))?;
-    let v = b[4..end]
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
-        .collect();
+    let v = b[4..end].chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
     Ok((v, &b[end..]))
 }
 
@@ -332,11 +307,7 @@ pub fn decode_pages(b: &[u8]) -> Result<(Vec<u64>, std::borrow::Cow<'_, [u8]>), 
     let (pages, rest) = numbers(b)?;
     let data = unpack_ref(rest)?;
     if data.len() as u64 != pages.len() as u64 * PAGE {
-        return Err(ProtoError::Corrupt(format!(
-            "{} pages but {} bytes of data",
-            pages.len(),
-            data.len()
-        )));
+        return Err(ProtoError::Corrupt(format!("{} pages but {} bytes of data", pages.len(), data.len())));
     }
     Ok((pages, data))
 }
@@ -353,9 +324,7 @@ pub fn encode_numbers(v: &[u64]) -> Vec<u8> {
 pub fn decode_numbers(b: &[u8]) -> Result<Vec<u64>, ProtoError> {
     let (v, rest) = numbers(b)?;
     if !rest.is_empty() {
-        return Err(ProtoError::Corrupt(
-            "trailing bytes after a page list".into(),
-        ));
+        return Err(ProtoError::Corrupt("trailing bytes after a page list".into()));
     }
     Ok(v)
 }
@@ -437,14 +406,8 @@ mod tests {
     fn handshake_rejects_other_versions_and_garbage() {
         let mut b = MAGIC.to_vec();
         b.extend_from_slice(&2u32.to_le_bytes());
-        assert!(matches!(
-            read_handshake(&mut &b[..]),
-            Err(ProtoError::Version { theirs: 2 })
-        ));
-        assert!(matches!(
-            read_handshake(&mut &b"GET / HTTP/1.1\r\n"[..]),
-            Err(ProtoError::Magic)
-        ));
+        assert!(matches!(read_handshake(&mut &b[..]), Err(ProtoError::Version { theirs: 2 })));
+        assert!(matches!(read_handshake(&mut &b"GET / HTTP/1.1\r\n"[..]), Err(ProtoError::Magic)));
     }
 
     #[test]
@@ -452,10 +415,7 @@ mod tests {
         let mut h = vec![Kind::Pages as u8];
         h.extend_from_slice(&(MAX_FRAME + 1).to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes());
-        assert!(matches!(
-            read_frame(&mut &h[..]),
-            Err(ProtoError::Corrupt(_))
-        ));
+        assert!(matches!(read_frame(&mut &h[..]), Err(ProtoError::Corrupt(_))));
         let mut buf = Vec::new();
         write_frame(&mut buf, Kind::File, &encode_file("events.log", 7, b"abc")).unwrap();
         buf.truncate(buf.len() - 1);

@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::proto::{
-    self, FinalState, Hello, Kind, ProtoError, RecorderState, RecordingHello, Welcome, PAGE,
-};
+use super::proto::{self, FinalState, Hello, Kind, ProtoError, RecorderState, RecordingHello, Welcome, PAGE};
 use super::{Conn, MigrateError, Shared, Summary};
 use crate::vmm::machine::DirtyLog;
 use crate::vmm::{LiveHost, Machine, VmConfig};
@@ -121,25 +119,16 @@ impl Controller {
         if path.exists() {
             // A stale socket from a VM that is gone: connecting tells.
             if UnixStream::connect(path).is_ok() {
-                return Err(MigrateError::Refused(format!(
-                    "{} is in use by another running VM",
-                    path.display()
-                )));
+                return Err(MigrateError::Refused(format!("{} is in use by another running VM", path.display())));
             }
             let _ = std::fs::remove_file(path);
         }
-        let l = UnixListener::bind(path).map_err(|source| MigrateError::Io {
-            what: format!("control socket {}", path.display()),
-            source,
-        })?;
+        let l = UnixListener::bind(path)
+            .map_err(|source| MigrateError::Io { what: format!("control socket {}", path.display()), source })?;
         // Whoever can connect can send the VM anywhere: owner only.
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(
-            |source| MigrateError::Io {
-                what: format!("control socket {}", path.display()),
-                source,
-            },
-        )?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|source| MigrateError::Io { what: format!("control socket {}", path.display()), source })?;
         let ctl = Arc::new(Controller {
             shared: Arc::default(),
             vm: Mutex::new(None),
@@ -159,21 +148,14 @@ impl Controller {
                     }
                 }
             })
-            .map_err(|source| MigrateError::Io {
-                what: "spawning the control thread".into(),
-                source,
-            })?;
+            .map_err(|source| MigrateError::Io { what: "spawning the control thread".into(), source })?;
         Ok(ctl)
     }
 
     /// Tells the controller which VM it moves (before the VM runs).
     pub fn attach(&self, m: &Machine, recording: Option<RecordingInfo>) {
-        *self.vm.lock().unwrap() = Some(VmHandles {
-            dirty: m.dirty_log(),
-            mem: m.mem.clone(),
-            config: m.config.clone(),
-            recording,
-        });
+        *self.vm.lock().unwrap() =
+            Some(VmHandles { dirty: m.dirty_log(), mem: m.mem.clone(), config: m.config.clone(), recording });
     }
 
     fn request(self: &Arc<Self>, conn: UnixStream) {
@@ -233,10 +215,7 @@ impl Controller {
         self.shared.clear();
         tracing::warn!("migration failed: {e}; the VM runs on here");
         eprintln!("revirt: migration failed: {e}; the VM runs on here");
-        reply(
-            &self.client,
-            &Reply::Error(format!("{e}; the VM keeps running on the source")),
-        );
+        reply(&self.client, &Reply::Error(format!("{e}; the VM keeps running on the source")));
         *self.client.lock().unwrap() = None;
         *self.busy.lock().unwrap() = false;
     }
@@ -245,10 +224,7 @@ impl Controller {
     /// cannot finish; its requester is told why instead of a closed socket.
     pub fn ended(&self, why: &str) {
         if *self.busy.lock().unwrap() {
-            reply(
-                &self.client,
-                &Reply::Error(format!("the guest {why} before the migration finished")),
-            );
+            reply(&self.client, &Reply::Error(format!("the guest {why} before the migration finished")));
             *self.client.lock().unwrap() = None;
         }
     }
@@ -272,20 +248,11 @@ impl Controller {
         let stopped = Instant::now();
         let Some(mut h) = self.handoff.lock().unwrap().take() else {
             self.shared.clear();
-            return Err(MigrateError::Refused(
-                "paused for a migration that is gone".into(),
-            ));
+            return Err(MigrateError::Refused("paused for a migration that is gone".into()));
         };
         let pending_input = live.take_pending_input();
         let r = self
-            .stop_and_copy(
-                &mut h,
-                m,
-                clock_ns,
-                pending_input.clone(),
-                recorder,
-                stopped,
-            )
+            .stop_and_copy(&mut h, m, clock_ns, pending_input.clone(), recorder, stopped)
             .map_err(|e| peer_reason(&h.rx, e));
         let dirty = m.dirty_log();
         dirty.stop_tracking();
@@ -320,39 +287,24 @@ impl Controller {
             h.tx.send_sectors(m.devices.block.path(), &sectors)?;
         }
         if let (Some(rec), Some(dir)) = (&recorder, h.files.dir.clone()) {
-            h.files
-                .sync(&mut h.tx, &dir, Some((rec.log.len, rec.output_len)))?;
+            h.files.sync(&mut h.tx, &dir, Some((rec.log.len, rec.output_len)))?;
         }
         let t_pages = stopped.elapsed();
         let machine = m.save_state(clock_ns)?;
-        let state = FinalState {
-            machine,
-            pending_input,
-            recorder,
-        };
+        let state = FinalState { machine, pending_input, recorder };
         let state = proto::json(&state);
         h.tx.send(Kind::State, &state)?;
         h.tx.flush()?;
         let t_state = stopped.elapsed();
         match h.rx.recv_timeout(Duration::from_secs(30)) {
             Ok(Ok(f)) if f.kind == Kind::Ready => {}
-            Ok(Ok(f)) => {
-                return Err(ProtoError::Unexpected {
-                    got: f.kind.name(),
-                    want: "ready",
-                }
-                .into())
-            }
+            Ok(Ok(f)) => return Err(ProtoError::Unexpected { got: f.kind.name(), want: "ready" }.into()),
             Ok(Err(e)) => return Err(e.into()),
             Err(RecvTimeoutError::Timeout) => {
-                return Err(MigrateError::Refused(
-                    "the destination did not confirm within 30 s".into(),
-                ))
+                return Err(MigrateError::Refused("the destination did not confirm within 30 s".into()))
             }
             Err(RecvTimeoutError::Disconnected) => {
-                return Err(MigrateError::Refused(
-                    "the destination closed the connection".into(),
-                ))
+                return Err(MigrateError::Refused("the destination closed the connection".into()))
             }
         }
         // The commit point: after this frame the destination owns the VM.
@@ -422,11 +374,7 @@ impl Tx {
         }
         if n > 64 * 1024 {
             let bps = n as f64 / t.elapsed().as_secs_f64().max(1e-6);
-            self.link_bps = if self.link_bps == 0.0 {
-                bps
-            } else {
-                0.8 * self.link_bps + 0.2 * bps
-            };
+            self.link_bps = if self.link_bps == 0.0 { bps } else { 0.8 * self.link_bps + 0.2 * bps };
         }
         Ok(())
     }
@@ -461,11 +409,7 @@ impl Tx {
         if z {
             let bps = data.len() as f64 / t.elapsed().as_secs_f64().max(1e-6);
             let saving = 1.0 - (out.len() - before) as f64 / data.len().max(1) as f64;
-            self.zstd_bps = if self.zstd_bps == 0.0 {
-                bps
-            } else {
-                0.8 * self.zstd_bps + 0.2 * bps
-            };
+            self.zstd_bps = if self.zstd_bps == 0.0 { bps } else { 0.8 * self.zstd_bps + 0.2 * bps };
             self.zstd_saving = 0.8 * self.zstd_saving + 0.2 * saving.max(0.0);
         }
     }
@@ -495,12 +439,7 @@ impl Tx {
     /// Sends `pages` (sorted page numbers); all-zero pages go as a list
     /// (or not at all when `zeros` is false: the destination starts zeroed).
     /// Returns how many pages were sent.
-    fn send_pages(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        pages: &[u64],
-        zeros: bool,
-    ) -> Result<u64, MigrateError> {
+    fn send_pages(&mut self, mem: &GuestMemoryMmap, pages: &[u64], zeros: bool) -> Result<u64, MigrateError> {
         for chunk in pages.chunks(BATCH) {
             let (mut full, mut zero) = (Vec::new(), Vec::new());
             self.data.resize(chunk.len() * PAGE as usize, 0);
@@ -529,12 +468,7 @@ impl Tx {
     }
 
     /// Round one: all of memory in large reads; zero pages are skipped.
-    fn send_all(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        mem_size: u64,
-        check: &mut dyn FnMut() -> Result<(), MigrateError>,
-    ) -> Result<(), MigrateError> {
+    fn send_all(&mut self, mem: &GuestMemoryMmap, mem_size: u64, check: &mut dyn FnMut() -> Result<(), MigrateError>) -> Result<(), MigrateError> {
         let npages = mem_size / PAGE;
         let mut first = 0;
         while first < npages {
@@ -566,10 +500,8 @@ impl Tx {
     /// Disk sectors (`--copy-disk`), read from the file the VM writes.
     fn send_sectors(&mut self, disk: Option<&Path>, sectors: &[u64]) -> Result<(), MigrateError> {
         let Some(path) = disk else { return Ok(()) };
-        let mut f = std::fs::File::open(path).map_err(|source| MigrateError::Io {
-            what: format!("reading disk {}", path.display()),
-            source,
-        })?;
+        let mut f = std::fs::File::open(path)
+            .map_err(|source| MigrateError::Io { what: format!("reading disk {}", path.display()), source })?;
         for (first, count) in crate::trace::checkpoint::runs(sectors.to_vec()) {
             let mut at = first;
             while at < first + count {
@@ -577,10 +509,7 @@ impl Tx {
                 let mut data = vec![0u8; (n * 512) as usize];
                 f.seek(std::io::SeekFrom::Start(at * 512))
                     .and_then(|_| f.read_exact(&mut data))
-                    .map_err(|source| MigrateError::Io {
-                        what: format!("reading disk {}", path.display()),
-                        source,
-                    })?;
+                    .map_err(|source| MigrateError::Io { what: format!("reading disk {}", path.display()), source })?;
                 let mut payload = at.to_le_bytes().to_vec();
                 payload.extend_from_slice(&self.pack(&data));
                 self.send(Kind::Disk, &payload)?;
@@ -592,8 +521,7 @@ impl Tx {
 }
 
 fn is_zero(b: &[u8]) -> bool {
-    b.chunks_exact(8)
-        .all(|c| u64::from_ne_bytes(c.try_into().unwrap()) == 0)
+    b.chunks_exact(8).all(|c| u64::from_ne_bytes(c.try_into().unwrap()) == 0)
 }
 
 /// The recording's files as the destination has them: immutable files are
@@ -609,12 +537,7 @@ const GROWING: [&str; 2] = [crate::trace::EVENTS, crate::trace::CONSOLE];
 impl FileSync {
     /// `limits`: the exact lengths of events.log and console.log at the
     /// stop (the log head and output length); `None` during pre-copy.
-    fn sync(
-        &mut self,
-        tx: &mut Tx,
-        dir: &Path,
-        limits: Option<(u64, u64)>,
-    ) -> Result<(), MigrateError> {
+    fn sync(&mut self, tx: &mut Tx, dir: &Path, limits: Option<(u64, u64)>) -> Result<(), MigrateError> {
         let mut names: Vec<String> = [crate::trace::META, crate::trace::IMAGE, crate::trace::DISK]
             .iter()
             .map(|s| s.to_string())
@@ -633,9 +556,7 @@ impl FileSync {
         names.extend(GROWING.iter().map(|s| s.to_string()));
         for name in names {
             let path = dir.join(&name);
-            let Ok(md) = std::fs::metadata(&path) else {
-                continue;
-            };
+            let Ok(md) = std::fs::metadata(&path) else { continue };
             let growing = GROWING.contains(&name.as_str());
             let mut len = md.len();
             if let Some((log_len, out_len)) = limits {
@@ -649,10 +570,7 @@ impl FileSync {
             if (!growing && self.sent.contains_key(&name)) || len <= from {
                 continue;
             }
-            let io = |source| MigrateError::Io {
-                what: format!("reading {}", path.display()),
-                source,
-            };
+            let io = |source| MigrateError::Io { what: format!("reading {}", path.display()), source };
             let mut f = std::fs::File::open(&path).map_err(io)?;
             f.seek(std::io::SeekFrom::Start(from)).map_err(io)?;
             let mut at = from;
@@ -673,11 +591,7 @@ impl FileSync {
 /// Anything the destination says during pre-copy is an error (an abort).
 fn check(rx: &Receiver<Result<proto::Frame, ProtoError>>) -> Result<(), MigrateError> {
     match rx.try_recv() {
-        Ok(Ok(f)) => Err(ProtoError::Unexpected {
-            got: f.kind.name(),
-            want: "nothing during pre-copy",
-        }
-        .into()),
+        Ok(Ok(f)) => Err(ProtoError::Unexpected { got: f.kind.name(), want: "nothing during pre-copy" }.into()),
         Ok(Err(e)) => Err(e.into()),
         Err(_) => Ok(()),
     }
@@ -702,17 +616,9 @@ fn peer_reason(rx: &Receiver<Result<proto::Frame, ProtoError>>, e: MigrateError)
 
 /// Connects, announces the VM, and copies memory round after round while
 /// the guest runs; returns once it asked the vCPU thread to stop.
-fn precopy(
-    ctl: &Controller,
-    vm: &VmHandles,
-    req: &MigrateRequest,
-    started: Instant,
-) -> Result<Handoff, MigrateError> {
+fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Instant) -> Result<Handoff, MigrateError> {
     let conn = Conn::connect(&req.to)?;
-    let mut reader = conn.try_clone().map_err(|e| MigrateError::Io {
-        what: "socket".into(),
-        source: e,
-    })?;
+    let mut reader = conn.try_clone().map_err(|e| MigrateError::Io { what: "socket".into(), source: e })?;
     let mut tx = Tx {
         w: BufWriter::with_capacity(1 << 20, conn),
         bytes: 0,
@@ -730,42 +636,24 @@ fn precopy(
     proto::write_handshake(&mut tx.w)?;
     let disk_size = match (&vm.config.disk, req.copy_disk) {
         (Some(d), true) => Some(
-            std::fs::metadata(d)
-                .map_err(|source| MigrateError::Io {
-                    what: format!("disk {}", d.display()),
-                    source,
-                })?
-                .len(),
+            std::fs::metadata(d).map_err(|source| MigrateError::Io { what: format!("disk {}", d.display()), source })?.len(),
         ),
-        (None, true) => {
-            return Err(MigrateError::Refused(
-                "--copy-disk: the VM has no disk".into(),
-            ))
-        }
+        (None, true) => return Err(MigrateError::Refused("--copy-disk: the VM has no disk".into())),
         _ => None,
     };
     let hello = Hello {
         config: vm.config.clone(),
         copy_disk: disk_size,
-        recording: vm.recording.as_ref().map(|r| RecordingHello {
-            id: r.id.clone(),
-            clock: r.clock,
-        }),
+        recording: vm.recording.as_ref().map(|r| RecordingHello { id: r.id.clone(), clock: r.clock }),
         source_host: super::hostname(),
     };
     tx.send(Kind::Hello, &proto::json(&hello))?;
     tx.flush()?;
     reader.set_read_timeout(Some(Duration::from_secs(30))).ok();
     proto::read_handshake(&mut reader)?;
-    let welcome: Welcome =
-        proto::from_json(&proto::expect(&mut reader, Kind::Welcome)?, "welcome")?;
+    let welcome: Welcome = proto::from_json(&proto::expect(&mut reader, Kind::Welcome)?, "welcome")?;
     reader.set_read_timeout(None).ok();
-    ctl.progress(format!(
-        "connected to {} ({}); copying {} MiB of memory",
-        req.to,
-        welcome.host,
-        vm.config.mem_size >> 20
-    ));
+    ctl.progress(format!("connected to {} ({}); copying {} MiB of memory", req.to, welcome.host, vm.config.mem_size >> 20));
 
     // Whatever the destination says from now on (abort, ready) arrives here.
     let (ftx, rx) = mpsc::channel();
@@ -778,25 +666,11 @@ fn precopy(
                 return;
             }
         })
-        .map_err(|source| MigrateError::Io {
-            what: "spawning a reader".into(),
-            source,
-        })?;
+        .map_err(|source| MigrateError::Io { what: "spawning a reader".into(), source })?;
 
-    let files = FileSync {
-        dir: vm.recording.as_ref().map(|r| r.dir.clone()),
-        sent: HashMap::new(),
-    };
+    let files = FileSync { dir: vm.recording.as_ref().map(|r| r.dir.clone()), sent: HashMap::new() };
     vm.dirty.start_tracking()?;
-    let mut h = Handoff {
-        tx,
-        rx,
-        files,
-        req: req.clone(),
-        started,
-        rounds: 0,
-        max_throttle: 0,
-    };
+    let mut h = Handoff { tx, rx, files, req: req.clone(), started, rounds: 0, max_throttle: 0 };
     match rounds(ctl, vm, req, &mut h, disk_size) {
         Ok(()) => Ok(h),
         Err(e) => Err(peer_reason(&h.rx, e)),
@@ -804,13 +678,7 @@ fn precopy(
 }
 
 /// The pre-copy rounds, until the rest fits the downtime budget.
-fn rounds(
-    ctl: &Controller,
-    vm: &VmHandles,
-    req: &MigrateRequest,
-    h: &mut Handoff,
-    disk_size: Option<u64>,
-) -> Result<(), MigrateError> {
+fn rounds(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, h: &mut Handoff, disk_size: Option<u64>) -> Result<(), MigrateError> {
     let Handoff { tx, rx, files, .. } = h;
     let tx = &mut *tx;
     let rx = &*rx;
@@ -849,8 +717,7 @@ fn rounds(
         // What got dirty while this round was being sent is the next round.
         let (dirty_now, _) = vm.dirty.peek_tracked()?;
         let wire_per_page = (tx.bytes - bytes0) as f64 / sent.max(1) as f64;
-        let predicted =
-            Duration::from_secs_f64(dirty_now as f64 * wire_per_page.max(64.0) / bps.max(1.0));
+        let predicted = Duration::from_secs_f64(dirty_now as f64 * wire_per_page.max(64.0) / bps.max(1.0));
         ctl.progress(format!(
             "round {round}: {sent} pages, {:.1} MiB in {:.0} ms ({:.0} MB/s); {dirty_now} pages dirtied meanwhile ({:.0} pages/s); predicted downtime {:.1} ms{}",
             (tx.bytes - bytes0) as f64 / (1 << 20) as f64,
@@ -864,9 +731,7 @@ fn rounds(
             break;
         }
         if round >= req.max_rounds {
-            ctl.progress(format!(
-                "{round} rounds: stopping with {dirty_now} pages left"
-            ));
+            ctl.progress(format!("{round} rounds: stopping with {dirty_now} pages left"));
             break;
         }
         // Not converging: the guest dirties about as fast as we send.
@@ -882,9 +747,7 @@ fn rounds(
             ctl.progress(format!("auto-converge: the guest dirties memory faster than it can be sent; throttling it to {}% of its time", 100 - throttle));
             stalled = 0;
         } else if stalled >= 2 {
-            ctl.progress(format!(
-                "no progress for {stalled} rounds: stopping with {dirty_now} pages left"
-            ));
+            ctl.progress(format!("no progress for {stalled} rounds: stopping with {dirty_now} pages left"));
             break;
         }
         prev_dirty = dirty_now;
@@ -901,41 +764,22 @@ fn rounds(
 
 /// `revirt migrate`: sends the request to a running VM's control socket,
 /// prints its progress, returns its summary.
-pub fn request(
-    control: &Path,
-    req: &MigrateRequest,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Summary, MigrateError> {
+pub fn request(control: &Path, req: &MigrateRequest, progress: &mut dyn FnMut(&str)) -> Result<Summary, MigrateError> {
     let mut s = UnixStream::connect(control).map_err(|source| MigrateError::Io {
-        what: format!(
-            "connecting to the VM's control socket {} (was it started with --control?)",
-            control.display()
-        ),
+        what: format!("connecting to the VM's control socket {} (was it started with --control?)", control.display()),
         source,
     })?;
     let mut line = serde_json::to_vec(req).expect("request serializes");
     line.push(b'\n');
-    s.write_all(&line).map_err(|source| MigrateError::Io {
-        what: "sending the request".into(),
-        source,
-    })?;
+    s.write_all(&line).map_err(|source| MigrateError::Io { what: "sending the request".into(), source })?;
     for l in BufReader::new(s).lines() {
-        let l = l.map_err(|source| MigrateError::Io {
-            what: "reading the VM's answer".into(),
-            source,
-        })?;
+        let l = l.map_err(|source| MigrateError::Io { what: "reading the VM's answer".into(), source })?;
         match serde_json::from_str::<Reply>(&l) {
             Ok(Reply::Progress(p)) => progress(&p),
             Ok(Reply::Done(s)) => return Ok(s),
             Ok(Reply::Error(e)) => return Err(MigrateError::Refused(e)),
-            Err(e) => {
-                return Err(MigrateError::Refused(format!(
-                    "unreadable answer from the VM: {e}"
-                )))
-            }
+            Err(e) => return Err(MigrateError::Refused(format!("unreadable answer from the VM: {e}"))),
         }
     }
-    Err(MigrateError::Refused(
-        "the VM closed the control connection without an answer (did it exit?)".into(),
-    ))
+    Err(MigrateError::Refused("the VM closed the control connection without an answer (did it exit?)".into()))
 }

@@ -13,8 +13,8 @@ use crate::clock::{fingerprint, ClockKind, ExecPoint};
 use crate::trace::checkpoint::{runs, CheckpointHeader, PAGE};
 use crate::trace::{self, Checkpoint, EndReason, Event, FileInfo, HostInfo, LogWriter, Meta};
 use crate::vmm::{
-    Async, Console, Control, Host, HostError, Image, LiveHost, Machine, MachineError, PollCtx,
-    Stop, VmConfig,
+    Async, Console, Control, Host, HostError, Image, LiveHost, Machine, MachineError, PollCtx, Stop,
+    VmConfig,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -22,11 +22,7 @@ pub enum RecordError {
     #[error("{0} already exists and is not empty; choose another -o or remove it")]
     Exists(String),
     #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    Io { what: &'static str, path: String, source: std::io::Error },
     #[error("clock 'pmu' unavailable: {0}. Use --clock pmu-sim (same timestamps, counted by single-stepping), step or exit; `revirt doctor` explains")]
     NoPmu(String),
     #[error(transparent)]
@@ -42,11 +38,7 @@ pub enum RecordError {
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> RecordError + 'a {
-    move |source| RecordError::Io {
-        what,
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| RecordError::Io { what, path: path.display().to_string(), source }
 }
 
 pub struct RecordOptions {
@@ -143,10 +135,7 @@ impl Host for RecordHost {
 
     fn clock_read(&mut self, ctx: &PollCtx) -> Result<u64, HostError> {
         let value = self.inner.clock_read(ctx)?;
-        self.log(Event::Clock {
-            exits: ctx.exits,
-            value,
-        });
+        self.log(Event::Clock { exits: ctx.exits, value });
         Ok(value)
     }
 
@@ -169,10 +158,9 @@ impl Host for RecordHost {
     fn counter_plan(&mut self, exits: u64, _branches: u64) -> crate::clock::counter::CounterPlan {
         match self.slice {
             // Until the overflow stop comes (skid late) and a poll renews or clears it.
-            Some((e, at)) if e == exits => crate::clock::counter::CounterPlan {
-                overflow_at: Some(at),
-                breakpoint: None,
-            },
+            Some((e, at)) if e == exits => {
+                crate::clock::counter::CounterPlan { overflow_at: Some(at), breakpoint: None }
+            }
             _ => crate::clock::counter::CounterPlan::default(),
         }
     }
@@ -206,14 +194,10 @@ impl Host for RecordHost {
                     out.retain(|a| !matches!(a, Async::Timer { .. }));
                 }
             }
-            ClockKind::PmuSim
-                if ctx.steps.saturating_sub(self.steps_at_tick) < MIN_STEPS_PER_TICK =>
-            {
+            ClockKind::PmuSim if ctx.steps.saturating_sub(self.steps_at_tick) < MIN_STEPS_PER_TICK => {
                 let n = out.len();
                 out.retain(|a| !matches!(a, Async::Timer { .. }));
-                if out.len() != n
-                    && !matches!(self.slice, Some((e, at)) if e == ctx.exits && at > ctx.branches)
-                {
+                if out.len() != n && !matches!(self.slice, Some((e, at)) if e == ctx.exits && at > ctx.branches) {
                     // Held back: have the counter stop us again a little later.
                     self.slice = Some((ctx.exits, ctx.branches + SLICE_BRANCHES));
                 }
@@ -223,9 +207,7 @@ impl Host for RecordHost {
         if self.last_event.elapsed() >= MARK_EVERY {
             self.log(Event::Mark { exits: ctx.exits });
         }
-        if !self.checkpoint_every.is_zero()
-            && self.last_checkpoint.elapsed() >= self.checkpoint_every
-        {
+        if !self.checkpoint_every.is_zero() && self.last_checkpoint.elapsed() >= self.checkpoint_every {
             return Ok(Control::Pause);
         }
         Ok(Control::Continue)
@@ -254,17 +236,9 @@ impl Host for RecordHost {
                             );
                         }
                     }
-                    self.log(Event::Timer {
-                        at: *at,
-                        fp,
-                        now_ns: *now_ns,
-                    });
+                    self.log(Event::Timer { at: *at, fp, now_ns: *now_ns });
                 }
-                Async::SerialInput(bytes) => self.log(Event::Serial {
-                    at: *at,
-                    fp,
-                    bytes: bytes.clone(),
-                }),
+                Async::SerialInput(bytes) => self.log(Event::Serial { at: *at, fp, bytes: bytes.clone() }),
             }
         }
         Ok(())
@@ -296,11 +270,7 @@ fn write_checkpoint(
     clock_ns: u64,
 ) -> Result<trace::checkpoint::Written, RecordError> {
     let (pages, sectors) = m.take_dirty()?;
-    let pages = if id == 0 {
-        vec![(0, m.config.mem_size / PAGE)]
-    } else {
-        runs(pages)
-    };
+    let pages = if id == 0 { vec![(0, m.config.mem_size / PAGE)] } else { runs(pages) };
     let sectors = if id == 0 { vec![] } else { runs(sectors) };
     let mut data = Vec::new();
     for &(first, count) in &pages {
@@ -311,23 +281,16 @@ fn write_checkpoint(
             .map_err(|e| MachineError::Memory(e.to_string()))?;
     }
     for &(first, count) in &sectors {
-        let bytes =
-            m.devices.block.read_sectors(first, count).map_err(|e| {
-                MachineError::State(format!("reading the disk for a checkpoint: {e}"))
-            })?;
+        let bytes = m
+            .devices
+            .block
+            .read_sectors(first, count)
+            .map_err(|e| MachineError::State(format!("reading the disk for a checkpoint: {e}")))?;
         data.extend_from_slice(&bytes);
     }
     let machine = m.save_state(clock_ns)?;
     let ck = Checkpoint {
-        header: CheckpointHeader {
-            id,
-            exits: m.exits,
-            next_event,
-            output_len,
-            machine,
-            pages,
-            sectors,
-        },
+        header: CheckpointHeader { id, exits: m.exits, next_event, output_len, machine, pages, sectors },
         data,
     };
     Ok(ck.write(&trace::checkpoint_path(dir, id))?)
@@ -336,11 +299,7 @@ fn write_checkpoint(
 impl RecordHost {
     /// Binds a checkpoint file that has landed into the log's hash chain.
     fn bind_checkpoint(&mut self, id: u32, exits: u64, w: trace::checkpoint::Written) -> u64 {
-        self.log(Event::CheckpointFile {
-            id,
-            exits,
-            sha256: w.sha256,
-        });
+        self.log(Event::CheckpointFile { id, exits, sha256: w.sha256 });
         w.bytes
     }
 }
@@ -349,11 +308,7 @@ impl RecordHost {
 /// guest runs: meta.json, the image copy, the disk copy (from `disk_now`,
 /// the disk's current contents, which may differ from `opts.config.disk`'s
 /// original when continuing from a replay).
-fn prepare(
-    opts: &RecordOptions,
-    image_bytes: &[u8],
-    disk_now: Option<&Path>,
-) -> Result<Meta, RecordError> {
+fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) -> Result<Meta, RecordError> {
     if opts.clock == ClockKind::Pmu {
         // The real counter (clock::counter::RealCounter) needs a PMU; say why
         // there is none before anything is written. The session opens its
@@ -363,11 +318,7 @@ fn prepare(
         }
     }
     let dir = &opts.out;
-    if dir.exists()
-        && std::fs::read_dir(dir)
-            .map(|mut d| d.next().is_some())
-            .unwrap_or(true)
-    {
+    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(RecordError::Exists(dir.display().to_string()));
     }
     std::fs::create_dir_all(dir.join(trace::CHECKPOINTS)).map_err(io("creating", dir))?;
@@ -405,11 +356,7 @@ fn prepare(
 }
 
 /// Boots `opts.image` and records it until it powers off.
-pub fn record(
-    opts: &RecordOptions,
-    input: Box<dyn Read + Send>,
-    console: Console,
-) -> Result<RecordSummary, RecordError> {
+pub fn record(opts: &RecordOptions, input: Box<dyn Read + Send>, console: Console) -> Result<RecordSummary, RecordError> {
     let image_bytes = std::fs::read(&opts.image).map_err(io("reading image", &opts.image))?;
     let image = Image::parse(&image_bytes)?;
     image.check_fits(opts.config.mem_size)?;
@@ -448,24 +395,14 @@ fn session(
     let console_file = File::create(&console_path).map_err(io("creating", &console_path))?;
     let mut s = Session {
         dir: dir.clone(),
-        host: RecordHost::new(
-            LiveHost::new(input, console, clock_ns),
-            log,
-            opts.clock,
-            console_file,
-            opts.checkpoint_every,
-        ),
+        host: RecordHost::new(LiveHost::new(input, console, clock_ns), log, opts.clock, console_file, opts.checkpoint_every),
         checkpoints: 0,
         checkpoint_bytes: 0,
         start: Instant::now(),
         control: opts.control.clone(),
     };
     let regs = m.vcpu.regs().map_err(MachineError::from)?;
-    s.host.log(Event::Checkpoint {
-        id: 0,
-        exits: m.exits,
-        fp: fingerprint(&regs),
-    });
+    s.host.log(Event::Checkpoint { id: 0, exits: m.exits, fp: fingerprint(&regs) });
     let w = write_checkpoint(dir, &mut m, 0, s.host.events, 0, clock_ns)?;
     s.checkpoint_bytes = s.host.bind_checkpoint(0, m.exits, w);
     s.checkpoints = 1;
@@ -473,13 +410,7 @@ fn session(
 }
 
 impl RecordHost {
-    fn new(
-        inner: LiveHost,
-        log: LogWriter,
-        clock: ClockKind,
-        console: File,
-        checkpoint_every: Duration,
-    ) -> RecordHost {
+    fn new(inner: LiveHost, log: LogWriter, clock: ClockKind, console: File, checkpoint_every: Duration) -> RecordHost {
         RecordHost {
             inner,
             log,
@@ -507,8 +438,7 @@ impl RecordHost {
 fn install_counter(m: &mut Machine, clock: ClockKind) -> Result<(), RecordError> {
     match clock {
         ClockKind::Pmu => {
-            let c = crate::clock::counter::RealCounter::open()
-                .map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            let c = crate::clock::counter::RealCounter::open().map_err(|e| RecordError::NoPmu(e.to_string()))?;
             m.set_counter(Some(Box::new(c)))?;
         }
         ClockKind::PmuSim => {
@@ -516,11 +446,7 @@ fn install_counter(m: &mut Machine, clock: ClockKind) -> Result<(), RecordError>
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.subsec_nanos() as u64)
                 .unwrap_or(1);
-            m.set_counter(Some(Box::new(crate::clock::counter::SimCounter::new(
-                SIM_RECORD_SKID,
-                seed,
-                true,
-            ))))?;
+            m.set_counter(Some(Box::new(crate::clock::counter::SimCounter::new(SIM_RECORD_SKID, seed, true))))?;
         }
         _ => {}
     }
@@ -560,28 +486,15 @@ impl Session {
             .truncate(false)
             .open(&console_path)
             .map_err(io("opening", &console_path))?;
-        f.set_len(rs.output_len)
-            .map_err(io("truncating", &console_path))?;
+        f.set_len(rs.output_len).map_err(io("truncating", &console_path))?;
         let mut before = Vec::new();
-        f.read_to_end(&mut before)
-            .map_err(io("reading", &console_path))?;
-        let mut host = RecordHost::new(
-            live,
-            log,
-            meta.clock,
-            f,
-            Duration::from_millis(meta.checkpoint_every_ms),
-        );
+        f.read_to_end(&mut before).map_err(io("reading", &console_path))?;
+        let mut host = RecordHost::new(live, log, meta.clock, f, Duration::from_millis(meta.checkpoint_every_ms));
         host.output.update(&before);
         host.output_len = rs.output_len;
         host.events = rs.events;
-        m.dirty_log()
-            .seed_checkpoint(&rs.ckpt_pages, &rs.ckpt_sectors);
-        host.log(Event::Migrated {
-            exits: m.exits,
-            from: from_host.to_string(),
-            to: crate::migrate::hostname(),
-        });
+        m.dirty_log().seed_checkpoint(&rs.ckpt_pages, &rs.ckpt_sectors);
+        host.log(Event::Migrated { exits: m.exits, from: from_host.to_string(), to: crate::migrate::hostname() });
         Ok(Session {
             dir: dir.to_path_buf(),
             host,
@@ -603,37 +516,23 @@ impl Session {
         let dir = self.dir.clone();
         let console_path = dir.join(trace::CONSOLE);
         if let Some(c) = &self.control {
-            c.attach(
-                &m,
-                Some(crate::migrate::source::RecordingInfo {
-                    dir: dir.clone(),
-                    id: Meta::read(&dir.join(trace::META))?.id,
-                    clock: self.host.clock,
-                }),
-            );
+            c.attach(&m, Some(crate::migrate::source::RecordingInfo {
+                dir: dir.clone(),
+                id: Meta::read(&dir.join(trace::META))?.id,
+                clock: self.host.clock,
+            }));
             c.shared.set_waker(self.host.inner.waker());
         }
         let mut migrated = None;
         let end = loop {
             let r = match &self.control {
-                Some(c) => m.run(
-                    &mut crate::migrate::Pausable::new(&mut self.host, c.shared.clone()),
-                    None,
-                ),
+                Some(c) => m.run(&mut crate::migrate::Pausable::new(&mut self.host, c.shared.clone()), None),
                 None => m.run(&mut self.host, None),
             };
             match r {
-                Ok(Stop::Paused)
-                    if self
-                        .control
-                        .as_ref()
-                        .is_some_and(|c| c.shared.stop_requested()) =>
-                {
+                Ok(Stop::Paused) if self.control.as_ref().is_some_and(|c| c.shared.stop_requested()) => {
                     let c = self.control.clone().expect("checked");
-                    self.host
-                        .console
-                        .flush()
-                        .map_err(io("writing", &console_path))?;
+                    self.host.console.flush().map_err(io("writing", &console_path))?;
                     let head = self.host.log.head()?;
                     let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
                     let rs = crate::migrate::proto::RecorderState {
@@ -654,24 +553,10 @@ impl Session {
                 Ok(Stop::Paused) => {
                     let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
                     let id = self.checkpoints;
-                    self.host.log(Event::Checkpoint {
-                        id,
-                        exits: m.exits,
-                        fp,
-                    });
+                    self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
                     let now = self.host.inner.now_ns();
-                    self.host
-                        .console
-                        .flush()
-                        .map_err(io("writing", &console_path))?;
-                    let w = write_checkpoint(
-                        &dir,
-                        &mut m,
-                        id,
-                        self.host.events,
-                        self.host.output_len,
-                        now,
-                    )?;
+                    self.host.console.flush().map_err(io("writing", &console_path))?;
+                    let w = write_checkpoint(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
                     self.checkpoint_bytes += self.host.bind_checkpoint(id, m.exits, w);
                     self.checkpoints += 1;
                     self.host.last_checkpoint = Instant::now();
@@ -697,30 +582,13 @@ impl Session {
                 EndReason::Stopped => "stopped".into(),
             });
         }
-        let state_hash = if migrated.is_some() {
-            String::new()
-        } else {
-            m.state_hash()?
-        };
-        self.host
-            .console
-            .flush()
-            .map_err(io("writing", &console_path))?;
+        let state_hash = if migrated.is_some() { String::new() } else { m.state_hash()? };
+        self.host.console.flush().map_err(io("writing", &console_path))?;
         let output_sha256 = hex::encode(self.host.output.clone().finalize());
-        let (mut events, output_len, max_irq_delay) = (
-            self.host.events,
-            self.host.output_len,
-            self.host.max_irq_delay,
-        );
+        let (mut events, output_len, max_irq_delay) = (self.host.events, self.host.output_len, self.host.max_irq_delay);
         if migrated.is_none() {
             events += 1;
-            self.host.log(Event::End {
-                exits: m.exits,
-                reason: end.clone(),
-                state_hash: state_hash.clone(),
-                output_len,
-                output_sha256,
-            });
+            self.host.log(Event::End { exits: m.exits, reason: end.clone(), state_hash: state_hash.clone(), output_len, output_sha256 });
         }
         let RecordHost { log, .. } = self.host;
         let stats = log.finish()?;

@@ -24,11 +24,7 @@ pub enum ReplayError {
     #[error(transparent)]
     Checkpoint(#[from] trace::CheckpointError),
     #[error("{what} {path}: {source}")]
-    Io {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    Io { what: &'static str, path: String, source: std::io::Error },
     #[error("recording {0}: {1}")]
     Damaged(String, String),
     #[error("no checkpoint {0} in this recording")]
@@ -94,9 +90,7 @@ impl Recording {
     }
 
     pub fn end(&self) -> Option<&Event> {
-        self.events
-            .last()
-            .filter(|e| matches!(e, Event::End { .. }))
+        self.events.last().filter(|e| matches!(e, Event::End { .. }))
     }
 }
 
@@ -161,31 +155,17 @@ enum LandKey {
 
 impl Landing {
     pub fn new(margin: u64) -> Landing {
-        Landing {
-            margin,
-            landers: Vec::new(),
-            landed: 0,
-            overflows: 0,
-            steps: 0,
-        }
+        Landing { margin, landers: Vec::new(), landed: 0, overflows: 0, steps: 0 }
     }
 
     /// The lander for `key` (made on first use); landers of events already
     /// consumed (`next`) are dropped.
-    fn lander(
-        &mut self,
-        key: LandKey,
-        t: crate::clock::pmu::Target,
-        next: usize,
-    ) -> (&mut crate::clock::pmu::Lander, &mut bool) {
-        self.landers.retain(|(k, l, _)| {
-            !matches!(k, LandKey::Event(i) if *i < next) && (*k != key || l.target == t)
-        });
+    fn lander(&mut self, key: LandKey, t: crate::clock::pmu::Target, next: usize) -> (&mut crate::clock::pmu::Lander, &mut bool) {
+        self.landers.retain(|(k, l, _)| !matches!(k, LandKey::Event(i) if *i < next) && (*k != key || l.target == t));
         let i = match self.landers.iter().position(|(k, _, _)| *k == key) {
             Some(i) => i,
             None => {
-                self.landers
-                    .push((key, crate::clock::pmu::Lander::new(t, self.margin), false));
+                self.landers.push((key, crate::clock::pmu::Lander::new(t, self.margin), false));
                 self.landers.len() - 1
             }
         };
@@ -222,19 +202,7 @@ impl ReplayHost {
     }
 
     pub fn new(rec: Arc<Recording>, next: usize, output_len: u64, sink: Sink) -> ReplayHost {
-        ReplayHost {
-            rec,
-            next,
-            output_len,
-            sink,
-            last_clock: 0,
-            expect: Vec::new(),
-            stop_at: None,
-            last_boundary: None,
-            reached: false,
-            landing: None,
-            interrupt: None,
-        }
+        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false, landing: None, interrupt: None }
     }
 
     fn next_desc(&self) -> String {
@@ -248,10 +216,7 @@ impl ReplayHost {
         if self.rec.is_complete() {
             HostError::Divergence(format!("{what}, but {}", self.next_desc()))
         } else {
-            HostError::EndOfRecording(format!(
-                "{what}, and the recording was cut short before that (event #{})",
-                self.next
-            ))
+            HostError::EndOfRecording(format!("{what}, and the recording was cut short before that (event #{})", self.next))
         }
     }
 
@@ -274,15 +239,10 @@ impl ReplayHost {
     /// comes first.
     fn landing_target(&self, exits: u64) -> Option<(LandKey, crate::clock::pmu::Target)> {
         use crate::clock::pmu::Target;
-        let ev = self
-            .next_async_idx()
-            .filter(|_| self.stepped())
-            .and_then(|i| match &self.rec.events[i] {
-                Event::Timer { at, fp, .. } | Event::Serial { at, fp, .. } => {
-                    Some((LandKey::Event(i), Target { at: *at, fp: *fp }))
-                }
-                _ => None,
-            });
+        let ev = self.next_async_idx().filter(|_| self.stepped()).and_then(|i| match &self.rec.events[i] {
+            Event::Timer { at, fp, .. } | Event::Serial { at, fp, .. } => Some((LandKey::Event(i), Target { at: *at, fp: *fp })),
+            _ => None,
+        });
         let stop = match self.stop_at {
             Some(StopAt::Land(t)) => Some((LandKey::Stop, t)),
             _ => None,
@@ -299,20 +259,11 @@ impl ReplayHost {
     /// lander is blind until the counter's overflow stop (or until the
     /// count is past the point the overflow was due, then it judges every
     /// stop it is shown). Errors on overshoot.
-    fn land(
-        &mut self,
-        key: LandKey,
-        t: crate::clock::pmu::Target,
-        ctx: &PollCtx,
-    ) -> Result<bool, HostError> {
+    fn land(&mut self, key: LandKey, t: crate::clock::pmu::Target, ctx: &PollCtx) -> Result<bool, HostError> {
         use crate::clock::pmu::{Pos, Verdict};
         let next = self.next;
-        let Some(l) = self.landing.as_mut() else {
-            return Ok(false);
-        };
-        let (Some(p), Some(pfp)) = (ctx.point(), ctx.fp) else {
-            return Ok(false);
-        };
+        let Some(l) = self.landing.as_mut() else { return Ok(false) };
+        let (Some(p), Some(pfp)) = (ctx.point(), ctx.fp) else { return Ok(false) };
         let (lander, _) = l.lander(key, t, next);
         let pos = Pos { at: p, fp: pfp };
         let (verdict, overflowed) = if lander.free_running() {
@@ -366,40 +317,23 @@ impl ReplayHost {
     /// exit clock that is the exit count; with the step clock the exact
     /// boundary (exits, branches, RIP, fingerprint), or — while the guest
     /// waits idle at an exit — that exit.
-    fn collect(
-        &mut self,
-        ctx: &PollCtx,
-        out: &mut Vec<Async>,
-        waiting: bool,
-    ) -> Result<(), HostError> {
+    fn collect(&mut self, ctx: &PollCtx, out: &mut Vec<Async>, waiting: bool) -> Result<(), HostError> {
         self.skip_marks(ctx.exits);
         loop {
             let (at, fp, a) = match self.rec.events.get(self.next) {
-                Some(Event::Timer { at, fp, now_ns }) => {
-                    (*at, *fp, Async::Timer { now_ns: *now_ns })
-                }
-                Some(Event::Serial { at, fp, bytes }) => {
-                    (*at, *fp, Async::SerialInput(bytes.clone()))
-                }
+                Some(Event::Timer { at, fp, now_ns }) => (*at, *fp, Async::Timer { now_ns: *now_ns }),
+                Some(Event::Serial { at, fp, bytes }) => (*at, *fp, Async::SerialInput(bytes.clone())),
                 _ => return Ok(()),
             };
             if self.landing.is_some() && self.stepped() && ctx.overflow && at.exits < ctx.exits {
                 // The overflow for this event skidded past the end of its
                 // interval (reported here, at the exit): the lander's verdict.
-                self.land(
-                    LandKey::Event(self.next),
-                    crate::clock::pmu::Target { at, fp },
-                    ctx,
-                )?;
+                self.land(LandKey::Event(self.next), crate::clock::pmu::Target { at, fp }, ctx)?;
             }
             let landing = self.landing.is_some() && self.stepped() && !waiting;
             if landing {
                 // The landing algorithm judges overshoot itself, with what a PMU lets it see.
-                if self.land(
-                    LandKey::Event(self.next),
-                    crate::clock::pmu::Target { at, fp },
-                    ctx,
-                )? {
+                if self.land(LandKey::Event(self.next), crate::clock::pmu::Target { at, fp }, ctx)? {
                     self.expect.push((at, fp, self.next));
                     self.next += 1;
                     out.push(a);
@@ -414,10 +348,7 @@ impl ReplayHost {
                 return Ok(());
             }
             let passed = at.exits < ctx.exits
-                || (self.stepped()
-                    && ctx.rip.is_some()
-                    && at.exits == ctx.exits
-                    && at.branches < ctx.branches);
+                || (self.stepped() && ctx.rip.is_some() && at.exits == ctx.exits && at.branches < ctx.branches);
             if passed {
                 let here = match ctx.point() {
                     Some(p) => p.to_string(),
@@ -452,6 +383,7 @@ impl Host for ReplayHost {
     fn now_ns(&mut self) -> u64 {
         self.last_clock
     }
+
 
     fn clock_read(&mut self, ctx: &PollCtx) -> Result<u64, HostError> {
         self.skip_marks(ctx.exits.saturating_sub(1));
@@ -524,12 +456,8 @@ impl Host for ReplayHost {
     fn counter_plan(&mut self, exits: u64, branches: u64) -> crate::clock::counter::CounterPlan {
         use crate::clock::counter::CounterPlan;
         let next = self.next;
-        let Some((key, t)) = self.landing_target(exits) else {
-            return CounterPlan::default();
-        };
-        let Some(l) = self.landing.as_mut() else {
-            return CounterPlan::default();
-        };
+        let Some((key, t)) = self.landing_target(exits) else { return CounterPlan::default() };
+        let Some(l) = self.landing.as_mut() else { return CounterPlan::default() };
         let (lander, armed) = l.lander(key, t, next);
         if lander.free_running() {
             match lander.overflow_at {
@@ -537,19 +465,13 @@ impl Host for ReplayHost {
                 // comes some skid after the count passed it).
                 Some(o) if *armed || o > branches => {
                     *armed = true;
-                    return CounterPlan {
-                        overflow_at: Some(o),
-                        breakpoint: None,
-                    };
+                    return CounterPlan { overflow_at: Some(o), breakpoint: None };
                 }
                 // Within the margin of where we stand: no overflow to wait for.
                 _ => lander.start_stepping(),
             }
         }
-        CounterPlan {
-            overflow_at: None,
-            breakpoint: Some(t.at.rip),
-        }
+        CounterPlan { overflow_at: None, breakpoint: Some(t.at.rip) }
     }
 
     fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
@@ -598,10 +520,7 @@ impl Host for ReplayHost {
     fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError> {
         self.collect(ctx, out, true)?;
         if out.is_empty() {
-            return Err(self.out_of_log(format!(
-                "the guest went idle at exit {} waiting for input",
-                ctx.exits
-            )));
+            return Err(self.out_of_log(format!("the guest went idle at exit {} waiting for input", ctx.exits)));
         }
         Ok(())
     }

@@ -8,8 +8,8 @@ use sha2::{Digest, Sha256};
 
 use super::{Recording, ReplayError, ReplayHost, Sink, StopAt};
 use crate::clock::ExecPoint;
-use crate::trace::checkpoint::{PAGE, SECTOR};
 use crate::trace::{self, Checkpoint, EndReason, Event};
+use crate::trace::checkpoint::{PAGE, SECTOR};
 use crate::vmm::{HostError, Machine, MachineError, Stop};
 
 /// How a replay run ended.
@@ -17,11 +17,7 @@ use crate::vmm::{HostError, Machine, MachineError, Stop};
 pub enum Outcome {
     /// The guest reached the recording's end; `problems` is empty when the
     /// final state, output and exit count all match the recording.
-    Finished {
-        stop: Stop,
-        state_hash: String,
-        problems: Vec<String>,
-    },
+    Finished { stop: Stop, state_hash: String, problems: Vec<String> },
     /// The requested point was reached.
     Reached,
     /// The recording was cut short; replay got as far as it vouches for.
@@ -74,11 +70,7 @@ impl Timeline {
     }
 
     /// A replay session positioned at checkpoint `id`.
-    pub fn at_checkpoint(
-        rec: Arc<Recording>,
-        id: u32,
-        sink: Sink,
-    ) -> Result<Timeline, ReplayError> {
+    pub fn at_checkpoint(rec: Arc<Recording>, id: u32, sink: Sink) -> Result<Timeline, ReplayError> {
         if !rec.checkpoints.iter().any(|c| c.0 == id) {
             return Err(ReplayError::NoCheckpoint(id));
         }
@@ -86,19 +78,11 @@ impl Timeline {
         let disk = match &rec.meta.config.disk {
             Some(_) => {
                 let src = dir.join(trace::DISK);
-                let tmp = tempfile::Builder::new()
-                    .prefix("revirt-replay-disk")
-                    .tempfile()
-                    .map_err(|source| ReplayError::Io {
-                        what: "creating a replay disk",
-                        path: std::env::temp_dir().display().to_string(),
-                        source,
-                    })?;
-                std::fs::copy(&src, tmp.path()).map_err(|source| ReplayError::Io {
-                    what: "copying",
-                    path: src.display().to_string(),
-                    source,
+                let tmp = tempfile::Builder::new().prefix("revirt-replay-disk").tempfile().map_err(|source| {
+                    ReplayError::Io { what: "creating a replay disk", path: std::env::temp_dir().display().to_string(), source }
                 })?;
+                std::fs::copy(&src, tmp.path())
+                    .map_err(|source| ReplayError::Io { what: "copying", path: src.display().to_string(), source })?;
                 Some(tmp)
             }
             None => None,
@@ -111,10 +95,7 @@ impl Timeline {
         for k in 0..=id {
             let ck = Checkpoint::read(&trace::checkpoint_path(&dir, k))?;
             if ck.header.id != k {
-                return Err(ReplayError::Damaged(
-                    dir.display().to_string(),
-                    format!("checkpoint file {k} says it is {}", ck.header.id),
-                ));
+                return Err(ReplayError::Damaged(dir.display().to_string(), format!("checkpoint file {k} says it is {}", ck.header.id)));
             }
             cks.push(ck);
         }
@@ -123,10 +104,7 @@ impl Timeline {
             let mut at = 0usize;
             for &(first, count) in &ck.header.pages {
                 if (first + count) * PAGE > mem_size {
-                    return Err(ReplayError::Damaged(
-                        dir.display().to_string(),
-                        format!("checkpoint {k} has pages beyond guest memory"),
-                    ));
+                    return Err(ReplayError::Damaged(dir.display().to_string(), format!("checkpoint {k} has pages beyond guest memory")));
                 }
                 at += (count * PAGE) as usize;
             }
@@ -134,13 +112,9 @@ impl Timeline {
                 let len = (count * SECTOR) as usize;
                 if let Some(d) = &disk {
                     use std::os::unix::fs::FileExt;
-                    d.as_file()
-                        .write_all_at(&ck.data[at..at + len], first * SECTOR)
-                        .map_err(|source| ReplayError::Io {
-                            what: "writing",
-                            path: d.path().display().to_string(),
-                            source,
-                        })?;
+                    d.as_file().write_all_at(&ck.data[at..at + len], first * SECTOR).map_err(|source| {
+                        ReplayError::Io { what: "writing", path: d.path().display().to_string(), source }
+                    })?;
                 }
                 at += len;
             }
@@ -166,20 +140,9 @@ impl Timeline {
             Ok(())
         })?;
         let ck = last;
-        let mut host = ReplayHost::new(
-            rec.clone(),
-            ck.header.next_event as usize,
-            ck.header.output_len,
-            sink,
-        );
+        let mut host = ReplayHost::new(rec.clone(), ck.header.next_event as usize, ck.header.output_len, sink);
         host.set_clock(ck.header.machine.clock_ns);
-        Ok(Timeline {
-            rec,
-            machine,
-            host,
-            landing: None,
-            _disk: disk,
-        })
+        Ok(Timeline { rec, machine, host, landing: None, _disk: disk })
     }
 
     pub fn open(rec: Arc<Recording>, sink: Sink) -> Result<Timeline, ReplayError> {
@@ -202,13 +165,7 @@ impl Timeline {
     /// target lies behind us), then replays forward.
     pub fn seek(&mut self, exits: u64) -> Result<Outcome, ReplayError> {
         let ck = Timeline::nearest_checkpoint(&self.rec, exits);
-        let ck_exits = self
-            .rec
-            .checkpoints
-            .iter()
-            .find(|c| c.0 == ck)
-            .map(|c| c.1)
-            .unwrap_or(0);
+        let ck_exits = self.rec.checkpoints.iter().find(|c| c.0 == ck).map(|c| c.1).unwrap_or(0);
         if exits < self.exits() || ck_exits > self.exits() {
             let sink = std::mem::replace(&mut self.host.sink, Sink::Discard);
             let landing = self.landing;
@@ -226,29 +183,17 @@ impl Timeline {
     /// Replays precise events with the PMU clock's landing algorithm over
     /// the simulated counter (margin before each target, random skid up to
     /// `max_skid` branches), instead of stepping straight to them.
-    pub fn use_simulated_pmu(
-        &mut self,
-        margin: u64,
-        max_skid: u64,
-        seed: u64,
-    ) -> Result<(), ReplayError> {
-        self.use_landing(LandingConfig {
-            margin,
-            counter: CounterKind::Sim { max_skid, seed },
-        })
+    pub fn use_simulated_pmu(&mut self, margin: u64, max_skid: u64, seed: u64) -> Result<(), ReplayError> {
+        self.use_landing(LandingConfig { margin, counter: CounterKind::Sim { max_skid, seed } })
     }
 
     /// Replays precise events with the hardware PMU (this thread must be
     /// the one that runs the replay); `margin` defaults to the CPU's.
     pub fn use_pmu(&mut self, margin: Option<u64>) -> Result<(), ReplayError> {
-        let c = crate::clock::counter::RealCounter::open()
-            .map_err(|e| ReplayError::NoPmu(e.to_string()))?;
+        let c = crate::clock::counter::RealCounter::open().map_err(|e| ReplayError::NoPmu(e.to_string()))?;
         let margin = margin.unwrap_or(c.perf.config.replay_margin);
         self.machine.set_counter(Some(Box::new(c)))?;
-        self.landing = Some(LandingConfig {
-            margin,
-            counter: CounterKind::Real,
-        });
+        self.landing = Some(LandingConfig { margin, counter: CounterKind::Real });
         self.host.landing = Some(super::Landing::new(margin));
         Ok(())
     }
@@ -284,11 +229,7 @@ impl Timeline {
         margin: u64,
         skid: u64,
     ) -> Result<crate::clock::pmu::Verdict, ReplayError> {
-        self.land_with(
-            Box::new(crate::clock::counter::SimCounter::with_fixed_skid(skid)),
-            target,
-            margin,
-        )
+        self.land_with(Box::new(crate::clock::counter::SimCounter::with_fixed_skid(skid)), target, margin)
     }
 
     /// [`Timeline::land_simulated`] with any branch counter.
@@ -312,9 +253,7 @@ impl Timeline {
             Outcome::Reached => Verdict::Arrived,
             Outcome::Diverged(why) => Verdict::Overshoot(why),
             Outcome::EndOfRecording(why) | Outcome::NotReached(why) => Verdict::Overshoot(why),
-            Outcome::Finished { .. } => {
-                Verdict::Overshoot("the recording ended before the target".into())
-            }
+            Outcome::Finished { .. } => Verdict::Overshoot("the recording ended before the target".into()),
         })
     }
 
@@ -384,55 +323,32 @@ impl Timeline {
         let state_hash = self.machine.state_hash()?;
         let mut problems = Vec::new();
         match self.rec.end() {
-            None => problems
-                .push("the recording has no end record to compare with (it was cut short)".into()),
-            Some(Event::End {
-                exits,
-                reason,
-                state_hash: want,
-                output_len,
-                output_sha256,
-            }) => {
+            None => problems.push("the recording has no end record to compare with (it was cut short)".into()),
+            Some(Event::End { exits, reason, state_hash: want, output_len, output_sha256 }) => {
                 let got_reason = match &stop {
                     Stop::PowerOff(s) => EndReason::PowerOff(*s),
                     Stop::Panic(p) => EndReason::Panic(p.vector),
                     Stop::Paused => EndReason::Stopped,
                 };
                 if got_reason != *reason {
-                    problems.push(format!(
-                        "the recording ended with {reason:?}, the replay with {got_reason:?}"
-                    ));
+                    problems.push(format!("the recording ended with {reason:?}, the replay with {got_reason:?}"));
                 }
                 if *exits != self.machine.exits {
-                    problems.push(format!(
-                        "the recording ended at exit {exits}, the replay at exit {}",
-                        self.machine.exits
-                    ));
+                    problems.push(format!("the recording ended at exit {exits}, the replay at exit {}", self.machine.exits));
                 }
                 if *output_len != self.host.output_len {
-                    problems.push(format!(
-                        "the recording printed {output_len} bytes, the replay {}",
-                        self.host.output_len
-                    ));
+                    problems.push(format!("the recording printed {output_len} bytes, the replay {}", self.host.output_len));
                 }
                 let rec_sha = hex::encode(Sha256::digest(&self.rec.console));
                 if rec_sha != *output_sha256 {
-                    problems.push(
-                        "console.log does not match the output digest in the log (edited?)".into(),
-                    );
+                    problems.push("console.log does not match the output digest in the log (edited?)".into());
                 }
                 if *want != state_hash {
-                    problems.push(format!(
-                        "final state hash differs: recorded {want}, replayed {state_hash}"
-                    ));
+                    problems.push(format!("final state hash differs: recorded {want}, replayed {state_hash}"));
                 }
             }
             Some(_) => unreachable!("end() only returns End"),
         }
-        Ok(Outcome::Finished {
-            stop,
-            state_hash,
-            problems,
-        })
+        Ok(Outcome::Finished { stop, state_hash, problems })
     }
 }

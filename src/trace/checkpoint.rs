@@ -21,10 +21,7 @@ pub const SECTOR: u64 = 512;
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("checkpoint {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("checkpoint {path}: {msg}")]
     Bad { path: String, msg: String },
 }
@@ -82,10 +79,7 @@ pub fn runs(sorted: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
 impl Checkpoint {
     pub fn write(&self, path: &Path) -> Result<Written, CheckpointError> {
         let p = path.display().to_string();
-        let io = |source| CheckpointError::Io {
-            path: p.clone(),
-            source,
-        };
+        let io = |source| CheckpointError::Io { path: p.clone(), source };
         let header = serde_json::to_vec(&self.header).expect("checkpoint header serializes");
         let data = zstd::bulk::compress(&self.data, 1).map_err(io)?;
         let mut buf = Vec::with_capacity(header.len() + data.len() + 32);
@@ -101,18 +95,12 @@ impl Checkpoint {
         f.write_all(&buf).map_err(io)?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(Written {
-            bytes: buf.len() as u64,
-            sha256: super::sha256_hex(&buf),
-        })
+        Ok(Written { bytes: buf.len() as u64, sha256: super::sha256_hex(&buf) })
     }
 
     pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
         let p = path.display().to_string();
-        let b = std::fs::read(path).map_err(|source| CheckpointError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let b = std::fs::read(path).map_err(|source| CheckpointError::Io { path: p.clone(), source })?;
         Self::parse(&b, None).map_err(|msg| CheckpointError::Bad { path: p, msg })
     }
 
@@ -120,10 +108,7 @@ impl Checkpoint {
     /// for it (see [`crate::trace::Event::CheckpointFile`]).
     pub fn read_bound(path: &Path, sha256: &str) -> Result<Checkpoint, CheckpointError> {
         let p = path.display().to_string();
-        let b = std::fs::read(path).map_err(|source| CheckpointError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let b = std::fs::read(path).map_err(|source| CheckpointError::Io { path: p.clone(), source })?;
         Self::parse(&b, Some(sha256)).map_err(|msg| CheckpointError::Bad { path: p, msg })
     }
 
@@ -144,16 +129,13 @@ impl Checkpoint {
         }
         let hlen = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
         if hlen > MAX_HEADER {
-            return Err(format!(
-                "header length {hlen} is over the {MAX_HEADER}-byte limit"
-            ));
+            return Err(format!("header length {hlen} is over the {MAX_HEADER}-byte limit"));
         }
         let hend = 16usize
             .checked_add(hlen as usize)
             .filter(|&e| e.checked_add(8).is_some_and(|x| x <= body.len()))
             .ok_or("header length out of range")?;
-        let header: CheckpointHeader =
-            serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
+        let header: CheckpointHeader = serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
         let dlen = u64::from_le_bytes(body[hend..hend + 8].try_into().expect("8 bytes"));
         let dstart = hend + 8;
         if (dstart as u64).checked_add(dlen) != Some(body.len() as u64) {
@@ -161,30 +143,16 @@ impl Checkpoint {
         }
         let mem = header.machine.config.mem_size;
         if mem > crate::vmm::layout::MAX_MEM {
-            return Err(format!(
-                "memory size {mem} is over the {} MiB limit",
-                crate::vmm::layout::MAX_MEM >> 20
-            ));
+            return Err(format!("memory size {mem} is over the {} MiB limit", crate::vmm::layout::MAX_MEM >> 20));
         }
-        if header.pages.iter().any(|&(f, c)| {
-            f.checked_add(c)
-                .and_then(|e| e.checked_mul(PAGE))
-                .is_none_or(|e| e > mem)
-        }) {
-            return Err(format!(
-                "a page run lies outside the guest's {mem} bytes of memory"
-            ));
+        if header.pages.iter().any(|&(f, c)| f.checked_add(c).and_then(|e| e.checked_mul(PAGE)).is_none_or(|e| e > mem)) {
+            return Err(format!("a page run lies outside the guest's {mem} bytes of memory"));
         }
-        let expect = header
-            .data_len()
-            .ok_or("page and sector lists are out of range")?;
+        let expect = header.data_len().ok_or("page and sector lists are out of range")?;
         if expect > MAX_DATA {
-            return Err(format!(
-                "page and sector lists add up to {expect} bytes, over the {MAX_DATA}-byte limit"
-            ));
+            return Err(format!("page and sector lists add up to {expect} bytes, over the {MAX_DATA}-byte limit"));
         }
-        let data = super::decompress_exact(&body[dstart..], expect as usize)
-            .map_err(|e| format!("data {e}"))?;
+        let data = super::decompress_exact(&body[dstart..], expect as usize).map_err(|e| format!("data {e}"))?;
         Ok(Checkpoint { header, data })
     }
 }

@@ -21,32 +21,18 @@ pub enum Event {
     /// A timer interrupt was raised at `at`; `now_ns` is the clock the timer saw.
     Timer { at: ExecPoint, fp: u64, now_ns: u64 },
     /// Serial input arrived at `at`.
-    Serial {
-        at: ExecPoint,
-        fp: u64,
-        bytes: Vec<u8>,
-    },
+    Serial { at: ExecPoint, fp: u64, bytes: Vec<u8> },
     /// Nothing else happened up to here (lets a cut-short recording replay this far).
     Mark { exits: u64 },
     /// Checkpoint `id` was taken here, before the guest ran on.
     Checkpoint { id: u32, exits: u64, fp: u64 },
     /// The recording ended. `state_hash` covers registers, devices, memory and disk;
     /// `output_sha256` the whole console output.
-    End {
-        exits: u64,
-        reason: EndReason,
-        state_hash: String,
-        output_len: u64,
-        output_sha256: String,
-    },
+    End { exits: u64, reason: EndReason, state_hash: String, output_len: u64, output_sha256: String },
     /// The VM was live-migrated here (after exit `exits`) from host `from`
     /// to host `to`; the recording goes on at the destination. Nothing the
     /// guest sees changes: replay runs through it.
-    Migrated {
-        exits: u64,
-        from: String,
-        to: String,
-    },
+    Migrated { exits: u64, from: String, to: String },
     /// Checkpoint `id`'s file landed on disk with this SHA-256 (hex): binds
     /// the checkpoint into the log's hash chain. Logged once the file is
     /// written (possibly later than the `Checkpoint` event, by another
@@ -58,13 +44,7 @@ pub enum Event {
 impl Event {
     /// Bookkeeping that the guest never sees (replay skips it).
     pub fn is_mark(&self) -> bool {
-        matches!(
-            self,
-            Event::Mark { .. }
-                | Event::Checkpoint { .. }
-                | Event::Migrated { .. }
-                | Event::CheckpointFile { .. }
-        )
+        matches!(self, Event::Mark { .. } | Event::Checkpoint { .. } | Event::Migrated { .. } | Event::CheckpointFile { .. })
     }
 
     /// Guest-caused exits at which the event happened.
@@ -98,26 +78,13 @@ impl std::fmt::Display for Event {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Event::Clock { exits, value } => write!(f, "clock read = {value} ns at exit {exits}"),
-            Event::Timer { at, fp, now_ns } => write!(
-                f,
-                "timer interrupt at {at} (fingerprint {fp:#x}, clock {now_ns} ns)"
-            ),
-            Event::Serial { at, bytes, .. } => write!(
-                f,
-                "serial input {:?} at {at}",
-                String::from_utf8_lossy(bytes)
-            ),
+            Event::Timer { at, fp, now_ns } => write!(f, "timer interrupt at {at} (fingerprint {fp:#x}, clock {now_ns} ns)"),
+            Event::Serial { at, bytes, .. } => write!(f, "serial input {:?} at {at}", String::from_utf8_lossy(bytes)),
             Event::Mark { exits } => write!(f, "mark at exit {exits}"),
             Event::Checkpoint { id, exits, .. } => write!(f, "checkpoint {id} at exit {exits}"),
             Event::End { exits, reason, .. } => write!(f, "end ({reason:?}) at exit {exits}"),
-            Event::Migrated { exits, from, to } => {
-                write!(f, "migrated from {from} to {to} at exit {exits}")
-            }
-            Event::CheckpointFile { id, sha256, .. } => write!(
-                f,
-                "checkpoint {id} written, SHA-256 {}",
-                &sha256[..sha256.len().min(16)]
-            ),
+            Event::Migrated { exits, from, to } => write!(f, "migrated from {from} to {to} at exit {exits}"),
+            Event::CheckpointFile { id, sha256, .. } => write!(f, "checkpoint {id} written, SHA-256 {}", &sha256[..sha256.len().min(16)]),
         }
     }
 }

@@ -31,10 +31,7 @@ const CHUNK_AGE: Duration = Duration::from_millis(200);
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
     #[error("event log {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("event log {0}: not a revirt event log (bad file header)")]
     BadHeader(String),
     #[error("event log writer: {0}")]
@@ -57,19 +54,11 @@ pub fn genesis_of(dir: &Path) -> Result<[u8; 32], LogError> {
     let p = dir.join(super::META);
     std::fs::read(&p)
         .map(|b| genesis(&b))
-        .map_err(|source| LogError::Io {
-            path: p.display().to_string(),
-            source,
-        })
+        .map_err(|source| LogError::Io { path: p.display().to_string(), source })
 }
 
 fn seal(prev: &[u8; 32], header: &[u8], payload: &[u8]) -> [u8; 32] {
-    Sha256::new()
-        .chain_update(prev)
-        .chain_update(header)
-        .chain_update(payload)
-        .finalize()
-        .into()
+    Sha256::new().chain_update(prev).chain_update(header).chain_update(payload).finalize().into()
 }
 
 enum Msg {
@@ -150,8 +139,7 @@ impl ChunkWriter {
         self.n += 1;
         self.stats.events += 1;
         self.first_at.get_or_insert_with(Instant::now);
-        if self.buf.len() >= CHUNK_BYTES || self.n >= CHUNK_EVENTS || matches!(e, Event::End { .. })
-        {
+        if self.buf.len() >= CHUNK_BYTES || self.n >= CHUNK_EVENTS || matches!(e, Event::End { .. }) {
             self.flush_chunk()?;
         }
         Ok(())
@@ -176,12 +164,7 @@ fn writer_thread(mut w: ChunkWriter, rx: Receiver<Msg>) -> Result<WriterStats, S
                     Some(f) => Err(f.clone()),
                     None => w.flush_chunk().and_then(|_| {
                         let len = w.out.get_ref().metadata().map_err(|e| e.to_string())?.len();
-                        Ok(LogHead {
-                            prev: hex::encode(w.prev),
-                            seq: w.seq,
-                            next_event: w.next_event,
-                            len,
-                        })
+                        Ok(LogHead { prev: hex::encode(w.prev), seq: w.seq, next_event: w.next_event, len })
                     }),
                 };
                 let _ = reply.send(r.clone());
@@ -203,10 +186,7 @@ fn writer_thread(mut w: ChunkWriter, rx: Receiver<Msg>) -> Result<WriterStats, S
 
 impl LogWriter {
     pub fn create(path: &Path, genesis: [u8; 32]) -> Result<LogWriter, LogError> {
-        let io = |source| LogError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+        let io = |source| LogError::Io { path: path.display().to_string(), source };
         let f = File::create(path).map_err(io)?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
         out.write_all(FILE_MAGIC).map_err(io)?;
@@ -217,25 +197,16 @@ impl LogWriter {
     /// Continues a log another writer left at `head` (the file holds exactly
     /// `head.len` bytes of it; anything after is cut off).
     pub fn append(path: &Path, head: &LogHead) -> Result<LogWriter, LogError> {
-        let io = |source| LogError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+        let io = |source| LogError::Io { path: path.display().to_string(), source };
         let bad = |m: String| LogError::Writer(format!("{}: {m}", path.display()));
         let prev: [u8; 32] = hex::decode(&head.prev)
             .ok()
             .and_then(|v| v.try_into().ok())
             .ok_or_else(|| bad("log head is not a SHA-256".into()))?;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(io)?;
+        let f = std::fs::OpenOptions::new().write(true).open(path).map_err(io)?;
         let have = f.metadata().map_err(io)?.len();
         if have < head.len {
-            return Err(bad(format!(
-                "holds {have} bytes, the log head says {}",
-                head.len
-            )));
+            return Err(bad(format!("holds {have} bytes, the log head says {}", head.len)));
         }
         f.set_len(head.len).map_err(io)?;
         let mut out = BufWriter::with_capacity(1 << 20, f);
@@ -244,17 +215,8 @@ impl LogWriter {
         Self::start(out, prev, head.seq, head.next_event, path)
     }
 
-    fn start(
-        out: BufWriter<File>,
-        prev: [u8; 32],
-        seq: u32,
-        next_event: u64,
-        path: &Path,
-    ) -> Result<LogWriter, LogError> {
-        let io = |source| LogError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+    fn start(out: BufWriter<File>, prev: [u8; 32], seq: u32, next_event: u64, path: &Path) -> Result<LogWriter, LogError> {
+        let io = |source| LogError::Io { path: path.display().to_string(), source };
         let w = ChunkWriter {
             out,
             prev,
@@ -270,10 +232,7 @@ impl LogWriter {
             .name("revirt-log-writer".into())
             .spawn(move || writer_thread(w, rx))
             .map_err(io)?;
-        Ok(LogWriter {
-            tx: Some(tx),
-            thread: Some(thread),
-        })
+        Ok(LogWriter { tx: Some(tx), thread: Some(thread) })
     }
 
     /// Queues an event; never blocks on I/O.
@@ -291,12 +250,8 @@ impl LogWriter {
     /// Flushes and says where the log ends.
     pub fn head(&self) -> Result<LogHead, LogError> {
         let (rtx, rrx) = mpsc::sync_channel(1);
-        let tx = self
-            .tx
-            .as_ref()
-            .ok_or_else(|| LogError::Writer("closed".into()))?;
-        tx.send(Msg::Head(rtx))
-            .map_err(|_| LogError::Writer("writer thread is gone".into()))?;
+        let tx = self.tx.as_ref().ok_or_else(|| LogError::Writer("closed".into()))?;
+        tx.send(Msg::Head(rtx)).map_err(|_| LogError::Writer("writer thread is gone".into()))?;
         rrx.recv()
             .map_err(|_| LogError::Writer("writer thread is gone".into()))?
             .map_err(LogError::Writer)
@@ -347,10 +302,8 @@ pub struct LogReader {
 
 impl LogReader {
     pub fn read(path: &Path, genesis: [u8; 32]) -> Result<LogReader, LogError> {
-        let bytes = std::fs::read(path).map_err(|source| LogError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes = std::fs::read(path)
+            .map_err(|source| LogError::Io { path: path.display().to_string(), source })?;
         if bytes.len() < 8 || &bytes[..8] != FILE_MAGIC {
             return Err(LogError::BadHeader(path.display().to_string()));
         }
@@ -365,10 +318,7 @@ impl LogReader {
         let mut offset = 8usize;
         let incomplete = |events: Vec<Event>, seq: u32, prev: [u8; 32], reason: String| LogReader {
             events,
-            status: LogStatus::Incomplete {
-                damaged: !reason.contains("cut short"),
-                reason,
-            },
+            status: LogStatus::Incomplete { damaged: !reason.contains("cut short"), reason },
             chunks: seq,
             head: hex::encode(prev),
         };
@@ -380,12 +330,7 @@ impl LogReader {
             let h = &b[..CHUNK_HEADER];
             let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
             if &h[..4] != CHUNK_MAGIC {
-                return incomplete(
-                    events,
-                    seq,
-                    prev,
-                    format!("{at} has no chunk marker (damaged)"),
-                );
+                return incomplete(events, seq, prev, format!("{at} has no chunk marker (damaged)"));
             }
             let (cseq, first) = (u32_at(4), u64::from_le_bytes(h[8..16].try_into().unwrap()));
             let (n, raw_len, comp_len) = (u32_at(16), u32_at(20) as usize, u32_at(24) as usize);
@@ -397,40 +342,20 @@ impl LogReader {
                 if later {
                     return incomplete(events, seq, prev, format!("{at} is damaged: its length points past the end of the file, but more chunks follow"));
                 }
-                return incomplete(
-                    events,
-                    seq,
-                    prev,
-                    format!("{at} is cut short ({} of {total} bytes)", b.len()),
-                );
+                return incomplete(events, seq, prev, format!("{at} is cut short ({} of {total} bytes)", b.len()));
             }
             let payload = &b[CHUNK_HEADER..CHUNK_HEADER + comp_len];
             let hash: [u8; 32] = b[CHUNK_HEADER + comp_len..total].try_into().unwrap();
             if seal(&prev, h, payload) != hash {
-                return incomplete(
-                    events,
-                    seq,
-                    prev,
-                    format!("{at} fails its checksum (damaged or tampered, or chunks reordered)"),
-                );
+                return incomplete(events, seq, prev, format!("{at} fails its checksum (damaged or tampered, or chunks reordered)"));
             }
             if cseq != seq || first != events.len() as u64 || raw_len > MAX_RAW {
-                return incomplete(
-                    events,
-                    seq,
-                    prev,
-                    format!("{at} is out of sequence (damaged)"),
-                );
+                return incomplete(events, seq, prev, format!("{at} is out of sequence (damaged)"));
             }
             // Every event takes at least one byte: n is bounded by raw_len,
             // which is bounded by MAX_RAW (checked above).
             if n as usize > raw_len {
-                return incomplete(
-                    events,
-                    seq,
-                    prev,
-                    format!("{at} claims {n} events in {raw_len} bytes (damaged)"),
-                );
+                return incomplete(events, seq, prev, format!("{at} claims {n} events in {raw_len} bytes (damaged)"));
             }
             let raw = match super::decompress_exact(payload, raw_len) {
                 Ok(r) => r,
@@ -445,22 +370,12 @@ impl LogReader {
                         rest = r;
                     }
                     Err(e) => {
-                        return incomplete(
-                            events,
-                            seq,
-                            prev,
-                            format!("{at}: event {i} does not decode (damaged): {e}"),
-                        )
+                        return incomplete(events, seq, prev, format!("{at}: event {i} does not decode (damaged): {e}"))
                     }
                 }
             }
             if !rest.is_empty() {
-                return incomplete(
-                    events,
-                    seq,
-                    prev,
-                    format!("{at} has trailing bytes (damaged)"),
-                );
+                return incomplete(events, seq, prev, format!("{at} has trailing bytes (damaged)"));
             }
             events.extend(got);
             prev = hash;
@@ -475,12 +390,7 @@ impl LogReader {
                 damaged: false,
             },
         };
-        LogReader {
-            events,
-            status,
-            chunks: seq,
-            head: hex::encode(prev),
-        }
+        LogReader { events, status, chunks: seq, head: hex::encode(prev) }
     }
 }
 
@@ -492,28 +402,9 @@ mod tests {
     fn sample(n: u64) -> Vec<Event> {
         let mut v: Vec<Event> = (0..n)
             .map(|i| match i % 3 {
-                0 => Event::Clock {
-                    exits: i * 10,
-                    value: i * 1000,
-                },
-                1 => Event::Timer {
-                    at: ExecPoint {
-                        exits: i * 10,
-                        branches: 0,
-                        rip: 0x100000 + i,
-                    },
-                    fp: i,
-                    now_ns: i,
-                },
-                _ => Event::Serial {
-                    at: ExecPoint {
-                        exits: i * 10,
-                        branches: 0,
-                        rip: 0x1000,
-                    },
-                    fp: 7,
-                    bytes: vec![b'a'; (i % 5) as usize],
-                },
+                0 => Event::Clock { exits: i * 10, value: i * 1000 },
+                1 => Event::Timer { at: ExecPoint { exits: i * 10, branches: 0, rip: 0x100000 + i }, fp: i, now_ns: i },
+                _ => Event::Serial { at: ExecPoint { exits: i * 10, branches: 0, rip: 0x1000 }, fp: 7, bytes: vec![b'a'; (i % 5) as usize] },
             })
             .collect();
         v.push(Event::End {
@@ -562,10 +453,7 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         for cut in [9, 40, bytes.len() / 2, bytes.len() - 1] {
             let r = LogReader::parse(&bytes[8..cut], genesis(b"t"));
-            assert!(
-                matches!(r.status, LogStatus::Incomplete { .. }),
-                "cut {cut}"
-            );
+            assert!(matches!(r.status, LogStatus::Incomplete { .. }), "cut {cut}");
             assert_eq!(&ev[..r.events.len()], &r.events[..]);
             assert_eq!(r.events.len() % 100, 0, "only whole chunks survive");
         }
@@ -581,10 +469,7 @@ mod tests {
             let mut b = bytes.clone();
             b[i] ^= 0x01;
             let r = LogReader::parse(&b[8..], genesis(b"t"));
-            assert!(
-                matches!(r.status, LogStatus::Incomplete { .. }),
-                "flip at byte {i} went unnoticed"
-            );
+            assert!(matches!(r.status, LogStatus::Incomplete { .. }), "flip at byte {i} went unnoticed");
         }
     }
 

@@ -14,18 +14,11 @@ pub const VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{path} is not a revirt recording's meta.json: {msg}")]
     Parse { path: String, msg: String },
     #[error("{path}: recording format {found} version {version}; this revirt reads {FORMAT} version {VERSION}")]
-    Version {
-        path: String,
-        found: String,
-        version: u32,
-    },
+    Version { path: String, found: String, version: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,10 +89,7 @@ pub struct Parent {
 
 impl Meta {
     pub fn write(&self, path: &Path) -> Result<(), MetaError> {
-        let io = |source| MetaError::Io {
-            path: path.display().to_string(),
-            source,
-        };
+        let io = |source| MetaError::Io { path: path.display().to_string(), source };
         let json = serde_json::to_vec_pretty(self).expect("meta serializes");
         let tmp = path.with_extension("json.partial");
         std::fs::write(&tmp, json).map_err(io)?;
@@ -108,32 +98,15 @@ impl Meta {
 
     pub fn read(path: &Path) -> Result<Meta, MetaError> {
         let p = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| MetaError::Io {
-            path: p.clone(),
-            source,
-        })?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| MetaError::Parse {
-                path: p.clone(),
-                msg: e.to_string(),
-            })?;
-        let found = v
-            .get("format")
-            .and_then(|f| f.as_str())
-            .unwrap_or("?")
-            .to_string();
+        let bytes = std::fs::read(path).map_err(|source| MetaError::Io { path: p.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| MetaError::Parse { path: p.clone(), msg: e.to_string() })?;
+        let found = v.get("format").and_then(|f| f.as_str()).unwrap_or("?").to_string();
         let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0) as u32;
         if found != FORMAT || version != VERSION {
-            return Err(MetaError::Version {
-                path: p,
-                found,
-                version,
-            });
+            return Err(MetaError::Version { path: p, found, version });
         }
-        serde_json::from_value(v).map_err(|e| MetaError::Parse {
-            path: p,
-            msg: e.to_string(),
-        })
+        serde_json::from_value(v).map_err(|e| MetaError::Parse { path: p, msg: e.to_string() })
     }
 }
 

@@ -45,16 +45,11 @@ pub fn decompress_exact(src: &[u8], expect: usize) -> Result<Vec<u8>, String> {
     out.try_reserve_exact(expect)
         .map_err(|_| format!("cannot allocate {expect} bytes to decompress into"))?;
     let mut dctx = zstd::zstd_safe::DCtx::create();
-    let n = dctx.decompress(&mut out, src).map_err(|c| {
-        format!(
-            "does not decompress ({})",
-            zstd::zstd_safe::get_error_name(c)
-        )
-    })?;
+    let n = dctx
+        .decompress(&mut out, src)
+        .map_err(|c| format!("does not decompress ({})", zstd::zstd_safe::get_error_name(c)))?;
     if n != expect || out.len() != expect {
-        return Err(format!(
-            "decompresses to {n} bytes, its header says {expect}"
-        ));
+        return Err(format!("decompresses to {n} bytes, its header says {expect}"));
     }
     Ok(out)
 }

@@ -37,9 +37,7 @@ pub struct Report {
 }
 
 fn file_sha(path: &Path) -> Option<String> {
-    std::fs::read(path)
-        .ok()
-        .map(|b| hex::encode(Sha256::digest(b)))
+    std::fs::read(path).ok().map(|b| hex::encode(Sha256::digest(b)))
 }
 
 /// The SHA-256 the log holds for each checkpoint file (see
@@ -60,97 +58,50 @@ pub fn verify(dir: &Path) -> Report {
     let mut push = |ok: bool, what: String| f.push(Finding { ok, what });
     let meta = match Meta::read(&dir.join(super::META)) {
         Ok(m) => {
-            push(
-                true,
-                format!(
-                    "meta.json: {} version {}, clock {}, id {}",
-                    m.format, m.version, m.clock, m.id
-                ),
-            );
+            push(true, format!("meta.json: {} version {}, clock {}, id {}", m.format, m.version, m.clock, m.id));
             m
         }
         Err(e) => {
             push(false, format!("meta.json: {e}"));
-            return Report {
-                findings: f,
-                intact: false,
-                incomplete: false,
-                digest: None,
-                manifest,
-            };
+            return Report { findings: f, intact: false, incomplete: false, digest: None, manifest };
         }
     };
-    manifest.push((
-        "meta.json".to_string(),
-        file_sha(&dir.join(super::META)).unwrap_or_default(),
-    ));
+    manifest.push(("meta.json".to_string(), file_sha(&dir.join(super::META)).unwrap_or_default()));
     let mut damaged = false;
     let mut incomplete = false;
 
-    for (name, want) in [
-        (super::IMAGE, Some(&meta.image)),
-        (super::DISK, meta.disk.as_ref()),
-    ] {
+    for (name, want) in [(super::IMAGE, Some(&meta.image)), (super::DISK, meta.disk.as_ref())] {
         let Some(want) = want else { continue };
         match file_sha(&dir.join(name)) {
-            Some(h) if h == want.sha256 => {
-                push(true, format!("{name}: matches meta.json's SHA-256"))
-            }
+            Some(h) if h == want.sha256 => push(true, format!("{name}: matches meta.json's SHA-256")),
             Some(_) => {
                 damaged = true;
-                push(
-                    false,
-                    format!("{name}: does not match meta.json's SHA-256 (changed after recording)"),
-                );
+                push(false, format!("{name}: does not match meta.json's SHA-256 (changed after recording)"));
             }
             None => {
                 damaged = true;
                 push(false, format!("{name}: missing"));
             }
         }
-        manifest.push((
-            name.to_string(),
-            file_sha(&dir.join(name)).unwrap_or_default(),
-        ));
+        manifest.push((name.to_string(), file_sha(&dir.join(name)).unwrap_or_default()));
     }
 
-    let log = match log::genesis_of(dir).and_then(|g| LogReader::read(&dir.join(super::EVENTS), g))
-    {
+    let log = match log::genesis_of(dir).and_then(|g| LogReader::read(&dir.join(super::EVENTS), g)) {
         Ok(l) => l,
         Err(e) => {
             push(false, format!("events.log: {e}"));
-            return Report {
-                findings: f,
-                intact: false,
-                incomplete: false,
-                digest: None,
-                manifest,
-            };
+            return Report { findings: f, intact: false, incomplete: false, digest: None, manifest };
         }
     };
     match &log.status {
-        LogStatus::Complete => push(
-            true,
-            format!(
-                "events.log: {} chunks, {} events, hash chain verified, ends with End",
-                log.chunks,
-                log.events.len()
-            ),
-        ),
+        LogStatus::Complete => push(true, format!("events.log: {} chunks, {} events, hash chain verified, ends with End", log.chunks, log.events.len())),
         LogStatus::Incomplete { reason, damaged: d } => {
             if *d {
                 damaged = true;
             } else {
                 incomplete = true;
             }
-            push(
-                false,
-                format!(
-                    "events.log: {} chunks ({} events) verify; then {reason}",
-                    log.chunks,
-                    log.events.len()
-                ),
-            );
+            push(false, format!("events.log: {} chunks ({} events) verify; then {reason}", log.chunks, log.events.len()));
         }
     }
     manifest.push(("events.log chain head".to_string(), log.head.clone()));
@@ -172,53 +123,33 @@ pub fn verify(dir: &Path) -> Report {
                 continue;
             };
             match Checkpoint::read_bound(&p, sha) {
-                Ok(c) if c.header.id == *id && c.header.exits == *exits => push(
-                    true,
-                    format!("checkpoint {id} (exit {exits}): SHA-256 matches the hash chain"),
-                ),
+                Ok(c) if c.header.id == *id && c.header.exits == *exits => {
+                    push(true, format!("checkpoint {id} (exit {exits}): SHA-256 matches the hash chain"))
+                }
                 Ok(_) => {
                     damaged = true;
-                    push(
-                        false,
-                        format!("checkpoint {id}: does not match its log entry (damaged)"),
-                    );
+                    push(false, format!("checkpoint {id}: does not match its log entry (damaged)"));
                 }
                 Err(e) => {
                     damaged = true;
                     push(false, format!("checkpoint {id}: {e}"));
                 }
             }
-            manifest.push((
-                format!("checkpoints/{id:06}.ckpt"),
-                file_sha(&p).unwrap_or_default(),
-            ));
+            manifest.push((format!("checkpoints/{id:06}.ckpt"), file_sha(&p).unwrap_or_default()));
         }
     }
 
     let console = std::fs::read(dir.join(super::CONSOLE)).unwrap_or_default();
-    if let Some(Event::End {
-        output_len,
-        output_sha256,
-        reason,
-        exits,
-        ..
-    }) = log.events.last()
-    {
+    if let Some(Event::End { output_len, output_sha256, reason, exits, .. }) = log.events.last() {
         let sha = hex::encode(Sha256::digest(&console));
         if sha == *output_sha256 && console.len() as u64 == *output_len {
             push(true, format!("console.log: {output_len} bytes, matches the End event; ended {reason:?} at exit {exits}"));
         } else {
             damaged = true;
-            push(
-                false,
-                "console.log: does not match the End event's digest (edited or truncated)".into(),
-            );
+            push(false, "console.log: does not match the End event's digest (edited or truncated)".into());
         }
     }
-    manifest.push((
-        "console.log".to_string(),
-        hex::encode(Sha256::digest(&console)),
-    ));
+    manifest.push(("console.log".to_string(), hex::encode(Sha256::digest(&console))));
 
     let mut h = Sha256::new();
     for (name, sha) in &manifest {

@@ -21,11 +21,10 @@ pub enum BootError {
 }
 
 fn write(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), BootError> {
-    mem.write_slice(bytes, GuestAddress(addr))
-        .map_err(|e| BootError::Memory {
-            addr,
-            msg: e.to_string(),
-        })
+    mem.write_slice(bytes, GuestAddress(addr)).map_err(|e| BootError::Memory {
+        addr,
+        msg: e.to_string(),
+    })
 }
 
 /// Boot-info block as the guest sees it (docs/platform.md).
@@ -114,8 +113,8 @@ pub fn load(
 
     let mut tss = vec![0u8; TSS_SIZE as usize];
     tss[4..12].copy_from_slice(&BOOT_STACK_TOP.to_le_bytes()); // rsp0
-                                                               // I/O bitmap right after the TSS: all zero = every port below
-                                                               // IO_BITMAP_PORTS is allowed in ring 3 even when IOPL is 0.
+    // I/O bitmap right after the TSS: all zero = every port below
+    // IO_BITMAP_PORTS is allowed in ring 3 even when IOPL is 0.
     tss[102..104].copy_from_slice(&104u16.to_le_bytes());
     tss[TSS_SIZE as usize - 1] = 0xFF;
     write(mem, TSS_ADDR, &tss)?;
@@ -125,11 +124,7 @@ pub fn load(
     let gbs = pages_2m.div_ceil(512);
     write(mem, PML4_ADDR, &(PDPT_ADDR | 0x7).to_le_bytes())?;
     for g in 0..gbs {
-        write(
-            mem,
-            PDPT_ADDR + g * 8,
-            &((PD_ADDR + g * 0x1000) | 0x7).to_le_bytes(),
-        )?;
+        write(mem, PDPT_ADDR + g * 8, &((PD_ADDR + g * 0x1000) | 0x7).to_le_bytes())?;
     }
     let mut pd = Vec::with_capacity(pages_2m as usize * 8);
     for p in 0..pages_2m {

@@ -15,9 +15,7 @@ use super::vcpu::Kicker;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Async {
     /// The timer fires; `now_ns` is the guest clock it fires at.
-    Timer {
-        now_ns: u64,
-    },
+    Timer { now_ns: u64 },
     SerialInput(Vec<u8>),
 }
 
@@ -56,11 +54,7 @@ pub struct PollCtx {
 impl PollCtx {
     /// The execution point of this poll, if it is an exact boundary.
     pub fn point(&self) -> Option<crate::clock::ExecPoint> {
-        self.rip.map(|rip| crate::clock::ExecPoint {
-            exits: self.exits,
-            branches: self.branches,
-            rip,
-        })
+        self.rip.map(|rip| crate::clock::ExecPoint { exits: self.exits, branches: self.branches, rip })
     }
 }
 
@@ -95,12 +89,7 @@ pub trait Host {
     fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError>;
     /// `events` (from poll or wait) were delivered at `at`, where the
     /// registers had fingerprint `fp`. The recorder logs; the replayer checks.
-    fn delivered(
-        &mut self,
-        _at: &crate::clock::ExecPoint,
-        _fp: u64,
-        _events: &[Async],
-    ) -> Result<(), HostError> {
+    fn delivered(&mut self, _at: &crate::clock::ExecPoint, _fp: u64, _events: &[Async]) -> Result<(), HostError> {
         Ok(())
     }
     /// Whether the run loop should single-step from here (step clock) and
@@ -125,10 +114,7 @@ pub trait Host {
 pub enum Console {
     Stdout,
     /// Captured in memory (tests, tools); optionally echoed to stdout too.
-    Capture {
-        buf: Arc<Mutex<Vec<u8>>>,
-        echo: bool,
-    },
+    Capture { buf: Arc<Mutex<Vec<u8>>>, echo: bool },
 }
 
 enum Input {
@@ -204,11 +190,7 @@ impl LiveHost {
             .expect("spawn input thread");
 
         let timer = Arc::new((
-            Mutex::new(TimerShared {
-                deadline: None,
-                kicker: None,
-                quit: false,
-            }),
+            Mutex::new(TimerShared { deadline: None, kicker: None, quit: false }),
             Condvar::new(),
         ));
         let t = timer.clone();

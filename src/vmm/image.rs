@@ -8,10 +8,7 @@ use super::layout::IMAGE_MIN_ADDR;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error("cannot read image {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("not an ELF file (bad magic): {0}")]
     NotElf(String),
     #[error("unsupported ELF image: {0}")]
@@ -79,9 +76,7 @@ impl Image {
             ));
         }
         if b[5] != 1 {
-            return Err(ImageError::Unsupported(
-                "ELF data is not little-endian".into(),
-            ));
+            return Err(ImageError::Unsupported("ELF data is not little-endian".into()));
         }
         let e_type = u16_at(b, 16).unwrap_or(0);
         let e_machine = u16_at(b, 18).unwrap_or(0);
@@ -166,10 +161,7 @@ impl Image {
                 )));
             }
         }
-        if !segments
-            .iter()
-            .any(|s| entry >= s.paddr && entry < s.paddr + s.memsz)
-        {
+        if !segments.iter().any(|s| entry >= s.paddr && entry < s.paddr + s.memsz) {
             return Err(ImageError::Corrupt(format!(
                 "entry point {entry:#x} is not inside any loaded segment"
             )));
@@ -200,12 +192,7 @@ impl Image {
 
     /// First page-aligned address after the highest segment.
     pub fn end(&self) -> u64 {
-        let end = self
-            .segments
-            .iter()
-            .map(|s| s.paddr + s.memsz)
-            .max()
-            .unwrap_or(0);
+        let end = self.segments.iter().map(|s| s.paddr + s.memsz).max().unwrap_or(0);
         (end + 0xFFF) & !0xFFF
     }
 }
@@ -267,10 +254,7 @@ mod tests {
         let mut elf32 = good.clone();
         elf32[4] = 1;
         assert!(err(&elf32).contains("ELF64"));
-        let overlap = elf(
-            0x100000,
-            &[(0x100000, 0x2000, &[0]), (0x101000, 0x1000, &[0])],
-        );
+        let overlap = elf(0x100000, &[(0x100000, 0x2000, &[0]), (0x101000, 0x1000, &[0])]);
         assert!(err(&overlap).contains("overlap"));
         let bad_entry = elf(0x500000, &[(0x100000, 0x1000, &[0])]);
         assert!(err(&bad_entry).contains("entry point"));
@@ -279,16 +263,8 @@ mod tests {
     #[test]
     fn rejects_images_that_do_not_fit() {
         let low = Image::parse(&elf(0x1000, &[(0x1000, 0x1000, &[0])])).unwrap();
-        assert!(low
-            .check_fits(64 << 20)
-            .unwrap_err()
-            .to_string()
-            .contains("reserved"));
+        assert!(low.check_fits(64 << 20).unwrap_err().to_string().contains("reserved"));
         let big = Image::parse(&elf(0x100000, &[(0x100000, 128 << 20, &[0])])).unwrap();
-        assert!(big
-            .check_fits(64 << 20)
-            .unwrap_err()
-            .to_string()
-            .contains("--mem"));
+        assert!(big.check_fits(64 << 20).unwrap_err().to_string().contains("--mem"));
     }
 }

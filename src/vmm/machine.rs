@@ -31,11 +31,7 @@ pub struct VmConfig {
 
 impl Default for VmConfig {
     fn default() -> Self {
-        VmConfig {
-            mem_size: 64 * MIB,
-            cmdline: String::new(),
-            disk: None,
-        }
+        VmConfig { mem_size: 64 * MIB, cmdline: String::new(), disk: None }
     }
 }
 
@@ -44,10 +40,7 @@ pub enum MachineError {
     #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it? try `revirt doctor`)")]
     NoKvm(kvm_ioctls::Error),
     #[error("KVM setup failed ({op}): {source}")]
-    Setup {
-        op: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Setup { op: &'static str, source: kvm_ioctls::Error },
     #[error("guest memory size of {0} bytes is not usable: it must be a multiple of 2 MiB from {min} to {max} MiB", min = MIN_MEM >> 20, max = MAX_MEM >> 20)]
     MemSize(u64),
     #[error("guest memory: {0}")]
@@ -90,39 +83,15 @@ pub struct GuestPanic {
 impl std::fmt::Display for GuestPanic {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         const NAMES: [&str; 21] = [
-            "#DE divide error",
-            "#DB debug",
-            "NMI",
-            "#BP breakpoint",
-            "#OF overflow",
-            "#BR bound range",
-            "#UD invalid opcode",
-            "#NM device not available",
-            "#DF double fault",
-            "coprocessor overrun",
-            "#TS invalid TSS",
-            "#NP segment not present",
-            "#SS stack fault",
-            "#GP general protection",
-            "#PF page fault",
-            "reserved",
-            "#MF x87 error",
-            "#AC alignment check",
-            "#MC machine check",
-            "#XM SIMD error",
-            "#VE virtualization",
+            "#DE divide error", "#DB debug", "NMI", "#BP breakpoint", "#OF overflow",
+            "#BR bound range", "#UD invalid opcode", "#NM device not available",
+            "#DF double fault", "coprocessor overrun", "#TS invalid TSS",
+            "#NP segment not present", "#SS stack fault", "#GP general protection",
+            "#PF page fault", "reserved", "#MF x87 error", "#AC alignment check",
+            "#MC machine check", "#XM SIMD error", "#VE virtualization",
         ];
-        let name = NAMES
-            .get(self.vector as usize)
-            .copied()
-            .unwrap_or("exception");
-        write!(
-            f,
-            "guest exception {name} (vector {}) at rip {:#x} in ring {}",
-            self.vector,
-            self.rip,
-            self.cs & 3
-        )?;
+        let name = NAMES.get(self.vector as usize).copied().unwrap_or("exception");
+        write!(f, "guest exception {name} (vector {}) at rip {:#x} in ring {}", self.vector, self.rip, self.cs & 3)?;
         if let Some(e) = self.error_code {
             write!(f, ", error code {e:#x}")?;
         }
@@ -185,10 +154,7 @@ impl DirtyLog {
         let bitmap = self
             .vm
             .get_dirty_log(0, self.mem_size as usize)
-            .map_err(|source| MachineError::Setup {
-                op: "KVM_GET_DIRTY_LOG",
-                source,
-            })?;
+            .map_err(|source| MachineError::Setup { op: "KVM_GET_DIRTY_LOG", source })?;
         for (i, word) in bitmap.iter().enumerate() {
             let mut w = *word;
             while w != 0 {
@@ -228,10 +194,7 @@ impl DirtyLog {
     pub fn checkpoint_pending(&self) -> Result<(Vec<u64>, Vec<u64>), MachineError> {
         let mut s = self.sets.lock().unwrap();
         self.sync(&mut s)?;
-        Ok((
-            s.ckpt_pages.iter().copied().collect(),
-            s.ckpt_sectors.iter().copied().collect(),
-        ))
+        Ok((s.ckpt_pages.iter().copied().collect(), s.ckpt_sectors.iter().copied().collect()))
     }
 
     /// Adds changes made elsewhere (the source of a migration) to the next checkpoint.
@@ -254,20 +217,14 @@ impl DirtyLog {
         let mut s = self.sets.lock().unwrap();
         self.sync(&mut s)?;
         let (p, d) = s.migration.get_or_insert_with(Default::default);
-        Ok((
-            std::mem::take(p).into_iter().collect(),
-            std::mem::take(d).into_iter().collect(),
-        ))
+        Ok((std::mem::take(p).into_iter().collect(), std::mem::take(d).into_iter().collect()))
     }
 
     /// How many pages and sectors the next [`DirtyLog::take_tracked`] would return.
     pub fn peek_tracked(&self) -> Result<(u64, u64), MachineError> {
         let mut s = self.sets.lock().unwrap();
         self.sync(&mut s)?;
-        Ok(s.migration
-            .as_ref()
-            .map(|(p, d)| (p.len() as u64, d.len() as u64))
-            .unwrap_or((0, 0)))
+        Ok(s.migration.as_ref().map(|(p, d)| (p.len() as u64, d.len() as u64)).unwrap_or((0, 0)))
     }
 
     pub fn stop_tracking(&self) {
@@ -322,16 +279,13 @@ impl Machine {
     /// Builds an empty VM (memory, vCPU, devices) without loading anything:
     /// fill its memory, then [`Machine::load_state`].
     pub fn create(config: &VmConfig) -> Result<Machine, MachineError> {
-        if !(MIN_MEM..=MAX_MEM).contains(&config.mem_size)
-            || !config.mem_size.is_multiple_of(2 * MIB)
-        {
+        if !(MIN_MEM..=MAX_MEM).contains(&config.mem_size) || !config.mem_size.is_multiple_of(2 * MIB) {
             return Err(MachineError::MemSize(config.mem_size));
         }
         let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
         let vm = setup("KVM_CREATE_VM", kvm.create_vm())?;
-        let mem =
-            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.mem_size as usize)])
-                .map_err(|e| MachineError::Memory(e.to_string()))?;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.mem_size as usize)])
+            .map_err(|e| MachineError::Memory(e.to_string()))?;
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -342,19 +296,13 @@ impl Machine {
             };
             // SAFETY: the region is a live mmap owned by `mem`, which the
             // Machine keeps for as long as the VM fd (dropped together).
-            setup("KVM_SET_USER_MEMORY_REGION", unsafe {
-                vm.set_user_memory_region(r)
-            })?;
+            setup("KVM_SET_USER_MEMORY_REGION", unsafe { vm.set_user_memory_region(r) })?;
         }
         let fd = setup("KVM_CREATE_VCPU", vm.create_vcpu(0))?;
         let vcpu = Vcpu::new(&kvm, fd)?;
         let block = Block::new(config.disk.as_deref())?;
         let vm = Arc::new(vm);
-        let dirty = Arc::new(DirtyLog {
-            vm: vm.clone(),
-            mem_size: config.mem_size,
-            sets: Mutex::default(),
-        });
+        let dirty = Arc::new(DirtyLog { vm: vm.clone(), mem_size: config.mem_size, sets: Mutex::default() });
         Ok(Machine {
             config: config.clone(),
             _kvm: kvm,
@@ -384,13 +332,7 @@ impl Machine {
     pub fn boot(config: &VmConfig, image: &Image) -> Result<Machine, MachineError> {
         image.check_fits(config.mem_size).map_err(BootError::from)?;
         let m = Machine::create(config)?;
-        boot::load(
-            &m.mem,
-            config.mem_size,
-            image,
-            &config.cmdline,
-            m.devices.block.capacity() > 0 || config.disk.is_some(),
-        )?;
+        boot::load(&m.mem, config.mem_size, image, &config.cmdline, m.devices.block.capacity() > 0 || config.disk.is_some())?;
         let sregs = boot::entry_sregs(m.vcpu.sregs()?);
         m.vcpu.set_sregs(&sregs)?;
         m.vcpu.set_regs(&boot::entry_regs(image.entry))?;
@@ -407,8 +349,7 @@ impl Machine {
             )));
         }
         Machine::restore_with(state, |mem| {
-            mem.write_slice(memory, GuestAddress(0))
-                .map_err(|e| MachineError::Memory(e.to_string()))
+            mem.write_slice(memory, GuestAddress(0)).map_err(|e| MachineError::Memory(e.to_string()))
         })
     }
 
@@ -436,8 +377,7 @@ impl Machine {
         self.vcpu.restore(&state.vcpu)?;
         // The disk is this machine's own (a migration may have put it elsewhere).
         let block = Block::new(self.config.disk.as_deref())?;
-        self.devices = Devices::from_state(&state.devices, block)
-            .map_err(|e| MachineError::State(e.to_string()))?;
+        self.devices = Devices::from_state(&state.devices, block).map_err(|e| MachineError::State(e.to_string()))?;
         self.exits = state.exits;
         self.branches = state.branches;
         self.waiting = state.waiting;
@@ -516,10 +456,7 @@ impl Machine {
     /// Installs (or removes) the PMU clock's branch counter. It counts from
     /// here on, the current count carrying on from `branches`. A real
     /// counter belongs to the thread it was opened on: run the machine there.
-    pub fn set_counter(
-        &mut self,
-        counter: Option<Box<dyn BranchCounter + Send>>,
-    ) -> Result<(), MachineError> {
+    pub fn set_counter(&mut self, counter: Option<Box<dyn BranchCounter + Send>>) -> Result<(), MachineError> {
         self.counter = match counter {
             Some(c) => Some(RunCounter::new(c, self.branches)?),
             None => None,
@@ -547,9 +484,7 @@ impl Machine {
 
     /// The overflow owed to a guest-caused exit's poll.
     fn exit_overflow(&mut self) -> bool {
-        self.counter
-            .as_mut()
-            .is_some_and(RunCounter::take_exit_overflow)
+        self.counter.as_mut().is_some_and(RunCounter::take_exit_overflow)
     }
 
     /// Programs (or clears) the hardware breakpoint at `rip`.
@@ -563,10 +498,7 @@ impl Machine {
             dbg.arch.debugreg[0] = r;
             dbg.arch.debugreg[7] = 0x1; // L0, execute, 1 byte
         }
-        self.vcpu
-            .fd
-            .set_guest_debug(&dbg)
-            .map_err(StepError::GuestDebug)?;
+        self.vcpu.fd.set_guest_debug(&dbg).map_err(StepError::GuestDebug)?;
         self.hw_bp = rip;
         Ok(())
     }
@@ -582,21 +514,13 @@ impl Machine {
 
     /// The current execution point (reads RIP).
     pub fn exec_point(&self) -> Result<ExecPoint, MachineError> {
-        Ok(ExecPoint {
-            exits: self.exits,
-            branches: self.branches,
-            rip: self.vcpu.regs()?.rip,
-        })
+        Ok(ExecPoint { exits: self.exits, branches: self.branches, rip: self.vcpu.regs()?.rip })
     }
 
     fn deliver(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
         if !self.asyncs.is_empty() {
             let regs = self.vcpu.regs()?;
-            let at = ExecPoint {
-                exits: self.exits,
-                branches: self.branches,
-                rip: regs.rip,
-            };
+            let at = ExecPoint { exits: self.exits, branches: self.branches, rip: regs.rip };
             host.delivered(&at, fingerprint(&regs), &self.asyncs)?;
         }
         for a in self.asyncs.drain(..) {
@@ -633,10 +557,7 @@ impl Machine {
             .vcpu
             .fd
             .get_vcpu_events()
-            .map_err(|source| VcpuError::Kvm {
-                op: "KVM_GET_VCPU_EVENTS",
-                source,
-            })?;
+            .map_err(|source| VcpuError::Kvm { op: "KVM_GET_VCPU_EVENTS", source })?;
         let can_take = regs.rflags & 0x200 != 0
             && ev.interrupt.shadow == 0
             && ev.interrupt.injected == 0
@@ -689,10 +610,7 @@ impl Machine {
         let mut frame = [0u64; 6];
         let has_code = r.rsi & 1 == 1;
         for (i, slot) in frame.iter_mut().enumerate() {
-            *slot = self
-                .mem
-                .read_obj(GuestAddress(r.rdi + 8 * i as u64))
-                .unwrap_or(0);
+            *slot = self.mem.read_obj(GuestAddress(r.rdi + 8 * i as u64)).unwrap_or(0);
         }
         let f = if has_code { &frame[1..] } else { &frame[..5] };
         Ok(GuestPanic {
@@ -707,11 +625,7 @@ impl Machine {
 
     /// Runs until the guest powers off or panics, or until `exit_limit`
     /// guest-caused exits have happened (then returns `Stop::Paused`).
-    pub fn run(
-        &mut self,
-        host: &mut dyn Host,
-        exit_limit: Option<u64>,
-    ) -> Result<Stop, MachineError> {
+    pub fn run(&mut self, host: &mut dyn Host, exit_limit: Option<u64>) -> Result<Stop, MachineError> {
         let _guard = KickGuard::register(&mut self.vcpu.fd);
         host.attach(Kicker::current());
         let r = self.run_loop(host, exit_limit);
@@ -727,11 +641,7 @@ impl Machine {
         r
     }
 
-    fn run_loop(
-        &mut self,
-        host: &mut dyn Host,
-        exit_limit: Option<u64>,
-    ) -> Result<Stop, MachineError> {
+    fn run_loop(&mut self, host: &mut dyn Host, exit_limit: Option<u64>) -> Result<Stop, MachineError> {
         loop {
             if matches!(exit_limit, Some(l) if self.exits >= l) || self.pause_requested {
                 self.pause_requested = false;
@@ -782,15 +692,7 @@ impl Machine {
             let stepping = self.stepper.is_armed();
             let hw_bp = self.hw_bp;
             let exits_before = self.exits;
-            let Machine {
-                vcpu,
-                devices,
-                mem,
-                exits,
-                io_pending,
-                branches,
-                ..
-            } = self;
+            let Machine { vcpu, devices, mem, exits, io_pending, branches, .. } = self;
             let mut guest_caused = true;
             let mut eintr = false;
             let mut action = Action::None;
@@ -835,39 +737,22 @@ impl Machine {
                     eintr = true;
                 }
                 Ok(VcpuExit::Shutdown) => action = Action::TripleFault,
-                Ok(VcpuExit::InternalError) => {
-                    action =
-                        Action::Emulation("internal error (instruction emulation failed)".into())
-                }
-                Ok(VcpuExit::FailEntry(reason, _)) => {
-                    action =
-                        Action::Emulation(format!("VM entry failed, hardware reason {reason:#x}"))
-                }
+                Ok(VcpuExit::InternalError) => action = Action::Emulation("internal error (instruction emulation failed)".into()),
+                Ok(VcpuExit::FailEntry(reason, _)) => action = Action::Emulation(format!("VM entry failed, hardware reason {reason:#x}")),
                 Ok(other) => action = Action::Unexpected(format!("{other:?}")),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     vcpu.fd.set_kvm_immediate_exit(0);
                     guest_caused = false;
                     eintr = true;
                 }
-                Err(e) => {
-                    return Err(VcpuError::Kvm {
-                        op: "KVM_RUN",
-                        source: e,
-                    }
-                    .into())
-                }
+                Err(e) => return Err(VcpuError::Kvm { op: "KVM_RUN", source: e }.into()),
             }
-            if !self.devices.block.dma_pages.is_empty()
-                || !self.devices.block.written_sectors.is_empty()
-            {
+            if !self.devices.block.dma_pages.is_empty() || !self.devices.block.written_sectors.is_empty() {
                 let pages = std::mem::take(&mut self.devices.block.dma_pages);
                 let sectors = std::mem::take(&mut self.devices.block.written_sectors);
                 self.dirty.note(&pages, &sectors);
             }
-            if guest_caused
-                && !matches!(action, Action::Step(_) | Action::Breakpoint)
-                && self.exits != exits_before
-            {
+            if guest_caused && !matches!(action, Action::Step(_) | Action::Breakpoint) && self.exits != exits_before {
                 self.counter_at_exit()?;
             }
             let out = self.devices.serial.drain_output();
@@ -926,18 +811,9 @@ impl Machine {
                 Action::TripleFault => return Err(MachineError::TripleFault { rip: self.rip() }),
                 Action::Emulation(what) => {
                     let cpl = self.vcpu.sregs().map(|s| s.cs.selector & 3).unwrap_or(0);
-                    return Err(MachineError::Emulation {
-                        rip: self.rip(),
-                        cpl,
-                        what,
-                    });
+                    return Err(MachineError::Emulation { rip: self.rip(), cpl, what });
                 }
-                Action::Unexpected(what) => {
-                    return Err(MachineError::UnexpectedExit {
-                        what,
-                        rip: self.rip(),
-                    })
-                }
+                Action::Unexpected(what) => return Err(MachineError::UnexpectedExit { what, rip: self.rip() }),
             }
             let counter_stop = match self.counter.as_mut() {
                 Some(c) if eintr => c.at_eintr(stepping)?,
@@ -1017,12 +893,7 @@ impl Machine {
             if !(self.host_precise || stop != CounterStop::None || exit_poll || at_bp) {
                 return Ok(());
             }
-            if stop != CounterStop::None
-                && self
-                    .counter
-                    .as_ref()
-                    .is_some_and(RunCounter::breakpoints_ok)
-            {
+            if stop != CounterStop::None && self.counter.as_ref().is_some_and(RunCounter::breakpoints_ok) {
                 // A hardware counter stepping (off a breakpoint): its count
                 // is the truth. (The simulated one counts these very steps.)
                 if let Some(c) = self.counter.as_mut() {
@@ -1054,31 +925,9 @@ impl Machine {
         let s = self.vcpu.sregs()?;
         let mut h = Sha256::new();
         for w in [
-            r.rax,
-            r.rbx,
-            r.rcx,
-            r.rdx,
-            r.rsi,
-            r.rdi,
-            r.rsp,
-            r.rbp,
-            r.r8,
-            r.r9,
-            r.r10,
-            r.r11,
-            r.r12,
-            r.r13,
-            r.r14,
-            r.r15,
-            r.rip,
-            r.rflags,
-            s.cr0,
-            s.cr2,
-            s.cr3,
-            s.cr4,
-            s.efer,
-            s.cs.selector as u64,
-            s.ss.selector as u64,
+            r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rsp, r.rbp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip, r.rflags, s.cr0, s.cr2, s.cr3, s.cr4, s.efer,
+            s.cs.selector as u64, s.ss.selector as u64,
         ] {
             h.update(w.to_le_bytes());
         }
@@ -1088,9 +937,11 @@ impl Machine {
         let mut at = 0;
         while at < cap {
             let n = (cap - at).min(2048);
-            let chunk = self.devices.block.read_sectors(at, n).map_err(|e| {
-                MachineError::State(format!("reading the disk for the state hash: {e}"))
-            })?;
+            let chunk = self
+                .devices
+                .block
+                .read_sectors(at, n)
+                .map_err(|e| MachineError::State(format!("reading the disk for the state hash: {e}")))?;
             h.update(chunk);
             at += n;
         }

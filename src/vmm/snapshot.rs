@@ -15,10 +15,7 @@ const VERSION: u32 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     #[error("snapshot {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("snapshot {0}: not a revirt snapshot (bad magic)")]
     Magic(String),
     #[error("snapshot {path}: format version {found}, this revirt reads version {VERSION}")]
@@ -37,10 +34,7 @@ pub struct Snapshot {
 impl Snapshot {
     pub fn write(&self, path: &Path) -> Result<(), SnapshotError> {
         let p = path.display().to_string();
-        let io = |source| SnapshotError::Io {
-            path: p.clone(),
-            source,
-        };
+        let io = |source| SnapshotError::Io { path: p.clone(), source };
         let state = serde_json::to_vec(&self.state).map_err(|e| SnapshotError::Decode {
             path: p.clone(),
             msg: e.to_string(),
@@ -66,10 +60,7 @@ impl Snapshot {
 
     pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
         let p = path.display().to_string();
-        let b = std::fs::read(path).map_err(|source| SnapshotError::Io {
-            path: p.clone(),
-            source,
-        })?;
+        let b = std::fs::read(path).map_err(|source| SnapshotError::Io { path: p.clone(), source })?;
         if b.len() < 8 || &b[..8] != MAGIC {
             return Err(SnapshotError::Magic(p));
         }
@@ -78,27 +69,16 @@ impl Snapshot {
         }
         let version = u32::from_le_bytes(b[8..12].try_into().unwrap());
         if version != VERSION {
-            return Err(SnapshotError::Version {
-                path: p,
-                found: version,
-            });
+            return Err(SnapshotError::Version { path: p, found: version });
         }
         let (body, crc) = b.split_at(b.len() - 4);
         if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
             return Err(SnapshotError::Damaged(p));
         }
-        let decode = |msg: String| SnapshotError::Decode {
-            path: p.clone(),
-            msg,
-        };
+        let decode = |msg: String| SnapshotError::Decode { path: p.clone(), msg };
         let mut at = 12usize;
         let mut take = |n: usize| -> Result<&[u8], SnapshotError> {
-            let s = body
-                .get(
-                    at..at
-                        .checked_add(n)
-                        .ok_or_else(|| decode("length overflow".into()))?,
-                )
+            let s = body.get(at..at.checked_add(n).ok_or_else(|| decode("length overflow".into()))?)
                 .ok_or_else(|| decode("section runs past the end".into()))?;
             at += n;
             Ok(s)

@@ -15,10 +15,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     #[error("KVM ioctl {op} failed: {source}")]
-    Kvm {
-        op: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { op: &'static str, source: kvm_ioctls::Error },
     #[error("KVM_SET_MSRS wrote {written} of {wanted} MSRs")]
     PartialMsrs { written: usize, wanted: usize },
 }
@@ -76,11 +73,7 @@ impl Vcpu {
     pub fn new(kvm: &Kvm, fd: VcpuFd) -> Result<Vcpu, VcpuError> {
         let supported = ck("KVM_GET_MSR_INDEX_LIST", kvm.get_msr_index_list())?;
         let supported = supported.as_slice();
-        let msr_list = SAVED_MSRS
-            .iter()
-            .copied()
-            .filter(|m| supported.contains(m))
-            .collect();
+        let msr_list = SAVED_MSRS.iter().copied().filter(|m| supported.contains(m)).collect();
         let cpuid = ck(
             "KVM_GET_SUPPORTED_CPUID",
             kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES),
@@ -115,28 +108,13 @@ impl Vcpu {
         let entries: Vec<kvm_msr_entry> = self
             .msr_list
             .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
+            .map(|&index| kvm_msr_entry { index, ..Default::default() })
             .collect();
         let mut msrs = Msrs::from_entries(&entries).expect("MSR list is small");
         let n = ck("KVM_GET_MSRS", self.fd.get_msrs(&mut msrs))?;
-        let msrs = msrs.as_slice()[..n]
-            .iter()
-            .map(|e| (e.index, e.data))
-            .collect();
+        let msrs = msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect();
         let events = ck("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events())?;
-        Ok(VcpuState {
-            mp_state,
-            regs,
-            sregs,
-            xsave,
-            xcrs,
-            debugregs,
-            msrs,
-            events,
-        })
+        Ok(VcpuState { mp_state, regs, sregs, xsave, xcrs, debugregs, msrs, events })
     }
 
     pub fn restore(&self, s: &VcpuState) -> Result<(), VcpuError> {
@@ -151,19 +129,12 @@ impl Vcpu {
         let entries: Vec<kvm_msr_entry> = s
             .msrs
             .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
+            .map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() })
             .collect();
         let msrs = Msrs::from_entries(&entries).expect("MSR list is small");
         let n = ck("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
         if n != entries.len() {
-            return Err(VcpuError::PartialMsrs {
-                written: n,
-                wanted: entries.len(),
-            });
+            return Err(VcpuError::PartialMsrs { written: n, wanted: entries.len() });
         }
         ck("KVM_SET_VCPU_EVENTS", self.fd.set_vcpu_events(&s.events))?;
         Ok(())
@@ -239,9 +210,7 @@ impl Kicker {
     /// A kicker for the calling thread.
     pub fn current() -> Kicker {
         // SAFETY: pthread_self has no preconditions.
-        Kicker {
-            thread: unsafe { libc::pthread_self() },
-        }
+        Kicker { thread: unsafe { libc::pthread_self() } }
     }
     pub fn kick(&self) {
         // SAFETY: the thread id came from pthread_self of a thread that joins
@@ -251,12 +220,7 @@ impl Kicker {
 }
 
 // kvm-ioctls has no wrapper for KVM_INTERRUPT (it assumes an in-kernel irqchip).
-vmm_sys_util::ioctl_iow_nr!(
-    KVM_INTERRUPT,
-    kvm_bindings::KVMIO,
-    0x86,
-    kvm_bindings::kvm_interrupt
-);
+vmm_sys_util::ioctl_iow_nr!(KVM_INTERRUPT, kvm_bindings::KVMIO, 0x86, kvm_bindings::kvm_interrupt);
 
 impl Vcpu {
     /// Queues external interrupt `vector` for delivery at the next KVM_RUN.
@@ -265,7 +229,9 @@ impl Vcpu {
         let irq = kvm_bindings::kvm_interrupt { irq: vector as u32 };
         // SAFETY: KVM_INTERRUPT reads one kvm_interrupt from the pointer, which
         // is valid for the duration of the call; the fd is a vCPU fd.
-        let ret = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq) };
+        let ret = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ref(&self.fd, KVM_INTERRUPT(), &irq)
+        };
         if ret < 0 {
             return Err(VcpuError::Kvm {
                 op: "KVM_INTERRUPT",

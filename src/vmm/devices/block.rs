@@ -23,10 +23,7 @@ pub const STATUS_BAD_CMD: u32 = 5;
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     #[error("disk image {path}: {source}")]
-    Open {
-        path: String,
-        source: std::io::Error,
-    },
+    Open { path: String, source: std::io::Error },
     #[error("disk image {path} is {size} bytes, not a multiple of 512-byte sectors")]
     Size { path: String, size: u64 },
 }
@@ -61,21 +58,11 @@ impl Block {
             dma_pages: BTreeSet::new(),
         };
         if let Some(p) = path {
-            let err = |source| DiskError::Open {
-                path: p.display().to_string(),
-                source,
-            };
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(p)
-                .map_err(err)?;
+            let err = |source| DiskError::Open { path: p.display().to_string(), source };
+            let f = OpenOptions::new().read(true).write(true).open(p).map_err(err)?;
             let size = f.metadata().map_err(err)?.len();
             if size % SECTOR != 0 {
-                return Err(DiskError::Size {
-                    path: p.display().to_string(),
-                    size,
-                });
+                return Err(DiskError::Size { path: p.display().to_string(), size });
             }
             b.sectors = size / SECTOR;
             b.disk = Some((f, p.to_path_buf()));
@@ -130,9 +117,7 @@ impl Block {
     }
 
     fn command(&mut self, cmd: u32, mem: &GuestMemoryMmap) -> u32 {
-        let Some((file, _)) = &self.disk else {
-            return STATUS_NO_DISK;
-        };
+        let Some((file, _)) = &self.disk else { return STATUS_NO_DISK };
         let (lba, count) = (self.regs.lba as u64, self.regs.count as u64);
         if lba + count > self.sectors {
             return STATUS_RANGE;

@@ -55,10 +55,7 @@ impl Devices {
         }
     }
 
-    pub fn from_state(
-        s: &DeviceState,
-        mut block: Block,
-    ) -> Result<Devices, serial::SerialStateError> {
+    pub fn from_state(s: &DeviceState, mut block: Block) -> Result<Devices, serial::SerialStateError> {
         block.regs = s.block;
         Ok(Devices {
             serial: Serial::from_state(&s.serial)?,

@@ -15,11 +15,7 @@ pub struct Pic {
 
 impl Default for Pic {
     fn default() -> Self {
-        Pic {
-            pending: 0,
-            mask: 0xFFFF,
-            in_service: None,
-        }
+        Pic { pending: 0, mask: 0xFFFF, in_service: None }
     }
 }
 

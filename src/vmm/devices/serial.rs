@@ -102,10 +102,7 @@ pub struct Serial {
 impl Default for Serial {
     fn default() -> Self {
         let irq = IrqFlag::default();
-        Serial {
-            uart: Uart::new(irq.clone(), OutBuf::default()),
-            irq,
-        }
+        Serial { uart: Uart::new(irq.clone(), OutBuf::default()), irq }
     }
 }
 
