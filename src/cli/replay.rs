@@ -58,7 +58,7 @@ pub struct Args {
 /// Exit statuses: 0 replay matched, 1 diverged or mismatched, 2 the recording is incomplete.
 pub fn main(a: Args) -> anyhow::Result<u8> {
     let rec = Arc::new(Recording::open(&a.recording)?);
-    if let LogStatus::Incomplete { reason } = &rec.status {
+    if let LogStatus::Incomplete { reason, .. } = &rec.status {
         eprintln!("revirt: warning: recording is incomplete: {reason}; replaying what it holds ({} events)", rec.events.len());
     }
     let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));

@@ -268,7 +268,7 @@ fn write_checkpoint(
     next_event: u64,
     output_len: u64,
     clock_ns: u64,
-) -> Result<u64, RecordError> {
+) -> Result<trace::checkpoint::Written, RecordError> {
     let (pages, sectors) = m.take_dirty()?;
     let pages = if id == 0 { vec![(0, m.config.mem_size / PAGE)] } else { runs(pages) };
     let sectors = if id == 0 { vec![] } else { runs(sectors) };
@@ -294,6 +294,14 @@ fn write_checkpoint(
         data,
     };
     Ok(ck.write(&trace::checkpoint_path(dir, id))?)
+}
+
+impl RecordHost {
+    /// Binds a checkpoint file that has landed into the log's hash chain.
+    fn bind_checkpoint(&mut self, id: u32, exits: u64, w: trace::checkpoint::Written) -> u64 {
+        self.log(Event::CheckpointFile { id, exits, sha256: w.sha256 });
+        w.bytes
+    }
 }
 
 /// Creates the recording directory and writes everything known before the
@@ -395,7 +403,8 @@ fn session(
     };
     let regs = m.vcpu.regs().map_err(MachineError::from)?;
     s.host.log(Event::Checkpoint { id: 0, exits: m.exits, fp: fingerprint(&regs) });
-    s.checkpoint_bytes = write_checkpoint(dir, &mut m, 0, s.host.events, 0, clock_ns)?;
+    let w = write_checkpoint(dir, &mut m, 0, s.host.events, 0, clock_ns)?;
+    s.checkpoint_bytes = s.host.bind_checkpoint(0, m.exits, w);
     s.checkpoints = 1;
     s.run(m)
 }
@@ -547,8 +556,8 @@ impl Session {
                     self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
                     let now = self.host.inner.now_ns();
                     self.host.console.flush().map_err(io("writing", &console_path))?;
-                    self.checkpoint_bytes +=
-                        write_checkpoint(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
+                    let w = write_checkpoint(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
+                    self.checkpoint_bytes += self.host.bind_checkpoint(id, m.exits, w);
                     self.checkpoints += 1;
                     self.host.last_checkpoint = Instant::now();
                     self.host.log.flush()?;
