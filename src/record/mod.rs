@@ -52,6 +52,14 @@ pub struct RecordOptions {
     pub parent: Option<trace::meta::Parent>,
     /// A control socket through which `revirt migrate` may move the VM.
     pub control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    /// The counter `--clock pmu` uses (None: the hardware PMU's).
+    pub pmu_counter: Option<crate::clock::counter::CounterOpener>,
+}
+
+impl RecordOptions {
+    fn pmu_opener(&self) -> crate::clock::counter::CounterOpener {
+        self.pmu_counter.clone().unwrap_or_else(crate::clock::counter::hardware_opener)
+    }
 }
 
 #[derive(Debug)]
@@ -310,12 +318,10 @@ impl RecordHost {
 /// original when continuing from a replay).
 fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) -> Result<Meta, RecordError> {
     if opts.clock == ClockKind::Pmu {
-        // The real counter (clock::counter::RealCounter) needs a PMU; say why
-        // there is none before anything is written. The session opens its
-        // own on the thread that runs the guest.
-        if let Err(e) = crate::clock::counter::RealCounter::open() {
-            return Err(RecordError::NoPmu(e.to_string()));
-        }
+        // The counter must open and count the start-up probe guest exactly
+        // (clock::probe); say why not before anything is written. The
+        // session opens its own on the thread that runs the guest.
+        crate::clock::probe::check(&opts.pmu_opener()).map_err(|e| RecordError::NoPmu(e.to_string()))?;
     }
     let dir = &opts.out;
     if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
@@ -400,6 +406,7 @@ fn session(
         checkpoint_bytes: 0,
         start: Instant::now(),
         control: opts.control.clone(),
+        pmu_counter: opts.pmu_opener(),
     };
     let regs = m.vcpu.regs().map_err(MachineError::from)?;
     s.host.log(Event::Checkpoint { id: 0, exits: m.exits, fp: fingerprint(&regs) });
@@ -435,11 +442,11 @@ impl RecordHost {
 
 /// The PMU clocks: the run loop drives a branch counter (reset at every
 /// exit, read at every stop where the host delivers).
-fn install_counter(m: &mut Machine, clock: ClockKind) -> Result<(), RecordError> {
+fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::counter::CounterOpener) -> Result<(), RecordError> {
     match clock {
         ClockKind::Pmu => {
-            let c = crate::clock::counter::RealCounter::open().map_err(|e| RecordError::NoPmu(e.to_string()))?;
-            m.set_counter(Some(Box::new(c)))?;
+            let c = opener().map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            m.set_counter(Some(c))?;
         }
         ClockKind::PmuSim => {
             let seed = std::time::SystemTime::now()
@@ -462,6 +469,8 @@ pub struct Session {
     checkpoint_bytes: u64,
     start: Instant,
     control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    /// The counter `--clock pmu` uses.
+    pmu_counter: crate::clock::counter::CounterOpener,
 }
 
 impl Session {
@@ -502,6 +511,7 @@ impl Session {
             checkpoint_bytes: 0,
             start: Instant::now(),
             control,
+            pmu_counter: crate::clock::counter::hardware_opener(),
         })
     }
 
@@ -512,7 +522,7 @@ impl Session {
 
     /// Records until the guest stops, or until it migrates away.
     pub fn run(mut self, mut m: Machine) -> Result<RecordSummary, RecordError> {
-        install_counter(&mut m, self.host.clock)?;
+        install_counter(&mut m, self.host.clock, &self.pmu_counter)?;
         let dir = self.dir.clone();
         let console_path = dir.join(trace::CONSOLE);
         if let Some(c) = &self.control {
