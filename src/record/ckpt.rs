@@ -18,8 +18,8 @@ struct Job {
     ck: Checkpoint,
 }
 
-/// A written checkpoint: its id, file size, and the buffer to reuse.
-type Done = Result<(u32, u64, Vec<u8>), String>;
+/// A written checkpoint: its id, what was written, and the buffer to reuse.
+type Done = Result<(u32, trace::checkpoint::Written, Vec<u8>), String>;
 
 pub struct CheckpointWriter {
     tx: Option<mpsc::Sender<Job>>,
@@ -33,6 +33,8 @@ pub struct CheckpointWriter {
     /// How long the guest stood still for each incremental checkpoint, and
     /// the pages it copied meanwhile.
     pub pauses: Vec<(std::time::Duration, u64)>,
+    /// Files on disk whose SHA-256 the log has not bound yet: (id, hex).
+    pub landed: Vec<(u32, String)>,
 }
 
 impl CheckpointWriter {
@@ -61,13 +63,15 @@ impl CheckpointWriter {
             in_flight: 0,
             bytes: 0,
             pauses: Vec::new(),
+            landed: Vec::new(),
         })
     }
 
     fn collect(&mut self, r: Done) -> Result<(), RecordError> {
         self.in_flight -= 1;
-        let (_, n, buf) = r.map_err(RecordError::CheckpointWriter)?;
-        self.bytes += n;
+        let (id, w, buf) = r.map_err(RecordError::CheckpointWriter)?;
+        self.bytes += w.bytes;
+        self.landed.push((id, w.sha256));
         self.spare.push(buf);
         Ok(())
     }

@@ -54,6 +54,14 @@ pub struct RecordOptions {
     pub parent: Option<trace::meta::Parent>,
     /// A control socket through which `revirt migrate` may move the VM.
     pub control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    /// The counter `--clock pmu` uses (None: the hardware PMU's).
+    pub pmu_counter: Option<crate::clock::counter::CounterOpener>,
+}
+
+impl RecordOptions {
+    fn pmu_opener(&self) -> crate::clock::counter::CounterOpener {
+        self.pmu_counter.clone().unwrap_or_else(crate::clock::counter::hardware_opener)
+    }
 }
 
 #[derive(Debug)]
@@ -270,12 +278,10 @@ impl Host for RecordHost {
 /// original when continuing from a replay).
 fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) -> Result<Meta, RecordError> {
     if opts.clock == ClockKind::Pmu {
-        // The real counter (clock::counter::RealCounter) needs a PMU; say why
-        // there is none before anything is written. The session opens its
-        // own on the thread that runs the guest.
-        if let Err(e) = crate::clock::counter::RealCounter::open() {
-            return Err(RecordError::NoPmu(e.to_string()));
-        }
+        // The counter must open and count the start-up probe guest exactly
+        // (clock::probe); say why not before anything is written. The
+        // session opens its own on the thread that runs the guest.
+        crate::clock::probe::check(&opts.pmu_opener()).map_err(|e| RecordError::NoPmu(e.to_string()))?;
     }
     let dir = &opts.out;
     if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
@@ -363,11 +369,13 @@ fn session(
         ckpt: CheckpointWriter::start()?,
         start: Instant::now(),
         control: opts.control.clone(),
+        pmu_counter: opts.pmu_opener(),
     };
     let regs = m.vcpu.regs().map_err(MachineError::from)?;
     s.host.log(Event::Checkpoint { id: 0, exits: m.exits, fp: fingerprint(&regs) });
     s.ckpt.take(dir, &mut m, 0, s.host.events, 0, clock_ns)?;
     s.checkpoints = 1;
+    s.bind_checkpoints(m.exits);
     s.run(m)
 }
 
@@ -397,11 +405,15 @@ impl RecordHost {
 
 /// The PMU clocks: the run loop drives a branch counter (reset at every
 /// exit, read at every stop where the host delivers).
-fn install_counter(m: &mut Machine, clock: ClockKind) -> Result<(), RecordError> {
+fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::counter::CounterOpener) -> Result<(), RecordError> {
     match clock {
         ClockKind::Pmu => {
-            let c = crate::clock::counter::RealCounter::open().map_err(|e| RecordError::NoPmu(e.to_string()))?;
-            m.set_counter(Some(Box::new(c)))?;
+            // The very counter that will time this recording, on this
+            // (vCPU) thread, passes the start-up probe first (also where
+            // no `prepare` ran: a migration's destination).
+            let mut c = opener().map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            crate::clock::probe::verify(&mut *c).map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            m.set_counter(Some(c))?;
         }
         ClockKind::PmuSim => {
             let seed = std::time::SystemTime::now()
@@ -424,6 +436,8 @@ pub struct Session {
     ckpt: CheckpointWriter,
     start: Instant,
     control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    /// The counter `--clock pmu` uses.
+    pmu_counter: crate::clock::counter::CounterOpener,
 }
 
 impl Session {
@@ -464,7 +478,18 @@ impl Session {
             ckpt: CheckpointWriter::start()?,
             start: Instant::now(),
             control,
+            pmu_counter: crate::clock::counter::hardware_opener(),
         })
+    }
+
+    /// Binds the checkpoint files that have landed since the last call into
+    /// the log's hash chain (`CheckpointFile`, logged at exit `exits`: the
+    /// file is written by another thread, so this comes after its
+    /// `Checkpoint` event, at the latest before `End`).
+    fn bind_checkpoints(&mut self, exits: u64) {
+        for (id, sha256) in std::mem::take(&mut self.ckpt.landed) {
+            self.host.log(Event::CheckpointFile { id, exits, sha256 });
+        }
     }
 
     /// Input that arrived before the move, handed to the guest first.
@@ -474,7 +499,7 @@ impl Session {
 
     /// Records until the guest stops, or until it migrates away.
     pub fn run(mut self, mut m: Machine) -> Result<RecordSummary, RecordError> {
-        install_counter(&mut m, self.host.clock)?;
+        install_counter(&mut m, self.host.clock, &self.pmu_counter)?;
         let dir = self.dir.clone();
         let console_path = dir.join(trace::CONSOLE);
         if let Some(c) = &self.control {
@@ -495,6 +520,7 @@ impl Session {
                 Ok(Stop::Paused) if self.control.as_ref().is_some_and(|c| c.shared.stop_requested()) => {
                     let c = self.control.clone().expect("checked");
                     self.ckpt.wait()?;
+                    self.bind_checkpoints(m.exits);
                     self.host.console.flush().map_err(io("writing", &console_path))?;
                     let head = self.host.log.head()?;
                     let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
@@ -520,6 +546,7 @@ impl Session {
                     let now = self.host.inner.now_ns();
                     self.host.console.flush().map_err(io("writing", &console_path))?;
                     self.ckpt.take(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
+                    self.bind_checkpoints(m.exits);
                     self.checkpoints += 1;
                     self.host.last_checkpoint = Instant::now();
                     self.host.log.cut();
@@ -546,6 +573,9 @@ impl Session {
             });
         }
         let state_hash = if migrated.is_some() { String::new() } else { m.state_hash()? };
+        // Every checkpoint file on disk and bound into the chain before End.
+        let checkpoint_bytes = self.ckpt.finish()?;
+        self.bind_checkpoints(m.exits);
         self.host.console.flush().map_err(io("writing", &console_path))?;
         let output_sha256 = hex::encode(self.host.output.clone().finalize());
         let (mut events, output_len, max_irq_delay) = (self.host.events, self.host.output_len, self.host.max_irq_delay);
@@ -553,7 +583,6 @@ impl Session {
             events += 1;
             self.host.log(Event::End { exits: m.exits, reason: end.clone(), state_hash: state_hash.clone(), output_len, output_sha256 });
         }
-        let checkpoint_bytes = self.ckpt.finish()?;
         let checkpoint_pauses = {
             let p = &mut self.ckpt.pauses;
             let mut pages: Vec<u64> = p.iter().map(|x| x.1).collect();
