@@ -47,11 +47,16 @@ fn disk(path: &Path, data: &[u8]) {
 /// Text-like data that compresses to about a third: words from a small
 /// vocabulary picked by an LCG.
 fn zdata(len: usize) -> Vec<u8> {
-    let words = ["replay ", "record ", "guest ", "kvm ", "exit ", "timer ", "serial\n", "disk ", "0x1f ", "zlib "];
+    let words = [
+        "replay ", "record ", "guest ", "kvm ", "exit ", "timer ", "serial\n", "disk ", "0x1f ",
+        "zlib ",
+    ];
     let mut x: u64 = 0x2545F4914F6CDD1D;
     let mut out = Vec::with_capacity(len + 16);
     while out.len() < len {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         out.extend_from_slice(words[(x >> 60) as usize % words.len()].as_bytes());
         if (x >> 20) & 7 == 0 {
             out.extend_from_slice(&x.to_le_bytes()); // some incompressible bytes
@@ -62,17 +67,35 @@ fn zdata(len: usize) -> Vec<u8> {
 }
 
 fn host(prog: &str, args: &[&str]) -> String {
-    let o = Command::new(programs().join(prog)).args(args).output().expect("run host program");
-    assert!(o.status.success(), "{prog} failed: {}{}", stdout(&o), stderr(&o));
+    let o = Command::new(programs().join(prog))
+        .args(args)
+        .output()
+        .expect("run host program");
+    assert!(
+        o.status.success(),
+        "{prog} failed: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
     stdout(&o)
 }
 
 /// `revirt record IMAGE ARGS -o DIR`; must power off with status 0.
 fn record(image: &Path, dir: &Path, args: &[&str], stdin: &[u8]) -> Output {
-    let mut a = vec!["record", image.to_str().unwrap(), "-o", dir.to_str().unwrap()];
+    let mut a = vec![
+        "record",
+        image.to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+    ];
     a.extend_from_slice(args);
     let o = run_with_input(&a, stdin);
-    assert!(o.status.success(), "record failed: {}{}", stdout(&o), stderr(&o));
+    assert!(
+        o.status.success(),
+        "record failed: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
     o
 }
 
@@ -80,8 +103,16 @@ fn record(image: &Path, dir: &Path, args: &[&str], stdin: &[u8]) -> Output {
 fn replay_matches(dir: &Path, console: &str) {
     let o = run_with_input(&["replay", dir.to_str().unwrap()], b"");
     assert!(o.status.success(), "replay failed: {}", stderr(&o));
-    assert!(stderr(&o).contains("replay matches the recording"), "{}", stderr(&o));
-    assert_eq!(stdout(&o), console, "the replay's console differs from the recording's");
+    assert!(
+        stderr(&o).contains("replay matches the recording"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        stdout(&o),
+        console,
+        "the replay's console differs from the recording's"
+    );
 }
 
 #[test]
@@ -90,7 +121,10 @@ fn zlib_in_the_guest_matches_the_hosts_zlib_and_replays() {
     let data = zdata(300_000);
     let file = tmp.path().join("data.bin");
     disk(&file, &data);
-    let host_out = host("zdemo-host", &[file.to_str().unwrap(), "bytes=300000", "level=9"]);
+    let host_out = host(
+        "zdemo-host",
+        &[file.to_str().unwrap(), "bytes=300000", "level=9"],
+    );
     // Sanity of the host side itself: the input's size and a compressed size.
     assert!(host_out.contains("input bytes=300000 "), "{host_out}");
     assert!(host_out.contains("round trip ok"), "{host_out}");
@@ -99,7 +133,12 @@ fn zlib_in_the_guest_matches_the_hosts_zlib_and_replays() {
     let o = record(
         &programs().join("zdemo.img"),
         &rec,
-        &["--disk", file.to_str().unwrap(), "--cmdline", "bytes=300000 level=9"],
+        &[
+            "--disk",
+            file.to_str().unwrap(),
+            "--cmdline",
+            "bytes=300000 level=9",
+        ],
         b"",
     );
     assert_eq!(stdout(&o), host_out, "guest zlib vs host zlib");
@@ -117,14 +156,23 @@ fn lua_in_the_guest_matches_the_host_and_replays() {
     assert!(host_out.contains("gc ok\ttrue"), "{host_out}");
 
     let rec = tmp.path().join("rec");
-    let o = record(&programs().join("luademo.img"), &rec, &["--disk", file.to_str().unwrap()], b"");
+    let o = record(
+        &programs().join("luademo.img"),
+        &rec,
+        &["--disk", file.to_str().unwrap()],
+        b"",
+    );
     assert_eq!(stdout(&o), host_out, "guest Lua vs host Lua");
     replay_matches(&rec, &host_out);
 
     // A script on the command line.
     let code = "print(string.format('%.14g', math.pi * 1e5), #('x'):rep(1000), 7 // 2)";
     let o = run_with_input(
-        &["run", programs().join("luademo.img").to_str().unwrap(), &format!("--cmdline=-e {code}")],
+        &[
+            "run",
+            programs().join("luademo.img").to_str().unwrap(),
+            &format!("--cmdline=-e {code}"),
+        ],
         b"",
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -154,18 +202,34 @@ fn serve(rec: &Path) -> Server {
         for line in BufReader::new(err).lines().map_while(Result::ok) {
             eprintln!("[server] {line}");
             if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-                let _ = tx.send(rest.split(';').next().unwrap().trim().parse::<u16>().unwrap());
+                let _ = tx.send(
+                    rest.split(';')
+                        .next()
+                        .unwrap()
+                        .trim()
+                        .parse::<u16>()
+                        .unwrap(),
+                );
             }
         }
     });
-    let port = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start");
+    let port = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server did not start");
     Server(child, port)
 }
 
 /// The real gdb in batch mode against the server, with `image`'s symbols.
 fn gdb(port: u16, image: &Path, cmds: &[&str]) -> String {
     let mut c = Command::new("gdb");
-    c.args(["-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off"]);
+    c.args([
+        "-nx",
+        "-batch",
+        "-ex",
+        "set pagination off",
+        "-ex",
+        "set confirm off",
+    ]);
     c.args(["-ex", &format!("target remote 127.0.0.1:{port}")]);
     for x in cmds {
         c.args(["-ex", x]);
@@ -182,13 +246,23 @@ fn gdb(port: u16, image: &Path, cmds: &[&str]) -> String {
 fn line_after(file: &Path, anchor: &str, needle: &str) -> usize {
     let text = std::fs::read_to_string(file).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let start = lines.iter().rposition(|l| l.contains(anchor)).unwrap_or_else(|| panic!("{anchor:?}"));
-    start + 1 + lines[start..].iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle:?}"))
+    let start = lines
+        .iter()
+        .rposition(|l| l.contains(anchor))
+        .unwrap_or_else(|| panic!("{anchor:?}"));
+    start
+        + 1
+        + lines[start..]
+            .iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("{needle:?}"))
 }
 
 /// Values printed as `KEY=<n>` lines by gdb's printf, in order.
 fn values(out: &str, key: &str) -> Vec<u64> {
-    out.lines().filter_map(|l| l.strip_prefix(key)?.strip_prefix('=')?.trim().parse().ok()).collect()
+    out.lines()
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('=')?.trim().parse().ok())
+        .collect()
 }
 
 #[test]
@@ -199,11 +273,25 @@ fn gdb_stops_in_zlib_at_its_source_line_and_reverse_continues() {
     disk(&file, &zdata(4096));
     let rec = tmp.path().join("rec");
     let img = programs().join("zdemo.img");
-    record(&img, &rec, &["--disk", file.to_str().unwrap(), "--cmdline", "bytes=4096 level=1"], b"");
+    record(
+        &img,
+        &rec,
+        &[
+            "--disk",
+            file.to_str().unwrap(),
+            "--cmdline",
+            "bytes=4096 level=1",
+        ],
+        b"",
+    );
 
     // crc32_z runs first as crc32(0, NULL, 0), then over the input.
     let src = root().join("guests/third_party/zlib/crc32.c");
-    let line = line_after(&src, "unsigned long ZEXPORT crc32_z(", "if (buf == Z_NULL) return 0;");
+    let line = line_after(
+        &src,
+        "unsigned long ZEXPORT crc32_z(",
+        "if (buf == Z_NULL) return 0;",
+    );
     let server = serve(&rec);
     let out = gdb(
         server.1,
@@ -222,8 +310,15 @@ fn gdb_stops_in_zlib_at_its_source_line_and_reverse_continues() {
     let at = format!("crc32.c:{line}");
     assert!(out.contains("Breakpoint 1, crc32_z"), "{out}");
     assert!(out.matches(&at).count() >= 3, "stops at {at}: {out}");
-    assert_eq!(values(&out, "LEN"), vec![0, 4096, 0], "forward twice, then back to the first: {out}");
-    assert!(out.contains(" main (") && out.contains("zdemo.c:"), "called from main: {out}");
+    assert_eq!(
+        values(&out, "LEN"),
+        vec![0, 4096, 0],
+        "forward twice, then back to the first: {out}"
+    );
+    assert!(
+        out.contains(" main (") && out.contains("zdemo.c:"),
+        "called from main: {out}"
+    );
 }
 
 #[test]
@@ -231,11 +326,20 @@ fn gdb_stops_in_lua_at_its_source_line_and_reverse_continues() {
     let tmp = tempfile::tempdir().unwrap();
     let rec = tmp.path().join("rec");
     let img = programs().join("luademo.img");
-    let o = record(&img, &rec, &["--cmdline=-e print(('abc'):reverse(), ('hello!'):reverse())"], b"");
+    let o = record(
+        &img,
+        &rec,
+        &["--cmdline=-e print(('abc'):reverse(), ('hello!'):reverse())"],
+        b"",
+    );
     assert_eq!(stdout(&o), "cba\t!olleh\n");
 
     let src = root().join("guests/third_party/lua/src/lstrlib.c");
-    let line = line_after(&src, "static int str_reverse (", "luaL_buffinitsize(L, &b, l)");
+    let line = line_after(
+        &src,
+        "static int str_reverse (",
+        "luaL_buffinitsize(L, &b, l)",
+    );
     let server = serve(&rec);
     let out = gdb(
         server.1,
@@ -254,8 +358,15 @@ fn gdb_stops_in_lua_at_its_source_line_and_reverse_continues() {
     let at = format!("lstrlib.c:{line}");
     assert!(out.contains("Breakpoint 1, str_reverse"), "{out}");
     assert!(out.matches(&at).count() >= 3, "stops at {at}: {out}");
-    assert_eq!(values(&out, "L"), vec![3, 6, 3], "forward twice, then back to the first: {out}");
-    assert!(out.contains("luaD_precall") || out.contains("luaV_execute"), "called by the Lua VM: {out}");
+    assert_eq!(
+        values(&out, "L"),
+        vec![3, 6, 3],
+        "forward twice, then back to the first: {out}"
+    );
+    assert!(
+        out.contains("luaD_precall") || out.contains("luaV_execute"),
+        "called by the Lua VM: {out}"
+    );
 }
 
 /// The worked example of docs/guest-sdk.md, as a newcomer would type it:
@@ -309,15 +420,29 @@ int main(int argc, char **argv)
         .arg(format!("OUT={}", img.display()))
         .output()
         .unwrap();
-    assert!(o.status.success(), "build failed: {}{}", stdout(&o), stderr(&o));
+    assert!(
+        o.status.success(),
+        "build failed: {}{}",
+        stdout(&o),
+        stderr(&o)
+    );
     // The PVH note for QEMU is there too.
-    let notes = Command::new("readelf").arg("-n").arg(&img).output().unwrap();
+    let notes = Command::new("readelf")
+        .arg("-n")
+        .arg(&img)
+        .output()
+        .unwrap();
     assert!(stdout(&notes).contains("Xen"), "{}", stdout(&notes));
 
     let d = tmp.path().join("disk.img");
     disk(&d, b"a note on the disk\0");
     let rec = tmp.path().join("rec");
-    let o = record(&img, &rec, &["--disk", d.to_str().unwrap(), "--cmdline", "one two"], b"ada\n");
+    let o = record(
+        &img,
+        &rec,
+        &["--disk", d.to_str().unwrap(), "--cmdline", "one two"],
+        b"ada\n",
+    );
     let out = stdout(&o);
     let mut sum: u32 = 0;
     let mut sector = b"a note on the disk\0".to_vec();
@@ -326,7 +451,9 @@ int main(int argc, char **argv)
         sum = sum.wrapping_mul(31).wrapping_add(u32::from(*b));
     }
     assert!(
-        out.starts_with(&format!("name? hello ada: 3 args, sector 0 sum {sum:08x}, a note on the disk\ntook ")),
+        out.starts_with(&format!(
+            "name? hello ada: 3 args, sector 0 sum {sum:08x}, a note on the disk\ntook "
+        )),
         "{out}"
     );
     replay_matches(&rec, &out);
@@ -350,4 +477,46 @@ fn the_build_refuses_instructions_that_cannot_be_replayed() {
         assert!(err.contains("refusing") && err.contains(&format!("<f>: {insn}")), "{insn}: {err}");
         assert!(!img.exists(), "the refused image was left behind");
     }
+}
+
+/// `revirt debug REC`: server and gdb in one step, with the recording's
+/// image symbols and source lines (here: the demo guest).
+#[test]
+fn revirt_debug_starts_gdb_connected_with_the_images_symbols() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = tmp.path().join("rec");
+    record_demo_ok(&rec, "workload=compute iters=1000", &[], b"");
+    let o = run_with_input(
+        &[
+            "debug",
+            rec.to_str().unwrap(),
+            "--",
+            "-batch",
+            "-ex",
+            "break wl_compute",
+            "-ex",
+            "continue",
+            "-ex",
+            "printf \"ITERS=%lu\\n\", iters",
+        ],
+        b"",
+    );
+    let out = format!("{}{}", stdout(&o), stderr(&o));
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("Breakpoint 1, wl_compute (iters=1000) at compute.c:"),
+        "{out}"
+    );
+    assert!(out.contains("ITERS=1000"), "{out}");
+
+    let o = run_with_input(
+        &["debug", rec.to_str().unwrap(), "--gdb", "/nonexistent/gdb"],
+        b"",
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("cannot start /nonexistent/gdb"),
+        "{}",
+        stderr(&o)
+    );
 }

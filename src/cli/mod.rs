@@ -1,6 +1,7 @@
 //! Command-line front end. One file per subcommand; errors become anyhow
 //! reports here and nowhere else.
 
+mod debug;
 mod doctor;
 mod gdb;
 mod inspect;
@@ -41,6 +42,8 @@ enum Cmd {
     Live(live::Args),
     /// Serve a replay to GDB (remote protocol) with reverse execution.
     Gdb(gdb::Args),
+    /// Replay under gdb in one step: the server on a free port and gdb with the image's symbols.
+    Debug(debug::Args),
     /// Live-migrate a running VM (started with --control) to a `revirt receive`.
     Migrate(migrate::Args),
     /// Wait for a live-migrated VM and run it here (continuing its recording, if any).
@@ -91,6 +94,7 @@ pub fn main() -> ExitCode {
         Cmd::Inspect(a) => inspect::main(a),
         Cmd::Live(a) => live::main(a),
         Cmd::Gdb(a) => gdb::main(a),
+        Cmd::Debug(a) => debug::main(a),
         Cmd::Migrate(a) => migrate::main(a),
         Cmd::Receive(a) => receive::main(a),
     };
