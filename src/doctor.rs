@@ -262,7 +262,7 @@ pub fn pmu_status(kvm_ok: bool) -> (Check, Check) {
     }
     match probe::check(&crate::clock::counter::hardware_opener()) {
         Ok(v) => (Check::yes(choice.describe()), Check::yes(v.to_string())),
-        Err(e @ (PmuError::Miscount { .. } | PmuError::Probe(_))) => {
+        Err(e @ (PmuError::Miscount { .. } | PmuError::ProbeOverflow { .. } | PmuError::Probe(_))) => {
             (Check::yes(choice.describe()), Check::no(format!("{e}; {}", step_clock())))
         }
         Err(e) => {
@@ -417,5 +417,24 @@ fn choose_auto(pmu: &Check, probe: &Check) -> (crate::clock::ClockKind, String) 
                 pmu.detail
             ),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ClockKind;
+
+    #[test]
+    fn auto_picks_pmu_only_when_the_counter_passes_the_probe() {
+        let (c, why) = choose_auto(&Check::yes("Intel Skylake: raw event 0x5101c4"), &Check::yes("counted 709 of 709"));
+        assert_eq!(c, ClockKind::Pmu);
+        assert!(why.contains("0x5101c4"), "{why}");
+        let (c, why) = choose_auto(&Check::yes("Intel Skylake"), &Check::no("counted 710 (+1)"));
+        assert_eq!(c, ClockKind::Exit);
+        assert!(why.contains("failed the start-up probe (counted 710 (+1))"), "{why}");
+        let (c, why) = choose_auto(&Check::no("no hardware PMU: none"), &Check::no("not run"));
+        assert_eq!(c, ClockKind::Exit);
+        assert!(why.starts_with("no PMU (no hardware PMU: none)"), "{why}");
     }
 }

@@ -52,6 +52,11 @@ pub enum PmuError {
          branches (the step clock's count), counted {counted} ({diff:+}){detail}"
     )]
     Miscount { counter: String, expected: u64, counted: u64, diff: i64, detail: String },
+    #[error(
+        "the {counter} counted the start-up probe guest's {expected} retired conditional branches \
+         exactly, but {detail}"
+    )]
+    ProbeOverflow { counter: String, expected: u64, detail: String },
     #[error("the start-up probe guest did not run: {0}")]
     Probe(String),
 }

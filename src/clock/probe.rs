@@ -323,22 +323,22 @@ pub fn verify(counter: &mut dyn BranchCounter) -> Result<Verified, PmuError> {
     let run = run_counter(counter, ARM_AT)?;
     let margin = counter.margin();
     let name = counter.describe();
-    let miscount = |detail: String| PmuError::Miscount {
-        counter: name.clone(),
-        expected: EXPECTED,
-        counted: run.counted,
-        diff: run.counted as i64 - EXPECTED as i64,
-        detail,
-    };
     if run.counted != EXPECTED {
-        return Err(miscount(String::new()));
+        return Err(PmuError::Miscount {
+            counter: name,
+            expected: EXPECTED,
+            counted: run.counted,
+            diff: run.counted as i64 - EXPECTED as i64,
+            detail: String::new(),
+        });
     }
+    let overflow = |detail: String| PmuError::ProbeOverflow { counter: name.clone(), expected: EXPECTED, detail };
     match run.overflow_at {
-        None => Err(miscount(format!(
-            "; but the overflow armed at {ARM_AT} never fired (re-arming the period does not work on this kernel?)"
+        None => Err(overflow(format!(
+            "the overflow armed at {ARM_AT} never fired (re-arming the period with PERF_EVENT_IOC_PERIOD does not work here?)"
         ))),
-        Some(at) if at < ARM_AT || at > ARM_AT + margin => Err(miscount(format!(
-            "; but the overflow armed at {ARM_AT} stopped the guest at {}, outside the margin of {margin}",
+        Some(at) if at < ARM_AT || at > ARM_AT + margin => Err(overflow(format!(
+            "the overflow armed at {ARM_AT} stopped the guest at {}, outside its margin of {margin}",
             if at == u64::MAX { "an unknown count".to_string() } else { at.to_string() }
         ))),
         Some(at) => Ok(Verified { counter: name, expected: EXPECTED, counted: run.counted, overflow_at: at, margin }),

@@ -445,7 +445,11 @@ impl RecordHost {
 fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::counter::CounterOpener) -> Result<(), RecordError> {
     match clock {
         ClockKind::Pmu => {
-            let c = opener().map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            // The very counter that will time this recording, on this
+            // (vCPU) thread, passes the start-up probe first (also where
+            // no `prepare` ran: a migration's destination).
+            let mut c = opener().map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            crate::clock::probe::verify(&mut *c).map_err(|e| RecordError::NoPmu(e.to_string()))?;
             m.set_counter(Some(c))?;
         }
         ClockKind::PmuSim => {
