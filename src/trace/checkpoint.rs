@@ -81,15 +81,7 @@ impl Checkpoint {
         let p = path.display().to_string();
         let io = |source| CheckpointError::Io { path: p.clone(), source };
         let header = serde_json::to_vec(&self.header).expect("checkpoint header serializes");
-        let data = zstd::bulk::compress(&self.data, 1).map_err(io)?;
-        let mut buf = Vec::with_capacity(header.len() + data.len() + 32);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&header);
-        buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&data);
-        let crc = crc32fast::hash(&buf);
-        buf.extend_from_slice(&crc.to_le_bytes());
+        let buf = encode(&header, &self.data).map_err(io)?;
         let tmp = path.with_extension("partial");
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(&buf).map_err(io)?;
@@ -204,6 +196,21 @@ pub fn rebuild(
         last = Some(ck.header);
     }
     last.ok_or_else(|| CheckpointError::Bad { path: dir.display().to_string(), msg: format!("no checkpoints {from}..={to}") })
+}
+
+/// A checkpoint file's bytes from a header (JSON, taken as given) and its
+/// raw data: what [`Checkpoint::write`] writes; for tools and tests.
+pub fn encode(header_json: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let data = zstd::bulk::compress(data, 1)?;
+    let mut buf = Vec::with_capacity(header_json.len() + data.len() + 32);
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&(header_json.len() as u64).to_le_bytes());
+    buf.extend_from_slice(header_json);
+    buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&data);
+    let crc = crc32fast::hash(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    Ok(buf)
 }
 
 impl CheckpointHeader {

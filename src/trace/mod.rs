@@ -41,6 +41,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 /// buffer is reserved fallibly, so a crafted length that passed its bound
 /// but cannot be allocated is an error, never an abort.
 pub fn decompress_exact(src: &[u8], expect: usize) -> Result<Vec<u8>, String> {
+    // A frame that says how much it holds is checked before allocating.
+    if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(src) {
+        if n != expect as u64 {
+            return Err(format!("holds {n} bytes, its header says {expect}"));
+        }
+    }
     let mut out: Vec<u8> = Vec::new();
     out.try_reserve_exact(expect)
         .map_err(|_| format!("cannot allocate {expect} bytes to decompress into"))?;
