@@ -89,8 +89,8 @@ def record(binary, name, cmdline, ckpt="1s", mem=None, clock="exit"):
     dt, p = sh(cmd)
     m = re.search(r"(\d+) exits, (\d+) events \((\d+) bytes of log\), (\d+) checkpoints \((\d+) bytes\)", p.stderr)
     p.stats = dict(zip(["exits", "events", "log_bytes", "checkpoints", "checkpoint_bytes"], map(int, m.groups()))) if m else {}
-    m = re.search(r"checkpoint pauses: median ([\d.]+) ms, max ([\d.]+) ms \(median (\d+) dirty pages", p.stderr)
-    p.pause = (float(m.group(1)), float(m.group(2)), int(m.group(3))) if m else None
+    m = re.search(r"checkpoint pauses: median ([\d.]+) ms, max ([\d.]+) ms, median cpu ([\d.]+) ms \(median (\d+) dirty pages", p.stderr)
+    p.pause = (float(m.group(1)), float(m.group(2)), int(m.group(4)), float(m.group(3))) if m else None
     return dt, p
 
 def run(binary, cmdline, mem=None):
@@ -138,13 +138,18 @@ for label, cl in WORKLOADS:
     res["workloads"].append(w)
     print(f"  {w}", file=sys.stderr)
     b = w.get("rec_over_run_before")
+    cb = w["rec_before_cpu_s"] / w["run_cpu_s"] if b else None
+    cn = w["rec_now_cpu_s"] / w["run_cpu_s"]
     ROWS.append(("record", f"record/run, {label} (run {f(w['run_s'],3)} s, {w['exits']} exits)",
-                 f"{f(b)}x" if b else "-", f"{f(w['rec_over_run_now'])}x ({f(w['rec_now_s'],3)} s)", "<= 1.05x",
-                 verdict(w["rec_over_run_now"], 1.05)))
+                 f"{f(b)}x (cpu {f(cb)}x)" if b else "-", f"{f(w['rec_over_run_now'])}x (cpu {f(cn)}x)", "<= 1.05x",
+                 verdict(w["rec_over_run_now"], 1.05) + ("" if (w["rec_over_run_now"] <= 1.05) == (cn <= 1.05) else f" (cpu: {verdict(cn, 1.05)})")))
 for w in res["workloads"]:
     b = w.get("rep_over_rec_before")
-    ROWS.append(("replay", f"replay/record, {w['workload']}", f"{f(b)}x" if b else "-",
-                 f"{f(w['rep_over_rec_now'])}x ({f(w['rep_now_s'],3)} s)", "<= 1.0x", verdict(w["rep_over_rec_now"], 1.0)))
+    cb = w["rep_before_cpu_s"] / w["rec_before_cpu_s"] if b else None
+    cn = w["rep_now_cpu_s"] / w["rec_now_cpu_s"]
+    ROWS.append(("replay", f"replay/record, {w['workload']}", f"{f(b)}x (cpu {f(cb)}x)" if b else "-",
+                 f"{f(w['rep_over_rec_now'])}x (cpu {f(cn)}x)", "<= 1.0x",
+                 verdict(w["rep_over_rec_now"], 1.0) + ("" if (w["rep_over_rec_now"] <= 1.0) == (cn <= 1.0) else f" (cpu: {verdict(cn, 1.0)})")))
 
 # ---------------------------------------------------------------- log size
 section("log size")
@@ -179,19 +184,21 @@ for pages in [1024, 4096, 12288]:
         if pauses:
             r[tag]["pause_median_ms"] = med([x[0] for x in pauses]); r[tag]["pause_max_ms"] = max(x[1] for x in pauses)
             r[tag]["dirty_pages"] = med([x[2] for x in pauses])
+            r[tag]["pause_cpu_median_ms"] = med([x[3] for x in pauses])
     dp = r["now"].get("dirty_pages", pages + 1)
     for tag, _ in BINS:
         r[tag]["cpu_ms_per_1000"] = r[tag]["cpu_ms_per_ckpt"] / dp * 1000
         r[tag]["wall_ms_per_1000"] = r[tag]["wall_ms_per_ckpt"] / dp * 1000
     r["now"]["pause_ms_per_1000"] = r["now"].get("pause_median_ms", float("nan")) / dp * 1000
+    r["now"]["pause_cpu_ms_per_1000"] = r["now"].get("pause_cpu_median_ms", float("nan")) / dp * 1000
     res["checkpoints"].append(r)
     print(f"  {r}", file=sys.stderr)
     bf = r.get("before")
     # Before, the vCPU stood still for the whole checkpoint (copy, compress, write on its thread).
     ROWS.append(("ckpt", f"checkpoint vCPU pause per 1,000 dirty pages ({dp:.0f} pages, {r['now']['incremental']} ckpts)",
                  f"{f(bf['wall_ms_per_1000'],1)} ms (whole checkpoint)" if bf else "-",
-                 f"{f(r['now']['pause_ms_per_1000'],2)} ms (max pause {f(r['now'].get('pause_max_ms'),1)} ms)", "<= 1 ms",
-                 verdict(r["now"]["pause_ms_per_1000"], 1.0)))
+                 f"{f(r['now']['pause_ms_per_1000'],2)} ms wall, {f(r['now']['pause_cpu_ms_per_1000'],2)} ms cpu (max pause {f(r['now'].get('pause_max_ms'),1)} ms)", "<= 1 ms",
+                 verdict(r["now"]["pause_ms_per_1000"], 1.0) + ("" if (r["now"]["pause_ms_per_1000"] <= 1) == (r["now"]["pause_cpu_ms_per_1000"] <= 1) else f" (cpu: {verdict(r['now']['pause_cpu_ms_per_1000'], 1.0)})")))
     ROWS.append(("ckpt", f"checkpoint CPU per 1,000 dirty pages ({dp:.0f} pages)",
                  f"{f(bf['cpu_ms_per_1000'],1)} ms" if bf else "-", f"{f(r['now']['cpu_ms_per_1000'],1)} ms", "<= 5 ms",
                  verdict(r["now"]["cpu_ms_per_1000"], 5.0)))

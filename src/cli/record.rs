@@ -96,9 +96,12 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     );
     if let Some((med, max, pages)) = s.checkpoint_pauses {
         eprintln!(
-            "revirt: checkpoint pauses: median {:.3} ms, max {:.3} ms (median {pages} dirty pages copied; compressed and written on another thread)",
+            "revirt: checkpoint pauses: median {:.3} ms, max {:.3} ms, median cpu {:.3} ms (median {pages} dirty pages copied; compressed and written on another thread); {} waited for the writer first (median {:.3} ms)",
             med.as_secs_f64() * 1e3,
-            max.as_secs_f64() * 1e3
+            max.as_secs_f64() * 1e3,
+            s.checkpoint_pause_cpu.as_secs_f64() * 1e3,
+            s.checkpoint_waits.0,
+            s.checkpoint_waits.1.as_secs_f64() * 1e3
         );
     }
     eprintln!("revirt: replay it with `revirt replay {}`", s.dir.display());

@@ -354,7 +354,7 @@ pub fn run_live_until(
         if stop == Stop::Paused && c.shared.stop_requested() {
             use crate::vmm::Host;
             let clock = live.now_ns();
-            match c.finish(m, live, clock, None) {
+            match c.finish(m, live, clock, None, std::time::Instant::now()) {
                 Ok(s) => return Ok(LiveEnd::Migrated(s)),
                 Err(_) => continue, // not committed: run on here
             }

@@ -241,14 +241,16 @@ impl Controller {
     /// at a poll point (`Stop::Paused` while [`Shared::stop_requested`]).
     /// `Ok`: committed, the destination owns the VM now; the caller must let
     /// it go. `Err`: nothing was committed; the caller resumes the guest.
+    /// `stopped`: when the guest stopped for good; the downtime counts from
+    /// there (a recorder's log flush and dirty-log sync lie inside it).
     pub fn finish(
         &self,
         m: &mut Machine,
         live: &mut LiveHost,
         clock_ns: u64,
         recorder: Option<RecorderState>,
+        stopped: Instant,
     ) -> Result<Summary, MigrateError> {
-        let stopped = Instant::now();
         let Some(mut h) = self.handoff.lock().unwrap().take() else {
             self.shared.clear();
             return Err(MigrateError::Refused("paused for a migration that is gone".into()));

@@ -18,6 +18,11 @@ struct Job {
     ck: Checkpoint,
 }
 
+/// Checkpoints handed over but not yet written: at most this many, so the
+/// page buffers (reused, already faulted in) stay few; a guest that asks for
+/// checkpoints faster than they can be compressed waits for the writer.
+const MAX_IN_FLIGHT: u32 = 2;
+
 /// A written checkpoint: its id, what was written, and the buffer to reuse.
 type Done = Result<(u32, trace::checkpoint::Written, Vec<u8>), String>;
 
@@ -30,9 +35,14 @@ pub struct CheckpointWriter {
     in_flight: u32,
     /// Bytes of checkpoint files written so far.
     pub bytes: u64,
-    /// How long the guest stood still for each incremental checkpoint, and
-    /// the pages it copied meanwhile.
+    /// How long the guest stood still for each incremental checkpoint
+    /// (dirty log, page copies, machine state), and the pages it copied.
     pub pauses: Vec<(std::time::Duration, u64)>,
+    /// The vCPU thread's CPU time in each of those pauses (on a loaded
+    /// host the wall time also holds time the thread was not scheduled).
+    pub pause_cpu: Vec<std::time::Duration>,
+    /// Extra stops waiting for the writer (more than MAX_IN_FLIGHT pending).
+    pub waits: Vec<std::time::Duration>,
     /// Files on disk whose SHA-256 the log has not bound yet: (id, hex).
     pub landed: Vec<(u32, String)>,
 }
@@ -63,6 +73,8 @@ impl CheckpointWriter {
             in_flight: 0,
             bytes: 0,
             pauses: Vec::new(),
+            waits: Vec::new(),
+            pause_cpu: Vec::new(),
             landed: Vec::new(),
         })
     }
@@ -97,8 +109,19 @@ impl CheckpointWriter {
         output_len: u64,
         clock_ns: u64,
     ) -> Result<(), RecordError> {
-        let t0 = std::time::Instant::now();
+        let w0 = std::time::Instant::now();
         self.poll()?;
+        let waited = self.in_flight >= MAX_IN_FLIGHT;
+        while self.in_flight >= MAX_IN_FLIGHT {
+            match self.done.recv() {
+                Ok(r) => self.collect(r)?,
+                Err(_) => return Err(RecordError::CheckpointWriter("the checkpoint writer stopped".into())),
+            }
+        }
+        if waited && id > 0 {
+            self.waits.push(w0.elapsed());
+        }
+        let (t0, c0) = (std::time::Instant::now(), thread_cpu());
         let (dirty, sectors) = m.take_dirty()?;
         let (pages, sectors) = if id == 0 {
             (runs(m.nonzero_pages()?), vec![])
@@ -171,6 +194,7 @@ impl CheckpointWriter {
         self.in_flight += 1;
         if id > 0 {
             self.pauses.push((t0.elapsed(), page_bytes / PAGE));
+            self.pause_cpu.push(thread_cpu().saturating_sub(c0));
         }
         Ok(())
     }
@@ -200,6 +224,16 @@ impl CheckpointWriter {
         }
         r.map(|_| self.bytes)
     }
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu() -> std::time::Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 impl Drop for CheckpointWriter {

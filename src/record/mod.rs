@@ -81,6 +81,10 @@ pub struct RecordSummary {
     /// The guest's pause for each incremental checkpoint (median, max) and
     /// the median pages copied, when there were any.
     pub checkpoint_pauses: Option<(Duration, Duration, u64)>,
+    /// Checkpoints that first waited for the writer to catch up: (how many, median wait).
+    pub checkpoint_waits: (usize, Duration),
+    /// Median CPU time of the vCPU thread in a checkpoint pause.
+    pub checkpoint_pause_cpu: Duration,
     /// The VM moved to another host mid-recording; this end holds the
     /// recording up to the move and no End event.
     pub migrated: Option<crate::migrate::Summary>,
@@ -518,6 +522,9 @@ impl Session {
             };
             match r {
                 Ok(Stop::Paused) if self.control.as_ref().is_some_and(|c| c.shared.stop_requested()) => {
+                    // The downtime starts here: finishing the checkpoint in
+                    // flight, the log flush and the dirty-log sync are in it.
+                    let stopped = Instant::now();
                     let c = self.control.clone().expect("checked");
                     self.ckpt.wait()?;
                     self.bind_checkpoints(m.exits);
@@ -533,7 +540,7 @@ impl Session {
                         ckpt_sectors,
                     };
                     let clock = self.host.inner.now_ns();
-                    if let Ok(s) = c.finish(&mut m, &mut self.host.inner, clock, Some(rs)) {
+                    if let Ok(s) = c.finish(&mut m, &mut self.host.inner, clock, Some(rs), stopped) {
                         migrated = Some(s);
                         break EndReason::Stopped;
                     }
@@ -590,6 +597,16 @@ impl Session {
             pages.sort_unstable();
             p.last().map(|max| (p[p.len() / 2].0, max.0, pages[pages.len() / 2]))
         };
+        let checkpoint_pause_cpu = {
+            let c = &mut self.ckpt.pause_cpu;
+            c.sort();
+            c.get(c.len() / 2).copied().unwrap_or_default()
+        };
+        let checkpoint_waits = {
+            let w = &mut self.ckpt.waits;
+            w.sort();
+            (w.len(), w.get(w.len() / 2).copied().unwrap_or_default())
+        };
         let RecordHost { log, .. } = self.host;
         let stats = log.finish()?;
         Ok(RecordSummary {
@@ -601,6 +618,8 @@ impl Session {
             checkpoints: self.checkpoints,
             checkpoint_bytes,
             checkpoint_pauses,
+            checkpoint_waits,
+            checkpoint_pause_cpu,
             wall: self.start.elapsed(),
             max_irq_delay,
             state_hash,
