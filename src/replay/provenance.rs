@@ -237,6 +237,10 @@ pub struct Window {
     last: HashMap<Key, u32>,
 }
 
+/// Default depth limit, in instructions along a path (a loop that folds
+/// every byte of a buffer into one value is two or three per byte).
+pub const DEFAULT_DEPTH: usize = 100_000;
+
 /// Limits and hooks of a query.
 pub struct Limits<'a> {
     /// Most instructions to single-step in all.
@@ -251,7 +255,7 @@ pub struct Limits<'a> {
 
 impl Default for Limits<'_> {
     fn default() -> Self {
-        Limits { max_steps: 5_000_000, max_depth: 64, max_time: Duration::from_secs(600), interrupted: &|| false, progress: false }
+        Limits { max_steps: 5_000_000, max_depth: DEFAULT_DEPTH, max_time: Duration::from_secs(600), interrupted: &|| false, progress: false }
     }
 }
 
@@ -1039,9 +1043,7 @@ pub fn insn_text(bytes: &[u8], rip: u64) -> String {
     text
 }
 
-struct Walk<'a> {
-    rec: Arc<Recording>,
-    image: &'a Image,
+struct Walk {
     /// Newest first: windows[0] ends at the query point.
     windows: Vec<Window>,
     ids: HashMap<(usize, u32), usize>,
@@ -1052,7 +1054,7 @@ struct Walk<'a> {
     first_exit: u64,
 }
 
-impl Walk<'_> {
+impl Walk {
     /// The writer of `key` as seen just before window `w`'s start.
     fn before(&self, w: usize, key: Key) -> Option<(usize, u32)> {
         (w + 1..self.windows.len()).find_map(|v| self.windows[v].last.get(&key).map(|i| (v, *i)))
@@ -1156,7 +1158,7 @@ pub fn origin(rec: &Arc<Recording>, loc: Location, at: ExecPoint, limits: &Limit
     let image = Image::open(rec);
     let first_exit = rec.checkpoints.first().map(|c| c.1).unwrap_or(0);
     let mut budget = Budget::new(limits);
-    let mut walk = Walk { rec: rec.clone(), image: &image, windows: Vec::new(), ids: HashMap::new(), pos: Vec::new(), nodes: Vec::new(), work: Default::default(), first_exit };
+    let mut walk = Walk { windows: Vec::new(), ids: HashMap::new(), pos: Vec::new(), nodes: Vec::new(), work: Default::default(), first_exit };
     let mut span = 32u64;
     let mut stopped: Option<String> = None;
     // The value now, and the first window.
@@ -1491,7 +1493,7 @@ impl Origin {
         r.line(format!("origin of {what} at {} (exit {} + {} branches @ rip {:#x} {}):", point_short(&self.at), self.at.exits, self.at.branches, self.at.rip, syms.describe(self.at.rip)));
         r.line(format!("  value: {}", hex(&self.value)));
         for e in &self.roots {
-            r.edge(e, 1, &mut Vec::new());
+            r.edge(e, 1, &mut Vec::new(), None);
         }
         let mut s = r.out.join("\n");
         if r.cut > 0 {
@@ -1586,13 +1588,24 @@ impl Render<'_> {
         }
     }
 
-    fn node_text(&self, n: &Node) -> String {
-        let ring = if n.ring == 0 { " [ring 0]" } else { "" };
+    /// An instruction; its stack page when it differs from the previous
+    /// one shown on the path (the stack tells tasks apart).
+    fn node_text(&self, n: &Node, stack: &mut Option<u64>) -> String {
+        let page = n.rsp & !0xfff;
+        let ring = if n.ring == 0 {
+            " [ring 0]".to_string()
+        } else if *stack != Some(page) {
+            format!(" [stack {}]", self.syms.describe(page))
+        } else {
+            String::new()
+        };
+        *stack = Some(page);
         format!("{} at {} {}{ring}", n.insn, point_short(&n.at), self.syms.describe(n.at.rip))
     }
 
     /// One edge and, below it, the chain of instructions it came from.
-    fn edge(&mut self, e: &Edge, depth: usize, path: &mut Vec<u64>) {
+    fn edge(&mut self, e: &Edge, depth: usize, path: &mut Vec<(u64, u64)>, stack: Option<u64>) {
+        let mut stack = stack;
         if self.out.len() >= self.max_lines {
             self.cut += 1;
             return;
@@ -1614,9 +1627,11 @@ impl Render<'_> {
                 let mut chain = Vec::new();
                 let mut cur = *id;
                 let mut looped = None;
+                // The bytes read from the last node of the chain (for DMA offsets).
+                let mut into = (e.phys, e.len);
                 loop {
                     let n = &self.o.nodes[cur];
-                    if path.contains(&n.at.rip) {
+                    if path.contains(&(n.at.rip, n.rsp >> 12)) {
                         looped = Some(cur);
                         break;
                     }
@@ -1624,6 +1639,7 @@ impl Render<'_> {
                     if n.copy && n.sources.len() == 1 && !self.shown.contains(&cur) {
                         if let Source::Node { id } = n.sources[0].from {
                             self.shown.insert(cur);
+                            into = (n.sources[0].phys, n.sources[0].len);
                             cur = id;
                             continue;
                         }
@@ -1634,7 +1650,7 @@ impl Render<'_> {
                 for (k, c) in chain.iter().enumerate() {
                     let n = &self.o.nodes[*c];
                     text.push_str(if k == 0 { "  <- " } else { " <- " });
-                    text.push_str(&self.node_text(n));
+                    text.push_str(&self.node_text(n, &mut stack));
                 }
                 if let Some(l) = looped {
                     let n = &self.o.nodes[l];
@@ -1649,10 +1665,10 @@ impl Render<'_> {
                 let n = &self.o.nodes[last];
                 let mut tail = Vec::new();
                 if let Some(i) = &n.input {
-                    let i = match (i, e.phys, n.dma_addr) {
-                        (Input::Disk { sector, .. }, Some(pa), Some(base)) if chain.len() == 1 => {
+                    let i = match (i, into.0, n.dma_addr) {
+                        (Input::Disk { sector, .. }, Some(pa), Some(base)) if pa >= base => {
                             let off = pa - base;
-                            Input::Disk { sector: sector + off / 512, offset: off % 512, len: e.len }
+                            Input::Disk { sector: sector + off / 512, offset: off % 512, len: into.1 }
                         }
                         (i, ..) => i.clone(),
                     };
@@ -1676,14 +1692,177 @@ impl Render<'_> {
                     return;
                 }
                 self.line(text);
-                let rips: Vec<u64> = chain.iter().map(|c| self.o.nodes[*c].at.rip).collect();
+                let rips: Vec<(u64, u64)> = chain.iter().map(|c| (self.o.nodes[*c].at.rip, self.o.nodes[*c].rsp >> 12)).collect();
                 path.extend(&rips);
                 let srcs = n.sources.clone();
                 for s in &srcs {
-                    self.edge(s, depth + 1, path);
+                    self.edge(s, depth + 1, path, stack);
                 }
                 path.truncate(path.len() - rips.len());
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// history
+
+/// One access to the watched range.
+#[derive(Debug, Clone, Serialize)]
+pub struct Touch {
+    /// The point just before the instruction.
+    pub at: ExecPoint,
+    pub insn: String,
+    pub ring: u8,
+    pub rsp: u64,
+    pub write: bool,
+    pub read: bool,
+    /// The part of the range it touched (physical) and the bytes there before and after.
+    pub phys: u64,
+    pub before: Vec<u8>,
+    pub after: Vec<u8>,
+    /// A DMA write or port read: where the bytes came from.
+    pub input: Option<Input>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct History {
+    pub phys: u64,
+    pub len: u64,
+    pub from: u64,
+    pub to: ExecPoint,
+    pub touches: Vec<Touch>,
+    /// Exit ranges skipped because the checkpoints' dirty-page lists show the range untouched there.
+    pub skipped: Vec<(u64, u64)>,
+    pub steps: u64,
+    pub stopped: Option<String>,
+    pub millis: u64,
+}
+
+/// Every write (and with `reads` every read) of physical `phys..phys+len`
+/// between exit `from` and point `to`. Checkpoint intervals whose dirty
+/// page lists leave out the range's pages are skipped when only writes are
+/// wanted (DMA pages are in those lists too); the rest is single-stepped.
+pub fn history(rec: &Arc<Recording>, phys: u64, len: u64, from: u64, to: ExecPoint, reads: bool, limits: &Limits) -> R<History> {
+    let started = Instant::now();
+    let first = phys / 4096;
+    let last = (phys + len.max(1) - 1) / 4096;
+    // Spans to trace: [from, to] minus the skippable checkpoint intervals.
+    let mut spans: Vec<(u64, u64)> = vec![(from, to.exits)];
+    let mut skipped = Vec::new();
+    if !reads {
+        let cks = &rec.checkpoints;
+        for win in cks.windows(2) {
+            let (a, b) = (win[0].1, win[1].1);
+            if a < from || b > to.exits {
+                continue;
+            }
+            let ck = trace::Checkpoint::read(&trace::checkpoint_path(&rec.dir, win[1].0)).map_err(ReplayError::from)?;
+            let touched = ck.header.pages.iter().any(|&(f, n)| first < f + n && last >= f);
+            if !touched {
+                skipped.push((a, b));
+            }
+        }
+        for &(a, b) in &skipped {
+            let mut next = Vec::new();
+            for (s, e) in spans {
+                if b <= s || a >= e {
+                    next.push((s, e));
+                    continue;
+                }
+                if s < a {
+                    next.push((s, a));
+                }
+                if b < e {
+                    next.push((b, e));
+                }
+            }
+            spans = next;
+        }
+    }
+    let mut budget = Budget::new(limits);
+    let mut touches = Vec::new();
+    let mut stopped = None;
+    let nspans = spans.len();
+    for (k, (s, e)) in spans.into_iter().enumerate() {
+        let end = if k + 1 == nspans && e == to.exits { to } else { exit_point(rec, e)? };
+        let mut each = |st: Step| {
+            for a in &st.mem {
+                if !(a.write || reads && a.read) {
+                    continue;
+                }
+                let n = a.before.len().max(a.after.len()) as u64;
+                let lo = a.pa.max(phys);
+                let hi = (a.pa + n).min(phys + len);
+                if lo >= hi {
+                    continue;
+                }
+                let (i, j) = ((lo - a.pa) as usize, (hi - a.pa) as usize);
+                let input = match (&st.dma, &st.input) {
+                    (Some(d), _) => {
+                        let off = lo - d.addr;
+                        Some(Input::Disk { sector: d.lba + off / 512, offset: off % 512, len: hi - lo })
+                    }
+                    (None, i) => i.clone(),
+                };
+                touches.push(Touch {
+                    at: st.at,
+                    insn: insn_text(&st.bytes, st.at.rip),
+                    ring: st.ring,
+                    rsp: st.before[4],
+                    write: a.write,
+                    read: a.read,
+                    phys: lo,
+                    before: a.before.get(i..j).map(<[u8]>::to_vec).unwrap_or_default(),
+                    after: if a.write { a.after.get(i..j).map(<[u8]>::to_vec).unwrap_or_default() } else { Vec::new() },
+                    input,
+                });
+            }
+        };
+        if let Some(why) = trace_span(rec, s, end, &mut budget, &mut each)? {
+            stopped = Some(format!("stopped at exit {}: {why}", s));
+            break;
+        }
+    }
+    budget.done();
+    Ok(History { phys, len, from, to, touches, skipped, steps: budget.steps, stopped, millis: started.elapsed().as_millis() as u64 })
+}
+
+impl History {
+    pub fn render(&self, syms: &Symbols) -> String {
+        let mut s = format!(
+            "history of {} bytes at physical {:#x} {} from exit {} to {}: {} access(es)\n",
+            self.len,
+            self.phys,
+            syms.describe(self.phys),
+            self.from,
+            point_short(&self.to),
+            self.touches.len()
+        );
+        for t in &self.touches {
+            let kind = match (t.read, t.write) {
+                (true, true) => "rw",
+                (false, true) => "w ",
+                _ => "r ",
+            };
+            let stack = if t.ring == 0 { "ring 0".to_string() } else { format!("stack {}", syms.describe(t.rsp & !0xfff)) };
+            let vals = if t.write { format!("{} -> {}", hex(&t.before), hex(&t.after)) } else { hex(&t.before) };
+            s.push_str(&format!(
+                "  {kind} {:<16} +{:<3} {vals:<28} {} {} [{stack}]{}\n",
+                point_short(&t.at),
+                t.phys - self.phys,
+                t.insn,
+                syms.describe(t.at.rip),
+                t.input.as_ref().map(|i| format!(" = {i}")).unwrap_or_default()
+            ));
+        }
+        for (a, b) in &self.skipped {
+            s.push_str(&format!("  (exits {a}..{b} skipped: the checkpoint's dirty-page list leaves the range out)\n"));
+        }
+        if let Some(w) = &self.stopped {
+            s.push_str(&format!("  {w}\n"));
+        }
+        s.push_str(&format!("({} instructions single-stepped, {} ms)\n", self.steps, self.millis));
+        s
     }
 }
