@@ -38,7 +38,12 @@ struct Opts {
 }
 
 fn options(args: &[Word]) -> Result<Opts, Error> {
-    let mut o = Opts { json: false, reads: false, depth: None, rest: Vec::new() };
+    let mut o = Opts {
+        json: false,
+        reads: false,
+        depth: None,
+        rest: Vec::new(),
+    };
     let mut it = args.iter().map(Word::text);
     while let Some(w) = it.next() {
         match w.as_str() {
@@ -67,7 +72,11 @@ impl Session {
         }
         let exits = self.exits();
         let rip = self.view()?.regs()?.rip;
-        Ok(ExecPoint { exits, branches: 0, rip })
+        Ok(ExecPoint {
+            exits,
+            branches: 0,
+            rip,
+        })
     }
 
     fn limits_for(&self, depth: Option<usize>) -> (usize, bool) {
@@ -84,7 +93,10 @@ impl Session {
             if next < va + len {
                 let p = mmu::translate(self.view()?, next)?;
                 if p != pa + (next - va) {
-                    return Err(Error::Msg(format!("{va:#x}..{:#x} is not contiguous in physical memory; ask for each page", va + len)));
+                    return Err(Error::Msg(format!(
+                        "{va:#x}..{:#x} is not contiguous in physical memory; ask for each page",
+                        va + len
+                    )));
                 }
             }
             a = next;
@@ -109,7 +121,9 @@ impl Session {
         let is_reg = loc_s.starts_with('$') && !loc_s.contains([':', '+', '-']);
         let loc = if is_reg {
             let reg = prov::register_index(&loc_s).ok_or_else(|| {
-                Error::Usage(format!("origin follows the general registers ($rax..$r15), not {loc_s}"))
+                Error::Usage(format!(
+                    "origin follows the general registers ($rax..$r15), not {loc_s}"
+                ))
             })?;
             Location::Register { reg }
         } else {
@@ -121,15 +135,27 @@ impl Session {
                 return Err(usage("LEN must be 1..4096"));
             }
             let va = self.addr(&a)?;
-            Location::Memory { phys: self.phys_range(va, len)?, len }
+            Location::Memory {
+                phys: self.phys_range(va, len)?,
+                len,
+            }
         };
         let (max_depth, progress) = self.limits_for(o.depth);
         let take = || interrupt::take();
-        let limits = Limits { max_depth, progress, interrupted: &take, ..Limits::default() };
+        let limits = Limits {
+            max_depth,
+            progress,
+            interrupted: &take,
+            ..Limits::default()
+        };
         self.kvm_used = true;
         let r = prov::origin(&self.rec, loc, at, &limits)?;
         if o.json {
-            writeln!(out, "{}", serde_json::to_string_pretty(&r).map_err(|e| Error::Msg(e.to_string()))?)?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&r).map_err(|e| Error::Msg(e.to_string()))?
+            )?;
         } else {
             write!(out, "{}", r.render(&self.syms, 400))?;
         }
@@ -158,7 +184,9 @@ impl Session {
             Some(f) => {
                 let t = self.resolve(parse::point(f)?)?;
                 if t.exact.is_some() {
-                    return Err(usage("FROM is an exit count (exit:N, ckpt:K, event:I, start)"));
+                    return Err(usage(
+                        "FROM is an exit count (exit:N, ckpt:K, event:I, start)",
+                    ));
                 }
                 t.exits
             }
@@ -175,14 +203,25 @@ impl Session {
             None => self.here_point()?,
         };
         if from > to.exits {
-            return Err(Error::Usage(format!("FROM (exit {from}) is after TO (exit {})", to.exits)));
+            return Err(Error::Usage(format!(
+                "FROM (exit {from}) is after TO (exit {})",
+                to.exits
+            )));
         }
         let take = || interrupt::take();
-        let limits = Limits { progress: self.opts.progress, interrupted: &take, ..Limits::default() };
+        let limits = Limits {
+            progress: self.opts.progress,
+            interrupted: &take,
+            ..Limits::default()
+        };
         self.kvm_used = true;
         let h = prov::history(&self.rec, phys, len, from, to, o.reads, &limits)?;
         if o.json {
-            writeln!(out, "{}", serde_json::to_string_pretty(&h).map_err(|e| Error::Msg(e.to_string()))?)?;
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&h).map_err(|e| Error::Msg(e.to_string()))?
+            )?;
         } else {
             write!(out, "{}", h.render(&self.syms))?;
         }

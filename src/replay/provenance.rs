@@ -30,7 +30,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
+use iced_x86::{
+    Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind,
+    Register,
+};
 use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -67,8 +70,10 @@ impl From<crate::vmm::vcpu::VcpuError> for ProvError {
 // Locations
 
 /// General registers in iced-x86's order (RAX RCX RDX RBX RSP RBP RSI RDI R8..R15).
-pub const GPR_NAMES: [&str; 16] =
-    ["rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15"];
+pub const GPR_NAMES: [&str; 16] = [
+    "rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12", "r13",
+    "r14", "r15",
+];
 
 /// A location one byte wide, as a map key: guest physical memory byte
 /// `pa`, or byte `b` of general register `r` (`REG_BIT | r * 8 + b`).
@@ -87,12 +92,18 @@ fn gpr(reg: Register) -> Option<(usize, usize, usize)> {
     if idx >= 16 {
         return None;
     }
-    let first = usize::from(matches!(reg, Register::AH | Register::CH | Register::DH | Register::BH));
+    let first = usize::from(matches!(
+        reg,
+        Register::AH | Register::CH | Register::DH | Register::BH
+    ));
     Some((idx, first, reg.size()))
 }
 
 fn regs_array(r: &kvm_bindings::kvm_regs) -> [u64; 16] {
-    [r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15]
+    [
+        r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11, r.r12,
+        r.r13, r.r14, r.r15,
+    ]
 }
 
 /// A location a query asks about.
@@ -144,9 +155,17 @@ pub fn register_index(name: &str) -> Option<usize> {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Input {
     /// Byte `offset` of the serial input of log event `event` (read from the UART's FIFO).
-    Serial { event: usize, offset: usize, byte: u8 },
+    Serial {
+        event: usize,
+        offset: usize,
+        byte: u8,
+    },
     /// The clock reading of log event `event` (`high`: the latched upper half).
-    Clock { event: usize, value: u64, high: bool },
+    Clock {
+        event: usize,
+        value: u64,
+        high: bool,
+    },
     /// Bytes `offset..offset+len` of disk sector `sector`, copied into memory by DMA.
     Disk { sector: u64, offset: u64, len: u64 },
     /// A device register read on `port` (state the replay recomputes, not an input).
@@ -156,15 +175,37 @@ pub enum Input {
 impl std::fmt::Display for Input {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Input::Serial { event, offset, byte } => {
-                write!(f, "serial input byte {offset} of event #{event} ({})", show_byte(*byte))
+            Input::Serial {
+                event,
+                offset,
+                byte,
+            } => {
+                write!(
+                    f,
+                    "serial input byte {offset} of event #{event} ({})",
+                    show_byte(*byte)
+                )
             }
             Input::Clock { event, value, high } => {
-                write!(f, "clock reading of event #{event} ({value} ns{})", if *high { ", latched high half" } else { "" })
+                write!(
+                    f,
+                    "clock reading of event #{event} ({value} ns{})",
+                    if *high { ", latched high half" } else { "" }
+                )
             }
-            Input::Disk { sector, offset, len } if *len == 1 => write!(f, "disk sector {sector} offset {offset}"),
-            Input::Disk { sector, offset, len } => write!(f, "disk sector {sector} offsets {offset}..{}", offset + len),
-            Input::Device { port, value } => write!(f, "device register at port {port:#x} (value {value:#x})"),
+            Input::Disk {
+                sector,
+                offset,
+                len,
+            } if *len == 1 => write!(f, "disk sector {sector} offset {offset}"),
+            Input::Disk {
+                sector,
+                offset,
+                len,
+            } => write!(f, "disk sector {sector} offsets {offset}..{}", offset + len),
+            Input::Device { port, value } => {
+                write!(f, "device register at port {port:#x} (value {value:#x})")
+            }
         }
     }
 }
@@ -255,7 +296,13 @@ pub struct Limits<'a> {
 
 impl Default for Limits<'_> {
     fn default() -> Self {
-        Limits { max_steps: 5_000_000, max_depth: DEFAULT_DEPTH, max_time: Duration::from_secs(600), interrupted: &|| false, progress: false }
+        Limits {
+            max_steps: 5_000_000,
+            max_depth: DEFAULT_DEPTH,
+            max_time: Duration::from_secs(600),
+            interrupted: &|| false,
+            progress: false,
+        }
     }
 }
 
@@ -267,7 +314,11 @@ fn translate(tl: &Timeline, cr0: u64, cr3: u64, va: u64) -> Option<u64> {
     let mut table = cr3 & 0x000f_ffff_ffff_f000;
     for level in (0..4).rev() {
         let idx = (va >> (12 + 9 * level)) & 0x1ff;
-        let e: u64 = tl.machine.mem.read_obj(GuestAddress(table + idx * 8)).ok()?;
+        let e: u64 = tl
+            .machine
+            .mem
+            .read_obj(GuestAddress(table + idx * 8))
+            .ok()?;
         if e & 1 == 0 {
             return None;
         }
@@ -292,8 +343,8 @@ fn read_phys(tl: &Timeline, pa: u64, len: usize) -> Vec<u8> {
     b
 }
 
-/// Serial bytes delivered by the log before event index `next`, and the
-/// (event, offset) of global serial byte `n`.
+/// The (event index, offset in its bytes, byte) of byte `n` of the whole
+/// serial input stream (all `Serial` events in log order).
 fn serial_byte(rec: &Recording, n: u64) -> Option<(usize, usize, u8)> {
     let mut seen = 0u64;
     for (i, e) in rec.events.iter().enumerate() {
@@ -309,17 +360,32 @@ fn serial_byte(rec: &Recording, n: u64) -> Option<(usize, usize, u8)> {
     None
 }
 
+/// Serial bytes the `Serial` events before log index `next` delivered.
 fn serial_delivered(rec: &Recording, next: usize) -> u64 {
     rec.events[..next.min(rec.events.len())]
         .iter()
-        .map(|e| if let Event::Serial { bytes, .. } = e { bytes.len() as u64 } else { 0 })
+        .map(|e| {
+            if let Event::Serial { bytes, .. } = e {
+                bytes.len() as u64
+            } else {
+                0
+            }
+        })
         .sum()
 }
 
 fn is_port_insn(m: Mnemonic) -> bool {
     matches!(
         m,
-        Mnemonic::In | Mnemonic::Out | Mnemonic::Hlt | Mnemonic::Insb | Mnemonic::Insw | Mnemonic::Insd | Mnemonic::Outsb | Mnemonic::Outsw | Mnemonic::Outsd
+        Mnemonic::In
+            | Mnemonic::Out
+            | Mnemonic::Hlt
+            | Mnemonic::Insb
+            | Mnemonic::Insw
+            | Mnemonic::Insd
+            | Mnemonic::Outsb
+            | Mnemonic::Outsw
+            | Mnemonic::Outsd
     )
 }
 
@@ -335,7 +401,12 @@ pub struct Tracer<'t> {
 
 impl<'t> Tracer<'t> {
     pub fn new(tl: &'t mut Timeline) -> Tracer<'t> {
-        Tracer { tl, factory: InstructionInfoFactory::new(), steps: 0, finished: false }
+        Tracer {
+            tl,
+            factory: InstructionInfoFactory::new(),
+            steps: 0,
+            finished: false,
+        }
     }
 
     fn outcome(&mut self, o: Outcome) -> R<()> {
@@ -345,7 +416,10 @@ impl<'t> Tracer<'t> {
                 self.finished = true;
                 Ok(())
             }
-            Outcome::Diverged(why) => Err(ProvError::Diverged { at: self.tl.exits(), why }),
+            Outcome::Diverged(why) => Err(ProvError::Diverged {
+                at: self.tl.exits(),
+                why,
+            }),
             Outcome::EndOfRecording(d) | Outcome::NotReached(d) => Err(ProvError::Msg(d)),
         }
     }
@@ -358,7 +432,13 @@ impl<'t> Tracer<'t> {
         let s = tl.machine.vcpu.sregs()?;
         let before = regs_array(&r);
         let ring = (s.cs.selector & 3) as u8;
-        let bits = if s.cs.l != 0 { 64 } else if s.cs.db != 0 { 32 } else { 16 };
+        let bits = if s.cs.l != 0 {
+            64
+        } else if s.cs.db != 0 {
+            32
+        } else {
+            16
+        };
         let mut code = Vec::with_capacity(15);
         for i in 0..15u64 {
             match translate(tl, s.cr0, s.cr3, r.rip + i).map(|pa| read_phys(tl, pa, 1)) {
@@ -378,7 +458,11 @@ impl<'t> Tracer<'t> {
                 _ => {
                     let (i, first, size) = gpr(reg)?;
                     let full = before[i] >> (8 * first);
-                    if size >= 8 { full } else { full & ((1u64 << (8 * size)) - 1) }
+                    if size >= 8 {
+                        full
+                    } else {
+                        full & ((1u64 << (8 * size)) - 1)
+                    }
                 }
             };
             Some(v)
@@ -394,9 +478,13 @@ impl<'t> Tracer<'t> {
                     OpAccess::ReadWrite | OpAccess::ReadCondWrite => (true, true),
                     _ => continue,
                 };
-                let Some(va) = m.virtual_address(0, value) else { continue };
+                let Some(va) = m.virtual_address(0, value) else {
+                    continue;
+                };
                 let size = m.memory_size().size().max(1);
-                let Some(pa) = translate(tl, s.cr0, s.cr3, va) else { continue };
+                let Some(pa) = translate(tl, s.cr0, s.cr3, va) else {
+                    continue;
+                };
                 // Accesses crossing a page boundary: read through the second page too.
                 let b = if (pa & 0xfff) as usize + size <= 4096 {
                     read_phys(tl, pa, size)
@@ -410,7 +498,14 @@ impl<'t> Tracer<'t> {
                     }
                     v
                 };
-                mem.push(Access { va, pa, write, read, before: b, after: Vec::new() });
+                mem.push(Access {
+                    va,
+                    pa,
+                    write,
+                    read,
+                    before: b,
+                    after: Vec::new(),
+                });
             }
         }
         // Port input attribution needs the device state before the access.
@@ -425,18 +520,23 @@ impl<'t> Tracer<'t> {
         };
         let mut serial_head: Option<(u64, usize)> = None;
         match insn.mnemonic() {
-            Mnemonic::In => {
-                if port(&insn) == Some(ports::SERIAL_BASE) {
-                    let st = tl.machine.devices.serial.state();
-                    if st.line_control & 0x80 == 0 && !st.in_buffer.is_empty() {
-                        let delivered = serial_delivered(&tl.rec, tl.host.next);
-                        serial_head = Some((delivered.saturating_sub(st.in_buffer.len() as u64), st.in_buffer.len()));
-                    }
+            Mnemonic::In if port(&insn) == Some(ports::SERIAL_BASE) => {
+                let st = tl.machine.devices.serial.state();
+                if st.line_control & 0x80 == 0 && !st.in_buffer.is_empty() {
+                    let delivered = serial_delivered(&tl.rec, tl.host.next);
+                    serial_head = Some((
+                        delivered.saturating_sub(st.in_buffer.len() as u64),
+                        st.in_buffer.len(),
+                    ));
                 }
             }
             Mnemonic::Out if port(&insn) == Some(ports::BLK_CMD) && r.rax as u32 == 1 => {
                 let b = tl.machine.devices.block.regs;
-                dma = Some(Dma { lba: b.lba as u64, addr: b.addr as u64, count: b.count as u64 });
+                dma = Some(Dma {
+                    lba: b.lba as u64,
+                    addr: b.addr as u64,
+                    count: b.count as u64,
+                });
             }
             _ => {}
         }
@@ -445,7 +545,8 @@ impl<'t> Tracer<'t> {
             dma_before = Some(read_phys(tl, d.addr, (d.count * 512) as usize));
         }
         // Execute it.
-        let exits_next = is_port_insn(insn.mnemonic()) && tl.machine.devices.pic.next_vector().is_none();
+        let exits_next =
+            is_port_insn(insn.mnemonic()) && tl.machine.devices.pic.next_vector().is_none();
         let o = if exits_next {
             let to = self.tl.exits() + 1;
             self.tl.run(Some(to))?
@@ -465,31 +566,59 @@ impl<'t> Tracer<'t> {
         if let Some(d) = dma {
             let new = read_phys(tl, d.addr, (d.count * 512) as usize);
             if tl.machine.devices.block.regs.status == 0 {
-                mem.push(Access { va: d.addr, pa: d.addr, write: true, read: false, before: dma_before.unwrap_or_default(), after: new });
+                mem.push(Access {
+                    va: d.addr,
+                    pa: d.addr,
+                    write: true,
+                    read: false,
+                    before: dma_before.unwrap_or_default(),
+                    after: new,
+                });
             } else {
                 dma = None;
             }
         }
         if insn.mnemonic() == Mnemonic::In {
             let size = insn.op0_register().size().max(1);
-            let v = if size >= 8 { ra.rax } else { ra.rax & ((1u64 << (8 * size)) - 1) };
+            let v = if size >= 8 {
+                ra.rax
+            } else {
+                ra.rax & ((1u64 << (8 * size)) - 1)
+            };
             input = match port(&insn) {
-                Some(ports::SERIAL_BASE) => match serial_head.and_then(|(n, _)| serial_byte(&tl.rec, n)) {
-                    Some((event, offset, byte)) => Some(Input::Serial { event, offset, byte }),
-                    None => Some(Input::Device { port: ports::SERIAL_BASE, value: v }),
-                },
+                Some(ports::SERIAL_BASE) => {
+                    match serial_head.and_then(|(n, _)| serial_byte(&tl.rec, n)) {
+                        Some((event, offset, byte)) => Some(Input::Serial {
+                            event,
+                            offset,
+                            byte,
+                        }),
+                        None => Some(Input::Device {
+                            port: ports::SERIAL_BASE,
+                            value: v,
+                        }),
+                    }
+                }
                 Some(ports::CLOCK_LO) => tl
                     .rec
                     .events
                     .iter()
                     .position(|e| matches!(e, Event::Clock { exits, .. } if *exits == tl.exits()))
-                    .map(|event| Input::Clock { event, value: clock_value(&tl.rec, event), high: false }),
+                    .map(|event| Input::Clock {
+                        event,
+                        value: clock_value(&tl.rec, event),
+                        high: false,
+                    }),
                 Some(ports::CLOCK_HI) => tl
                     .rec
                     .events
                     .iter()
                     .rposition(|e| matches!(e, Event::Clock { exits, .. } if *exits <= tl.exits()))
-                    .map(|event| Input::Clock { event, value: clock_value(&tl.rec, event), high: true }),
+                    .map(|event| Input::Clock {
+                        event,
+                        value: clock_value(&tl.rec, event),
+                        high: true,
+                    }),
                 Some(p) => Some(Input::Device { port: p, value: v }),
                 None => None,
             };
@@ -509,20 +638,52 @@ impl<'t> Tracer<'t> {
             dma = None;
             if sa.cs.selector & 3 == 0 && ring == 3 {
                 for k in 1..=3u64 {
-                    let Some(pa) = translate(tl, sa.cr0, sa.cr3, ra.rip - k) else { continue };
+                    let Some(pa) = translate(tl, sa.cr0, sa.cr3, ra.rip - k) else {
+                        continue;
+                    };
                     let code = read_phys(tl, pa, k as usize);
                     let h = Decoder::with_ip(64, &code, ra.rip - k, DecoderOptions::NONE).decode();
-                    if !h.is_invalid() && h.len() as u64 == k && h.mnemonic() == Mnemonic::Push && h.op0_kind() == OpKind::Register {
+                    if !h.is_invalid()
+                        && h.len() as u64 == k
+                        && h.mnemonic() == Mnemonic::Push
+                        && h.op0_kind() == OpKind::Register
+                    {
                         let slot = translate(tl, sa.cr0, sa.cr3, ra.rsp).unwrap_or(ra.rsp);
                         let frame = read_phys(tl, slot, 48);
                         if frame.len() == 48 {
-                            mem.push(Access { va: ra.rsp, pa: slot, write: true, read: false, before: vec![0; 8], after: frame[..8].to_vec() });
-                            mem.push(Access { va: ra.rsp + 8, pa: slot + 8, write: true, read: false, before: vec![0; 40], after: frame[8..].to_vec() });
+                            mem.push(Access {
+                                va: ra.rsp,
+                                pa: slot,
+                                write: true,
+                                read: false,
+                                before: vec![0; 8],
+                                after: frame[..8].to_vec(),
+                            });
+                            mem.push(Access {
+                                va: ra.rsp + 8,
+                                pa: slot + 8,
+                                write: true,
+                                read: false,
+                                before: vec![0; 40],
+                                after: frame[8..].to_vec(),
+                            });
                         }
                         insn = h;
                         bytes = code;
                         irregular = false;
-                        return Ok(Step { at, insn, bytes, ring, before, after, mem, input, dma, irregular, interrupt: true });
+                        return Ok(Step {
+                            at,
+                            insn,
+                            bytes,
+                            ring,
+                            before,
+                            after,
+                            mem,
+                            input,
+                            dma,
+                            irregular,
+                            interrupt: true,
+                        });
                     }
                 }
             }
@@ -551,9 +712,20 @@ impl<'t> Tracer<'t> {
                 }
             }
         }
-        Ok(Step { at, insn, bytes, ring, before, after, mem, input, dma, irregular, interrupt: false })
+        Ok(Step {
+            at,
+            insn,
+            bytes,
+            ring,
+            before,
+            after,
+            mem,
+            input,
+            dma,
+            irregular,
+            interrupt: false,
+        })
     }
-
 }
 
 /// Whether RIP after the step is not where the instruction leads (an
@@ -564,19 +736,38 @@ fn unexpected_rip(insn: &Instruction, mem: &[Access], rip: u64) -> bool {
     }
     let next = insn.next_ip();
     let ok = match insn.mnemonic() {
-        Mnemonic::Ret => mem.iter().find(|a| a.read).map(|a| le(&a.before) == rip).unwrap_or(true),
-        Mnemonic::Iretq | Mnemonic::Iretd | Mnemonic::Iret | Mnemonic::Sysret | Mnemonic::Sysretq | Mnemonic::Syscall => true,
+        Mnemonic::Ret => mem
+            .iter()
+            .find(|a| a.read)
+            .map(|a| le(&a.before) == rip)
+            .unwrap_or(true),
+        Mnemonic::Iretq
+        | Mnemonic::Iretd
+        | Mnemonic::Iret
+        | Mnemonic::Sysret
+        | Mnemonic::Sysretq
+        | Mnemonic::Syscall => true,
         Mnemonic::Int | Mnemonic::Int3 | Mnemonic::Int1 | Mnemonic::Into | Mnemonic::Ud2 => true,
         Mnemonic::Hlt => true,
-        _ if insn.is_string_instruction() && (insn.has_rep_prefix() || insn.has_repne_prefix()) => rip == next || rip == insn.ip(),
+        _ if insn.is_string_instruction() && (insn.has_rep_prefix() || insn.has_repne_prefix()) => {
+            rip == next || rip == insn.ip()
+        }
         _ => match insn.flow_control() {
             iced_x86::FlowControl::Next => rip == next,
-            iced_x86::FlowControl::UnconditionalBranch | iced_x86::FlowControl::Call => match insn.op0_kind() {
-                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => rip == insn.near_branch_target(),
-                _ => true,
-            },
+            iced_x86::FlowControl::UnconditionalBranch | iced_x86::FlowControl::Call => {
+                match insn.op0_kind() {
+                    OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64 => {
+                        rip == insn.near_branch_target()
+                    }
+                    _ => true,
+                }
+            }
             iced_x86::FlowControl::ConditionalBranch => {
-                rip == next || matches!(insn.op0_kind(), OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64) && rip == insn.near_branch_target()
+                rip == next
+                    || matches!(
+                        insn.op0_kind(),
+                        OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+                    ) && rip == insn.near_branch_target()
             }
             _ => true,
         },
@@ -626,16 +817,46 @@ struct Flow {
 }
 
 fn is_copy(m: Mnemonic) -> bool {
-    matches!(m, Mnemonic::Mov | Mnemonic::Movzx | Mnemonic::Movsx | Mnemonic::Movsxd | Mnemonic::Push | Mnemonic::Pop | Mnemonic::Movsb | Mnemonic::Movsw | Mnemonic::Movsd | Mnemonic::Movsq | Mnemonic::Cdqe | Mnemonic::Cwde | Mnemonic::Cbw | Mnemonic::Xchg)
+    matches!(
+        m,
+        Mnemonic::Mov
+            | Mnemonic::Movzx
+            | Mnemonic::Movsx
+            | Mnemonic::Movsxd
+            | Mnemonic::Push
+            | Mnemonic::Pop
+            | Mnemonic::Movsb
+            | Mnemonic::Movsw
+            | Mnemonic::Movsd
+            | Mnemonic::Movsq
+            | Mnemonic::Cdqe
+            | Mnemonic::Cwde
+            | Mnemonic::Cbw
+            | Mnemonic::Xchg
+    )
 }
 
 fn stack_op(m: Mnemonic) -> bool {
-    matches!(m, Mnemonic::Push | Mnemonic::Pop | Mnemonic::Call | Mnemonic::Ret | Mnemonic::Enter | Mnemonic::Leave | Mnemonic::Iretq | Mnemonic::Pushfq | Mnemonic::Popfq | Mnemonic::Pushf | Mnemonic::Popf)
+    matches!(
+        m,
+        Mnemonic::Push
+            | Mnemonic::Pop
+            | Mnemonic::Call
+            | Mnemonic::Ret
+            | Mnemonic::Enter
+            | Mnemonic::Leave
+            | Mnemonic::Iretq
+            | Mnemonic::Pushfq
+            | Mnemonic::Popfq
+            | Mnemonic::Pushf
+            | Mnemonic::Popf
+    )
 }
 
 fn flow(step: &Step, factory: &mut InstructionInfoFactory) -> Flow {
     let mut f = Flow::default();
-    let mem_keys = |a: &Access| (a.pa..a.pa + a.before.len().max(a.after.len()) as u64).collect::<Vec<_>>();
+    let mem_keys =
+        |a: &Access| (a.pa..a.pa + a.before.len().max(a.after.len()) as u64).collect::<Vec<_>>();
     if step.interrupt {
         // [0] the handler's push of a register, [1] the frame.
         if let (Some(slot), Some((r, _, _))) = (step.mem.first(), gpr(step.insn.op0_register())) {
@@ -664,7 +885,11 @@ fn flow(step: &Step, factory: &mut InstructionInfoFactory) -> Flow {
     let m = insn.mnemonic();
     if let Some(d) = step.dma {
         f.dests.extend(d.addr..d.addr + d.count * 512);
-        f.input = Some(Input::Disk { sector: d.lba, offset: 0, len: d.count * 512 });
+        f.input = Some(Input::Disk {
+            sector: d.lba,
+            offset: 0,
+            len: d.count * 512,
+        });
         return f;
     }
     let info = factory.info(insn);
@@ -681,23 +906,41 @@ fn flow(step: &Step, factory: &mut InstructionInfoFactory) -> Flow {
     let mut explicit_read: Vec<Register> = Vec::new();
     for i in 0..insn.op_count() {
         if insn.op_kind(i) == OpKind::Register
-            && matches!(info.op_access(i), OpAccess::Read | OpAccess::ReadWrite | OpAccess::CondRead | OpAccess::ReadCondWrite)
+            && matches!(
+                info.op_access(i),
+                OpAccess::Read | OpAccess::ReadWrite | OpAccess::CondRead | OpAccess::ReadCondWrite
+            )
         {
             explicit_read.push(insn.op_register(i).full_register());
         }
     }
-    let zero_idiom = matches!(m, Mnemonic::Xor | Mnemonic::Sub | Mnemonic::Pxor | Mnemonic::Xorps | Mnemonic::Sbb)
-        && insn.op_count() == 2
+    let zero_idiom = matches!(
+        m,
+        Mnemonic::Xor | Mnemonic::Sub | Mnemonic::Pxor | Mnemonic::Xorps | Mnemonic::Sbb
+    ) && insn.op_count() == 2
         && insn.op0_kind() == OpKind::Register
         && insn.op1_kind() == OpKind::Register
         && insn.op0_register() == insn.op1_register();
     for ur in info.used_registers() {
-        let Some((idx, first, size)) = gpr(ur.register()) else { continue };
+        let Some((idx, first, size)) = gpr(ur.register()) else {
+            continue;
+        };
         let full = ur.register().full_register();
-        let reads = matches!(ur.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite);
-        let writes = matches!(ur.access(), OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite);
-        if reads && !zero_idiom && (!addr_regs.contains(&full) || explicit_read.contains(&full)) && !(m == Mnemonic::In && idx == 2) {
-            f.sources.extend((first..first + size).map(|b| reg_key(idx, b)));
+        let reads = matches!(
+            ur.access(),
+            OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+        );
+        let writes = matches!(
+            ur.access(),
+            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+        );
+        if reads
+            && !zero_idiom
+            && (!addr_regs.contains(&full) || explicit_read.contains(&full))
+            && !(m == Mnemonic::In && idx == 2)
+        {
+            f.sources
+                .extend((first..first + size).map(|b| reg_key(idx, b)));
         }
         if writes && !(idx == 4 && stack_op(m)) {
             let bytes = if size == 4 { 0..8 } else { first..first + size };
@@ -715,15 +958,26 @@ fn flow(step: &Step, factory: &mut InstructionInfoFactory) -> Flow {
     for i in 0..insn.op_count() {
         if matches!(
             insn.op_kind(i),
-            OpKind::Immediate8 | OpKind::Immediate16 | OpKind::Immediate32 | OpKind::Immediate64 | OpKind::Immediate8to16 | OpKind::Immediate8to32 | OpKind::Immediate8to64 | OpKind::Immediate32to64
+            OpKind::Immediate8
+                | OpKind::Immediate16
+                | OpKind::Immediate32
+                | OpKind::Immediate64
+                | OpKind::Immediate8to16
+                | OpKind::Immediate8to32
+                | OpKind::Immediate8to64
+                | OpKind::Immediate32to64
         ) && m != Mnemonic::In
             && m != Mnemonic::Out
         {
-            f.consts.push(Constant::Immediate { value: insn.immediate(i) });
+            f.consts.push(Constant::Immediate {
+                value: insn.immediate(i),
+            });
         }
     }
     if m == Mnemonic::Call {
-        f.consts.push(Constant::ReturnAddress { value: insn.next_ip() });
+        f.consts.push(Constant::ReturnAddress {
+            value: insn.next_ip(),
+        });
     }
     if let Some(inp) = &step.input {
         f.sources.clear();
@@ -755,7 +1009,14 @@ impl Window {
             }
             flows.push(f);
         }
-        Window { from, to, steps, flows, deps, last }
+        Window {
+            from,
+            to,
+            steps,
+            flows,
+            deps,
+            last,
+        }
     }
 }
 
@@ -772,16 +1033,27 @@ struct Budget<'a> {
 
 impl<'a> Budget<'a> {
     fn new(limits: &'a Limits<'a>) -> Budget<'a> {
-        Budget { limits, start: Instant::now(), steps: 0, bar: None }
+        Budget {
+            limits,
+            start: Instant::now(),
+            steps: 0,
+            bar: None,
+        }
     }
 
     /// Why the query must stop now, if it must.
     fn exhausted(&self) -> Option<String> {
         if self.steps >= self.limits.max_steps {
-            return Some(format!("the step limit ({} instructions single-stepped)", self.limits.max_steps));
+            return Some(format!(
+                "the step limit ({} instructions single-stepped)",
+                self.limits.max_steps
+            ));
         }
         if self.start.elapsed() >= self.limits.max_time {
-            return Some(format!("the time limit ({:.0} s)", self.limits.max_time.as_secs_f64()));
+            return Some(format!(
+                "the time limit ({:.0} s)",
+                self.limits.max_time.as_secs_f64()
+            ));
         }
         None
     }
@@ -793,13 +1065,21 @@ impl<'a> Budget<'a> {
                 self.done();
                 return Err(ProvError::Interrupted { at });
             }
-            if self.bar.is_none() && self.limits.progress && self.start.elapsed() > Duration::from_millis(500) {
+            if self.bar.is_none()
+                && self.limits.progress
+                && self.start.elapsed() > Duration::from_millis(500)
+            {
                 use std::io::IsTerminal;
                 if std::io::stderr().is_terminal() {
-                    let b = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr_with_hz(8));
+                    let b = indicatif::ProgressBar::with_draw_target(
+                        None,
+                        indicatif::ProgressDrawTarget::stderr_with_hz(8),
+                    );
                     b.set_style(
-                        indicatif::ProgressStyle::with_template("{spinner} {msg} {pos} instructions stepped, {elapsed} (Ctrl-C stops)")
-                            .expect("valid template"),
+                        indicatif::ProgressStyle::with_template(
+                            "{spinner} {msg} {pos} instructions stepped, {elapsed} (Ctrl-C stops)",
+                        )
+                        .expect("valid template"),
                     );
                     self.bar = Some(b);
                 }
@@ -822,14 +1102,29 @@ impl<'a> Budget<'a> {
 /// Replays from exit boundary `from` to point `to`, single-stepping every
 /// instruction in between and handing each to `each`. Stops early (returns
 /// the reason) on a limit.
-fn trace_span(rec: &Arc<Recording>, from: u64, to: ExecPoint, budget: &mut Budget, each: &mut dyn FnMut(Step)) -> R<Option<String>> {
+fn trace_span(
+    rec: &Arc<Recording>,
+    from: u64,
+    to: ExecPoint,
+    budget: &mut Budget,
+    each: &mut dyn FnMut(Step),
+) -> R<Option<String>> {
     let ck = Timeline::nearest_checkpoint(rec, from);
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, Sink::Discard)?;
     if tl.exits() < from {
         match tl.run(Some(from))? {
             Outcome::Reached => {}
-            Outcome::Diverged(why) => return Err(ProvError::Diverged { at: tl.exits(), why }),
-            o => return Err(ProvError::Msg(format!("cannot replay to exit {from}: {o:?}"))),
+            Outcome::Diverged(why) => {
+                return Err(ProvError::Diverged {
+                    at: tl.exits(),
+                    why,
+                })
+            }
+            o => {
+                return Err(ProvError::Msg(format!(
+                    "cannot replay to exit {from}: {o:?}"
+                )))
+            }
         }
     }
     let mut t = Tracer::new(&mut tl);
@@ -839,7 +1134,9 @@ fn trace_span(rec: &Arc<Recording>, from: u64, to: ExecPoint, budget: &mut Budge
             return Ok(None);
         }
         if (here.exits, here.branches) > (to.exits, to.branches) {
-            return Err(ProvError::Msg(format!("the execution does not stop at {to}: it went on to {here}")));
+            return Err(ProvError::Msg(format!(
+                "the execution does not stop at {to}: it went on to {here}"
+            )));
         }
         if let Some(why) = budget.exhausted() {
             return Ok(Some(why));
@@ -857,15 +1154,30 @@ pub fn exit_point(rec: &Arc<Recording>, exits: u64) -> R<ExecPoint> {
     if tl.exits() < exits {
         match tl.run(Some(exits))? {
             Outcome::Reached | Outcome::Finished { .. } => {}
-            Outcome::Diverged(why) => return Err(ProvError::Diverged { at: tl.exits(), why }),
-            o => return Err(ProvError::Msg(format!("cannot replay to exit {exits}: {o:?}"))),
+            Outcome::Diverged(why) => {
+                return Err(ProvError::Diverged {
+                    at: tl.exits(),
+                    why,
+                })
+            }
+            o => {
+                return Err(ProvError::Msg(format!(
+                    "cannot replay to exit {exits}: {o:?}"
+                )))
+            }
         }
     }
     Ok(tl.position()?)
 }
 
 /// The first point in exits `from..to` where RIP is `rip` (single-stepping).
-pub fn find_rip(rec: &Arc<Recording>, rip: u64, from: u64, to: u64, limits: &Limits) -> R<Option<ExecPoint>> {
+pub fn find_rip(
+    rec: &Arc<Recording>,
+    rip: u64,
+    from: u64,
+    to: u64,
+    limits: &Limits,
+) -> R<Option<ExecPoint>> {
     let end = exit_point(rec, to)?;
     let ck = Timeline::nearest_checkpoint(rec, from);
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, Sink::Discard)?;
@@ -900,19 +1212,37 @@ pub struct Image {
 impl Image {
     pub fn open(rec: &Recording) -> Image {
         let b = std::fs::read(rec.dir.join(trace::IMAGE)).unwrap_or_default();
-        Image { segments: load_segments(&b).unwrap_or_default(), symbols: Symbols::from_elf(&b) }
+        Image {
+            segments: load_segments(&b).unwrap_or_default(),
+            symbols: Symbols::from_elf(&b),
+        }
     }
 
     /// The ELF file offset and virtual address of physical byte `pa`, when the loader put it there from the file.
     pub fn file_offset(&self, pa: u64) -> Option<(u64, u64)> {
-        self.segments.iter().find(|(p, _, n, _)| pa >= *p && pa < p + n).map(|(p, off, _, va)| (off + (pa - p), va + (pa - p)))
+        self.segments
+            .iter()
+            .find(|(p, _, n, _)| pa >= *p && pa < p + n)
+            .map(|(p, off, _, va)| (off + (pa - p), va + (pa - p)))
     }
 }
 
 fn load_segments(b: &[u8]) -> Option<Vec<(u64, u64, u64, u64)>> {
-    let u16_at = |o: usize| Some(u16::from_le_bytes(b.get(o..o.checked_add(2)?)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(b.get(o..o.checked_add(4)?)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o.checked_add(8)?)?.try_into().ok()?));
+    let u16_at = |o: usize| {
+        Some(u16::from_le_bytes(
+            b.get(o..o.checked_add(2)?)?.try_into().ok()?,
+        ))
+    };
+    let u32_at = |o: usize| {
+        Some(u32::from_le_bytes(
+            b.get(o..o.checked_add(4)?)?.try_into().ok()?,
+        ))
+    };
+    let u64_at = |o: usize| {
+        Some(u64::from_le_bytes(
+            b.get(o..o.checked_add(8)?)?.try_into().ok()?,
+        ))
+    };
     if b.get(..4)? != b"\x7fELF" || *b.get(4)? != 2 {
         return None;
     }
@@ -925,7 +1255,12 @@ fn load_segments(b: &[u8]) -> Option<Vec<(u64, u64, u64, u64)>> {
         if u32_at(h)? != 1 {
             continue; // PT_LOAD only
         }
-        let (off, va, pa, filesz) = (u64_at(h + 8)?, u64_at(h + 16)?, u64_at(h + 24)?, u64_at(h + 32)?);
+        let (off, va, pa, filesz) = (
+            u64_at(h + 8)?,
+            u64_at(h + 16)?,
+            u64_at(h + 24)?,
+            u64_at(h + 32)?,
+        );
         v.push((pa, off, filesz, va));
     }
     Some(v)
@@ -942,7 +1277,10 @@ pub enum Source {
     Node { id: usize },
     /// Memory never written since the recording started; from the image
     /// file at `elf_offset` when the loader put it there.
-    Image { elf_offset: Option<u64>, symbol: String },
+    Image {
+        elf_offset: Option<u64>,
+        symbol: String,
+    },
     /// A register as it was when the recording started.
     Initial,
     /// Not followed: a limit stopped the walk.
@@ -1030,12 +1368,23 @@ pub struct Origin {
 /// One capstone line for an instruction ("movb %al, -0x31(%rbp, %rbx)").
 pub fn insn_text(bytes: &[u8], rip: u64) -> String {
     use capstone::prelude::*;
-    let Ok(cs) = Capstone::new().x86().mode(arch::x86::ArchMode::Mode64).syntax(arch::x86::ArchSyntax::Att).build() else {
+    let Ok(cs) = Capstone::new()
+        .x86()
+        .mode(arch::x86::ArchMode::Mode64)
+        .syntax(arch::x86::ArchSyntax::Att)
+        .build()
+    else {
         return String::from("?");
     };
     let text = match cs.disasm_count(bytes, rip, 1) {
         Ok(insns) => match insns.iter().next() {
-            Some(i) => format!("{} {}", i.mnemonic().unwrap_or("?"), i.op_str().unwrap_or("")).trim_end().to_string(),
+            Some(i) => format!(
+                "{} {}",
+                i.mnemonic().unwrap_or("?"),
+                i.op_str().unwrap_or("")
+            )
+            .trim_end()
+            .to_string(),
             None => "(undecodable)".into(),
         },
         Err(_) => "(undecodable)".into(),
@@ -1062,7 +1411,9 @@ impl Walk {
 
     /// Whether window `w`'s start is the start of the recording (nothing before it).
     fn oldest_is_start(&self) -> bool {
-        self.windows.last().is_none_or(|w| w.from <= self.first_exit)
+        self.windows
+            .last()
+            .is_none_or(|w| w.from <= self.first_exit)
     }
 
     fn node(&mut self, w: usize, i: u32, depth: usize) -> usize {
@@ -1082,7 +1433,10 @@ impl Walk {
             ring: s.ring,
             insn: insn_text(&s.bytes, s.at.rip),
             bytes: s.bytes.clone(),
-            copy: is_copy(s.insn.mnemonic()) && f.consts.is_empty() && f.input.is_none() && !s.interrupt,
+            copy: is_copy(s.insn.mnemonic())
+                && f.consts.is_empty()
+                && f.input.is_none()
+                && !s.interrupt,
             interrupt: s.interrupt,
             constants: f.consts.clone(),
             input: f.input.clone(),
@@ -1099,7 +1453,13 @@ impl Walk {
 
     /// Groups source bytes `keys` (read by window `w`'s step `reader`, or
     /// the query when None) by location and by writer, as edges.
-    fn edges(&mut self, w: usize, keys: &[(Key, Option<u32>)], values: &dyn Fn(Key) -> u8, depth: usize) -> Vec<Edge> {
+    fn edges(
+        &mut self,
+        w: usize,
+        keys: &[(Key, Option<u32>)],
+        values: &dyn Fn(Key) -> u8,
+        depth: usize,
+    ) -> Vec<Edge> {
         // Resolve each byte's writer.
         let mut resolved: Vec<(Key, Option<(usize, u32)>)> = Vec::with_capacity(keys.len());
         for &(k, inw) in keys {
@@ -1114,7 +1474,11 @@ impl Walk {
         for (k, wr) in resolved {
             let extend = out.last().is_some_and(|e| {
                 let last = *e.keys.last().expect("non-empty");
-                let same_place = if k & REG_BIT != 0 { last & REG_BIT != 0 && (last & !REG_BIT) / 8 == (k & !REG_BIT) / 8 } else { last & REG_BIT == 0 };
+                let same_place = if k & REG_BIT != 0 {
+                    last & REG_BIT != 0 && (last & !REG_BIT) / 8 == (k & !REG_BIT) / 8
+                } else {
+                    last & REG_BIT == 0
+                };
                 same_place && k == last + 1 && e.wr == wr
             });
             if extend {
@@ -1123,7 +1487,17 @@ impl Walk {
                 e.value.push(values(k));
                 e.len += 1;
             } else {
-                out.push(Edge { what: String::new(), reg: None, phys: None, len: 1, value: vec![values(k)], from: Source::Initial, keys: vec![k], window: w, wr });
+                out.push(Edge {
+                    what: String::new(),
+                    reg: None,
+                    phys: None,
+                    len: 1,
+                    value: vec![values(k)],
+                    from: Source::Initial,
+                    keys: vec![k],
+                    window: w,
+                    wr,
+                });
             }
         }
         for e in &mut out {
@@ -1144,7 +1518,11 @@ impl Edge {
             let r = ((k & !REG_BIT) / 8) as usize;
             let b = (k & !REG_BIT) % 8;
             self.reg = Some(r);
-            self.what = if b == 0 && self.len == 8 { format!("%{}", GPR_NAMES[r]) } else { format!("%{}[{}..{}]", GPR_NAMES[r], b, b + self.len) };
+            self.what = if b == 0 && self.len == 8 {
+                format!("%{}", GPR_NAMES[r])
+            } else {
+                format!("%{}[{}..{}]", GPR_NAMES[r], b, b + self.len)
+            };
         } else {
             self.phys = Some(k);
             self.what = format!("mem {:#x}..{:#x}", k, k + self.len);
@@ -1158,7 +1536,14 @@ pub fn origin(rec: &Arc<Recording>, loc: Location, at: ExecPoint, limits: &Limit
     let image = Image::open(rec);
     let first_exit = rec.checkpoints.first().map(|c| c.1).unwrap_or(0);
     let mut budget = Budget::new(limits);
-    let mut walk = Walk { windows: Vec::new(), ids: HashMap::new(), pos: Vec::new(), nodes: Vec::new(), work: Default::default(), first_exit };
+    let mut walk = Walk {
+        windows: Vec::new(),
+        ids: HashMap::new(),
+        pos: Vec::new(),
+        nodes: Vec::new(),
+        work: Default::default(),
+        first_exit,
+    };
     let mut span = 32u64;
     let mut stopped: Option<String> = None;
     // The value now, and the first window.
@@ -1166,15 +1551,22 @@ pub fn origin(rec: &Arc<Recording>, loc: Location, at: ExecPoint, limits: &Limit
     let mut steps = Vec::new();
     if let Some(why) = trace_span(rec, from, at, &mut budget, &mut |s| steps.push(s))? {
         budget.done();
-        return Err(ProvError::Msg(format!("stopped by {why} before reaching the query point")));
+        return Err(ProvError::Msg(format!(
+            "stopped by {why} before reaching the query point"
+        )));
     }
     walk.windows.push(Window::new(from, at, steps));
-    let value_now = {
-        let tlv = value_at_end(&walk.windows[0], loc, rec, at)?;
-        tlv
-    };
-    let query_keys: Vec<(Key, Option<u32>)> = loc.keys().into_iter().map(|k| (k, walk.windows[0].last.get(&k).copied())).collect();
-    let qvals: HashMap<Key, u8> = loc.keys().into_iter().zip(value_now.iter().copied()).collect();
+    let value_now = value_at_end(&walk.windows[0], loc, rec, at)?;
+    let query_keys: Vec<(Key, Option<u32>)> = loc
+        .keys()
+        .into_iter()
+        .map(|k| (k, walk.windows[0].last.get(&k).copied()))
+        .collect();
+    let qvals: HashMap<Key, u8> = loc
+        .keys()
+        .into_iter()
+        .zip(value_now.iter().copied())
+        .collect();
     let mut roots = walk.edges(0, &query_keys, &|k| qvals.get(&k).copied().unwrap_or(0), 0);
     let max_nodes = 400_000usize;
     loop {
@@ -1182,18 +1574,27 @@ pub fn origin(rec: &Arc<Recording>, loc: Location, at: ExecPoint, limits: &Limit
         while let Some(id) = walk.work.pop_front() {
             let depth = walk.nodes[id].depth;
             if depth >= limits.max_depth {
-                stopped.get_or_insert(format!("stopped at depth {depth} (the depth limit; raise it with --depth)"));
+                stopped.get_or_insert(format!(
+                    "stopped at depth {depth} (the depth limit; raise it with --depth)"
+                ));
                 continue;
             }
             if walk.nodes.len() >= max_nodes {
-                stopped.get_or_insert(format!("stopped at depth {depth}: {max_nodes} instructions on the paths already"));
+                stopped.get_or_insert(format!(
+                    "stopped at depth {depth}: {max_nodes} instructions on the paths already"
+                ));
                 continue;
             }
             let (w, i) = walk.pos[id];
             let win = &walk.windows[w];
             let f = &win.flows[i as usize];
             let st = &win.steps[i as usize];
-            let keys: Vec<(Key, Option<u32>)> = f.sources.iter().copied().zip(win.deps[i as usize].iter().copied()).collect();
+            let keys: Vec<(Key, Option<u32>)> = f
+                .sources
+                .iter()
+                .copied()
+                .zip(win.deps[i as usize].iter().copied())
+                .collect();
             let vals: HashMap<Key, u8> = source_values(st, &f.sources);
             let e = walk.edges(w, &keys, &|k| vals.get(&k).copied().unwrap_or(0), depth);
             walk.nodes[id].sources = e;
@@ -1207,7 +1608,10 @@ pub fn origin(rec: &Arc<Recording>, loc: Location, at: ExecPoint, limits: &Limit
             break;
         }
         if let Some(why) = budget.exhausted() {
-            stopped.get_or_insert(format!("stopped at depth {}: {why}", walk.nodes.iter().map(|n| n.depth).max().unwrap_or(0)));
+            stopped.get_or_insert(format!(
+                "stopped at depth {}: {why}",
+                walk.nodes.iter().map(|n| n.depth).max().unwrap_or(0)
+            ));
             break;
         }
         // Trace the stretch before the oldest window, then resolve again.
@@ -1218,7 +1622,10 @@ pub fn origin(rec: &Arc<Recording>, loc: Location, at: ExecPoint, limits: &Limit
         let mut steps = Vec::new();
         let r = trace_span(rec, from2, to2, &mut budget, &mut |s| steps.push(s))?;
         if let Some(why) = r {
-            stopped.get_or_insert(format!("stopped at depth {}: {why}", walk.nodes.iter().map(|n| n.depth).max().unwrap_or(0)));
+            stopped.get_or_insert(format!(
+                "stopped at depth {}: {why}",
+                walk.nodes.iter().map(|n| n.depth).max().unwrap_or(0)
+            ));
             break;
         }
         from = from2;
@@ -1230,8 +1637,18 @@ pub fn origin(rec: &Arc<Recording>, loc: Location, at: ExecPoint, limits: &Limit
             };
             let depth = owner.map(|id| walk.nodes[id].depth).unwrap_or(0);
             let keys: Vec<(Key, Option<u32>)> = edge.keys.iter().map(|k| (*k, None)).collect();
-            let vals: HashMap<Key, u8> = edge.keys.iter().copied().zip(edge.value.iter().copied()).collect();
-            let new = walk.edges(edge.window, &keys, &|k| vals.get(&k).copied().unwrap_or(0), depth);
+            let vals: HashMap<Key, u8> = edge
+                .keys
+                .iter()
+                .copied()
+                .zip(edge.value.iter().copied())
+                .collect();
+            let new = walk.edges(
+                edge.window,
+                &keys,
+                &|k| vals.get(&k).copied().unwrap_or(0),
+                depth,
+            );
             match owner {
                 Some(id) => {
                     walk.nodes[id].sources.splice(ei..ei + 1, new);
@@ -1248,13 +1665,20 @@ pub fn origin(rec: &Arc<Recording>, loc: Location, at: ExecPoint, limits: &Limit
     let fix = |e: &mut Edge| {
         if matches!(e.from, Source::Initial) {
             if !at_start {
-                e.from = Source::NotFollowed { why: stopped.clone().unwrap_or_else(|| "not traced further back".into()) };
+                e.from = Source::NotFollowed {
+                    why: stopped
+                        .clone()
+                        .unwrap_or_else(|| "not traced further back".into()),
+                };
             } else if let Some(pa) = e.phys {
                 let (off, va) = match image.file_offset(pa) {
                     Some((o, va)) => (Some(o), va),
                     None => (None, pa),
                 };
-                e.from = Source::Image { elf_offset: off, symbol: image.symbols.describe(va) };
+                e.from = Source::Image {
+                    elf_offset: off,
+                    symbol: image.symbols.describe(va),
+                };
             }
         }
     };
@@ -1346,7 +1770,10 @@ fn value_at_end(w: &Window, loc: Location, rec: &Arc<Recording>, at: ExecPoint) 
             }
             let b = read_phys(&tl, phys, len as usize);
             if b.len() != len as usize {
-                return Err(ProvError::Msg(format!("physical {phys:#x}..{:#x} is outside guest memory", phys + len)));
+                return Err(ProvError::Msg(format!(
+                    "physical {phys:#x}..{:#x} is outside guest memory",
+                    phys + len
+                )));
             }
             Ok(b)
         }
@@ -1379,7 +1806,9 @@ fn summarize(nodes: &[Node], roots: &[Edge]) -> Ends {
     let mut seen_imm: HashSet<(u64, u64)> = HashSet::new();
     for n in nodes {
         match &n.input {
-            Some(Input::Serial { event, offset, .. }) => e.serial.entry(*event).or_default().push(*offset),
+            Some(Input::Serial { event, offset, .. }) => {
+                e.serial.entry(*event).or_default().push(*offset)
+            }
             Some(Input::Clock { event, .. }) => e.clock.push(*event),
             Some(Input::Device { port, .. }) => e.devices.push(*port),
             Some(Input::Disk { .. }) | None => {}
@@ -1398,7 +1827,9 @@ fn summarize(nodes: &[Node], roots: &[Edge]) -> Ends {
         }
     }
     // Disk bytes: the edges that lead to a DMA node carry the addresses read.
-    let all_edges = roots.iter().chain(nodes.iter().flat_map(|n| n.sources.iter()));
+    let all_edges = roots
+        .iter()
+        .chain(nodes.iter().flat_map(|n| n.sources.iter()));
     for ed in all_edges {
         match &ed.from {
             Source::Node { id } => {
@@ -1407,7 +1838,10 @@ fn summarize(nodes: &[Node], roots: &[Edge]) -> Ends {
                     if let (Some(pa), Some(base)) = (ed.phys, dma_base(&nodes[*id])) {
                         for k in 0..ed.len {
                             let off = pa + k - base;
-                            e.disk.entry(sector + off / 512).or_default().push(off % 512);
+                            e.disk
+                                .entry(sector + off / 512)
+                                .or_default()
+                                .push(off % 512);
                         }
                     }
                 }
@@ -1457,7 +1891,10 @@ fn dma_base(n: &Node) -> Option<u64> {
 // Display
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" ")
+    b.iter()
+        .map(|x| format!("{x:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `E:B:RIP`, the form `seek` takes.
@@ -1474,7 +1911,11 @@ fn ranges(v: &[u64]) -> String {
         while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
             j += 1;
         }
-        out.push(if i == j { v[i].to_string() } else { format!("{}..{}", v[i], v[j] + 1) });
+        out.push(if i == j {
+            v[i].to_string()
+        } else {
+            format!("{}..{}", v[i], v[j] + 1)
+        });
         i = j + 1;
     }
     out.join(", ")
@@ -1485,19 +1926,38 @@ impl Origin {
     /// bytes came from, plain copies folded onto one line, loops folded at
     /// the second visit of an instruction, then the ends summed up.
     pub fn render(&self, syms: &Symbols, max_lines: usize) -> String {
-        let mut r = Render { o: self, syms, out: Vec::new(), shown: HashSet::new(), max_lines, cut: 0 };
+        let mut r = Render {
+            o: self,
+            syms,
+            out: Vec::new(),
+            shown: HashSet::new(),
+            max_lines,
+            cut: 0,
+        };
         let what = match self.location {
-            Location::Memory { phys, len } => format!("{len} bytes at physical {phys:#x} {}", syms.describe(phys)),
+            Location::Memory { phys, len } => {
+                format!("{len} bytes at physical {phys:#x} {}", syms.describe(phys))
+            }
             Location::Register { reg } => format!("%{}", GPR_NAMES[reg]),
         };
-        r.line(format!("origin of {what} at {} (exit {} + {} branches @ rip {:#x} {}):", point_short(&self.at), self.at.exits, self.at.branches, self.at.rip, syms.describe(self.at.rip)));
+        r.line(format!(
+            "origin of {what} at {} (exit {} + {} branches @ rip {:#x} {}):",
+            point_short(&self.at),
+            self.at.exits,
+            self.at.branches,
+            self.at.rip,
+            syms.describe(self.at.rip)
+        ));
         r.line(format!("  value: {}", hex(&self.value)));
         for e in &self.roots {
             r.edge(e, 1, &mut Vec::new(), None);
         }
         let mut s = r.out.join("\n");
         if r.cut > 0 {
-            s.push_str(&format!("\n  ... {} more lines (limit {max_lines}; --json gives the whole graph)", r.cut));
+            s.push_str(&format!(
+                "\n  ... {} more lines (limit {max_lines}; --json gives the whole graph)",
+                r.cut
+            ));
         }
         s.push('\n');
         s.push_str(&self.render_ends(syms));
@@ -1510,14 +1970,20 @@ impl Origin {
         let mut s = String::from("ends:\n");
         for (ev, offs) in &e.serial {
             let o: Vec<u64> = offs.iter().map(|x| *x as u64).collect();
-            s.push_str(&format!("  serial input: event #{ev} bytes {}\n", ranges(&o)));
+            s.push_str(&format!(
+                "  serial input: event #{ev} bytes {}\n",
+                ranges(&o)
+            ));
         }
         for ev in &e.clock {
             s.push_str(&format!("  clock reading: event #{ev}\n"));
         }
         if !e.disk.is_empty() {
             let total: usize = e.disk.values().map(Vec::len).sum();
-            s.push_str(&format!("  disk: {total} bytes of {} sectors (DMA reads)\n", e.disk.len()));
+            s.push_str(&format!(
+                "  disk: {total} bytes of {} sectors (DMA reads)\n",
+                e.disk.len()
+            ));
             for (sec, offs) in e.disk.iter().take(16) {
                 s.push_str(&format!("    sector {sec} offsets {}\n", ranges(offs)));
             }
@@ -1529,16 +1995,28 @@ impl Origin {
             s.push_str(&format!("  device register read: port {p:#x}\n"));
         }
         for (v, rip) in &e.immediates {
-            s.push_str(&format!("  constant {v:#x} (immediate of the instruction at {rip:#x} {})\n", syms.describe(*rip)));
+            s.push_str(&format!(
+                "  constant {v:#x} (immediate of the instruction at {rip:#x} {})\n",
+                syms.describe(*rip)
+            ));
         }
         for (v, rip) in &e.return_addresses {
-            s.push_str(&format!("  constant {v:#x} (return address pushed by the call at {rip:#x} {})\n", syms.describe(*rip)));
+            s.push_str(&format!(
+                "  constant {v:#x} (return address pushed by the call at {rip:#x} {})\n",
+                syms.describe(*rip)
+            ));
         }
         for rip in &e.no_inputs {
-            s.push_str(&format!("  a value computed from no input at {rip:#x} {}\n", syms.describe(*rip)));
+            s.push_str(&format!(
+                "  a value computed from no input at {rip:#x} {}\n",
+                syms.describe(*rip)
+            ));
         }
         if e.interrupt_frames > 0 {
-            s.push_str(&format!("  {} interrupt frame(s) pushed by the CPU\n", e.interrupt_frames));
+            s.push_str(&format!(
+                "  {} interrupt frame(s) pushed by the CPU\n",
+                e.interrupt_frames
+            ));
         }
         if !e.image.is_empty() {
             let pas: Vec<u64> = e.image.iter().map(|x| x.0).collect();
@@ -1552,7 +2030,10 @@ impl Origin {
             ));
         }
         for r in &e.initial_registers {
-            s.push_str(&format!("  %{} as it was when the recording started\n", GPR_NAMES[*r]));
+            s.push_str(&format!(
+                "  %{} as it was when the recording started\n",
+                GPR_NAMES[*r]
+            ));
         }
         match &self.stopped {
             Some(why) => s.push_str(&format!("  {why}\n")),
@@ -1600,7 +2081,60 @@ impl Render<'_> {
             String::new()
         };
         *stack = Some(page);
-        format!("{} at {} {}{ring}", n.insn, point_short(&n.at), self.syms.describe(n.at.rip))
+        format!(
+            "{} at {} {}{ring}",
+            n.insn,
+            point_short(&n.at),
+            self.syms.describe(n.at.rip)
+        )
+    }
+
+    /// What a folded loop hides: along its first source chain, how often
+    /// the instruction at `from`'s RIP ran on each stack (task), and the
+    /// nearest one on a stack other than `from`'s.
+    fn loop_summary(&self, from: usize) -> String {
+        let rip = self.o.nodes[from].at.rip;
+        let page = self.o.nodes[from].rsp >> 12;
+        let mut per: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut other = None;
+        let mut cur = Some(from);
+        let mut seen = HashSet::new();
+        while let Some(c) = cur {
+            if !seen.insert(c) {
+                break;
+            }
+            let n = &self.o.nodes[c];
+            if n.at.rip == rip {
+                *per.entry(n.rsp >> 12).or_default() += 1;
+                if other.is_none() && n.rsp >> 12 != page {
+                    other = Some(c);
+                }
+            }
+            // Follow the first source that leads to an instruction.
+            cur = n.sources.iter().find_map(|e| match e.from {
+                Source::Node { id } => Some(id),
+                _ => None,
+            });
+        }
+        let stacks: Vec<String> = per
+            .iter()
+            .map(|(p, k)| format!("{k} on stack {}", self.syms.describe(p << 12)))
+            .collect();
+        let mut s = format!(
+            "(the folded chain runs it {} more times: {})",
+            per.values().sum::<usize>(),
+            stacks.join(", ")
+        );
+        if let Some(o) = other {
+            let n = &self.o.nodes[o];
+            s.push_str(&format!(
+                "; nearest on another stack (another task): {} at {} [stack {}]",
+                n.insn,
+                point_short(&n.at),
+                self.syms.describe(n.rsp & !0xfff)
+            ));
+        }
+        s
     }
 
     /// One edge and, below it, the chain of instructions it came from.
@@ -1618,9 +2152,13 @@ impl Render<'_> {
                     Some(o) => format!("ELF file offset {o:#x}"),
                     None => "not from the ELF file".into(),
                 };
-                self.line(format!("{head}  <- boot image bytes {symbol} ({off}), never written since"));
+                self.line(format!(
+                    "{head}  <- boot image bytes {symbol} ({off}), never written since"
+                ));
             }
-            Source::Initial => self.line(format!("{head}  <- as it was when the recording started")),
+            Source::Initial => {
+                self.line(format!("{head}  <- as it was when the recording started"))
+            }
             Source::NotFollowed { why } => self.line(format!("{head}  <- (not followed: {why})")),
             Source::Node { id } => {
                 // Fold plain copies: follow single-source copies on one line.
@@ -1654,8 +2192,14 @@ impl Render<'_> {
                 }
                 if let Some(l) = looped {
                     let n = &self.o.nodes[l];
-                    text.push_str(&format!("  <- (loop: {} again, an earlier iteration at {}; folded)", n.insn, point_short(&n.at)));
+                    text.push_str(&format!(
+                        "  <- (loop: {} again, an earlier iteration at {}; folded)",
+                        n.insn,
+                        point_short(&n.at)
+                    ));
                     self.line(text);
+                    let summary = self.loop_summary(l);
+                    self.line(format!("{pad}    {summary}"));
                     return;
                 }
                 let Some(&last) = chain.last() else {
@@ -1668,7 +2212,11 @@ impl Render<'_> {
                     let i = match (i, into.0, n.dma_addr) {
                         (Input::Disk { sector, .. }, Some(pa), Some(base)) if pa >= base => {
                             let off = pa - base;
-                            Input::Disk { sector: sector + off / 512, offset: off % 512, len: into.1 }
+                            Input::Disk {
+                                sector: sector + off / 512,
+                                offset: off % 512,
+                                len: into.1,
+                            }
                         }
                         (i, ..) => i.clone(),
                     };
@@ -1692,7 +2240,10 @@ impl Render<'_> {
                     return;
                 }
                 self.line(text);
-                let rips: Vec<(u64, u64)> = chain.iter().map(|c| (self.o.nodes[*c].at.rip, self.o.nodes[*c].rsp >> 12)).collect();
+                let rips: Vec<(u64, u64)> = chain
+                    .iter()
+                    .map(|c| (self.o.nodes[*c].at.rip, self.o.nodes[*c].rsp >> 12))
+                    .collect();
                 path.extend(&rips);
                 let srcs = n.sources.clone();
                 for s in &srcs {
@@ -1743,7 +2294,15 @@ pub struct History {
 /// between exit `from` and point `to`. Checkpoint intervals whose dirty
 /// page lists leave out the range's pages are skipped when only writes are
 /// wanted (DMA pages are in those lists too); the rest is single-stepped.
-pub fn history(rec: &Arc<Recording>, phys: u64, len: u64, from: u64, to: ExecPoint, reads: bool, limits: &Limits) -> R<History> {
+pub fn history(
+    rec: &Arc<Recording>,
+    phys: u64,
+    len: u64,
+    from: u64,
+    to: ExecPoint,
+    reads: bool,
+    limits: &Limits,
+) -> R<History> {
     let started = Instant::now();
     let first = phys / 4096;
     let last = (phys + len.max(1) - 1) / 4096;
@@ -1757,8 +2316,13 @@ pub fn history(rec: &Arc<Recording>, phys: u64, len: u64, from: u64, to: ExecPoi
             if a < from || b > to.exits {
                 continue;
             }
-            let ck = trace::Checkpoint::read(&trace::checkpoint_path(&rec.dir, win[1].0)).map_err(ReplayError::from)?;
-            let touched = ck.header.pages.iter().any(|&(f, n)| first < f + n && last >= f);
+            let ck = trace::Checkpoint::read(&trace::checkpoint_path(&rec.dir, win[1].0))
+                .map_err(ReplayError::from)?;
+            let touched = ck
+                .header
+                .pages
+                .iter()
+                .any(|&(f, n)| first < f + n && last >= f);
             if !touched {
                 skipped.push((a, b));
             }
@@ -1785,7 +2349,11 @@ pub fn history(rec: &Arc<Recording>, phys: u64, len: u64, from: u64, to: ExecPoi
     let mut stopped = None;
     let nspans = spans.len();
     for (k, (s, e)) in spans.into_iter().enumerate() {
-        let end = if k + 1 == nspans && e == to.exits { to } else { exit_point(rec, e)? };
+        let end = if k + 1 == nspans && e == to.exits {
+            to
+        } else {
+            exit_point(rec, e)?
+        };
         let mut each = |st: Step| {
             for a in &st.mem {
                 if !(a.write || reads && a.read) {
@@ -1801,7 +2369,11 @@ pub fn history(rec: &Arc<Recording>, phys: u64, len: u64, from: u64, to: ExecPoi
                 let input = match (&st.dma, &st.input) {
                     (Some(d), _) => {
                         let off = lo - d.addr;
-                        Some(Input::Disk { sector: d.lba + off / 512, offset: off % 512, len: hi - lo })
+                        Some(Input::Disk {
+                            sector: d.lba + off / 512,
+                            offset: off % 512,
+                            len: hi - lo,
+                        })
                     }
                     (None, i) => i.clone(),
                 };
@@ -1814,7 +2386,11 @@ pub fn history(rec: &Arc<Recording>, phys: u64, len: u64, from: u64, to: ExecPoi
                     read: a.read,
                     phys: lo,
                     before: a.before.get(i..j).map(<[u8]>::to_vec).unwrap_or_default(),
-                    after: if a.write { a.after.get(i..j).map(<[u8]>::to_vec).unwrap_or_default() } else { Vec::new() },
+                    after: if a.write {
+                        a.after.get(i..j).map(<[u8]>::to_vec).unwrap_or_default()
+                    } else {
+                        Vec::new()
+                    },
                     input,
                 });
             }
@@ -1825,7 +2401,17 @@ pub fn history(rec: &Arc<Recording>, phys: u64, len: u64, from: u64, to: ExecPoi
         }
     }
     budget.done();
-    Ok(History { phys, len, from, to, touches, skipped, steps: budget.steps, stopped, millis: started.elapsed().as_millis() as u64 })
+    Ok(History {
+        phys,
+        len,
+        from,
+        to,
+        touches,
+        skipped,
+        steps: budget.steps,
+        stopped,
+        millis: started.elapsed().as_millis() as u64,
+    })
 }
 
 impl History {
@@ -1845,15 +2431,26 @@ impl History {
                 (false, true) => "w ",
                 _ => "r ",
             };
-            let stack = if t.ring == 0 { "ring 0".to_string() } else { format!("stack {}", syms.describe(t.rsp & !0xfff)) };
-            let vals = if t.write { format!("{} -> {}", hex(&t.before), hex(&t.after)) } else { hex(&t.before) };
+            let stack = if t.ring == 0 {
+                "ring 0".to_string()
+            } else {
+                format!("stack {}", syms.describe(t.rsp & !0xfff))
+            };
+            let vals = if t.write {
+                format!("{} -> {}", hex(&t.before), hex(&t.after))
+            } else {
+                hex(&t.before)
+            };
             s.push_str(&format!(
                 "  {kind} {:<16} +{:<3} {vals:<28} {} {} [{stack}]{}\n",
                 point_short(&t.at),
                 t.phys - self.phys,
                 t.insn,
                 syms.describe(t.at.rip),
-                t.input.as_ref().map(|i| format!(" = {i}")).unwrap_or_default()
+                t.input
+                    .as_ref()
+                    .map(|i| format!(" = {i}"))
+                    .unwrap_or_default()
             ));
         }
         for (a, b) in &self.skipped {
@@ -1862,7 +2459,270 @@ impl History {
         if let Some(w) = &self.stopped {
             s.push_str(&format!("  {w}\n"));
         }
-        s.push_str(&format!("({} instructions single-stepped, {} ms)\n", self.steps, self.millis));
+        s.push_str(&format!(
+            "({} instructions single-stepped, {} ms)\n",
+            self.steps, self.millis
+        ));
         s
+    }
+}
+
+// ---------------------------------------------------------------------------
+// gdb: `monitor origin LOCATION [--depth N]`
+
+/// Evaluates `$reg`, numbers and `+`/`-` between them, with the registers of `tl`.
+fn eval_addr(tl: &Timeline, s: &str) -> Result<u64, String> {
+    let r = tl.machine.vcpu.regs().map_err(|e| e.to_string())?;
+    let regs = regs_array(&r);
+    let mut total: i128 = 0;
+    let mut sign = 1i128;
+    let mut term = String::new();
+    let flush = |term: &mut String, sign: i128, total: &mut i128| -> Result<(), String> {
+        let t = term.trim();
+        if t.is_empty() {
+            return Err(format!("bad address expression '{s}'"));
+        }
+        let v = if let Some(name) = t.strip_prefix('$') {
+            if name == "rip" || name == "pc" {
+                r.rip
+            } else {
+                regs[register_index(name).ok_or_else(|| format!("unknown register ${name}"))?]
+            }
+        } else if let Some(h) = t.strip_prefix("0x") {
+            u64::from_str_radix(h, 16).map_err(|_| format!("'{t}' is not a number"))?
+        } else {
+            t.parse::<u64>()
+                .map_err(|_| format!("'{t}' is not a number (0x hex or decimal, $reg)"))?
+        };
+        *total += sign * v as i128;
+        term.clear();
+        Ok(())
+    };
+    for c in s.chars() {
+        match c {
+            '+' | '-' => {
+                flush(&mut term, sign, &mut total)?;
+                sign = if c == '+' { 1 } else { -1 };
+            }
+            c => term.push(c),
+        }
+    }
+    flush(&mut term, sign, &mut total)?;
+    Ok(total as u64)
+}
+
+/// `monitor origin LOCATION [--depth N] [--json]` at the stub's current point:
+/// LOCATION is `$reg` or `ADDR[:LEN]` (ADDR: numbers and `$reg` with + and -,
+/// virtual, through the current page tables). Returns the text to print.
+pub fn monitor_origin(rec: &Arc<Recording>, tl: &Timeline, args: &[&str]) -> String {
+    let usage = "usage: monitor origin LOCATION [--depth N] [--json]   (LOCATION: $reg, or ADDR[:LEN], e.g. $rsp:8)";
+    let mut depth = DEFAULT_DEPTH;
+    let mut json = false;
+    let mut rest = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match *a {
+            "--json" => json = true,
+            "--depth" => match it.next().and_then(|n| n.parse().ok()) {
+                Some(n) if n > 0 => depth = n,
+                _ => return usage.into(),
+            },
+            other => rest.push(other),
+        }
+    }
+    let [loc_s] = rest.as_slice() else {
+        return usage.into();
+    };
+    let at = match tl.position() {
+        Ok(p) => p,
+        Err(e) => return format!("error: {e}"),
+    };
+    let loc = if loc_s.starts_with('$') && !loc_s.contains([':', '+', '-']) {
+        match register_index(loc_s) {
+            Some(reg) => Location::Register { reg },
+            None => {
+                return format!("origin follows the general registers ($rax..$r15), not {loc_s}")
+            }
+        }
+    } else {
+        let (a, len) = match loc_s.rsplit_once(':') {
+            Some((a, l)) => (a, l.parse::<u64>().unwrap_or(0)),
+            None => (*loc_s, 8),
+        };
+        if len == 0 || len > 4096 {
+            return "LEN must be 1..4096".into();
+        }
+        let va = match eval_addr(tl, a) {
+            Ok(v) => v,
+            Err(e) => return e,
+        };
+        let Ok(s) = tl.machine.vcpu.sregs() else {
+            return "error: cannot read the registers".into();
+        };
+        match translate(tl, s.cr0, s.cr3, va) {
+            Some(phys) if (phys & 0xfff) + len <= 4096 => Location::Memory { phys, len },
+            Some(_) => return "the range must not cross a 4 KiB page".into(),
+            None => return format!("cannot access memory at {va:#x}: not mapped"),
+        }
+    };
+    let limits = Limits {
+        max_depth: depth,
+        max_time: Duration::from_secs(300),
+        ..Limits::default()
+    };
+    match origin(rec, loc, at, &limits) {
+        Ok(o) if json => serde_json::to_string_pretty(&o).unwrap_or_else(|e| format!("error: {e}")),
+        Ok(o) => o.render(&Image::open(rec).symbols, 400),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step of `code` at 0x1000 with rax..r15 = 0x100 * (i + 1) and the given memory accesses.
+    fn step(code: &[u8], mem: Vec<Access>) -> Step {
+        let insn = Decoder::with_ip(64, code, 0x1000, DecoderOptions::NONE).decode();
+        assert!(!insn.is_invalid());
+        let regs: [u64; 16] = std::array::from_fn(|i| 0x100 * (i as u64 + 1));
+        Step {
+            at: ExecPoint {
+                exits: 1,
+                branches: 0,
+                rip: 0x1000,
+            },
+            insn,
+            bytes: code.to_vec(),
+            ring: 3,
+            before: regs,
+            after: regs,
+            mem,
+            input: None,
+            dma: None,
+            irregular: false,
+            interrupt: false,
+        }
+    }
+
+    fn acc(pa: u64, n: usize, read: bool, write: bool) -> Access {
+        Access {
+            va: pa,
+            pa,
+            write,
+            read,
+            before: vec![0; n],
+            after: vec![0; n],
+        }
+    }
+
+    fn regs(keys: &[Key]) -> Vec<(usize, usize)> {
+        keys.iter()
+            .filter(|k| *k & REG_BIT != 0)
+            .map(|k| (((k & !REG_BIT) / 8) as usize, ((k & !REG_BIT) % 8) as usize))
+            .collect()
+    }
+
+    #[test]
+    fn a_byte_store_reads_al_not_its_address_registers() {
+        // movb %al, -0x31(%rbp,%rbx)
+        let f = flow(
+            &step(&[0x88, 0x44, 0x1d, 0xcf], vec![acc(0x5000, 1, false, true)]),
+            &mut InstructionInfoFactory::new(),
+        );
+        assert_eq!(regs(&f.sources), vec![(0, 0)]);
+        assert_eq!(f.dests, vec![0x5000]);
+        assert!(f.consts.is_empty());
+    }
+
+    #[test]
+    fn zeroing_idiom_and_immediates_are_constants() {
+        // xor %eax,%eax: writes all of rax (zero extension) from nothing.
+        let f = flow(
+            &step(&[0x31, 0xc0], vec![]),
+            &mut InstructionInfoFactory::new(),
+        );
+        assert!(f.sources.is_empty());
+        assert_eq!(regs(&f.dests), (0..8).map(|b| (0, b)).collect::<Vec<_>>());
+        assert_eq!(f.consts, vec![Constant::NoInputs]);
+        // movabs $0x100000001b3, %r9
+        let f = flow(
+            &step(&[0x49, 0xb9, 0xb3, 0x01, 0, 0, 0, 0x01, 0, 0], vec![]),
+            &mut InstructionInfoFactory::new(),
+        );
+        assert_eq!(
+            f.consts,
+            vec![Constant::Immediate {
+                value: 0x100000001b3
+            }]
+        );
+        assert_eq!(regs(&f.dests).len(), 8);
+    }
+
+    #[test]
+    fn explicit_register_operands_count_even_when_they_address_memory() {
+        // add (%rax), %rax: the memory and rax's value.
+        let f = flow(
+            &step(&[0x48, 0x03, 0x00], vec![acc(0x6000, 8, true, false)]),
+            &mut InstructionInfoFactory::new(),
+        );
+        assert_eq!(regs(&f.sources), (0..8).map(|b| (0, b)).collect::<Vec<_>>());
+        assert_eq!(f.sources.iter().filter(|k| *k & REG_BIT == 0).count(), 8);
+        // lea 8(%rbx), %rax: rbx is the value.
+        let f = flow(
+            &step(&[0x48, 0x8d, 0x43, 0x08], vec![]),
+            &mut InstructionInfoFactory::new(),
+        );
+        assert_eq!(regs(&f.sources), (0..8).map(|b| (3, b)).collect::<Vec<_>>());
+        // push %rbx: the slot from rbx; rsp is an address, not a value or a tracked write.
+        let f = flow(
+            &step(&[0x53], vec![acc(0x7000, 8, false, true)]),
+            &mut InstructionInfoFactory::new(),
+        );
+        assert_eq!(regs(&f.sources), (0..8).map(|b| (3, b)).collect::<Vec<_>>());
+        assert!(regs(&f.dests).is_empty());
+        assert_eq!(f.dests.len(), 8);
+    }
+
+    #[test]
+    fn port_reads_and_dma_are_inputs() {
+        // in (%dx), %al
+        let mut s = step(&[0xec], vec![]);
+        s.input = Some(Input::Serial {
+            event: 2,
+            offset: 56,
+            byte: 0,
+        });
+        let f = flow(&s, &mut InstructionInfoFactory::new());
+        assert!(f.sources.is_empty(), "dx is the port, not a value");
+        assert_eq!(regs(&f.dests), vec![(0, 0)]);
+        assert_eq!(
+            f.input,
+            Some(Input::Serial {
+                event: 2,
+                offset: 56,
+                byte: 0
+            })
+        );
+        // out %eax, (%dx) starting a DMA read of 2 sectors into 0x8000.
+        let mut s = step(&[0xef], vec![]);
+        s.dma = Some(Dma {
+            lba: 5,
+            addr: 0x8000,
+            count: 2,
+        });
+        let f = flow(&s, &mut InstructionInfoFactory::new());
+        assert_eq!(f.dests.len(), 1024);
+        assert_eq!(f.dests[0], 0x8000);
+    }
+
+    #[test]
+    fn ranges_and_registers() {
+        assert_eq!(ranges(&[0, 1, 2, 5, 7, 8]), "0..3, 5, 7..9");
+        assert_eq!(register_index("$rsp"), Some(4));
+        assert_eq!(register_index("eax"), Some(0));
+        assert_eq!(register_index("$xmm0"), None);
+        assert_eq!(gpr(Register::AH), Some((0, 1, 1)));
+        assert_eq!(gpr(Register::R9D), Some((9, 0, 4)));
     }
 }
