@@ -54,6 +54,39 @@ fn any_single_byte_change_is_detected_by_verify() {
     eprintln!("{checked} single-byte changes, all detected");
 }
 
+/// Rewrites a checkpoint file with its memory changed and its CRC-32
+/// recomputed, as someone who knows the format would.
+fn reseal_checkpoint_with_changed_memory(path: &Path) {
+    let b = std::fs::read(path).unwrap();
+    let mut ck = revirt::trace::Checkpoint::parse(&b, None).unwrap();
+    let i = ck.data.len() / 2;
+    ck.data[i] ^= 0xff;
+    ck.write(path).unwrap();
+    // Only the CRC-32 protected it before: the file is well-formed again.
+    revirt::trace::Checkpoint::read(path).unwrap();
+}
+
+#[test]
+fn a_resealed_checkpoint_fails_verify_naming_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    sample(&dir);
+    assert!(verify(&dir).intact);
+    for id in [0u32, 1] {
+        let p = trace::checkpoint_path(&dir, id);
+        let orig = std::fs::read(&p).unwrap();
+        reseal_checkpoint_with_changed_memory(&p);
+        let o = run_with_input(&["verify", dir.to_str().unwrap()], b"");
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        let line = out.lines().find(|l| l.starts_with("FAIL")).unwrap_or_else(|| panic!("no FAIL line: {out}"));
+        assert!(line.contains(&format!("checkpoint {id}")) && line.contains("SHA-256"), "{out}");
+        assert!(out.contains("recording DAMAGED"), "{out}");
+        std::fs::write(&p, &orig).unwrap();
+    }
+    assert!(verify(&dir).intact);
+}
+
 #[test]
 fn digest_catches_a_consistently_rewritten_recording() {
     let d = tempfile::tempdir().unwrap();

@@ -66,6 +66,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         checkpoint_every: a.checkpoint_every,
         parent: None,
         control: a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?,
+        pmu_counter: None,
     };
     let s = record(&opts, Box::new(std::io::stdin()), Console::Stdout)?;
     if let Some(m) = &s.migrated {

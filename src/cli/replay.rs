@@ -58,16 +58,19 @@ pub struct Args {
 /// Exit statuses: 0 replay matched, 1 diverged or mismatched, 2 the recording is incomplete.
 pub fn main(a: Args) -> anyhow::Result<u8> {
     let rec = Arc::new(Recording::open(&a.recording)?);
-    if let LogStatus::Incomplete { reason } = &rec.status {
+    if let LogStatus::Incomplete { reason, .. } = &rec.status {
         eprintln!("revirt: warning: recording is incomplete: {reason}; replaying what it holds ({} events)", rec.events.len());
     }
     let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));
     let sink = if a.quiet { Sink::Discard } else { Sink::Stdout };
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;
     let recorded = rec.meta.clock;
+    // The hardware counter must open and count the start-up probe guest
+    // exactly (the same check as `record --clock pmu`).
+    let pmu_check = || revirt::clock::probe::check(&revirt::clock::counter::hardware_opener());
     let clock = a.clock.unwrap_or(match recorded {
-        // The hardware counter where there is one, else the step clock.
-        ClockKind::Pmu if revirt::clock::counter::RealCounter::open().is_ok() => ClockKind::Pmu,
+        // The hardware counter where there is a usable one, else the step clock.
+        ClockKind::Pmu if pmu_check().is_ok() => ClockKind::Pmu,
         ClockKind::Pmu => ClockKind::Step,
         c => c,
     });
@@ -79,6 +82,13 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
             anyhow::bail!("a {r}-clock recording needs a precise clock to replay: step or pmu-sim")
         }
         (_, ClockKind::Pmu) => {
+            if a.clock == Some(ClockKind::Pmu) {
+                if let Err(e) = pmu_check() {
+                    anyhow::bail!(
+                        "clock 'pmu' unavailable for replay: {e}. Use --clock pmu-sim (the same landing over the simulated counter) or step"
+                    );
+                }
+            }
             tl.use_pmu(None)?;
             eprintln!("revirt: landing on events with the hardware PMU (margin {})", tl.landing().map(|l| l.margin).unwrap_or(0));
         }

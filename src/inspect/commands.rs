@@ -321,7 +321,7 @@ impl Session {
         // Integrity: the log's hash chain, the console digest, every checkpoint's CRC.
         match &rec.status {
             LogStatus::Complete => writeln!(out, "integrity    event log complete: {} chunks, SHA-256 hash chain verified", rec.chunks)?,
-            LogStatus::Incomplete { reason } => writeln!(
+            LogStatus::Incomplete { reason, .. } => writeln!(
                 out,
                 "integrity    event log INCOMPLETE after {} verified chunks ({} events): {reason}",
                 rec.chunks,

@@ -52,6 +52,14 @@ pub struct RecordOptions {
     pub parent: Option<trace::meta::Parent>,
     /// A control socket through which `revirt migrate` may move the VM.
     pub control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    /// The counter `--clock pmu` uses (None: the hardware PMU's).
+    pub pmu_counter: Option<crate::clock::counter::CounterOpener>,
+}
+
+impl RecordOptions {
+    fn pmu_opener(&self) -> crate::clock::counter::CounterOpener {
+        self.pmu_counter.clone().unwrap_or_else(crate::clock::counter::hardware_opener)
+    }
 }
 
 #[derive(Debug)]
@@ -268,7 +276,7 @@ fn write_checkpoint(
     next_event: u64,
     output_len: u64,
     clock_ns: u64,
-) -> Result<u64, RecordError> {
+) -> Result<trace::checkpoint::Written, RecordError> {
     let (pages, sectors) = m.take_dirty()?;
     let pages = if id == 0 { vec![(0, m.config.mem_size / PAGE)] } else { runs(pages) };
     let sectors = if id == 0 { vec![] } else { runs(sectors) };
@@ -296,18 +304,24 @@ fn write_checkpoint(
     Ok(ck.write(&trace::checkpoint_path(dir, id))?)
 }
 
+impl RecordHost {
+    /// Binds a checkpoint file that has landed into the log's hash chain.
+    fn bind_checkpoint(&mut self, id: u32, exits: u64, w: trace::checkpoint::Written) -> u64 {
+        self.log(Event::CheckpointFile { id, exits, sha256: w.sha256 });
+        w.bytes
+    }
+}
+
 /// Creates the recording directory and writes everything known before the
 /// guest runs: meta.json, the image copy, the disk copy (from `disk_now`,
 /// the disk's current contents, which may differ from `opts.config.disk`'s
 /// original when continuing from a replay).
 fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) -> Result<Meta, RecordError> {
     if opts.clock == ClockKind::Pmu {
-        // The real counter (clock::counter::RealCounter) needs a PMU; say why
-        // there is none before anything is written. The session opens its
-        // own on the thread that runs the guest.
-        if let Err(e) = crate::clock::counter::RealCounter::open() {
-            return Err(RecordError::NoPmu(e.to_string()));
-        }
+        // The counter must open and count the start-up probe guest exactly
+        // (clock::probe); say why not before anything is written. The
+        // session opens its own on the thread that runs the guest.
+        crate::clock::probe::check(&opts.pmu_opener()).map_err(|e| RecordError::NoPmu(e.to_string()))?;
     }
     let dir = &opts.out;
     if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
@@ -392,10 +406,12 @@ fn session(
         checkpoint_bytes: 0,
         start: Instant::now(),
         control: opts.control.clone(),
+        pmu_counter: opts.pmu_opener(),
     };
     let regs = m.vcpu.regs().map_err(MachineError::from)?;
     s.host.log(Event::Checkpoint { id: 0, exits: m.exits, fp: fingerprint(&regs) });
-    s.checkpoint_bytes = write_checkpoint(dir, &mut m, 0, s.host.events, 0, clock_ns)?;
+    let w = write_checkpoint(dir, &mut m, 0, s.host.events, 0, clock_ns)?;
+    s.checkpoint_bytes = s.host.bind_checkpoint(0, m.exits, w);
     s.checkpoints = 1;
     s.run(m)
 }
@@ -426,11 +442,15 @@ impl RecordHost {
 
 /// The PMU clocks: the run loop drives a branch counter (reset at every
 /// exit, read at every stop where the host delivers).
-fn install_counter(m: &mut Machine, clock: ClockKind) -> Result<(), RecordError> {
+fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::counter::CounterOpener) -> Result<(), RecordError> {
     match clock {
         ClockKind::Pmu => {
-            let c = crate::clock::counter::RealCounter::open().map_err(|e| RecordError::NoPmu(e.to_string()))?;
-            m.set_counter(Some(Box::new(c)))?;
+            // The very counter that will time this recording, on this
+            // (vCPU) thread, passes the start-up probe first (also where
+            // no `prepare` ran: a migration's destination).
+            let mut c = opener().map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            crate::clock::probe::verify(&mut *c).map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            m.set_counter(Some(c))?;
         }
         ClockKind::PmuSim => {
             let seed = std::time::SystemTime::now()
@@ -453,6 +473,8 @@ pub struct Session {
     checkpoint_bytes: u64,
     start: Instant,
     control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    /// The counter `--clock pmu` uses.
+    pmu_counter: crate::clock::counter::CounterOpener,
 }
 
 impl Session {
@@ -493,6 +515,7 @@ impl Session {
             checkpoint_bytes: 0,
             start: Instant::now(),
             control,
+            pmu_counter: crate::clock::counter::hardware_opener(),
         })
     }
 
@@ -503,7 +526,7 @@ impl Session {
 
     /// Records until the guest stops, or until it migrates away.
     pub fn run(mut self, mut m: Machine) -> Result<RecordSummary, RecordError> {
-        install_counter(&mut m, self.host.clock)?;
+        install_counter(&mut m, self.host.clock, &self.pmu_counter)?;
         let dir = self.dir.clone();
         let console_path = dir.join(trace::CONSOLE);
         if let Some(c) = &self.control {
@@ -547,8 +570,8 @@ impl Session {
                     self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
                     let now = self.host.inner.now_ns();
                     self.host.console.flush().map_err(io("writing", &console_path))?;
-                    self.checkpoint_bytes +=
-                        write_checkpoint(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
+                    let w = write_checkpoint(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
+                    self.checkpoint_bytes += self.host.bind_checkpoint(id, m.exits, w);
                     self.checkpoints += 1;
                     self.host.last_checkpoint = Instant::now();
                     self.host.log.flush()?;

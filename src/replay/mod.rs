@@ -223,7 +223,7 @@ impl ReplayHost {
 
     /// Skips bookkeeping events (marks, checkpoints) at or before `exits`.
     fn skip_marks(&mut self, exits: u64) {
-        while let Some(e @ (Event::Mark { .. } | Event::Checkpoint { .. } | Event::Migrated { .. })) = self.rec.events.get(self.next) {
+        while let Some(e) = self.rec.events.get(self.next).filter(|e| e.is_mark()) {
             if e.exits() > exits {
                 break;
             }

@@ -61,6 +61,23 @@ fn seal(prev: &[u8; 32], header: &[u8], payload: &[u8]) -> [u8; 32] {
     Sha256::new().chain_update(prev).chain_update(header).chain_update(payload).finalize().into()
 }
 
+/// One sealed chunk as it lies in the file, from its parts (the header
+/// fields are taken as given, true or not): for tools and tests that build
+/// or re-seal logs. Returns the bytes and the chunk's hash.
+pub fn encode_chunk(prev: &[u8; 32], seq: u32, first_event: u64, n_events: u32, raw_len: u32, comp: &[u8]) -> (Vec<u8>, [u8; 32]) {
+    let mut b = Vec::with_capacity(CHUNK_HEADER + comp.len() + 32);
+    b.extend_from_slice(CHUNK_MAGIC);
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.extend_from_slice(&first_event.to_le_bytes());
+    b.extend_from_slice(&n_events.to_le_bytes());
+    b.extend_from_slice(&raw_len.to_le_bytes());
+    b.extend_from_slice(&(comp.len() as u32).to_le_bytes());
+    let hash = seal(prev, &b, comp);
+    b.extend_from_slice(comp);
+    b.extend_from_slice(&hash);
+    (b, hash)
+}
+
 enum Msg {
     Event(Event),
     /// Flush, then answer where the log ends.
@@ -280,8 +297,16 @@ impl Drop for LogWriter {
 pub enum LogStatus {
     /// Every chunk verified and the last event is `End`.
     Complete,
-    /// Usable up to the events returned; `reason` says what is missing or damaged.
-    Incomplete { reason: String },
+    /// Usable up to the events returned; `reason` says what is missing or
+    /// damaged. `damaged`: bytes present fail to verify (edited or
+    /// corrupted), as opposed to a log that merely stops early (cut short).
+    Incomplete { reason: String, damaged: bool },
+}
+
+impl LogStatus {
+    pub fn is_damaged(&self) -> bool {
+        matches!(self, LogStatus::Incomplete { damaged: true, .. })
+    }
 }
 
 pub struct LogReader {
@@ -310,7 +335,7 @@ impl LogReader {
         let mut offset = 8usize;
         let incomplete = |events: Vec<Event>, seq: u32, prev: [u8; 32], reason: String| LogReader {
             events,
-            status: LogStatus::Incomplete { reason },
+            status: LogStatus::Incomplete { damaged: !reason.contains("cut short"), reason },
             chunks: seq,
             head: hex::encode(prev),
         };
@@ -328,6 +353,12 @@ impl LogReader {
             let (n, raw_len, comp_len) = (u32_at(16), u32_at(20) as usize, u32_at(24) as usize);
             let total = CHUNK_HEADER + comp_len + 32;
             if b.len() < total {
+                // A length field changed mid-file also points past the end:
+                // more chunk markers after this header tell it from a cut.
+                let later = b[CHUNK_HEADER..].windows(4).any(|w| w == CHUNK_MAGIC);
+                if later {
+                    return incomplete(events, seq, prev, format!("{at} is damaged: its length points past the end of the file, but more chunks follow"));
+                }
                 return incomplete(events, seq, prev, format!("{at} is cut short ({} of {total} bytes)", b.len()));
             }
             let payload = &b[CHUNK_HEADER..CHUNK_HEADER + comp_len];
@@ -336,11 +367,16 @@ impl LogReader {
                 return incomplete(events, seq, prev, format!("{at} fails its checksum (damaged or tampered, or chunks reordered)"));
             }
             if cseq != seq || first != events.len() as u64 || raw_len > MAX_RAW {
-                return incomplete(events, seq, prev, format!("{at} is out of sequence"));
+                return incomplete(events, seq, prev, format!("{at} is out of sequence (damaged)"));
             }
-            let raw = match zstd::bulk::decompress(payload, raw_len) {
-                Ok(r) if r.len() == raw_len => r,
-                _ => return incomplete(events, seq, prev, format!("{at} does not decompress")),
+            // Every event takes at least one byte: n is bounded by raw_len,
+            // which is bounded by MAX_RAW (checked above).
+            if n as usize > raw_len {
+                return incomplete(events, seq, prev, format!("{at} claims {n} events in {raw_len} bytes (damaged)"));
+            }
+            let raw = match super::decompress_exact(payload, raw_len) {
+                Ok(r) => r,
+                Err(e) => return incomplete(events, seq, prev, format!("{at} {e} (damaged)")),
             };
             let mut rest = raw.as_slice();
             let mut got = Vec::with_capacity(n as usize);
@@ -351,12 +387,12 @@ impl LogReader {
                         rest = r;
                     }
                     Err(e) => {
-                        return incomplete(events, seq, prev, format!("{at}: event {i} does not decode: {e}"))
+                        return incomplete(events, seq, prev, format!("{at}: event {i} does not decode (damaged): {e}"))
                     }
                 }
             }
             if !rest.is_empty() {
-                return incomplete(events, seq, prev, format!("{at} has trailing bytes"));
+                return incomplete(events, seq, prev, format!("{at} has trailing bytes (damaged)"));
             }
             events.extend(got);
             prev = hash;
@@ -366,7 +402,10 @@ impl LogReader {
         }
         let status = match events.last() {
             Some(Event::End { .. }) => LogStatus::Complete,
-            _ => LogStatus::Incomplete { reason: "the log stops before the recording's end (the recorder was stopped or killed)".into() },
+            _ => LogStatus::Incomplete {
+                reason: "the log is cut short: it stops before the recording's end (the recorder was stopped or killed)".into(),
+                damaged: false,
+            },
         };
         LogReader { events, status, chunks: seq, head: hex::encode(prev) }
     }

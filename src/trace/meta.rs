@@ -55,7 +55,8 @@ impl HostInfo {
             kernel,
             cpu,
             kvm_pvm: Path::new("/sys/module/kvm_pvm").exists(),
-            pmu: Path::new("/sys/bus/event_source/devices/cpu").exists(),
+            // cpu, or cpu_core/cpu_atom on hybrid Intel.
+            pmu: crate::clock::pmu::PmuLayout::host_has_pmu(),
         }
     }
 }

@@ -5,8 +5,9 @@
 //!
 //! What this protects against: accidental damage and truncation anywhere;
 //! tampering with any single byte of the log, a checkpoint, the console, the
-//! image or disk copies (the chain, CRCs and the End event's digests catch
-//! it). What it does not: an attacker with write access to the recording
+//! image or disk copies (the chain catches the log; each checkpoint file's
+//! SHA-256 is logged in the chain when it lands; meta.json holds the image
+//! and disk hashes and starts the chain; the End event holds the console's). What it does not: an attacker with write access to the recording
 //! can recompute the whole chain consistently; only comparing the published
 //! digest (`--digest`) against a copy kept elsewhere catches that. An
 //! attacker *inside the guest* cannot touch the log at all: the VMM writes it.
@@ -37,6 +38,18 @@ pub struct Report {
 
 fn file_sha(path: &Path) -> Option<String> {
     std::fs::read(path).ok().map(|b| hex::encode(Sha256::digest(b)))
+}
+
+/// The SHA-256 the log holds for each checkpoint file (see
+/// [`Event::CheckpointFile`]).
+pub fn bound_checkpoints(events: &[Event]) -> std::collections::HashMap<u32, String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::CheckpointFile { id, sha256, .. } => Some((*id, sha256.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 pub fn verify(dir: &Path) -> Report {
@@ -82,28 +95,40 @@ pub fn verify(dir: &Path) -> Report {
     };
     match &log.status {
         LogStatus::Complete => push(true, format!("events.log: {} chunks, {} events, hash chain verified, ends with End", log.chunks, log.events.len())),
-        LogStatus::Incomplete { reason } => {
-            let cut_short = reason.contains("cut short") || reason.contains("stops before");
-            if cut_short {
-                incomplete = true;
-            } else {
+        LogStatus::Incomplete { reason, damaged: d } => {
+            if *d {
                 damaged = true;
+            } else {
+                incomplete = true;
             }
             push(false, format!("events.log: {} chunks ({} events) verify; then {reason}", log.chunks, log.events.len()));
         }
     }
     manifest.push(("events.log chain head".to_string(), log.head.clone()));
 
+    let bound = bound_checkpoints(&log.events);
     for e in &log.events {
         if let Event::Checkpoint { id, exits, .. } = e {
             let p = checkpoint_path(dir, *id);
-            match Checkpoint::read(&p) {
+            let Some(sha) = bound.get(id) else {
+                // Taken, but the log stops before its file was bound: the
+                // recorder was killed while writing it.
+                if log.status == LogStatus::Complete {
+                    damaged = true;
+                    push(false, format!("checkpoint {id}: not bound into the log's hash chain (no SHA-256 logged for it)"));
+                } else {
+                    incomplete = true;
+                    push(false, format!("checkpoint {id}: the log is cut short before its file's SHA-256; not trusted"));
+                }
+                continue;
+            };
+            match Checkpoint::read_bound(&p, sha) {
                 Ok(c) if c.header.id == *id && c.header.exits == *exits => {
-                    push(true, format!("checkpoint {id} (exit {exits}): CRC ok"))
+                    push(true, format!("checkpoint {id} (exit {exits}): SHA-256 matches the hash chain"))
                 }
                 Ok(_) => {
                     damaged = true;
-                    push(false, format!("checkpoint {id}: does not match its log entry"));
+                    push(false, format!("checkpoint {id}: does not match its log entry (damaged)"));
                 }
                 Err(e) => {
                     damaged = true;
