@@ -25,7 +25,7 @@ fi
 RET=$(objdump -d --no-show-raw-insn $G | awk '/<serve>:/,/^$/' | grep -E '\sret' | tail -1 | awk '{print $1}' | tr -d ':')
 $R gdb "$REC" --port 0 2>"$tmp/srv" &
 pid=$!
-for _ in $(seq 600); do port=$(grep -o "listening on 127.0.0.1:[0-9]*" "$tmp/srv" | head -1 | cut -d: -f2); [ -n "$port" ] && break; sleep 0.1; done
+for _ in $(seq 600); do port=$(grep -o "listening on 127.0.0.1:[0-9]*" "$tmp/srv" | head -1 | cut -d: -f2 || true); [ -n "$port" ] && break; sleep 0.1; done
 POINT=$(gdb -nx -batch -ex "set architecture i386:x86-64" -ex "target remote 127.0.0.1:$port" -ex "break *0x$RET" -ex continue \
   -ex "monitor where" $G 2>&1 | sed -n 's/^exit \([0-9]*\) + \([0-9]*\) branches @ rip \(0x[0-9a-f]*\).*/\1:\2:\3/p' | head -1)
 kill "$pid"; pid=

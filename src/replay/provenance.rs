@@ -1108,6 +1108,7 @@ fn trace_span(
     to: ExecPoint,
     budget: &mut Budget,
     each: &mut dyn FnMut(Step),
+    at_end: &mut dyn FnMut(&Timeline) -> R<()>,
 ) -> R<Option<String>> {
     let ck = Timeline::nearest_checkpoint(rec, from);
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, Sink::Discard)?;
@@ -1131,6 +1132,7 @@ fn trace_span(
     loop {
         let here = t.tl.position()?;
         if here == to || t.finished {
+            at_end(t.tl)?;
             return Ok(None);
         }
         if (here.exits, here.branches) > (to.exits, to.branches) {
@@ -1549,14 +1551,40 @@ pub fn origin(rec: &Arc<Recording>, loc: Location, at: ExecPoint, limits: &Limit
     // The value now, and the first window.
     let mut from = at.exits.saturating_sub(span).max(first_exit);
     let mut steps = Vec::new();
-    if let Some(why) = trace_span(rec, from, at, &mut budget, &mut |s| steps.push(s))? {
+    let mut value_now = Vec::new();
+    let mut read_value = |tl: &Timeline| -> R<()> {
+        value_now = match loc {
+            Location::Register { reg } => regs_array(&tl.machine.vcpu.regs()?)[reg]
+                .to_le_bytes()
+                .to_vec(),
+            Location::Memory { phys, len } => {
+                let b = read_phys(tl, phys, len as usize);
+                if b.len() != len as usize {
+                    return Err(ProvError::Msg(format!(
+                        "physical {phys:#x}..{:#x} is outside guest memory",
+                        phys + len
+                    )));
+                }
+                b
+            }
+        };
+        Ok(())
+    };
+    if let Some(why) = trace_span(
+        rec,
+        from,
+        at,
+        &mut budget,
+        &mut |s| steps.push(s),
+        &mut read_value,
+    )? {
         budget.done();
         return Err(ProvError::Msg(format!(
             "stopped by {why} before reaching the query point"
         )));
     }
     walk.windows.push(Window::new(from, at, steps));
-    let value_now = value_at_end(&walk.windows[0], loc, rec, at)?;
+
     let query_keys: Vec<(Key, Option<u32>)> = loc
         .keys()
         .into_iter()
@@ -1618,9 +1646,20 @@ pub fn origin(rec: &Arc<Recording>, loc: Location, at: ExecPoint, limits: &Limit
         let oldest = walk.windows.last().expect("one window").from;
         span *= 4;
         let from2 = oldest.saturating_sub(span).max(first_exit);
-        let to2 = exit_point(rec, oldest)?;
+        // The oldest window's first step stands at its first exit boundary.
+        let to2 = match walk.windows.last().and_then(|w| w.steps.first()) {
+            Some(st) if st.at.exits == oldest && st.at.branches == 0 => st.at,
+            _ => exit_point(rec, oldest)?,
+        };
         let mut steps = Vec::new();
-        let r = trace_span(rec, from2, to2, &mut budget, &mut |s| steps.push(s))?;
+        let r = trace_span(
+            rec,
+            from2,
+            to2,
+            &mut budget,
+            &mut |s| steps.push(s),
+            &mut |_| Ok(()),
+        )?;
         if let Some(why) = r {
             stopped.get_or_insert(format!(
                 "stopped at depth {}: {why}",
@@ -1726,58 +1765,6 @@ fn unresolved(nodes: &[Node], roots: &[Edge]) -> Vec<(Option<usize>, usize)> {
     // Splicing replaces one edge by several: do the later ones first.
     v.sort_by(|a, b| b.cmp(a));
     v
-}
-
-/// The bytes of `loc` at the end of window `w` (the query point).
-fn value_at_end(w: &Window, loc: Location, rec: &Arc<Recording>, at: ExecPoint) -> R<Vec<u8>> {
-    match loc {
-        Location::Register { reg } => {
-            let v = match w.steps.last() {
-                Some(s) => s.after[reg],
-                None => {
-                    let ck = Timeline::nearest_checkpoint(rec, at.exits);
-                    let mut tl = Timeline::at_checkpoint(rec.clone(), ck, Sink::Discard)?;
-                    tl.run(Some(at.exits))?;
-                    regs_array(&tl.machine.vcpu.regs()?)[reg]
-                }
-            };
-            Ok(v.to_le_bytes().to_vec())
-        }
-        Location::Memory { phys, len } => {
-            // The last write in the window gives it; else replay there.
-            let mut out = vec![None; len as usize];
-            for s in w.steps.iter().rev() {
-                for a in s.mem.iter().filter(|a| a.write) {
-                    for (j, b) in a.after.iter().enumerate() {
-                        let pa = a.pa + j as u64;
-                        if pa >= phys && pa < phys + len && out[(pa - phys) as usize].is_none() {
-                            out[(pa - phys) as usize] = Some(*b);
-                        }
-                    }
-                }
-                if out.iter().all(Option::is_some) {
-                    break;
-                }
-            }
-            if out.iter().all(Option::is_some) {
-                return Ok(out.into_iter().map(|b| b.unwrap_or(0)).collect());
-            }
-            let ck = Timeline::nearest_checkpoint(rec, at.exits);
-            let mut tl = Timeline::at_checkpoint(rec.clone(), ck, Sink::Discard)?;
-            tl.run(Some(at.exits))?;
-            if tl.position()? != at {
-                tl.seek_point(at)?;
-            }
-            let b = read_phys(&tl, phys, len as usize);
-            if b.len() != len as usize {
-                return Err(ProvError::Msg(format!(
-                    "physical {phys:#x}..{:#x} is outside guest memory",
-                    phys + len
-                )));
-            }
-            Ok(b)
-        }
-    }
 }
 
 /// The values of an instruction's source bytes before it ran.
@@ -2395,7 +2382,7 @@ pub fn history(
                 });
             }
         };
-        if let Some(why) = trace_span(rec, s, end, &mut budget, &mut each)? {
+        if let Some(why) = trace_span(rec, s, end, &mut budget, &mut each, &mut |_| Ok(()))? {
             stopped = Some(format!("stopped at exit {}: {why}", s));
             break;
         }
