@@ -530,7 +530,13 @@ impl<'t> Tracer<'t> {
                     ));
                 }
             }
-            Mnemonic::Out if port(&insn) == Some(ports::BLK_CMD) && r.rax as u32 == 1 => {
+            // (A command larger than guest memory fails in the device; not a DMA.)
+            Mnemonic::Out
+                if port(&insn) == Some(ports::BLK_CMD)
+                    && r.rax as u32 == 1
+                    && (tl.machine.devices.block.regs.count as u64) * 512
+                        <= tl.machine.config.mem_size =>
+            {
                 let b = tl.machine.devices.block.regs;
                 dma = Some(Dma {
                     lba: b.lba as u64,
@@ -638,11 +644,13 @@ impl<'t> Tracer<'t> {
             dma = None;
             if sa.cs.selector & 3 == 0 && ring == 3 {
                 for k in 1..=3u64 {
-                    let Some(pa) = translate(tl, sa.cr0, sa.cr3, ra.rip - k) else {
+                    let Some(pa) = translate(tl, sa.cr0, sa.cr3, ra.rip.wrapping_sub(k)) else {
                         continue;
                     };
                     let code = read_phys(tl, pa, k as usize);
-                    let h = Decoder::with_ip(64, &code, ra.rip - k, DecoderOptions::NONE).decode();
+                    let h =
+                        Decoder::with_ip(64, &code, ra.rip.wrapping_sub(k), DecoderOptions::NONE)
+                            .decode();
                     if !h.is_invalid()
                         && h.len() as u64 == k
                         && h.mnemonic() == Mnemonic::Push
@@ -1224,8 +1232,8 @@ impl Image {
     pub fn file_offset(&self, pa: u64) -> Option<(u64, u64)> {
         self.segments
             .iter()
-            .find(|(p, _, n, _)| pa >= *p && pa < p + n)
-            .map(|(p, off, _, va)| (off + (pa - p), va + (pa - p)))
+            .find(|(p, _, n, _)| pa >= *p && pa - p < *n)
+            .and_then(|(p, off, _, va)| Some((off.checked_add(pa - p)?, va.checked_add(pa - p)?)))
     }
 }
 
