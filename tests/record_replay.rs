@@ -189,9 +189,16 @@ fn a_damaged_log_is_detected_and_replayed_up_to_the_damage() {
     let n = b.len();
     b[n - 40] ^= 0xFF;
     std::fs::write(&p, &b).unwrap();
+    // Damage is refused (exit 2), named as damage, not as a cut-short recording.
     let o = replay(&dir, &["-q"]);
-    assert_ne!(o.status.code(), Some(0));
-    assert!(stderr(&o).contains("incomplete") && stderr(&o).contains("checksum"), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("is damaged") && e.contains("checksum") && e.contains("--force") && !e.contains("cut short"), "{e}");
+    // --force works on the damaged evidence: replayed up to the damage.
+    let o = replay(&dir, &["-q", "--force"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("DAMAGED (not cut short)") && e.contains("checksum") && !e.contains("cut-short"), "{e}");
 }
 
 #[test]
@@ -212,7 +219,7 @@ fn bad_recordings_give_clear_errors() {
 
     std::fs::remove_file(trace::checkpoint_path(&dir, 0)).unwrap();
     let o = replay(&dir, &[]);
-    assert_eq!(o.status.code(), Some(125));
+    assert_eq!(o.status.code(), Some(2), "a missing checkpoint is damage: {}", stderr(&o));
     assert!(stderr(&o).contains("checkpoint 0"), "{}", stderr(&o));
 
     let o = record(&dir, "workload=exit", &[], b"");

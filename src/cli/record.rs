@@ -4,7 +4,6 @@ use std::time::Duration;
 use revirt::clock::ClockKind;
 use revirt::record::{record, RecordOptions};
 use revirt::trace::EndReason;
-use revirt::vmm::Console;
 
 use super::{parse_duration, VmArgs, EXIT_GUEST_CRASH};
 
@@ -68,7 +67,8 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         control: a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?,
         pmu_counter: None,
     };
-    let s = record(&opts, Box::new(std::io::stdin()), Console::Stdout)?;
+    let (input, console) = a.vm.serial()?;
+    let s = record(&opts, input, console)?;
     if let Some(m) = &s.migrated {
         super::migrate::print_summary(m);
         eprintln!(

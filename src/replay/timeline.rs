@@ -306,8 +306,9 @@ impl Timeline {
                     Ok(Outcome::Reached)
                 } else {
                     Ok(Outcome::EndOfRecording(format!(
-                        "replayed up to exit {}, the last point the cut-short recording vouches for",
-                        self.machine.exits
+                        "replayed up to exit {}, the last point the {} recording vouches for",
+                        self.machine.exits,
+                        if self.rec.status.is_damaged() { "damaged" } else { "cut-short" }
                     )))
                 }
             }
@@ -323,6 +324,7 @@ impl Timeline {
         let state_hash = self.machine.state_hash()?;
         let mut problems = Vec::new();
         match self.rec.end() {
+            None if self.rec.status.is_damaged() => problems.push("the recording has no end record to compare with (its log is damaged)".into()),
             None => problems.push("the recording has no end record to compare with (it was cut short)".into()),
             Some(Event::End { exits, reason, state_hash: want, output_len, output_sha256 }) => {
                 let got_reason = match &stop {
