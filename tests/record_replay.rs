@@ -212,9 +212,11 @@ fn bad_recordings_give_clear_errors() {
     round_trip(&dir, "workload=exit status=0", &[], b"");
     let meta = dir.join(trace::META);
     let text = std::fs::read_to_string(&meta).unwrap();
-    std::fs::write(&meta, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
-    let o = replay(&dir, &[]);
-    assert!(stderr(&o).contains("version 99"), "{}", stderr(&o));
+    for v in [1, 99] {
+        std::fs::write(&meta, text.replace("\"version\": 2", &format!("\"version\": {v}"))).unwrap();
+        let o = replay(&dir, &[]);
+        assert!(stderr(&o).contains(&format!("format version {v} is not supported")), "{}", stderr(&o));
+    }
     std::fs::write(&meta, &text).unwrap();
 
     std::fs::remove_file(trace::checkpoint_path(&dir, 0)).unwrap();
