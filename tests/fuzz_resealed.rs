@@ -476,9 +476,22 @@ fn resealed_mutations_of_logs_meta_checkpoints_and_snapshots_never_panic_abort_o
         }
     }
     assert!(ckpts.len() >= 3, "several checkpoints: {}", ckpts.len());
-    // A snapshot of the machine at checkpoint 0 (all of memory).
+    // A snapshot of the machine at checkpoint 0 (all of memory: checkpoint 0
+    // holds the non-zero pages, laid out here over zeros).
     let ck0 = checkpoint::Checkpoint::parse(&ckpts[0].2, None).unwrap();
-    let snapshot = revirt::vmm::snapshot::encode(&serde_json::to_vec(&ck0.header.machine).unwrap(), &ck0.data).unwrap();
+    let mut memory = vec![0u8; ck0.header.machine.config.mem_size as usize];
+    checkpoint::rebuild(
+        &dir,
+        0,
+        0,
+        |frame, bytes| {
+            memory[(frame * checkpoint::PAGE) as usize..][..bytes.len()].copy_from_slice(bytes);
+            Ok(())
+        },
+        |_, _| Ok(()),
+    )
+    .unwrap();
+    let snapshot = revirt::vmm::snapshot::encode(&serde_json::to_vec(&ck0.header.machine).unwrap(), &memory).unwrap();
     let snap = revirt::vmm::snapshot::parse(&snapshot, "snap").unwrap();
     let snapshot = (serde_json::to_value(&snap.state).unwrap(), snap.memory);
     let mut originals = Vec::new();

@@ -145,7 +145,14 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("revirt: error: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            // A recording that fails its integrity check: exit 2 (as
+            // `replay` of a cut-short one), not the generic error.
+            let integrity = |r: &revirt::replay::ReplayError| matches!(r, revirt::replay::ReplayError::Integrity { .. });
+            let damaged = e.chain().any(|c| {
+                c.downcast_ref::<revirt::replay::ReplayError>().is_some_and(integrity)
+                    || matches!(c.downcast_ref::<revirt::inspect::Error>(), Some(revirt::inspect::Error::Replay(r)) if integrity(r))
+            });
+            ExitCode::from(if damaged { 2 } else { EXIT_ERROR })
         }
     }
 }

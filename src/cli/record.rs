@@ -94,6 +94,13 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
             String::new()
         }
     );
+    if let Some((med, max, pages)) = s.checkpoint_pauses {
+        eprintln!(
+            "revirt: checkpoint pauses: median {:.3} ms, max {:.3} ms (median {pages} dirty pages copied; compressed and written on another thread)",
+            med.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        );
+    }
     eprintln!("revirt: replay it with `revirt replay {}`", s.dir.display());
     Ok(match s.stop {
         EndReason::PowerOff(st) => st,

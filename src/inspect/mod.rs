@@ -109,6 +109,8 @@ pub struct Options {
     pub no_kvm: bool,
     /// Show a progress bar on stderr for long replays (when it is a terminal).
     pub progress: bool,
+    /// Work on a recording that fails its integrity check.
+    pub force: bool,
 }
 
 /// A resolved point: an exit count, the checkpoint that is exactly there,
@@ -166,7 +168,10 @@ pub struct Session {
 impl Session {
     /// Opens a recording, positioned at checkpoint 0 (read from its file).
     pub fn open(dir: &Path, opts: Options) -> Result<Session, Error> {
-        let rec = Arc::new(Recording::open(dir)?);
+        let rec = Arc::new(Recording::open_checked(dir, opts.force)?);
+        if let Some(line) = &rec.integrity {
+            eprintln!("revirt: {line}");
+        }
         if rec.checkpoints.is_empty() {
             let why = match &rec.status {
                 crate::trace::LogStatus::Incomplete { reason, .. } if rec.events.is_empty() => format!(": its event log is unusable: {reason}"),

@@ -6,7 +6,6 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
 
 use super::proto::{self, FinalState, Hello, Kind, ProtoError, Welcome, PAGE};
 use super::{Conn, Controller, Listener, MigrateError, Summary};
@@ -262,7 +261,7 @@ fn take(
                     if *p >= npages {
                         return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
                     }
-                    m.mem.write_slice(d, GuestAddress(p * PAGE)).map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                    m.write_pages(*p, d)?;
                 }
             }
             Kind::ZeroPages => {
@@ -272,7 +271,7 @@ fn take(
                     if p >= npages {
                         return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
                     }
-                    m.mem.write_slice(&zero, GuestAddress(p * PAGE)).map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                    m.write_pages(p, &zero)?;
                 }
             }
             Kind::Disk => {

@@ -149,6 +149,55 @@ impl Checkpoint {
     }
 }
 
+/// Memory (and disk) at checkpoint `to` of the recording in `dir`: applies
+/// checkpoints `from..=to` in order, one file at a time, handing every page
+/// to `page(frame, bytes)` and every run of disk sectors to
+/// `sectors(first, bytes)`. With `from == 0` the target must start all zero
+/// (fresh guest RAM, a zeroed buffer): checkpoint 0 holds only the pages
+/// that were not zero, and any all-zero page in it is not passed on.
+/// Returns checkpoint `to`'s header. The one reader of checkpoint contents
+/// for replay (`Timeline::at_checkpoint`) and inspection (`Checkpoints::memory`).
+pub fn rebuild(
+    dir: &Path,
+    from: u32,
+    to: u32,
+    mut page: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    mut sectors: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<CheckpointHeader, CheckpointError> {
+    let mut last = None;
+    for k in from..=to {
+        let path = super::checkpoint_path(dir, k);
+        let bad = |msg: String| CheckpointError::Bad { path: path.display().to_string(), msg };
+        let ck = Checkpoint::read(&path)?;
+        if ck.header.id != k {
+            return Err(bad(format!("file {k} says it is checkpoint {} (damaged recording)", ck.header.id)));
+        }
+        let mem = ck.header.machine.config.mem_size;
+        let mut at = 0usize;
+        for &(first, count) in &ck.header.pages {
+            if first.checked_add(count).and_then(|e| e.checked_mul(PAGE)).is_none_or(|e| e > mem) {
+                return Err(bad("has pages beyond guest memory (damaged recording)".into()));
+            }
+            for p in first..first + count {
+                let bytes = ck.data.get(at..at + PAGE as usize).ok_or_else(|| bad("data is shorter than its page list".into()))?;
+                at += PAGE as usize;
+                if k == 0 && bytes.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                page(p, bytes).map_err(&bad)?;
+            }
+        }
+        for &(first, count) in &ck.header.sectors {
+            let len = count.checked_mul(SECTOR).ok_or_else(|| bad("sector run out of range".into()))? as usize;
+            let bytes = ck.data.get(at..at.saturating_add(len)).ok_or_else(|| bad("data is shorter than its sector list".into()))?;
+            at += len;
+            sectors(first, bytes).map_err(&bad)?;
+        }
+        last = Some(ck.header);
+    }
+    last.ok_or_else(|| CheckpointError::Bad { path: dir.display().to_string(), msg: format!("no checkpoints {from}..={to}") })
+}
+
 /// A checkpoint file's bytes from a header (JSON, taken as given) and its
 /// raw data: what [`Checkpoint::write`] writes; for tools and tests.
 pub fn encode(header_json: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {

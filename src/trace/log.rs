@@ -3,13 +3,17 @@
 //! its header, its payload). A reader stops at the first chunk that is cut
 //! short or does not verify, and says so; everything before it is usable.
 //!
-//! Events are handed to a writer thread through a channel (ReVirt's
-//! in-memory buffer) so the vCPU never waits for compression or the disk.
+//! Events are queued in an in-memory batch (ReVirt's log buffer) that a
+//! writer thread swaps out and drains, so the vCPU never waits for
+//! compression or the disk, and logging an event neither allocates (the two
+//! batches keep their capacity) nor makes a system call (an uncontended
+//! mutex; the writer is woken only when a batch fills or is asked to flush).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -78,10 +82,21 @@ pub fn encode_chunk(prev: &[u8; 32], seq: u32, first_event: u64, n_events: u32, 
     (b, hash)
 }
 
-enum Msg {
-    Event(Event),
+/// What the vCPU thread hands over: queued events, flush requests, the end.
+#[derive(Default)]
+struct Batch {
+    events: Vec<Event>,
     /// Flush, then answer where the log ends.
-    Head(mpsc::SyncSender<Result<LogHead, String>>),
+    heads: Vec<mpsc::SyncSender<Result<LogHead, String>>>,
+    /// Close the chunk after these events (a checkpoint), without waiting.
+    cut: bool,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    batch: Mutex<Batch>,
+    wake: Condvar,
 }
 
 /// Where a log ends after a flush: what an appender needs to continue its
@@ -107,7 +122,7 @@ pub struct WriterStats {
 }
 
 pub struct LogWriter {
-    tx: Option<Sender<Msg>>,
+    queue: Arc<Queue>,
     thread: Option<JoinHandle<Result<WriterStats, String>>>,
 }
 
@@ -163,40 +178,52 @@ impl ChunkWriter {
     }
 }
 
-fn writer_thread(mut w: ChunkWriter, rx: Receiver<Msg>) -> Result<WriterStats, String> {
+fn writer_thread(mut w: ChunkWriter, q: Arc<Queue>) -> Result<WriterStats, String> {
     let mut failed: Option<String> = None;
+    let mut spare: Vec<Event> = Vec::with_capacity(CHUNK_EVENTS as usize);
     loop {
-        let timeout = match w.first_at {
-            Some(t) => CHUNK_AGE.saturating_sub(t.elapsed()),
-            None => Duration::from_secs(3600),
-        };
-        let msg = rx.recv_timeout(timeout);
-        let r = match msg {
-            Ok(Msg::Event(e)) => match &failed {
-                Some(_) => Ok(()),
-                None => w.add(&e),
-            },
-            Ok(Msg::Head(reply)) => {
-                let r = match &failed {
-                    Some(f) => Err(f.clone()),
-                    None => w.flush_chunk().and_then(|_| {
-                        let len = w.out.get_ref().metadata().map_err(|e| e.to_string())?.len();
-                        Ok(LogHead { prev: hex::encode(w.prev), seq: w.seq, next_event: w.next_event, len })
-                    }),
+        let (heads, closed, cut) = {
+            let mut b = q.batch.lock().unwrap_or_else(|p| p.into_inner());
+            if b.events.is_empty() && b.heads.is_empty() && !b.closed && !b.cut {
+                let timeout = match w.first_at {
+                    Some(t) => CHUNK_AGE.saturating_sub(t.elapsed()),
+                    None => CHUNK_AGE,
                 };
-                let _ = reply.send(r.clone());
-                r.map(|_| ())
+                b = q.wake.wait_timeout(b, timeout).unwrap_or_else(|p| p.into_inner()).0;
             }
-            Err(RecvTimeoutError::Timeout) => w.flush_chunk(),
-            Err(RecvTimeoutError::Disconnected) => {
-                return match failed {
-                    Some(f) => Err(f),
-                    None => w.flush_chunk().map(|_| w.stats),
+            std::mem::swap(&mut b.events, &mut spare);
+            (std::mem::take(&mut b.heads), b.closed, std::mem::take(&mut b.cut))
+        };
+        for e in spare.drain(..) {
+            if failed.is_none() {
+                if let Err(e) = w.add(&e) {
+                    failed = Some(e);
                 }
             }
-        };
-        if let Err(e) = r {
-            failed.get_or_insert(e);
+        }
+        if failed.is_none() && (cut || w.first_at.is_some_and(|t| t.elapsed() >= CHUNK_AGE)) {
+            if let Err(e) = w.flush_chunk() {
+                failed = Some(e);
+            }
+        }
+        for reply in heads {
+            let r = match &failed {
+                Some(f) => Err(f.clone()),
+                None => w.flush_chunk().and_then(|_| {
+                    let len = w.out.get_ref().metadata().map_err(|e| e.to_string())?.len();
+                    Ok(LogHead { prev: hex::encode(w.prev), seq: w.seq, next_event: w.next_event, len })
+                }),
+            };
+            if let Err(e) = &r {
+                failed.get_or_insert(e.clone());
+            }
+            let _ = reply.send(r);
+        }
+        if closed {
+            return match failed {
+                Some(f) => Err(f),
+                None => w.flush_chunk().map(|_| w.stats),
+            };
         }
     }
 }
@@ -244,19 +271,32 @@ impl LogWriter {
             first_at: None,
             stats: WriterStats::default(),
         };
-        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Queue::default());
+        queue.batch.lock().unwrap_or_else(|p| p.into_inner()).events.reserve(CHUNK_EVENTS as usize);
+        let q = queue.clone();
         let thread = std::thread::Builder::new()
             .name("revirt-log-writer".into())
-            .spawn(move || writer_thread(w, rx))
+            .spawn(move || writer_thread(w, q))
             .map_err(io)?;
-        Ok(LogWriter { tx: Some(tx), thread: Some(thread) })
+        Ok(LogWriter { queue, thread: Some(thread) })
     }
 
-    /// Queues an event; never blocks on I/O.
+    /// Queues an event; never blocks on I/O, and (once the batches have
+    /// grown to their working size) neither allocates nor enters the kernel:
+    /// the writer is woken only when half a chunk's worth is waiting.
     pub fn push(&self, e: Event) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Msg::Event(e));
+        let mut b = self.queue.batch.lock().unwrap_or_else(|p| p.into_inner());
+        b.events.push(e);
+        if b.events.len() == CHUNK_EVENTS as usize / 2 {
+            self.queue.wake.notify_one();
         }
+    }
+
+    /// Closes the chunk after the events queued so far (at a checkpoint),
+    /// without waiting for it.
+    pub fn cut(&self) {
+        self.queue.batch.lock().unwrap_or_else(|p| p.into_inner()).cut = true;
+        self.queue.wake.notify_one();
     }
 
     /// Waits until every queued event is on disk (in the kernel's hands).
@@ -267,15 +307,26 @@ impl LogWriter {
     /// Flushes and says where the log ends.
     pub fn head(&self) -> Result<LogHead, LogError> {
         let (rtx, rrx) = mpsc::sync_channel(1);
-        let tx = self.tx.as_ref().ok_or_else(|| LogError::Writer("closed".into()))?;
-        tx.send(Msg::Head(rtx)).map_err(|_| LogError::Writer("writer thread is gone".into()))?;
+        {
+            let mut b = self.queue.batch.lock().unwrap_or_else(|p| p.into_inner());
+            if b.closed {
+                return Err(LogError::Writer("closed".into()));
+            }
+            b.heads.push(rtx);
+        }
+        self.queue.wake.notify_one();
         rrx.recv()
             .map_err(|_| LogError::Writer("writer thread is gone".into()))?
             .map_err(LogError::Writer)
     }
 
+    fn close(&self) {
+        self.queue.batch.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        self.queue.wake.notify_one();
+    }
+
     pub fn finish(mut self) -> Result<WriterStats, LogError> {
-        self.tx.take();
+        self.close();
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r.map_err(LogError::Writer),
             _ => Err(LogError::Writer("writer thread panicked".into())),
@@ -285,7 +336,7 @@ impl LogWriter {
 
 impl Drop for LogWriter {
     fn drop(&mut self) {
-        self.tx.take();
+        self.close();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

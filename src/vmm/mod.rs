@@ -7,6 +7,7 @@ pub mod host;
 pub mod image;
 pub mod layout;
 pub mod machine;
+pub mod pagehash;
 pub mod snapshot;
 pub mod vcpu;
 
