@@ -370,6 +370,12 @@ impl MonitorCmd for Target64 {
                     self.s.rec.events.len()
                 ),
             },
+            ["origin", args @ ..] => {
+                let text = crate::replay::provenance::monitor_origin(&self.s.rec, &self.s.tl, args);
+                for l in text.lines() {
+                    outputln!(out, "{l}");
+                }
+            }
             ["stats"] => {
                 outputln!(
                     out,
@@ -410,6 +416,7 @@ impl MonitorCmd for Target64 {
                     out,
                     "  stats               instructions single-stepped so far"
                 );
+                outputln!(out, "  origin LOCATION     where a value came from ($reg or ADDR[:LEN]; --depth N, --json)");
             }
         }
         Ok(())
