@@ -224,9 +224,12 @@ fn vuln_return_address_comes_from_serial_bytes_56_to_63() {
     }
     assert!(j["stopped"].is_null());
 
-    // Limits: a depth limit says where it stopped.
+    // Limits: a depth limit says where it stopped; so does a time limit.
     let out = ok(dir, &format!("origin $rsp:8 at {} --depth 1", pt(&at)));
     assert!(out.contains("stopped at depth 1"), "{out}");
+    let o = inspect(dir, &format!("origin $rsp:8 at {} --time 0", pt(&at)));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("the time limit (0 s)"), "{}", stderr(&o));
     // history: the eight byte stores, with old and new bytes.
     let h = ok(dir, &format!("seek {}; history $rsp 8", pt(&at)));
     eprintln!("{h}");

@@ -14,8 +14,8 @@ fn usage(s: &str) -> Error {
     Error::Usage(s.to_string())
 }
 
-pub const ORIGIN_USAGE: &str = "usage: origin LOCATION [at POINT] [--depth N] [--json]   (LOCATION: $reg, or ADDR[:LEN] with LEN default 8)";
-pub const HISTORY_USAGE: &str = "usage: history ADDR LEN [FROM [TO]] [--reads] [--json]   (FROM default start, TO default here)";
+pub const ORIGIN_USAGE: &str = "usage: origin LOCATION [at POINT] [--depth N] [--time S] [--json]   (LOCATION: $reg, or ADDR[:LEN] with LEN default 8)";
+pub const HISTORY_USAGE: &str = "usage: history ADDR LEN [FROM [TO]] [--reads] [--time S] [--json]   (FROM default start, TO default here)";
 
 impl From<ProvError> for Error {
     fn from(e: ProvError) -> Self {
@@ -34,6 +34,8 @@ struct Opts {
     json: bool,
     reads: bool,
     depth: Option<usize>,
+    /// Time limit in seconds.
+    time: Option<u64>,
     rest: Vec<String>,
 }
 
@@ -42,6 +44,7 @@ fn options(args: &[Word]) -> Result<Opts, Error> {
         json: false,
         reads: false,
         depth: None,
+        time: None,
         rest: Vec::new(),
     };
     let mut it = args.iter().map(Word::text);
@@ -56,6 +59,12 @@ fn options(args: &[Word]) -> Result<Opts, Error> {
                     return Err(usage("--depth must be at least 1"));
                 }
                 o.depth = Some(n);
+            }
+            "--time" => {
+                let n = it
+                    .next()
+                    .ok_or_else(|| usage("--time needs a number of seconds"))?;
+                o.time = Some(parse::number(&n)?);
             }
             _ if w.starts_with("--") => return Err(Error::Usage(format!("unknown option {w}"))),
             _ => o.rest.push(w),
@@ -142,12 +151,15 @@ impl Session {
         };
         let (max_depth, progress) = self.limits_for(o.depth);
         let take = || interrupt::take();
-        let limits = Limits {
+        let mut limits = Limits {
             max_depth,
             progress,
             interrupted: &take,
             ..Limits::default()
         };
+        if let Some(t) = o.time {
+            limits.max_time = std::time::Duration::from_secs(t);
+        }
         self.kvm_used = true;
         let r = prov::origin(&self.rec, loc, at, &limits)?;
         if o.json {
@@ -209,11 +221,14 @@ impl Session {
             )));
         }
         let take = || interrupt::take();
-        let limits = Limits {
+        let mut limits = Limits {
             progress: self.opts.progress,
             interrupted: &take,
             ..Limits::default()
         };
+        if let Some(t) = o.time {
+            limits.max_time = std::time::Duration::from_secs(t);
+        }
         self.kvm_used = true;
         let h = prov::history(&self.rec, phys, len, from, to, o.reads, &limits)?;
         if o.json {
