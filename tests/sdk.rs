@@ -143,6 +143,19 @@ fn zlib_in_the_guest_matches_the_hosts_zlib_and_replays() {
     );
     assert_eq!(stdout(&o), host_out, "guest zlib vs host zlib");
     replay_matches(&rec, &host_out);
+
+    // Made-up input, no disk (the form QEMU runs too: scripts/bench-sdk.sh).
+    let o = run_with_input(
+        &[
+            "run",
+            programs().join("zdemo.img").to_str().unwrap(),
+            "--cmdline",
+            "gen=50000",
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), host("zdemo-host", &["gen=50000"]));
 }
 
 #[test]
@@ -303,6 +316,11 @@ fn gdb_stops_in_zlib_at_its_source_line_and_reverse_continues() {
             "continue",
             "printf \"LEN=%lu\\n\", len",
             "bt",
+            // Our target description: segment bases and system registers.
+            "printf \"FSBASE=%lu\\n\", $fs_base",
+            "printf \"TLS=%lu\\n\", &tls_block",
+            "printf \"CR3=%lu\\n\", $cr3",
+            "printf \"EFER=%lu\\n\", $efer",
             "reverse-continue",
             "printf \"LEN=%lu\\n\", len",
         ],
