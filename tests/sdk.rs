@@ -143,6 +143,19 @@ fn zlib_in_the_guest_matches_the_hosts_zlib_and_replays() {
     );
     assert_eq!(stdout(&o), host_out, "guest zlib vs host zlib");
     replay_matches(&rec, &host_out);
+
+    // Made-up input, no disk (the form QEMU runs too: scripts/bench-sdk.sh).
+    let o = run_with_input(
+        &[
+            "run",
+            programs().join("zdemo.img").to_str().unwrap(),
+            "--cmdline",
+            "gen=50000",
+        ],
+        b"",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), host("zdemo-host", &["gen=50000"]));
 }
 
 #[test]
@@ -189,8 +202,20 @@ impl Drop for Server {
 }
 
 fn serve(rec: &Path) -> Server {
+    serve_at(rec, 0)
+}
+
+/// The server, starting at guest-caused exit `at` (`revirt gdb --at`).
+fn serve_at(rec: &Path, at: u64) -> Server {
     let mut child = revirt()
-        .args(["gdb", rec.to_str().unwrap(), "--port", "0"])
+        .args([
+            "gdb",
+            rec.to_str().unwrap(),
+            "--port",
+            "0",
+            "--at",
+            &at.to_string(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -303,6 +328,11 @@ fn gdb_stops_in_zlib_at_its_source_line_and_reverse_continues() {
             "continue",
             "printf \"LEN=%lu\\n\", len",
             "bt",
+            // Our target description: segment bases and system registers.
+            "printf \"FSBASE=%lu\\n\", $fs_base",
+            "printf \"TLS=%lu\\n\", &tls_block",
+            "printf \"CR3=%lu\\n\", $cr3",
+            "printf \"EFER=%lu\\n\", $efer",
             "reverse-continue",
             "printf \"LEN=%lu\\n\", len",
         ],
@@ -326,13 +356,30 @@ fn gdb_stops_in_lua_at_its_source_line_and_reverse_continues() {
     let tmp = tempfile::tempdir().unwrap();
     let rec = tmp.path().join("rec");
     let img = programs().join("luademo.img");
+    // os.clock() reads the clock port: a recorded exit just after Lua's
+    // start-up, where the session starts (`continue` single-steps while a
+    // breakpoint is set, so starting at boot would step all of Lua's start-up).
     let o = record(
         &img,
         &rec,
-        &["--cmdline=-e print(('abc'):reverse(), ('hello!'):reverse())"],
+        &["--cmdline=-e local t = os.clock() print(('abc'):reverse(), ('hello!'):reverse())"],
         b"",
     );
     assert_eq!(stdout(&o), "cba\t!olleh\n");
+    let ev = run_with_input(&["inspect", rec.to_str().unwrap(), "-c", "events"], b"");
+    let at: u64 = stdout(&ev)
+        .lines()
+        .rfind(|l| l.contains("clock read"))
+        .and_then(|l| {
+            l.split("exit ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no clock read in the events: {}", stdout(&ev)));
+    assert!(at > 0, "{}", stdout(&ev));
 
     let src = root().join("guests/third_party/lua/src/lstrlib.c");
     let line = line_after(
@@ -340,7 +387,7 @@ fn gdb_stops_in_lua_at_its_source_line_and_reverse_continues() {
         "static int str_reverse (",
         "luaL_buffinitsize(L, &b, l)",
     );
-    let server = serve(&rec);
+    let server = serve_at(&rec, at);
     let out = gdb(
         server.1,
         &img,

@@ -4,7 +4,9 @@
  * system's zlib (Makefile: zdemo-host), and tests/sdk.rs compares the two.
  *   guest: revirt run out/zdemo.img --disk DATA [--cmdline 'bytes=N level=L']
  *   host:  out/zdemo-host DATA [bytes=N level=L]
- * bytes defaults to the whole disk (file), level to 6.
+ * bytes defaults to the whole disk (file), level to 6. With gen=N instead of a
+ * disk, the input is N bytes of text made up by an LCG (no devices needed:
+ * QEMU runs it too, scripts/bench-sdk.sh).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,9 +25,30 @@ static long arg(int argc, char **argv, const char *key, long dflt)
     return dflt;
 }
 
-/* The input: the disk (guest) or the file named by argv[1] (host). */
+/* gen=N: N bytes of words picked by an LCG (compresses to about a third). */
+static unsigned char *generate(size_t n)
+{
+    static const char *words[] = { "replay ", "record ", "guest ", "kvm ", "exit ",
+                                   "timer ", "serial\n", "disk ", "0x1f ", "zlib " };
+    unsigned char *buf = malloc(n ? n : 1);
+    unsigned long long x = 0x2545F4914F6CDD1DULL;
+    size_t i = 0;
+    while (buf && i < n) {
+        x = x * 6364136223846793005ULL + 1442695040888963407ULL;
+        for (const char *w = words[(x >> 60) % 10]; *w && i < n; w++)
+            buf[i++] = (unsigned char)*w;
+    }
+    return buf;
+}
+
+/* The input: gen=N, else the disk (guest) or the file named by argv[1] (host). */
 static unsigned char *load(int argc, char **argv, size_t *len)
 {
+    long gen = arg(argc, argv, "gen", -1);
+    if (gen >= 0) {
+        *len = (size_t)gen;
+        return generate((size_t)gen);
+    }
 #ifdef __revirt__
     size_t cap = (size_t)rv_disk_sectors() * RV_SECTOR;
     size_t n = (size_t)arg(argc, argv, "bytes", (long)cap);
@@ -41,7 +64,7 @@ static unsigned char *load(int argc, char **argv, size_t *len)
 #else
     FILE *f = argc > 1 ? fopen(argv[1], "rb") : 0;
     if (!f) {
-        printf("zdemo: usage: zdemo-host FILE [bytes=N] [level=L]\n");
+        printf("zdemo: usage: zdemo-host FILE|gen=N [bytes=N] [level=L]\n");
         return 0;
     }
     fseek(f, 0, SEEK_END);

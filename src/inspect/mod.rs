@@ -13,6 +13,7 @@ pub mod format;
 pub mod live;
 pub mod mmu;
 pub mod parse;
+pub mod provenance;
 pub mod symbols;
 pub mod view;
 
