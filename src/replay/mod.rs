@@ -75,11 +75,26 @@ impl Recording {
             });
         }
         let mut rec = Recording::open(dir)?;
-        if !force {
-            let bound = trace::verify::bound_checkpoints(&rec.events);
-            rec.checkpoints.retain(|c| bound.contains_key(&c.0));
-        }
         let mut line = report.summary.clone();
+        if !force {
+            // Bound checkpoints were checked against the chain. A log that is
+            // merely cut short may stop before a checkpoint's binding (the
+            // file is written by another thread): those are used on their
+            // CRC-32 alone, and the user is told.
+            let bound = trace::verify::bound_checkpoints(&rec.events);
+            let cut_short = report.incomplete;
+            let unbound: Vec<u32> = rec.checkpoints.iter().map(|c| c.0).filter(|id| !bound.contains_key(id)).collect();
+            rec.checkpoints.retain(|c| bound.contains_key(&c.0) || cut_short);
+            if cut_short && !unbound.is_empty() {
+                line += &format!(
+                    "; checkpoint{} {} landed after the log was cut, so {} not bound into the chain: used on {} CRC-32 alone",
+                    if unbound.len() == 1 { "" } else { "s" },
+                    unbound.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", "),
+                    if unbound.len() == 1 { "it is" } else { "they are" },
+                    if unbound.len() == 1 { "its" } else { "their" },
+                );
+            }
+        }
         if report.damaged() {
             line += &format!("; --force: going on despite {}", report.problems().join("; "));
         }
