@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::boot::{self, BootError};
+use super::breakpoints::{BreakpointError, Breakpoints, Trap};
 use super::devices::{Block, DeviceState, Devices, DiskError};
 use super::host::{Async, Control, Host, HostError, PollCtx};
 use super::image::Image;
@@ -67,6 +68,10 @@ pub enum MachineError {
     Step(#[from] StepError),
     #[error("branch counter: {0}")]
     Counter(#[from] PmuError),
+    #[error("breakpoints: {0}")]
+    Breakpoint(#[from] BreakpointError),
+    #[error("the guest wrote over the breakpoint site {site:#x} while it was patched: hits after that write may have been missed")]
+    SiteOverwritten { site: u64 },
 }
 
 /// An unhandled exception the guest kernel reported on the panic port.
@@ -269,6 +274,17 @@ pub struct Machine {
     bp_step_over: bool,
     /// Hardware-breakpoint exits taken so far (landing on a target RIP).
     pub hw_bp_hits: u64,
+    /// Execution breakpoints reached at native speed (`vmm::breakpoints`).
+    pub bps: Breakpoints,
+    /// Step once off the breakpoint site we stand on before patching again:
+    /// (steps, exits) when it was hit.
+    site_step_over: Option<(u64, u64)>,
+    /// Step (not run free) until the guest is back in ring 3: ring 0 ran
+    /// in the guest's hands, so the stack bytes an int3 overwrites are unknown.
+    bp_ring0: bool,
+    /// A guest-caused exit ended a free run with breakpoints: the boundary
+    /// after it (once its poll delivered) may be an arrival at a site.
+    bp_exit_check: bool,
 }
 
 fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, MachineError> {
@@ -325,6 +341,10 @@ impl Machine {
             hw_bp: None,
             bp_step_over: false,
             hw_bp_hits: 0,
+            bps: Breakpoints::default(),
+            site_step_over: None,
+            bp_ring0: false,
+            bp_exit_check: false,
         })
     }
 
@@ -627,6 +647,14 @@ impl Machine {
     /// guest-caused exits have happened (then returns `Stop::Paused`).
     pub fn run(&mut self, host: &mut dyn Host, exit_limit: Option<u64>) -> Result<Stop, MachineError> {
         let _guard = KickGuard::register(&mut self.vcpu.fd);
+        if !self.bps.is_empty() {
+            // Where the run starts is the caller's business, not an arrival.
+            let rip = self.vcpu.regs()?.rip;
+            if self.bps.sites().contains(&rip) {
+                let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
+                self.site_step_over = Some((steps, self.exits));
+            }
+        }
         host.attach(Kicker::current());
         let r = self.run_loop(host, exit_limit);
         host.detach();
@@ -635,6 +663,7 @@ impl Machine {
             self.stepper.disarm(&self.vcpu)?;
         }
         self.set_hw_bp(None)?;
+        self.bps.disarm_debug(&self.vcpu)?;
         self.bp = None;
         // Leave the machine savable: a pending IN gets its result now.
         self.complete_pending_io()?;
@@ -646,6 +675,19 @@ impl Machine {
             if matches!(exit_limit, Some(l) if self.exits >= l) || self.pause_requested {
                 self.pause_requested = false;
                 return Ok(Stop::Paused);
+            }
+            if std::mem::take(&mut self.bp_exit_check) && !self.bps.is_empty() && !self.waiting {
+                // The boundary after a guest-caused exit, as stepping would
+                // stop there: the exiting instruction retired, its events
+                // were delivered. An arrival if a site is there.
+                self.complete_pending_io()?;
+                let rip = self.vcpu.regs()?.rip;
+                if self.bps.sites().contains(&rip) {
+                    let mut ctx = self.precise_ctx(Some(rip))?;
+                    ctx.guest_caused = false;
+                    self.poll_and_deliver(&ctx, host)?;
+                    continue;
+                }
             }
             if self.waiting {
                 // Resumed (or woken) while idle: wait on, at the same exit.
@@ -667,20 +709,37 @@ impl Machine {
             };
             let use_hw_bp = self.bp.is_some() && breakpoints_ok && !self.bp_step_over;
             self.host_precise = host.precise(self.exits);
+            // Native breakpoints: run free from ring 3; step off a site we
+            // stand on, and through ring 0 (see vmm::breakpoints).
+            let bp_mode = !self.bps.is_empty() && self.counter.is_none() && self.bp.is_none();
+            let bp_step = bp_mode && !self.host_precise && self.bp_must_step()?;
             // Step for the host, for a counter that counts by stepping, or
             // to reach a breakpoint RIP that no hardware breakpoint watches.
-            let precise = self.host_precise || counter_steps || (self.bp.is_some() && !use_hw_bp);
+            let precise =
+                self.host_precise || counter_steps || (self.bp.is_some() && !use_hw_bp) || bp_step;
             if precise != self.stepper.is_armed() {
                 if precise {
                     self.set_hw_bp(None)?;
+                    self.bps.disarm_debug(&self.vcpu)?;
                     self.stepper.arm(&self.vcpu, &self.mem)?;
                 } else {
                     self.stepper.disarm(&self.vcpu)?;
                     self.hw_bp = None; // disarming cleared all guest debugging
                 }
             }
+            let mut bps_armed = false;
             if !self.stepper.is_armed() {
-                self.set_hw_bp(if use_hw_bp { self.bp } else { None })?;
+                if bp_mode {
+                    if !self.bps.arm(&self.vcpu, &self.mem)? {
+                        self.bp_ring0 = true; // no IDT yet: step
+                        continue;
+                    }
+                    self.hw_bp = None; // guest debug now holds the breakpoints
+                    bps_armed = true;
+                } else {
+                    self.bps.disarm_debug(&self.vcpu)?;
+                    self.set_hw_bp(if use_hw_bp { self.bp } else { None })?;
+                }
             }
             self.inject()?;
             if self.stepper.is_armed() {
@@ -727,6 +786,10 @@ impl Machine {
                     guest_caused = false;
                     action = Action::Step(d);
                 }
+                Ok(VcpuExit::Debug(d)) if bps_armed => {
+                    guest_caused = false;
+                    action = Action::Trap(d);
+                }
                 Ok(VcpuExit::Debug(_)) if hw_bp.is_some() => {
                     guest_caused = false;
                     action = Action::Breakpoint;
@@ -746,6 +809,20 @@ impl Machine {
                     eintr = true;
                 }
                 Err(e) => return Err(VcpuError::Kvm { op: "KVM_RUN", source: e }.into()),
+            }
+            if bps_armed {
+                self.bps.unpatch(&self.mem);
+                self.bp_exit_check = guest_caused && self.exits != exits_before;
+                if let Some(site) = self.bps.take_overwritten().first() {
+                    return Err(MachineError::SiteOverwritten { site: *site });
+                }
+                if matches!(action, Action::Emulation(_)) {
+                    let cpl = self.vcpu.sregs()?.cs.selector & 3;
+                    if let Some(t) = self.bps.on_emulation_failure(self.rip(), cpl) {
+                        self.bp_trap(t, host)?;
+                        continue;
+                    }
+                }
             }
             if !self.devices.block.dma_pages.is_empty() || !self.devices.block.written_sectors.is_empty() {
                 let pages = std::mem::take(&mut self.devices.block.dma_pages);
@@ -769,6 +846,15 @@ impl Machine {
                 Action::Step(d) => {
                     let stop = self.stepper.on_debug_exit(&self.vcpu, &self.mem, &d)?;
                     self.at_boundary(stop, host)?;
+                    continue;
+                }
+                Action::Trap(d) => {
+                    match self.bps.on_debug_exit(&self.vcpu, &self.mem, &d)? {
+                        Some(t) => self.bp_trap(t, host)?,
+                        None => {
+                            return Err(MachineError::UnexpectedExit { what: format!("debug exit {d:?}"), rip: self.rip() })
+                        }
+                    }
                     continue;
                 }
                 Action::Breakpoint => {
@@ -858,7 +944,46 @@ impl Machine {
         }
     }
 
+    /// Whether native breakpoints must step rather than run free now: off
+    /// a site just hit, through ring 0, or with an interrupt about to be
+    /// injected (its handler runs in ring 0).
+    fn bp_must_step(&mut self) -> Result<bool, MachineError> {
+        let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
+        if let Some((s, e)) = self.site_step_over {
+            if steps > s || self.exits != e {
+                self.site_step_over = None;
+            }
+        }
+        if self.site_step_over.is_some() || self.devices.pic.next_vector().is_some() || self.waiting {
+            return Ok(true);
+        }
+        let ring3 = self.vcpu.sregs()?.cs.selector & 3 == 3;
+        if ring3 {
+            self.bp_ring0 = false;
+        }
+        Ok(!ring3 || self.bp_ring0)
+    }
+
+    /// A native breakpoint trapped: at a hit the guest stands at the site
+    /// (unwound), which is a precise poll; the next entry steps off it.
+    fn bp_trap(&mut self, t: Trap, host: &mut dyn Host) -> Result<(), MachineError> {
+        match t {
+            Trap::RingZero => {
+                self.bp_ring0 = true;
+                Ok(())
+            }
+            Trap::Hit { rip } => {
+                let ctx = self.precise_ctx(Some(rip))?;
+                self.poll_and_deliver(&ctx, host)
+            }
+        }
+    }
+
     fn poll_and_deliver(&mut self, ctx: &PollCtx, host: &mut dyn Host) -> Result<(), MachineError> {
+        if ctx.rip.is_some_and(|r| self.bps.sites().contains(&r)) {
+            // The host saw this arrival; do not trap on the same site again.
+            self.site_step_over = Some((ctx.steps, self.exits));
+        }
         let mut asyncs = std::mem::take(&mut self.asyncs);
         let r = host.poll(ctx, &mut asyncs);
         self.asyncs = asyncs;
@@ -972,6 +1097,8 @@ enum Action {
     Step(kvm_bindings::kvm_debug_exit_arch),
     /// The hardware breakpoint at the landing RIP.
     Breakpoint,
+    /// A debug exit while native breakpoints are armed.
+    Trap(kvm_bindings::kvm_debug_exit_arch),
     ClockRead(InSlot),
     TimerProgram(u32),
     Halt,

@@ -2,11 +2,13 @@
 //! decides nothing about recording or replay; it asks a [`host::Host`].
 
 pub mod boot;
+pub mod breakpoints;
 pub mod devices;
 pub mod host;
 pub mod image;
 pub mod layout;
 pub mod machine;
+pub mod paging;
 pub mod snapshot;
 pub mod vcpu;
 
