@@ -496,7 +496,7 @@ impl Host for ReplayHost {
         if let Some(p) = ctx.point() {
             self.last_boundary = Some(p);
             if let Some(scan) = &mut self.scan {
-                if scan.at_poll(p, ctx.fp.unwrap_or(0)) {
+                if scan.at_poll(p, ctx.fp.unwrap_or(0), ctx.watch) {
                     self.reached = true;
                     return Ok(Control::Pause);
                 }

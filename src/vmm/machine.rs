@@ -143,7 +143,9 @@ pub struct MachineState {
 /// the vCPU keeps running (KVM_GET_DIRTY_LOG is safe alongside KVM_RUN).
 pub struct DirtyLog {
     vm: Arc<VmFd>,
-    mem_size: u64,
+    /// The dirty-logged memory slots: (slot, first page, pages). One slot
+    /// for all RAM, except while data watchpoints split it (`set_watches`).
+    slots: Mutex<Vec<(u32, u64, u64)>>,
     sets: Mutex<DirtySets>,
 }
 
@@ -156,19 +158,21 @@ struct DirtySets {
 
 impl DirtyLog {
     fn sync(&self, s: &mut DirtySets) -> Result<(), MachineError> {
-        let bitmap = self
-            .vm
-            .get_dirty_log(0, self.mem_size as usize)
-            .map_err(|source| MachineError::Setup { op: "KVM_GET_DIRTY_LOG", source })?;
-        for (i, word) in bitmap.iter().enumerate() {
-            let mut w = *word;
-            while w != 0 {
-                let page = i as u64 * 64 + w.trailing_zeros() as u64;
-                s.ckpt_pages.insert(page);
-                if let Some((p, _)) = &mut s.migration {
-                    p.insert(page);
+        for &(slot, first, pages) in self.slots.lock().unwrap().iter() {
+            let bitmap = self
+                .vm
+                .get_dirty_log(slot, (pages * 4096) as usize)
+                .map_err(|source| MachineError::Setup { op: "KVM_GET_DIRTY_LOG", source })?;
+            for (i, word) in bitmap.iter().enumerate() {
+                let mut w = *word;
+                while w != 0 {
+                    let page = first + i as u64 * 64 + w.trailing_zeros() as u64;
+                    s.ckpt_pages.insert(page);
+                    if let Some((p, _)) = &mut s.migration {
+                        p.insert(page);
+                    }
+                    w &= w - 1;
                 }
-                w &= w - 1;
             }
         }
         Ok(())
@@ -285,6 +289,19 @@ pub struct Machine {
     /// A guest-caused exit ended a free run with breakpoints: the boundary
     /// after it (once its poll delivered) may be an arrival at a site.
     bp_exit_check: bool,
+    /// Data watchpoints at native speed (see [`Machine::set_watches`]).
+    watch: Watches,
+    /// The memory slots registered with KVM.
+    slot_ids: Vec<u32>,
+}
+
+/// Watched physical ranges, the pages held read-only for them, and a
+/// change not yet reported.
+#[derive(Debug, Default)]
+struct Watches {
+    ranges: Vec<(u64, u64)>,
+    pages: BTreeSet<u64>,
+    hit: Option<u64>,
 }
 
 fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, MachineError> {
@@ -318,7 +335,11 @@ impl Machine {
         let vcpu = Vcpu::new(&kvm, fd)?;
         let block = Block::new(config.disk.as_deref())?;
         let vm = Arc::new(vm);
-        let dirty = Arc::new(DirtyLog { vm: vm.clone(), mem_size: config.mem_size, sets: Mutex::default() });
+        let dirty = Arc::new(DirtyLog {
+            vm: vm.clone(),
+            slots: Mutex::new(vec![(0, 0, config.mem_size / 4096)]),
+            sets: Mutex::default(),
+        });
         Ok(Machine {
             config: config.clone(),
             _kvm: kvm,
@@ -345,6 +366,8 @@ impl Machine {
             site_step_over: None,
             bp_ring0: false,
             bp_exit_check: false,
+            watch: Watches::default(),
+            slot_ids: vec![0],
         })
     }
 
@@ -470,6 +493,7 @@ impl Machine {
             fp: None,
             overflow: false,
             steps: self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps,
+            watch: None,
         }
     }
 
@@ -523,13 +547,102 @@ impl Machine {
         Ok(())
     }
 
-    /// A poll context at an exact boundary (reads the registers).
-    fn precise_ctx(&self, rip: Option<u64>) -> Result<PollCtx, MachineError> {
+    /// A precise poll context at an exact boundary (reads the registers).
+    /// A watched range the last instruction changed is reported here.
+    fn precise_ctx(&mut self, rip: Option<u64>) -> Result<PollCtx, MachineError> {
         let regs = self.vcpu.regs()?;
         let mut c = self.ctx(true);
         c.rip = Some(rip.unwrap_or(regs.rip));
         c.fp = Some(fingerprint(&regs));
+        c.watch = self.watch.hit.take();
         Ok(c)
+    }
+
+    /// Data watchpoints at native speed (measured on kvm_pvm: a write to a
+    /// page in a read-only memory slot exits as KVM_EXIT_MMIO, ~40 us, with
+    /// RIP already past the writing instruction). Each page holding one of
+    /// the physical `ranges` gets a read-only slot of its own; the run loop
+    /// performs every write to it, keeps the dirty log right, and reports a
+    /// change of a watched range as a precise poll (`PollCtx::watch`). The
+    /// guest sees the same memory; the rest of RAM runs natively. Empty:
+    /// one slot for all RAM again.
+    pub fn set_watches(&mut self, ranges: Vec<(u64, u64)>) -> Result<(), MachineError> {
+        let total = self.config.mem_size / 4096;
+        let pages: BTreeSet<u64> = ranges
+            .iter()
+            .flat_map(|&(a, l)| (a >> 12)..=((a + l.max(1) - 1) >> 12))
+            .filter(|&p| p < total)
+            .collect();
+        self.watch.ranges = ranges;
+        self.watch.hit = None;
+        if pages == self.watch.pages {
+            return Ok(());
+        }
+        // Re-creating a slot clears its dirty bitmap: take what it holds first.
+        {
+            let mut s = self.dirty.sets.lock().unwrap();
+            self.dirty.sync(&mut s)?;
+        }
+        let base = self.mem.iter().next().map(|r| r.as_ptr() as u64).unwrap_or(0);
+        let region = |slot: u32, first: u64, n: u64, flags: u32| kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: first * 4096,
+            memory_size: n * 4096,
+            userspace_addr: base + first * 4096,
+        };
+        for &slot in &self.slot_ids {
+            // SAFETY: deleting a slot (size 0) touches no memory.
+            setup("KVM_SET_USER_MEMORY_REGION", unsafe { self.vm.set_user_memory_region(region(slot, 0, 0, 0)) })?;
+        }
+        let (mut ids, mut logged, mut at) = (Vec::new(), Vec::new(), 0u64);
+        let mut add = |first: u64, n: u64, ro: bool| -> Result<(), MachineError> {
+            let slot = ids.len() as u32;
+            let flags = if ro { kvm_bindings::KVM_MEM_READONLY } else { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES };
+            // SAFETY: the range lies inside the live mmap owned by `mem`,
+            // which the Machine keeps for as long as the VM fd.
+            setup("KVM_SET_USER_MEMORY_REGION", unsafe { self.vm.set_user_memory_region(region(slot, first, n, flags)) })?;
+            if !ro {
+                logged.push((slot, first, n));
+            }
+            ids.push(slot);
+            Ok(())
+        };
+        for &p in &pages {
+            if p > at {
+                add(at, p - at, false)?;
+            }
+            add(p, 1, true)?;
+            at = p + 1;
+        }
+        if at < total {
+            add(at, total - at, false)?;
+        }
+        *self.dirty.slots.lock().unwrap() = logged;
+        self.slot_ids = ids;
+        self.watch.pages = pages;
+        Ok(())
+    }
+
+    /// A guest write to a watched page (it exited as MMIO): performed here.
+    fn watched_write(&mut self, addr: u64, data: &[u8]) -> Result<(), MachineError> {
+        let before: Vec<Vec<u8>> = self.watch.ranges.iter().map(|&(a, l)| self.read_range(a, l)).collect();
+        self.mem.write_slice(data, GuestAddress(addr)).map_err(|e| MachineError::Memory(e.to_string()))?;
+        let pages = (addr >> 12..=(addr + data.len().max(1) as u64 - 1) >> 12).collect();
+        self.dirty.note(&pages, &BTreeSet::new());
+        let changed = self.watch.ranges.iter().zip(&before).find(|((a, l), b)| self.read_range(*a, *l) != **b);
+        if let Some(((a, _), _)) = changed {
+            self.watch.hit = Some(*a);
+        }
+        // KVM finishes the access on the next entry (as for an IN).
+        self.io_pending = true;
+        Ok(())
+    }
+
+    fn read_range(&self, a: u64, l: u64) -> Vec<u8> {
+        let mut b = vec![0u8; l as usize];
+        let _ = self.mem.read_slice(&mut b, GuestAddress(a));
+        b
     }
 
     /// The current execution point (reads RIP).
@@ -751,7 +864,7 @@ impl Machine {
             let stepping = self.stepper.is_armed();
             let hw_bp = self.hw_bp;
             let exits_before = self.exits;
-            let Machine { vcpu, devices, mem, exits, io_pending, branches, .. } = self;
+            let Machine { vcpu, devices, mem, exits, io_pending, branches, watch, .. } = self;
             let mut guest_caused = true;
             let mut eintr = false;
             let mut action = Action::None;
@@ -772,6 +885,14 @@ impl Machine {
                     *branches = 0;
                     *io_pending = true;
                     data.fill(0xFF); // nothing is mapped there
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) if watch.pages.contains(&(addr >> 12)) => {
+                    // A data watchpoint's page, not a device: not an exit.
+                    guest_caused = false;
+                    let mut b = [0u8; 16];
+                    let n = data.len().min(16);
+                    b[..n].copy_from_slice(&data[..n]);
+                    action = Action::WatchWrite(addr, b, n);
                 }
                 Ok(VcpuExit::MmioWrite(..)) => {
                     *exits += 1;
@@ -846,6 +967,18 @@ impl Machine {
                 Action::Step(d) => {
                     let stop = self.stepper.on_debug_exit(&self.vcpu, &self.mem, &d)?;
                     self.at_boundary(stop, host)?;
+                    continue;
+                }
+                Action::WatchWrite(addr, b, n) => {
+                    self.watched_write(addr, &b[..n])?;
+                    if !stepping && self.watch.hit.is_some() {
+                        // Free-running: the boundary after the write is here.
+                        self.complete_pending_io()?;
+                        let mut ctx = self.precise_ctx(None)?;
+                        ctx.guest_caused = false;
+                        self.poll_and_deliver(&ctx, host)?;
+                    }
+                    // Stepping: the step's own boundary reports it.
                     continue;
                 }
                 Action::Trap(d) => {
@@ -1099,6 +1232,8 @@ enum Action {
     Breakpoint,
     /// A debug exit while native breakpoints are armed.
     Trap(kvm_bindings::kvm_debug_exit_arch),
+    /// A write to a watched page: address, data, length.
+    WatchWrite(u64, [u8; 16], usize),
     ClockRead(InSlot),
     TimerProgram(u32),
     Halt,
