@@ -75,7 +75,7 @@ fn oracle_hits(rec: &Arc<Recording>, sites: &BTreeSet<u64>) -> (Vec<(u64, u64, u
             return (key(&scan), o);
         }
         let p = tl.position().unwrap();
-        scan.at_poll(p, revirt::clock::fingerprint(&tl.machine.vcpu.regs().unwrap()));
+        scan.at_poll(p, revirt::clock::fingerprint(&tl.machine.vcpu.regs().unwrap()), None);
     }
 }
 
@@ -169,4 +169,34 @@ fn continue_and_reverse_continue_equal_the_stepping_path() {
         same(&mut a, &mut b, &wa, &wb, "reverse-continue from the end");
         assert_eq!(wa, StopWhy::Breakpoint(symbol("task_exit")), "{clock}");
     }
+}
+
+#[test]
+fn write_watchpoints_at_native_speed_equal_the_stepping_path() {
+    use revirt::gdb::session::{Watch, WatchKind};
+    let d = tempfile::tempdir().unwrap();
+    let rec = record_race(d.path(), "exit", "exit");
+    let mut a = Session::open(rec.clone(), 0).unwrap();
+    let mut b = Session::open(rec.clone(), 0).unwrap();
+    a.native = true;
+    b.native = false;
+    // The shared counter, written by both tasks on every iteration.
+    let w = Watch { addr: symbol("race_counter"), len: 8, kind: WatchKind::Write };
+    a.watches.push(w.clone());
+    b.watches.push(w);
+    let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| {
+        assert_eq!(wa, wb, "{what}");
+        let (pa, pb) = (a.pos(), b.pos());
+        assert_eq!((pa.point.exits, pa.point.rip, pa.fp, pa.end), (pb.point.exits, pb.point.rip, pb.fp, pb.end), "{what}");
+        assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap(), "{what}");
+    };
+    for i in 0..5 {
+        let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+        same(&mut a, &mut b, &wa, &wb, &format!("continue {i}"));
+    }
+    for i in 0..3 {
+        let (wa, wb) = (a.reverse_cont().unwrap(), b.reverse_cont().unwrap());
+        same(&mut a, &mut b, &wa, &wb, &format!("reverse-continue {i}"));
+    }
+    assert!(a.native_runs > 0, "the native session ran natively");
 }

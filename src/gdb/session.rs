@@ -868,10 +868,15 @@ impl Session {
                 self.pos.point, self.pos.fp, until.point, until.fp
             )));
         }
-        // The position itself is not a hit before it (gdb's semantics).
+        // The position itself is not a breakpoint hit before it (gdb's semantics).
         let found = hits
             .into_iter()
-            .filter(|(_, h)| bps.contains(&h.key) && !(h.point.exits == e && h.point.rip == until.point.rip && h.fp == until.fp))
+            // A write that led to here is still behind us: going back, it is
+            // undone first (its stop is the state before it).
+            .filter(|(_, h)| {
+                bps.contains(&h.key)
+                    && (h.key & WATCH != 0 || !(h.point.exits == e && h.point.rip == until.point.rip && h.fp == until.fp))
+            })
             .map(|(at, h)| (at, h.key))
             .collect();
         let arr = bps.iter().map(|&b| (b, scan.arrivals(b))).collect();
