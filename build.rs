@@ -9,11 +9,14 @@ fn main() {
     // (shared target dir) must not build that checkout's guest.
     let root = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let dir = Path::new(&root).join("guests/demo");
-    // Watch the sources, not the directory: out/ lives inside it.
-    if let Ok(entries) = std::fs::read_dir(&dir) {
-        for e in entries.flatten() {
-            if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
-                println!("cargo:rerun-if-changed={}", e.path().display());
+    // Watch the sources, not the directory: out/ lives inside it. The demo's
+    // kernel side is the guest SDK's runtime (guests/sdk/rt).
+    for src in [dir.clone(), Path::new(&root).join("guests/sdk/rt")] {
+        if let Ok(entries) = std::fs::read_dir(&src) {
+            for e in entries.flatten() {
+                if e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                    println!("cargo:rerun-if-changed={}", e.path().display());
+                }
             }
         }
     }

@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Benchmarks: revirt record/replay/seek/checkpoint costs and QEMU TCG
-# record/replay of the same guest, measured side by side in one run.
-# Prints a table and writes target/bench/bench.json. See docs/performance.md.
+# Benchmarks: revirt record/replay/checkpoint/seek costs, the same against a
+# "before" binary (main at 3846335, before issue 17's fixes), and QEMU TCG
+# record/replay of the same guest, all measured side by side in one run.
+# Prints ONE table (what | before | now | target | verdict) and writes
+# target/bench/bench.json. docs/performance.md is written from its output.
 #
-#   bash scripts/bench.sh              # REPS=3 repetitions, median reported
+#   bash scripts/bench.sh                  # REPS=3 repetitions, median reported
 #   REPS=5 bash scripts/bench.sh
-#   NO_QEMU=1 bash scripts/bench.sh    # skip the QEMU comparison
+#   NO_QEMU=1 bash scripts/bench.sh        # skip the QEMU comparison
+#   NO_BEFORE=1 bash scripts/bench.sh      # skip the before column
+#   BEFORE_BIN=/path/to/revirt bash scripts/bench.sh   # reuse a built "before"
 #
+# The before binary is built from commit $BEFORE_REV (default 3846335) into
+# /tmp/revirt-before-$BEFORE_REV (git archive + cargo build, a few minutes once).
 # Figures are ratios from one run on a noisy machine; nothing here asserts.
-# Run it on an otherwise idle machine (a parallel `cargo test` doubles figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,202 +23,229 @@ if [ -z "${NO_QEMU:-}" ] && ! command -v qemu-system-x86_64 >/dev/null; then
     { apt-get update -q && apt-get install -y -q qemu-system-x86; } >/dev/null 2>&1 \
         || echo "bench: could not install qemu-system-x86; the QEMU rows will be missing" >&2
 fi
+BEFORE_REV=${BEFORE_REV:-3846335}
+if [ -z "${NO_BEFORE:-}" ] && [ -z "${BEFORE_BIN:-}" ]; then
+    src=/tmp/revirt-before-$BEFORE_REV
+    if [ ! -x "$src/target/release/revirt" ]; then
+        echo "bench: building the before binary from $BEFORE_REV in $src" >&2
+        mkdir -p "$src" && git archive "$BEFORE_REV" | tar -x -C "$src"
+        (cd "$src" && cargo build --release -q)
+    fi
+    export BEFORE_BIN=$src/target/release/revirt
+fi
+export BEFORE_REV
 
 export BENCH_OUT=target/bench
 rm -rf "$BENCH_OUT" && mkdir -p "$BENCH_OUT"
 
 exec python3 - "$@" <<'PY'
-import json, os, platform, re, shutil, statistics, struct, subprocess, sys, time
+import json, math, os, re, shutil, statistics, struct, subprocess, sys, time
 
-R = os.path.abspath("target/release/revirt")
+NOW = os.path.abspath("target/release/revirt")
+BEFORE = os.environ.get("BEFORE_BIN") or None
 G = os.path.abspath("guests/demo/out/vm.img")
 OUT = os.path.abspath(os.environ["BENCH_OUT"])
 REPS = int(os.environ.get("REPS", "3"))
 QEMU = None if os.environ.get("NO_QEMU") else shutil.which("qemu-system-x86_64")
-MEM = 64 << 20
-res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "reps": REPS}
+res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "reps": REPS,
+       "before": os.environ.get("BEFORE_REV") if BEFORE else None,
+       "now": subprocess.run(["git", "rev-parse", "--short", "HEAD"], stdout=subprocess.PIPE, text=True).stdout.strip(),
+       "load_start": os.getloadavg()}
+ROWS = []   # (section, what, before, now, target, verdict)
 
 class Proc:
     pass
 
-def sh(cmd, ok=(0,), stdin=subprocess.DEVNULL):
-    """Runs cmd; returns (wall seconds, result). result.cpu = user+sys CPU seconds of
-    the process (guest time included), less sensitive than wall time to other load."""
+# CPU time and peak RSS per child: subprocess reaps with waitpid; use wait4.
+_orig_wait = subprocess.Popen._try_wait
+RU = []
+def _try_wait(self, wait_flags):
+    pid, sts, ru = os.wait4(self.pid, wait_flags)
+    if pid == self.pid:
+        RU.append((ru.ru_utime + ru.ru_stime, ru.ru_maxrss))
+    return (pid, sts)
+subprocess.Popen._try_wait = _try_wait
+
+def sh(cmd, ok=(0,)):
+    """Runs cmd; returns (wall s, proc) with proc.cpu (user+sys s) and proc.rss (peak KiB)."""
     t = time.perf_counter()
-    child = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = child.communicate()
     dt = time.perf_counter() - t
     p = Proc(); p.returncode = child.returncode; p.stdout = out; p.stderr = err
     if p.returncode not in ok:
         sys.exit(f"bench: {' '.join(cmd)} exited {p.returncode}\n{out[-2000:]}\n{err[-2000:]}")
-    p.cpu = CPU.pop()
+    p.cpu, p.rss = RU.pop()
     return dt, p
 
-# CPU time per child: subprocess reaps with waitpid; wrap it to use wait4.
-_orig_wait = subprocess.Popen._try_wait
-CPU = []
-def _try_wait(self, wait_flags):
-    pid, sts, ru = os.wait4(self.pid, wait_flags)
-    if pid == self.pid:
-        CPU.append(ru.ru_utime + ru.ru_stime)
-    return (pid, sts)
-subprocess.Popen._try_wait = _try_wait
-
 def med(xs): return statistics.median(xs)
-def p95(xs):
-    xs = sorted(xs); return xs[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
+def gmean(xs): return math.exp(sum(math.log(x) for x in xs) / len(xs))
+def d(name): return os.path.join(OUT, name)
 
-LASTCPU = [0.0]
-def rec_dir(name): return os.path.join(OUT, name)
-
-def record(name, cmdline, clock="exit", ckpt="1s", mem=None):
-    d = rec_dir(name); shutil.rmtree(d, ignore_errors=True)
-    cmd = [R, "record", G, "--cmdline", cmdline, "-o", d, "--clock", clock, "--checkpoint-every", ckpt]
+def record(binary, name, cmdline, ckpt="1s", mem=None, clock="exit"):
+    shutil.rmtree(d(name), ignore_errors=True)
+    cmd = [binary, "record", G, "--cmdline", cmdline, "-o", d(name), "--clock", clock, "--checkpoint-every", ckpt]
     if mem: cmd += ["--mem", mem]
     dt, p = sh(cmd)
-    LASTCPU[0] = p.cpu
     m = re.search(r"(\d+) exits, (\d+) events \((\d+) bytes of log\), (\d+) checkpoints \((\d+) bytes\)", p.stderr)
-    s = dict(zip(["exits", "events", "log_bytes", "checkpoints", "checkpoint_bytes"], map(int, m.groups()))) if m else {}
-    return dt, s, p.stdout
+    p.stats = dict(zip(["exits", "events", "log_bytes", "checkpoints", "checkpoint_bytes"], map(int, m.groups()))) if m else {}
+    m = re.search(r"checkpoint pauses: median ([\d.]+) ms, max ([\d.]+) ms \(median (\d+) dirty pages", p.stderr)
+    p.pause = (float(m.group(1)), float(m.group(2)), int(m.group(3))) if m else None
+    return dt, p
 
-def run(cmdline, mem=None):
-    cmd = [R, "run", G, "--cmdline", cmdline] + (["--mem", mem] if mem else [])
-    return sh(cmd)
+def run(binary, cmdline, mem=None):
+    return sh([binary, "run", G, "--cmdline", cmdline] + (["--mem", mem] if mem else []))
 
-def replay(name, *extra):
-    return sh([R, "replay", "-q", rec_dir(name), *extra])
-
-def log_stats(name):
-    """Sum of the chunk headers: events, raw (decompressed) bytes, compressed payload bytes."""
-    b = open(os.path.join(rec_dir(name), "events.log"), "rb").read()
-    assert b[:8] == b"RVLOG001"
-    off, ev, raw, comp, chunks = 8, 0, 0, 0, 0
-    while off + 28 <= len(b) and b[off:off + 4] == b"CHNK":
-        _seq, _first, n, rl, cl = struct.unpack_from("<IQIII", b, off + 4)
-        ev += n; raw += rl; comp += cl; chunks += 1
-        off += 28 + cl + 32
-    return {"events": ev, "raw_bytes": raw, "payload_bytes": comp, "file_bytes": len(b), "chunks": chunks}
-
-def ckpt_headers(name):
-    d = os.path.join(rec_dir(name), "checkpoints"); out = []
-    for f in sorted(os.listdir(d)):
-        b = open(os.path.join(d, f), "rb").read()
-        assert b[:8] == b"RVCKPT01"
-        (hl,) = struct.unpack_from("<Q", b, 8)
-        h = json.loads(b[16:16 + hl])
-        out.append({"id": h["id"], "exits": h["exits"], "bytes": len(b),
-                    "pages": sum(c for _, c in h.get("pages", []))})
-    return out
+def replay(binary, name, *extra):
+    dt, p = sh([binary, "replay", "-q", d(name), *extra])
+    if not extra and "replay matches the recording" not in p.stderr:
+        sys.exit(f"bench: replay of {name} did not match:\n{p.stderr[-2000:]}")
+    return dt, p
 
 def section(t): print(f"\n== {t}", file=sys.stderr, flush=True)
+def f(x, n=2): return "-" if x is None else f"{x:.{n}f}"
+def verdict(x, limit, le=True):
+    if x is None: return "not measured"
+    return "met" if (x <= limit if le else x >= limit) else "miss"
+BINS = [("now", NOW)] + ([("before", BEFORE)] if BEFORE else [])
 
-# ---------------------------------------------------------------- record overhead
-section("record overhead / replay speed (exit clock)")
-COMPUTE = "workload=compute iters=200000000"
-RACE = "workload=race exits=16 iters=200000"
-STEP = "workload=compute iters=300"
-rows = []
-for label, cl, clock in [("compute (exit)", COMPUTE, "exit"), ("race exits=16 (exit)", RACE, "exit"),
-                         ("compute iters=300 (step)", STEP, "step"), ("compute iters=300 (pmu-sim)", STEP, "pmu-sim")]:
-    tr, tc, tp, cr, cc, cp, st = [], [], [], [], [], [], None
-    for i in range(REPS):
-        dt, p = run(cl); tr.append(dt); cr.append(p.cpu)
-        name = f"ovh-{clock}-{len(rows)}"
-        dt, st, _ = record(name, cl, clock=clock)
-        tc.append(dt); cc.append(LASTCPU[0])
-        dt, p = replay(name); tp.append(dt); cp.append(p.cpu)
-    r = {"workload": label, "cmdline": cl, "clock": clock, "run_s": med(tr), "record_s": med(tc),
-         "replay_s": med(tp), "record_over_run": med(tc) / med(tr), "replay_over_record": med(tp) / med(tc),
-         "run_cpu_s": med(cr), "record_cpu_s": med(cc), "replay_cpu_s": med(cp),
-         "record_over_run_cpu": med(cc) / med(cr), "replay_over_record_cpu": med(cp) / med(cc),
-         "exits": st.get("exits"), "events": st.get("events")}
-    rows.append(r)
-    print(f"  {label:30} run {r['run_s']:.3f}s record {r['record_s']:.3f}s replay {r['replay_s']:.3f}s", file=sys.stderr)
-res["overhead"] = rows
+# ---------------------------------------------------------------- record / replay per workload
+section("record/run and replay/record per workload (exit clock, default --checkpoint-every 1s)")
+WORKLOADS = [
+    ("compute", "workload=compute iters=400000000"),
+    ("race exits=16", "workload=race exits=16 iters=200000"),
+    ("dirty pages=4096", "workload=dirty iters=2000 pages=4096"),
+    ("mem", "workload=mem iters=3000000 pages=2048"),
+    ("branchy", "workload=branchy iters=6000000"),
+    ("fpu", "workload=fpu iters=4000000"),
+]
+res["workloads"] = []
+for label, cl in WORKLOADS:
+    w = {"workload": label, "cmdline": cl}
+    t = {k: [] for k in ["run", "rec_now", "rep_now", "rec_before", "rep_before"]}
+    c = {k: [] for k in t}
+    for i in range(REPS):   # interleaved: run, record+replay now, record+replay before
+        dt, p = run(NOW, cl); t["run"].append(dt); c["run"].append(p.cpu)
+        for tag, b in BINS:
+            dt, p = record(b, f"w-{tag}", cl); t[f"rec_{tag}"].append(dt); c[f"rec_{tag}"].append(p.cpu)
+            w["exits"] = p.stats.get("exits"); w["events"] = p.stats.get("events")
+            dt, p = replay(b, f"w-{tag}"); t[f"rep_{tag}"].append(dt); c[f"rep_{tag}"].append(p.cpu)
+    for k in t:
+        if t[k]: w[k + "_s"] = med(t[k]); w[k + "_cpu_s"] = med(c[k])
+    for tag, _ in BINS:
+        w[f"rec_over_run_{tag}"] = w[f"rec_{tag}_s"] / w["run_s"]
+        w[f"rep_over_rec_{tag}"] = w[f"rep_{tag}_s"] / w[f"rec_{tag}_s"]
+    res["workloads"].append(w)
+    print(f"  {w}", file=sys.stderr)
+    b = w.get("rec_over_run_before")
+    ROWS.append(("record", f"record/run, {label} (run {f(w['run_s'],3)} s, {w['exits']} exits)",
+                 f"{f(b)}x" if b else "-", f"{f(w['rec_over_run_now'])}x ({f(w['rec_now_s'],3)} s)", "<= 1.05x",
+                 verdict(w["rec_over_run_now"], 1.05)))
+for w in res["workloads"]:
+    b = w.get("rep_over_rec_before")
+    ROWS.append(("replay", f"replay/record, {w['workload']}", f"{f(b)}x" if b else "-",
+                 f"{f(w['rep_over_rec_now'])}x ({f(w['rep_now_s'],3)} s)", "<= 1.0x", verdict(w["rep_over_rec_now"], 1.0)))
 
 # ---------------------------------------------------------------- log size
 section("log size")
-ls = log_stats("ovh-exit-1")
-rec_s = rows[1]["record_s"]
-res["log"] = dict(ls, workload=RACE, record_s=rec_s,
-                  bytes_per_event_compressed=ls["file_bytes"] / max(1, ls["events"]),
-                  bytes_per_event_raw=ls["raw_bytes"] / max(1, ls["events"]),
-                  bytes_per_s_compressed=ls["file_bytes"] / rec_s, bytes_per_s_raw=ls["raw_bytes"] / rec_s)
-print(f"  {res['log']}", file=sys.stderr)
+def log_stats(name):
+    b = open(os.path.join(d(name), "events.log"), "rb").read()
+    off, ev, raw = 8, 0, 0
+    while off + 28 <= len(b) and b[off:off + 4] == b"CHNK":
+        _seq, _first, n, rl, cl = struct.unpack_from("<IQIII", b, off + 4)
+        ev += n; raw += rl; off += 28 + cl + 32
+    return {"events": ev, "raw_bytes": raw, "file_bytes": len(b)}
+dt, p = record(NOW, "log", "workload=race exits=16 iters=200000")
+L = log_stats("log"); L["record_s"] = dt
+res["log"] = L
+ROWS.append(("log", f"log bytes/event, race exits=16 ({L['events']} events), compressed / raw", "-",
+             f"{f(L['file_bytes']/L['events'])} / {f(L['raw_bytes']/L['events'])}", "<= 16", verdict(L['file_bytes']/L['events'], 16)))
 
 # ---------------------------------------------------------------- checkpoints
-section("checkpoint cost vs dirty pages")
-ck = []
-for pages in [64, 1024, 4096, 12288]:
-    cl = f"workload=dirty iters=30 pages={pages}"
-    t0s, t1s, c0s, c1s, hs = [], [], [], [], None
-    for i in range(REPS):
-        t0s.append(record(f"ck0-{pages}", cl, ckpt="0")[0]); c0s.append(LASTCPU[0])
-        dt, st, _ = record(f"ck-{pages}", cl, ckpt="10ms"); t1s.append(dt); c1s.append(LASTCPU[0])
-        hs = ckpt_headers(f"ck-{pages}")
-    n = len(hs) - 1                      # incremental checkpoints (0 is the full one)
-    inc = [h for h in hs if h["id"] > 0]
-    per = (med(t1s) - med(t0s)) / max(1, n) * 1000
-    per_cpu = (med(c1s) - med(c0s)) / max(1, n) * 1000
-    row = {"pages_written": pages, "incremental_checkpoints": n, "record_no_ckpt_s": med(t0s), "record_10ms_s": med(t1s),
-           "record_no_ckpt_cpu_s": med(c0s), "record_10ms_cpu_s": med(c1s), "cpu_ms_per_checkpoint": per_cpu,
-           "ms_per_checkpoint": per, "median_dirty_pages": med([h["pages"] for h in inc]) if inc else 0,
-           "median_checkpoint_bytes": med([h["bytes"] for h in inc]) if inc else 0,
-           "total_checkpoint_bytes": sum(h["bytes"] for h in hs), "guest_ram": MEM}
-    row["ms_per_1000_dirty_pages"] = per / max(1, row["median_dirty_pages"]) * 1000
-    row["cpu_ms_per_1000_dirty_pages"] = per_cpu / max(1, row["median_dirty_pages"]) * 1000
-    ck.append(row)
-    print(f"  {row}", file=sys.stderr)
-res["checkpoints"] = ck
-# the full checkpoint 0: record a tiny run with 64 MiB vs 512 MiB of RAM
-full = {}
-for mem in ["64M", "512M"]:
-    ws, cs = [], []
-    for _ in range(REPS):
-        ws.append(record(f"full-{mem}", "workload=compute iters=1000", ckpt="0", mem=mem)[0]); cs.append(LASTCPU[0])
-    full[mem] = med(ws); full[mem + "_cpu"] = med(cs)
-    full[mem + "_ckpt0_bytes"] = os.path.getsize(os.path.join(rec_dir(f"full-{mem}"), "checkpoints", "000000.ckpt"))
-full["ms_per_1000_pages"] = (full["512M"] - full["64M"]) * 1000 / ((512 - 64) * 256 / 1000)
-full["cpu_ms_per_1000_pages"] = (full["512M_cpu"] - full["64M_cpu"]) * 1000 / ((512 - 64) * 256 / 1000)
-res["full_checkpoint"] = full
-print(f"  full checkpoint 0: {full}", file=sys.stderr)
+section("checkpoint cost: --checkpoint-every 10ms vs 0, dirty workload")
+res["checkpoints"] = []
+for pages in [1024, 4096, 12288]:
+    cl = f"workload=dirty iters=60 pages={pages}"
+    r = {"pages_written": pages}
+    for tag, b in BINS:
+        t0, t1, c0, c1, pauses = [], [], [], [], []
+        for i in range(REPS):
+            dt, p = record(b, f"ck0-{tag}", cl, ckpt="0"); t0.append(dt); c0.append(p.cpu)
+            dt, p = record(b, f"ck-{tag}", cl, ckpt="10ms"); t1.append(dt); c1.append(p.cpu)
+            n = p.stats["checkpoints"] - 1
+            if p.pause: pauses.append(p.pause)
+        r[tag] = {"incremental": n, "wall_ms_per_ckpt": (med(t1) - med(t0)) / max(1, n) * 1000,
+                  "cpu_ms_per_ckpt": (med(c1) - med(c0)) / max(1, n) * 1000}
+        if pauses:
+            r[tag]["pause_median_ms"] = med([x[0] for x in pauses]); r[tag]["pause_max_ms"] = max(x[1] for x in pauses)
+            r[tag]["dirty_pages"] = med([x[2] for x in pauses])
+    dp = r["now"].get("dirty_pages", pages + 1)
+    for tag, _ in BINS:
+        r[tag]["cpu_ms_per_1000"] = r[tag]["cpu_ms_per_ckpt"] / dp * 1000
+        r[tag]["wall_ms_per_1000"] = r[tag]["wall_ms_per_ckpt"] / dp * 1000
+    r["now"]["pause_ms_per_1000"] = r["now"].get("pause_median_ms", float("nan")) / dp * 1000
+    res["checkpoints"].append(r)
+    print(f"  {r}", file=sys.stderr)
+    bf = r.get("before")
+    # Before, the vCPU stood still for the whole checkpoint (copy, compress, write on its thread).
+    ROWS.append(("ckpt", f"checkpoint vCPU pause per 1,000 dirty pages ({dp:.0f} pages, {r['now']['incremental']} ckpts)",
+                 f"{f(bf['wall_ms_per_1000'],1)} ms (whole checkpoint)" if bf else "-",
+                 f"{f(r['now']['pause_ms_per_1000'],2)} ms (max pause {f(r['now'].get('pause_max_ms'),1)} ms)", "<= 1 ms",
+                 verdict(r["now"]["pause_ms_per_1000"], 1.0)))
+    ROWS.append(("ckpt", f"checkpoint CPU per 1,000 dirty pages ({dp:.0f} pages)",
+                 f"{f(bf['cpu_ms_per_1000'],1)} ms" if bf else "-", f"{f(r['now']['cpu_ms_per_1000'],1)} ms", "<= 5 ms",
+                 verdict(r["now"]["cpu_ms_per_1000"], 5.0)))
+
+# ---------------------------------------------------------------- guest RAM size
+section("record/replay of compute iters=1000 at 64M vs 4G (checkpoint 0, state hash, RSS)")
+res["memsize"] = {}
+for tag, b in BINS:
+    for mem in ["64M", "4G"]:
+        ts, rs, rss_r, rss_p = [], [], [], []
+        for i in range(1 if (tag, mem) == ("before", "4G") else REPS):   # before: ~30 s + ~20 s each
+            dt, p = record(b, f"m-{tag}-{mem}", "workload=compute iters=1000", mem=mem); ts.append(dt); rss_r.append(p.rss)
+            dt, p = replay(b, f"m-{tag}-{mem}"); rs.append(dt); rss_p.append(p.rss)
+        res["memsize"][f"{tag}-{mem}"] = {"record_s": med(ts), "replay_s": med(rs), "record_rss_kib": max(rss_r),
+                                         "replay_rss_kib": max(rss_p),
+                                         "ckpt0_bytes": os.path.getsize(os.path.join(d(f"m-{tag}-{mem}"), "checkpoints", "000000.ckpt"))}
+        print(f"  {tag} {mem}: {res['memsize'][tag + '-' + mem]}", file=sys.stderr)
+M = res["memsize"]
+def mrow(tag, key, unit, n=2, scale=1):
+    if f"{tag}-4G" not in M: return "-"
+    a, b = M[f"{tag}-64M"][key] * scale, M[f"{tag}-4G"][key] * scale
+    return f"{f(a,n)} / {f(b,n)} {unit}"
+for key, what, unit, n, scale in [("record_s", "record", "s", 3, 1), ("replay_s", "replay", "s", 3, 1),
+                                   ("record_rss_kib", "record peak RSS", "MiB", 0, 1 / 1024),
+                                   ("replay_rss_kib", "replay peak RSS", "MiB", 0, 1 / 1024),
+                                   ("ckpt0_bytes", "checkpoint 0 file", "KiB", 0, 1 / 1024)]:
+    ratio = M["now-4G"][key] / M["now-64M"][key]
+    tgt = "4G ≈ 64M (<= 1.2x)"
+    ROWS.append(("mem", f"{what}, compute iters=1000, --mem 64M / 4G", mrow("before", key, unit, n, scale),
+                 mrow("now", key, unit, n, scale) + f" ({f(ratio)}x)", tgt, verdict(ratio, 1.2)))
 
 # ---------------------------------------------------------------- time travel
-section("time travel (seek = restore nearest checkpoint + roll forward)")
-dt, st, _ = record("long", RACE, ckpt="100ms")
-E = st["exits"]
-fwd = med([replay("long")[0] for _ in range(REPS)])
-seeks = {}
-for frac in [0.1, 0.3, 0.5, 0.7, 0.9]:
+section("time travel (seek = restore nearest checkpoint + roll forward; gdb reverse-stepi)")
+dt, p = record(NOW, "long", "workload=race exits=16 iters=200000", ckpt="100ms")
+E = p.stats["exits"]
+tt = {"exits": E, "checkpoints": p.stats["checkpoints"]}
+for tag, b in BINS:
+    if tag == "before":   # same recording format needed: record it with the before binary
+        record(b, "long-before", "workload=race exits=16 iters=200000", ckpt="100ms")
+    name = "long" if tag == "now" else "long-before"
     ts = []
-    for k in range(REPS + 2):
-        target = int(E * frac) + 37 * k
-        ts.append(replay("long", "--to", str(target))[0])
-    seeks[str(frac)] = {"median_s": med(ts), "p95_s": p95(ts)}
-allseek = [v["median_s"] for v in seeks.values()]
-late = int(E * 0.9)
-from_start = med([replay("long", "--to", str(late), "--from-checkpoint", "0")[0] for _ in range(REPS)])
-from_near = med([replay("long", "--to", str(late))[0] for _ in range(REPS)])
-noop = med([sh([R, "replay", "--help"])[0] for _ in range(REPS)])
-res["time_travel"] = {"recording_exits": E, "recording_checkpoints": st["checkpoints"], "record_s": dt,
-                      "forward_replay_s": fwd, "seek_by_depth": seeks,
-                      "seek_median_s": med(allseek), "seek_p95_s": p95([v["p95_s"] for v in seeks.values()]),
-                      "late_point_exit": late, "to_late_from_start_s": from_start, "to_late_from_nearest_s": from_near,
-                      "process_start_s": noop}
-print(f"  {res['time_travel']}", file=sys.stderr)
-
-# reverse-stepi through the GDB stub (in one process): gdb batch with 0 and with
-# NRS reverse-stepi from exit E*frac; the difference / NRS is one reverse-stepi.
+    for frac in [0.1, 0.3, 0.5, 0.7, 0.9]:
+        for k in range(REPS):
+            ts.append(replay(b, name, "--to", str(int(E * frac) + 37 * k))[0])
+    tt[f"seek_{tag}_ms"] = med(ts) * 1000
 GDB = shutil.which("gdb")
-NRS = 5
 def gdb_batch(port, n):
     cmd = [GDB, "-nx", "-batch", "-ex", "set architecture i386:x86-64", "-ex", "set pagination off",
            "-ex", f"target remote 127.0.0.1:{port}"] + ["-ex", "reverse-stepi"] * n + ["-ex", "disconnect", G]
     return sh(cmd, ok=(0, 1))[0]
 if GDB:
-    rs = {}
-    for frac in [0.3, 0.9]:
-        srv = subprocess.Popen([R, "gdb", rec_dir("long"), "--port", "0", "--at", str(int(E * frac))],
+    for tag, b in BINS:
+        name = "long" if tag == "now" else "long-before"
+        srv = subprocess.Popen([b, "gdb", d(name), "--port", "0", "--at", str(int(E * 0.5))],
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         port = None
         for line in srv.stderr:
@@ -221,74 +253,71 @@ if GDB:
             if m: port = int(m.group(1)); break
         per = []
         for _ in range(REPS):
-            t0 = gdb_batch(port, 0); t1 = gdb_batch(port, NRS)
-            per.append((t1 - t0) / NRS)
-        srv.kill(); srv.wait(); CPU.pop() if CPU else None
-        rs[str(frac)] = {"median_s": med(per), "max_s": max(per)}
-    res["time_travel"]["gdb_reverse_stepi"] = rs
-    print(f"  gdb reverse-stepi: {rs}", file=sys.stderr)
+            t0 = gdb_batch(port, 0); t1 = gdb_batch(port, 5)
+            per.append((t1 - t0) / 5)
+        srv.kill(); srv.wait(); RU.pop() if RU else None
+        tt[f"rsi_{tag}_ms"] = med(per) * 1000
+res["time_travel"] = tt
+print(f"  {tt}", file=sys.stderr)
+ROWS.append(("tt", f"seek `replay --to N` as a new process, median over 5 depths ({E} exits, 100 ms ckpts)",
+             f"{f(tt.get('seek_before_ms'),0)} ms" if BEFORE else "-", f"{f(tt['seek_now_ms'],0)} ms", "-", "-"))
+if GDB:
+    ROWS.append(("tt", "gdb reverse-stepi in one session at 50 % (median of 5-step batches)",
+                 f"{f(tt.get('rsi_before_ms'),1)} ms" if BEFORE else "-", f"{f(tt['rsi_now_ms'],1)} ms", "<= 50 ms",
+                 verdict(tt["rsi_now_ms"], 50)))
 
 # ---------------------------------------------------------------- QEMU
 res["qemu"] = []
-for QITERS in [int(x) for x in os.environ.get("QEMU_ITERS", "20000000,200000000").split(",")] if QEMU else []:
-    QCL = f"workload=compute iters={QITERS}"
-    section(f"QEMU TCG rr vs revirt, {QCL}")
-    qbase = [QEMU, "-kernel", G, "-append", QCL, "-m", "64M", "-display", "none", "-serial", "stdio",
-             "-monitor", "none", "-net", "none", "-device", "isa-debug-exit,iobase=0x550,iosize=4"]
-    rrf = os.path.join(OUT, "qemu.rr")
-    q = {"plain": [], "record": [], "replay": [], "revirt_run": [], "revirt_record": [], "revirt_replay": []}
-    qc = {k: [] for k in q}
-    def add(k, dt, cpu): q[k].append(dt); qc[k].append(cpu)
-    outs = set()
-    for i in range(REPS):
-        # isa-debug-exit: status v becomes (v << 1) | 1, so the guest's 0 is 1.
-        dt, p = sh(qbase, ok=(1,)); add("plain", dt, p.cpu); outs.add(p.stdout.strip())
-        dt, p = sh(qbase + ["-icount", f"shift=auto,rr=record,rrfile={rrf}"], ok=(1,)); add("record", dt, p.cpu); outs.add(p.stdout.strip())
-        dt, p = sh(qbase + ["-icount", f"shift=auto,rr=replay,rrfile={rrf}"], ok=(1,)); add("replay", dt, p.cpu); outs.add(p.stdout.strip())
-        dt, p = run(QCL); add("revirt_run", dt, p.cpu); outs.add(p.stdout.strip())
-        dt, _, o = record("qcmp", QCL); add("revirt_record", dt, LASTCPU[0]); outs.add(o.strip())
-        dt, p = sh([R, "replay", rec_dir("qcmp")]); add("revirt_replay", dt, p.cpu); outs.add(p.stdout.strip())
-    qm = {k: med(v) for k, v in q.items()}
-    qm.update({k + "_cpu": med(v) for k, v in qc.items()})
-    qm.update(cmdline=QCL, qemu=subprocess.run([QEMU, "--version"], stdout=subprocess.PIPE, text=True).stdout.splitlines()[0],
-              rr_file_bytes=os.path.getsize(rrf), same_output=len(outs) == 1, output=sorted(outs)[0].splitlines()[-1],
-              qemu_record_over_revirt_record=qm["record"] / qm["revirt_record"],
-              qemu_replay_over_revirt_replay=qm["replay"] / qm["revirt_replay"],
-              qemu_record_over_revirt_record_cpu=qm["record_cpu"] / qm["revirt_record_cpu"],
-              qemu_replay_over_revirt_replay_cpu=qm["replay_cpu"] / qm["revirt_replay_cpu"])
-    res["qemu"].append(qm)
-    print(f"  {qm}", file=sys.stderr)
+QW = [("compute", "workload=compute iters=200000000"), ("dirty", "workload=dirty iters=2000 pages=4096"),
+      ("mem", "workload=mem iters=3000000 pages=2048"), ("branchy", "workload=branchy iters=6000000"),
+      ("fpu", "workload=fpu iters=4000000")]
+if QEMU:
+    qver = subprocess.run([QEMU, "--version"], stdout=subprocess.PIPE, text=True).stdout.splitlines()[0]
+    res["qemu_version"] = qver
+    for label, QCL in QW:
+        section(f"QEMU TCG rr vs revirt, {QCL}")
+        qbase = [QEMU, "-kernel", G, "-append", QCL, "-m", "64M", "-display", "none", "-serial", "stdio",
+                 "-monitor", "none", "-net", "none", "-device", "isa-debug-exit,iobase=0x550,iosize=4"]
+        rrf = os.path.join(OUT, "qemu.rr")
+        q = {k: [] for k in ["plain", "record", "replay", "revirt_run", "revirt_record", "revirt_replay"]}
+        outs = set()
+        def res_line(s): return [l for l in s.splitlines() if l.startswith(label.split()[0] + ":")][-1:]
+        for i in range(REPS):
+            # isa-debug-exit: status v becomes (v << 1) | 1, so the guest's 0 is 1.
+            dt, p = sh(qbase, ok=(1,)); q["plain"].append(dt); outs.add(tuple(res_line(p.stdout)))
+            dt, p = sh(qbase + ["-icount", f"shift=auto,rr=record,rrfile={rrf}"], ok=(1,)); q["record"].append(dt); outs.add(tuple(res_line(p.stdout)))
+            dt, p = sh(qbase + ["-icount", f"shift=auto,rr=replay,rrfile={rrf}"], ok=(1,)); q["replay"].append(dt); outs.add(tuple(res_line(p.stdout)))
+            dt, p = run(NOW, QCL); q["revirt_run"].append(dt); outs.add(tuple(res_line(p.stdout)))
+            dt, p = record(NOW, "qcmp", QCL); q["revirt_record"].append(dt); outs.add(tuple(res_line(p.stdout)))
+            dt, p = sh([NOW, "replay", d("qcmp")]); q["revirt_replay"].append(dt); outs.add(tuple(res_line(p.stdout)))
+        qm = {k: med(v) for k, v in q.items()}
+        qm.update(workload=label, cmdline=QCL, same_output=len(outs) == 1, output=list(outs)[0],
+                  rec_ratio=qm["record"] / qm["revirt_record"], rep_ratio=qm["replay"] / qm["revirt_replay"],
+                  plain_ratio=qm["plain"] / qm["revirt_run"])
+        res["qemu"].append(qm)
+        print(f"  {qm}", file=sys.stderr)
+        ROWS.append(("qemu", f"QEMU rr=record / revirt record, {label} ({QCL.split(' ',1)[1]})", "-",
+                     f"{f(qm['record'],2)} / {f(qm['revirt_record'],2)} s = {f(qm['rec_ratio'],1)}x", ">= 20x", verdict(qm["rec_ratio"], 20, le=False)))
+        ROWS.append(("qemu", f"QEMU rr=replay / revirt replay, {label}", "-",
+                     f"{f(qm['replay'],2)} / {f(qm['revirt_replay'],2)} s = {f(qm['rep_ratio'],1)}x", "-", "-"))
+        ROWS.append(("qemu", f"QEMU plain TCG / revirt run, {label}; same result line: {qm['same_output']}", "-",
+                     f"{f(qm['plain'],2)} / {f(qm['revirt_run'],2)} s = {f(qm['plain_ratio'],1)}x", "-", "-"))
+    if res["qemu"]:
+        g1 = gmean([q["rec_ratio"] for q in res["qemu"]]); g2 = gmean([q["rep_ratio"] for q in res["qemu"]])
+        res["qemu_gmean"] = {"record": g1, "replay": g2}
+        ROWS.append(("qemu", f"QEMU / revirt, geometric mean over {len(res['qemu'])} workloads: record / replay", "-",
+                     f"{f(g1,1)}x / {f(g2,1)}x", ">= 20x (record)", verdict(g1, 20, le=False)))
 
+res["load_end"] = os.getloadavg()
 json.dump(res, open(os.path.join(OUT, "bench.json"), "w"), indent=1)
 
-# ---------------------------------------------------------------- table
-def f(x, d=2): return f"{x:.{d}f}"
-T = []
-for r in res["overhead"]:
-    T.append((f"record/run, {r['workload']}", f"wall {f(r['record_s'],3)}/{f(r['run_s'],3)} s = {f(r['record_over_run'])}x; cpu {f(r['record_over_run_cpu'])}x",
-              "<= 1.05x (exit-driven)" if r["clock"] == "exit" else "-"))
-for r in res["overhead"]:
-    T.append((f"replay/record, {r['workload']}", f"wall {f(r['replay_s'],3)}/{f(r['record_s'],3)} s = {f(r['replay_over_record'])}x; cpu {f(r['replay_over_record_cpu'])}x", "<= 1.0x"))
-L = res["log"]
-T.append(("log bytes/event (compressed file / raw)", f"{f(L['bytes_per_event_compressed'])} / {f(L['bytes_per_event_raw'])} ({L['events']} events)", "<= 16"))
-T.append(("log bytes/s of guest run (compressed / raw)", f"{L['bytes_per_s_compressed']:.0f} / {L['bytes_per_s_raw']:.0f}", "-"))
-for c in res["checkpoints"]:
-    T.append((f"checkpoint, dirty pages={c['median_dirty_pages']:.0f}", f"wall {f(c['ms_per_checkpoint'],1)} ms, cpu {f(c['cpu_ms_per_checkpoint'],1)} ms "
-              f"(cpu {f(c['cpu_ms_per_1000_dirty_pages'],1)} ms/1000 pages; {c['incremental_checkpoints']} ckpts, {c['total_checkpoint_bytes']/MEM:.3f}x RAM)", "<= 5 ms/1000 pages"))
-T.append(("full checkpoint 0 (slope 64M->512M)", f"wall {f(full['ms_per_1000_pages'],1)}, cpu {f(full['cpu_ms_per_1000_pages'],1)} ms/1000 pages", "-"))
-tt = res["time_travel"]
-T.append(("seek --to EXITS (median / p95 over depths)", f"{f(tt['seek_median_s']*1000,0)} / {f(tt['seek_p95_s']*1000,0)} ms", "reverse-stepi <= 50 ms median"))
-for k, v in tt.get("gdb_reverse_stepi", {}).items():
-    T.append((f"gdb reverse-stepi at {float(k):.0%} (median / max of {REPS}x{NRS})", f"{f(v['median_s']*1000,0)} / {f(v['max_s']*1000,0)} ms", "<= 50 ms median"))
-T.append(("seek to 90%: from nearest ckpt / from start / full replay", f"{f(tt['to_late_from_nearest_s'],3)} / {f(tt['to_late_from_start_s'],3)} / {f(tt['forward_replay_s'],3)} s", "-"))
-for qm in res.get("qemu", []):
-    QCL = qm["cmdline"]
-    T.append((f"QEMU rr=record / revirt record ({QCL})", f"wall {f(qm['record'],3)}/{f(qm['revirt_record'],3)} s = {f(qm['qemu_record_over_revirt_record'],1)}x; cpu {f(qm['qemu_record_over_revirt_record_cpu'],1)}x", ">= 20x"))
-    T.append((f"QEMU rr=replay / revirt replay", f"wall {f(qm['replay'],3)}/{f(qm['revirt_replay'],3)} s = {f(qm['qemu_replay_over_revirt_replay'],1)}x; cpu {f(qm['qemu_replay_over_revirt_replay_cpu'],1)}x", "-"))
-    T.append(("QEMU plain TCG / revirt run", f"{f(qm['plain'],3)} / {f(qm['revirt_run'],3)} s; same output: {qm['same_output']}", "-"))
-w = max(len(a) for a, _, _ in T); v = max(len(b) for _, b, _ in T)
-print(f"\nrevirt bench, {res['date']}, median of {REPS}; JSON: {os.path.relpath(OUT)}/bench.json")
-print(f"| {'what':{w}} | {'measured':{v}} | target |")
-print(f"|{'-'*(w+2)}|{'-'*(v+2)}|---|")
-for a, b, c in T: print(f"| {a:{w}} | {b:{v}} | {c} |")
+# ---------------------------------------------------------------- the table
+hdr = ("what", f"before ({res['before']})" if BEFORE else "before", f"now ({res['now']})", "target", "verdict")
+w = [max(len(str(r[i + 1])) for r in ROWS + [("",) + hdr]) for i in range(5)]
+print(f"\nrevirt bench, {res['date']}, median of {REPS}, load average {res['load_start'][0]:.1f} -> {res['load_end'][0]:.1f}; "
+      f"JSON: {os.path.relpath(OUT)}/bench.json")
+print("| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(hdr)) + " |")
+print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+for r in ROWS:
+    print("| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r[1:])) + " |")
 PY

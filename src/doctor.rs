@@ -39,6 +39,9 @@ pub struct ClockSupport {
 pub struct Report {
     pub kvm: Check,
     pub pmu: Check,
+    /// The start-up probe guest under that counter (what `record`/`replay
+    /// --clock pmu` demand before trusting it).
+    pub pmu_probe: Check,
     pub singlestep_ring0: Check,
     pub singlestep_ring3: Check,
     pub hw_breakpoint_ring0: Check,
@@ -225,40 +228,56 @@ fn injection_check(ring3: bool) -> Check {
     Check::no("the injected interrupt never reached the guest's handler")
 }
 
-fn pmu_check() -> Check {
-    use perf_event_open_sys as sys;
-    let mut attr = sys::bindings::perf_event_attr {
-        type_: sys::bindings::PERF_TYPE_HARDWARE,
-        size: std::mem::size_of::<sys::bindings::perf_event_attr>() as u32,
-        config: sys::bindings::PERF_COUNT_HW_BRANCH_INSTRUCTIONS as u64,
-        ..Default::default()
+/// The PMU clock on this host: the counter `--clock pmu` opens (the same
+/// raw event on the same PMU, the thread pinned the same way on hybrid
+/// hosts) and the start-up probe's verdict on it, exactly as `record` and
+/// `replay` check it. Without a usable counter the probe guest still runs
+/// under the step clock, which says what the counter would have to count.
+pub fn pmu_status(kvm_ok: bool) -> (Check, Check) {
+    use crate::clock::pmu::{PmuChoice, PmuError};
+    use crate::clock::probe;
+    let paranoid = || {
+        std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid").map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
     };
-    attr.set_disabled(1);
-    attr.set_exclude_host(1);
-    // SAFETY: attr is a valid, fully initialized perf_event_attr; pid 0/cpu -1
-    // counts the calling thread; the returned fd is closed below.
-    let fd = unsafe { sys::perf_event_open(&mut attr, 0, -1, -1, 0) };
-    let cpu_pmu = std::path::Path::new("/sys/bus/event_source/devices/cpu").exists()
-        || std::path::Path::new("/sys/bus/event_source/devices/cpu_core").exists();
-    let paranoid = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "?".into());
-    if fd >= 0 {
-        // SAFETY: fd was just returned by perf_event_open and is owned here.
-        unsafe { libc::close(fd) };
-        return Check::yes("perf_event_open counts guest branch instructions on this thread");
+    let step_clock = || -> String {
+        if !kvm_ok {
+            return "the probe guest needs KVM".into();
+        }
+        match probe::step_clock_count() {
+            Ok(n) if n == probe::EXPECTED => {
+                format!("the step clock counts {n} conditional branches in the probe guest, as expected")
+            }
+            Ok(n) => format!("the step clock counts {n} conditional branches in the probe guest, NOT the expected {}", probe::EXPECTED),
+            Err(e) => format!("the probe guest did not run under the step clock: {e}"),
+        }
+    };
+    let choice = match PmuChoice::host() {
+        Ok(c) => c,
+        Err(e) => {
+            return (Check::no(e.to_string()), Check::no(format!("not run on a hardware counter (none here); {}", step_clock())));
+        }
+    };
+    if !kvm_ok {
+        return (Check::yes(choice.describe()), Check::no("not run: the probe guest needs KVM"));
     }
-    let err = std::io::Error::last_os_error();
-    let why = if !cpu_pmu {
-        "the kernel exposes no hardware PMU (no /sys/bus/event_source/devices/cpu): \
-         typical of a VM whose hypervisor gives it no virtual PMU"
-            .to_string()
-    } else if err.raw_os_error() == Some(libc::EACCES) || err.raw_os_error() == Some(libc::EPERM) {
-        format!("permission denied (perf_event_paranoid = {paranoid}); run as root or lower it")
-    } else {
-        format!("perf_event_open failed: {err}")
-    };
-    Check::no(why)
+    match probe::check(&crate::clock::counter::hardware_opener()) {
+        Ok(v) => (Check::yes(choice.describe()), Check::yes(v.to_string())),
+        Err(e @ (PmuError::Miscount { .. } | PmuError::ProbeOverflow { .. } | PmuError::Probe(_))) => {
+            (Check::yes(choice.describe()), Check::no(format!("{e}; {}", step_clock())))
+        }
+        Err(e) => {
+            let hint = match &e {
+                PmuError::Open { source, .. } if matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) => {
+                    format!(" (permission denied, perf_event_paranoid = {}: run as root or lower it)", paranoid())
+                }
+                _ => String::new(),
+            };
+            (
+                Check::no(format!("{}: {e}{hint}", choice.describe())),
+                Check::no(format!("not run: the counter did not open; {}", step_clock())),
+            )
+        }
+    }
 }
 
 pub fn probe() -> Report {
@@ -269,7 +288,7 @@ pub fn probe() -> Report {
         )),
         Err(e) => Check::no(format!("cannot open /dev/kvm: {e}")),
     };
-    let pmu = pmu_check();
+    let (pmu, pmu_probe) = pmu_status(kvm.ok);
     let skip = || Check::no("not probed: KVM is unavailable");
     let (ss0, ss3, bp0, bp3, inj0, inj3) = if !kvm.ok {
         (skip(), skip(), skip(), skip(), skip(), skip())
@@ -312,9 +331,11 @@ pub fn probe() -> Report {
     });
     clocks.push(ClockSupport {
         name: "pmu",
-        available: kvm.ok && pmu.ok,
-        detail: if pmu.ok {
+        available: kvm.ok && pmu.ok && pmu_probe.ok,
+        detail: if pmu.ok && pmu_probe.ok {
             "branch-counter overflow near the target, then breakpoint/step onto it".into()
+        } else if pmu.ok {
+            format!("the counter failed the start-up probe: {}", pmu_probe.detail)
         } else {
             format!("no usable PMU: {}", pmu.detail)
         },
@@ -322,6 +343,7 @@ pub fn probe() -> Report {
     Report {
         kvm,
         pmu,
+        pmu_probe,
         singlestep_ring0: ss0,
         singlestep_ring3: ss3,
         hw_breakpoint_ring0: bp0,
@@ -340,6 +362,7 @@ impl Report {
         for (name, c) in [
             ("KVM", &self.kvm),
             ("hardware PMU (branch counter)", &self.pmu),
+            ("PMU start-up probe", &self.pmu_probe),
             ("single-step, ring 0", &self.singlestep_ring0),
             ("single-step, ring 3", &self.singlestep_ring3),
             ("hardware breakpoints, ring 0", &self.hw_breakpoint_ring0),
@@ -350,7 +373,7 @@ impl Report {
             let _ = writeln!(s, "  [{}] {name:<31} {}", mark(c), c.detail);
         }
         let _ = writeln!(s, "\nreplay clocks:");
-        let _ = writeln!(s, "  (--clock auto picks: {})", auto_clock().0);
+        let _ = writeln!(s, "  (--clock auto picks: {})", choose_auto(&self.pmu, &self.pmu_probe).0);
         for c in &self.clocks {
             let _ = writeln!(
                 s,
@@ -364,20 +387,54 @@ impl Report {
     }
 }
 
-/// What `--clock auto` picks on this host, and why.
+/// What `--clock auto` picks on this host, and why: `pmu` only when the
+/// counter `--clock pmu` would use opens and passes the start-up probe.
 pub fn auto_clock() -> (crate::clock::ClockKind, String) {
+    let kvm_ok = Kvm::new().is_ok();
+    let (pmu, probe) = pmu_status(kvm_ok);
+    choose_auto(&pmu, &probe)
+}
+
+fn choose_auto(pmu: &Check, probe: &Check) -> (crate::clock::ClockKind, String) {
     use crate::clock::ClockKind;
-    let pmu = pmu_check();
-    if pmu.ok {
-        (ClockKind::Pmu, "a hardware PMU is available: interrupts at their natural instant at full speed".into())
+    const SLOW: &str = "For interrupts at their natural instant use --clock step or pmu-sim (single-stepping, slow)";
+    if pmu.ok && probe.ok {
+        (ClockKind::Pmu, format!("a hardware PMU counts exactly ({}): interrupts at their natural instant at full speed", pmu.detail))
+    } else if pmu.ok {
+        (
+            ClockKind::Exit,
+            format!(
+                "the PMU counter failed the start-up probe ({}); using the exit clock: full speed, \
+                 interrupts only at guest-caused exits. {SLOW}",
+                probe.detail
+            ),
+        )
     } else {
         (
             ClockKind::Exit,
             format!(
-                "no PMU ({}); using the exit clock: full speed, interrupts only at guest-caused exits. \
-                 For interrupts at their natural instant use --clock step or pmu-sim (single-stepping, slow)",
+                "no PMU ({}); using the exit clock: full speed, interrupts only at guest-caused exits. {SLOW}",
                 pmu.detail
             ),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ClockKind;
+
+    #[test]
+    fn auto_picks_pmu_only_when_the_counter_passes_the_probe() {
+        let (c, why) = choose_auto(&Check::yes("Intel Skylake: raw event 0x5101c4"), &Check::yes("counted 709 of 709"));
+        assert_eq!(c, ClockKind::Pmu);
+        assert!(why.contains("0x5101c4"), "{why}");
+        let (c, why) = choose_auto(&Check::yes("Intel Skylake"), &Check::no("counted 710 (+1)"));
+        assert_eq!(c, ClockKind::Exit);
+        assert!(why.contains("failed the start-up probe (counted 710 (+1))"), "{why}");
+        let (c, why) = choose_auto(&Check::no("no hardware PMU: none"), &Check::no("not run"));
+        assert_eq!(c, ClockKind::Exit);
+        assert!(why.starts_with("no PMU (no hardware PMU: none)"), "{why}");
     }
 }

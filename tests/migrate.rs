@@ -462,11 +462,17 @@ fn migrates_between_network_namespaces() {
     let ns = Netns::new();
     let (rounds, pages) = (250, 1000);
     let (src_rec, dst_rec) = (tmp.path().join("src-rec"), tmp.path().join("dst-rec"));
-    let (dst, addr) = receive_in(Some(&ns.b), "10.231.0.2:0", &["-o", dst_rec.to_str().unwrap()]);
+    // Across a network: authenticated and encrypted with a shared key.
+    let key = key_file(tmp.path(), "net.key", 1);
+    let (dst, addr) = receive_in(Some(&ns.b), "10.231.0.2:0", &["-o", dst_rec.to_str().unwrap(), "--key-file", &key]);
     assert!(addr.starts_with("10.231.0.2:"), "{addr}");
     let (src, sock) = source(Some(&ns.a), tmp.path(), &churn_cmdline(rounds, pages), Some(&src_rec));
+    // Without the key, the source refuses to send the guest over the network.
+    let (code, _, err) = migrate(&sock, &addr, &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("without a key") && err.contains("keeps running on the source"), "{err}");
     // The control socket is a file: `revirt migrate` runs outside both namespaces.
-    let (code, json, err) = migrate(&sock, &addr, &[]);
+    let (code, json, err) = migrate(&sock, &addr, &["--key-file", &key]);
     assert_eq!(code, 0, "{err}");
     eprintln!("veth migration: downtime {:.1} ms", summary_field(&json, "downtime_ms"));
     let (sc, so, se) = src.finish(Duration::from_secs(30));
@@ -601,4 +607,177 @@ fn a_received_vm_moves_on_again_and_its_recording_follows() {
     assert_eq!(o.status.code(), Some(0), "the twice-moved recording replays: {}", stderr(&o));
     let o = run_with_input(&["inspect", rec_c.to_str().unwrap(), "-c", "events all"], b"");
     assert_eq!(stdout(&o).lines().filter(|l| l.contains("migrated from")).count(), 2, "{}", stdout(&o));
+}
+
+/// A key file (mode 600) with `seed`-derived bytes.
+fn key_file(dir: &Path, name: &str, seed: u8) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    let bytes: Vec<u8> = (0..32u8).map(|i| i.wrapping_mul(37).wrapping_add(seed.wrapping_mul(101))).collect();
+    std::fs::write(&p, bytes).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p.display().to_string()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Mangle {
+    Replay,
+    Reorder,
+    Truncate,
+}
+
+/// Forwards one keyed session to `to`, passing the handshake, then
+/// replaying, reordering or cutting the source's frame number `at`.
+fn frame_proxy(to: String, at: usize, how: Mangle) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (mut a, _) = l.accept().unwrap();
+        let mut b = TcpStream::connect(&to).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+            let _ = a2.shutdown(std::net::Shutdown::Write);
+        });
+        let mut hs = [0u8; 45];
+        if a.read_exact(&mut hs).is_err() || b.write_all(&hs).is_err() {
+            return;
+        }
+        let mut held: Option<Vec<u8>> = None;
+        for k in 0.. {
+            let mut f = vec![0u8; 5];
+            if a.read_exact(&mut f).is_err() {
+                break;
+            }
+            let len = u32::from_le_bytes(f[1..5].try_into().unwrap()) as usize;
+            f.resize(5 + len, 0);
+            if a.read_exact(&mut f[5..]).is_err() {
+                break;
+            }
+            let out: Vec<u8> = match how {
+                Mangle::Replay if k == at => [f.clone(), f].concat(),
+                Mangle::Reorder if k == at => {
+                    held = Some(f);
+                    continue;
+                }
+                Mangle::Reorder if k == at + 1 => [f, held.take().unwrap()].concat(),
+                Mangle::Truncate if k == at => {
+                    let _ = b.write_all(&f[..f.len() / 2]);
+                    break;
+                }
+                _ => f,
+            };
+            if b.write_all(&out).is_err() {
+                break;
+            }
+        }
+        let _ = b.shutdown(std::net::Shutdown::Write);
+        // Keep the source's side open until the destination has had its say.
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    addr
+}
+
+/// One refused migration: `revirt receive` with `recv` flags, `revirt
+/// migrate` with `mig` flags (to the proxy `via` makes of the receiver's
+/// address, if any). Both must fail, each saying `want` (receiver: `want_dst`).
+fn refused(sock: &str, recv: &[&str], mig: &[&str], via: Option<&dyn Fn(String) -> String>, want: &str, want_dst: &str) {
+    let (dst, addr) = receive(recv);
+    let to = match via {
+        Some(f) => f(addr),
+        None => addr,
+    };
+    let (code, _, err) = migrate(sock, &to, mig);
+    assert_eq!(code, 1, "migrate must fail: {err}");
+    assert!(err.contains(want) && err.contains("keeps running on the source"), "migrate should say {want:?}: {err}");
+    let (dc, _, de) = dst.finish(Duration::from_secs(15));
+    assert_ne!(dc, 0, "receive must fail: {de}");
+    assert!(de.contains(want_dst), "receive should say {want_dst:?}: {de}");
+    assert!(!de.contains("panicked") && !err.contains("panicked"));
+}
+
+#[test]
+fn hostile_peers_and_mangled_streams_are_refused_and_the_source_keeps_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (k1, k2) = (key_file(tmp.path(), "a.key", 1), key_file(tmp.path(), "b.key", 2));
+    let (rounds, pages) = (2500, 500);
+    // The source VM has a disk: a host path it names in its hello.
+    let disk = tmp.path().join("secret.img");
+    let secret: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7) as u8).collect();
+    std::fs::write(&disk, &secret).unwrap();
+    let sock = tmp.path().join("ctl.sock").display().to_string();
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", demo_image().to_str().unwrap(), "--disk", disk.to_str().unwrap(), "--cmdline", &churn_cmdline(rounds, pages), "--control", &sock]);
+    let src = Proc::spawn(cmd);
+    src.wait_for("churn: round 20\n", Duration::from_secs(60));
+    let own = tmp.path().join("own.img");
+    std::fs::write(&own, &secret).unwrap();
+    let own_disk = own.to_str().unwrap();
+
+    // A wrong key.
+    refused(&sock, &["--key-file", &k2, "--disk", own_disk], &["--key-file", &k1], None, "different --key-file", "different --key-file");
+    // A key on one side only.
+    refused(&sock, &["--key-file", &k2, "--disk", own_disk], &[], None, "uses a key", "has no key");
+    // Frames replayed, reordered, cut short in transit (frame 3 is guest memory).
+    let replay = |a: String| frame_proxy(a, 3, Mangle::Replay);
+    refused(&sock, &["--key-file", &k1, "--disk", own_disk], &["--key-file", &k1], Some(&replay), "frame 4 fails authentication", "frame 4 fails authentication");
+    let reorder = |a: String| frame_proxy(a, 3, Mangle::Reorder);
+    refused(&sock, &["--key-file", &k1, "--disk", own_disk], &["--key-file", &k1], Some(&reorder), "frame 3 fails authentication", "frame 3 fails authentication");
+    let cut = |a: String| frame_proxy(a, 3, Mangle::Truncate);
+    refused(&sock, &["--key-file", &k1, "--disk", own_disk], &["--key-file", &k1], Some(&cut), "truncated stream", "truncated stream");
+    // The peer names a host path as the disk: never opened.
+    refused(&sock, &["--key-file", &k1], &["--key-file", &k1], None, "never opens a path the peer names", "never opens a path the peer names");
+    // More memory than the receiver allows.
+    refused(&sock, &["--key-file", &k1, "--disk", own_disk, "--max-mem", "32M"], &["--key-file", &k1], None, "at most 32 MiB (--max-mem)", "--max-mem");
+    // A non-loopback destination without a key: refused before connecting.
+    let (code, _, err) = migrate(&sock, "192.0.2.1:4444", &[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("refusing to connect to 192.0.2.1:4444 without a key"), "{err}");
+
+    // After all that, the source still runs, and a proper keyed move works.
+    assert!(!src.stdout().contains("churn: rounds="), "the workload outlasted the refusals");
+    let (dst, addr) = receive(&["--key-file", &k1, "--disk", own_disk]);
+    let (code, _, err) = migrate(&sock, &addr, &["--key-file", &k1]);
+    assert_eq!(code, 0, "{err}");
+    let (sc, so, se) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0, "{se}");
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(120));
+    assert_eq!(dc, 0, "{de}");
+    assert_joined(&so, &d_out, rounds, pages);
+    assert_eq!(std::fs::read(&disk).unwrap(), secret, "the source's disk is untouched");
+}
+
+#[test]
+fn receive_refuses_open_addresses_without_a_key_and_never_replaces_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run_with_input(&["receive", "--listen", "0.0.0.0:0"], b"");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("refusing to listen on 0.0.0.0:0 without a key"), "{}", stderr(&o));
+    // A key readable by others is refused.
+    let loose = tmp.path().join("loose.key");
+    std::fs::write(&loose, [7u8; 32]).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = run_with_input(&["receive", "--listen", "0.0.0.0:0", "--key-file", loose.to_str().unwrap()], b"");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("readable by others"), "{}", stderr(&o));
+    // --insecure says the user means it (it then listens; not started here).
+
+    // A socket path that holds a regular file: refused, the file kept.
+    let f = tmp.path().join("important.txt");
+    std::fs::write(&f, b"keep me").unwrap();
+    let o = run_with_input(&["receive", "--listen", &format!("unix:{}", f.display())], b"");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("is not a socket"), "{}", stderr(&o));
+    let o = run_with_input(&["run", demo_image().to_str().unwrap(), "--cmdline", "workload=compute iters=1", "--control", f.to_str().unwrap()], b"");
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("is not a socket"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&f).unwrap(), b"keep me");
+    // A stale socket (nobody listening) is replaced.
+    let stale = tmp.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let (dst, addr) = receive_in(None, &format!("unix:{}", stale.display()), &[]);
+    assert_eq!(addr, format!("unix:{}", stale.display()));
+    drop(dst);
 }

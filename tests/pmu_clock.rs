@@ -7,7 +7,9 @@ use common::*;
 use std::path::Path;
 use std::sync::Arc;
 
-use revirt::clock::pmu::{Skid, Target, Verdict};
+use revirt::clock::counter::{BranchCounter, CounterOpener, SimCounter};
+use revirt::clock::pmu::{PmuError, Skid, Target, Verdict};
+use revirt::clock::probe;
 use revirt::clock::{fingerprint, ExecPoint};
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
 
@@ -112,9 +114,16 @@ fn pmu_sim_recording_replays_with_step_and_step_recording_with_pmu_sim() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
+/// Whether this host has a core PMU event source (cpu, cpu_core or
+/// cpu_atom): the only condition under which a PMU test may skip.
+fn has_pmu() -> bool {
+    let d = Path::new("/sys/bus/event_source/devices");
+    ["cpu", "cpu_core", "cpu_atom"].iter().any(|p| d.join(p).exists())
+}
+
 #[test]
 fn pmu_clock_on_a_host_without_pmu_explains_itself() {
-    let has_pmu = Path::new("/sys/bus/event_source/devices/cpu").exists();
+    let has_pmu = has_pmu();
     let d = tempfile::tempdir().unwrap();
     let o = record_demo(&d.path().join("r"), "workload=exit status=0", &["--clock", "pmu"], b"");
     if has_pmu {
@@ -134,7 +143,7 @@ fn pmu_clock_on_a_host_without_pmu_explains_itself() {
 
 #[test]
 fn clock_auto_chooses_and_explains() {
-    let has_pmu = Path::new("/sys/bus/event_source/devices/cpu").exists();
+    let has_pmu = has_pmu();
     let d = tempfile::tempdir().unwrap();
     let o = record_demo(&d.path().join("r"), "workload=exit status=0", &["--clock", "auto"], b"");
     let e = stderr(&o);
@@ -223,15 +232,16 @@ fn skids_past_the_margin_are_reported_never_silent() {
 
 #[test]
 fn real_pmu_record_and_replay_where_present() {
+    if !has_pmu() {
+        eprintln!("skipping: this host has no PMU (no cpu, cpu_core or cpu_atom event source)");
+        return;
+    }
+    // A PMU exists: the counter must open, pass the start-up probe, record
+    // and replay. Any refusal is a failure, shown with its reason.
     let d = tempfile::tempdir().unwrap();
     let dir = d.path().join("r");
     let o = record_demo(&dir, "workload=race iters=100 hz=1000", &["--clock", "pmu"], b"");
-    if !o.status.success() {
-        let e = stderr(&o);
-        assert!(e.contains("clock 'pmu' unavailable"), "{e}");
-        eprintln!("skipping the real PMU record/replay test: {}", e.lines().last().unwrap_or(""));
-        return;
-    }
+    assert!(o.status.success(), "this host has a PMU, but: {}", stderr(&o));
     for clock in ["pmu", "step", "pmu-sim"] {
         let o = replay(&dir, &["--clock", clock]);
         assert_eq!(o.status.code(), Some(0), "{clock}: {}", stderr(&o));
@@ -245,7 +255,7 @@ fn real_pmu_record_and_replay_where_present() {
 /// visit of its RIP from the others.
 struct BlindCounter;
 
-impl revirt::clock::counter::BranchCounter for BlindCounter {
+impl BranchCounter for BlindCounter {
     fn reset(&mut self) -> Result<(), revirt::clock::pmu::PmuError> {
         Ok(())
     }
@@ -305,4 +315,158 @@ fn landing_by_hardware_breakpoint_steps_past_false_hits_in_ring_0() {
     assert_eq!(format!("{got:?}"), format!("{regs:?}"), "registers differ from the step clock's");
     eprintln!("landed on the third visit of {rip:#x} after {} hardware breakpoint hits", t.machine.hw_bp_hits);
     assert_eq!(t.machine.hw_bp_hits, 3, "two false hits stepped past, then the target");
+}
+
+// ---- the start-up probe ----------------------------------------------------
+
+
+#[test]
+fn probe_guest_step_clock_counts_exactly_the_conditional_branches() {
+    // The step clock's branch definition measured on a known instruction
+    // mix: Jcc short and near, taken and not taken; JRCXZ taken and not;
+    // LOOP, LOOPE, LOOPNE (looping and leaving); and jmp short/near, call,
+    // ret, call/jmp through a register, push+ret, which must not count.
+    let p = probe::build();
+    let trace = probe::step_clock_trace().unwrap();
+    let count = trace.iter().filter(|s| s.branch).count() as u64;
+    eprintln!("probe guest: {} instructions stepped, {count} conditional branches", trace.len());
+    assert_eq!(count, probe::EXPECTED);
+    for s in &trace {
+        assert_eq!(s.branch, p.cond.contains(&s.rip), "instruction at {:#x} counted wrongly", s.rip);
+    }
+    let runs = |a: u64| trace.iter().filter(|s| s.rip == a).count();
+    for &a in p.cond.iter().chain(&p.other_branches) {
+        assert!(runs(a) > 0, "{a:#x} never ran: the probe does not test it");
+    }
+    // The loops ran as built: dec/jnz 500 times, loop 100, loope/loopne 50 each.
+    let loops: Vec<usize> = p.cond.iter().map(|&a| runs(a)).collect();
+    assert_eq!(loops, vec![500, 1, 1, 1, 1, 1, 1, 100, 50, 50, 1, 2]);
+    // jmp, jmp near, call, call rax, jmp rax, push+ret once each; the subroutine's ret twice.
+    let other: Vec<usize> = p.other_branches.iter().map(|&a| runs(a)).collect();
+    assert_eq!(other, vec![1, 1, 1, 1, 1, 1, 2]);
+}
+
+fn sim_opener(skid: u64) -> CounterOpener {
+    std::sync::Arc::new(move || Ok(Box::new(SimCounter::new(skid, 7, true)) as Box<dyn BranchCounter + Send>))
+}
+
+#[test]
+fn probe_passes_the_simulated_counter() {
+    // The same probe logic record and replay run against the hardware
+    // counter, on the counter that exists here.
+    let v = probe::check(&sim_opener(40)).unwrap();
+    eprintln!("{v}");
+    assert_eq!((v.expected, v.counted), (probe::EXPECTED, probe::EXPECTED));
+    assert!((probe::ARM_AT..=probe::ARM_AT + 40).contains(&v.overflow_at), "{v}");
+}
+
+/// A counter that gets everything right but the count: `extra` more per read.
+struct Miscounting {
+    inner: SimCounter,
+    extra: i64,
+    /// Never report the overflow (a kernel where re-arming the period fails).
+    no_overflow: bool,
+}
+
+impl BranchCounter for Miscounting {
+    fn reset(&mut self) -> Result<(), PmuError> {
+        self.inner.reset()
+    }
+    fn read(&mut self) -> Result<u64, PmuError> {
+        Ok((self.inner.read()? as i64 + self.extra) as u64)
+    }
+    fn arm(&mut self, n: u64) -> Result<(), PmuError> {
+        self.inner.arm(n)
+    }
+    fn disarm(&mut self) -> Result<(), PmuError> {
+        self.inner.disarm()
+    }
+    fn take_overflow(&mut self) -> bool {
+        self.inner.take_overflow() && !self.no_overflow
+    }
+    fn needs_stepping(&self) -> bool {
+        self.inner.needs_stepping()
+    }
+    fn on_step(&mut self, b: bool) {
+        self.inner.on_step(b)
+    }
+    fn breakpoints_ok(&self) -> bool {
+        false
+    }
+    fn name(&self) -> &'static str {
+        "miscounting test counter"
+    }
+    fn margin(&self) -> u64 {
+        20
+    }
+}
+
+fn miscounting(extra: i64, no_overflow: bool) -> CounterOpener {
+    std::sync::Arc::new(move || {
+        Ok(Box::new(Miscounting { inner: SimCounter::new(10, 3, true), extra, no_overflow }) as Box<dyn BranchCounter + Send>)
+    })
+}
+
+fn record_with(dir: &Path, counter: CounterOpener) -> Result<revirt::record::RecordSummary, revirt::record::RecordError> {
+    let opts = revirt::record::RecordOptions {
+        image: demo_image(),
+        config: revirt::vmm::VmConfig { cmdline: "workload=exit status=0".into(), ..Default::default() },
+        out: dir.to_path_buf(),
+        clock: revirt::clock::ClockKind::Pmu,
+        checkpoint_every: std::time::Duration::ZERO,
+        parent: None,
+        control: None,
+        pmu_counter: Some(counter),
+    };
+    let console = revirt::vmm::Console::Capture { buf: Default::default(), echo: false };
+    revirt::record::record(&opts, Box::new(std::io::empty()), console)
+}
+
+#[test]
+fn a_counter_off_by_one_makes_record_refuse_with_the_discrepancy_and_write_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    for (extra, want) in [(1i64, "counted 710 (+1)"), (-1, "counted 708 (-1)")] {
+        let dir = d.path().join(format!("r{extra}"));
+        let e = record_with(&dir, miscounting(extra, false)).unwrap_err().to_string();
+        eprintln!("{e}");
+        assert!(e.contains("clock 'pmu' unavailable"), "{e}");
+        assert!(e.contains("expected 709 retired conditional branches") && e.contains(want), "{e}");
+        assert!(e.contains("miscounting test counter") && e.contains("pmu-sim"), "{e}");
+        assert!(!dir.exists(), "nothing may be written");
+    }
+    // Counting right but never overflowing (re-arming the period broken): refused too.
+    let dir = d.path().join("noov");
+    let e = record_with(&dir, miscounting(0, true)).unwrap_err().to_string();
+    assert!(e.contains("clock 'pmu' unavailable") && e.contains("exactly, but the overflow armed at 300 never fired"), "{e}");
+    assert!(!dir.exists());
+}
+
+#[test]
+fn a_counter_that_passes_the_probe_records_and_the_recording_replays() {
+    // The other side of the gate: a counter that counts exactly is let
+    // through, and record uses that very counter for the recording.
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("r");
+    let s = record_with(&dir, sim_opener(8)).unwrap();
+    assert!(matches!(s.stop, revirt::trace::EndReason::PowerOff(0)), "{:?}", s.stop);
+    let meta = std::fs::read_to_string(dir.join("meta.json")).unwrap();
+    assert!(meta.contains("\"clock\": \"pmu\""), "{meta}");
+    let o = replay(&dir, &["--clock", "step"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
+#[test]
+fn replay_with_the_hardware_counter_reports_the_probe_or_the_missing_pmu() {
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path().join("sim");
+    record_demo_ok(&r, "workload=exit status=0", &["--clock", "pmu-sim"], b"");
+    let o = replay(&r, &["--clock", "pmu"]);
+    let e = stderr(&o);
+    if !has_pmu() {
+        assert!(!o.status.success());
+        assert!(e.contains("clock 'pmu' unavailable for replay: no hardware PMU"), "{e}");
+        return;
+    }
+    // A PMU exists: the probe must pass and the replay match.
+    assert_eq!(o.status.code(), Some(0), "this host has a PMU, but: {e}");
 }

@@ -189,9 +189,16 @@ fn a_damaged_log_is_detected_and_replayed_up_to_the_damage() {
     let n = b.len();
     b[n - 40] ^= 0xFF;
     std::fs::write(&p, &b).unwrap();
+    // Damage is refused (exit 2), named as damage, not as a cut-short recording.
     let o = replay(&dir, &["-q"]);
-    assert_ne!(o.status.code(), Some(0));
-    assert!(stderr(&o).contains("incomplete") && stderr(&o).contains("checksum"), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("is damaged") && e.contains("checksum") && e.contains("--force") && !e.contains("cut short"), "{e}");
+    // --force works on the damaged evidence: replayed up to the damage.
+    let o = replay(&dir, &["-q", "--force"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("DAMAGED (not cut short)") && e.contains("checksum") && !e.contains("cut-short"), "{e}");
 }
 
 #[test]
@@ -205,14 +212,16 @@ fn bad_recordings_give_clear_errors() {
     round_trip(&dir, "workload=exit status=0", &[], b"");
     let meta = dir.join(trace::META);
     let text = std::fs::read_to_string(&meta).unwrap();
-    std::fs::write(&meta, text.replace("\"version\": 1", "\"version\": 99")).unwrap();
-    let o = replay(&dir, &[]);
-    assert!(stderr(&o).contains("version 99"), "{}", stderr(&o));
+    for v in [1, 99] {
+        std::fs::write(&meta, text.replace("\"version\": 2", &format!("\"version\": {v}"))).unwrap();
+        let o = replay(&dir, &[]);
+        assert!(stderr(&o).contains(&format!("format version {v} is not supported")), "{}", stderr(&o));
+    }
     std::fs::write(&meta, &text).unwrap();
 
     std::fs::remove_file(trace::checkpoint_path(&dir, 0)).unwrap();
     let o = replay(&dir, &[]);
-    assert_eq!(o.status.code(), Some(125));
+    assert_eq!(o.status.code(), Some(2), "a missing checkpoint is damage: {}", stderr(&o));
     assert!(stderr(&o).contains("checkpoint 0"), "{}", stderr(&o));
 
     let o = record(&dir, "workload=exit", &[], b"");

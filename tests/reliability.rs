@@ -54,6 +54,91 @@ fn any_single_byte_change_is_detected_by_verify() {
     eprintln!("{checked} single-byte changes, all detected");
 }
 
+/// Rewrites a checkpoint file with its memory changed and its CRC-32
+/// recomputed, as someone who knows the format would.
+fn reseal_checkpoint_with_changed_memory(path: &Path) {
+    let b = std::fs::read(path).unwrap();
+    let mut ck = revirt::trace::Checkpoint::parse(&b, None).unwrap();
+    let i = ck.data.len() / 2;
+    ck.data[i] ^= 0xff;
+    ck.write(path).unwrap();
+    // Only the CRC-32 protected it before: the file is well-formed again.
+    revirt::trace::Checkpoint::read(path).unwrap();
+}
+
+#[test]
+fn a_resealed_checkpoint_fails_verify_naming_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    sample(&dir);
+    assert!(verify(&dir).intact);
+    for id in [0u32, 1] {
+        let p = trace::checkpoint_path(&dir, id);
+        let orig = std::fs::read(&p).unwrap();
+        reseal_checkpoint_with_changed_memory(&p);
+        let o = run_with_input(&["verify", dir.to_str().unwrap()], b"");
+        let out = stdout(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        let line = out.lines().find(|l| l.starts_with("FAIL")).unwrap_or_else(|| panic!("no FAIL line: {out}"));
+        assert!(line.contains(&format!("checkpoint {id}")) && line.contains("SHA-256"), "{out}");
+        assert!(out.contains("recording DAMAGED"), "{out}");
+        std::fs::write(&p, &orig).unwrap();
+    }
+    assert!(verify(&dir).intact);
+}
+
+/// replay, gdb, inspect and live check every file before trusting it, say
+/// what they checked, refuse damage (exit 2, what and where) unless
+/// --force, and tell damage from truncation.
+#[test]
+fn readers_check_every_file_and_refuse_damage_without_force() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    sample(&dir);
+    let r = dir.to_str().unwrap();
+    let o = run_with_input(&["replay", r, "-q"], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let line = stderr(&o).lines().find(|l| l.contains("integrity: checked")).map(str::to_string).unwrap_or_else(|| panic!("no summary: {}", stderr(&o)));
+    assert!(line.contains("image.elf") && line.contains("events.log") && line.contains("checkpoints") && line.contains("console.log") && line.ends_with("intact"), "{line}");
+    let readers: [Vec<&str>; 4] = [
+        vec!["replay", r, "-q"],
+        vec!["inspect", r, "-c", "events 0"],
+        vec!["live", r, "--at", "start", "-q"],
+        vec!["gdb", r, "--port", "0"],
+    ];
+    let o = run_with_input(&readers[1], b"");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("integrity: checked"), "inspect says what it checked: {}", stderr(&o));
+    // One changed byte in the image copy, a checkpoint resealed, a byte
+    // mid events.log: every reader refuses, naming the file.
+    let image = dir.join(trace::IMAGE);
+    let ck = trace::checkpoint_path(&dir, 1);
+    let log = dir.join(trace::EVENTS);
+    for (file, what) in [(&image, "image.elf: damaged"), (&ck, "checkpoint 1"), (&log, "fails its checksum")] {
+        let orig = std::fs::read(file).unwrap();
+        if file == &ck {
+            reseal_checkpoint_with_changed_memory(file);
+        } else {
+            let mut b = orig.clone();
+            let i = b.len() / 2;
+            b[i] ^= 0x04;
+            std::fs::write(file, &b).unwrap();
+        }
+        for args in &readers {
+            let o = run_with_input(args, b"");
+            let e = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "{} on a damaged {}: {e}", args[0], file.display());
+            assert!(e.contains("is damaged") && e.contains(what) && e.contains("--force"), "{}: {e}", args[0]);
+            assert!(!e.contains("cut short") && !e.contains("incomplete"), "damage told as truncation by {}: {e}", args[0]);
+        }
+        // --force: the replay goes on, saying what is damaged.
+        let o = run_with_input(&["replay", r, "-q", "--force"], b"");
+        assert!(stderr(&o).contains("--force: going on despite") && stderr(&o).contains(what), "{}", stderr(&o));
+        std::fs::write(file, &orig).unwrap();
+    }
+    assert!(verify(&dir).intact);
+}
+
 #[test]
 fn digest_catches_a_consistently_rewritten_recording() {
     let d = tempfile::tempdir().unwrap();

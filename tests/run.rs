@@ -196,3 +196,102 @@ fn guest_crash_is_reported_with_the_faulting_instruction() {
     assert!(stderr(&o).contains("guest exception #GP"), "{}", stderr(&o));
     assert!(stderr(&o).contains("in ring 3"), "{}", stderr(&o));
 }
+
+/// The `mem` workload's pointer chase (guests/demo/mem.c), computed on the host.
+fn mem_result(pages: u64, iters: u64) -> u64 {
+    let n = pages * 512;
+    let mut a: Vec<u64> = (0..n).collect();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for i in (1..n).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let j = ((x >> 32) * i) >> 32;
+        a.swap(i as usize, j as usize);
+    }
+    let (mut p, mut acc) = (0u64, 0u64);
+    for k in 0..iters {
+        p = a[p as usize];
+        acc = acc.wrapping_add(p ^ k);
+    }
+    acc
+}
+
+#[test]
+fn mem_workload_matches_host_computation() {
+    let o = run_demo("workload=mem pages=300 iters=500000", &[], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = format!("mem: pages=300 iters=500000 result={:#018x}", mem_result(300, 500_000));
+    assert!(stdout(&o).contains(&want), "stdout: {}\nwanted: {want}", stdout(&o));
+}
+
+/// The `branchy` workload's bytecode interpreter (guests/demo/branchy.c), on the host.
+fn branchy_result(iters: u64) -> u64 {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let prog: Vec<u8> = (0..61)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 61) as u8
+        })
+        .collect();
+    let (mut a, mut b) = (1u64, 2u64);
+    for _ in 0..iters {
+        for op in &prog {
+            match op {
+                0 => a = a.wrapping_add(b),
+                1 => b ^= a << 7,
+                2 => a ^= a >> 9,
+                3 => b = b.wrapping_add(0x9E37_79B9_7F4A_7C15),
+                4 => a = a.wrapping_add(a << 1),
+                5 => b ^= b << 13,
+                6 => std::mem::swap(&mut a, &mut b),
+                _ => a = a.wrapping_sub(b),
+            }
+        }
+    }
+    a ^ b
+}
+
+#[test]
+fn branchy_workload_matches_host_computation() {
+    let o = run_demo("workload=branchy iters=20000", &[], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = format!("branchy: iters=20000 result={:#018x}", branchy_result(20_000));
+    assert!(stdout(&o).contains(&want), "stdout: {}\nwanted: {want}", stdout(&o));
+}
+
+/// The `fpu` workload's Mandelbrot scan (guests/demo/fpu.c), on the host: the
+/// same IEEE operations in the same order give the same bits.
+fn fpu_result(iters: u64) -> (u64, u64) {
+    let (mut count, mut sum) = (0u64, 0.0f64);
+    for k in 0..iters {
+        let (px, py) = (k % 256, (k / 256) % 256);
+        let cr = -2.0 + px as f64 * (2.5 / 256.0);
+        let ci = -1.25 + py as f64 * (2.5 / 256.0);
+        let (mut zr, mut zi, mut m, mut it) = (0.0f64, 0.0f64, 0.0f64, 0u64);
+        while it < 64 {
+            let (zr2, zi2) = (zr * zr, zi * zi);
+            m = zr2 + zi2;
+            if m > 4.0 {
+                break;
+            }
+            zi = 2.0 * zr * zi + ci;
+            zr = zr2 - zi2 + cr;
+            it += 1;
+        }
+        count += it;
+        sum += m.sqrt();
+    }
+    (count, sum.to_bits())
+}
+
+#[test]
+fn fpu_workload_matches_host_computation() {
+    let o = run_demo("workload=fpu iters=70000", &[], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (count, bits) = fpu_result(70_000);
+    let want = format!("fpu: iters=70000 count={count} sum={bits:#018x}");
+    assert!(stdout(&o).contains(&want), "stdout: {}\nwanted: {want}", stdout(&o));
+}

@@ -47,6 +47,12 @@ static int run_workload(const char *w)
         return wl_churn(iters_or(CHURN_ROUNDS), cfg.pages, cfg.hz);
     if (str_eq(w, "dirty"))
         return wl_dirty(iters_or(DIRTY_ROUNDS), cfg.pages);
+    if (str_eq(w, "mem"))
+        return wl_mem(iters_or(MEM_ITERS), cfg.pages);
+    if (str_eq(w, "branchy"))
+        return wl_branchy(iters_or(BRANCHY_ITERS));
+    if (str_eq(w, "fpu"))
+        return wl_fpu(iters_or(FPU_ITERS));
     con_printf("revirt-demo: unknown workload '%s'\n", w);
     return 2;
 }

@@ -10,6 +10,9 @@
 #define CLOCK_ITERS 10000000ULL
 #define DIRTY_ROUNDS 1000ULL
 #define CHURN_ROUNDS 500ULL
+#define MEM_ITERS 10000000ULL
+#define BRANCHY_ITERS 1000000ULL
+#define FPU_ITERS 65536ULL
 
 int wl_compute(u64 iters);
 int wl_clock(u64 iters);
@@ -19,5 +22,8 @@ int wl_disk(void);
 int wl_vuln(void);
 int wl_dirty(u64 rounds, u64 pages);
 int wl_churn(u64 rounds, u64 pages, u64 hz);
+int wl_mem(u64 iters, u64 pages);
+int wl_branchy(u64 iters);
+int wl_fpu(u64 iters);
 
 #endif

@@ -10,6 +10,10 @@ use revirt::replay::Recording;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Work on a recording that fails its integrity check (damaged
+    /// evidence): say what is damaged, then go on.
+    #[arg(long)]
+    force: bool,
     /// Recording directory (made by `revirt record`).
     recording: PathBuf,
     /// TCP port to listen on (0 = any free port; the chosen one is printed).
@@ -28,7 +32,10 @@ pub struct Args {
 }
 
 pub fn main(a: Args) -> anyhow::Result<u8> {
-    let rec = Arc::new(Recording::open(&a.recording)?);
+    let rec = Arc::new(Recording::open_checked(&a.recording, a.force)?);
+    if let Some(line) = &rec.integrity {
+        eprintln!("revirt gdb: {line}");
+    }
     let image = rec.meta.image.original_path.clone();
     let session = Session::open(rec, a.at)?;
     let listener = TcpListener::bind((a.listen.as_str(), a.port))

@@ -14,6 +14,10 @@ use rustyline::{CompletionType, Config, Editor, Helper};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Work on a recording that fails its integrity check (damaged
+    /// evidence): say what is damaged, then go on.
+    #[arg(long)]
+    force: bool,
     /// Recording directory (made by `revirt record`).
     recording: PathBuf,
     /// Start at this point: exit:N, ckpt:K, event:I (just before event I), start, end (default: checkpoint 0).
@@ -29,7 +33,7 @@ pub struct Args {
 }
 
 pub fn main(a: Args) -> anyhow::Result<u8> {
-    let mut s = Session::open(&a.recording, Options { no_kvm: a.no_kvm, progress: true })?;
+    let mut s = Session::open(&a.recording, Options { no_kvm: a.no_kvm, progress: true, force: a.force })?;
     // Ctrl-C stops long replays, not the inspector.
     interrupt::install();
     if let Some(at) = &a.at {

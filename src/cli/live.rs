@@ -14,6 +14,10 @@ use super::{parse_duration, EXIT_GUEST_CRASH};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Work on a recording that fails its integrity check (damaged
+    /// evidence): say what is damaged, then go on.
+    #[arg(long)]
+    force: bool,
     /// Recording directory (made by `revirt record`).
     recording: PathBuf,
     /// Where to go live: exit:N, ckpt:K, event:I (just before event I takes effect), start.
@@ -32,7 +36,7 @@ pub struct Args {
 
 /// Exit status = the guest's (124 = it crashed, 130 = stopped with Ctrl-C).
 pub fn main(a: Args) -> anyhow::Result<u8> {
-    let mut s = Session::open(&a.recording, Options { no_kvm: false, progress: true })?;
+    let mut s = Session::open(&a.recording, Options { no_kvm: false, progress: true, force: a.force })?;
     interrupt::install();
     let p = parse::point(&a.at)?;
     match s.seek(p) {

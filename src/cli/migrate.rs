@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use revirt::migrate::source::Compress;
+use revirt::migrate::proto::Psk;
 use revirt::migrate::{self, MigrateRequest, Summary};
 
 use super::{parse_duration, parse_size};
@@ -31,6 +32,13 @@ pub struct Args {
     /// Page compression: auto (zstd while the link is the bottleneck), always, never.
     #[arg(long, value_enum, default_value = "auto")]
     compress: Compress,
+    /// Shared secret the receiver also loads (`revirt receive --key-file`):
+    /// authenticated, encrypted channel.
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Allow a plain channel (no key) to a non-loopback address.
+    #[arg(long)]
+    insecure: bool,
     /// Print the final summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -60,6 +68,8 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         max_rounds: a.max_rounds.max(1),
         auto_converge: !a.no_auto_converge,
         compress: a.compress,
+        key: a.key_file.as_deref().map(Psk::load).transpose().map_err(anyhow::Error::msg)?.map(|k| k.to_hex()),
+        insecure: a.insecure,
     };
     match migrate::source::request(&a.control, &req, &mut |p| eprintln!("revirt: {p}")) {
         Ok(s) => {

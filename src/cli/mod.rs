@@ -1,6 +1,7 @@
 //! Command-line front end. One file per subcommand; errors become anyhow
 //! reports here and nowhere else.
 
+mod debug;
 mod doctor;
 mod gdb;
 mod inspect;
@@ -41,6 +42,8 @@ enum Cmd {
     Live(live::Args),
     /// Serve a replay to GDB (remote protocol) with reverse execution.
     Gdb(gdb::Args),
+    /// Replay under gdb in one step: the server on a free port and gdb with the image's symbols.
+    Debug(debug::Args),
     /// Live-migrate a running VM (started with --control) to a `revirt receive`.
     Migrate(migrate::Args),
     /// Wait for a live-migrated VM and run it here (continuing its recording, if any).
@@ -60,12 +63,55 @@ pub struct VmArgs {
     /// Kernel command line passed to the guest (the demo guest reads workload=NAME).
     #[arg(long, default_value = "")]
     cmdline: String,
+    /// The serial console on a TCP socket instead of stdin/stdout, like
+    /// QEMU's `-serial tcp::PORT,server`: listen on HOST:PORT (empty HOST =
+    /// 127.0.0.1; PORT 0 = any, printed) and wait for one connection before
+    /// booting. Its bytes are the guest's serial input (recorded as such);
+    /// the guest's output goes to it and to stdout.
+    #[arg(long, value_name = "tcp:HOST:PORT", value_parser = parse_serial)]
+    serial: Option<String>,
 }
 
 impl VmArgs {
     pub fn config(&self) -> revirt::vmm::VmConfig {
         revirt::vmm::VmConfig { mem_size: self.mem, cmdline: self.cmdline.clone(), disk: self.disk.clone() }
     }
+
+    /// The serial line's two ends: stdin and stdout, or (`--serial tcp:...`)
+    /// the first client of a socket, once it connects.
+    pub fn serial(&self) -> anyhow::Result<(Box<dyn std::io::Read + Send>, revirt::vmm::Console)> {
+        let Some(addr) = &self.serial else {
+            return Ok((Box::new(std::io::stdin()), revirt::vmm::Console::Stdout));
+        };
+        let listener = std::net::TcpListener::bind(addr.as_str())
+            .map_err(|e| anyhow::anyhow!("--serial: cannot listen on {addr}: {e}"))?;
+        eprintln!(
+            "revirt: serial console on tcp {}: waiting for a connection",
+            listener.local_addr()?
+        );
+        let (stream, peer) = listener.accept()?;
+        eprintln!("revirt: serial console connected from {peer}");
+        let _ = stream.set_nodelay(true);
+        let input = stream.try_clone()?;
+        let console = revirt::vmm::Console::Socket {
+            stream: std::sync::Arc::new(std::sync::Mutex::new(stream)),
+            echo: true,
+        };
+        Ok((Box::new(input), console))
+    }
+}
+
+/// `tcp:HOST:PORT` (HOST may be empty: 127.0.0.1) -> `HOST:PORT`.
+fn parse_serial(s: &str) -> Result<String, String> {
+    let rest = s
+        .strip_prefix("tcp:")
+        .ok_or_else(|| format!("'{s}': the serial backend must be tcp:HOST:PORT"))?;
+    let (host, port) = rest
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{s}': expected tcp:HOST:PORT"))?;
+    let port: u16 = port.parse().map_err(|_| format!("'{s}': bad port '{port}'"))?;
+    let host = if host.is_empty() { "127.0.0.1" } else { host };
+    Ok(format!("{host}:{port}"))
 }
 
 /// Exit status when revirt itself fails (bad image, KVM error, ...).
@@ -91,6 +137,7 @@ pub fn main() -> ExitCode {
         Cmd::Inspect(a) => inspect::main(a),
         Cmd::Live(a) => live::main(a),
         Cmd::Gdb(a) => gdb::main(a),
+        Cmd::Debug(a) => debug::main(a),
         Cmd::Migrate(a) => migrate::main(a),
         Cmd::Receive(a) => receive::main(a),
     };
@@ -98,7 +145,14 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("revirt: error: {e:#}");
-            ExitCode::from(EXIT_ERROR)
+            // A recording that fails its integrity check: exit 2 (as
+            // `replay` of a cut-short one), not the generic error.
+            let integrity = |r: &revirt::replay::ReplayError| matches!(r, revirt::replay::ReplayError::Integrity { .. });
+            let damaged = e.chain().any(|c| {
+                c.downcast_ref::<revirt::replay::ReplayError>().is_some_and(integrity)
+                    || matches!(c.downcast_ref::<revirt::inspect::Error>(), Some(revirt::inspect::Error::Replay(r)) if integrity(r))
+            });
+            ExitCode::from(if damaged { 2 } else { EXIT_ERROR })
         }
     }
 }

@@ -1,22 +1,48 @@
 use std::path::PathBuf;
 
-use revirt::migrate::dest::{self, Outcome, ReceiveOptions};
+use revirt::migrate::dest::{self, Limits, Outcome, ReceiveOptions};
+use revirt::migrate::proto::Psk;
 use revirt::migrate::{Controller, Listener};
 use revirt::trace::EndReason;
 use revirt::vmm::{Console, Stop};
 
-use super::EXIT_GUEST_CRASH;
+use super::{parse_duration, parse_size, EXIT_GUEST_CRASH};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where to wait for the VM: HOST:PORT (e.g. 0.0.0.0:4444) or unix:PATH.
+    /// Where to wait for the VM: HOST:PORT or unix:PATH. A non-loopback
+    /// address needs --key-file (or --insecure).
     #[arg(long)]
     listen: String,
+    /// Shared secret (at least 16 bytes, mode 600) that `revirt migrate
+    /// --key-file` must also give: the channel is then authenticated and
+    /// encrypted (docs/security.md).
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
+    /// Allow a plain channel (no key) on a non-loopback address.
+    #[arg(long)]
+    insecure: bool,
+    /// Refuse a VM with more memory than this.
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    max_mem: u64,
+    /// Refuse frames larger than this.
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    max_frame: u64,
+    /// Refuse a streamed disk (or a recording file) larger than this.
+    #[arg(long, default_value = "64G", value_parser = parse_size)]
+    max_disk: u64,
+    /// Refuse a source that sends more than this many copies of memory.
+    #[arg(long, default_value_t = 64)]
+    max_rounds: u32,
+    /// Refuse a migration that takes longer than this to reach its final state.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    max_time: std::time::Duration,
     /// Continue the incoming VM's recording in this directory (required if it is being recorded).
     #[arg(short, long)]
     out: Option<PathBuf>,
     /// Disk for the VM: where a streamed disk (`migrate --copy-disk`) is written,
-    /// or this host's path of the shared disk (default: the source's path).
+    /// or this host's path of the shared disk. Required when the VM has a
+    /// disk: a path the source names is never opened.
     #[arg(long)]
     disk: Option<PathBuf>,
     /// Accept `revirt migrate` for the received VM on this control socket.
@@ -25,6 +51,13 @@ pub struct Args {
 }
 
 pub fn main(a: Args) -> anyhow::Result<u8> {
+    let key = a.key_file.as_deref().map(Psk::load).transpose().map_err(anyhow::Error::msg)?;
+    revirt::migrate::check_reach(&a.listen, key.is_some(), a.insecure, "listen on")?;
+    let max_frame = u32::try_from(a.max_frame)
+        .ok()
+        .filter(|f| (64 << 10..=revirt::migrate::proto::MAX_FRAME).contains(f))
+        .ok_or_else(|| anyhow::anyhow!("--max-frame must be from 64K to {}M", revirt::migrate::proto::MAX_FRAME >> 20))?;
+    let limits = Limits { max_mem: a.max_mem, max_frame, max_disk: a.max_disk, max_rounds: a.max_rounds.max(1), max_time: a.max_time };
     let listener = Listener::bind(&a.listen)?;
     eprintln!("revirt: waiting for a VM on {}", listener.local_addr());
     let control = a.control.as_deref().map(Controller::listen).transpose()?;
@@ -34,6 +67,8 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         input: Box::new(std::io::stdin()),
         console: Console::Stdout,
         control,
+        key,
+        limits,
     };
     let r = dest::receive(&listener, opts)?;
     eprintln!(

@@ -4,7 +4,6 @@ use std::time::Duration;
 use revirt::clock::ClockKind;
 use revirt::record::{record, RecordOptions};
 use revirt::trace::EndReason;
-use revirt::vmm::Console;
 
 use super::{parse_duration, VmArgs, EXIT_GUEST_CRASH};
 
@@ -66,8 +65,10 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         checkpoint_every: a.checkpoint_every,
         parent: None,
         control: a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?,
+        pmu_counter: None,
     };
-    let s = record(&opts, Box::new(std::io::stdin()), Console::Stdout)?;
+    let (input, console) = a.vm.serial()?;
+    let s = record(&opts, input, console)?;
     if let Some(m) = &s.migrated {
         super::migrate::print_summary(m);
         eprintln!(
@@ -93,6 +94,13 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
             String::new()
         }
     );
+    if let Some((med, max, pages)) = s.checkpoint_pauses {
+        eprintln!(
+            "revirt: checkpoint pauses: median {:.3} ms, max {:.3} ms (median {pages} dirty pages copied; compressed and written on another thread)",
+            med.as_secs_f64() * 1e3,
+            max.as_secs_f64() * 1e3
+        );
+    }
     eprintln!("revirt: replay it with `revirt replay {}`", s.dir.display());
     Ok(match s.stop {
         EndReason::PowerOff(st) => st,

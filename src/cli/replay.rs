@@ -25,6 +25,10 @@ use revirt::trace::LogStatus;
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Work on a recording that fails its integrity check (damaged
+    /// evidence): say what is damaged, then go on.
+    #[arg(long)]
+    force: bool,
     /// Recording directory (made by `revirt record`).
     recording: PathBuf,
     /// Stop at this point instead of running to the end: EXITS, or
@@ -57,17 +61,30 @@ pub struct Args {
 
 /// Exit statuses: 0 replay matched, 1 diverged or mismatched, 2 the recording is incomplete.
 pub fn main(a: Args) -> anyhow::Result<u8> {
-    let rec = Arc::new(Recording::open(&a.recording)?);
-    if let LogStatus::Incomplete { reason } = &rec.status {
-        eprintln!("revirt: warning: recording is incomplete: {reason}; replaying what it holds ({} events)", rec.events.len());
+    let rec = Arc::new(Recording::open_checked(&a.recording, a.force)?);
+    if let Some(line) = &rec.integrity {
+        eprintln!("revirt: {line}");
+    }
+    match &rec.status {
+        LogStatus::Incomplete { reason, damaged: true } => eprintln!(
+            "revirt: warning: the event log is DAMAGED (not cut short): {reason}; replaying the {} events before the damage",
+            rec.events.len()
+        ),
+        LogStatus::Incomplete { reason, .. } => {
+            eprintln!("revirt: warning: recording is incomplete: {reason}; replaying what it holds ({} events)", rec.events.len())
+        }
+        LogStatus::Complete => {}
     }
     let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));
     let sink = if a.quiet { Sink::Discard } else { Sink::Stdout };
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;
     let recorded = rec.meta.clock;
+    // The hardware counter must open and count the start-up probe guest
+    // exactly (the same check as `record --clock pmu`).
+    let pmu_check = || revirt::clock::probe::check(&revirt::clock::counter::hardware_opener());
     let clock = a.clock.unwrap_or(match recorded {
-        // The hardware counter where there is one, else the step clock.
-        ClockKind::Pmu if revirt::clock::counter::RealCounter::open().is_ok() => ClockKind::Pmu,
+        // The hardware counter where there is a usable one, else the step clock.
+        ClockKind::Pmu if pmu_check().is_ok() => ClockKind::Pmu,
         ClockKind::Pmu => ClockKind::Step,
         c => c,
     });
@@ -79,6 +96,13 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
             anyhow::bail!("a {r}-clock recording needs a precise clock to replay: step or pmu-sim")
         }
         (_, ClockKind::Pmu) => {
+            if a.clock == Some(ClockKind::Pmu) {
+                if let Err(e) = pmu_check() {
+                    anyhow::bail!(
+                        "clock 'pmu' unavailable for replay: {e}. Use --clock pmu-sim (the same landing over the simulated counter) or step"
+                    );
+                }
+            }
             tl.use_pmu(None)?;
             eprintln!("revirt: landing on events with the hardware PMU (margin {})", tl.landing().map(|l| l.margin).unwrap_or(0));
         }
@@ -126,6 +150,10 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         Outcome::NotReached(d) => {
             eprintln!("revirt: {d}");
             1
+        }
+        Outcome::EndOfRecording(d) if rec.status.is_damaged() => {
+            eprintln!("revirt: recording damaged: {d}");
+            2
         }
         Outcome::EndOfRecording(d) => {
             eprintln!("revirt: recording incomplete: {d}");

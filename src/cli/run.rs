@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use revirt::migrate::dest::{run_live_until, LiveEnd};
-use revirt::vmm::{Console, Image, LiveHost, Machine, Snapshot, Stop};
+use revirt::vmm::{Image, LiveHost, Machine, Snapshot, Stop};
 
 use super::{VmArgs, EXIT_GUEST_CRASH};
 
@@ -43,7 +43,8 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
             (Machine::boot(&config, &image)?, 0)
         }
     };
-    let mut host = LiveHost::new(Box::new(std::io::stdin()), Console::Stdout, clock_start);
+    let (input, console) = a.vm.serial()?;
+    let mut host = LiveHost::new(input, console, clock_start);
     let control = a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?;
     let stop = match run_live_until(&mut machine, &mut host, control.as_deref(), a.pause_at)? {
         LiveEnd::Stopped(s) => s,

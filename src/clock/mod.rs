@@ -14,6 +14,7 @@
 
 pub mod counter;
 pub mod pmu;
+pub mod probe;
 pub mod step;
 
 use serde::{Deserialize, Serialize};

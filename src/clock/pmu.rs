@@ -19,6 +19,8 @@
 //!   by single-stepping and reports the overflow late by a random skid
 //!   ([`super::counter::SimCounter`]).
 
+use std::path::{Path, PathBuf};
+
 use serde::{Deserialize, Serialize};
 
 use super::ExecPoint;
@@ -29,13 +31,38 @@ pub enum PmuError {
     Unavailable(String),
     #[error("unsupported CPU for the PMU clock: {0}")]
     UnsupportedCpu(String),
-    #[error("perf_event_open: {0}")]
-    Open(std::io::Error),
+    #[error("kernel {0} is too old for the PMU clock: re-arming the overflow period (PERF_EVENT_IOC_PERIOD on a disabled counter) needs Linux >= 4.17")]
+    OldKernel(String),
+    #[error(
+        "AMD Zen with the SpecLockMap optimization enabled: locked instructions make the \
+         conditional-branch counter miscount (rr issue #2034); disable it as \
+         https://github.com/rr-debugger/rr/wiki/Zen describes"
+    )]
+    SpecLockMap,
+    #[error("perf_event_open ({what}): {source}")]
+    Open { what: String, source: std::io::Error },
     #[error("perf counter {op}: {source}")]
     Io { op: &'static str, source: std::io::Error },
+    #[error("pinning the vCPU thread to CPUs {cpus}: {source}")]
+    Pin { cpus: String, source: std::io::Error },
+    #[error("{path}: {msg}")]
+    Sysfs { path: String, msg: String },
+    #[error(
+        "the {counter} miscounts the start-up probe guest: expected {expected} retired conditional \
+         branches (the step clock's count), counted {counted} ({diff:+}){detail}"
+    )]
+    Miscount { counter: String, expected: u64, counted: u64, diff: i64, detail: String },
+    #[error(
+        "the {counter} counted the start-up probe guest's {expected} retired conditional branches \
+         exactly, but {detail}"
+    )]
+    ProbeOverflow { counter: String, expected: u64, detail: String },
+    #[error("the start-up probe guest did not run: {0}")]
+    Probe(String),
 }
 
-/// The CPU as /proc/cpuinfo describes it.
+/// The CPU as /proc/cpuinfo describes it (`cpu family` and `model` are the
+/// displayed values: base plus extended family, extended model << 4 | model).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CpuModel {
     pub vendor: String,
@@ -64,56 +91,383 @@ impl CpuModel {
     }
 }
 
+/// What a CPU's counter counts, as rr classifies it (`PMU_TICKS_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// Retired conditional branches: revirt's (and ReVirt's) unit of time.
+    ConditionalBranches,
+    /// Retired taken branches (rr's `PMU_TICKS_TAKEN_BRANCHES`): a different
+    /// unit; the step clock's timestamps cannot be compared with it.
+    TakenBranches,
+    /// rr knows the CPU but has no deterministic counter for it.
+    Nothing,
+}
+
+/// One row of the table: a microarchitecture as rr's src/PerfCounters.cc
+/// (`pmu_configs`) and src/PerfCounters_x86.h (`compute_cpu_microarch`)
+/// name it, with rr's event and skid figures. docs/pmu-clock.md cites each.
+#[derive(Debug, Clone, Copy)]
+pub struct Uarch {
+    pub name: &'static str,
+    vendor: &'static str,
+    /// Displayed family and the displayed models of that family.
+    family: u32,
+    models: &'static [u32],
+    /// rr's `rcb_cntr_event` (PERF_TYPE_RAW config).
+    pub event: u64,
+    /// rr's `skid_size`.
+    pub skid: u64,
+    pub unit: Unit,
+    /// rr's `PMU_SKID_UNBOUNDED`: the skid may exceed `skid` in rare cases.
+    pub skid_unbounded: bool,
+}
+
+const fn intel(name: &'static str, models: &'static [u32], event: u64, skid: u64) -> Uarch {
+    let unit = if event == 0 { Unit::Nothing } else { Unit::ConditionalBranches };
+    Uarch { name, vendor: "GenuineIntel", family: 6, models, event, skid, unit, skid_unbounded: false }
+}
+
+const fn zen(name: &'static str, family: u32, models: &'static [u32]) -> Uarch {
+    Uarch {
+        name,
+        vendor: "AuthenticAMD",
+        family,
+        models,
+        event: 0x5100d1,
+        skid: 10000,
+        unit: Unit::ConditionalBranches,
+        skid_unbounded: true,
+    }
+}
+
+/// rr's table. The model lists are rr's `cpu_type` cases (CPUID.1:EAX &
+/// 0xF0FF0) turned into displayed models; Granite Rapids is not in rr's
+/// table (see docs/pmu-clock.md) and is grouped with its Sapphire/Emerald
+/// Rapids predecessors.
+pub const UARCHES: &[Uarch] = &[
+    intel("Intel Merom", &[0x0F, 0x16], 0, 100),
+    intel("Intel Penryn", &[0x17, 0x1D], 0, 100),
+    intel("Intel Nehalem", &[0x1A, 0x1E, 0x2E], 0x5101c4, 100),
+    intel("Intel Westmere", &[0x25, 0x2C, 0x2F], 0x5101c4, 100),
+    intel("Intel Sandy Bridge", &[0x2A, 0x2D, 0x3E], 0x5101c4, 100),
+    intel("Intel Ivy Bridge", &[0x3A], 0x5101c4, 100),
+    intel("Intel Haswell", &[0x3C, 0x3F, 0x45, 0x46], 0x5101c4, 100),
+    intel("Intel Broadwell", &[0x3D, 0x47, 0x4F, 0x56], 0x5101c4, 100),
+    intel("Intel Skylake", &[0x4E, 0x55, 0x5E], 0x5101c4, 100),
+    intel("Intel Silvermont", &[0x37, 0x4C, 0x57], 0x517ec4, 100),
+    intel("Intel Goldmont", &[0x5C, 0x5F, 0x7A], 0x517ec4, 100),
+    intel("Intel Tremont", &[0x9C], 0x517ec4, 100),
+    intel("Intel Kabylake", &[0x8E, 0x9E], 0x5101c4, 100),
+    intel("Intel Cometlake", &[0xA5, 0xA6], 0x5101c4, 100),
+    intel("Intel Icelake", &[0x6A, 0x7E, 0x86], 0x5111c4, 100),
+    intel("Intel Tigerlake", &[0x8C, 0x8D], 0x5111c4, 100),
+    intel("Intel Rocketlake", &[0xA7], 0x5111c4, 100),
+    intel("Intel Alderlake", &[0x97, 0x9A], 0x5111c4, 125),
+    intel("Intel Raptorlake", &[0xB7, 0xBA, 0xBF], 0x5111c4, 125),
+    intel("Intel SapphireRapid", &[0x8F], 0x5111c4, 125),
+    intel("Intel EmeraldRapid", &[0xCF], 0x5111c4, 125),
+    intel("Intel GraniteRapids", &[0xAD, 0xAE], 0x5111c4, 125),
+    intel("Intel Meteorlake", &[0xAA], 0x5111c4, 125),
+    intel("Intel Lunarlake", &[0xBD], 0x100005111c4, 125),
+    intel("Intel Arrowlake", &[0xC5, 0xC6], 0x100005111c4, 125),
+    // rr: { AMDF15, 0xc4, minus 0xc6, 250, PMU_TICKS_TAKEN_BRANCHES }; rr
+    // also maps cpu_type 0xf10 with extended family 3 (family 0x12) here.
+    Uarch {
+        name: "AMD Family 15h",
+        vendor: "AuthenticAMD",
+        family: 0x15,
+        models: &[0x02, 0x30],
+        event: 0xc4,
+        skid: 250,
+        unit: Unit::TakenBranches,
+        skid_unbounded: false,
+    },
+    Uarch {
+        name: "AMD Family 15h",
+        vendor: "AuthenticAMD",
+        family: 0x12,
+        models: &[0x01],
+        event: 0xc4,
+        skid: 250,
+        unit: Unit::TakenBranches,
+        skid_unbounded: false,
+    },
+    zen("AMD Zen", 0x17, &[0x01, 0x08, 0x11, 0x18, 0x20]),
+    zen("AMD Zen 2", 0x17, &[0x31, 0x60, 0x68, 0x71, 0x90]),
+    // rr maps cpu_type 0x10f10/0x10f80/0x20f00 with extended family 0xa to Zen 2.
+    zen("AMD Zen 2", 0x19, &[0x11, 0x18, 0x20]),
+    zen("AMD Zen 3", 0x19, &[0x01, 0x08, 0x21, 0x44, 0x50]),
+    zen("AMD Zen 4", 0x19, &[0x61, 0x74, 0x75]),
+    zen("AMD Zen 5", 0x1A, &[0x24]),
+];
+
+impl Uarch {
+    pub fn find(cpu: &CpuModel) -> Option<&'static Uarch> {
+        UARCHES.iter().find(|u| u.vendor == cpu.vendor && u.family == cpu.family && u.models.contains(&cpu.model))
+    }
+
+    pub fn is_zen(&self) -> bool {
+        self.name.starts_with("AMD Zen")
+    }
+}
+
 /// How to count retired conditional branches on a CPU, and how late the
 /// overflow interrupt may arrive (rr's measured skid margins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PerfConfig {
-    /// PERF_TYPE_RAW event code.
+    /// The raw event code (perf `config`).
     pub raw_event: u64,
-    /// Branches of skid to allow for while replaying.
+    /// Branches of skid to allow for while replaying (rr's `skid_size`).
+    /// Recording needs none: an event is delivered wherever the guest
+    /// stopped and logged there (rr's 5x `recording_skid_size` only bounds
+    /// an assertion of its own).
     pub replay_margin: u64,
 }
 
 impl PerfConfig {
-    /// While recording the margin is larger (rr uses 5x).
-    pub fn record_margin(&self) -> u64 {
-        self.replay_margin * 5
-    }
-
     pub fn for_cpu(cpu: &CpuModel) -> Result<PerfConfig, PmuError> {
-        match (cpu.vendor.as_str(), cpu.family) {
-            ("GenuineIntel", 6) => {
-                // BR_INST_RETIRED.CONDITIONAL; Ice Lake and later moved the umask.
-                let ice_lake_or_later = matches!(
-                    cpu.model,
-                    0x6A | 0x6C | 0x7D | 0x7E | 0x8C | 0x8D | 0x8F | 0x97 | 0x9A | 0xA7 | 0xAA | 0xAC | 0xB7 | 0xBA | 0xBD | 0xBE | 0xBF | 0xC5 | 0xC6 | 0xCF
-                );
-                let alder_lake_or_later =
-                    matches!(cpu.model, 0x97 | 0x9A | 0xAA | 0xAC | 0xB7 | 0xBA | 0xBD | 0xBE | 0xBF | 0xC5 | 0xC6 | 0xCF | 0x8F);
-                Ok(PerfConfig {
-                    raw_event: if ice_lake_or_later { 0x5111c4 } else { 0x5101c4 },
-                    replay_margin: if alder_lake_or_later { 125 } else { 100 },
-                })
-            }
-            ("AuthenticAMD", 0x15) => Ok(PerfConfig { raw_event: 0x5100d1, replay_margin: 250 }),
-            // Zen: RETIRED_CONDITIONAL_BRANCH_INSTRUCTIONS; skid is effectively unbounded.
-            ("AuthenticAMD", 0x17 | 0x19 | 0x1A) | ("HygonGenuine", 0x18) => {
-                Ok(PerfConfig { raw_event: 0x5100d1, replay_margin: 10000 })
-            }
-            _ => Err(PmuError::UnsupportedCpu(format!(
-                "{} family {:#x} model {:#x} has no known conditional-branch event",
+        let Some(u) = Uarch::find(cpu) else {
+            return Err(PmuError::UnsupportedCpu(format!(
+                "{} family {:#x} model {:#x} is not in the table (rr's PerfCounters.cc; see docs/pmu-clock.md)",
                 cpu.vendor, cpu.family, cpu.model
+            )));
+        };
+        match u.unit {
+            Unit::ConditionalBranches => Ok(PerfConfig { raw_event: u.event, replay_margin: u.skid }),
+            Unit::TakenBranches => Err(PmuError::UnsupportedCpu(format!(
+                "{}: its counter (rr: event {:#x}) counts retired taken branches, not the retired \
+                 conditional branches revirt's timestamps are made of",
+                u.name, u.event
+            ))),
+            Unit::Nothing => Err(PmuError::UnsupportedCpu(format!(
+                "{}: no deterministic conditional-branch counter (rr does not support it either)",
+                u.name
             ))),
         }
     }
 }
 
-/// The perf_event_attr the real counter uses: raw event, guest only,
-/// starts disabled, overflow after `period` events, one wakeup per overflow.
-pub fn perf_attr(cfg: &PerfConfig, period: u64) -> perf_event_open_sys::bindings::perf_event_attr {
+/// Where the kernel lists its PMUs (`cpu`; `cpu_core` + `cpu_atom` on hybrid Intel).
+pub const EVENT_SOURCE: &str = "/sys/bus/event_source/devices";
+
+/// A core PMU from sysfs: its name, its perf `type`, and (hybrid) its CPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CorePmu {
+    pub name: String,
+    pub perf_type: u32,
+    pub cpus: Option<Vec<usize>>,
+}
+
+/// The core PMUs the kernel exposes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PmuLayout {
+    /// No `cpu`, `cpu_core` or `cpu_atom` event source (e.g. a VM without a virtual PMU).
+    None,
+    /// One core PMU for every CPU (`cpu`).
+    Single(CorePmu),
+    /// Hybrid Intel: a raw event of one PMU counts only on that core type.
+    Hybrid { core: Option<CorePmu>, atom: Option<CorePmu> },
+}
+
+/// Parses a sysfs CPU list ("0-7,16,18-19").
+pub fn parse_cpu_list(s: &str) -> Option<Vec<usize>> {
+    let mut v = Vec::new();
+    for part in s.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+                if b < a || b - a > 65536 {
+                    return None;
+                }
+                v.extend(a..=b);
+            }
+            None => v.push(part.trim().parse().ok()?),
+        }
+    }
+    (!v.is_empty()).then_some(v)
+}
+
+/// "0-3,8" for messages.
+pub fn format_cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { cpus[i].to_string() } else { format!("{}-{}", cpus[i], cpus[j]) });
+        i = j + 1;
+    }
+    out.join(",")
+}
+
+impl PmuLayout {
+    /// Reads the PMUs under `root` (normally [`EVENT_SOURCE`]; tests pass a fake tree).
+    pub fn detect_in(root: &Path) -> Result<PmuLayout, PmuError> {
+        let read = |name: &str, cpus: bool| -> Result<Option<CorePmu>, PmuError> {
+            let dir = root.join(name);
+            if !dir.exists() {
+                return Ok(None);
+            }
+            let bad = |p: PathBuf, msg: String| PmuError::Sysfs { path: p.display().to_string(), msg };
+            let tp = dir.join("type");
+            let perf_type = match std::fs::read_to_string(&tp) {
+                Ok(s) => s.trim().parse().map_err(|_| bad(tp.clone(), format!("not a perf type: {:?}", s.trim())))?,
+                // Older kernels may lack `type` for the core PMU: it is PERF_TYPE_RAW.
+                Err(_) if name == "cpu" => perf_event_open_sys::bindings::PERF_TYPE_RAW,
+                Err(e) => return Err(bad(tp, e.to_string())),
+            };
+            let cpus = if cpus {
+                let cp = dir.join("cpus");
+                let s = std::fs::read_to_string(&cp).map_err(|e| bad(cp.clone(), e.to_string()))?;
+                Some(parse_cpu_list(&s).ok_or_else(|| bad(cp, format!("not a CPU list: {:?}", s.trim())))?)
+            } else {
+                None
+            };
+            Ok(Some(CorePmu { name: name.into(), perf_type, cpus }))
+        };
+        let core = read("cpu_core", true)?;
+        let atom = read("cpu_atom", true)?;
+        if core.is_some() || atom.is_some() {
+            return Ok(PmuLayout::Hybrid { core, atom });
+        }
+        Ok(match read("cpu", false)? {
+            Some(c) => PmuLayout::Single(c),
+            None => PmuLayout::None,
+        })
+    }
+
+    pub fn detect() -> Result<PmuLayout, PmuError> {
+        PmuLayout::detect_in(Path::new(EVENT_SOURCE))
+    }
+
+    /// Whether any core PMU event source exists (the only reason a PMU test may skip).
+    pub fn has_pmu(&self) -> bool {
+        !matches!(self, PmuLayout::None)
+    }
+
+    /// Whether the host has a PMU, read from sysfs (false when unreadable).
+    pub fn host_has_pmu() -> bool {
+        PmuLayout::detect().map(|l| l.has_pmu()).unwrap_or_else(|_| Path::new(EVENT_SOURCE).join("cpu").exists())
+    }
+}
+
+/// What the real counter opens on this host: which event, on which PMU,
+/// and which CPUs the vCPU thread must stay on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PmuChoice {
+    pub uarch: &'static str,
+    pub config: PerfConfig,
+    pub pmu: CorePmu,
+    /// Hybrid hosts: the vCPU thread is pinned here (the CPUs of `pmu`).
+    pub pin: Option<Vec<usize>>,
+    /// rr's SpecLockMap check applies (AMD Zen).
+    pub zen: bool,
+}
+
+impl PmuChoice {
+    /// Decides from the sysfs layout, the CPU model and the kernel release.
+    pub fn choose(layout: &PmuLayout, cpu: Option<&CpuModel>, kernel: &str) -> Result<PmuChoice, PmuError> {
+        let pmu = match layout {
+            PmuLayout::None => {
+                return Err(PmuError::Unavailable(format!(
+                    "the kernel exposes no core PMU (no cpu, cpu_core or cpu_atom in {EVENT_SOURCE}): \
+                     typical of a VM whose hypervisor gives it no virtual PMU"
+                )))
+            }
+            PmuLayout::Single(p) => p.clone(),
+            PmuLayout::Hybrid { core: Some(p), .. } => p.clone(),
+            PmuLayout::Hybrid { core: None, .. } => {
+                return Err(PmuError::UnsupportedCpu(
+                    "a hybrid PMU layout with only cpu_atom: the table has no E-core event for hybrid parts".into(),
+                ))
+            }
+        };
+        let cpu = cpu.ok_or_else(|| PmuError::UnsupportedCpu("cannot read the CPU model from /proc/cpuinfo".into()))?;
+        let config = PerfConfig::for_cpu(cpu)?;
+        if !kernel_at_least(kernel, 4, 17) {
+            return Err(PmuError::OldKernel(kernel.into()));
+        }
+        let u = Uarch::find(cpu).expect("for_cpu found it");
+        let pin = pmu.cpus.clone();
+        Ok(PmuChoice { uarch: u.name, config, pmu, pin, zen: u.is_zen() })
+    }
+
+    /// This host's choice.
+    pub fn host() -> Result<PmuChoice, PmuError> {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        PmuChoice::choose(&PmuLayout::detect()?, CpuModel::host().as_ref(), kernel.trim())
+    }
+
+    /// One line for doctor and error messages.
+    pub fn describe(&self) -> String {
+        let pin = match &self.pin {
+            Some(c) => format!(
+                "; hybrid CPU: the vCPU thread is pinned to CPUs {} ({}: the {} cores)",
+                format_cpu_list(c),
+                self.pmu.name,
+                if self.pmu.name == "cpu_core" { "performance" } else { "efficiency" }
+            ),
+            None => String::new(),
+        };
+        format!(
+            "{}: raw event {:#x} on PMU {} (perf type {}), replay margin {} branches{pin}",
+            self.uarch, self.config.raw_event, self.pmu.name, self.pmu.perf_type, self.config.replay_margin
+        )
+    }
+}
+
+/// Whether a kernel release string ("6.1.0-13-amd64") is at least major.minor.
+pub fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let ma = it.next().and_then(|s| s.parse::<u32>().ok());
+    let mi = it.next().and_then(|s| s.parse::<u32>().ok()).unwrap_or(0);
+    match ma {
+        Some(ma) => (ma, mi) >= (major, minor),
+        None => false,
+    }
+}
+
+/// Pins the calling thread to `cpus` (hybrid hosts: the core type whose
+/// PMU counts, or a raw event stops counting whenever the scheduler moves
+/// the vCPU to the other core type).
+pub fn pin_current_thread(cpus: &[usize]) -> Result<(), PmuError> {
+    // SAFETY: cpu_set_t is plain data; zeroed is an empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        if c < libc::CPU_SETSIZE as usize {
+            // SAFETY: c is within the set's size.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+    }
+    // SAFETY: pid 0 = the calling thread; `set` is a valid cpu_set_t.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        return Err(PmuError::Pin { cpus: format_cpu_list(cpus), source: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// The CPUs the calling thread may run on.
+pub fn current_affinity() -> Vec<usize> {
+    // SAFETY: as above; sched_getaffinity fills `set`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 = the calling thread; `set` is a valid cpu_set_t.
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
+        return Vec::new();
+    }
+    // SAFETY: reading bits of an initialised set.
+    (0..libc::CPU_SETSIZE as usize).filter(|&c| unsafe { libc::CPU_ISSET(c, &set) }).collect()
+}
+
+/// The perf_event_attr the real counter uses: the raw event on the chosen
+/// PMU's perf type, guest only, starts disabled, overflow after `period`
+/// events, one wakeup per overflow.
+pub fn perf_attr(cfg: &PerfConfig, perf_type: u32, period: u64) -> perf_event_open_sys::bindings::perf_event_attr {
     use perf_event_open_sys::bindings as b;
     let mut attr = b::perf_event_attr {
-        type_: b::PERF_TYPE_RAW,
+        type_: perf_type,
         size: std::mem::size_of::<b::perf_event_attr>() as u32,
         config: cfg.raw_event,
         ..Default::default()
@@ -125,6 +479,55 @@ pub fn perf_attr(cfg: &PerfConfig, period: u64) -> perf_event_open_sys::bindings
     attr.set_exclude_guest(0);
     attr.set_pinned(1);
     attr
+}
+
+fn open_attr(attr: &mut perf_event_open_sys::bindings::perf_event_attr, what: &str) -> Result<i32, PmuError> {
+    // SAFETY: attr is fully initialized; pid 0 / cpu -1 = this thread.
+    let fd = unsafe {
+        perf_event_open_sys::perf_event_open(attr, 0, -1, -1, perf_event_open_sys::bindings::PERF_FLAG_FD_CLOEXEC as libc::c_ulong)
+    };
+    if fd < 0 {
+        return Err(PmuError::Open { what: what.into(), source: std::io::Error::last_os_error() });
+    }
+    Ok(fd)
+}
+
+/// rr's `check_for_zen_speclockmap`: with SpecLockMap disabled, a locked
+/// instruction leaves RETIRED_LOCK_INSTRUCTIONS.SPECLOCKMAPCOMMIT (raw
+/// 0x510825) unchanged. `before`/`after` are its counts around one `lock add`.
+pub fn speclockmap_enabled(before: u64, after: u64) -> bool {
+    after != before
+}
+
+/// Runs rr's SpecLockMap check on this thread (AMD Zen only).
+fn check_zen_speclockmap(perf_type: u32) -> Result<(), PmuError> {
+    use perf_event_open_sys::bindings as b;
+    let mut attr = b::perf_event_attr {
+        type_: perf_type,
+        size: std::mem::size_of::<b::perf_event_attr>() as u32,
+        config: 0x510825,
+        ..Default::default()
+    };
+    attr.set_exclude_kernel(1);
+    attr.set_exclude_guest(1);
+    // rr ignores a failure to open this event; so do we.
+    let Ok(fd) = open_attr(&mut attr, "SpecLockMap check event 0x510825") else { return Ok(()) };
+    let read = || {
+        let mut v = 0u64;
+        // SAFETY: reading 8 bytes into a u64 from our perf fd.
+        unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        v
+    };
+    let before = read();
+    let atomic = std::sync::atomic::AtomicU32::new(0);
+    atomic.fetch_add(1, std::sync::atomic::Ordering::SeqCst); // a `lock xadd`
+    let after = read();
+    // SAFETY: closing our own fd once.
+    unsafe { libc::close(fd) };
+    if speclockmap_enabled(before, after) {
+        return Err(PmuError::SpecLockMap);
+    }
+    Ok(())
 }
 
 // fcntl commands and struct from <fcntl.h> that the libc crate lacks.
@@ -162,6 +565,7 @@ pub fn route_overflow_signal(fd: i32, tid: i32, sig: i32) -> Result<(), PmuError
 pub struct PerfCounter {
     fd: i32,
     pub config: PerfConfig,
+    pub choice: PmuChoice,
 }
 
 // perf ioctls (include/uapi/linux/perf_event.h).
@@ -171,19 +575,25 @@ const PERF_EVENT_IOC_RESET: libc::c_ulong = 0x2403;
 const PERF_EVENT_IOC_PERIOD: libc::c_ulong = 0x40082404;
 
 impl PerfCounter {
-    /// Opens the counter for this thread; overflows send `signal` to it.
+    /// Opens the counter for this thread as [`PmuChoice::host`] says
+    /// (pinning the thread on hybrid hosts); overflows send `signal` to it.
     pub fn open(signal: i32) -> Result<PerfCounter, PmuError> {
-        let cpu = CpuModel::host().ok_or_else(|| PmuError::UnsupportedCpu("cannot read /proc/cpuinfo".into()))?;
-        let config = PerfConfig::for_cpu(&cpu)?;
-        let mut attr = perf_attr(&config, 1 << 62);
-        // SAFETY: attr is fully initialized; pid 0 / cpu -1 = this thread.
-        let fd = unsafe { perf_event_open_sys::perf_event_open(&mut attr, 0, -1, -1, perf_event_open_sys::bindings::PERF_FLAG_FD_CLOEXEC as libc::c_ulong) };
-        if fd < 0 {
-            return Err(PmuError::Open(std::io::Error::last_os_error()));
+        PerfCounter::open_with(PmuChoice::host()?, signal)
+    }
+
+    pub fn open_with(choice: PmuChoice, signal: i32) -> Result<PerfCounter, PmuError> {
+        if let Some(cpus) = &choice.pin {
+            pin_current_thread(cpus)?;
         }
+        if choice.zen {
+            check_zen_speclockmap(choice.pmu.perf_type)?;
+        }
+        let config = choice.config;
+        let mut attr = perf_attr(&config, choice.pmu.perf_type, 1 << 62);
+        let fd = open_attr(&mut attr, &format!("raw event {:#x} on {}", config.raw_event, choice.pmu.name))?;
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
-        let c = PerfCounter { fd, config };
+        let c = PerfCounter { fd, config, choice };
         route_overflow_signal(fd, tid, signal)?;
         c.ioctl("enable", PERF_EVENT_IOC_ENABLE, 0)?;
         Ok(c)
@@ -218,7 +628,10 @@ impl PerfCounter {
         self.ioctl("reset", PERF_EVENT_IOC_RESET, 0)
     }
 
-    /// Overflow (and signal) after `n` more branches.
+    /// Overflow (and signal) after `n` more branches. The period is changed
+    /// while the counter is disabled; since Linux 4.17 the kernel then
+    /// starts the new period from the current count (checked in
+    /// [`PmuChoice::choose`]; the start-up probe's overflow check tests it).
     pub fn arm(&self, n: u64) -> Result<(), PmuError> {
         self.ioctl("disable", PERF_EVENT_IOC_DISABLE, 0)?;
         self.ioctl("period", PERF_EVENT_IOC_PERIOD, n.max(1))?;
@@ -335,17 +748,285 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn cpu(vendor: &str, family: u32, model: u32) -> CpuModel {
+        CpuModel { vendor: vendor.into(), family, model }
+    }
+
+    /// rr's src/PerfCounters.cc `pmu_configs` and src/PerfCounters_x86.h
+    /// `compute_cpu_microarch`: (rr cpu_type, rr name, event, skid). Each
+    /// cpu_type is CPUID.1:EAX & 0xF0FF0 = ext model, family, model.
+    const RR_INTEL: &[(u32, &str, u64, u64)] = &[
+        (0x006F0, "Intel Merom", 0, 100),
+        (0x10660, "Intel Merom", 0, 100),
+        (0x10670, "Intel Penryn", 0, 100),
+        (0x106D0, "Intel Penryn", 0, 100),
+        (0x106A0, "Intel Nehalem", 0x5101c4, 100),
+        (0x106E0, "Intel Nehalem", 0x5101c4, 100),
+        (0x206E0, "Intel Nehalem", 0x5101c4, 100),
+        (0x20650, "Intel Westmere", 0x5101c4, 100),
+        (0x206C0, "Intel Westmere", 0x5101c4, 100),
+        (0x206F0, "Intel Westmere", 0x5101c4, 100),
+        (0x206A0, "Intel Sandy Bridge", 0x5101c4, 100),
+        (0x206D0, "Intel Sandy Bridge", 0x5101c4, 100),
+        (0x306E0, "Intel Sandy Bridge", 0x5101c4, 100),
+        (0x306A0, "Intel Ivy Bridge", 0x5101c4, 100),
+        (0x306C0, "Intel Haswell", 0x5101c4, 100),
+        (0x306F0, "Intel Haswell", 0x5101c4, 100),
+        (0x40650, "Intel Haswell", 0x5101c4, 100),
+        (0x40660, "Intel Haswell", 0x5101c4, 100),
+        (0x306D0, "Intel Broadwell", 0x5101c4, 100),
+        (0x40670, "Intel Broadwell", 0x5101c4, 100),
+        (0x406F0, "Intel Broadwell", 0x5101c4, 100),
+        (0x50660, "Intel Broadwell", 0x5101c4, 100),
+        (0x406E0, "Intel Skylake", 0x5101c4, 100),
+        (0x50650, "Intel Skylake", 0x5101c4, 100),
+        (0x506E0, "Intel Skylake", 0x5101c4, 100),
+        (0x30670, "Intel Silvermont", 0x517ec4, 100),
+        (0x406C0, "Intel Silvermont", 0x517ec4, 100),
+        (0x50670, "Intel Silvermont", 0x517ec4, 100),
+        (0x506F0, "Intel Goldmont", 0x517ec4, 100),
+        (0x706A0, "Intel Goldmont", 0x517ec4, 100),
+        (0x506C0, "Intel Goldmont", 0x517ec4, 100),
+        (0x906C0, "Intel Tremont", 0x517ec4, 100),
+        (0x706E0, "Intel Icelake", 0x5111c4, 100),
+        (0x606A0, "Intel Icelake", 0x5111c4, 100),
+        (0x80660, "Intel Icelake", 0x5111c4, 100),
+        (0x806C0, "Intel Tigerlake", 0x5111c4, 100),
+        (0x806D0, "Intel Tigerlake", 0x5111c4, 100),
+        (0x806E0, "Intel Kabylake", 0x5101c4, 100),
+        (0x906E0, "Intel Kabylake", 0x5101c4, 100),
+        (0xA0650, "Intel Cometlake", 0x5101c4, 100),
+        (0xA0660, "Intel Cometlake", 0x5101c4, 100),
+        (0xA0670, "Intel Rocketlake", 0x5111c4, 100),
+        (0x90670, "Intel Alderlake", 0x5111c4, 125),
+        (0x906A0, "Intel Alderlake", 0x5111c4, 125),
+        (0xB0670, "Intel Raptorlake", 0x5111c4, 125),
+        (0xB06A0, "Intel Raptorlake", 0x5111c4, 125),
+        (0xB06F0, "Intel Raptorlake", 0x5111c4, 125),
+        (0x806F0, "Intel SapphireRapid", 0x5111c4, 125),
+        (0xC06F0, "Intel EmeraldRapid", 0x5111c4, 125),
+        (0xA06A0, "Intel Meteorlake", 0x5111c4, 125),
+        (0xB06D0, "Intel Lunarlake", 0x100005111c4, 125),
+        (0xC0660, "Intel Arrowlake", 0x100005111c4, 125),
+        // Not in the rr snapshot read (commit 01ae9d25): rr PR #4028 adds
+        // 0xc0650 as Arrow Lake; Granite Rapids (0xa06d0, 0xa06e0) is
+        // grouped with Sapphire/Emerald Rapids (issue 20).
+        (0xC0650, "Intel Arrowlake", 0x100005111c4, 125),
+        (0xA06D0, "Intel GraniteRapids", 0x5111c4, 125),
+        (0xA06E0, "Intel GraniteRapids", 0x5111c4, 125),
+    ];
+
+    /// rr's cpu_type -> the displayed (family, model) /proc/cpuinfo shows.
+    fn displayed(cpu_type: u32, ext_family: u32) -> (u32, u32) {
+        let family = (cpu_type >> 8) & 0xF;
+        let model = ((cpu_type >> 4) & 0xF) | ((cpu_type >> 12) & 0xF0);
+        (if family == 0xF { family + ext_family } else { family }, model)
+    }
+
     #[test]
-    fn event_codes_per_cpu_family() {
-        let intel = |model| CpuModel { vendor: "GenuineIntel".into(), family: 6, model };
-        assert_eq!(PerfConfig::for_cpu(&intel(0x55)).unwrap(), PerfConfig { raw_event: 0x5101c4, replay_margin: 100 }); // Skylake-X
-        assert_eq!(PerfConfig::for_cpu(&intel(0x6A)).unwrap().raw_event, 0x5111c4); // Ice Lake-SP
-        assert_eq!(PerfConfig::for_cpu(&intel(0x97)).unwrap(), PerfConfig { raw_event: 0x5111c4, replay_margin: 125 }); // Alder Lake
-        let amd = |family| CpuModel { vendor: "AuthenticAMD".into(), family, model: 1 };
-        assert_eq!(PerfConfig::for_cpu(&amd(0x19)).unwrap(), PerfConfig { raw_event: 0x5100d1, replay_margin: 10000 });
-        assert_eq!(PerfConfig::for_cpu(&amd(0x15)).unwrap().replay_margin, 250);
-        assert_eq!(PerfConfig::for_cpu(&amd(0x19)).unwrap().record_margin(), 50000);
-        assert!(PerfConfig::for_cpu(&CpuModel { vendor: "Weird".into(), family: 1, model: 1 }).is_err());
+    fn every_intel_model_matches_rr() {
+        for &(ty, name, event, skid) in RR_INTEL {
+            let (family, model) = displayed(ty, 0);
+            let c = cpu("GenuineIntel", family, model);
+            let u = Uarch::find(&c).unwrap_or_else(|| panic!("{ty:#x} ({name}) missing"));
+            assert_eq!((u.name, u.event, u.skid), (name, event, skid), "cpu_type {ty:#x}");
+            match PerfConfig::for_cpu(&c) {
+                Ok(cfg) => assert_eq!(cfg, PerfConfig { raw_event: event, replay_margin: skid }, "{name}"),
+                Err(e) => {
+                    assert_eq!(event, 0, "{name}: {e}");
+                    assert!(e.to_string().contains("no deterministic"), "{e}");
+                }
+            }
+        }
+        // And nothing else: every table model is one of rr's cpu_types.
+        let n: usize = UARCHES.iter().filter(|u| u.vendor == "GenuineIntel").map(|u| u.models.len()).sum();
+        assert_eq!(n, RR_INTEL.len());
+    }
+
+    #[test]
+    fn atoms_use_the_jcc_umask_and_ice_lake_on_the_new_umask() {
+        let ev = |m| PerfConfig::for_cpu(&cpu("GenuineIntel", 6, m)).unwrap().raw_event;
+        for m in [0x37, 0x4C, 0x57, 0x5C, 0x5F, 0x7A, 0x9C] {
+            assert_eq!(ev(m), 0x517ec4, "Atom model {m:#x}");
+        }
+        for m in [0x6A, 0x7E, 0x86, 0x8C, 0x8D, 0xA7, 0x97, 0x9A, 0xB7, 0xBA, 0xBF, 0x8F, 0xCF, 0xAA, 0xAD, 0xAE] {
+            assert_eq!(ev(m), 0x5111c4, "Ice Lake+ model {m:#x}");
+        }
+        assert_eq!(ev(0x55), 0x5101c4, "Skylake-X");
+        let unknown = PerfConfig::for_cpu(&cpu("GenuineIntel", 6, 0xBE)).unwrap_err();
+        assert!(unknown.to_string().contains("not in the table"), "{unknown}");
+    }
+
+    /// rr's AMD cases: (cpu_type, ext family, name).
+    const RR_AMD: &[(u32, u32, &str)] = &[
+        (0x00F20, 6, "AMD Family 15h"),
+        (0x30F00, 6, "AMD Family 15h"),
+        (0x00F10, 3, "AMD Family 15h"),
+        (0x00F10, 8, "AMD Zen"),
+        (0x00F80, 8, "AMD Zen"),
+        (0x10F10, 8, "AMD Zen"),
+        (0x10F80, 8, "AMD Zen"),
+        (0x20F00, 8, "AMD Zen"),
+        (0x10F10, 0xA, "AMD Zen 2"),
+        (0x10F80, 0xA, "AMD Zen 2"),
+        (0x20F00, 0xA, "AMD Zen 2"),
+        (0x30F10, 8, "AMD Zen 2"),
+        (0x60F00, 8, "AMD Zen 2"),
+        (0x70F10, 8, "AMD Zen 2"),
+        (0x60F80, 8, "AMD Zen 2"),
+        (0x90F00, 8, "AMD Zen 2"),
+        (0x00F10, 0xA, "AMD Zen 3"),
+        (0x00F80, 0xA, "AMD Zen 3"),
+        (0x20F10, 0xA, "AMD Zen 3"),
+        (0x50F00, 0xA, "AMD Zen 3"),
+        (0x40F40, 0xA, "AMD Zen 3"),
+        (0x60F10, 0xA, "AMD Zen 4"),
+        (0x70F40, 0xA, "AMD Zen 4"),
+        (0x70F50, 0xA, "AMD Zen 4"),
+        (0x20F40, 0xB, "AMD Zen 5"),
+    ];
+
+    #[test]
+    fn every_amd_model_matches_rr() {
+        for &(ty, ext, name) in RR_AMD {
+            let (family, model) = displayed(ty, ext);
+            let c = cpu("AuthenticAMD", family, model);
+            let u = Uarch::find(&c).unwrap_or_else(|| panic!("{ty:#x}/{ext:#x} ({name}) missing"));
+            assert_eq!(u.name, name, "{ty:#x}/{ext:#x}");
+            if name.starts_with("AMD Zen") {
+                assert_eq!((u.event, u.skid, u.skid_unbounded), (0x5100d1, 10000, true));
+                assert!(u.is_zen());
+                assert_eq!(PerfConfig::for_cpu(&c).unwrap(), PerfConfig { raw_event: 0x5100d1, replay_margin: 10000 });
+            } else {
+                // rr counts taken branches here (0xc4 minus 0xc6): another unit, refused.
+                assert_eq!((u.event, u.skid, u.unit), (0xc4, 250, Unit::TakenBranches));
+                let e = PerfConfig::for_cpu(&c).unwrap_err().to_string();
+                assert!(e.contains("taken branches"), "{e}");
+            }
+        }
+        let n: usize = UARCHES.iter().filter(|u| u.vendor == "AuthenticAMD").map(|u| u.models.len()).sum();
+        assert_eq!(n, RR_AMD.len());
+        // rr refuses other vendors (Hygon, ...).
+        assert!(PerfConfig::for_cpu(&cpu("HygonGenuine", 0x18, 1)).is_err());
+        assert!(PerfConfig::for_cpu(&cpu("Weird", 1, 1)).is_err());
+    }
+
+    #[test]
+    fn speclockmap_verdict() {
+        assert!(!speclockmap_enabled(5, 5), "count unchanged by a locked add: disabled");
+        assert!(speclockmap_enabled(5, 6));
+    }
+
+    #[test]
+    fn kernel_versions() {
+        assert!(kernel_at_least("6.1.0-13-amd64", 4, 17));
+        assert!(kernel_at_least("4.17.0", 4, 17));
+        assert!(kernel_at_least("5.0", 4, 17));
+        assert!(!kernel_at_least("4.16.18-generic", 4, 17));
+        assert!(!kernel_at_least("3.10.0-1160.el7.x86_64", 4, 17));
+        assert!(!kernel_at_least("", 4, 17));
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-3,8,10-11\n"), Some(vec![0, 1, 2, 3, 8, 10, 11]));
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("3-1"), None);
+        assert_eq!(parse_cpu_list("x"), None);
+        assert_eq!(format_cpu_list(&[0, 1, 2, 3, 8, 10, 11]), "0-3,8,10-11");
+    }
+
+    /// A fake /sys/bus/event_source/devices.
+    fn fake_sysfs(pmus: &[(&str, &str, Option<&str>)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (name, ty, cpus) in pmus {
+            let p = d.path().join(name);
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("type"), format!("{ty}\n")).unwrap();
+            if let Some(c) = cpus {
+                std::fs::write(p.join("cpus"), format!("{c}\n")).unwrap();
+            }
+        }
+        // Other event sources a host has in any case.
+        std::fs::create_dir_all(d.path().join("software")).unwrap();
+        std::fs::write(d.path().join("software/type"), "1\n").unwrap();
+        d
+    }
+
+    #[test]
+    fn no_pmu_layout() {
+        let d = fake_sysfs(&[("breakpoint", "5", None)]);
+        let l = PmuLayout::detect_in(d.path()).unwrap();
+        assert_eq!(l, PmuLayout::None);
+        assert!(!l.has_pmu());
+        let e = PmuChoice::choose(&l, Some(&cpu("GenuineIntel", 6, 0x55)), "6.1.0").unwrap_err();
+        assert!(matches!(e, PmuError::Unavailable(_)), "{e}");
+        assert!(e.to_string().contains("no core PMU"), "{e}");
+    }
+
+    #[test]
+    fn single_pmu_layout() {
+        let d = fake_sysfs(&[("cpu", "4", None)]);
+        let l = PmuLayout::detect_in(d.path()).unwrap();
+        assert_eq!(l, PmuLayout::Single(CorePmu { name: "cpu".into(), perf_type: 4, cpus: None }));
+        let c = PmuChoice::choose(&l, Some(&cpu("GenuineIntel", 6, 0x55)), "6.1.0").unwrap();
+        assert_eq!((c.uarch, c.config.raw_event, c.pmu.perf_type, c.pin.clone()), ("Intel Skylake", 0x5101c4, 4, None));
+        assert!(!c.describe().contains("pinned"), "{}", c.describe());
+        // An old kernel is refused, with the reason.
+        let e = PmuChoice::choose(&l, Some(&cpu("GenuineIntel", 6, 0x55)), "4.15.0-20-generic").unwrap_err();
+        assert!(e.to_string().contains(">= 4.17"), "{e}");
+        // A corrupt type file is an error naming the file, not a guess.
+        std::fs::write(d.path().join("cpu/type"), "four").unwrap();
+        let e = PmuLayout::detect_in(d.path()).unwrap_err().to_string();
+        assert!(e.contains("cpu/type") && e.contains("four"), "{e}");
+    }
+
+    #[test]
+    fn hybrid_layout_opens_cpu_core_and_pins_to_its_cpus() {
+        let d = fake_sysfs(&[("cpu_core", "4", Some("0-15")), ("cpu_atom", "10", Some("16-23"))]);
+        let l = PmuLayout::detect_in(d.path()).unwrap();
+        let core = CorePmu { name: "cpu_core".into(), perf_type: 4, cpus: Some((0..16).collect()) };
+        let atom = CorePmu { name: "cpu_atom".into(), perf_type: 10, cpus: Some((16..24).collect()) };
+        assert_eq!(l, PmuLayout::Hybrid { core: Some(core.clone()), atom: Some(atom) });
+        assert!(l.has_pmu());
+        let c = PmuChoice::choose(&l, Some(&cpu("GenuineIntel", 6, 0x97)), "6.5.0").unwrap();
+        assert_eq!(c.uarch, "Intel Alderlake");
+        assert_eq!(c.pmu, core);
+        assert_eq!(c.pin, Some((0..16).collect()));
+        let a = perf_attr(&c.config, c.pmu.perf_type, 100);
+        assert_eq!((a.type_, a.config), (4, 0x5111c4));
+        let s = c.describe();
+        assert!(s.contains("pinned to CPUs 0-15") && s.contains("cpu_core") && s.contains("performance"), "{s}");
+        // The cpu_core PMU's type is whatever sysfs says.
+        let d = fake_sysfs(&[("cpu_core", "8", Some("0-3")), ("cpu_atom", "9", Some("4-7"))]);
+        let c = PmuChoice::choose(&PmuLayout::detect_in(d.path()).unwrap(), Some(&cpu("GenuineIntel", 6, 0xB7)), "6.5.0").unwrap();
+        assert_eq!((c.pmu.perf_type, perf_attr(&c.config, 8, 1).type_), (8, 8));
+        // Only an E-core PMU: refused.
+        let d = fake_sysfs(&[("cpu_atom", "10", Some("0-3"))]);
+        let e = PmuChoice::choose(&PmuLayout::detect_in(d.path()).unwrap(), Some(&cpu("GenuineIntel", 6, 0x97)), "6.5.0");
+        assert!(e.unwrap_err().to_string().contains("only cpu_atom"));
+        // A hybrid PMU without a readable CPU list is an error.
+        let d = fake_sysfs(&[("cpu_core", "4", None)]);
+        assert!(PmuLayout::detect_in(d.path()).unwrap_err().to_string().contains("cpus"));
+    }
+
+    #[test]
+    fn pinning_a_thread_really_pins_it() {
+        // sched_setaffinity for real, on a thread of its own: pin to one
+        // CPU this process may use, read it back.
+        let allowed = current_affinity();
+        assert!(!allowed.is_empty());
+        let one = *allowed.last().unwrap();
+        let got = std::thread::spawn(move || {
+            pin_current_thread(&[one]).unwrap();
+            current_affinity()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(got, vec![one]);
+        let e = std::thread::spawn(|| pin_current_thread(&[libc::CPU_SETSIZE as usize + 5])).join().unwrap();
+        assert!(matches!(e, Err(PmuError::Pin { .. })), "an empty set is refused by the kernel");
     }
 
     #[test]
@@ -358,7 +1039,7 @@ mod tests {
     #[test]
     fn perf_attr_counts_guest_branches_and_overflows() {
         let cfg = PerfConfig { raw_event: 0x5101c4, replay_margin: 100 };
-        let a = perf_attr(&cfg, 12345);
+        let a = perf_attr(&cfg, perf_event_open_sys::bindings::PERF_TYPE_RAW, 12345);
         assert_eq!(a.type_, perf_event_open_sys::bindings::PERF_TYPE_RAW);
         assert_eq!(a.config, 0x5101c4);
         // SAFETY: reading plain integer union fields we just wrote.
@@ -417,14 +1098,16 @@ mod tests {
 
     #[test]
     fn real_pmu_counter_where_present() {
-        match PerfCounter::open(libc::SIGRTMIN() + 4) {
-            Ok(c) => {
-                c.reset().unwrap();
-                assert_eq!(c.read().unwrap(), 0, "no guest runs on this thread: the guest-only count stays 0");
-                c.arm(1000).unwrap();
-            }
-            Err(e) => eprintln!("skipping the real PMU test: {e} (this host has no usable PMU; see `revirt doctor`)"),
+        if !PmuLayout::host_has_pmu() {
+            eprintln!("skipping: this host has no PMU (no cpu, cpu_core or cpu_atom event source)");
+            return;
         }
+        // A PMU exists: a bad attribute, an unsupported CPU, a refused
+        // open are failures, not skips.
+        let c = PerfCounter::open(libc::SIGRTMIN() + 4).unwrap_or_else(|e| panic!("this host has a PMU, but: {e}"));
+        c.reset().unwrap();
+        assert_eq!(c.read().unwrap(), 0, "no guest runs on this thread: the guest-only count stays 0");
+        c.arm(1000).unwrap();
     }
 
     /// A synthetic instruction trace: positions within one exit interval;

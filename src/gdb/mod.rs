@@ -1,8 +1,9 @@
 //! `revirt gdb`: a GDB remote-protocol server over a replay, with real
 //! reverse execution (reverse-stepi, reverse-continue) built on
 //! [`session::Session`]. The protocol itself is the `gdbstub` crate; the
-//! target is x86-64 (`gdbstub_arch::x86::X86_64_SSE`).
+//! target is x86-64 with SSE, segment bases and system registers ([`arch`]).
 
+pub mod arch;
 pub mod session;
 pub mod snapshots;
 
@@ -26,8 +27,7 @@ use gdbstub::target::ext::breakpoints::{
 };
 use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps};
 use gdbstub::target::{Target, TargetError, TargetResult};
-use gdbstub_arch::x86::reg::X86_64CoreRegs;
-use gdbstub_arch::x86::X86_64_SSE;
+use arch::{RevirtRegs, X86_64Revirt};
 
 use session::{Session, SessionError, StopWhy, Watch, WatchKind};
 
@@ -106,7 +106,7 @@ fn stop_reason(why: StopWhy) -> SingleThreadStopReason<u64> {
 const EROFS: u8 = 30;
 
 impl Target for Target64 {
-    type Arch = X86_64_SSE;
+    type Arch = X86_64Revirt;
     type Error = SessionError;
 
     fn base_ops(&mut self) -> BaseOps<'_, Self::Arch, Self::Error> {
@@ -124,7 +124,7 @@ impl Target for Target64 {
 }
 
 impl SingleThreadBase for Target64 {
-    fn read_registers(&mut self, regs: &mut X86_64CoreRegs) -> TargetResult<(), Self> {
+    fn read_registers(&mut self, all: &mut RevirtRegs) -> TargetResult<(), Self> {
         let v = &self.s.tl.machine.vcpu;
         let r = v
             .regs()
@@ -132,6 +132,15 @@ impl SingleThreadBase for Target64 {
         let s = v
             .sregs()
             .map_err(|e| TargetError::Fatal(SessionError::Lost(e.to_string())))?;
+        all.fs_base = s.fs.base;
+        all.gs_base = s.gs.base;
+        all.cr0 = s.cr0;
+        all.cr2 = s.cr2;
+        all.cr3 = s.cr3;
+        all.cr4 = s.cr4;
+        all.cr8 = s.cr8;
+        all.efer = s.efer;
+        let regs = &mut all.core;
         // GDB's order: rax rbx rcx rdx rsi rdi rbp rsp r8..r15.
         regs.regs = [
             r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
@@ -164,7 +173,7 @@ impl SingleThreadBase for Target64 {
         Ok(())
     }
 
-    fn write_registers(&mut self, _regs: &X86_64CoreRegs) -> TargetResult<(), Self> {
+    fn write_registers(&mut self, _regs: &RevirtRegs) -> TargetResult<(), Self> {
         eprintln!("revirt gdb: refused a register write: a replay is read-only (it would no longer match the recording)");
         Err(TargetError::Errno(EROFS))
     }
@@ -365,6 +374,12 @@ impl MonitorCmd for Target64 {
                     self.s.rec.events.len()
                 ),
             },
+            ["origin", args @ ..] => {
+                let text = crate::replay::provenance::monitor_origin(&self.s.rec, &self.s.tl, args);
+                for l in text.lines() {
+                    outputln!(out, "{l}");
+                }
+            }
             ["stats"] => {
                 outputln!(
                     out,
@@ -406,6 +421,7 @@ impl MonitorCmd for Target64 {
                     out,
                     "  stats               instructions single-stepped so far"
                 );
+                outputln!(out, "  origin LOCATION     where a value came from ($reg or ADDR[:LEN]; --depth N, --json)");
             }
         }
         Ok(())

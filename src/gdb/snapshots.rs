@@ -333,9 +333,7 @@ impl Snapshots {
         let (dirty_mem, dirty_disk) = Self::drain(m)?;
         let mut written = 0u64;
         for p in Self::to_write(self.base.as_ref().map(|b| &b.mem), &s.image.mem, &dirty_mem) {
-            m.mem
-                .write_slice(&s.image.mem[p].data, GuestAddress((p * PAGE) as u64))
-                .map_err(|e| MachineError::Memory(e.to_string()))?;
+            m.write_pages(p as u64, &s.image.mem[p].data)?;
             written += 1;
         }
         for c in Self::to_write(

@@ -42,6 +42,8 @@ pub const COMMANDS: &[CommandInfo] = &[
     CommandInfo { name: "diff", aliases: &[], args: "POINT [bytes]", help: "compare the current point with POINT: registers that differ and the pages that changed; with `bytes`, the changed bytes" },
     CommandInfo { name: "dump", aliases: &[], args: "[-p] ADDR LEN FILE", help: "write LEN bytes of memory at virtual (or with -p physical) ADDR to FILE" },
     CommandInfo { name: "last-write", aliases: &["lw"], args: "ADDR [LEN]", help: "when the LEN bytes (default 8) at ADDR last changed before now: the exit interval, the old and new value, and the instruction that wrote them" },
+    CommandInfo { name: "origin", aliases: &[], args: "LOCATION [at POINT] [--depth N] [--time S] [--json]", help: "where the value came from: its last writer, that instruction's sources, recursively, down to serial/clock/disk input, constants or boot-image bytes (LOCATION: $reg or ADDR[:LEN]; `at` seeks there first)" },
+    CommandInfo { name: "history", aliases: &[], args: "ADDR LEN [FROM [TO]] [--reads] [--time S] [--json]", help: "every write (with --reads also every read) of the LEN bytes at ADDR between FROM (default start) and TO (default here): point, instruction, old and new bytes" },
     CommandInfo { name: "stepi", aliases: &["si"], args: "[N]", help: "execute N instructions (default 1) by single-stepping the replay; shows the next instruction" },
     CommandInfo { name: "console", aliases: &[], args: "[N]", help: "the last N lines (default 20) the guest had printed by this point" },
     CommandInfo { name: "symbols", aliases: &["sym"], args: "[PATTERN]", help: "symbols of the guest image (those whose name contains PATTERN)" },
@@ -154,6 +156,8 @@ impl Session {
             "diff" => self.cmd_diff(c, args, out)?,
             "dump" => self.cmd_dump(c, args, out)?,
             "last-write" => self.cmd_last_write(c, args, out)?,
+            "origin" => self.cmd_origin(args, out)?,
+            "history" => self.cmd_history(args, out)?,
             "stepi" => self.cmd_stepi(c, args, out)?,
             "console" => self.cmd_console(c, args, out)?,
             "symbols" => self.cmd_symbols(args, out)?,
@@ -317,7 +321,7 @@ impl Session {
         // Integrity: the log's hash chain, the console digest, every checkpoint's CRC.
         match &rec.status {
             LogStatus::Complete => writeln!(out, "integrity    event log complete: {} chunks, SHA-256 hash chain verified", rec.chunks)?,
-            LogStatus::Incomplete { reason } => writeln!(
+            LogStatus::Incomplete { reason, .. } => writeln!(
                 out,
                 "integrity    event log INCOMPLETE after {} verified chunks ({} events): {reason}",
                 rec.chunks,

@@ -13,6 +13,7 @@ pub mod format;
 pub mod live;
 pub mod mmu;
 pub mod parse;
+pub mod provenance;
 pub mod symbols;
 pub mod view;
 
@@ -109,6 +110,8 @@ pub struct Options {
     pub no_kvm: bool,
     /// Show a progress bar on stderr for long replays (when it is a terminal).
     pub progress: bool,
+    /// Work on a recording that fails its integrity check.
+    pub force: bool,
 }
 
 /// A resolved point: an exit count, the checkpoint that is exactly there,
@@ -166,10 +169,13 @@ pub struct Session {
 impl Session {
     /// Opens a recording, positioned at checkpoint 0 (read from its file).
     pub fn open(dir: &Path, opts: Options) -> Result<Session, Error> {
-        let rec = Arc::new(Recording::open(dir)?);
+        let rec = Arc::new(Recording::open_checked(dir, opts.force)?);
+        if let Some(line) = &rec.integrity {
+            eprintln!("revirt: {line}");
+        }
         if rec.checkpoints.is_empty() {
             let why = match &rec.status {
-                crate::trace::LogStatus::Incomplete { reason } if rec.events.is_empty() => format!(": its event log is unusable: {reason}"),
+                crate::trace::LogStatus::Incomplete { reason, .. } if rec.events.is_empty() => format!(": its event log is unusable: {reason}"),
                 _ => String::new(),
             };
             return Err(Error::Msg(format!("{}: the recording has no usable checkpoint (not even checkpoint 0){why}", dir.display())));
@@ -567,14 +573,18 @@ pub fn event_point(e: &Event) -> u64 {
         // Delivered right after exit E (branches 0), or inside the interval after it.
         Event::Timer { at, .. } | Event::Serial { at, .. } if at.branches > 0 => at.exits,
         Event::Timer { at, .. } | Event::Serial { at, .. } => at.exits.saturating_sub(1),
-        Event::Mark { exits } | Event::Checkpoint { exits, .. } | Event::End { exits, .. } | Event::Migrated { exits, .. } => *exits,
+        Event::Mark { exits }
+        | Event::Checkpoint { exits, .. }
+        | Event::End { exits, .. }
+        | Event::Migrated { exits, .. }
+        | Event::CheckpointFile { exits, .. } => *exits,
     }
 }
 
 /// Skips marks, checkpoints and the end at or before `exits` (replay
 /// consumes them lazily or never).
 pub fn normalize_next(events: &[Event], mut next: usize, exits: u64) -> usize {
-    while let Some(e @ (Event::Mark { .. } | Event::Checkpoint { .. } | Event::End { .. } | Event::Migrated { .. })) = events.get(next) {
+    while let Some(e) = events.get(next).filter(|e| e.is_mark() || matches!(e, Event::End { .. })) {
         if e.exits() > exits {
             break;
         }

@@ -194,24 +194,22 @@ impl Checkpoints {
         let base = self.images.iter().filter(|(k, _)| *k < id).max_by_key(|(k, _)| *k).cloned();
         let (mut mem, from) = match base {
             Some((k, m)) => ((*m).clone(), k + 1),
-            None => (Vec::new(), 0),
+            None => (vec![0u8; self.header(0)?.machine.config.mem_size as usize], 0),
         };
-        for k in from..=id {
-            let ck = self.read(k)?;
-            if k == 0 {
-                mem = vec![0u8; ck.header.machine.config.mem_size as usize];
-            }
-            let mut at = 0usize;
-            for &(first, count) in &ck.header.pages {
-                let (start, len) = ((first * PAGE) as usize, (count * PAGE) as usize);
-                let dst = mem
-                    .get_mut(start..start + len)
-                    .ok_or_else(|| Error::Msg(format!("checkpoint {k} has pages beyond guest memory (damaged recording)")))?;
-                dst.copy_from_slice(&ck.data[at..at + len]);
-                at += len;
-            }
-            self.headers.entry(k).or_insert_with(|| Arc::new(ck.header));
-        }
+        let h = trace::checkpoint::rebuild(
+            &self.dir,
+            from,
+            id,
+            |frame, bytes| {
+                let start = (frame * PAGE) as usize;
+                mem.get_mut(start..start + bytes.len())
+                    .ok_or("has pages beyond guest memory (damaged recording)")?
+                    .copy_from_slice(bytes);
+                Ok(())
+            },
+            |_, _| Ok(()),
+        )?;
+        self.headers.entry(id).or_insert_with(|| Arc::new(h));
         let m = Arc::new(mem);
         self.images.push((id, m.clone()));
         if self.images.len() > KEEP_IMAGES {

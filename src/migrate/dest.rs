@@ -6,7 +6,6 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
 
 use super::proto::{self, FinalState, Hello, Kind, ProtoError, Welcome, PAGE};
 use super::{Conn, Controller, Listener, MigrateError, Summary};
@@ -23,6 +22,32 @@ pub struct ReceiveOptions {
     pub console: Console,
     /// Accept `revirt migrate` requests for the received VM here (move it on).
     pub control: Option<Arc<Controller>>,
+    /// The migration key (`--key-file`); `None`: plain channel.
+    pub key: Option<proto::Psk>,
+    pub limits: Limits,
+}
+
+/// What a receiver accepts from a peer it does not trust (`revirt receive`
+/// flags). Anything beyond them ends the migration with an error before it
+/// costs this host memory, disk or time; the source keeps running.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest guest memory (bytes).
+    pub max_mem: u64,
+    /// Largest frame (bytes).
+    pub max_frame: u32,
+    /// Largest streamed disk, and largest recording file (bytes).
+    pub max_disk: u64,
+    /// Memory sent, in multiples of the guest's memory (pre-copy rounds).
+    pub max_rounds: u32,
+    /// From the connection to the final state.
+    pub max_time: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_mem: 4 << 30, max_frame: 16 << 20, max_disk: 64 << 30, max_rounds: 64, max_time: Duration::from_secs(600) }
+    }
 }
 
 /// How a received VM ended.
@@ -43,14 +68,20 @@ pub struct Received {
     pub bytes: u64,
 }
 
-/// A recording file name as the source may send it: a plain name or one
-/// directory level below, never absolute or with `..`.
+/// A recording file name as the source may send it: one of the
+/// recording's own files (`checkpoints/NNNNNN.ckpt` for checkpoints),
+/// never anything else, absolute or with `..`.
 fn safe_name(name: &str) -> Result<PathBuf, ProtoError> {
+    use crate::trace::{CONSOLE, DISK, EVENTS, IMAGE, META};
     let p = Path::new(name);
-    let ok = !name.is_empty()
+    let plain = !name.is_empty()
         && p.components().count() <= 2
         && p.components().all(|c| matches!(c, Component::Normal(_)));
-    if ok {
+    let known = [META, IMAGE, DISK, EVENTS, CONSOLE].contains(&name)
+        || name.strip_prefix("checkpoints/").and_then(|n| n.strip_suffix(".ckpt")).is_some_and(|id| {
+            id.len() == 6 && id.bytes().all(|b| b.is_ascii_digit())
+        });
+    if plain && known {
         Ok(p.to_path_buf())
     } else {
         Err(ProtoError::Corrupt(format!("refusing file name {name:?}")))
@@ -60,13 +91,20 @@ fn safe_name(name: &str) -> Result<PathBuf, ProtoError> {
 /// Waits for one incoming VM on `listener`, receives it and runs it.
 pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, MigrateError> {
     let mut conn = listener.accept()?;
+    let started = Instant::now();
     let mut w = conn.try_clone().map_err(|source| MigrateError::Io { what: "socket".into(), source })?;
-    let r = take(&mut conn, &mut w, &opts);
+    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let theirs = proto::read_handshake(&mut conn)?;
+    let ours = proto::Handshake::new(opts.key.is_some());
+    proto::write_handshake(&mut w, &ours)?;
+    let (mut seal, mut open, transcript) =
+        proto::channel(opts.key.as_ref(), proto::Role::Destination, &ours, &theirs, opts.limits.max_frame)?;
+    let r = take(&mut conn, &mut w, &mut seal, &mut open, &transcript, &opts, started);
     let (mut m, state, hello, bytes, state_at) = match r {
         Ok(v) => v,
         Err(e) => {
             // Tell the source why (it keeps running), then give up.
-            let _ = proto::write_frame(&mut w, Kind::Abort, e.to_string().as_bytes());
+            let _ = seal.write_frame(&mut w, Kind::Abort, e.to_string().as_bytes());
             return Err(e);
         }
     };
@@ -81,14 +119,14 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
             Ok(s) => session = Some(s),
             Err(e) => {
                 let e: MigrateError = e.into();
-                let _ = proto::write_frame(&mut w, Kind::Abort, e.to_string().as_bytes());
+                let _ = seal.write_frame(&mut w, Kind::Abort, e.to_string().as_bytes());
                 return Err(e);
             }
         }
     }
-    proto::write_frame(&mut w, Kind::Ready, &[])?;
+    seal.write_frame(&mut w, Kind::Ready, &[])?;
     w.flush().map_err(ProtoError::Io)?;
-    match proto::read_frame(&mut conn) {
+    match open.read_frame(&mut conn) {
         Ok(f) if f.kind == Kind::Commit => {}
         Ok(f) => return Err(ProtoError::Unexpected { got: f.kind.name(), want: "commit" }.into()),
         Err(e) => {
@@ -112,18 +150,43 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
 
 type Taken = (Machine, FinalState, Hello, u64, Instant);
 
-/// Everything up to the final state: handshake, hello, pages, files, state.
-fn take(conn: &mut Conn, w: &mut Conn, opts: &ReceiveOptions) -> Result<Taken, MigrateError> {
-    conn.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    proto::read_handshake(conn)?;
-    proto::write_handshake(w).map_err(MigrateError::from)?;
-    let hello: Hello = proto::from_json(&proto::expect(conn, Kind::Hello)?, "hello")?;
+/// Everything up to the final state: the peer's proof, hello, pages, files, state.
+fn take(
+    conn: &mut Conn,
+    w: &mut Conn,
+    seal: &mut proto::Sealer,
+    open: &mut proto::Opener,
+    transcript: &[u8; 32],
+    opts: &ReceiveOptions,
+    started: Instant,
+) -> Result<Taken, MigrateError> {
+    let lim = &opts.limits;
+    // The source proves itself first; only then does this side answer.
+    proto::check_auth(open, conn, transcript)?;
+    proto::send_auth(seal, w, transcript)?;
+    let hello: Hello = proto::from_json(&open.expect(conn, Kind::Hello)?, "hello")?;
+    let mib = |b: u64| b >> 20;
+    if hello.config.mem_size > lim.max_mem {
+        return Err(MigrateError::Refused(format!(
+            "the VM has {} MiB of memory; this receiver accepts at most {} MiB (--max-mem)",
+            mib(hello.config.mem_size),
+            mib(lim.max_mem)
+        )));
+    }
     let mut config: VmConfig = hello.config.clone();
+    // Never a path the peer names: the disk is this side's --disk.
+    config.disk = None;
     let mut disk_file = None;
     if let Some(size) = hello.copy_disk {
         let Some(path) = &opts.disk else {
             return Err(MigrateError::Refused("the source streams its disk (--copy-disk): give `revirt receive --disk PATH` for the copy".into()));
         };
+        if size > lim.max_disk || size % 512 != 0 {
+            return Err(MigrateError::Refused(format!(
+                "the streamed disk has {size} bytes; this receiver accepts whole sectors up to {} MiB (--max-disk)",
+                mib(lim.max_disk)
+            )));
+        }
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -134,7 +197,14 @@ fn take(conn: &mut Conn, w: &mut Conn, opts: &ReceiveOptions) -> Result<Taken, M
         f.set_len(size).map_err(|source| MigrateError::Io { what: format!("sizing disk {}", path.display()), source })?;
         disk_file = Some(f);
         config.disk = Some(path.clone());
-    } else if let Some(d) = &opts.disk {
+    } else if let Some(theirs) = &hello.config.disk {
+        let Some(d) = &opts.disk else {
+            return Err(MigrateError::Refused(format!(
+                "the VM has a disk (the source calls it {}); this receiver never opens a path the peer names: \
+                 give `revirt receive --disk PATH` (this host's copy of the shared disk), or migrate with --copy-disk",
+                theirs.display()
+            )));
+        };
         config.disk = Some(d.clone());
     }
     let out = match (&hello.recording, &opts.out) {
@@ -156,32 +226,52 @@ fn take(conn: &mut Conn, w: &mut Conn, opts: &ReceiveOptions) -> Result<Taken, M
         (None, _) => None,
     };
     let mut m = Machine::create(&config)?;
-    proto::write_frame(w, Kind::Welcome, &proto::json(&Welcome { host: super::hostname() }))?;
+    seal.write_frame(w, Kind::Welcome, &proto::json(&Welcome { host: super::hostname() }))?;
     w.flush().map_err(ProtoError::Io)?;
-    conn.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    let mut bytes = 12u64;
+    let mut bytes = 45u64;
     let npages = config.mem_size / PAGE;
     let zero = vec![0u8; PAGE as usize];
     let mut buf = Vec::new();
+    // Pages taken so far: more than max_rounds copies of memory is a peer
+    // that never converges (or never stops).
+    let mut pages_in = 0u64;
+    let max_pages = npages.saturating_mul(lim.max_rounds as u64 + 1);
     loop {
-        let kind = proto::read_frame_into(conn, &mut buf)?;
+        let left = lim.max_time.checked_sub(started.elapsed()).filter(|d| !d.is_zero()).ok_or_else(|| {
+            MigrateError::Refused(format!("the migration took longer than this receiver allows ({} s, --max-time)", lim.max_time.as_secs()))
+        })?;
+        conn.set_read_timeout(Some(left.min(Duration::from_secs(60)))).ok();
+        let kind = open.read_frame_into(conn, &mut buf)?;
         bytes += 9 + buf.len() as u64;
+        let mut count_pages = |n: usize| {
+            pages_in += n as u64;
+            if pages_in > max_pages {
+                return Err(MigrateError::Refused(format!(
+                    "the source sent more than {} rounds' worth of memory (--max-rounds)",
+                    lim.max_rounds
+                )));
+            }
+            Ok(())
+        };
         match kind {
             Kind::Pages => {
                 let (pages, data) = proto::decode_pages(&buf)?;
+                count_pages(pages.len())?;
                 for (p, d) in pages.iter().zip(data.chunks_exact(PAGE as usize)) {
                     if *p >= npages {
                         return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
                     }
-                    m.mem.write_slice(d, GuestAddress(p * PAGE)).map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                    m.write_pages(*p, d)?;
                 }
             }
             Kind::ZeroPages => {
-                for p in proto::decode_numbers(&buf)? {
+                let zeros = proto::decode_numbers(&buf)?;
+                count_pages(zeros.len())?;
+                for p in zeros {
                     if p >= npages {
                         return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
                     }
-                    m.mem.write_slice(&zero, GuestAddress(p * PAGE)).map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                    m.write_pages(p, &zero)?;
                 }
             }
             Kind::Disk => {
@@ -190,7 +280,7 @@ fn take(conn: &mut Conn, w: &mut Conn, opts: &ReceiveOptions) -> Result<Taken, M
                     return Err(ProtoError::Corrupt("disk data, but no disk is being copied".into()).into());
                 };
                 let size = hello.copy_disk.unwrap_or(0);
-                if first * 512 + data.len() as u64 > size {
+                if first.checked_mul(512).and_then(|o| o.checked_add(data.len() as u64)).is_none_or(|e| e > size) {
                     return Err(ProtoError::Corrupt("disk data beyond the end of the disk".into()).into());
                 }
                 d.seek(std::io::SeekFrom::Start(first * 512))
@@ -203,6 +293,9 @@ fn take(conn: &mut Conn, w: &mut Conn, opts: &ReceiveOptions) -> Result<Taken, M
                     return Err(ProtoError::Corrupt("recording files, but the VM is not being recorded".into()).into());
                 };
                 let path = out.join(safe_name(&name)?);
+                if offset.checked_add(data.len() as u64).is_none_or(|e| e > lim.max_disk) {
+                    return Err(ProtoError::Corrupt(format!("{name}: bytes beyond the {} MiB file limit (--max-disk)", mib(lim.max_disk))).into());
+                }
                 let io = |source| MigrateError::Io { what: format!("writing {}", path.display()), source };
                 let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io)?;
                 file.seek(std::io::SeekFrom::Start(offset)).and_then(|_| file.write_all(&data)).map_err(io)?;

@@ -144,7 +144,7 @@ impl Listener {
         let io = |source| MigrateError::Io { what: format!("listening on {addr}"), source };
         match addr.strip_prefix("unix:") {
             Some(p) => {
-                let _ = std::fs::remove_file(p);
+                claim_socket_path(std::path::Path::new(p))?;
                 Ok(Listener::Unix(UnixListener::bind(p).map_err(io)?, p.into()))
             }
             None => Ok(Listener::Tcp(TcpListener::bind(addr).map_err(io)?)),
@@ -174,7 +174,7 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Listener::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
+            release_socket_path(p);
         }
     }
 }
@@ -301,6 +301,64 @@ impl Host for Pausable<'_> {
     fn detach(&mut self) {
         *self.shared.kicker.lock().unwrap() = None;
         self.inner.detach()
+    }
+}
+
+/// Whether every address `addr` names is on this host (loopback or a
+/// Unix socket): only there may the channel run without a key.
+pub fn is_local(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    if addr.starts_with("unix:") {
+        return true;
+    }
+    match addr.to_socket_addrs() {
+        Ok(mut a) => {
+            let v: Vec<_> = a.by_ref().collect();
+            !v.is_empty() && v.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
+/// Refuses to listen on or connect to a non-loopback address without a
+/// key, unless the user said `--insecure`.
+pub fn check_reach(addr: &str, keyed: bool, insecure: bool, what: &str) -> Result<(), MigrateError> {
+    if keyed || insecure || is_local(addr) {
+        return Ok(());
+    }
+    Err(MigrateError::Refused(format!(
+        "refusing to {what} {addr} without a key: the guest's memory would cross the network unauthenticated and \
+         unencrypted; give both ends the same --key-file FILE (or --insecure on a network you trust completely)"
+    )))
+}
+
+/// Makes `path` free for a new Unix socket: nothing there, or a stale
+/// socket (no one accepts on it), which is removed. A live socket or any
+/// other kind of file is never touched.
+pub fn claim_socket_path(path: &std::path::Path) -> Result<(), MigrateError> {
+    use std::os::unix::fs::FileTypeExt;
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(MigrateError::Io { what: format!("socket path {}", path.display()), source }),
+    };
+    if !md.file_type().is_socket() {
+        return Err(MigrateError::Refused(format!(
+            "{} exists and is not a socket: refusing to replace it (choose another path)",
+            path.display()
+        )));
+    }
+    if UnixStream::connect(path).is_ok() {
+        return Err(MigrateError::Refused(format!("{} is in use by another running process", path.display())));
+    }
+    std::fs::remove_file(path).map_err(|source| MigrateError::Io { what: format!("removing stale socket {}", path.display()), source })
+}
+
+/// Removes our socket at `path` when done, if a socket is still there.
+pub fn release_socket_path(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
     }
 }
 

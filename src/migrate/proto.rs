@@ -1,20 +1,41 @@
-//! The migration wire protocol: a versioned handshake, then checksummed
-//! frames. Only this file knows the bytes (see docs/migration.md).
+//! The migration wire protocol: a versioned handshake, then frames. Only
+//! this file knows the bytes (see docs/migration.md, docs/security.md).
 //!
-//! Frame: kind (u8), payload length (u32 LE), CRC-32 of kind, length and
-//! payload (u32 LE), payload. A frame that fails its CRC, has an unknown
-//! kind or is larger than [`MAX_FRAME`] ends the migration with an error;
-//! the source then keeps running.
+//! Handshake, each way: magic, version (u32 LE), mode (u8: 0 plain, 1
+//! keyed), a fresh random 32-byte nonce.
+//!
+//! Keyed mode (both ends loaded the same `--key-file`): each direction has
+//! its own ChaCha20-Poly1305 key, HMAC-SHA256(file key, label, source
+//! nonce, destination nonce), so a key is never used in two sessions or two
+//! directions. Frame: kind (u8), length (u32 LE), ciphertext+tag; the AEAD
+//! nonce is the frame's counter in its direction, the kind and length are
+//! its associated data. A replayed, reordered, dropped or changed frame
+//! fails authentication. The first frame each way is `Auth`, holding the
+//! hash of both handshakes: the mutual challenge (each side proves it has
+//! the key *and* saw this session's nonces) and a guard against a
+//! downgraded handshake.
+//!
+//! Plain mode (loopback and Unix sockets, or `--insecure`): kind (u8),
+//! payload length (u32 LE), CRC-32 of kind, length and payload (u32 LE),
+//! payload: accidents are caught, attackers are not.
+//!
+//! A frame that fails its check, has an unknown kind or is larger than the
+//! reader's limit ends the migration with an error; the source then keeps
+//! running.
 
 use std::io::{Read, Write};
 
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 8] = b"RVMIGRAT";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 pub const PAGE: u64 = 4096;
-/// Larger frames are refused (a corrupt length must not allocate gigabytes).
+/// Larger frames are never sent; a reader's own limit may be lower (a
+/// corrupt or hostile length must not allocate gigabytes).
 pub const MAX_FRAME: u32 = 64 << 20;
+/// What the destination may send the source (small control frames).
+pub const MAX_REPLY_FRAME: u32 = 1 << 20;
+const TAG: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {
@@ -30,6 +51,10 @@ pub enum ProtoError {
     Unexpected { got: &'static str, want: &'static str },
     #[error("the other side aborted: {0}")]
     Aborted(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("the connection closed in the middle of a frame (truncated stream)")]
+    Truncated,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +80,8 @@ pub enum Kind {
     Commit = 9,
     /// Either way: give up, with a reason.
     Abort = 10,
+    /// Either way, first in keyed mode: the hash of both handshakes.
+    Auth = 11,
 }
 
 impl Kind {
@@ -70,6 +97,7 @@ impl Kind {
             8 => Kind::Ready,
             9 => Kind::Commit,
             10 => Kind::Abort,
+            11 => Kind::Auth,
             _ => return None,
         })
     }
@@ -86,6 +114,7 @@ impl Kind {
             Kind::Ready => "ready",
             Kind::Commit => "commit",
             Kind::Abort => "abort",
+            Kind::Auth => "auth",
         }
     }
 }
@@ -134,6 +163,7 @@ pub struct FinalState {
     pub recorder: Option<RecorderState>,
 }
 
+#[derive(Debug)]
 pub struct Frame {
     pub kind: Kind,
     pub payload: Vec<u8>,
@@ -147,27 +177,310 @@ fn crc(kind: u8, len: u32, payload: &[u8]) -> u32 {
     h.finalize()
 }
 
-pub fn write_handshake(w: &mut impl Write) -> Result<(), ProtoError> {
-    w.write_all(MAGIC)?;
-    w.write_all(&VERSION.to_le_bytes())?;
+/// A migration key, derived from the bytes of a `--key-file`.
+#[derive(Clone)]
+pub struct Psk([u8; 32]);
+
+impl std::fmt::Debug for Psk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Psk(..)")
+    }
+}
+
+/// Fewer secret bytes than this in a key file are refused.
+pub const MIN_KEY_BYTES: usize = 16;
+
+impl Psk {
+    /// Loads a key file: at least [`MIN_KEY_BYTES`] bytes, readable by its
+    /// owner only (e.g. `head -c 32 /dev/urandom > key; chmod 600 key`).
+    pub fn load(path: &std::path::Path) -> Result<Psk, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let md = std::fs::metadata(path).map_err(|e| format!("key file {}: {e}", path.display()))?;
+        if md.permissions().mode() & 0o077 != 0 {
+            return Err(format!(
+                "key file {} is readable by others (mode {:o}): chmod 600 it",
+                path.display(),
+                md.permissions().mode() & 0o777
+            ));
+        }
+        let b = std::fs::read(path).map_err(|e| format!("key file {}: {e}", path.display()))?;
+        if b.len() < MIN_KEY_BYTES {
+            return Err(format!("key file {} holds {} bytes; at least {MIN_KEY_BYTES} are needed", path.display(), b.len()));
+        }
+        Ok(Psk::from_secret(&b))
+    }
+
+    pub fn from_secret(b: &[u8]) -> Psk {
+        use sha2::Digest;
+        Psk(sha2::Sha256::new().chain_update(b"revirt-migrate-key-v2\0").chain_update(b).finalize().into())
+    }
+
+    /// For the control socket (owner-only) between `revirt migrate` and the VM.
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Psk> {
+        hex::decode(s).ok()?.try_into().ok().map(Psk)
+    }
+
+    fn derive(&self, label: &[u8], src: &[u8; 32], dst: &[u8; 32]) -> [u8; 32] {
+        use hmac::{KeyInit, Mac};
+        let mut m = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        m.update(label);
+        m.update(src);
+        m.update(dst);
+        m.finalize().into_bytes().into()
+    }
+}
+
+/// One side's handshake: what it sent or what the peer sent.
+#[derive(Debug, Clone)]
+pub struct Handshake {
+    pub keyed: bool,
+    pub nonce: [u8; 32],
+}
+
+const HANDSHAKE: usize = 8 + 4 + 1 + 32;
+
+impl Handshake {
+    pub fn new(keyed: bool) -> Handshake {
+        let mut nonce = [0u8; 32];
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            let _ = f.read_exact(&mut nonce);
+        }
+        Handshake { keyed, nonce }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&VERSION.to_le_bytes());
+        b.push(self.keyed as u8);
+        b.extend_from_slice(&self.nonce);
+        b
+    }
+}
+
+pub fn write_handshake(w: &mut impl Write, hs: &Handshake) -> Result<(), ProtoError> {
+    w.write_all(&hs.bytes())?;
+    w.flush()?;
     Ok(())
 }
 
-pub fn read_handshake(r: &mut impl Read) -> Result<(), ProtoError> {
-    let mut b = [0u8; 12];
-    r.read_exact(&mut b)?;
+pub fn read_handshake(r: &mut impl Read) -> Result<Handshake, ProtoError> {
+    let mut b = [0u8; HANDSHAKE];
+    r.read_exact(&mut b[..12])?;
     if &b[..8] != MAGIC {
         return Err(ProtoError::Magic);
     }
-    let theirs = u32::from_le_bytes(b[8..].try_into().unwrap());
+    let theirs = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
     if theirs != VERSION {
         return Err(ProtoError::Version { theirs });
+    }
+    r.read_exact(&mut b[12..])?;
+    let keyed = match b[12] {
+        0 => false,
+        1 => true,
+        m => return Err(ProtoError::Corrupt(format!("unknown handshake mode {m}"))),
+    };
+    Ok(Handshake { keyed, nonce: b[13..].try_into().expect("32 bytes") })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Source,
+    Destination,
+}
+
+/// Writes frames in one direction: sealed (keyed) or CRC-checked (plain).
+pub struct Sealer {
+    aead: Option<chacha20poly1305::ChaCha20Poly1305>,
+    counter: u64,
+    buf: Vec<u8>,
+}
+
+/// Reads frames in one direction, refusing any larger than `max_frame`.
+pub struct Opener {
+    aead: Option<chacha20poly1305::ChaCha20Poly1305>,
+    counter: u64,
+    pub max_frame: u32,
+}
+
+fn nonce(counter: u64) -> chacha20poly1305::Nonce {
+    let mut n = [0u8; 12];
+    n[..8].copy_from_slice(&counter.to_le_bytes());
+    chacha20poly1305::Nonce::from(n)
+}
+
+/// Sets up both directions after the handshakes were exchanged. Refuses a
+/// peer whose mode differs (one side has a key, the other none).
+pub fn channel(
+    psk: Option<&Psk>,
+    role: Role,
+    ours: &Handshake,
+    theirs: &Handshake,
+    max_frame: u32,
+) -> Result<(Sealer, Opener, [u8; 32]), ProtoError> {
+    use chacha20poly1305::KeyInit;
+    let peer = if role == Role::Source { "destination" } else { "source" };
+    match (psk.is_some(), theirs.keyed) {
+        (true, false) => {
+            return Err(ProtoError::Auth(format!("the {peer} has no key; this side has --key-file (give both the same key)")))
+        }
+        (false, true) => {
+            return Err(ProtoError::Auth(format!("the {peer} uses a key (--key-file); this side has none")))
+        }
+        _ => {}
+    }
+    let (src, dst) = match role {
+        Role::Source => (ours, theirs),
+        Role::Destination => (theirs, ours),
+    };
+    let transcript: [u8; 32] = {
+        use sha2::Digest;
+        sha2::Sha256::new().chain_update(src.bytes()).chain_update(dst.bytes()).finalize().into()
+    };
+    let Some(psk) = psk else {
+        return Ok((
+            Sealer { aead: None, counter: 0, buf: Vec::new() },
+            Opener { aead: None, counter: 0, max_frame },
+            transcript,
+        ));
+    };
+    let s2d = psk.derive(b"revirt-migrate-v2 source to destination", &src.nonce, &dst.nonce);
+    let d2s = psk.derive(b"revirt-migrate-v2 destination to source", &src.nonce, &dst.nonce);
+    let (tx, rx) = match role {
+        Role::Source => (s2d, d2s),
+        Role::Destination => (d2s, s2d),
+    };
+    let key = |k: [u8; 32]| chacha20poly1305::ChaCha20Poly1305::new(&chacha20poly1305::Key::from(k));
+    Ok((
+        Sealer { aead: Some(key(tx)), counter: 0, buf: Vec::new() },
+        Opener { aead: Some(key(rx)), counter: 0, max_frame },
+        transcript,
+    ))
+}
+
+impl Sealer {
+    pub fn keyed(&self) -> bool {
+        self.aead.is_some()
+    }
+
+    /// Writes one frame; returns the bytes put on the wire.
+    pub fn write_frame(&mut self, w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<u64, ProtoError> {
+        let Some(aead) = &self.aead else { return write_plain(w, kind, payload) };
+        use chacha20poly1305::AeadInOut;
+        let len = payload
+            .len()
+            .checked_add(TAG)
+            .and_then(|l| u32::try_from(l).ok())
+            .filter(|&l| l <= MAX_FRAME)
+            .ok_or_else(|| ProtoError::Corrupt(format!("refusing to send a {} byte frame", payload.len())))?;
+        let mut h = [0u8; 5];
+        h[0] = kind as u8;
+        h[1..5].copy_from_slice(&len.to_le_bytes());
+        self.buf.clear();
+        self.buf.extend_from_slice(payload);
+        let tag = aead
+            .encrypt_inout_detached(&nonce(self.counter), &h, self.buf.as_mut_slice().into())
+            .map_err(|_| ProtoError::Corrupt("encryption failed".into()))?;
+        self.counter += 1;
+        w.write_all(&h)?;
+        w.write_all(&self.buf)?;
+        w.write_all(tag.as_slice())?;
+        Ok(5 + len as u64)
+    }
+}
+
+/// Reads exactly `b.len()` bytes; a close part-way is a truncated stream.
+fn read_all(r: &mut impl Read, b: &mut [u8], started: bool) -> Result<(), ProtoError> {
+    match r.read_exact(b) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && started => Err(ProtoError::Truncated),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Opener {
+    pub fn read_frame(&mut self, r: &mut impl Read) -> Result<Frame, ProtoError> {
+        let mut payload = Vec::new();
+        let kind = self.read_frame_into(r, &mut payload)?;
+        Ok(Frame { kind, payload })
+    }
+
+    /// [`Opener::read_frame`] into a buffer the caller reuses (large frames
+    /// would otherwise fault in fresh pages every time).
+    pub fn read_frame_into(&mut self, r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, ProtoError> {
+        let Some(aead) = &self.aead else { return read_plain(r, payload, self.max_frame) };
+        use chacha20poly1305::AeadInOut;
+        let mut h = [0u8; 5];
+        read_all(r, &mut h[..1], false)?;
+        read_all(r, &mut h[1..], true)?;
+        let len = u32::from_le_bytes(h[1..5].try_into().expect("4 bytes"));
+        if len > self.max_frame {
+            return Err(ProtoError::Corrupt(format!("frame length {len} exceeds this side's limit of {} bytes", self.max_frame)));
+        }
+        if (len as usize) < TAG {
+            return Err(ProtoError::Corrupt(format!("frame length {len} is shorter than its tag")));
+        }
+        payload.clear();
+        payload.try_reserve_exact(len as usize).map_err(|_| ProtoError::Corrupt(format!("cannot allocate a {len} byte frame")))?;
+        payload.resize(len as usize, 0);
+        read_all(r, payload, true)?;
+        let n = len as usize - TAG;
+        let tag = chacha20poly1305::Tag::try_from(&payload[n..]).expect("16 bytes");
+        let first = self.counter == 0;
+        aead.decrypt_inout_detached(&nonce(self.counter), &h, payload[..n].as_mut().into(), &tag).map_err(|_| {
+            if first {
+                ProtoError::Auth("the first frame does not open with this key: the other side has a different --key-file".into())
+            } else {
+                ProtoError::Auth(format!(
+                    "frame {} fails authentication: tampered with, replayed, reordered or dropped in transit",
+                    self.counter
+                ))
+            }
+        })?;
+        self.counter += 1;
+        payload.truncate(n);
+        let kind = Kind::from_u8(h[0]).ok_or_else(|| ProtoError::Corrupt(format!("unknown frame kind {}", h[0])))?;
+        if kind == Kind::Abort {
+            return Err(ProtoError::Aborted(String::from_utf8_lossy(payload).into_owned()));
+        }
+        Ok(kind)
+    }
+
+    /// Reads a frame that must be of `want` kind.
+    pub fn expect(&mut self, r: &mut impl Read, want: Kind) -> Result<Vec<u8>, ProtoError> {
+        let f = self.read_frame(r)?;
+        if f.kind != want {
+            return Err(ProtoError::Unexpected { got: f.kind.name(), want: want.name() });
+        }
+        Ok(f.payload)
+    }
+}
+
+/// The mutual challenge, keyed mode only: send our proof of the session
+/// (the transcript hash, sealed under the session key).
+pub fn send_auth(s: &mut Sealer, w: &mut impl Write, transcript: &[u8; 32]) -> Result<(), ProtoError> {
+    if s.keyed() {
+        s.write_frame(w, Kind::Auth, transcript)?;
+        w.flush()?;
     }
     Ok(())
 }
 
-/// Writes one frame; returns the bytes put on the wire.
-pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<u64, ProtoError> {
+/// Checks the peer's proof (keyed mode only).
+pub fn check_auth(o: &mut Opener, r: &mut impl Read, transcript: &[u8; 32]) -> Result<(), ProtoError> {
+    if o.aead.is_some() {
+        let p = o.expect(r, Kind::Auth)?;
+        if p.as_slice() != transcript {
+            return Err(ProtoError::Auth("the other side saw a different handshake (tampered in transit)".into()));
+        }
+    }
+    Ok(())
+}
+
+fn write_plain(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<u64, ProtoError> {
     let len = u32::try_from(payload.len()).ok().filter(|&l| l <= MAX_FRAME).ok_or_else(|| {
         ProtoError::Corrupt(format!("refusing to send a {} byte frame", payload.len()))
     })?;
@@ -180,24 +493,19 @@ pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<u64
     Ok(9 + payload.len() as u64)
 }
 
-pub fn read_frame(r: &mut impl Read) -> Result<Frame, ProtoError> {
-    let mut payload = Vec::new();
-    let kind = read_frame_into(r, &mut payload)?;
-    Ok(Frame { kind, payload })
-}
-
-/// [`read_frame`] into a buffer the caller reuses (large frames would
-/// otherwise fault in fresh pages every time).
-pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind, ProtoError> {
+fn read_plain(r: &mut impl Read, payload: &mut Vec<u8>, max_frame: u32) -> Result<Kind, ProtoError> {
     let mut h = [0u8; 9];
-    r.read_exact(&mut h)?;
-    let len = u32::from_le_bytes(h[1..5].try_into().unwrap());
-    let want = u32::from_le_bytes(h[5..9].try_into().unwrap());
-    if len > MAX_FRAME {
-        return Err(ProtoError::Corrupt(format!("frame length {len} exceeds {MAX_FRAME}")));
+    read_all(r, &mut h[..1], false)?;
+    read_all(r, &mut h[1..], true)?;
+    let len = u32::from_le_bytes(h[1..5].try_into().expect("4 bytes"));
+    let want = u32::from_le_bytes(h[5..9].try_into().expect("4 bytes"));
+    if len > max_frame {
+        return Err(ProtoError::Corrupt(format!("frame length {len} exceeds this side's limit of {max_frame} bytes")));
     }
+    payload.clear();
+    payload.try_reserve_exact(len as usize).map_err(|_| ProtoError::Corrupt(format!("cannot allocate a {len} byte frame")))?;
     payload.resize(len as usize, 0);
-    r.read_exact(payload)?;
+    read_all(r, payload, true)?;
     if crc(h[0], len, payload) != want {
         return Err(ProtoError::Corrupt(format!("checksum mismatch in a {len} byte frame")));
     }
@@ -206,15 +514,6 @@ pub fn read_frame_into(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Kind,
         return Err(ProtoError::Aborted(String::from_utf8_lossy(payload).into_owned()));
     }
     Ok(kind)
-}
-
-/// Reads a frame that must be of `want` kind.
-pub fn expect(r: &mut impl Read, want: Kind) -> Result<Vec<u8>, ProtoError> {
-    let f = read_frame(r)?;
-    if f.kind != want {
-        return Err(ProtoError::Unexpected { got: f.kind.name(), want: want.name() });
-    }
-    Ok(f.payload)
 }
 
 pub fn json<T: Serialize>(v: &T) -> Vec<u8> {
@@ -271,10 +570,7 @@ pub fn unpack_ref(b: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, ProtoError> {
     match b[0] {
         0 if b.len() - 5 == raw => Ok(Cow::Borrowed(&b[5..])),
         FLAG_ZSTD => {
-            let v = zstd::bulk::decompress(&b[5..], raw).map_err(|e| ProtoError::Corrupt(format!("zstd: {e}")))?;
-            if v.len() != raw {
-                return Err(ProtoError::Corrupt("blob size mismatch".into()));
-            }
+            let v = crate::trace::decompress_exact(&b[5..], raw).map_err(|e| ProtoError::Corrupt(format!("zstd blob {e}")))?;
             Ok(Cow::Owned(v))
         }
         f => Err(ProtoError::Corrupt(format!("blob flags {f:#x} / size mismatch"))),
@@ -381,32 +677,124 @@ pub fn decode_file(b: &[u8]) -> Result<(String, u64, Vec<u8>), ProtoError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn frames_round_trip_and_corruption_is_caught() {
+    type End = (Sealer, Opener, [u8; 32]);
+
+    /// Both ends of a session, over in-memory buffers.
+    fn pair(src_key: Option<&Psk>, dst_key: Option<&Psk>) -> Result<(End, End), ProtoError> {
+        let (hs, hd) = (Handshake::new(src_key.is_some()), Handshake::new(dst_key.is_some()));
+        let (mut bs, mut bd) = (Vec::new(), Vec::new());
+        write_handshake(&mut bs, &hs)?;
+        write_handshake(&mut bd, &hd)?;
+        let seen_by_dst = read_handshake(&mut &bs[..])?;
+        let seen_by_src = read_handshake(&mut &bd[..])?;
+        let s = channel(src_key, Role::Source, &hs, &seen_by_src, MAX_FRAME)?;
+        let d = channel(dst_key, Role::Destination, &hd, &seen_by_dst, MAX_FRAME)?;
+        Ok((s, d))
+    }
+
+    fn sample_frames(seal: &mut Sealer) -> (Vec<u8>, Vec<usize>) {
         let mut buf = Vec::new();
-        write_handshake(&mut buf).unwrap();
+        let mut ends = Vec::new();
         let data: Vec<u8> = (0..2 * PAGE as usize).map(|i| (i % 7) as u8).collect();
-        write_frame(&mut buf, Kind::Pages, &encode_pages(&[5, 9], &data)).unwrap();
-        let mut r = &buf[..];
-        read_handshake(&mut r).unwrap();
-        let f = read_frame(&mut r).unwrap();
+        for k in 0..4u64 {
+            seal.write_frame(&mut buf, Kind::Pages, &encode_pages(&[5 + k, 9], &data)).unwrap();
+            ends.push(buf.len());
+        }
+        (buf, ends)
+    }
+
+    #[test]
+    fn plain_frames_round_trip_and_corruption_is_caught() {
+        let ((mut seal, _, _), (_, mut open, _)) = pair(None, None).unwrap();
+        let (buf, _) = sample_frames(&mut seal);
+        let f = open.read_frame(&mut &buf[..]).unwrap();
         assert_eq!(f.kind, Kind::Pages);
-        let (p, d) = decode_pages(&f.payload).unwrap();
-        assert_eq!((p, d.into_owned()), (vec![5, 9], data));
-        // Every single flipped byte after the handshake is detected.
-        for i in 12..buf.len() {
+        let (p, _) = decode_pages(&f.payload).unwrap();
+        assert_eq!(p, vec![5, 9]);
+        let first = buf.len() / 4;
+        for i in 0..first {
             let mut b = buf.clone();
             b[i] ^= 0x40;
-            let mut r = &b[12..];
-            assert!(read_frame(&mut r).is_err(), "flip at {i} undetected");
+            let ((_, _, _), (_, mut open, _)) = pair(None, None).unwrap();
+            assert!(open.read_frame(&mut &b[..]).is_err(), "flip at {i} undetected");
         }
+    }
+
+    #[test]
+    fn keyed_frames_refuse_tampering_replay_reordering_truncation_and_a_wrong_key() {
+        let k = Psk::from_secret(b"0123456789abcdef0123456789abcdef");
+        let ((mut seal, _, ts), (_, mut open, td)) = pair(Some(&k), Some(&k)).unwrap();
+        assert_eq!(ts, td, "both sides hash the same transcript");
+        let (buf, ends) = sample_frames(&mut seal);
+        // In order: every frame opens.
+        let mut r = &buf[..];
+        for _ in 0..4 {
+            assert_eq!(open.read_frame(&mut r).unwrap().kind, Kind::Pages);
+        }
+        let fresh = |b: &[u8]| {
+            let ((mut s2, _, _), (_, mut o2, _)) = pair(Some(&k), Some(&k)).unwrap();
+            let _ = sample_frames(&mut s2);
+            // A fresh session: a frame from another session does not open.
+            o2.read_frame(&mut &b[..]).map(|_| ())
+        };
+        assert!(matches!(fresh(&buf), Err(ProtoError::Auth(_))), "a frame replayed from another session opened");
+        let frame = |i: usize| &buf[if i == 0 { 0 } else { ends[i - 1] }..ends[i]];
+        let reader = || pair(Some(&k), Some(&k)).unwrap().1 .1;
+        // Our own session's frames, reordered or replayed: the counter catches it.
+        let ((mut seal, _, _), (_, mut open, _)) = pair(Some(&k), Some(&k)).unwrap();
+        let (buf, ends) = sample_frames(&mut seal);
+        let f = |i: usize| buf[if i == 0 { 0 } else { ends[i - 1] }..ends[i]].to_vec();
+        let replayed = [f(0), f(0)].concat();
+        let mut r = &replayed[..];
+        open.read_frame(&mut r).unwrap();
+        let e = open.read_frame(&mut r).unwrap_err().to_string();
+        assert!(e.contains("frame 1 fails authentication"), "{e}");
+        let ((mut seal, _, _), (_, mut open, _)) = pair(Some(&k), Some(&k)).unwrap();
+        let (buf, ends) = sample_frames(&mut seal);
+        let f = |i: usize| buf[if i == 0 { 0 } else { ends[i - 1] }..ends[i]].to_vec();
+        let reordered = [f(0), f(2), f(1)].concat();
+        let mut r = &reordered[..];
+        open.read_frame(&mut r).unwrap();
+        assert!(matches!(open.read_frame(&mut r), Err(ProtoError::Auth(_))));
+        // Cut mid-frame.
+        let cut = &frame(0)[..frame(0).len() / 2];
+        assert!(matches!(reader().read_frame(&mut &cut[..]), Err(ProtoError::Truncated)));
+        // A different key: the first frame does not open.
+        let other = Psk::from_secret(b"another key, also long enough!!!");
+        let ((mut seal, _, _), (_, mut open, _)) = pair(Some(&k), Some(&other)).unwrap();
+        let (buf, _) = sample_frames(&mut seal);
+        let e = open.read_frame(&mut &buf[..]).unwrap_err().to_string();
+        assert!(e.contains("different --key-file"), "{e}");
+        // One side without a key.
+        assert!(matches!(pair(Some(&k), None), Err(ProtoError::Auth(_))));
+        assert!(matches!(pair(None, Some(&k)), Err(ProtoError::Auth(_))));
+    }
+
+    #[test]
+    fn every_flipped_byte_of_a_keyed_frame_is_refused() {
+        let k = Psk::from_secret(b"0123456789abcdef");
+        let ((mut seal, _, _), _) = pair(Some(&k), Some(&k)).unwrap();
+        let mut buf = Vec::new();
+        seal.write_frame(&mut buf, Kind::File, &encode_file("events.log", 7, b"abcdef")).unwrap();
+        for i in 0..buf.len() {
+            let mut b = buf.clone();
+            b[i] ^= 0x01;
+            // Same keys, fresh counter: rebuild the reader from the same handshake.
+            let mut open = Opener { aead: seal_twin(&seal), counter: 0, max_frame: MAX_FRAME };
+            assert!(open.read_frame(&mut &b[..]).is_err(), "flip at {i} undetected");
+        }
+    }
+
+    /// A reader with the writer's key (unit tests only).
+    fn seal_twin(s: &Sealer) -> Option<chacha20poly1305::ChaCha20Poly1305> {
+        s.aead.clone()
     }
 
     #[test]
     fn handshake_rejects_other_versions_and_garbage() {
         let mut b = MAGIC.to_vec();
-        b.extend_from_slice(&2u32.to_le_bytes());
-        assert!(matches!(read_handshake(&mut &b[..]), Err(ProtoError::Version { theirs: 2 })));
+        b.extend_from_slice(&99u32.to_le_bytes());
+        assert!(matches!(read_handshake(&mut &b[..]), Err(ProtoError::Version { theirs: 99 })));
         assert!(matches!(read_handshake(&mut &b"GET / HTTP/1.1\r\n"[..]), Err(ProtoError::Magic)));
     }
 
@@ -415,11 +803,17 @@ mod tests {
         let mut h = vec![Kind::Pages as u8];
         h.extend_from_slice(&(MAX_FRAME + 1).to_le_bytes());
         h.extend_from_slice(&0u32.to_le_bytes());
-        assert!(matches!(read_frame(&mut &h[..]), Err(ProtoError::Corrupt(_))));
+        let mut open = Opener { aead: None, counter: 0, max_frame: MAX_FRAME };
+        assert!(matches!(open.read_frame(&mut &h[..]), Err(ProtoError::Corrupt(_))));
+        let mut small = Opener { aead: None, counter: 0, max_frame: 1024 };
         let mut buf = Vec::new();
-        write_frame(&mut buf, Kind::File, &encode_file("events.log", 7, b"abc")).unwrap();
+        write_plain(&mut buf, Kind::File, &vec![0u8; 2000]).unwrap();
+        let e = small.read_frame(&mut &buf[..]).unwrap_err().to_string();
+        assert!(e.contains("exceeds this side's limit"), "{e}");
+        let mut buf = Vec::new();
+        write_plain(&mut buf, Kind::File, &encode_file("events.log", 7, b"abc")).unwrap();
         buf.truncate(buf.len() - 1);
-        assert!(read_frame(&mut &buf[..]).is_err());
+        assert!(matches!(open.read_frame(&mut &buf[..]), Err(ProtoError::Truncated)));
         assert!(decode_pages(&[255, 255, 255, 255]).is_err());
         assert!(decode_file(&[3, 0, b'a']).is_err());
     }
@@ -428,7 +822,9 @@ mod tests {
         /// Whatever arrives, decoding is an answer or an error, never a panic.
         #[test]
         fn decoders_never_panic(b in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
-            let _ = read_frame(&mut &b[..]);
+            let _ = Opener { aead: None, counter: 0, max_frame: MAX_FRAME }.read_frame(&mut &b[..]);
+            let k = Psk::from_secret(b"0123456789abcdef");
+            let _ = Opener { aead: Some(chacha20poly1305::KeyInit::new(&chacha20poly1305::Key::from(k.0))), counter: 0, max_frame: MAX_FRAME }.read_frame(&mut &b[..]);
             let _ = read_handshake(&mut &b[..]);
             let _ = decode_pages(&b);
             let _ = decode_numbers(&b);

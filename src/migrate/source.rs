@@ -45,6 +45,14 @@ pub struct MigrateRequest {
     /// Throttle a guest that dirties memory faster than the link carries it.
     pub auto_converge: bool,
     pub compress: Compress,
+    /// The migration key (`revirt migrate --key-file`), derived, hex. The
+    /// control socket it travels on is owner-only.
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Allow a plain (unauthenticated, unencrypted) channel to a
+    /// non-loopback address.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 /// One line the control socket sends back to `revirt migrate`.
@@ -96,7 +104,7 @@ pub struct Controller {
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        super::release_socket_path(&self.path);
     }
 }
 
@@ -116,13 +124,8 @@ fn reply(client: &Mutex<Option<UnixStream>>, r: &Reply) {
 impl Controller {
     /// Listens on a Unix socket at `path` for `revirt migrate` requests.
     pub fn listen(path: &Path) -> Result<Arc<Controller>, MigrateError> {
-        if path.exists() {
-            // A stale socket from a VM that is gone: connecting tells.
-            if UnixStream::connect(path).is_ok() {
-                return Err(MigrateError::Refused(format!("{} is in use by another running VM", path.display())));
-            }
-            let _ = std::fs::remove_file(path);
-        }
+        // Only a stale socket from a VM that is gone is ever replaced.
+        super::claim_socket_path(path)?;
         let l = UnixListener::bind(path)
             .map_err(|source| MigrateError::Io { what: format!("control socket {}", path.display()), source })?;
         // Whoever can connect can send the VM anywhere: owner only.
@@ -338,6 +341,7 @@ impl Controller {
 /// cap and the compression choice.
 struct Tx {
     w: BufWriter<Conn>,
+    seal: proto::Sealer,
     bytes: u64,
     pages: u64,
     cap: Option<u64>,
@@ -363,7 +367,7 @@ impl Tx {
 
     fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrateError> {
         let t = Instant::now();
-        let n = proto::write_frame(&mut self.w, kind, payload)?;
+        let n = self.seal.write_frame(&mut self.w, kind, payload)?;
         self.bytes += n;
         if let Some(cap) = self.cap {
             let due = self.t0 + Duration::from_secs_f64(self.bytes as f64 / cap as f64);
@@ -617,10 +621,23 @@ fn peer_reason(rx: &Receiver<Result<proto::Frame, ProtoError>>, e: MigrateError)
 /// Connects, announces the VM, and copies memory round after round while
 /// the guest runs; returns once it asked the vCPU thread to stop.
 fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Instant) -> Result<Handoff, MigrateError> {
-    let conn = Conn::connect(&req.to)?;
+    let psk = match &req.key {
+        Some(k) => Some(proto::Psk::from_hex(k).ok_or_else(|| MigrateError::Refused("the request's key is not valid".into()))?),
+        None => None,
+    };
+    super::check_reach(&req.to, psk.is_some(), req.insecure, "connect to")?;
+    let mut conn = Conn::connect(&req.to)?;
     let mut reader = conn.try_clone().map_err(|e| MigrateError::Io { what: "socket".into(), source: e })?;
+    // Handshakes first: the channel's keys depend on both nonces.
+    let ours = proto::Handshake::new(psk.is_some());
+    proto::write_handshake(&mut conn, &ours)?;
+    reader.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let theirs = proto::read_handshake(&mut reader)?;
+    let (seal, mut open, transcript) =
+        proto::channel(psk.as_ref(), proto::Role::Source, &ours, &theirs, proto::MAX_REPLY_FRAME)?;
     let mut tx = Tx {
         w: BufWriter::with_capacity(1 << 20, conn),
+        seal,
         bytes: 0,
         pages: 0,
         cap: req.bandwidth,
@@ -633,7 +650,7 @@ fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Inst
         data: Vec::with_capacity(BATCH * PAGE as usize),
         payload: Vec::with_capacity(BATCH * (PAGE as usize + 8) + 64),
     };
-    proto::write_handshake(&mut tx.w)?;
+    proto::send_auth(&mut tx.seal, &mut tx.w, &transcript)?;
     let disk_size = match (&vm.config.disk, req.copy_disk) {
         (Some(d), true) => Some(
             std::fs::metadata(d).map_err(|source| MigrateError::Io { what: format!("disk {}", d.display()), source })?.len(),
@@ -649,9 +666,8 @@ fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Inst
     };
     tx.send(Kind::Hello, &proto::json(&hello))?;
     tx.flush()?;
-    reader.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    proto::read_handshake(&mut reader)?;
-    let welcome: Welcome = proto::from_json(&proto::expect(&mut reader, Kind::Welcome)?, "welcome")?;
+    proto::check_auth(&mut open, &mut reader, &transcript)?;
+    let welcome: Welcome = proto::from_json(&open.expect(&mut reader, Kind::Welcome)?, "welcome")?;
     reader.set_read_timeout(None).ok();
     ctl.progress(format!("connected to {} ({}); copying {} MiB of memory", req.to, welcome.host, vm.config.mem_size >> 20));
 
@@ -660,7 +676,7 @@ fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Inst
     std::thread::Builder::new()
         .name("revirt-migrate-rx".into())
         .spawn(move || loop {
-            let f = proto::read_frame(&mut reader);
+            let f = open.read_frame(&mut reader);
             let end = f.is_err();
             if ftx.send(f).is_err() || end {
                 return;

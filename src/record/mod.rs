@@ -7,11 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use vm_memory::{Bytes, GuestAddress};
 
+mod ckpt;
+use ckpt::CheckpointWriter;
 use crate::clock::{fingerprint, ClockKind, ExecPoint};
-use crate::trace::checkpoint::{runs, CheckpointHeader, PAGE};
-use crate::trace::{self, Checkpoint, EndReason, Event, FileInfo, HostInfo, LogWriter, Meta};
+use crate::trace::{self, EndReason, Event, FileInfo, HostInfo, LogWriter, Meta};
 use crate::vmm::{
     Async, Console, Control, Host, HostError, Image, LiveHost, Machine, MachineError, PollCtx, Stop,
     VmConfig,
@@ -35,6 +35,8 @@ pub enum RecordError {
     Log(#[from] trace::LogError),
     #[error(transparent)]
     Checkpoint(#[from] trace::CheckpointError),
+    #[error("writing a checkpoint: {0}")]
+    CheckpointWriter(String),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> RecordError + 'a {
@@ -52,6 +54,14 @@ pub struct RecordOptions {
     pub parent: Option<trace::meta::Parent>,
     /// A control socket through which `revirt migrate` may move the VM.
     pub control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    /// The counter `--clock pmu` uses (None: the hardware PMU's).
+    pub pmu_counter: Option<crate::clock::counter::CounterOpener>,
+}
+
+impl RecordOptions {
+    fn pmu_opener(&self) -> crate::clock::counter::CounterOpener {
+        self.pmu_counter.clone().unwrap_or_else(crate::clock::counter::hardware_opener)
+    }
 }
 
 #[derive(Debug)]
@@ -68,6 +78,9 @@ pub struct RecordSummary {
     pub max_irq_delay: Duration,
     /// Empty when the VM migrated away (the recording goes on at the destination).
     pub state_hash: String,
+    /// The guest's pause for each incremental checkpoint (median, max) and
+    /// the median pages copied, when there were any.
+    pub checkpoint_pauses: Option<(Duration, Duration, u64)>,
     /// The VM moved to another host mid-recording; this end holds the
     /// recording up to the move and no End event.
     pub migrated: Option<crate::migrate::Summary>,
@@ -259,55 +272,16 @@ impl Host for RecordHost {
     }
 }
 
-/// Writes checkpoint `id` of the running machine: everything dirtied since
-/// the previous one (or, for id 0, all of memory).
-fn write_checkpoint(
-    dir: &Path,
-    m: &mut Machine,
-    id: u32,
-    next_event: u64,
-    output_len: u64,
-    clock_ns: u64,
-) -> Result<u64, RecordError> {
-    let (pages, sectors) = m.take_dirty()?;
-    let pages = if id == 0 { vec![(0, m.config.mem_size / PAGE)] } else { runs(pages) };
-    let sectors = if id == 0 { vec![] } else { runs(sectors) };
-    let mut data = Vec::new();
-    for &(first, count) in &pages {
-        let start = data.len();
-        data.resize(start + (count * PAGE) as usize, 0);
-        m.mem
-            .read_slice(&mut data[start..], GuestAddress(first * PAGE))
-            .map_err(|e| MachineError::Memory(e.to_string()))?;
-    }
-    for &(first, count) in &sectors {
-        let bytes = m
-            .devices
-            .block
-            .read_sectors(first, count)
-            .map_err(|e| MachineError::State(format!("reading the disk for a checkpoint: {e}")))?;
-        data.extend_from_slice(&bytes);
-    }
-    let machine = m.save_state(clock_ns)?;
-    let ck = Checkpoint {
-        header: CheckpointHeader { id, exits: m.exits, next_event, output_len, machine, pages, sectors },
-        data,
-    };
-    Ok(ck.write(&trace::checkpoint_path(dir, id))?)
-}
-
 /// Creates the recording directory and writes everything known before the
 /// guest runs: meta.json, the image copy, the disk copy (from `disk_now`,
 /// the disk's current contents, which may differ from `opts.config.disk`'s
 /// original when continuing from a replay).
 fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) -> Result<Meta, RecordError> {
     if opts.clock == ClockKind::Pmu {
-        // The real counter (clock::counter::RealCounter) needs a PMU; say why
-        // there is none before anything is written. The session opens its
-        // own on the thread that runs the guest.
-        if let Err(e) = crate::clock::counter::RealCounter::open() {
-            return Err(RecordError::NoPmu(e.to_string()));
-        }
+        // The counter must open and count the start-up probe guest exactly
+        // (clock::probe); say why not before anything is written. The
+        // session opens its own on the thread that runs the guest.
+        crate::clock::probe::check(&opts.pmu_opener()).map_err(|e| RecordError::NoPmu(e.to_string()))?;
     }
     let dir = &opts.out;
     if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
@@ -344,6 +318,9 @@ fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) ->
         parent: opts.parent.clone(),
     };
     meta.write(&dir.join(trace::META))?;
+    // An empty log right away: a recorder killed before its first event
+    // leaves a recording that says it is empty, not one without a log.
+    std::fs::write(dir.join(trace::EVENTS), trace::log::FILE_MAGIC).map_err(io("writing", dir))?;
     Ok(meta)
 }
 
@@ -389,14 +366,16 @@ fn session(
         dir: dir.clone(),
         host: RecordHost::new(LiveHost::new(input, console, clock_ns), log, opts.clock, console_file, opts.checkpoint_every),
         checkpoints: 0,
-        checkpoint_bytes: 0,
+        ckpt: CheckpointWriter::start()?,
         start: Instant::now(),
         control: opts.control.clone(),
+        pmu_counter: opts.pmu_opener(),
     };
     let regs = m.vcpu.regs().map_err(MachineError::from)?;
     s.host.log(Event::Checkpoint { id: 0, exits: m.exits, fp: fingerprint(&regs) });
-    s.checkpoint_bytes = write_checkpoint(dir, &mut m, 0, s.host.events, 0, clock_ns)?;
+    s.ckpt.take(dir, &mut m, 0, s.host.events, 0, clock_ns)?;
     s.checkpoints = 1;
+    s.bind_checkpoints(m.exits);
     s.run(m)
 }
 
@@ -426,11 +405,15 @@ impl RecordHost {
 
 /// The PMU clocks: the run loop drives a branch counter (reset at every
 /// exit, read at every stop where the host delivers).
-fn install_counter(m: &mut Machine, clock: ClockKind) -> Result<(), RecordError> {
+fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::counter::CounterOpener) -> Result<(), RecordError> {
     match clock {
         ClockKind::Pmu => {
-            let c = crate::clock::counter::RealCounter::open().map_err(|e| RecordError::NoPmu(e.to_string()))?;
-            m.set_counter(Some(Box::new(c)))?;
+            // The very counter that will time this recording, on this
+            // (vCPU) thread, passes the start-up probe first (also where
+            // no `prepare` ran: a migration's destination).
+            let mut c = opener().map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            crate::clock::probe::verify(&mut *c).map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            m.set_counter(Some(c))?;
         }
         ClockKind::PmuSim => {
             let seed = std::time::SystemTime::now()
@@ -450,9 +433,11 @@ pub struct Session {
     dir: PathBuf,
     host: RecordHost,
     checkpoints: u32,
-    checkpoint_bytes: u64,
+    ckpt: CheckpointWriter,
     start: Instant,
     control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    /// The counter `--clock pmu` uses.
+    pmu_counter: crate::clock::counter::CounterOpener,
 }
 
 impl Session {
@@ -490,10 +475,21 @@ impl Session {
             dir: dir.to_path_buf(),
             host,
             checkpoints: rs.checkpoints,
-            checkpoint_bytes: 0,
+            ckpt: CheckpointWriter::start()?,
             start: Instant::now(),
             control,
+            pmu_counter: crate::clock::counter::hardware_opener(),
         })
+    }
+
+    /// Binds the checkpoint files that have landed since the last call into
+    /// the log's hash chain (`CheckpointFile`, logged at exit `exits`: the
+    /// file is written by another thread, so this comes after its
+    /// `Checkpoint` event, at the latest before `End`).
+    fn bind_checkpoints(&mut self, exits: u64) {
+        for (id, sha256) in std::mem::take(&mut self.ckpt.landed) {
+            self.host.log(Event::CheckpointFile { id, exits, sha256 });
+        }
     }
 
     /// Input that arrived before the move, handed to the guest first.
@@ -503,7 +499,7 @@ impl Session {
 
     /// Records until the guest stops, or until it migrates away.
     pub fn run(mut self, mut m: Machine) -> Result<RecordSummary, RecordError> {
-        install_counter(&mut m, self.host.clock)?;
+        install_counter(&mut m, self.host.clock, &self.pmu_counter)?;
         let dir = self.dir.clone();
         let console_path = dir.join(trace::CONSOLE);
         if let Some(c) = &self.control {
@@ -523,6 +519,8 @@ impl Session {
             match r {
                 Ok(Stop::Paused) if self.control.as_ref().is_some_and(|c| c.shared.stop_requested()) => {
                     let c = self.control.clone().expect("checked");
+                    self.ckpt.wait()?;
+                    self.bind_checkpoints(m.exits);
                     self.host.console.flush().map_err(io("writing", &console_path))?;
                     let head = self.host.log.head()?;
                     let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
@@ -547,11 +545,11 @@ impl Session {
                     self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
                     let now = self.host.inner.now_ns();
                     self.host.console.flush().map_err(io("writing", &console_path))?;
-                    self.checkpoint_bytes +=
-                        write_checkpoint(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
+                    self.ckpt.take(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
+                    self.bind_checkpoints(m.exits);
                     self.checkpoints += 1;
                     self.host.last_checkpoint = Instant::now();
-                    self.host.log.flush()?;
+                    self.host.log.cut();
                 }
                 Ok(Stop::PowerOff(s)) => break EndReason::PowerOff(s),
                 Ok(Stop::Panic(p)) => {
@@ -560,6 +558,7 @@ impl Session {
                 }
                 Err(e) => {
                     // Keep what was recorded; the log ends without End and says so.
+                    let _ = self.ckpt.finish();
                     let RecordHost { log, .. } = self.host;
                     let _ = log.finish();
                     return Err(e.into());
@@ -574,6 +573,9 @@ impl Session {
             });
         }
         let state_hash = if migrated.is_some() { String::new() } else { m.state_hash()? };
+        // Every checkpoint file on disk and bound into the chain before End.
+        let checkpoint_bytes = self.ckpt.finish()?;
+        self.bind_checkpoints(m.exits);
         self.host.console.flush().map_err(io("writing", &console_path))?;
         let output_sha256 = hex::encode(self.host.output.clone().finalize());
         let (mut events, output_len, max_irq_delay) = (self.host.events, self.host.output_len, self.host.max_irq_delay);
@@ -581,6 +583,13 @@ impl Session {
             events += 1;
             self.host.log(Event::End { exits: m.exits, reason: end.clone(), state_hash: state_hash.clone(), output_len, output_sha256 });
         }
+        let checkpoint_pauses = {
+            let p = &mut self.ckpt.pauses;
+            let mut pages: Vec<u64> = p.iter().map(|x| x.1).collect();
+            p.sort();
+            pages.sort_unstable();
+            p.last().map(|max| (p[p.len() / 2].0, max.0, pages[pages.len() / 2]))
+        };
         let RecordHost { log, .. } = self.host;
         let stats = log.finish()?;
         Ok(RecordSummary {
@@ -590,7 +599,8 @@ impl Session {
             events,
             log_bytes: stats.compressed_bytes,
             checkpoints: self.checkpoints,
-            checkpoint_bytes: self.checkpoint_bytes,
+            checkpoint_bytes,
+            checkpoint_pauses,
             wall: self.start.elapsed(),
             max_irq_delay,
             state_hash,

@@ -2,6 +2,7 @@
 //! non-deterministic input from the log at the recorded point, and check
 //! that the guest arrives where the recording says it did.
 
+pub mod provenance;
 pub mod search;
 pub mod timeline;
 
@@ -34,6 +35,8 @@ pub enum ReplayError {
     Image(#[from] crate::vmm::image::ImageError),
     #[error(transparent)]
     Machine(#[from] crate::vmm::MachineError),
+    #[error("recording {dir} is damaged, so nothing in it is trusted (give --force to work on damaged evidence anyway):\n  {}", problems.join("\n  "))]
+    Integrity { dir: String, problems: Vec<String> },
     #[error("clock 'pmu' unavailable for replay: {0}. Use --clock pmu-sim (the same landing over the simulated counter) or step")]
     NoPmu(String),
 }
@@ -49,9 +52,44 @@ pub struct Recording {
     pub console: Vec<u8>,
     /// (checkpoint id, exits, index of its Checkpoint event), in order.
     pub checkpoints: Vec<(u32, u64, usize)>,
+    /// What [`Recording::open_checked`] checked (one line), if it did.
+    pub integrity: Option<String>,
 }
 
 impl Recording {
+    /// The one place readers (replay, gdb, inspect, live) open a recording:
+    /// every file it uses or vouches for is checked first ([`trace::verify`]:
+    /// the image and disk copies against meta.json, the log's hash chain,
+    /// each checkpoint against the SHA-256 the chain holds, the console
+    /// against the End event). Damage is an error unless `force`; a log
+    /// that is merely cut short is not damage. Without `force` only
+    /// checkpoints bound into the chain are used.
+    pub fn open_checked(dir: &Path, force: bool) -> Result<Recording, ReplayError> {
+        if !dir.join(trace::META).exists() {
+            return Err(ReplayError::NotARecording(dir.display().to_string()));
+        }
+        let report = trace::verify::verify(dir);
+        if report.damaged() && !force {
+            return Err(ReplayError::Integrity {
+                dir: dir.display().to_string(),
+                problems: report.problems().iter().map(|s| s.to_string()).collect(),
+            });
+        }
+        let mut rec = Recording::open(dir)?;
+        if !force {
+            let bound = trace::verify::bound_checkpoints(&rec.events);
+            rec.checkpoints.retain(|c| bound.contains_key(&c.0));
+        }
+        let mut line = report.summary.clone();
+        if report.damaged() {
+            line += &format!("; --force: going on despite {}", report.problems().join("; "));
+        }
+        rec.integrity = Some(line);
+        Ok(rec)
+    }
+
+    /// Opens without the integrity check (library use; the CLI readers use
+    /// [`Recording::open_checked`]).
     pub fn open(dir: &Path) -> Result<Recording, ReplayError> {
         let meta_path = dir.join(trace::META);
         if !meta_path.exists() {
@@ -78,6 +116,7 @@ impl Recording {
             chunks: log.chunks,
             console,
             checkpoints,
+            integrity: None,
         })
     }
 
@@ -219,13 +258,14 @@ impl ReplayHost {
         if self.rec.is_complete() {
             HostError::Divergence(format!("{what}, but {}", self.next_desc()))
         } else {
-            HostError::EndOfRecording(format!("{what}, and the recording was cut short before that (event #{})", self.next))
+            let why = if self.rec.status.is_damaged() { "the event log is damaged from there on" } else { "the recording was cut short before that" };
+            HostError::EndOfRecording(format!("{what}, and {why} (event #{})", self.next))
         }
     }
 
     /// Skips bookkeeping events (marks, checkpoints) at or before `exits`.
     fn skip_marks(&mut self, exits: u64) {
-        while let Some(e @ (Event::Mark { .. } | Event::Checkpoint { .. } | Event::Migrated { .. })) = self.rec.events.get(self.next) {
+        while let Some(e) = self.rec.events.get(self.next).filter(|e| e.is_mark()) {
             if e.exits() > exits {
                 break;
             }

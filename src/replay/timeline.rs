@@ -10,7 +10,7 @@ use super::search::Scan;
 use super::{Recording, ReplayError, ReplayHost, Sink, StopAt};
 use crate::clock::ExecPoint;
 use crate::trace::{self, Checkpoint, EndReason, Event};
-use crate::trace::checkpoint::{PAGE, SECTOR};
+use crate::trace::checkpoint::SECTOR;
 use crate::vmm::{HostError, Machine, MachineError, Stop};
 
 /// How a replay run ended.
@@ -88,59 +88,27 @@ impl Timeline {
             }
             None => None,
         };
-        // Read every checkpoint up to `id` (0 holds all memory, the rest
-        // deltas), then write pages straight into the new guest's RAM:
-        // fresh RAM is zero, so all-zero pages of checkpoint 0 are skipped,
-        // and no full staging copy of memory is made (it dominated seeks).
-        let mut cks = Vec::with_capacity(id as usize + 1);
-        for k in 0..=id {
-            let ck = Checkpoint::read(&trace::checkpoint_path(&dir, k))?;
-            if ck.header.id != k {
-                return Err(ReplayError::Damaged(dir.display().to_string(), format!("checkpoint file {k} says it is {}", ck.header.id)));
-            }
-            cks.push(ck);
-        }
-        let mem_size = cks[0].header.machine.config.mem_size;
-        for (k, ck) in cks.iter().enumerate() {
-            let mut at = 0usize;
-            for &(first, count) in &ck.header.pages {
-                if (first + count) * PAGE > mem_size {
-                    return Err(ReplayError::Damaged(dir.display().to_string(), format!("checkpoint {k} has pages beyond guest memory")));
-                }
-                at += (count * PAGE) as usize;
-            }
-            for &(first, count) in &ck.header.sectors {
-                let len = (count * SECTOR) as usize;
-                if let Some(d) = &disk {
+        // Checkpoints 0..=id straight into the new guest's RAM and the disk copy.
+        let mut config = rec.meta.config.clone();
+        config.disk = disk.as_ref().map(|d| d.path().to_path_buf());
+        let mut machine = Machine::create(&config)?;
+        let mut header = trace::checkpoint::rebuild(
+            &dir,
+            0,
+            id,
+            |frame, bytes| machine.write_pages(frame, bytes).map_err(|e| e.to_string()),
+            |first, bytes| match &disk {
+                Some(d) => {
                     use std::os::unix::fs::FileExt;
-                    d.as_file().write_all_at(&ck.data[at..at + len], first * SECTOR).map_err(|source| {
-                        ReplayError::Io { what: "writing", path: d.path().display().to_string(), source }
-                    })?;
+                    d.as_file().write_all_at(bytes, first * SECTOR).map_err(|e| format!("writing {}: {e}", d.path().display()))
                 }
-                at += len;
-            }
-        }
-        let mut last = cks.pop().expect("at least checkpoint 0");
-        last.header.machine.config.disk = disk.as_ref().map(|d| d.path().to_path_buf());
-        let machine = Machine::restore_with(&last.header.machine, |mem| {
-            use vm_memory::{Bytes, GuestAddress};
-            for (k, ck) in cks.iter().chain(std::iter::once(&last)).enumerate() {
-                let mut at = 0usize;
-                for &(first, count) in &ck.header.pages {
-                    for p in 0..count {
-                        let page = &ck.data[at..at + PAGE as usize];
-                        at += PAGE as usize;
-                        if k == 0 && page.iter().all(|&b| b == 0) {
-                            continue;
-                        }
-                        mem.write_slice(page, GuestAddress((first + p) * PAGE))
-                            .map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
-                    }
-                }
-            }
-            Ok(())
-        })?;
-        let ck = last;
+                None => Ok(()),
+            },
+        )?;
+        header.machine.config.disk = config.disk.clone();
+        machine.config = header.machine.config.clone();
+        machine.load_state(&header.machine)?;
+        let ck = Checkpoint { header, data: Vec::new() };
         let mut host = ReplayHost::new(rec.clone(), ck.header.next_event as usize, ck.header.output_len, sink);
         host.set_clock(ck.header.machine.clock_ns);
         Ok(Timeline { rec, machine, host, landing: None, _disk: disk })
@@ -327,8 +295,9 @@ impl Timeline {
                     Ok(Outcome::Reached)
                 } else {
                     Ok(Outcome::EndOfRecording(format!(
-                        "replayed up to exit {}, the last point the cut-short recording vouches for",
-                        self.machine.exits
+                        "replayed up to exit {}, the last point the {} recording vouches for",
+                        self.machine.exits,
+                        if self.rec.status.is_damaged() { "damaged" } else { "cut-short" }
                     )))
                 }
             }
@@ -344,6 +313,7 @@ impl Timeline {
         let state_hash = self.machine.state_hash()?;
         let mut problems = Vec::new();
         match self.rec.end() {
+            None if self.rec.status.is_damaged() => problems.push("the recording has no end record to compare with (its log is damaged)".into()),
             None => problems.push("the recording has no end record to compare with (it was cut short)".into()),
             Some(Event::End { exits, reason, state_hash: want, output_len, output_sha256 }) => {
                 let got_reason = match &stop {

@@ -47,6 +47,23 @@ pub struct Checkpoint {
     pub data: Vec<u8>,
 }
 
+/// What [`Checkpoint::write`] put on disk: its size and SHA-256 (hex), which
+/// the recorder logs as [`crate::trace::Event::CheckpointFile`] so the file
+/// is bound into the log's hash chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Largest header a reader accepts (a header lists page and sector runs;
+/// 64 MiB of JSON is far beyond any real one).
+pub const MAX_HEADER: u64 = 64 << 20;
+/// Largest decompressed data a reader accepts: all of the largest guest
+/// memory (`vmm::layout::MAX_MEM`) plus as many bytes of changed disk
+/// sectors. Page runs must also lie inside the checkpoint's memory size.
+pub const MAX_DATA: u64 = 2 * crate::vmm::layout::MAX_MEM;
+
 /// Turns a sorted list of numbers into (start, count) runs.
 pub fn runs(sorted: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -60,54 +77,156 @@ pub fn runs(sorted: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
 }
 
 impl Checkpoint {
-    pub fn write(&self, path: &Path) -> Result<u64, CheckpointError> {
+    pub fn write(&self, path: &Path) -> Result<Written, CheckpointError> {
         let p = path.display().to_string();
         let io = |source| CheckpointError::Io { path: p.clone(), source };
         let header = serde_json::to_vec(&self.header).expect("checkpoint header serializes");
-        let data = zstd::bulk::compress(&self.data, 1).map_err(io)?;
-        let mut buf = Vec::with_capacity(header.len() + data.len() + 32);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&header);
-        buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&data);
-        let crc = crc32fast::hash(&buf);
-        buf.extend_from_slice(&crc.to_le_bytes());
+        let buf = encode(&header, &self.data).map_err(io)?;
         let tmp = path.with_extension("partial");
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(&buf).map_err(io)?;
         drop(f);
         std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(buf.len() as u64)
+        Ok(Written { bytes: buf.len() as u64, sha256: super::sha256_hex(&buf) })
     }
 
     pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
         let p = path.display().to_string();
-        let bad = |msg: &str| CheckpointError::Bad { path: p.clone(), msg: msg.to_string() };
         let b = std::fs::read(path).map_err(|source| CheckpointError::Io { path: p.clone(), source })?;
+        Self::parse(&b, None).map_err(|msg| CheckpointError::Bad { path: p, msg })
+    }
+
+    /// Reads a checkpoint and checks it against the SHA-256 the log holds
+    /// for it (see [`crate::trace::Event::CheckpointFile`]).
+    pub fn read_bound(path: &Path, sha256: &str) -> Result<Checkpoint, CheckpointError> {
+        let p = path.display().to_string();
+        let b = std::fs::read(path).map_err(|source| CheckpointError::Io { path: p.clone(), source })?;
+        Self::parse(&b, Some(sha256)).map_err(|msg| CheckpointError::Bad { path: p, msg })
+    }
+
+    /// Decodes a checkpoint file's bytes. Every length is checked against
+    /// the file size or a documented limit before anything is allocated.
+    pub fn parse(b: &[u8], sha256: Option<&str>) -> Result<Checkpoint, String> {
         if b.len() < 8 + 8 + 8 + 4 || &b[..8] != MAGIC {
-            return Err(bad("not a revirt checkpoint (bad magic or too short)"));
+            return Err("not a revirt checkpoint (bad magic or too short)".into());
         }
         let (body, crc) = b.split_at(b.len() - 4);
-        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().unwrap()) {
-            return Err(bad("damaged (checksum mismatch)"));
+        if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err("damaged (checksum mismatch)".into());
         }
-        let hlen = u64::from_le_bytes(body[8..16].try_into().unwrap()) as usize;
-        let hend = 16usize.checked_add(hlen).filter(|&e| e + 8 <= body.len()).ok_or_else(|| bad("header length out of range"))?;
-        let header: CheckpointHeader =
-            serde_json::from_slice(&body[16..hend]).map_err(|e| bad(&format!("header: {e}")))?;
-        let dlen = u64::from_le_bytes(body[hend..hend + 8].try_into().unwrap()) as usize;
+        if let Some(want) = sha256 {
+            if super::sha256_hex(b) != want {
+                return Err("damaged or tampered: its SHA-256 does not match the one in the event log's hash chain".into());
+            }
+        }
+        let hlen = u64::from_le_bytes(body[8..16].try_into().expect("8 bytes"));
+        if hlen > MAX_HEADER {
+            return Err(format!("header length {hlen} is over the {MAX_HEADER}-byte limit"));
+        }
+        let hend = 16usize
+            .checked_add(hlen as usize)
+            .filter(|&e| e.checked_add(8).is_some_and(|x| x <= body.len()))
+            .ok_or("header length out of range")?;
+        let header: CheckpointHeader = serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
+        let dlen = u64::from_le_bytes(body[hend..hend + 8].try_into().expect("8 bytes"));
         let dstart = hend + 8;
-        if dstart.checked_add(dlen) != Some(body.len()) {
-            return Err(bad("data length does not match the file"));
+        if (dstart as u64).checked_add(dlen) != Some(body.len() as u64) {
+            return Err("data length does not match the file".into());
         }
-        let expect: u64 = header.pages.iter().map(|r| r.1 * PAGE).sum::<u64>()
-            + header.sectors.iter().map(|r| r.1 * SECTOR).sum::<u64>();
-        let data = zstd::bulk::decompress(&body[dstart..], expect as usize).map_err(|e| bad(&format!("data: {e}")))?;
-        if data.len() as u64 != expect {
-            return Err(bad("data is shorter than its page and sector lists"));
+        let mem = header.machine.config.mem_size;
+        if mem > crate::vmm::layout::MAX_MEM {
+            return Err(format!("memory size {mem} is over the {} MiB limit", crate::vmm::layout::MAX_MEM >> 20));
         }
+        if header.pages.iter().any(|&(f, c)| f.checked_add(c).and_then(|e| e.checked_mul(PAGE)).is_none_or(|e| e > mem)) {
+            return Err(format!("a page run lies outside the guest's {mem} bytes of memory"));
+        }
+        let expect = header.data_len().ok_or("page and sector lists are out of range")?;
+        if expect > MAX_DATA {
+            return Err(format!("page and sector lists add up to {expect} bytes, over the {MAX_DATA}-byte limit"));
+        }
+        let data = super::decompress_exact(&body[dstart..], expect as usize).map_err(|e| format!("data {e}"))?;
         Ok(Checkpoint { header, data })
+    }
+}
+
+/// Memory (and disk) at checkpoint `to` of the recording in `dir`: applies
+/// checkpoints `from..=to` in order, one file at a time, handing every page
+/// to `page(frame, bytes)` and every run of disk sectors to
+/// `sectors(first, bytes)`. With `from == 0` the target must start all zero
+/// (fresh guest RAM, a zeroed buffer): checkpoint 0 holds only the pages
+/// that were not zero, and any all-zero page in it is not passed on.
+/// Returns checkpoint `to`'s header. The one reader of checkpoint contents
+/// for replay (`Timeline::at_checkpoint`) and inspection (`Checkpoints::memory`).
+pub fn rebuild(
+    dir: &Path,
+    from: u32,
+    to: u32,
+    mut page: impl FnMut(u64, &[u8]) -> Result<(), String>,
+    mut sectors: impl FnMut(u64, &[u8]) -> Result<(), String>,
+) -> Result<CheckpointHeader, CheckpointError> {
+    let mut last = None;
+    for k in from..=to {
+        let path = super::checkpoint_path(dir, k);
+        let bad = |msg: String| CheckpointError::Bad { path: path.display().to_string(), msg };
+        let ck = Checkpoint::read(&path)?;
+        if ck.header.id != k {
+            return Err(bad(format!("file {k} says it is checkpoint {} (damaged recording)", ck.header.id)));
+        }
+        let mem = ck.header.machine.config.mem_size;
+        let mut at = 0usize;
+        for &(first, count) in &ck.header.pages {
+            if first.checked_add(count).and_then(|e| e.checked_mul(PAGE)).is_none_or(|e| e > mem) {
+                return Err(bad("has pages beyond guest memory (damaged recording)".into()));
+            }
+            for p in first..first + count {
+                let bytes = ck.data.get(at..at + PAGE as usize).ok_or_else(|| bad("data is shorter than its page list".into()))?;
+                at += PAGE as usize;
+                if k == 0 && bytes.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                page(p, bytes).map_err(&bad)?;
+            }
+        }
+        for &(first, count) in &ck.header.sectors {
+            let len = count.checked_mul(SECTOR).ok_or_else(|| bad("sector run out of range".into()))? as usize;
+            let bytes = ck.data.get(at..at.saturating_add(len)).ok_or_else(|| bad("data is shorter than its sector list".into()))?;
+            at += len;
+            sectors(first, bytes).map_err(&bad)?;
+        }
+        last = Some(ck.header);
+    }
+    last.ok_or_else(|| CheckpointError::Bad { path: dir.display().to_string(), msg: format!("no checkpoints {from}..={to}") })
+}
+
+/// A checkpoint file's bytes from a header (JSON, taken as given) and its
+/// raw data: what [`Checkpoint::write`] writes; for tools and tests.
+pub fn encode(header_json: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let data = zstd::bulk::compress(data, 1)?;
+    let mut buf = Vec::with_capacity(header_json.len() + data.len() + 32);
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&(header_json.len() as u64).to_le_bytes());
+    buf.extend_from_slice(header_json);
+    buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&data);
+    let crc = crc32fast::hash(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    Ok(buf)
+}
+
+impl CheckpointHeader {
+    /// Bytes of page and sector data the lists describe, or None when a
+    /// count overflows (a crafted header).
+    pub fn data_len(&self) -> Option<u64> {
+        let mut n = 0u64;
+        for &(first, c) in &self.pages {
+            first.checked_add(c)?.checked_mul(PAGE)?;
+            n = n.checked_add(c.checked_mul(PAGE)?)?;
+        }
+        for &(first, c) in &self.sectors {
+            first.checked_add(c)?.checked_mul(SECTOR)?;
+            n = n.checked_add(c.checked_mul(SECTOR)?)?;
+        }
+        Some(n)
     }
 }
 

@@ -33,9 +33,20 @@ pub enum Event {
     /// to host `to`; the recording goes on at the destination. Nothing the
     /// guest sees changes: replay runs through it.
     Migrated { exits: u64, from: String, to: String },
+    /// Checkpoint `id`'s file landed on disk with this SHA-256 (hex): binds
+    /// the checkpoint into the log's hash chain. Logged once the file is
+    /// written (possibly later than the `Checkpoint` event, by another
+    /// thread); `exits` is the exit count when it was logged (>= the
+    /// checkpoint's). Replay skips it like a mark.
+    CheckpointFile { id: u32, exits: u64, sha256: String },
 }
 
 impl Event {
+    /// Bookkeeping that the guest never sees (replay skips it).
+    pub fn is_mark(&self) -> bool {
+        matches!(self, Event::Mark { .. } | Event::Checkpoint { .. } | Event::Migrated { .. } | Event::CheckpointFile { .. })
+    }
+
     /// Guest-caused exits at which the event happened.
     pub fn exits(&self) -> u64 {
         match self {
@@ -43,7 +54,8 @@ impl Event {
             | Event::Mark { exits }
             | Event::Checkpoint { exits, .. }
             | Event::End { exits, .. }
-            | Event::Migrated { exits, .. } => *exits,
+            | Event::Migrated { exits, .. }
+            | Event::CheckpointFile { exits, .. } => *exits,
             Event::Timer { at, .. } | Event::Serial { at, .. } => at.exits,
         }
     }
@@ -57,6 +69,7 @@ impl Event {
             Event::Checkpoint { .. } => "checkpoint",
             Event::End { .. } => "end",
             Event::Migrated { .. } => "migrated",
+            Event::CheckpointFile { .. } => "ckpt-file",
         }
     }
 }
@@ -71,6 +84,7 @@ impl std::fmt::Display for Event {
             Event::Checkpoint { id, exits, .. } => write!(f, "checkpoint {id} at exit {exits}"),
             Event::End { exits, reason, .. } => write!(f, "end ({reason:?}) at exit {exits}"),
             Event::Migrated { exits, from, to } => write!(f, "migrated from {from} to {to} at exit {exits}"),
+            Event::CheckpointFile { id, sha256, .. } => write!(f, "checkpoint {id} written, SHA-256 {}", &sha256[..sha256.len().min(16)]),
         }
     }
 }

@@ -3,13 +3,17 @@
 //! its header, its payload). A reader stops at the first chunk that is cut
 //! short or does not verify, and says so; everything before it is usable.
 //!
-//! Events are handed to a writer thread through a channel (ReVirt's
-//! in-memory buffer) so the vCPU never waits for compression or the disk.
+//! Events are queued in an in-memory batch (ReVirt's log buffer) that a
+//! writer thread swaps out and drains, so the vCPU never waits for
+//! compression or the disk, and logging an event neither allocates (the two
+//! batches keep their capacity) nor makes a system call (an uncontended
+//! mutex; the writer is woken only when a batch fills or is asked to flush).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -61,10 +65,38 @@ fn seal(prev: &[u8; 32], header: &[u8], payload: &[u8]) -> [u8; 32] {
     Sha256::new().chain_update(prev).chain_update(header).chain_update(payload).finalize().into()
 }
 
-enum Msg {
-    Event(Event),
+/// One sealed chunk as it lies in the file, from its parts (the header
+/// fields are taken as given, true or not): for tools and tests that build
+/// or re-seal logs. Returns the bytes and the chunk's hash.
+pub fn encode_chunk(prev: &[u8; 32], seq: u32, first_event: u64, n_events: u32, raw_len: u32, comp: &[u8]) -> (Vec<u8>, [u8; 32]) {
+    let mut b = Vec::with_capacity(CHUNK_HEADER + comp.len() + 32);
+    b.extend_from_slice(CHUNK_MAGIC);
+    b.extend_from_slice(&seq.to_le_bytes());
+    b.extend_from_slice(&first_event.to_le_bytes());
+    b.extend_from_slice(&n_events.to_le_bytes());
+    b.extend_from_slice(&raw_len.to_le_bytes());
+    b.extend_from_slice(&(comp.len() as u32).to_le_bytes());
+    let hash = seal(prev, &b, comp);
+    b.extend_from_slice(comp);
+    b.extend_from_slice(&hash);
+    (b, hash)
+}
+
+/// What the vCPU thread hands over: queued events, flush requests, the end.
+#[derive(Default)]
+struct Batch {
+    events: Vec<Event>,
     /// Flush, then answer where the log ends.
-    Head(mpsc::SyncSender<Result<LogHead, String>>),
+    heads: Vec<mpsc::SyncSender<Result<LogHead, String>>>,
+    /// Close the chunk after these events (a checkpoint), without waiting.
+    cut: bool,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    batch: Mutex<Batch>,
+    wake: Condvar,
 }
 
 /// Where a log ends after a flush: what an appender needs to continue its
@@ -90,7 +122,7 @@ pub struct WriterStats {
 }
 
 pub struct LogWriter {
-    tx: Option<Sender<Msg>>,
+    queue: Arc<Queue>,
     thread: Option<JoinHandle<Result<WriterStats, String>>>,
 }
 
@@ -146,40 +178,52 @@ impl ChunkWriter {
     }
 }
 
-fn writer_thread(mut w: ChunkWriter, rx: Receiver<Msg>) -> Result<WriterStats, String> {
+fn writer_thread(mut w: ChunkWriter, q: Arc<Queue>) -> Result<WriterStats, String> {
     let mut failed: Option<String> = None;
+    let mut spare: Vec<Event> = Vec::with_capacity(CHUNK_EVENTS as usize);
     loop {
-        let timeout = match w.first_at {
-            Some(t) => CHUNK_AGE.saturating_sub(t.elapsed()),
-            None => Duration::from_secs(3600),
-        };
-        let msg = rx.recv_timeout(timeout);
-        let r = match msg {
-            Ok(Msg::Event(e)) => match &failed {
-                Some(_) => Ok(()),
-                None => w.add(&e),
-            },
-            Ok(Msg::Head(reply)) => {
-                let r = match &failed {
-                    Some(f) => Err(f.clone()),
-                    None => w.flush_chunk().and_then(|_| {
-                        let len = w.out.get_ref().metadata().map_err(|e| e.to_string())?.len();
-                        Ok(LogHead { prev: hex::encode(w.prev), seq: w.seq, next_event: w.next_event, len })
-                    }),
+        let (heads, closed, cut) = {
+            let mut b = q.batch.lock().unwrap_or_else(|p| p.into_inner());
+            if b.events.is_empty() && b.heads.is_empty() && !b.closed && !b.cut {
+                let timeout = match w.first_at {
+                    Some(t) => CHUNK_AGE.saturating_sub(t.elapsed()),
+                    None => CHUNK_AGE,
                 };
-                let _ = reply.send(r.clone());
-                r.map(|_| ())
+                b = q.wake.wait_timeout(b, timeout).unwrap_or_else(|p| p.into_inner()).0;
             }
-            Err(RecvTimeoutError::Timeout) => w.flush_chunk(),
-            Err(RecvTimeoutError::Disconnected) => {
-                return match failed {
-                    Some(f) => Err(f),
-                    None => w.flush_chunk().map(|_| w.stats),
+            std::mem::swap(&mut b.events, &mut spare);
+            (std::mem::take(&mut b.heads), b.closed, std::mem::take(&mut b.cut))
+        };
+        for e in spare.drain(..) {
+            if failed.is_none() {
+                if let Err(e) = w.add(&e) {
+                    failed = Some(e);
                 }
             }
-        };
-        if let Err(e) = r {
-            failed.get_or_insert(e);
+        }
+        if failed.is_none() && (cut || w.first_at.is_some_and(|t| t.elapsed() >= CHUNK_AGE)) {
+            if let Err(e) = w.flush_chunk() {
+                failed = Some(e);
+            }
+        }
+        for reply in heads {
+            let r = match &failed {
+                Some(f) => Err(f.clone()),
+                None => w.flush_chunk().and_then(|_| {
+                    let len = w.out.get_ref().metadata().map_err(|e| e.to_string())?.len();
+                    Ok(LogHead { prev: hex::encode(w.prev), seq: w.seq, next_event: w.next_event, len })
+                }),
+            };
+            if let Err(e) = &r {
+                failed.get_or_insert(e.clone());
+            }
+            let _ = reply.send(r);
+        }
+        if closed {
+            return match failed {
+                Some(f) => Err(f),
+                None => w.flush_chunk().map(|_| w.stats),
+            };
         }
     }
 }
@@ -227,19 +271,32 @@ impl LogWriter {
             first_at: None,
             stats: WriterStats::default(),
         };
-        let (tx, rx) = mpsc::channel();
+        let queue = Arc::new(Queue::default());
+        queue.batch.lock().unwrap_or_else(|p| p.into_inner()).events.reserve(CHUNK_EVENTS as usize);
+        let q = queue.clone();
         let thread = std::thread::Builder::new()
             .name("revirt-log-writer".into())
-            .spawn(move || writer_thread(w, rx))
+            .spawn(move || writer_thread(w, q))
             .map_err(io)?;
-        Ok(LogWriter { tx: Some(tx), thread: Some(thread) })
+        Ok(LogWriter { queue, thread: Some(thread) })
     }
 
-    /// Queues an event; never blocks on I/O.
+    /// Queues an event; never blocks on I/O, and (once the batches have
+    /// grown to their working size) neither allocates nor enters the kernel:
+    /// the writer is woken only when half a chunk's worth is waiting.
     pub fn push(&self, e: Event) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Msg::Event(e));
+        let mut b = self.queue.batch.lock().unwrap_or_else(|p| p.into_inner());
+        b.events.push(e);
+        if b.events.len() == CHUNK_EVENTS as usize / 2 {
+            self.queue.wake.notify_one();
         }
+    }
+
+    /// Closes the chunk after the events queued so far (at a checkpoint),
+    /// without waiting for it.
+    pub fn cut(&self) {
+        self.queue.batch.lock().unwrap_or_else(|p| p.into_inner()).cut = true;
+        self.queue.wake.notify_one();
     }
 
     /// Waits until every queued event is on disk (in the kernel's hands).
@@ -250,15 +307,26 @@ impl LogWriter {
     /// Flushes and says where the log ends.
     pub fn head(&self) -> Result<LogHead, LogError> {
         let (rtx, rrx) = mpsc::sync_channel(1);
-        let tx = self.tx.as_ref().ok_or_else(|| LogError::Writer("closed".into()))?;
-        tx.send(Msg::Head(rtx)).map_err(|_| LogError::Writer("writer thread is gone".into()))?;
+        {
+            let mut b = self.queue.batch.lock().unwrap_or_else(|p| p.into_inner());
+            if b.closed {
+                return Err(LogError::Writer("closed".into()));
+            }
+            b.heads.push(rtx);
+        }
+        self.queue.wake.notify_one();
         rrx.recv()
             .map_err(|_| LogError::Writer("writer thread is gone".into()))?
             .map_err(LogError::Writer)
     }
 
+    fn close(&self) {
+        self.queue.batch.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
+        self.queue.wake.notify_one();
+    }
+
     pub fn finish(mut self) -> Result<WriterStats, LogError> {
-        self.tx.take();
+        self.close();
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(r)) => r.map_err(LogError::Writer),
             _ => Err(LogError::Writer("writer thread panicked".into())),
@@ -268,7 +336,7 @@ impl LogWriter {
 
 impl Drop for LogWriter {
     fn drop(&mut self) {
-        self.tx.take();
+        self.close();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -280,8 +348,16 @@ impl Drop for LogWriter {
 pub enum LogStatus {
     /// Every chunk verified and the last event is `End`.
     Complete,
-    /// Usable up to the events returned; `reason` says what is missing or damaged.
-    Incomplete { reason: String },
+    /// Usable up to the events returned; `reason` says what is missing or
+    /// damaged. `damaged`: bytes present fail to verify (edited or
+    /// corrupted), as opposed to a log that merely stops early (cut short).
+    Incomplete { reason: String, damaged: bool },
+}
+
+impl LogStatus {
+    pub fn is_damaged(&self) -> bool {
+        matches!(self, LogStatus::Incomplete { damaged: true, .. })
+    }
 }
 
 pub struct LogReader {
@@ -310,7 +386,7 @@ impl LogReader {
         let mut offset = 8usize;
         let incomplete = |events: Vec<Event>, seq: u32, prev: [u8; 32], reason: String| LogReader {
             events,
-            status: LogStatus::Incomplete { reason },
+            status: LogStatus::Incomplete { damaged: !reason.contains("cut short"), reason },
             chunks: seq,
             head: hex::encode(prev),
         };
@@ -328,6 +404,12 @@ impl LogReader {
             let (n, raw_len, comp_len) = (u32_at(16), u32_at(20) as usize, u32_at(24) as usize);
             let total = CHUNK_HEADER + comp_len + 32;
             if b.len() < total {
+                // A length field changed mid-file also points past the end:
+                // more chunk markers after this header tell it from a cut.
+                let later = b[CHUNK_HEADER..].windows(4).any(|w| w == CHUNK_MAGIC);
+                if later {
+                    return incomplete(events, seq, prev, format!("{at} is damaged: its length points past the end of the file, but more chunks follow"));
+                }
                 return incomplete(events, seq, prev, format!("{at} is cut short ({} of {total} bytes)", b.len()));
             }
             let payload = &b[CHUNK_HEADER..CHUNK_HEADER + comp_len];
@@ -336,11 +418,16 @@ impl LogReader {
                 return incomplete(events, seq, prev, format!("{at} fails its checksum (damaged or tampered, or chunks reordered)"));
             }
             if cseq != seq || first != events.len() as u64 || raw_len > MAX_RAW {
-                return incomplete(events, seq, prev, format!("{at} is out of sequence"));
+                return incomplete(events, seq, prev, format!("{at} is out of sequence (damaged)"));
             }
-            let raw = match zstd::bulk::decompress(payload, raw_len) {
-                Ok(r) if r.len() == raw_len => r,
-                _ => return incomplete(events, seq, prev, format!("{at} does not decompress")),
+            // Every event takes at least one byte: n is bounded by raw_len,
+            // which is bounded by MAX_RAW (checked above).
+            if n as usize > raw_len {
+                return incomplete(events, seq, prev, format!("{at} claims {n} events in {raw_len} bytes (damaged)"));
+            }
+            let raw = match super::decompress_exact(payload, raw_len) {
+                Ok(r) => r,
+                Err(e) => return incomplete(events, seq, prev, format!("{at} {e} (damaged)")),
             };
             let mut rest = raw.as_slice();
             let mut got = Vec::with_capacity(n as usize);
@@ -351,12 +438,12 @@ impl LogReader {
                         rest = r;
                     }
                     Err(e) => {
-                        return incomplete(events, seq, prev, format!("{at}: event {i} does not decode: {e}"))
+                        return incomplete(events, seq, prev, format!("{at}: event {i} does not decode (damaged): {e}"))
                     }
                 }
             }
             if !rest.is_empty() {
-                return incomplete(events, seq, prev, format!("{at} has trailing bytes"));
+                return incomplete(events, seq, prev, format!("{at} has trailing bytes (damaged)"));
             }
             events.extend(got);
             prev = hash;
@@ -366,7 +453,10 @@ impl LogReader {
         }
         let status = match events.last() {
             Some(Event::End { .. }) => LogStatus::Complete,
-            _ => LogStatus::Incomplete { reason: "the log stops before the recording's end (the recorder was stopped or killed)".into() },
+            _ => LogStatus::Incomplete {
+                reason: "the log is cut short: it stops before the recording's end (the recorder was stopped or killed)".into(),
+                damaged: false,
+            },
         };
         LogReader { events, status, chunks: seq, head: hex::encode(prev) }
     }

@@ -9,7 +9,11 @@ use crate::clock::ClockKind;
 use crate::vmm::VmConfig;
 
 pub const FORMAT: &str = "revirt-recording";
-pub const VERSION: u32 = 1;
+/// 2: checkpoint 0 holds only non-zero pages, and the End event's state
+/// hash covers memory by per-page hashes (vmm::pagehash) instead of every
+/// byte. Version 1 recordings are refused: their state hash cannot be
+/// checked without reading all of memory the old way.
+pub const VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -17,7 +21,7 @@ pub enum MetaError {
     Io { path: String, source: std::io::Error },
     #[error("{path} is not a revirt recording's meta.json: {msg}")]
     Parse { path: String, msg: String },
-    #[error("{path}: recording format {found} version {version}; this revirt reads {FORMAT} version {VERSION}")]
+    #[error("{path}: {found} format version {version} is not supported; this revirt reads {FORMAT} version {VERSION} (record it again with this revirt, or replay it with the revirt that made it)")]
     Version { path: String, found: String, version: u32 },
 }
 
@@ -55,7 +59,8 @@ impl HostInfo {
             kernel,
             cpu,
             kvm_pvm: Path::new("/sys/module/kvm_pvm").exists(),
-            pmu: Path::new("/sys/bus/event_source/devices/cpu").exists(),
+            // cpu, or cpu_core/cpu_atom on hybrid Intel.
+            pmu: crate::clock::pmu::PmuLayout::host_has_pmu(),
         }
     }
 }
@@ -140,5 +145,14 @@ mod tests {
             std::fs::write(&p, s.as_bytes()).unwrap();
             let _ = Meta::read(&p);
         }
+    }
+
+    #[test]
+    fn older_format_versions_are_refused_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("meta.json");
+        std::fs::write(&p, br#"{"format":"revirt-recording","version":1,"id":"ab"}"#).unwrap();
+        let e = Meta::read(&p).unwrap_err().to_string();
+        assert!(e.contains("format version 1 is not supported"), "{e}");
     }
 }

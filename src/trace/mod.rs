@@ -36,3 +36,26 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
+
+/// Decompresses a zstd frame that must hold exactly `expect` bytes. The
+/// buffer is reserved fallibly, so a crafted length that passed its bound
+/// but cannot be allocated is an error, never an abort.
+pub fn decompress_exact(src: &[u8], expect: usize) -> Result<Vec<u8>, String> {
+    // A frame that says how much it holds is checked before allocating.
+    if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(src) {
+        if n != expect as u64 {
+            return Err(format!("holds {n} bytes, its header says {expect}"));
+        }
+    }
+    let mut out: Vec<u8> = Vec::new();
+    out.try_reserve_exact(expect)
+        .map_err(|_| format!("cannot allocate {expect} bytes to decompress into"))?;
+    let mut dctx = zstd::zstd_safe::DCtx::create();
+    let n = dctx
+        .decompress(&mut out, src)
+        .map_err(|c| format!("does not decompress ({})", zstd::zstd_safe::get_error_name(c)))?;
+    if n != expect || out.len() != expect {
+        return Err(format!("decompresses to {n} bytes, its header says {expect}"));
+    }
+    Ok(out)
+}

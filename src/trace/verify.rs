@@ -5,8 +5,9 @@
 //!
 //! What this protects against: accidental damage and truncation anywhere;
 //! tampering with any single byte of the log, a checkpoint, the console, the
-//! image or disk copies (the chain, CRCs and the End event's digests catch
-//! it). What it does not: an attacker with write access to the recording
+//! image or disk copies (the chain catches the log; each checkpoint file's
+//! SHA-256 is logged in the chain when it lands; meta.json holds the image
+//! and disk hashes and starts the chain; the End event holds the console's). What it does not: an attacker with write access to the recording
 //! can recompute the whole chain consistently; only comparing the published
 //! digest (`--digest`) against a copy kept elsewhere catches that. An
 //! attacker *inside the guest* cannot touch the log at all: the VMM writes it.
@@ -33,10 +34,62 @@ pub struct Report {
     /// SHA-256 over the manifest of every file's hash (and the chain head).
     pub digest: Option<String>,
     pub manifest: Vec<(String, String)>,
+    /// One line: what was checked, and how it came out.
+    pub summary: String,
+}
+
+impl Report {
+    /// Some byte present fails its check (as opposed to a recording that
+    /// is merely cut short).
+    pub fn damaged(&self) -> bool {
+        !self.intact && !self.incomplete
+    }
+
+    /// The findings that failed, one per line.
+    pub fn problems(&self) -> Vec<&str> {
+        self.findings.iter().filter(|f| !f.ok).map(|f| f.what.as_str()).collect()
+    }
+}
+
+/// What [`verify`] looked at, for the one-line summary.
+#[derive(Default)]
+struct Checked {
+    files: Vec<&'static str>,
+    chunks: u32,
+    checkpoints: usize,
+}
+
+fn summary(c: &Checked, intact: bool, incomplete: bool) -> String {
+    format!(
+        "integrity: checked {}, events.log ({} chunks, SHA-256 chain), {} checkpoint{} (SHA-256 bound in the chain), console.log (End digest): {}",
+        c.files.join(", "),
+        c.chunks,
+        c.checkpoints,
+        if c.checkpoints == 1 { "" } else { "s" },
+        if intact {
+            "intact"
+        } else if incomplete {
+            "cut short (what is there verifies)"
+        } else {
+            "DAMAGED"
+        }
+    )
 }
 
 fn file_sha(path: &Path) -> Option<String> {
     std::fs::read(path).ok().map(|b| hex::encode(Sha256::digest(b)))
+}
+
+/// The SHA-256 the log holds for each checkpoint file (see
+/// [`Event::CheckpointFile`]).
+pub fn bound_checkpoints(events: &[Event]) -> std::collections::HashMap<u32, String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::CheckpointFile { id, sha256, .. } => Some((*id, sha256.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 pub fn verify(dir: &Path) -> Report {
@@ -49,21 +102,24 @@ pub fn verify(dir: &Path) -> Report {
             m
         }
         Err(e) => {
-            push(false, format!("meta.json: {e}"));
-            return Report { findings: f, intact: false, incomplete: false, digest: None, manifest };
+            push(false, format!("meta.json: {e} (damaged or not a recording)"));
+            let summary = summary(&Checked { files: vec!["meta.json"], ..Checked::default() }, false, false);
+            return Report { findings: f, intact: false, incomplete: false, digest: None, manifest, summary };
         }
     };
     manifest.push(("meta.json".to_string(), file_sha(&dir.join(super::META)).unwrap_or_default()));
     let mut damaged = false;
     let mut incomplete = false;
+    let mut checked = Checked { files: vec!["meta.json"], ..Checked::default() };
 
     for (name, want) in [(super::IMAGE, Some(&meta.image)), (super::DISK, meta.disk.as_ref())] {
         let Some(want) = want else { continue };
+        checked.files.push(if name == super::IMAGE { "image.elf (SHA-256 in meta.json)" } else { "disk.img (SHA-256 in meta.json)" });
         match file_sha(&dir.join(name)) {
             Some(h) if h == want.sha256 => push(true, format!("{name}: matches meta.json's SHA-256")),
             Some(_) => {
                 damaged = true;
-                push(false, format!("{name}: does not match meta.json's SHA-256 (changed after recording)"));
+                push(false, format!("{name}: damaged: does not match meta.json's SHA-256 (changed after recording)"));
             }
             None => {
                 damaged = true;
@@ -77,33 +133,48 @@ pub fn verify(dir: &Path) -> Report {
         Ok(l) => l,
         Err(e) => {
             push(false, format!("events.log: {e}"));
-            return Report { findings: f, intact: false, incomplete: false, digest: None, manifest };
+            let summary = summary(&checked, false, false);
+            return Report { findings: f, intact: false, incomplete: false, digest: None, manifest, summary };
         }
     };
     match &log.status {
         LogStatus::Complete => push(true, format!("events.log: {} chunks, {} events, hash chain verified, ends with End", log.chunks, log.events.len())),
-        LogStatus::Incomplete { reason } => {
-            let cut_short = reason.contains("cut short") || reason.contains("stops before");
-            if cut_short {
-                incomplete = true;
-            } else {
+        LogStatus::Incomplete { reason, damaged: d } => {
+            if *d {
                 damaged = true;
+            } else {
+                incomplete = true;
             }
             push(false, format!("events.log: {} chunks ({} events) verify; then {reason}", log.chunks, log.events.len()));
         }
     }
     manifest.push(("events.log chain head".to_string(), log.head.clone()));
 
+    checked.chunks = log.chunks;
+    let bound = bound_checkpoints(&log.events);
     for e in &log.events {
         if let Event::Checkpoint { id, exits, .. } = e {
             let p = checkpoint_path(dir, *id);
-            match Checkpoint::read(&p) {
+            let Some(sha) = bound.get(id) else {
+                // Taken, but the log stops before its file was bound: the
+                // recorder was killed while writing it.
+                if log.status == LogStatus::Complete {
+                    damaged = true;
+                    push(false, format!("checkpoint {id}: not bound into the log's hash chain (no SHA-256 logged for it)"));
+                } else {
+                    incomplete = true;
+                    push(false, format!("checkpoint {id}: the log is cut short before its file's SHA-256; not trusted"));
+                }
+                continue;
+            };
+            checked.checkpoints += 1;
+            match Checkpoint::read_bound(&p, sha) {
                 Ok(c) if c.header.id == *id && c.header.exits == *exits => {
-                    push(true, format!("checkpoint {id} (exit {exits}): CRC ok"))
+                    push(true, format!("checkpoint {id} (exit {exits}): SHA-256 matches the hash chain"))
                 }
                 Ok(_) => {
                     damaged = true;
-                    push(false, format!("checkpoint {id}: does not match its log entry"));
+                    push(false, format!("checkpoint {id}: does not match its log entry (damaged)"));
                 }
                 Err(e) => {
                     damaged = true;
@@ -121,7 +192,7 @@ pub fn verify(dir: &Path) -> Report {
             push(true, format!("console.log: {output_len} bytes, matches the End event; ended {reason:?} at exit {exits}"));
         } else {
             damaged = true;
-            push(false, "console.log: does not match the End event's digest (edited or truncated)".into());
+            push(false, "console.log: damaged: does not match the End event's digest (edited or cut)".into());
         }
     }
     manifest.push(("console.log".to_string(), hex::encode(Sha256::digest(&console))));
@@ -130,11 +201,6 @@ pub fn verify(dir: &Path) -> Report {
     for (name, sha) in &manifest {
         h.update(format!("{name} {sha}\n"));
     }
-    Report {
-        findings: f,
-        intact: !damaged && !incomplete,
-        incomplete: incomplete && !damaged,
-        digest: Some(hex::encode(h.finalize())),
-        manifest,
-    }
+    let (intact, incomplete) = (!damaged && !incomplete, incomplete && !damaged);
+    Report { findings: f, intact, incomplete, digest: Some(hex::encode(h.finalize())), manifest, summary: summary(&checked, intact, incomplete) }
 }

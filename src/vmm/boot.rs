@@ -20,11 +20,25 @@ pub enum BootError {
     Memory { addr: u64, msg: String },
 }
 
-fn write(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8]) -> Result<(), BootError> {
-    mem.write_slice(bytes, GuestAddress(addr)).map_err(|e| BootError::Memory {
-        addr,
-        msg: e.to_string(),
-    })
+/// Guest memory as boot writes it, noting the 4 KiB frames written: fresh
+/// RAM is zero, so these are the only pages a recording's checkpoint 0 and
+/// the memory digest need to look at.
+struct Writer<'a> {
+    mem: &'a GuestMemoryMmap,
+    frames: std::collections::BTreeSet<u64>,
+}
+
+impl Writer<'_> {
+    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), BootError> {
+        self.mem.write_slice(bytes, GuestAddress(addr)).map_err(|e| BootError::Memory {
+            addr,
+            msg: e.to_string(),
+        })?;
+        if !bytes.is_empty() {
+            self.frames.extend(addr / 4096..(addr + bytes.len() as u64).div_ceil(4096));
+        }
+        Ok(())
+    }
 }
 
 /// Boot-info block as the guest sees it (docs/platform.md).
@@ -85,14 +99,16 @@ fn tss_descriptor() -> [u64; 2] {
     [low, base >> 32]
 }
 
-/// Loads `image` and the boot structures into `mem`. Returns what was told to the guest.
+/// Loads `image` and the boot structures into `mem`. Returns what was told
+/// to the guest and the 4 KiB frames written (in order).
 pub fn load(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     image: &Image,
     cmdline: &str,
     has_disk: bool,
-) -> Result<BootInfo, BootError> {
+) -> Result<(BootInfo, Vec<u64>), BootError> {
+    let mut w = Writer { mem, frames: Default::default() };
     image.check_fits(mem_size)?;
     if cmdline.len() > CMDLINE_MAX {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
@@ -101,7 +117,7 @@ pub fn load(
         return Err(BootError::CmdlineNul);
     }
     for s in &image.segments {
-        write(mem, s.paddr, &s.data)?;
+        w.write(s.paddr, &s.data)?;
         // Fresh guest memory is zero already; bss needs no explicit clearing.
     }
 
@@ -109,7 +125,7 @@ pub fn load(
     for d in GDT.iter().chain(tss_descriptor().iter()) {
         gdt.extend_from_slice(&d.to_le_bytes());
     }
-    write(mem, GDT_ADDR, &gdt)?;
+    w.write(GDT_ADDR, &gdt)?;
 
     let mut tss = vec![0u8; TSS_SIZE as usize];
     tss[4..12].copy_from_slice(&BOOT_STACK_TOP.to_le_bytes()); // rsp0
@@ -117,24 +133,24 @@ pub fn load(
     // IO_BITMAP_PORTS is allowed in ring 3 even when IOPL is 0.
     tss[102..104].copy_from_slice(&104u16.to_le_bytes());
     tss[TSS_SIZE as usize - 1] = 0xFF;
-    write(mem, TSS_ADDR, &tss)?;
+    w.write(TSS_ADDR, &tss)?;
 
     // Identity map all of RAM with 2 MiB pages, user-accessible at every level.
     let pages_2m = mem_size.div_ceil(2 * MIB);
     let gbs = pages_2m.div_ceil(512);
-    write(mem, PML4_ADDR, &(PDPT_ADDR | 0x7).to_le_bytes())?;
+    w.write(PML4_ADDR, &(PDPT_ADDR | 0x7).to_le_bytes())?;
     for g in 0..gbs {
-        write(mem, PDPT_ADDR + g * 8, &((PD_ADDR + g * 0x1000) | 0x7).to_le_bytes())?;
+        w.write(PDPT_ADDR + g * 8, &((PD_ADDR + g * 0x1000) | 0x7).to_le_bytes())?;
     }
     let mut pd = Vec::with_capacity(pages_2m as usize * 8);
     for p in 0..pages_2m {
         pd.extend_from_slice(&((p * 2 * MIB) | 0x87).to_le_bytes()); // P|RW|US|PS
     }
-    write(mem, PD_ADDR, &pd)?;
+    w.write(PD_ADDR, &pd)?;
 
     let mut cl = cmdline.as_bytes().to_vec();
     cl.push(0);
-    write(mem, CMDLINE_ADDR, &cl)?;
+    w.write(CMDLINE_ADDR, &cl)?;
 
     let info = BootInfo {
         magic: BOOT_INFO_MAGIC,
@@ -148,8 +164,8 @@ pub fn load(
         pml4_addr: PML4_ADDR,
         image_end: image.end(),
     };
-    write(mem, BOOT_INFO_ADDR, &info.to_bytes())?;
-    Ok(info)
+    w.write(BOOT_INFO_ADDR, &info.to_bytes())?;
+    Ok((info, w.frames.into_iter().collect()))
 }
 
 fn segment(selector: u16, type_: u8, dpl: u8, long: bool) -> kvm_segment {

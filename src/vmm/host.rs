@@ -118,6 +118,9 @@ pub enum Console {
     Stdout,
     /// Captured in memory (tests, tools); optionally echoed to stdout too.
     Capture { buf: Arc<Mutex<Vec<u8>>>, echo: bool },
+    /// A connected socket (`--serial tcp:...`), the other end of the serial
+    /// line; optionally echoed to stdout too. A peer that went away is ignored.
+    Socket { stream: Arc<Mutex<std::net::TcpStream>>, echo: bool },
 }
 
 enum Input {
@@ -324,6 +327,14 @@ impl Host for LiveHost {
                 let mut o = std::io::stdout().lock();
                 let _ = o.write_all(bytes);
                 let _ = o.flush();
+            }
+            Console::Socket { stream, echo } => {
+                let _ = stream.lock().unwrap().write_all(bytes);
+                if *echo {
+                    let mut o = std::io::stdout().lock();
+                    let _ = o.write_all(bytes);
+                    let _ = o.flush();
+                }
             }
             Console::Capture { buf, echo } => {
                 buf.lock().unwrap().extend_from_slice(bytes);

@@ -16,6 +16,8 @@ use super::devices::{Block, DeviceState, Devices, DiskError};
 use super::host::{Async, Control, Host, HostError, PollCtx};
 use super::image::Image;
 use super::layout::{self, ports, MAX_MEM, MIB, MIN_MEM};
+
+const PAGE_SIZE: u64 = 4096;
 use super::vcpu::{KickGuard, Kicker, Vcpu, VcpuError, VcpuState};
 use crate::clock::counter::{BranchCounter, CounterStop, RunCounter};
 use crate::clock::pmu::PmuError;
@@ -154,6 +156,8 @@ struct DirtySets {
     ckpt_pages: BTreeSet<u64>,
     ckpt_sectors: BTreeSet<u64>,
     migration: Option<(BTreeSet<u64>, BTreeSet<u64>)>,
+    /// Pages changed since the memory digest last looked (see `pagehash`).
+    hash_pages: BTreeSet<u64>,
 }
 
 impl DirtyLog {
@@ -168,6 +172,7 @@ impl DirtyLog {
                 while w != 0 {
                     let page = first + i as u64 * 64 + w.trailing_zeros() as u64;
                     s.ckpt_pages.insert(page);
+                    s.hash_pages.insert(page);
                     if let Some((p, _)) = &mut s.migration {
                         p.insert(page);
                     }
@@ -182,11 +187,33 @@ impl DirtyLog {
     fn note(&self, pages: &BTreeSet<u64>, sectors: &BTreeSet<u64>) {
         let mut s = self.sets.lock().unwrap();
         s.ckpt_pages.extend(pages);
+        s.hash_pages.extend(pages);
         s.ckpt_sectors.extend(sectors);
         if let Some((p, d)) = &mut s.migration {
             p.extend(pages);
             d.extend(sectors);
         }
+    }
+
+    /// Pages the VMM wrote itself (boot, restoring a checkpoint or snapshot,
+    /// receiving a migration): KVM's dirty log does not see those either.
+    pub fn note_pages(&self, pages: impl IntoIterator<Item = u64>) {
+        let mut s = self.sets.lock().unwrap();
+        let s = &mut *s;
+        for p in pages {
+            s.ckpt_pages.insert(p);
+            s.hash_pages.insert(p);
+            if let Some((m, _)) = &mut s.migration {
+                m.insert(p);
+            }
+        }
+    }
+
+    /// Pages changed since the last call (for the memory digest).
+    fn take_hash_pages(&self) -> Result<BTreeSet<u64>, MachineError> {
+        let mut s = self.sets.lock().unwrap();
+        self.sync(&mut s)?;
+        Ok(std::mem::take(&mut s.hash_pages))
     }
 
     /// Everything changed since the last checkpoint.
@@ -246,6 +273,8 @@ pub struct Machine {
     _kvm: Kvm,
     vm: Arc<VmFd>,
     dirty: Arc<DirtyLog>,
+    /// Per-page hashes of memory, brought up to date from the dirty log.
+    hashes: super::pagehash::PageHashes,
     /// Waiting idle for an interrupt or input (see `MachineState::waiting`).
     waiting: bool,
     pub vcpu: Vcpu,
@@ -345,6 +374,7 @@ impl Machine {
             _kvm: kvm,
             vm,
             dirty,
+            hashes: Default::default(),
             waiting: false,
             vcpu,
             mem,
@@ -375,7 +405,9 @@ impl Machine {
     pub fn boot(config: &VmConfig, image: &Image) -> Result<Machine, MachineError> {
         image.check_fits(config.mem_size).map_err(BootError::from)?;
         let m = Machine::create(config)?;
-        boot::load(&m.mem, config.mem_size, image, &config.cmdline, m.devices.block.capacity() > 0 || config.disk.is_some())?;
+        let (_, frames) =
+            boot::load(&m.mem, config.mem_size, image, &config.cmdline, m.devices.block.capacity() > 0 || config.disk.is_some())?;
+        m.dirty.note_pages(frames);
         let sregs = boot::entry_sregs(m.vcpu.sregs()?);
         m.vcpu.set_sregs(&sregs)?;
         m.vcpu.set_regs(&boot::entry_regs(image.entry))?;
@@ -391,14 +423,19 @@ impl Machine {
                 state.config.mem_size
             )));
         }
-        Machine::restore_with(state, |mem| {
+        let m = Machine::restore_with(state, |mem| {
             mem.write_slice(memory, GuestAddress(0)).map_err(|e| MachineError::Memory(e.to_string()))
-        })
+        })?;
+        let pages = memory.chunks(PAGE_SIZE as usize).enumerate().filter(|(_, p)| p.iter().any(|&b| b != 0));
+        m.dirty.note_pages(pages.map(|(i, _)| i as u64));
+        Ok(m)
     }
 
     /// Rebuilds a machine whose memory `fill` writes into fresh (all-zero)
     /// guest RAM: callers that know which pages matter write only those,
-    /// instead of staging a full copy of memory first.
+    /// instead of staging a full copy of memory first. They must name the
+    /// pages they wrote with [`Machine::note_pages`] (the memory digest and
+    /// checkpoints read only noted or dirty pages).
     pub fn restore_with(
         state: &MachineState,
         fill: impl FnOnce(&GuestMemoryMmap) -> Result<(), MachineError>,
@@ -430,6 +467,38 @@ impl Machine {
     /// The shared dirty-page log (for a migration thread).
     pub fn dirty_log(&self) -> Arc<DirtyLog> {
         self.dirty.clone()
+    }
+
+    /// Writes `bytes` into guest memory at page frame `frame` from the VMM
+    /// side and notes the pages (see [`DirtyLog::note_pages`]).
+    pub fn write_pages(&mut self, frame: u64, bytes: &[u8]) -> Result<(), MachineError> {
+        self.mem
+            .write_slice(bytes, GuestAddress(frame * PAGE_SIZE))
+            .map_err(|e| MachineError::Memory(e.to_string()))?;
+        self.dirty.note_pages(frame..frame + (bytes.len() as u64).div_ceil(PAGE_SIZE));
+        Ok(())
+    }
+
+    /// Pages the VMM wrote outside [`Machine::write_pages`].
+    pub fn note_pages(&self, pages: impl IntoIterator<Item = u64>) {
+        self.dirty.note_pages(pages)
+    }
+
+    /// Brings the per-page hashes up to date: reads only the pages changed
+    /// since the last call (O(pages written), not O(RAM)).
+    fn update_hashes(&mut self) -> Result<(), MachineError> {
+        let pages = self.dirty.take_hash_pages()?;
+        self.hashes.update(&self.mem, pages).map_err(MachineError::Memory)
+    }
+
+    /// The frames of guest memory that hold anything but zeros, in order:
+    /// all a full checkpoint needs (fresh RAM is zero). Costs O(pages
+    /// written since the last call).
+    pub fn nonzero_pages(&mut self) -> Result<Vec<u64>, MachineError> {
+        self.update_hashes()?;
+        let mut v: Vec<u64> = self.hashes.frames().collect();
+        v.sort_unstable();
+        Ok(v)
     }
 
     /// Saves everything but memory. Completes a pending IN first, so the
@@ -1175,7 +1244,9 @@ impl Machine {
     }
 
     /// SHA-256 over everything that must match after an exact replay:
-    /// registers, device state, all of memory and the disk.
+    /// registers, device state, all of memory (as the per-page digest of
+    /// `pagehash`, which changes with any byte of memory but is kept up to
+    /// date from the dirty log) and the disk.
     pub fn state_hash(&mut self) -> Result<String, MachineError> {
         use sha2::{Digest, Sha256};
         self.complete_pending_io()?;
@@ -1190,7 +1261,9 @@ impl Machine {
             h.update(w.to_le_bytes());
         }
         h.update(serde_json::to_vec(&self.devices.state()).expect("device state serializes"));
-        h.update(self.memory_bytes()?);
+        self.update_hashes()?;
+        h.update(b"memory-pagehash-v1");
+        h.update(self.hashes.digest());
         let cap = self.devices.block.capacity();
         let mut at = 0;
         while at < cap {

@@ -8,6 +8,7 @@ pub mod host;
 pub mod image;
 pub mod layout;
 pub mod machine;
+pub mod pagehash;
 pub mod paging;
 pub mod snapshot;
 pub mod vcpu;

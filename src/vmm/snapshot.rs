@@ -26,6 +26,28 @@ pub enum SnapshotError {
     Decode { path: String, msg: String },
 }
 
+/// A snapshot file's bytes from a state (JSON, taken as given) and raw
+/// memory: what [`Snapshot::write`] writes; for tools and tests.
+pub fn encode(state_json: &[u8], memory: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mem = zstd::bulk::compress(memory, 1)?;
+    let mut buf = Vec::with_capacity(state_json.len() + mem.len() + 40);
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&VERSION.to_le_bytes());
+    buf.extend_from_slice(&(state_json.len() as u64).to_le_bytes());
+    buf.extend_from_slice(state_json);
+    buf.extend_from_slice(&(mem.len() as u64).to_le_bytes());
+    buf.extend_from_slice(&mem);
+    let crc = crc32fast::hash(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    Ok(buf)
+}
+
+/// Decodes a snapshot file's bytes (see [`Snapshot::read`]).
+pub fn parse(b: &[u8], path: &str) -> Result<Snapshot, SnapshotError> {
+    let p = path.to_string();
+    Snapshot::parse_bytes(b, p)
+}
+
 pub struct Snapshot {
     pub state: MachineState,
     pub memory: Vec<u8>,
@@ -39,16 +61,7 @@ impl Snapshot {
             path: p.clone(),
             msg: e.to_string(),
         })?;
-        let mem = zstd::bulk::compress(&self.memory, 1).map_err(io)?;
-        let mut buf = Vec::with_capacity(state.len() + mem.len() + 40);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&VERSION.to_le_bytes());
-        buf.extend_from_slice(&(state.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&state);
-        buf.extend_from_slice(&(mem.len() as u64).to_le_bytes());
-        buf.extend_from_slice(&mem);
-        let crc = crc32fast::hash(&buf);
-        buf.extend_from_slice(&crc.to_le_bytes());
+        let buf = encode(&state, &self.memory).map_err(io)?;
         // Write to a temporary name and rename: never leave a half file under the real name.
         let tmp = path.with_extension("partial");
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
@@ -61,6 +74,10 @@ impl Snapshot {
     pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {
         let p = path.display().to_string();
         let b = std::fs::read(path).map_err(|source| SnapshotError::Io { path: p.clone(), source })?;
+        Self::parse_bytes(&b, p)
+    }
+
+    fn parse_bytes(b: &[u8], p: String) -> Result<Snapshot, SnapshotError> {
         if b.len() < 8 || &b[..8] != MAGIC {
             return Err(SnapshotError::Magic(p));
         }
@@ -86,9 +103,17 @@ impl Snapshot {
         let slen = u64::from_le_bytes(take(8)?.try_into().unwrap()) as usize;
         let state: MachineState =
             serde_json::from_slice(take(slen)?).map_err(|e| decode(format!("state: {e}")))?;
+        let mem = state.config.mem_size;
+        // Checked before anything is allocated for it.
+        if !(super::layout::MIN_MEM..=super::layout::MAX_MEM).contains(&mem) || !mem.is_multiple_of(super::layout::MIB) {
+            return Err(decode(format!(
+                "memory size {mem} is not a whole number of MiB from {} to {} MiB",
+                super::layout::MIN_MEM >> 20,
+                super::layout::MAX_MEM >> 20
+            )));
+        }
         let mlen = u64::from_le_bytes(take(8)?.try_into().unwrap()) as usize;
-        let memory = zstd::bulk::decompress(take(mlen)?, state.config.mem_size as usize)
-            .map_err(|e| decode(format!("memory: {e}")))?;
+        let memory = crate::trace::decompress_exact(take(mlen)?, mem as usize).map_err(|e| decode(format!("memory {e}")))?;
         Ok(Snapshot { state, memory })
     }
 }

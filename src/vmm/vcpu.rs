@@ -2,8 +2,8 @@
 //! way for another thread to make `KVM_RUN` return (a "kick").
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
 
 use kvm_bindings::{
     kvm_debugregs, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_sregs, kvm_vcpu_events,
@@ -169,7 +169,9 @@ pub fn on_kick_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     if !p.is_null() {
         // SAFETY: p points at this thread's mapped kvm_run page, which lives as
         // long as the Vcpu that registered it (it unregisters before dropping).
-        unsafe { std::ptr::write_volatile(&mut (*p).immediate_exit, 1) };
+        // Only a raw pointer to the one field is formed (addr_of_mut!), never
+        // a reference: the interrupted run loop may hold its own.
+        unsafe { std::ptr::write_volatile(std::ptr::addr_of_mut!((*p).immediate_exit), 1) };
     }
 }
 
@@ -182,20 +184,46 @@ pub fn install_kick_handler() -> bool {
     HANDLER_OK.load(Ordering::SeqCst)
 }
 
+/// Threads that may be kicked now: (thread, generation), one entry per
+/// live [`KickGuard`]. A kick signals a thread only while its entry is
+/// here, checked under this lock; a guard removes its entry (under the
+/// lock) before its thread can leave the run loop, let alone exit. So a
+/// kicker never signals a thread that has exited (whose id may have been
+/// reused), nor a later run of the same thread.
+static KICKABLE: Mutex<Vec<(libc::pthread_t, u64)>> = Mutex::new(Vec::new());
+static NEXT_GEN: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The generation of this thread's live KickGuard (0: none).
+    static GEN: Cell<u64> = const { Cell::new(0) };
+}
+
+fn kickable() -> std::sync::MutexGuard<'static, Vec<(libc::pthread_t, u64)>> {
+    KICKABLE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// While alive, kicks sent to this thread make this vCPU's KVM_RUN return.
-pub struct KickGuard;
+pub struct KickGuard {
+    gen: u64,
+}
 
 impl KickGuard {
     pub fn register(vcpu: &mut VcpuFd) -> KickGuard {
         install_kick_handler();
         let p: *mut kvm_run = vcpu.get_kvm_run();
         KVM_RUN.with(|c| c.set(p));
-        KickGuard
+        let gen = NEXT_GEN.fetch_add(1, Ordering::SeqCst);
+        GEN.with(|g| g.set(gen));
+        // SAFETY: pthread_self has no preconditions.
+        kickable().push((unsafe { libc::pthread_self() }, gen));
+        KickGuard { gen }
     }
 }
 
 impl Drop for KickGuard {
     fn drop(&mut self) {
+        kickable().retain(|&(_, g)| g != self.gen);
+        GEN.with(|g| g.set(0));
         KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
     }
 }
@@ -204,18 +232,27 @@ impl Drop for KickGuard {
 #[derive(Clone, Copy, Debug)]
 pub struct Kicker {
     thread: libc::pthread_t,
+    /// The KickGuard generation it was made under (0: none, never kicks).
+    gen: u64,
 }
 
 impl Kicker {
-    /// A kicker for the calling thread.
+    /// A kicker for the calling thread, valid while its KickGuard lives.
     pub fn current() -> Kicker {
         // SAFETY: pthread_self has no preconditions.
-        Kicker { thread: unsafe { libc::pthread_self() } }
+        Kicker { thread: unsafe { libc::pthread_self() }, gen: GEN.with(|g| g.get()) }
     }
+
+    /// Signals the vCPU thread, if the run it was made for is still on;
+    /// otherwise nothing (a kick for a finished run has nothing to stop).
     pub fn kick(&self) {
-        // SAFETY: the thread id came from pthread_self of a thread that joins
-        // (and stops its kickers) before exiting; a stale kick is harmless.
-        unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+        let live = kickable();
+        if self.gen != 0 && live.iter().any(|&(t, g)| g == self.gen && t == self.thread) {
+            // SAFETY: the thread is alive: its KickGuard's entry is present
+            // and is only removed, under this lock we hold, by that thread
+            // itself before it can exit.
+            unsafe { libc::pthread_kill(self.thread, kick_signal()) };
+        }
     }
 }
 
@@ -239,5 +276,34 @@ impl Vcpu {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod kick_tests {
+    use super::*;
+
+    /// A kicker outlives its run: once the guard is gone (and the thread
+    /// with it) a kick signals nothing, instead of pthread_kill on a thread
+    /// id that may have been reused.
+    #[test]
+    fn a_kicker_for_a_finished_run_signals_nothing() {
+        let Ok(kvm) = Kvm::new() else { return };
+        let vm = kvm.create_vm().expect("create VM");
+        let mut fd = vm.create_vcpu(0).expect("create vCPU");
+        let (k, gen) = std::thread::scope(|s| {
+            s.spawn(|| {
+                let g = KickGuard::register(&mut fd);
+                let k = Kicker::current();
+                assert!(kickable().iter().any(|&(_, x)| x == g.gen), "live while the guard is");
+                // A live kick reaches this thread: the handler only sets immediate_exit.
+                k.kick();
+                (k, g.gen)
+            })
+            .join()
+            .unwrap()
+        });
+        assert!(!kickable().iter().any(|&(_, x)| x == gen), "the guard's entry went with it");
+        k.kick(); // must be a no-op now
     }
 }

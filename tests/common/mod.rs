@@ -33,7 +33,10 @@ pub fn run_with_input(args: &[&str], stdin: &[u8]) -> Output {
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     let t = std::thread::spawn(move || {
-        if rx.recv_timeout(std::time::Duration::from_secs(120)).is_err() {
+        if rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .is_err()
+        {
             // SAFETY: plain kill(2) of our own child process.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
@@ -54,7 +57,14 @@ pub fn run_demo(cmdline: &str, extra: &[&str], stdin: &[u8]) -> Output {
 /// `revirt record` of the demo guest into `dir`; the caller judges the outcome.
 pub fn record_demo(dir: &Path, cmdline: &str, extra: &[&str], stdin: &[u8]) -> Output {
     let img = demo_image();
-    let mut args = vec!["record", img.to_str().unwrap(), "--cmdline", cmdline, "-o", dir.to_str().unwrap()];
+    let mut args = vec![
+        "record",
+        img.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+        "-o",
+        dir.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     run_with_input(&args, stdin)
 }
@@ -75,7 +85,10 @@ pub fn tree_hash(dir: &Path) -> std::collections::BTreeMap<PathBuf, String> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                m.insert(p.clone(), revirt::trace::sha256_hex(&std::fs::read(&p).unwrap()));
+                m.insert(
+                    p.clone(),
+                    revirt::trace::sha256_hex(&std::fs::read(&p).unwrap()),
+                );
             }
         }
     }
@@ -122,7 +135,16 @@ pub fn field(line: &str, key: &str) -> Option<String> {
 pub fn record_vuln_after_prompt(dir: &Path, input: &[u8]) -> Output {
     let img = demo_image();
     let mut child = revirt()
-        .args(["record", img.to_str().unwrap(), "--cmdline", "workload=vuln", "-o", dir.to_str().unwrap(), "--checkpoint-every", "20ms"])
+        .args([
+            "record",
+            img.to_str().unwrap(),
+            "--cmdline",
+            "workload=vuln",
+            "-o",
+            dir.to_str().unwrap(),
+            "--checkpoint-every",
+            "20ms",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -133,9 +155,17 @@ pub fn record_vuln_after_prompt(dir: &Path, input: &[u8]) -> Output {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut buf = [0u8; 256];
     while !String::from_utf8_lossy(&seen).contains("vuln: name?\n") {
-        assert!(Instant::now() < deadline, "no prompt: {}", String::from_utf8_lossy(&seen));
+        assert!(
+            Instant::now() < deadline,
+            "no prompt: {}",
+            String::from_utf8_lossy(&seen)
+        );
         let n = so.read(&mut buf).unwrap();
-        assert!(n > 0, "guest output ended early: {}", String::from_utf8_lossy(&seen));
+        assert!(
+            n > 0,
+            "guest output ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
     // Let the guest go idle waiting for the input.

@@ -1,5 +1,6 @@
 /*
- * Ring-0 entry, interrupt descriptor table and interrupt handlers.
+ * Ring-0 entry, interrupt descriptor table and interrupt handlers of the
+ * revirt guest runtime (the demo guest and SDK programs, docs/guest-sdk.md).
  *
  * Ring 0 is emulated instruction by instruction on hosts without VMX/SVM
  * (about 1 us per instruction), so everything here is kept tiny:
@@ -15,6 +16,7 @@
 #define TASK_KTOP 8
 #define TASK_NEXT 16
 #define TASK_STATE 24
+#define TASK_FPU 32
 #define TASK_RUNNABLE 1
 
 #define TSS_RSP0 0x1084
@@ -167,7 +169,18 @@ irq_timer:
 	je 2f
 	mov TASK_NEXT(%rcx), %rcx
 	jmp 1b
-2:	mov %rcx, cur_task
+2:
+#ifdef RT_SAVE_FPU
+	/* SDK programs use SSE/x87 in every task: switch FXSAVE areas too. */
+	cmp %rax, %rcx
+	je 3f
+	mov TASK_FPU(%rax), %rdx
+	fxsave64 (%rdx)
+	mov TASK_FPU(%rcx), %rdx
+	fxrstor64 (%rdx)
+3:
+#endif
+	mov %rcx, cur_task
 	mov TASK_KSP(%rcx), %rsp
 	mov TASK_KTOP(%rcx), %rax
 	mov %rax, TSS_RSP0

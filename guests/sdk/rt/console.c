@@ -1,6 +1,6 @@
-/* Console, device helpers and the few libc functions gcc may call. Runs in
- * ring 3 (and, for the ring0 workload, in ring 0). */
-#include "demo.h"
+/* Console and device helpers of the runtime (serial, idle, clock, power).
+ * Freestanding: runs in ring 3 and in ring 0 (the demo's ring0 workload). */
+#include "rt.h"
 
 void con_putc(char c)
 {
@@ -120,46 +120,4 @@ u64 clock_ns(void)
     u64 lo = inl(PORT_CLOCK_LO); /* latches the high half */
     u64 hi = inl(PORT_CLOCK_HI);
     return hi << 32 | lo;
-}
-
-/* gcc may emit calls to these even in freestanding code. */
-void *memset(void *d, int c, size_t n)
-{
-    u8 *p = d;
-    while (n--)
-        *p++ = (u8)c;
-    return d;
-}
-
-void *memcpy(void *d, const void *s, size_t n)
-{
-    u8 *p = d;
-    const u8 *q = s;
-    while (n--)
-        *p++ = *q++;
-    return d;
-}
-
-int memcmp(const void *a, const void *b, size_t n)
-{
-    const u8 *p = a, *q = b;
-    for (; n; n--, p++, q++)
-        if (*p != *q)
-            return *p - *q;
-    return 0;
-}
-
-size_t strlen(const char *s)
-{
-    size_t n = 0;
-    while (s[n])
-        n++;
-    return n;
-}
-
-int str_eq(const char *a, const char *b)
-{
-    while (*a && *a == *b)
-        a++, b++;
-    return *a == *b;
 }

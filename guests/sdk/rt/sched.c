@@ -6,12 +6,13 @@
  * writing an initial interrupt frame on the new task's kernel stack; the
  * timer handler then switches to it like to any preempted task.
  */
-#include "demo.h"
+#include "rt.h"
 
 _Static_assert(offsetof(struct task, ksp) == 0, "entry.S TASK_KSP");
 _Static_assert(offsetof(struct task, ktop) == 8, "entry.S TASK_KTOP");
 _Static_assert(offsetof(struct task, next) == 16, "entry.S TASK_NEXT");
 _Static_assert(offsetof(struct task, state) == 24, "entry.S TASK_STATE");
+_Static_assert(offsetof(struct task, fpu) == 32, "entry.S TASK_FPU");
 _Static_assert(TASK_RUNNABLE == 1, "entry.S TASK_RUNNABLE");
 _Static_assert(sizeof(struct int_frame) == 20 * 8, "entry.S push order");
 
@@ -21,6 +22,10 @@ volatile u64 ticks;
 
 static u8 kstacks[NTASKS][KSTACK_SIZE] __attribute__((aligned(16)));
 static u8 ustacks[NTASKS][USTACK_SIZE] __attribute__((aligned(16)));
+#ifdef RT_SAVE_FPU
+/* x87/SSE state of switched-out tasks (FXSAVE format), see entry.S. */
+static u8 fpu_areas[NTASKS][512] __attribute__((aligned(16)));
+#endif
 
 struct task *task_spawn(task_fn fn, u64 arg)
 {
@@ -45,6 +50,14 @@ struct task *task_spawn(task_fn fn, u64 arg)
     };
     t->ksp = (u64)f;
     t->ktop = ktop;
+#ifdef RT_SAVE_FPU
+    u8 *fx = fpu_areas[i];
+    for (int b = 0; b < 512; b++) /* no memset: ring 0 must not run SSE code */
+        fx[b] = 0;
+    *(u16 *)fx = 0x037F;        /* FCW: the power-on default */
+    *(u32 *)(fx + 24) = 0x1F80; /* MXCSR: all exceptions masked */
+    t->fpu = (u64)fx;
+#endif
 
     /* Publish: the timer handler may run between any two of these stores. */
     int in_ring = t->state == TASK_DEAD; /* a dead task is still linked */

@@ -1,0 +1,212 @@
+//! Checkpoints off the vCPU's path: the vCPU thread only copies the dirty
+//! pages into a reused buffer and saves the machine state; a writer thread
+//! serializes, compresses and writes the file, then hands the buffer back.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::RecordError;
+use crate::trace::checkpoint::{runs, CheckpointHeader, PAGE};
+use crate::trace::{self, Checkpoint};
+use crate::vmm::{Machine, MachineError};
+
+struct Job {
+    path: PathBuf,
+    ck: Checkpoint,
+}
+
+/// A written checkpoint: its id, what was written, and the buffer to reuse.
+type Done = Result<(u32, trace::checkpoint::Written, Vec<u8>), String>;
+
+pub struct CheckpointWriter {
+    tx: Option<mpsc::Sender<Job>>,
+    done: mpsc::Receiver<Done>,
+    thread: Option<JoinHandle<()>>,
+    /// Buffers the writer has finished with (page copies go into these).
+    spare: Vec<Vec<u8>>,
+    in_flight: u32,
+    /// Bytes of checkpoint files written so far.
+    pub bytes: u64,
+    /// How long the guest stood still for each incremental checkpoint, and
+    /// the pages it copied meanwhile.
+    pub pauses: Vec<(std::time::Duration, u64)>,
+    /// Files on disk whose SHA-256 the log has not bound yet: (id, hex).
+    pub landed: Vec<(u32, String)>,
+}
+
+impl CheckpointWriter {
+    pub fn start() -> Result<CheckpointWriter, RecordError> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (dtx, done) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("revirt-checkpoints".into())
+            .spawn(move || {
+                for Job { path, ck } in rx {
+                    let r = ck
+                        .write(&path)
+                        .map(|n| (ck.header.id, n, ck.data))
+                        .map_err(|e| e.to_string());
+                    if dtx.send(r).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| RecordError::CheckpointWriter(format!("starting its thread: {e}")))?;
+        Ok(CheckpointWriter {
+            tx: Some(tx),
+            done,
+            thread: Some(thread),
+            spare: Vec::new(),
+            in_flight: 0,
+            bytes: 0,
+            pauses: Vec::new(),
+            landed: Vec::new(),
+        })
+    }
+
+    fn collect(&mut self, r: Done) -> Result<(), RecordError> {
+        self.in_flight -= 1;
+        let (id, w, buf) = r.map_err(RecordError::CheckpointWriter)?;
+        self.bytes += w.bytes;
+        self.landed.push((id, w.sha256));
+        self.spare.push(buf);
+        Ok(())
+    }
+
+    /// Takes in what the writer finished, without waiting.
+    fn poll(&mut self) -> Result<(), RecordError> {
+        while let Ok(r) = self.done.try_recv() {
+            self.collect(r)?;
+        }
+        Ok(())
+    }
+
+    /// Checkpoint `id` of the running machine: everything dirtied since the
+    /// previous one, or for id 0 every page that is not zero (fresh RAM is
+    /// zero, so untouched memory costs nothing). The guest is stopped only
+    /// while the pages are copied and the state saved.
+    pub fn take(
+        &mut self,
+        dir: &Path,
+        m: &mut Machine,
+        id: u32,
+        next_event: u64,
+        output_len: u64,
+        clock_ns: u64,
+    ) -> Result<(), RecordError> {
+        let t0 = std::time::Instant::now();
+        self.poll()?;
+        let (dirty, sectors) = m.take_dirty()?;
+        let (pages, sectors) = if id == 0 {
+            (runs(m.nonzero_pages()?), vec![])
+        } else {
+            (runs(dirty), runs(sectors))
+        };
+        let page_bytes: u64 = pages.iter().map(|r| r.1 * PAGE).sum();
+        let mut data = self.spare.pop().unwrap_or_default();
+        data.clear();
+        data.reserve(page_bytes as usize);
+        let region = m
+            .mem
+            .iter()
+            .next()
+            .ok_or_else(|| MachineError::Memory("no guest memory".into()))?;
+        let (base, size) = (region.as_ptr(), region.len());
+        for &(first, count) in &pages {
+            let (off, len) = (first * PAGE, count * PAGE);
+            if off + len > size {
+                return Err(MachineError::Memory(format!(
+                    "page run {first}+{count} is outside guest memory"
+                ))
+                .into());
+            }
+            let at = data.len();
+            // SAFETY: [off, off + len) lies inside the one guest memory
+            // region (checked above), which stays mapped while `m` lives;
+            // `data` has `len` bytes of spare capacity after `at` (reserved
+            // above for all runs), and set_len covers exactly the bytes
+            // copied. The guest is not running (we are on its vCPU thread).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    base.add(off as usize),
+                    data.as_mut_ptr().add(at),
+                    len as usize,
+                );
+                data.set_len(at + len as usize);
+            }
+        }
+        for &(first, count) in &sectors {
+            let bytes = m.devices.block.read_sectors(first, count).map_err(|e| {
+                MachineError::State(format!("reading the disk for a checkpoint: {e}"))
+            })?;
+            data.extend_from_slice(&bytes);
+        }
+        let machine = m.save_state(clock_ns)?;
+        let ck = Checkpoint {
+            header: CheckpointHeader {
+                id,
+                exits: m.exits,
+                next_event,
+                output_len,
+                machine,
+                pages,
+                sectors,
+            },
+            data,
+        };
+        let tx = self.tx.as_ref().expect("writer open until finish");
+        if tx
+            .send(Job {
+                path: trace::checkpoint_path(dir, id),
+                ck,
+            })
+            .is_err()
+        {
+            // The thread ended: its error is waiting in `done`.
+            return self.finish().map(|_| ());
+        }
+        self.in_flight += 1;
+        if id > 0 {
+            self.pauses.push((t0.elapsed(), page_bytes / PAGE));
+        }
+        Ok(())
+    }
+
+    /// Waits until every checkpoint handed over is on disk.
+    pub fn wait(&mut self) -> Result<(), RecordError> {
+        while self.in_flight > 0 {
+            match self.done.recv() {
+                Ok(r) => self.collect(r)?,
+                Err(_) => {
+                    return Err(RecordError::CheckpointWriter(
+                        "the checkpoint writer stopped".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every checkpoint to be on disk and stops the writer;
+    /// returns the bytes written.
+    pub fn finish(&mut self) -> Result<u64, RecordError> {
+        let r = self.wait();
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        r.map(|_| self.bytes)
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
