@@ -100,11 +100,12 @@ fn readers_check_every_file_and_refuse_damage_without_force() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let line = stderr(&o).lines().find(|l| l.contains("integrity: checked")).map(str::to_string).unwrap_or_else(|| panic!("no summary: {}", stderr(&o)));
     assert!(line.contains("image.elf") && line.contains("events.log") && line.contains("checkpoints") && line.contains("console.log") && line.ends_with("intact"), "{line}");
-    let readers: [Vec<&str>; 4] = [
+    let readers: [Vec<&str>; 5] = [
         vec!["replay", r, "-q"],
         vec!["inspect", r, "-c", "events 0"],
         vec!["live", r, "--at", "start", "-q"],
         vec!["gdb", r, "--port", "0"],
+        vec!["debug", r, "--gdb", "/bin/false"],
     ];
     let o = run_with_input(&readers[1], b"");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));

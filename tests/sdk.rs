@@ -202,8 +202,20 @@ impl Drop for Server {
 }
 
 fn serve(rec: &Path) -> Server {
+    serve_at(rec, 0)
+}
+
+/// The server, starting at guest-caused exit `at` (`revirt gdb --at`).
+fn serve_at(rec: &Path, at: u64) -> Server {
     let mut child = revirt()
-        .args(["gdb", rec.to_str().unwrap(), "--port", "0"])
+        .args([
+            "gdb",
+            rec.to_str().unwrap(),
+            "--port",
+            "0",
+            "--at",
+            &at.to_string(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -344,13 +356,30 @@ fn gdb_stops_in_lua_at_its_source_line_and_reverse_continues() {
     let tmp = tempfile::tempdir().unwrap();
     let rec = tmp.path().join("rec");
     let img = programs().join("luademo.img");
+    // os.clock() reads the clock port: a recorded exit just after Lua's
+    // start-up, where the session starts (`continue` single-steps while a
+    // breakpoint is set, so starting at boot would step all of Lua's start-up).
     let o = record(
         &img,
         &rec,
-        &["--cmdline=-e print(('abc'):reverse(), ('hello!'):reverse())"],
+        &["--cmdline=-e local t = os.clock() print(('abc'):reverse(), ('hello!'):reverse())"],
         b"",
     );
     assert_eq!(stdout(&o), "cba\t!olleh\n");
+    let ev = run_with_input(&["inspect", rec.to_str().unwrap(), "-c", "events"], b"");
+    let at: u64 = stdout(&ev)
+        .lines()
+        .rfind(|l| l.contains("clock read"))
+        .and_then(|l| {
+            l.split("exit ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no clock read in the events: {}", stdout(&ev)));
+    assert!(at > 0, "{}", stdout(&ev));
 
     let src = root().join("guests/third_party/lua/src/lstrlib.c");
     let line = line_after(
@@ -358,7 +387,7 @@ fn gdb_stops_in_lua_at_its_source_line_and_reverse_continues() {
         "static int str_reverse (",
         "luaL_buffinitsize(L, &b, l)",
     );
-    let server = serve(&rec);
+    let server = serve_at(&rec, at);
     let out = gdb(
         server.1,
         &img,
@@ -537,4 +566,30 @@ fn revirt_debug_starts_gdb_connected_with_the_images_symbols() {
         "{}",
         stderr(&o)
     );
+}
+
+/// Two preemptive tasks computing in floating point at 1 kHz: the timer's
+/// task switch saves and restores the x87/SSE state (a lost register would
+/// change the sums), and setjmp/longjmp and assert work; records and replays.
+#[test]
+fn sdk_tasks_keep_their_fpu_state_across_switches_and_replay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("tasks.img");
+    let o = Command::new(root().join("guests/sdk/rvcc"))
+        .arg("-o")
+        .arg(&img)
+        .arg(root().join("guests/sdk/examples/tasks.c"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sum = |w: f64| (1..=2_000_000).fold(0.0f64, |s, i| s + 1.0 / ((i as f64) * (i as f64) + w));
+    let expected = format!(
+        "tasks: sum0={:.12} sum1={:.12} ticks>0=1\ntasks: longjmp returned 42\n",
+        sum(0.0),
+        sum(1.0)
+    );
+    let rec = tmp.path().join("rec");
+    let o = record(&img, &rec, &[], b"");
+    assert_eq!(stdout(&o), expected);
+    replay_matches(&rec, &expected);
 }

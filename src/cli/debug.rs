@@ -20,6 +20,10 @@ pub struct Args {
     /// Start at this guest-caused exit instead of the start of the recording.
     #[arg(long, default_value_t = 0)]
     at: u64,
+    /// Work on a recording that fails its integrity check (damaged
+    /// evidence): say what is damaged, then go on.
+    #[arg(long)]
+    force: bool,
     /// The gdb to run.
     #[arg(long, default_value = "gdb")]
     gdb: String,
@@ -30,7 +34,10 @@ pub struct Args {
 }
 
 pub fn main(a: Args) -> anyhow::Result<u8> {
-    let rec = Arc::new(Recording::open(&a.recording)?);
+    let rec = Arc::new(Recording::open_checked(&a.recording, a.force)?);
+    if let Some(line) = &rec.integrity {
+        eprintln!("revirt debug: {line}");
+    }
     // The recording's copy: the exact bytes that ran, whatever happened to the original since.
     let image = a.recording.join("image.elf");
     let session = Session::open(rec, a.at)?;

@@ -161,6 +161,8 @@ pub fn verify(dir: &Path) -> Report {
                 if log.status == LogStatus::Complete {
                     damaged = true;
                     push(false, format!("checkpoint {id}: not bound into the log's hash chain (no SHA-256 logged for it)"));
+                } else if log.status.is_damaged() {
+                    push(false, format!("checkpoint {id}: its SHA-256 is not in the verified part of the damaged log; not trusted"));
                 } else {
                     incomplete = true;
                     push(false, format!("checkpoint {id}: the log is cut short before its file's SHA-256; not trusted"));
