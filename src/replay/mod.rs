@@ -3,6 +3,7 @@
 //! that the guest arrives where the recording says it did.
 
 pub mod provenance;
+pub mod search;
 pub mod timeline;
 
 use std::path::{Path, PathBuf};
@@ -178,6 +179,8 @@ pub struct ReplayHost {
     /// Set from another thread (e.g. a Ctrl-C handler) to pause the replay
     /// at the next deterministic point; cleared when honoured.
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Breakpoint arrivals being counted (the search engine, `search`).
+    pub scan: Option<search::Scan>,
 }
 
 /// Replaying precise events with the PMU clock's landing algorithm over the
@@ -256,7 +259,7 @@ impl ReplayHost {
     }
 
     pub fn new(rec: Arc<Recording>, next: usize, output_len: u64, sink: Sink) -> ReplayHost {
-        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false, landing: None, interrupt: None }
+        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false, landing: None, interrupt: None, scan: None }
     }
 
     fn next_desc(&self) -> String {
@@ -547,6 +550,12 @@ impl Host for ReplayHost {
         }
         if let Some(p) = ctx.point() {
             self.last_boundary = Some(p);
+            if let Some(scan) = &mut self.scan {
+                if scan.at_poll(p, ctx.fp.unwrap_or(0), ctx.watch) {
+                    self.reached = true;
+                    return Ok(Control::Pause);
+                }
+            }
             match &mut self.stop_at {
                 Some(StopAt::Steps(n)) => {
                     *n = n.saturating_sub(1);
