@@ -465,8 +465,10 @@ fn ctrl_c_interrupts_a_long_continue() {
     let mut t = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     t.write_all(&packet("QStartNoAckMode")).unwrap();
     assert_eq!(read_packet(&mut t, 10), "OK");
-    // A breakpoint nowhere near: `continue` single-steps and checks it.
-    t.write_all(&packet("Z0,123456,1")).unwrap();
+    // An access watchpoint on bytes nothing touches: `continue` single-steps
+    // and checks every instruction (breakpoints and write watchpoints run at
+    // native speed: the whole recording would end before the Ctrl-C).
+    t.write_all(&packet("Z4,123456,8")).unwrap();
     assert_eq!(read_packet(&mut t, 10), "OK");
     t.write_all(&packet("vCont;c")).unwrap();
     std::thread::sleep(Duration::from_millis(1500));

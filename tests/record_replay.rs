@@ -197,6 +197,7 @@ fn a_damaged_log_is_detected_and_replayed_up_to_the_damage() {
     // --force works on the damaged evidence: replayed up to the damage.
     let o = replay(&dir, &["-q", "--force"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"));
     let e = stderr(&o);
     assert!(e.contains("DAMAGED (not cut short)") && e.contains("checksum") && !e.contains("cut-short"), "{e}");
 }

@@ -567,3 +567,29 @@ fn revirt_debug_starts_gdb_connected_with_the_images_symbols() {
         stderr(&o)
     );
 }
+
+/// Two preemptive tasks computing in floating point at 1 kHz: the timer's
+/// task switch saves and restores the x87/SSE state (a lost register would
+/// change the sums), and setjmp/longjmp and assert work; records and replays.
+#[test]
+fn sdk_tasks_keep_their_fpu_state_across_switches_and_replay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("tasks.img");
+    let o = Command::new(root().join("guests/sdk/rvcc"))
+        .arg("-o")
+        .arg(&img)
+        .arg(root().join("guests/sdk/examples/tasks.c"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sum = |w: f64| (1..=2_000_000).fold(0.0f64, |s, i| s + 1.0 / ((i as f64) * (i as f64) + w));
+    let expected = format!(
+        "tasks: sum0={:.12} sum1={:.12} ticks>0=1\ntasks: longjmp returned 42\n",
+        sum(0.0),
+        sum(1.0)
+    );
+    let rec = tmp.path().join("rec");
+    let o = record(&img, &rec, &[], b"");
+    assert_eq!(stdout(&o), expected);
+    replay_matches(&rec, &expected);
+}

@@ -75,6 +75,13 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
         LogStatus::Complete => {}
     }
+    if rec.checkpoints.is_empty() {
+        eprintln!(
+            "revirt: nothing to replay: the {} log stops before checkpoint 0 is usable",
+            if rec.status.is_damaged() { "damaged" } else { "cut-short" }
+        );
+        return Ok(2);
+    }
     let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));
     let sink = if a.quiet { Sink::Discard } else { Sink::Stdout };
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;

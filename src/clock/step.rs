@@ -298,7 +298,7 @@ fn insn_at(mem: &GuestMemoryMmap, rip: u64) -> Insn {
 
 /// The cached descriptor a segment register gets when `sel` is loaded from
 /// the GDT at `gdt_base` (64-bit mode; LDT selectors are not supported).
-fn segment_from_gdt(
+pub(crate) fn segment_from_gdt(
     mem: &GuestMemoryMmap,
     gdt_base: u64,
     sel: u16,

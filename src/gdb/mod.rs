@@ -318,9 +318,13 @@ impl MonitorCmd for Target64 {
         match words.as_slice() {
             ["where"] | ["when"] => {
                 let p = self.s.pos();
+                let anchor = match p.anchor {
+                    Some((r, n)) => format!(", arrival {n} at {r:#x}"),
+                    None => String::new(),
+                };
                 outputln!(
                     out,
-                    "{} (exit {} + {} steps); next event #{} of {}",
+                    "{} (exit {}{anchor} + {} steps); next event #{} of {}",
                     p.point,
                     p.exits,
                     p.steps,
@@ -379,8 +383,9 @@ impl MonitorCmd for Target64 {
             ["stats"] => {
                 outputln!(
                     out,
-                    "instructions single-stepped this session: {}",
-                    self.s.steps_taken
+                    "instructions single-stepped this session: {}; native-speed breakpoint runs: {}",
+                    self.s.steps_taken,
+                    self.s.native_runs
                 );
                 let n = &self.s.snaps;
                 let st = n.stats;

@@ -16,7 +16,8 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::clock::{fingerprint, ExecPoint};
 use crate::replay::{Outcome, Recording, ReplayError, Sink, Timeline};
 
-use super::snapshots::Snapshots;
+use super::snapshots::{leads_to, rank, At, Snapshots};
+use crate::replay::search::{Hit, Scan, ScanStop, WATCH};
 
 /// Something went wrong below the debugger (KVM, a damaged recording, a divergence).
 #[derive(Debug, thiserror::Error)]
@@ -65,16 +66,38 @@ pub enum StopWhy {
 }
 
 /// Where the session is: a guest-caused exit count `exits` (the machine as
-/// it is right after that exit), then `steps` single steps; plus the
-/// execution point and register fingerprint found there (a check).
+/// it is right after that exit), then optionally the `n`-th arrival at RIP
+/// `r` (`anchor`: reached at native speed with one counting breakpoint,
+/// `replay::search`), then `steps` single steps; plus the execution point
+/// and register fingerprint found there (a check).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pos {
     pub exits: u64,
+    pub anchor: Option<(u64, u64)>,
     pub steps: u64,
     pub point: ExecPoint,
     pub fp: u64,
     /// The guest stopped (powered off, panicked) or the log ended here.
     pub end: bool,
+}
+
+impl Pos {
+    /// The position's key: (exit, anchor, steps).
+    pub fn at(&self) -> At {
+        (self.exits, self.anchor, self.steps)
+    }
+
+    /// The same machine state as far as a position can tell: exit count,
+    /// RIP and register fingerprint.
+    pub fn same_state(&self, o: &Pos) -> bool {
+        same_point(&self.point, &o.point) && self.fp == o.fp
+    }
+}
+
+/// Exit count and RIP agree. (The branch count is known only where the
+/// guest was stepped: a native-speed run does not count branches.)
+pub fn same_point(a: &ExecPoint, b: &ExecPoint) -> bool {
+    a.exits == b.exits && a.rip == b.rip
 }
 
 pub struct Session {
@@ -91,9 +114,22 @@ pub struct Session {
     pub steps_taken: u64,
     /// In-memory snapshots taken while going back (see `snapshots`).
     pub snaps: Snapshots,
-    /// For an exit boundary `e`: the boundary just before it (the last one
-    /// of an earlier interval), once a reverse step has counted it.
-    prev_boundary: HashMap<u64, Pos>,
+    /// For a position at an exit boundary or an anchor: the boundary just
+    /// before it, once a reverse step has counted it.
+    prev_boundary: HashMap<At, Pos>,
+    /// Breakpoint arrivals counted since the current exit boundary, for
+    /// these sites, valid at this position (a forward continue goes on
+    /// counting from them instead of recounting the interval).
+    arrivals: Option<(At, BTreeSet<u64>, Vec<(u64, u64)>)>,
+    /// Native-speed runs (breakpoints without single-stepping) so far.
+    pub native_runs: u64,
+    /// Data watchpoints run natively: physical start -> (length, the
+    /// virtual address gdb set it at).
+    watch_phys: HashMap<u64, (u64, u64)>,
+    /// Continue and reverse-continue with breakpoints only run the guest
+    /// free between hits (default; `REVIRT_GDB_NATIVE=0` turns it off: the
+    /// single-stepping path, kept as the oracle).
+    pub native: bool,
 }
 
 /// Fewer steps than this to a target: no snapshot halfway.
@@ -121,6 +157,7 @@ impl Session {
         let big_disk = disk_bytes > super::snapshots::MAX_DISK_BYTES;
         let pos = Pos {
             exits: 0,
+            anchor: None,
             steps: 0,
             point: ExecPoint::default(),
             fp: 0,
@@ -137,8 +174,12 @@ impl Session {
             steps_taken: 0,
             snaps: Snapshots::new(snapshots && !big_disk),
             prev_boundary: HashMap::new(),
+            arrivals: None,
+            native_runs: 0,
+            watch_phys: HashMap::new(),
+            native: !std::env::var("REVIRT_GDB_NATIVE").is_ok_and(|v| v == "0" || v == "off"),
         };
-        s.refresh(0, 0)?;
+        s.refresh((0, None, 0))?;
         if at > 0 {
             s.goto_exit(at)?;
         }
@@ -149,7 +190,7 @@ impl Session {
         self.pos
     }
 
-    fn refresh(&mut self, exits: u64, steps: u64) -> R<()> {
+    fn refresh(&mut self, (exits, anchor, steps): At) -> R<()> {
         let regs = self
             .tl
             .machine
@@ -159,6 +200,7 @@ impl Session {
         let m = &self.tl.machine;
         self.pos = Pos {
             exits,
+            anchor,
             steps,
             point: ExecPoint {
                 exits: m.exits,
@@ -181,7 +223,7 @@ impl Session {
     /// Goes to the machine state right after guest-caused exit `e` (restoring
     /// a snapshot or checkpoint when `e` lies behind us).
     pub fn goto_exit(&mut self, e: u64) -> R<StopWhy> {
-        self.reach(e, 0)
+        self.reach((e, None, 0))
     }
 
     /// Takes a snapshot here (when snapshots are on).
@@ -192,40 +234,31 @@ impl Session {
             .map_err(|e| SessionError::Lost(format!("taking a snapshot: {e}")))
     }
 
-    /// Goes to exit boundary `e` then `k` steps: from here when that lies
-    /// on the way, else from the nearest in-memory snapshot or recording
-    /// checkpoint before it; leaves snapshots on the way (at `e - 1`, `e`,
-    /// halfway through long step runs and at the target) so the next move
-    /// back is short. Returns `End` if the recording ends first.
-    fn reach(&mut self, e: u64, k: u64) -> R<StopWhy> {
-        let target = (e, k);
-        let here = (self.pos.exits, self.pos.steps);
-        if here == target && !self.pos.end {
+    /// Goes to position `t` (exit boundary, anchor, steps): from here when
+    /// that lies on the way, else from the nearest in-memory snapshot or
+    /// recording checkpoint before it; leaves snapshots on the way (at
+    /// `e - 1`, `e`, at an anchor reached by a long run, halfway through long
+    /// step runs and at the target) so the next move back is short.
+    /// Returns `End` if the recording ends first.
+    fn reach(&mut self, t: At) -> R<StopWhy> {
+        let (e, anchor, k) = t;
+        let here = self.pos.at();
+        if here == t && !self.pos.end {
             return Ok(StopWhy::Step);
         }
         // Where to start: here, a snapshot, or a checkpoint (latest wins).
         // (The machine must really be where `pos` says: an error may have
         // left it elsewhere.)
         let from_here = !self.pos.end
-            && here <= target
+            && leads_to(here, t)
             && self.tl.exits() == self.pos.exits
-            && self.tl.position().ok() == Some(self.pos.point);
-        let snap = if self.snaps.enabled {
-            self.snaps.best(target)
-        } else {
-            None
-        };
+            && self.tl.position().is_ok_and(|p| same_point(&p, &self.pos.point));
+        let snap = if self.snaps.enabled { self.snaps.best(t) } else { None };
         let ck = Timeline::nearest_checkpoint(&self.rec, e);
-        let ck_exits = self
-            .rec
-            .checkpoints
-            .iter()
-            .find(|c| c.0 == ck)
-            .map(|c| c.1)
-            .unwrap_or(0);
+        let ck_exits = self.rec.checkpoints.iter().find(|c| c.0 == ck).map(|c| c.1).unwrap_or(0);
         let mut fresh = false;
         match snap {
-            Some(s) if !(from_here && here >= s) && s.0 >= ck_exits => {
+            Some(s) if !(from_here && rank(here) >= rank(s)) && s.0 >= ck_exits => {
                 self.pos = self
                     .snaps
                     .restore(&mut self.tl, s)
@@ -239,6 +272,7 @@ impl Session {
                 self.end_note = None;
                 self.pos.end = false;
                 self.pos.exits = self.tl.exits();
+                self.pos.anchor = None;
                 self.pos.steps = 0;
                 fresh = true;
             }
@@ -250,7 +284,7 @@ impl Session {
             if self.snaps.enabled && e >= 1 && start + 1 < e {
                 match self.tl.run(Some(e - 1))? {
                     Outcome::Reached => {
-                        self.refresh(e - 1, 0)?;
+                        self.refresh((e - 1, None, 0))?;
                         self.snap_here()?;
                     }
                     other => return self.ended(other),
@@ -262,9 +296,14 @@ impl Session {
                     other => return self.ended(other),
                 }
             }
-            self.refresh(e, 0)?;
+            self.refresh((e, None, 0))?;
             if start < e || fresh {
                 self.snap_here()?;
+            }
+        }
+        if let Some((r, n)) = anchor {
+            if self.pos.anchor != anchor {
+                self.run_to_arrival(r, n)?;
             }
         }
         let j = self.pos.steps;
@@ -274,17 +313,17 @@ impl Session {
             if self.snaps.enabled && n >= SNAP_HALFWAY_MIN {
                 let half = n / 2;
                 match self.tl.step(half)? {
-                    Outcome::Reached => self.refresh(e, j + half)?,
+                    Outcome::Reached => self.refresh((e, anchor, j + half))?,
                     other => return self.ended(other),
                 }
                 self.snap_here()?;
                 match self.tl.step(n - half)? {
-                    Outcome::Reached => self.refresh(e, k)?,
+                    Outcome::Reached => self.refresh((e, anchor, k))?,
                     other => return self.ended(other),
                 }
             } else {
                 match self.tl.step(n)? {
-                    Outcome::Reached => self.refresh(e, k)?,
+                    Outcome::Reached => self.refresh((e, anchor, k))?,
                     other => return self.ended(other),
                 }
             }
@@ -293,6 +332,35 @@ impl Session {
             }
         }
         Ok(StopWhy::Step)
+    }
+
+    /// From the exit boundary (or an earlier arrival at `r`) of the current
+    /// interval, runs at native speed to the `n`-th arrival at `r`.
+    fn run_to_arrival(&mut self, r: u64, n: u64) -> R<()> {
+        let e = self.pos.exits;
+        let seen = match self.pos.anchor {
+            Some((q, m)) if q == r && self.pos.steps == 0 => m,
+            None if self.pos.steps == 0 => u64::from(self.pos.point.rip == r && r & WATCH == 0),
+            _ => return Err(SessionError::Lost(format!("cannot count arrivals at {r:#x} from {:?}", self.pos.at()))),
+        };
+        if seen < n {
+            let scan = Scan::new([r].into(), ScanStop::Nth { exits: e, rip: r, n }, e, &[(r, seen)]);
+            let (o, sc) = self.run_scan(scan, Some(e + 1))?;
+            let p = self.tl.position()?;
+            match o {
+                Outcome::Reached if p.exits == e && sc.arrivals(r) == n => {}
+                Outcome::Reached => {
+                    return Err(SessionError::Lost(format!(
+                        "arrival {n} at {r:#x} after exit {e} does not exist: the interval ended first"
+                    )))
+                }
+                other => return self.ended(other).map(|_| ()),
+            }
+        } else if seen > n {
+            return Err(SessionError::Lost(format!("arrival {n} at {r:#x} lies behind arrival {seen}")));
+        }
+        self.refresh((e, Some((r, n)), 0))?;
+        self.snap_here()
     }
 
     /// Records that the timeline ran into the end.
@@ -310,12 +378,12 @@ impl Session {
             Outcome::Reached => unreachable!("not an end"),
         };
         let exits = self.tl.exits();
-        let steps = if exits == self.pos.exits {
-            self.pos.steps + 1
+        let at = if exits == self.pos.exits {
+            (exits, self.pos.anchor, self.pos.steps + 1)
         } else {
-            0
+            (exits, None, 0)
         };
-        self.refresh(exits, steps)?;
+        self.refresh(at)?;
         self.pos.end = true;
         self.end_note = Some(note);
         Ok(StopWhy::End)
@@ -369,12 +437,12 @@ impl Session {
             other => return self.ended(other),
         }
         let exits = self.tl.exits();
-        let steps = if exits == before.exits {
-            before.steps + 1
+        let at = if exits == before.exits {
+            (exits, before.anchor, before.steps + 1)
         } else {
-            0
+            (exits, None, 0)
         };
-        self.refresh(exits, steps)?;
+        self.refresh(at)?;
         Ok(StopWhy::Step)
     }
 
@@ -384,8 +452,8 @@ impl Session {
         if self.pos == p {
             return Ok(());
         }
-        self.reach(p.exits, p.steps)?;
-        if self.pos.point != p.point || self.pos.fp != p.fp || self.pos.end != p.end {
+        self.reach(p.at())?;
+        if !self.pos.same_state(&p) || self.pos.end != p.end {
             return Err(SessionError::Lost(format!(
                 "went back to exit {} + {} steps expecting {} (fp {:#x}), found {} (fp {:#x})",
                 p.exits, p.steps, p.point, p.fp, self.pos.point, self.pos.fp
@@ -426,6 +494,12 @@ impl Session {
             table = base;
         }
         None
+    }
+
+    fn read_phys(&self, pa: u64, len: u64) -> Vec<u8> {
+        let mut b = vec![0u8; len as usize];
+        let _ = self.tl.machine.mem.read_slice(&mut b, GuestAddress(pa));
+        b
     }
 
     /// Reads guest virtual memory; returns how many bytes could be read.
@@ -586,6 +660,9 @@ impl Session {
         if self.breakpoints.is_empty() && self.watches.is_empty() {
             return self.run_free();
         }
+        if self.native_ok() {
+            return self.cont_native();
+        }
         let mut old = self.watched_bytes();
         let mut n = 0u64;
         loop {
@@ -623,12 +700,236 @@ impl Session {
         loop {
             let to = self.tl.exits() + 64;
             match self.tl.run(Some(to))? {
-                Outcome::Reached => self.refresh(to, 0)?,
+                Outcome::Reached => self.refresh((to, None, 0))?,
                 other => return self.ended(other),
             }
             if self.interrupted() {
                 return Ok(StopWhy::Interrupted);
             }
+        }
+    }
+
+    // ---- native speed (replay::search) ----
+
+    /// Whether continuing can run at native speed: breakpoints only (data
+    /// watchpoints are still checked by stepping). `REVIRT_GDB_NATIVE=0`
+    /// turns it off (the stepping path, kept as the oracle).
+    fn native_ok(&mut self) -> bool {
+        if !self.native || (self.breakpoints.is_empty() && self.watches.is_empty()) {
+            return false;
+        }
+        // Write watchpoints on ranges inside one page (read-only memory
+        // slots watch whole pages); read and access ones are stepped.
+        let mut phys = HashMap::new();
+        for w in &self.watches {
+            let (Some(pa), Some(last)) = (self.translate(w.addr), self.translate(w.addr + w.len - 1)) else { return false };
+            if w.kind != WatchKind::Write || last != pa + w.len - 1 || pa >> 12 != last >> 12 {
+                return false;
+            }
+            phys.insert(pa, (w.len, w.addr));
+        }
+        self.watch_phys.extend(phys);
+        true
+    }
+
+    /// What a native scan counts: breakpoint RIPs and `WATCH | start` of
+    /// every write watchpoint (physical, as set up by `native_ok`).
+    fn native_keys(&self) -> BTreeSet<u64> {
+        let mut k = self.breakpoints.clone();
+        for w in &self.watches {
+            if let Some(pa) = self.translate(w.addr) {
+                k.insert(WATCH | pa);
+            }
+        }
+        k
+    }
+
+    /// Runs a scan natively, with the data watchpoints its keys name.
+    fn run_scan(&mut self, scan: Scan, limit: Option<u64>) -> R<(Outcome, Scan)> {
+        let ranges: Vec<(u64, u64)> =
+            scan.watches().filter_map(|a| self.watch_phys.get(&a).map(|&(l, _)| (a, l))).collect();
+        self.native_runs += 1;
+        Ok(self.tl.run_scan_watching(scan, &ranges, limit)?)
+    }
+
+    /// The stop a hit of `key` means.
+    fn hit_why(&self, key: u64) -> StopWhy {
+        if key & WATCH != 0 {
+            let addr = self.watch_phys.get(&(key & !WATCH)).map_or(key & !WATCH, |&(_, va)| va);
+            StopWhy::Watch { addr, kind: WatchKind::Write }
+        } else {
+            StopWhy::Breakpoint(key)
+        }
+    }
+
+    /// Forward to the next breakpoint hit, the guest running free between hits.
+    fn cont_native(&mut self) -> R<StopWhy> {
+        let bps = self.native_keys();
+        let arrivals = self.arrivals_here(&bps)?;
+        let scan = Scan::new(bps.clone(), ScanStop::First, self.pos.exits, &arrivals);
+        let (o, scan) = self.run_scan(scan, None)?;
+        match o {
+            Outcome::Reached => {}
+            other => return self.ended(other),
+        }
+        let hit = *scan.hits.last().expect("a scan stops at a hit");
+        self.refresh((hit.point.exits, Some((hit.key, hit.n)), 0))?;
+        let arr = bps.iter().map(|&b| (b, scan.arrivals(b))).collect();
+        self.arrivals = Some((self.pos.at(), bps, arr));
+        Ok(self.hit_why(hit.key))
+    }
+
+    /// Arrivals at `bps` since the current exit boundary, up to here.
+    fn arrivals_here(&mut self, bps: &BTreeSet<u64>) -> R<Vec<(u64, u64)>> {
+        let here = self.pos;
+        if let Some((at, sites, arr)) = &self.arrivals {
+            if *at == here.at() && bps.is_subset(sites) {
+                return Ok(arr.iter().filter(|(b, _)| bps.contains(b)).copied().collect());
+            }
+        }
+        if here.anchor.is_none() && here.steps == 0 {
+            let rip = here.point.rip;
+            return Ok(if bps.contains(&rip) { vec![(rip, 1)] } else { Vec::new() });
+        }
+        // Inside an interval, reached another way: count its start again.
+        let (_, arr) = self.scan_native(here.exits, here, bps)?;
+        Ok(arr)
+    }
+
+    /// Replays from exit boundary `x` to `until` with breakpoints at `bps`
+    /// (native speed up to `until`'s anchor, then its single steps): every
+    /// hit before `until` as (position, RIP), and the arrivals at `bps`
+    /// counted in `until`'s interval up to it.
+    #[allow(clippy::type_complexity)]
+    fn scan_native(&mut self, x: u64, until: Pos, bps: &BTreeSet<u64>) -> R<(Vec<(At, u64)>, Vec<(u64, u64)>)> {
+        let mut sites = bps.clone();
+        if let Some((r, _)) = until.anchor {
+            sites.insert(r);
+        }
+        let mut hits: Vec<(At, Hit)> = Vec::new();
+        self.goto_exit(x)?;
+        let mut scan = self.boundary_scan(&sites, &mut hits);
+        let e = until.exits;
+        if until.end {
+            // Up to the end of the recording: run until it stops.
+            let (o, sc) = self.run_scan(scan, None)?;
+            hits.extend(sc.hits.iter().map(|h| ((h.point.exits, Some((h.key, h.n)), 0), *h)));
+            scan = sc;
+            if o == Outcome::Reached {
+                return Err(SessionError::Lost("a counting scan stopped before the end".into()));
+            }
+            self.ended(o)?;
+        } else if e > x {
+            let (o, sc) = self.run_scan(scan, Some(e))?;
+            if o != Outcome::Reached || self.tl.exits() != e {
+                self.ended(o)?;
+                return Err(SessionError::Lost(format!("the replay ended before reaching {}", until.point)));
+            }
+            hits.extend(sc.hits.iter().map(|h| ((h.point.exits, Some((h.key, h.n)), 0), *h)));
+            self.refresh((e, None, 0))?;
+            scan = self.boundary_scan(&sites, &mut hits);
+        }
+        if let Some((r, n)) = until.anchor.filter(|_| !until.end) {
+            if scan.arrivals(r) < n {
+                scan.stop = ScanStop::Nth { exits: e, rip: r, n };
+                let (o, sc) = self.run_scan(scan, Some(e + 1))?;
+                let p = self.tl.position()?;
+                if o != Outcome::Reached || p.exits != e || sc.arrivals(r) != n {
+                    return Err(SessionError::Lost(format!("replaying from exit {x} did not reach {}", until.point)));
+                }
+                hits.extend(sc.hits.iter().map(|h| ((h.point.exits, Some((h.key, h.n)), 0), *h)));
+                scan = sc;
+            }
+            self.refresh((e, Some((r, n)), 0))?;
+        }
+        let watched: Vec<(u64, u64)> = scan.watches().filter_map(|a| self.watch_phys.get(&a).map(|&(l, _)| (a, l))).collect();
+        for _ in 0..if until.end { 0 } else { until.steps } {
+            let before: Vec<Vec<u8>> = watched.iter().map(|&(a, l)| self.read_phys(a, l)).collect();
+            if self.step1()? != StopWhy::Step {
+                return Err(SessionError::Lost(format!("the replay ended before reaching {}", until.point)));
+            }
+            let p = self.pos;
+            if p.exits != e {
+                return Err(SessionError::Lost(format!("stepping passed exit {e} before reaching {}", until.point)));
+            }
+            let changed = watched.iter().zip(&before).find(|((a, l), b)| self.read_phys(*a, *l) != **b).map(|((a, _), _)| *a);
+            let before_hits = scan.total;
+            if scan.at_poll(p.point, p.fp, changed) {
+                unreachable!("a counting scan never stops");
+            }
+            let new = (scan.total - before_hits) as usize;
+            for h in &scan.hits[scan.hits.len() - new..] {
+                hits.push((p.at(), *h));
+            }
+        }
+        if !self.pos.same_state(&until) {
+            return Err(SessionError::Lost(format!(
+                "replaying from exit {x} arrived at {} (fp {:#x}), not at {} (fp {:#x})",
+                self.pos.point, self.pos.fp, until.point, until.fp
+            )));
+        }
+        // The position itself is not a breakpoint hit before it (gdb's semantics).
+        let found = hits
+            .into_iter()
+            // A write that led to here is still behind us: going back, it is
+            // undone first (its stop is the state before it).
+            .filter(|(_, h)| {
+                bps.contains(&h.key)
+                    && (h.key & WATCH != 0 || !(h.point.exits == e && h.point.rip == until.point.rip && h.fp == until.fp))
+            })
+            .map(|(at, h)| (at, h.key))
+            .collect();
+        let arr = bps.iter().map(|&b| (b, scan.arrivals(b))).collect();
+        Ok((found, arr))
+    }
+
+    /// A counting scan that starts at the exit boundary the session stands
+    /// on, which is itself an arrival when a site is there.
+    fn boundary_scan(&self, sites: &BTreeSet<u64>, hits: &mut Vec<(At, Hit)>) -> Scan {
+        let (e, p, fp) = (self.pos.exits, self.pos.point, self.pos.fp);
+        let mut first = Vec::new();
+        if sites.contains(&p.rip) {
+            first.push((p.rip, 1));
+            hits.push(((e, Some((p.rip, 1)), 0), Hit { point: p, key: p.rip, n: 1, fp }));
+        }
+        Scan::new(sites.clone(), ScanStop::Never, e, &first)
+    }
+
+    /// The latest exit boundary before `until` where a replay can start
+    /// cheaply (a recording checkpoint or an in-memory snapshot).
+    fn window_start(&self, until: Pos) -> Option<u64> {
+        let inside = until.anchor.is_some() || until.steps > 0 || until.end;
+        let ok = |x: u64| x < until.exits || (inside && x == until.exits);
+        let cks = self.rec.checkpoints.iter().map(|c| c.1);
+        let snaps = self.snaps.ats().filter(|a| a.1.is_none() && a.2 == 0).map(|a| a.0);
+        cks.chain(snaps).filter(|&x| ok(x)).max()
+    }
+
+    /// Back to the last breakpoint hit before here, the guest running free:
+    /// from the latest checkpoint or snapshot before here, replay forward
+    /// counting hits up to here; none: the window before that (rr's way).
+    fn reverse_cont_native(&mut self) -> R<StopWhy> {
+        let bps = self.native_keys();
+        let mut until = self.pos;
+        loop {
+            let Some(x) = self.window_start(until) else {
+                self.goto_exit(0)?;
+                return Ok(StopWhy::Begin);
+            };
+            let (hits, _) = self.scan_native(x, until, &bps)?;
+            if let Some(&(at, key)) = hits.last() {
+                self.reach(at)?;
+                if key & WATCH != 0 {
+                    // Just after the write: back over the writing instruction.
+                    self.reverse_step()?;
+                }
+                return Ok(self.hit_why(key));
+            }
+            if x == 0 || self.interrupted() {
+                self.goto_exit(x)?;
+                return Ok(if x == 0 { StopWhy::Begin } else { StopWhy::Interrupted });
+            }
+            until = self.pos_at_exit(x)?;
         }
     }
 
@@ -640,22 +941,22 @@ impl Session {
     /// from it hit something. Returns the number of steps taken.
     fn scan(
         &mut self,
-        from: u64,
+        from: At,
         until: Pos,
         snap_every: u64,
         mut visit: impl FnMut(Pos, Option<StopWhy>),
     ) -> R<Option<u64>> {
-        self.goto_exit(from)?;
+        self.reach(from)?;
         let mut k = 0u64;
         let mut old = self.watched_bytes();
         loop {
-            if self.pos.point == until.point && self.pos.fp == until.fp && self.pos.end == until.end
+            if self.pos.same_state(&until) && self.pos.end == until.end
             {
                 return Ok(Some(k));
             }
             if !until.end && (self.pos.exits > until.exits || self.pos.end) {
                 return Err(SessionError::Lost(format!(
-                    "replaying forward from exit {from} passed {} without reaching it (now at {})",
+                    "replaying forward from {from:?} passed {} without reaching it (now at {})",
                     until.point, self.pos.point
                 )));
             }
@@ -697,7 +998,7 @@ impl Session {
     /// The boundary just before the current one.
     pub fn reverse_step(&mut self) -> R<StopWhy> {
         let here = self.pos;
-        if here.exits == 0 && here.steps == 0 && !here.end {
+        if here.exits == 0 && here.anchor.is_none() && here.steps == 0 && !here.end {
             return Ok(StopWhy::Begin);
         }
         let old_watch = self.watched_bytes();
@@ -705,7 +1006,7 @@ impl Session {
             // Inside an exit interval: the same exit boundary, one step fewer
             // (no exit can lie in between: an exiting instruction ends its interval).
             let k = here.steps - 1;
-            if self.reach(here.exits, k)? != StopWhy::Step || self.pos.end {
+            if self.reach((here.exits, here.anchor, k))? != StopWhy::Step || self.pos.end {
                 return Err(SessionError::Lost(format!(
                     "could not step back to exit {} + {k} steps",
                     here.exits
@@ -713,18 +1014,32 @@ impl Session {
             }
         } else if let Some(prev) = self
             .prev_boundary
-            .get(&here.exits)
+            .get(&here.at())
             .copied()
             .filter(|_| !here.end)
         {
             // Counted before: go straight there.
             self.goto(prev)?;
         } else {
+            // At an arrival (a native-speed stop): step from the arrival
+            // before it, or from its exit boundary.
+            let mut prev = None;
+            if let Some((r, n)) = here.anchor.filter(|_| !here.end) {
+                let start = if n >= 2 { (here.exits, Some((r, n - 1)), 0) } else { (here.exits, None, 0) };
+                self.scan(start, here, SCAN_SNAP_EVERY, |p, _| prev = Some(p))?;
+                if prev.is_none() && here.exits == 0 {
+                    self.goto(here)?;
+                    return Ok(StopWhy::Begin);
+                }
+            }
             // At an exit boundary (or the end): the previous boundary lies in an earlier interval.
-            let mut e = if here.end { here.exits } else { here.exits - 1 };
+            let mut e = if here.end { here.exits } else { here.exits.saturating_sub(1) };
             let prev = loop {
+                if let Some(p) = prev {
+                    break p;
+                }
                 let mut last = None;
-                self.scan(e, here, SCAN_SNAP_EVERY, |p, _| last = Some(p))?;
+                self.scan((e, None, 0), here, SCAN_SNAP_EVERY, |p, _| last = Some(p))?;
                 if let Some(p) = last {
                     break p;
                 }
@@ -738,7 +1053,7 @@ impl Session {
                 if self.prev_boundary.len() >= 1 << 16 {
                     self.prev_boundary.clear();
                 }
-                self.prev_boundary.insert(here.exits, prev);
+                self.prev_boundary.insert(here.at(), prev);
             }
             self.goto(prev)?;
         }
@@ -760,8 +1075,11 @@ impl Session {
     /// Back to the last breakpoint or watchpoint hit before here, or the start.
     pub fn reverse_cont(&mut self) -> R<StopWhy> {
         let here = self.pos;
-        if here.exits == 0 && here.steps == 0 && !here.end {
+        if here.exits == 0 && here.anchor.is_none() && here.steps == 0 && !here.end {
             return Ok(StopWhy::Begin);
+        }
+        if self.native_ok() {
+            return self.reverse_cont_native();
         }
         // Windows of exits going back, growing: [lo, hi) then earlier.
         let mut until = here;
@@ -785,7 +1103,7 @@ impl Session {
                 lo = c;
             }
             let mut last: Option<(Pos, StopWhy)> = None;
-            let scanned = self.scan(lo, until, 0, |p, hit| {
+            let scanned = self.scan((lo, None, 0), until, 0, |p, hit| {
                 if let Some(h) = hit {
                     last = Some((p, h));
                 }

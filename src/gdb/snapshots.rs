@@ -55,8 +55,29 @@ struct Image {
     disk: Pages,
 }
 
-/// A position in the session's terms: exit boundary, then steps.
-pub type At = (u64, u64);
+/// A position in the session's terms: exit boundary, then (optionally)
+/// the n-th arrival at a RIP, then single steps (`session::Pos`).
+pub type At = (u64, Option<(u64, u64)>, u64);
+
+/// Whether the session can get from `a` to `t` by running forward (the
+/// arrivals at an anchor's RIP are counted from the exit boundary, so an
+/// anchored position leads on only to later arrivals at the same RIP).
+pub fn leads_to(a: At, t: At) -> bool {
+    if a.0 != t.0 {
+        return a.0 < t.0;
+    }
+    match (a.1, t.1) {
+        _ if a.1.is_none() && a.2 == 0 => true,
+        (x, y) if x == y => a.2 <= t.2,
+        (Some((r, m)), Some((q, n))) => r == q && m < n && a.2 == 0,
+        _ => false,
+    }
+}
+
+/// Order among positions that lead to the same target: later is better.
+pub fn rank(a: At) -> (u64, u64, u64) {
+    (a.0, a.1.map_or(0, |(_, n)| n), a.2)
+}
 
 pub struct Snap {
     pub at: At,
@@ -143,9 +164,14 @@ impl Snapshots {
         self.base = None;
     }
 
-    /// The latest snapshot at or before `at`.
+    /// The latest snapshot from which `at` can be reached.
     pub fn best(&self, at: At) -> Option<At> {
-        self.list.iter().map(|s| s.at).filter(|&a| a <= at).max()
+        self.list.iter().map(|s| s.at).filter(|&a| leads_to(a, at)).max_by_key(|&a| rank(a))
+    }
+
+    /// The positions snapshots are held at.
+    pub fn ats(&self) -> impl Iterator<Item = At> + '_ {
+        self.list.iter().map(|s| s.at)
     }
 
     pub fn has(&self, at: At) -> bool {
@@ -216,7 +242,7 @@ impl Snapshots {
         tl: &mut Timeline,
         pos: super::session::Pos,
     ) -> Result<(), MachineError> {
-        let at = (pos.exits, pos.steps);
+        let at = pos.at();
         if !self.enabled || pos.end || self.has(at) {
             return Ok(());
         }

@@ -3,6 +3,7 @@
 //! that the guest arrives where the recording says it did.
 
 pub mod provenance;
+pub mod search;
 pub mod timeline;
 
 use std::path::{Path, PathBuf};
@@ -75,11 +76,26 @@ impl Recording {
             });
         }
         let mut rec = Recording::open(dir)?;
-        if !force {
-            let bound = trace::verify::bound_checkpoints(&rec.events);
-            rec.checkpoints.retain(|c| bound.contains_key(&c.0));
-        }
         let mut line = report.summary.clone();
+        if !force {
+            // Bound checkpoints were checked against the chain. A log that is
+            // merely cut short may stop before a checkpoint's binding (the
+            // file is written by another thread): those are used on their
+            // CRC-32 alone, and the user is told.
+            let bound = trace::verify::bound_checkpoints(&rec.events);
+            let cut_short = report.incomplete;
+            let unbound: Vec<u32> = rec.checkpoints.iter().map(|c| c.0).filter(|id| !bound.contains_key(id)).collect();
+            rec.checkpoints.retain(|c| bound.contains_key(&c.0) || cut_short);
+            if cut_short && !unbound.is_empty() {
+                line += &format!(
+                    "; checkpoint{} {} landed after the log was cut, so {} not bound into the chain: used on {} CRC-32 alone",
+                    if unbound.len() == 1 { "" } else { "s" },
+                    unbound.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", "),
+                    if unbound.len() == 1 { "it is" } else { "they are" },
+                    if unbound.len() == 1 { "its" } else { "their" },
+                );
+            }
+        }
         if report.damaged() {
             line += &format!("; --force: going on despite {}", report.problems().join("; "));
         }
@@ -163,6 +179,8 @@ pub struct ReplayHost {
     /// Set from another thread (e.g. a Ctrl-C handler) to pause the replay
     /// at the next deterministic point; cleared when honoured.
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Breakpoint arrivals being counted (the search engine, `search`).
+    pub scan: Option<search::Scan>,
 }
 
 /// Replaying precise events with the PMU clock's landing algorithm over the
@@ -241,7 +259,7 @@ impl ReplayHost {
     }
 
     pub fn new(rec: Arc<Recording>, next: usize, output_len: u64, sink: Sink) -> ReplayHost {
-        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false, landing: None, interrupt: None }
+        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false, landing: None, interrupt: None, scan: None }
     }
 
     fn next_desc(&self) -> String {
@@ -532,6 +550,12 @@ impl Host for ReplayHost {
         }
         if let Some(p) = ctx.point() {
             self.last_boundary = Some(p);
+            if let Some(scan) = &mut self.scan {
+                if scan.at_poll(p, ctx.fp.unwrap_or(0), ctx.watch) {
+                    self.reached = true;
+                    return Ok(Control::Pause);
+                }
+            }
             match &mut self.stop_at {
                 Some(StopAt::Steps(n)) => {
                     *n = n.saturating_sub(1);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
+use super::search::Scan;
 use super::{Recording, ReplayError, ReplayHost, Sink, StopAt};
 use crate::clock::ExecPoint;
 use crate::trace::{self, Checkpoint, EndReason, Event};
@@ -223,6 +224,26 @@ impl Timeline {
             Outcome::EndOfRecording(why) | Outcome::NotReached(why) => Verdict::Overshoot(why),
             Outcome::Finished { .. } => Verdict::Overshoot("the recording ended before the target".into()),
         })
+    }
+
+    /// Runs forward with native-speed breakpoints at `scan.sites`, counting
+    /// arrivals (`search`), until the scan's stop (`Outcome::Reached`), exit
+    /// `limit`, or the end. Returns the scan with the hits it saw.
+    pub fn run_scan(&mut self, scan: Scan, limit: Option<u64>) -> Result<(Outcome, Scan), ReplayError> {
+        self.run_scan_watching(scan, &[], limit)
+    }
+
+    /// [`Timeline::run_scan`] with data watchpoints: `ranges` are the
+    /// (physical start, length) of the `WATCH` keys.
+    pub fn run_scan_watching(&mut self, scan: Scan, ranges: &[(u64, u64)], limit: Option<u64>) -> Result<(Outcome, Scan), ReplayError> {
+        self.machine.bps.set_sites(scan.breakpoints());
+        self.machine.set_watches(ranges.to_vec())?;
+        self.host.scan = Some(scan);
+        let r = self.run(limit);
+        self.machine.bps.set_sites(Default::default());
+        self.machine.set_watches(Vec::new())?;
+        let scan = self.host.scan.take().expect("set above");
+        Ok((r?, scan))
     }
 
     /// Executes `n` guest instructions forward (single-stepping), then stops.

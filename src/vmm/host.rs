@@ -49,6 +49,9 @@ pub struct PollCtx {
     /// Instructions single-stepped so far (0 when never stepping): how far
     /// a stepped guest has got, for hosts that must not starve it.
     pub steps: u64,
+    /// A watched physical range (its start) whose bytes the instruction
+    /// that just retired changed (data watchpoints, `Machine::set_watches`).
+    pub watch: Option<u64>,
 }
 
 impl PollCtx {

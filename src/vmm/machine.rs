@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::boot::{self, BootError};
+use super::breakpoints::{BreakpointError, Breakpoints, Trap};
 use super::devices::{Block, DeviceState, Devices, DiskError};
 use super::host::{Async, Control, Host, HostError, PollCtx};
 use super::image::Image;
@@ -69,6 +70,10 @@ pub enum MachineError {
     Step(#[from] StepError),
     #[error("branch counter: {0}")]
     Counter(#[from] PmuError),
+    #[error("breakpoints: {0}")]
+    Breakpoint(#[from] BreakpointError),
+    #[error("the guest wrote over the breakpoint site {site:#x} while it was patched: hits after that write may have been missed")]
+    SiteOverwritten { site: u64 },
 }
 
 /// An unhandled exception the guest kernel reported on the panic port.
@@ -140,7 +145,9 @@ pub struct MachineState {
 /// the vCPU keeps running (KVM_GET_DIRTY_LOG is safe alongside KVM_RUN).
 pub struct DirtyLog {
     vm: Arc<VmFd>,
-    mem_size: u64,
+    /// The dirty-logged memory slots: (slot, first page, pages). One slot
+    /// for all RAM, except while data watchpoints split it (`set_watches`).
+    slots: Mutex<Vec<(u32, u64, u64)>>,
     sets: Mutex<DirtySets>,
 }
 
@@ -155,20 +162,22 @@ struct DirtySets {
 
 impl DirtyLog {
     fn sync(&self, s: &mut DirtySets) -> Result<(), MachineError> {
-        let bitmap = self
-            .vm
-            .get_dirty_log(0, self.mem_size as usize)
-            .map_err(|source| MachineError::Setup { op: "KVM_GET_DIRTY_LOG", source })?;
-        for (i, word) in bitmap.iter().enumerate() {
-            let mut w = *word;
-            while w != 0 {
-                let page = i as u64 * 64 + w.trailing_zeros() as u64;
-                s.ckpt_pages.insert(page);
-                s.hash_pages.insert(page);
-                if let Some((p, _)) = &mut s.migration {
-                    p.insert(page);
+        for &(slot, first, pages) in self.slots.lock().unwrap().iter() {
+            let bitmap = self
+                .vm
+                .get_dirty_log(slot, (pages * 4096) as usize)
+                .map_err(|source| MachineError::Setup { op: "KVM_GET_DIRTY_LOG", source })?;
+            for (i, word) in bitmap.iter().enumerate() {
+                let mut w = *word;
+                while w != 0 {
+                    let page = first + i as u64 * 64 + w.trailing_zeros() as u64;
+                    s.ckpt_pages.insert(page);
+                    s.hash_pages.insert(page);
+                    if let Some((p, _)) = &mut s.migration {
+                        p.insert(page);
+                    }
+                    w &= w - 1;
                 }
-                w &= w - 1;
             }
         }
         Ok(())
@@ -298,6 +307,30 @@ pub struct Machine {
     bp_step_over: bool,
     /// Hardware-breakpoint exits taken so far (landing on a target RIP).
     pub hw_bp_hits: u64,
+    /// Execution breakpoints reached at native speed (`vmm::breakpoints`).
+    pub bps: Breakpoints,
+    /// Step once off the breakpoint site we stand on before patching again:
+    /// (steps, exits) when it was hit.
+    site_step_over: Option<(u64, u64)>,
+    /// Step (not run free) until the guest is back in ring 3: ring 0 ran
+    /// in the guest's hands, so the stack bytes an int3 overwrites are unknown.
+    bp_ring0: bool,
+    /// A guest-caused exit ended a free run with breakpoints: the boundary
+    /// after it (once its poll delivered) may be an arrival at a site.
+    bp_exit_check: bool,
+    /// Data watchpoints at native speed (see [`Machine::set_watches`]).
+    watch: Watches,
+    /// The memory slots registered with KVM.
+    slot_ids: Vec<u32>,
+}
+
+/// Watched physical ranges, the pages held read-only for them, and a
+/// change not yet reported.
+#[derive(Debug, Default)]
+struct Watches {
+    ranges: Vec<(u64, u64)>,
+    pages: BTreeSet<u64>,
+    hit: Option<u64>,
 }
 
 fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, MachineError> {
@@ -331,7 +364,11 @@ impl Machine {
         let vcpu = Vcpu::new(&kvm, fd)?;
         let block = Block::new(config.disk.as_deref())?;
         let vm = Arc::new(vm);
-        let dirty = Arc::new(DirtyLog { vm: vm.clone(), mem_size: config.mem_size, sets: Mutex::default() });
+        let dirty = Arc::new(DirtyLog {
+            vm: vm.clone(),
+            slots: Mutex::new(vec![(0, 0, config.mem_size / 4096)]),
+            sets: Mutex::default(),
+        });
         Ok(Machine {
             config: config.clone(),
             _kvm: kvm,
@@ -355,6 +392,12 @@ impl Machine {
             hw_bp: None,
             bp_step_over: false,
             hw_bp_hits: 0,
+            bps: Breakpoints::default(),
+            site_step_over: None,
+            bp_ring0: false,
+            bp_exit_check: false,
+            watch: Watches::default(),
+            slot_ids: vec![0],
         })
     }
 
@@ -519,6 +562,7 @@ impl Machine {
             fp: None,
             overflow: false,
             steps: self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps,
+            watch: None,
         }
     }
 
@@ -572,13 +616,102 @@ impl Machine {
         Ok(())
     }
 
-    /// A poll context at an exact boundary (reads the registers).
-    fn precise_ctx(&self, rip: Option<u64>) -> Result<PollCtx, MachineError> {
+    /// A precise poll context at an exact boundary (reads the registers).
+    /// A watched range the last instruction changed is reported here.
+    fn precise_ctx(&mut self, rip: Option<u64>) -> Result<PollCtx, MachineError> {
         let regs = self.vcpu.regs()?;
         let mut c = self.ctx(true);
         c.rip = Some(rip.unwrap_or(regs.rip));
         c.fp = Some(fingerprint(&regs));
+        c.watch = self.watch.hit.take();
         Ok(c)
+    }
+
+    /// Data watchpoints at native speed (measured on kvm_pvm: a write to a
+    /// page in a read-only memory slot exits as KVM_EXIT_MMIO, ~40 us, with
+    /// RIP already past the writing instruction). Each page holding one of
+    /// the physical `ranges` gets a read-only slot of its own; the run loop
+    /// performs every write to it, keeps the dirty log right, and reports a
+    /// change of a watched range as a precise poll (`PollCtx::watch`). The
+    /// guest sees the same memory; the rest of RAM runs natively. Empty:
+    /// one slot for all RAM again.
+    pub fn set_watches(&mut self, ranges: Vec<(u64, u64)>) -> Result<(), MachineError> {
+        let total = self.config.mem_size / 4096;
+        let pages: BTreeSet<u64> = ranges
+            .iter()
+            .flat_map(|&(a, l)| (a >> 12)..=((a + l.max(1) - 1) >> 12))
+            .filter(|&p| p < total)
+            .collect();
+        self.watch.ranges = ranges;
+        self.watch.hit = None;
+        if pages == self.watch.pages {
+            return Ok(());
+        }
+        // Re-creating a slot clears its dirty bitmap: take what it holds first.
+        {
+            let mut s = self.dirty.sets.lock().unwrap();
+            self.dirty.sync(&mut s)?;
+        }
+        let base = self.mem.iter().next().map(|r| r.as_ptr() as u64).unwrap_or(0);
+        let region = |slot: u32, first: u64, n: u64, flags: u32| kvm_userspace_memory_region {
+            slot,
+            flags,
+            guest_phys_addr: first * 4096,
+            memory_size: n * 4096,
+            userspace_addr: base + first * 4096,
+        };
+        for &slot in &self.slot_ids {
+            // SAFETY: deleting a slot (size 0) touches no memory.
+            setup("KVM_SET_USER_MEMORY_REGION", unsafe { self.vm.set_user_memory_region(region(slot, 0, 0, 0)) })?;
+        }
+        let (mut ids, mut logged, mut at) = (Vec::new(), Vec::new(), 0u64);
+        let mut add = |first: u64, n: u64, ro: bool| -> Result<(), MachineError> {
+            let slot = ids.len() as u32;
+            let flags = if ro { kvm_bindings::KVM_MEM_READONLY } else { kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES };
+            // SAFETY: the range lies inside the live mmap owned by `mem`,
+            // which the Machine keeps for as long as the VM fd.
+            setup("KVM_SET_USER_MEMORY_REGION", unsafe { self.vm.set_user_memory_region(region(slot, first, n, flags)) })?;
+            if !ro {
+                logged.push((slot, first, n));
+            }
+            ids.push(slot);
+            Ok(())
+        };
+        for &p in &pages {
+            if p > at {
+                add(at, p - at, false)?;
+            }
+            add(p, 1, true)?;
+            at = p + 1;
+        }
+        if at < total {
+            add(at, total - at, false)?;
+        }
+        *self.dirty.slots.lock().unwrap() = logged;
+        self.slot_ids = ids;
+        self.watch.pages = pages;
+        Ok(())
+    }
+
+    /// A guest write to a watched page (it exited as MMIO): performed here.
+    fn watched_write(&mut self, addr: u64, data: &[u8]) -> Result<(), MachineError> {
+        let before: Vec<Vec<u8>> = self.watch.ranges.iter().map(|&(a, l)| self.read_range(a, l)).collect();
+        self.mem.write_slice(data, GuestAddress(addr)).map_err(|e| MachineError::Memory(e.to_string()))?;
+        let pages = (addr >> 12..=(addr + data.len().max(1) as u64 - 1) >> 12).collect();
+        self.dirty.note(&pages, &BTreeSet::new());
+        let changed = self.watch.ranges.iter().zip(&before).find(|((a, l), b)| self.read_range(*a, *l) != **b);
+        if let Some(((a, _), _)) = changed {
+            self.watch.hit = Some(*a);
+        }
+        // KVM finishes the access on the next entry (as for an IN).
+        self.io_pending = true;
+        Ok(())
+    }
+
+    fn read_range(&self, a: u64, l: u64) -> Vec<u8> {
+        let mut b = vec![0u8; l as usize];
+        let _ = self.mem.read_slice(&mut b, GuestAddress(a));
+        b
     }
 
     /// The current execution point (reads RIP).
@@ -696,6 +829,14 @@ impl Machine {
     /// guest-caused exits have happened (then returns `Stop::Paused`).
     pub fn run(&mut self, host: &mut dyn Host, exit_limit: Option<u64>) -> Result<Stop, MachineError> {
         let _guard = KickGuard::register(&mut self.vcpu.fd);
+        if !self.bps.is_empty() {
+            // Where the run starts is the caller's business, not an arrival.
+            let rip = self.vcpu.regs()?.rip;
+            if self.bps.sites().contains(&rip) {
+                let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
+                self.site_step_over = Some((steps, self.exits));
+            }
+        }
         host.attach(Kicker::current());
         let r = self.run_loop(host, exit_limit);
         host.detach();
@@ -704,6 +845,7 @@ impl Machine {
             self.stepper.disarm(&self.vcpu)?;
         }
         self.set_hw_bp(None)?;
+        self.bps.disarm_debug(&self.vcpu)?;
         self.bp = None;
         // Leave the machine savable: a pending IN gets its result now.
         self.complete_pending_io()?;
@@ -715,6 +857,19 @@ impl Machine {
             if matches!(exit_limit, Some(l) if self.exits >= l) || self.pause_requested {
                 self.pause_requested = false;
                 return Ok(Stop::Paused);
+            }
+            if std::mem::take(&mut self.bp_exit_check) && !self.bps.is_empty() && !self.waiting {
+                // The boundary after a guest-caused exit, as stepping would
+                // stop there: the exiting instruction retired, its events
+                // were delivered. An arrival if a site is there.
+                self.complete_pending_io()?;
+                let rip = self.vcpu.regs()?.rip;
+                if self.bps.sites().contains(&rip) {
+                    let mut ctx = self.precise_ctx(Some(rip))?;
+                    ctx.guest_caused = false;
+                    self.poll_and_deliver(&ctx, host)?;
+                    continue;
+                }
             }
             if self.waiting {
                 // Resumed (or woken) while idle: wait on, at the same exit.
@@ -736,20 +891,37 @@ impl Machine {
             };
             let use_hw_bp = self.bp.is_some() && breakpoints_ok && !self.bp_step_over;
             self.host_precise = host.precise(self.exits);
+            // Native breakpoints: run free from ring 3; step off a site we
+            // stand on, and through ring 0 (see vmm::breakpoints).
+            let bp_mode = !self.bps.is_empty() && self.counter.is_none() && self.bp.is_none();
+            let bp_step = bp_mode && !self.host_precise && self.bp_must_step()?;
             // Step for the host, for a counter that counts by stepping, or
             // to reach a breakpoint RIP that no hardware breakpoint watches.
-            let precise = self.host_precise || counter_steps || (self.bp.is_some() && !use_hw_bp);
+            let precise =
+                self.host_precise || counter_steps || (self.bp.is_some() && !use_hw_bp) || bp_step;
             if precise != self.stepper.is_armed() {
                 if precise {
                     self.set_hw_bp(None)?;
+                    self.bps.disarm_debug(&self.vcpu)?;
                     self.stepper.arm(&self.vcpu, &self.mem)?;
                 } else {
                     self.stepper.disarm(&self.vcpu)?;
                     self.hw_bp = None; // disarming cleared all guest debugging
                 }
             }
+            let mut bps_armed = false;
             if !self.stepper.is_armed() {
-                self.set_hw_bp(if use_hw_bp { self.bp } else { None })?;
+                if bp_mode {
+                    if !self.bps.arm(&self.vcpu, &self.mem)? {
+                        self.bp_ring0 = true; // no IDT yet: step
+                        continue;
+                    }
+                    self.hw_bp = None; // guest debug now holds the breakpoints
+                    bps_armed = true;
+                } else {
+                    self.bps.disarm_debug(&self.vcpu)?;
+                    self.set_hw_bp(if use_hw_bp { self.bp } else { None })?;
+                }
             }
             self.inject()?;
             if self.stepper.is_armed() {
@@ -761,7 +933,7 @@ impl Machine {
             let stepping = self.stepper.is_armed();
             let hw_bp = self.hw_bp;
             let exits_before = self.exits;
-            let Machine { vcpu, devices, mem, exits, io_pending, branches, .. } = self;
+            let Machine { vcpu, devices, mem, exits, io_pending, branches, watch, .. } = self;
             let mut guest_caused = true;
             let mut eintr = false;
             let mut action = Action::None;
@@ -783,6 +955,14 @@ impl Machine {
                     *io_pending = true;
                     data.fill(0xFF); // nothing is mapped there
                 }
+                Ok(VcpuExit::MmioWrite(addr, data)) if watch.pages.contains(&(addr >> 12)) => {
+                    // A data watchpoint's page, not a device: not an exit.
+                    guest_caused = false;
+                    let mut b = [0u8; 16];
+                    let n = data.len().min(16);
+                    b[..n].copy_from_slice(&data[..n]);
+                    action = Action::WatchWrite(addr, b, n);
+                }
                 Ok(VcpuExit::MmioWrite(..)) => {
                     *exits += 1;
                     *branches = 0;
@@ -795,6 +975,10 @@ impl Machine {
                 Ok(VcpuExit::Debug(d)) if stepping => {
                     guest_caused = false;
                     action = Action::Step(d);
+                }
+                Ok(VcpuExit::Debug(d)) if bps_armed => {
+                    guest_caused = false;
+                    action = Action::Trap(d);
                 }
                 Ok(VcpuExit::Debug(_)) if hw_bp.is_some() => {
                     guest_caused = false;
@@ -815,6 +999,20 @@ impl Machine {
                     eintr = true;
                 }
                 Err(e) => return Err(VcpuError::Kvm { op: "KVM_RUN", source: e }.into()),
+            }
+            if bps_armed {
+                self.bps.unpatch(&self.mem);
+                self.bp_exit_check = guest_caused && self.exits != exits_before;
+                if let Some(site) = self.bps.take_overwritten().first() {
+                    return Err(MachineError::SiteOverwritten { site: *site });
+                }
+                if matches!(action, Action::Emulation(_)) {
+                    let cpl = self.vcpu.sregs()?.cs.selector & 3;
+                    if let Some(t) = self.bps.on_emulation_failure(self.rip(), cpl) {
+                        self.bp_trap(t, host)?;
+                        continue;
+                    }
+                }
             }
             if !self.devices.block.dma_pages.is_empty() || !self.devices.block.written_sectors.is_empty() {
                 let pages = std::mem::take(&mut self.devices.block.dma_pages);
@@ -838,6 +1036,27 @@ impl Machine {
                 Action::Step(d) => {
                     let stop = self.stepper.on_debug_exit(&self.vcpu, &self.mem, &d)?;
                     self.at_boundary(stop, host)?;
+                    continue;
+                }
+                Action::WatchWrite(addr, b, n) => {
+                    self.watched_write(addr, &b[..n])?;
+                    if !stepping && self.watch.hit.is_some() {
+                        // Free-running: the boundary after the write is here.
+                        self.complete_pending_io()?;
+                        let mut ctx = self.precise_ctx(None)?;
+                        ctx.guest_caused = false;
+                        self.poll_and_deliver(&ctx, host)?;
+                    }
+                    // Stepping: the step's own boundary reports it.
+                    continue;
+                }
+                Action::Trap(d) => {
+                    match self.bps.on_debug_exit(&self.vcpu, &self.mem, &d)? {
+                        Some(t) => self.bp_trap(t, host)?,
+                        None => {
+                            return Err(MachineError::UnexpectedExit { what: format!("debug exit {d:?}"), rip: self.rip() })
+                        }
+                    }
                     continue;
                 }
                 Action::Breakpoint => {
@@ -927,7 +1146,46 @@ impl Machine {
         }
     }
 
+    /// Whether native breakpoints must step rather than run free now: off
+    /// a site just hit, through ring 0, or with an interrupt about to be
+    /// injected (its handler runs in ring 0).
+    fn bp_must_step(&mut self) -> Result<bool, MachineError> {
+        let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
+        if let Some((s, e)) = self.site_step_over {
+            if steps > s || self.exits != e {
+                self.site_step_over = None;
+            }
+        }
+        if self.site_step_over.is_some() || self.devices.pic.next_vector().is_some() || self.waiting {
+            return Ok(true);
+        }
+        let ring3 = self.vcpu.sregs()?.cs.selector & 3 == 3;
+        if ring3 {
+            self.bp_ring0 = false;
+        }
+        Ok(!ring3 || self.bp_ring0)
+    }
+
+    /// A native breakpoint trapped: at a hit the guest stands at the site
+    /// (unwound), which is a precise poll; the next entry steps off it.
+    fn bp_trap(&mut self, t: Trap, host: &mut dyn Host) -> Result<(), MachineError> {
+        match t {
+            Trap::RingZero => {
+                self.bp_ring0 = true;
+                Ok(())
+            }
+            Trap::Hit { rip } => {
+                let ctx = self.precise_ctx(Some(rip))?;
+                self.poll_and_deliver(&ctx, host)
+            }
+        }
+    }
+
     fn poll_and_deliver(&mut self, ctx: &PollCtx, host: &mut dyn Host) -> Result<(), MachineError> {
+        if ctx.rip.is_some_and(|r| self.bps.sites().contains(&r)) {
+            // The host saw this arrival; do not trap on the same site again.
+            self.site_step_over = Some((ctx.steps, self.exits));
+        }
         let mut asyncs = std::mem::take(&mut self.asyncs);
         let r = host.poll(ctx, &mut asyncs);
         self.asyncs = asyncs;
@@ -1045,6 +1303,10 @@ enum Action {
     Step(kvm_bindings::kvm_debug_exit_arch),
     /// The hardware breakpoint at the landing RIP.
     Breakpoint,
+    /// A debug exit while native breakpoints are armed.
+    Trap(kvm_bindings::kvm_debug_exit_arch),
+    /// A write to a watched page: address, data, length.
+    WatchWrite(u64, [u8; 16], usize),
     ClockRead(InSlot),
     TimerProgram(u32),
     Halt,

@@ -2,12 +2,14 @@
 //! decides nothing about recording or replay; it asks a [`host::Host`].
 
 pub mod boot;
+pub mod breakpoints;
 pub mod devices;
 pub mod host;
 pub mod image;
 pub mod layout;
 pub mod machine;
 pub mod pagehash;
+pub mod paging;
 pub mod snapshot;
 pub mod vcpu;
 

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The search engine at native speed (issue 14): gdb `break power_off` +
+# `continue` from the start, and `break wl_compute` + `reverse-continue`
+# from the end, against `revirt replay -q` of the same recording, side by
+# side in one run; then the same with the single-stepping path
+# (REVIRT_GDB_NATIVE=0) on a short recording, for the before/after.
+#   bash scripts/bench-search.sh [ITERS] [ROUNDS]
+# ITERS: compute iterations (default 100000000, ~1.5e9 ring-3 instructions).
+# Prints one line per measurement and the ratios to replay (target <= 1.5x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ITERS=${1:-100000000}; ROUNDS=${2:-3}
+cargo build --release --quiet
+R=$PWD/target/release/revirt; G=guests/demo/out/vm.img
+tmp=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$tmp"; }
+trap cleanup EXIT
+now() { date +%s.%N; }
+record() { # $1 dir, $2 cmdline
+  $R record $G -o "$1" --cmdline "$2" </dev/null >/dev/null 2>&1
+}
+serve() { # $1 rec, $2 log, env in $3
+  env ${3:-} $R gdb "$1" --port 0 2>"$2" & pids+=($!)
+  for _ in $(seq 600); do p=$(grep -o "listening on 127.0.0.1:[0-9]*" "$2" | head -1 | cut -d: -f2); [ -n "$p" ] && { echo "$p"; return; }; sleep 0.1; done
+  echo "server did not start" >&2; exit 1
+}
+# gdb: times one command with gdb's Python (connection excluded).
+timed_gdb() { # $1 port, $2 setup cmds (;-separated), $3 timed cmd, $4 final cmds
+  cat > "$tmp/t.py" <<PY
+import time, gdb
+for c in """$2""".split(";"):
+    c = c.strip()
+    if c: gdb.execute(c, to_string=True)
+t = time.time(); out = gdb.execute("$3", to_string=True); ms = (time.time() - t) * 1000
+print("MS %.1f" % ms)
+print(out)
+for c in """$4""".split(";"):
+    c = c.strip()
+    if c: print(gdb.execute(c, to_string=True))
+PY
+  gdb -nx -batch -ex "set architecture i386:x86-64" -ex "file $G" -ex "target remote 127.0.0.1:$1" -x "$tmp/t.py" -ex "kill" 2>&1
+}
+med() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+
+bench() { # $1 name, $2 cmdline, $3 break-forward sym, $4 break-reverse sym
+  local rec=$tmp/$1
+  record "$rec" "$2"
+  local rep=() fwd=() rev=()
+  for r in $(seq "$ROUNDS"); do
+    t0=$(now); $R replay "$rec" -q >/dev/null 2>&1; t1=$(now)
+    rep+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
+    port=$(serve "$rec" "$tmp/srv-$1-$r")
+    out=$(timed_gdb "$port" "break $3" "continue" "info registers rip;monitor stats")
+    echo "$out" | grep -q "Breakpoint 1" || { echo "$1: continue did not stop at $3:"; echo "$out"; exit 1; }
+    fwd+=("$(echo "$out" | grep '^MS' | cut -d' ' -f2)")
+    kill "${pids[-1]}" 2>/dev/null || true
+    port=$(serve "$rec" "$tmp/srv2-$1-$r")
+    out=$(timed_gdb "$port" "continue;break $4" "reverse-continue" "info registers rip;monitor stats")
+    echo "$out" | grep -q "Breakpoint 1" || { echo "$1: reverse-continue did not stop at $4:"; echo "$out"; exit 1; }
+    rev+=("$(echo "$out" | grep '^MS' | cut -d' ' -f2)")
+    kill "${pids[-1]}" 2>/dev/null || true
+  done
+  local mr mf mv
+  mr=$(printf '%s\n' "${rep[@]}" | med); mf=$(printf '%s\n' "${fwd[@]}" | med); mv=$(printf '%s\n' "${rev[@]}" | med)
+  printf '%-44s replay -q %8.0f ms | continue to %-10s %8.0f ms (%.2fx) | reverse-continue to %-10s %8.0f ms (%.2fx)\n' \
+    "$1 ($2)" "$mr" "$3" "$mf" "$(awk "BEGIN{print $mf / $mr}")" "$4" "$mv" "$(awk "BEGIN{print $mv / $mr}")"
+}
+echo "medians of $ROUNDS, target <= 1.5x replay"
+bench compute "workload=compute iters=$ITERS" power_off wl_compute
+bench ring0 "workload=ring0 iters=20000" power_off ring0_main
+bench race "workload=race iters=200000 exits=16" task_exit kmain
+# Before/after: the stepping path on a recording short enough for it.
+rec=$tmp/short; record "$rec" "workload=compute iters=20000"
+port=$(serve "$rec" "$tmp/srv-old" "REVIRT_GDB_NATIVE=0")
+old=$(timed_gdb "$port" "break power_off" "continue" "" | grep '^MS' | cut -d' ' -f2)
+kill "${pids[-1]}" 2>/dev/null || true
+port=$(serve "$rec" "$tmp/srv-new")
+new=$(timed_gdb "$port" "break power_off" "continue" "" | grep '^MS' | cut -d' ' -f2)
+printf 'before/after, compute iters=20000, break power_off + continue: stepping %.0f ms, native %.0f ms\n' "$old" "$new"

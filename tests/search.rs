@@ -1,0 +1,202 @@
+//! The native-speed search engine (replay::search, vmm::breakpoints)
+//! against the single-stepping path kept as the oracle: the same hits in
+//! the same order (exit, RIP, arrival number, register fingerprint), the
+//! same state at every stop (position, fingerprint, full state hash), on
+//! real KVM, for recordings made with the exit, step and pmu-sim clocks.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use revirt::gdb::session::{Session, StopWhy};
+use revirt::replay::search::{Scan, ScanStop};
+use revirt::replay::{Outcome, Recording, Sink, Timeline};
+
+fn symbol(name: &str) -> u64 {
+    let out = std::process::Command::new("nm").arg(demo_image()).output().expect("nm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && f[2] == name).then(|| u64::from_str_radix(f[0], 16).unwrap())
+        })
+        .unwrap_or_else(|| panic!("no symbol {name}"))
+}
+
+/// The first instruction after the loop head of race_loop: runs once per iteration in ring 3.
+fn race_loop_body() -> u64 {
+    let out = std::process::Command::new("objdump").args(["-d", "--no-show-raw-insn"]).arg(demo_image()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find("<race_loop>:").expect("race_loop");
+    // The load of the shared counter (mov race_counter(%rip), ...).
+    text[start..]
+        .lines()
+        .find(|l| l.contains("race_counter"))
+        .and_then(|l| u64::from_str_radix(l.trim().split(':').next().unwrap(), 16).ok())
+        .expect("the counter load in race_loop")
+}
+
+/// The second instruction of the timer handler: the step that delivers an
+/// interrupt from ring 3 also executes the handler's first instruction
+/// (docs/host-support.md), so the first one is never an arrival.
+fn irq_timer_body() -> u64 {
+    symbol("irq_timer") + 2 // after `push %r15` (41 57)
+}
+
+fn sites() -> BTreeSet<u64> {
+    // More sites than debug registers; ring 3 (the racy loop, task exit,
+    // power-off) and ring 0 (the timer handler, entered from ring 3).
+    [irq_timer_body(), race_loop_body(), symbol("task_exit"), symbol("power_off"), symbol("con_puts")].into()
+}
+
+/// Every hit of a whole replay, stepping one boundary at a time (the
+/// exiting instructions by running to their exit, as the debugger does).
+fn oracle_hits(rec: &Arc<Recording>, sites: &BTreeSet<u64>) -> (Vec<(u64, u64, u64, u64)>, Outcome) {
+    let mut tl = Timeline::open(rec.clone(), Sink::Discard).unwrap();
+    let mut scan = Scan::new(sites.clone(), ScanStop::Never, 0, &[]);
+    loop {
+        let r = tl.machine.vcpu.regs().unwrap();
+        let mut code = [0u8; 15];
+        use vm_memory::Bytes;
+        tl.machine.mem.read_slice(&mut code, vm_memory::GuestAddress(r.rip)).unwrap();
+        let ins = iced_x86::Decoder::with_ip(64, &code, r.rip, 0).decode();
+        use iced_x86::Mnemonic::*;
+        let exiting = matches!(ins.mnemonic(), In | Out | Hlt) && tl.machine.devices.pic.next_vector().is_none();
+        let o = if exiting {
+            let to = tl.exits() + 1;
+            tl.run(Some(to)).unwrap()
+        } else {
+            tl.step(1).unwrap()
+        };
+        if o != Outcome::Reached {
+            return (key(&scan), o);
+        }
+        let p = tl.position().unwrap();
+        scan.at_poll(p, revirt::clock::fingerprint(&tl.machine.vcpu.regs().unwrap()), None);
+    }
+}
+
+fn key(s: &Scan) -> Vec<(u64, u64, u64, u64)> {
+    s.hits.iter().map(|h| (h.point.exits, h.point.rip, h.n, h.fp)).collect()
+}
+
+fn record_race(dir: &Path, name: &str, clock: &str) -> Arc<Recording> {
+    let out = dir.join(name);
+    // Stepped recordings slow the guest down: a slower timer keeps them short.
+    let cmdline = match clock {
+        "exit" => "workload=race iters=2000 exits=4 hz=2000",
+        _ => "workload=race iters=300 exits=4 hz=2000",
+    };
+    record_demo_ok(&out, cmdline, &["--clock", clock, "--checkpoint-every", "50ms"], b"");
+    Arc::new(Recording::open(&out).unwrap())
+}
+
+#[test]
+fn native_hits_equal_the_stepping_oracle_for_every_clock() {
+    let d = tempfile::tempdir().unwrap();
+    let sites = sites();
+    for clock in ["exit", "step", "pmu-sim"] {
+        let rec = record_race(d.path(), clock, clock);
+        let mut tl = Timeline::open(rec.clone(), Sink::Discard).unwrap();
+        let (o, scan) = tl.run_scan(Scan::new(sites.clone(), ScanStop::Never, 0, &[]), None).unwrap();
+        let (want, want_o) = oracle_hits(&rec, &sites);
+        assert_eq!(key(&scan), want, "{clock}: native hits = stepped hits");
+        assert!(want.len() > 20, "{clock}: the race runs the loop many times: {}", want.len());
+        assert!(want.iter().any(|h| h.1 == irq_timer_body()), "{clock}: a timer handler entered from ring 3 was hit");
+        // Both ran to the end and matched the recording's final state hash.
+        match (&o, &want_o) {
+            (Outcome::Finished { state_hash: a, problems: pa, .. }, Outcome::Finished { state_hash: b, problems: pb, .. }) => {
+                assert!(pa.is_empty() && pb.is_empty(), "{clock}: {pa:?} {pb:?}");
+                assert_eq!(a, b, "{clock}");
+            }
+            other => panic!("{clock}: {other:?}"),
+        }
+        assert!(tl.machine.bps.hits > 0, "{clock}: hits came from int3 traps, not only from stepping");
+    }
+}
+
+/// Runs the same gdb-level moves on a native session and a stepping one:
+/// same stop reasons, positions, fingerprints and full state hashes.
+#[test]
+fn continue_and_reverse_continue_equal_the_stepping_path() {
+    let d = tempfile::tempdir().unwrap();
+    for clock in ["exit", "step"] {
+        let rec = record_race(d.path(), clock, clock);
+        let mut a = Session::open(rec.clone(), 0).unwrap();
+        let mut b = Session::open(rec.clone(), 0).unwrap();
+        a.native = true;
+        b.native = false;
+        let bps: BTreeSet<u64> = [symbol("task_exit"), race_loop_body(), irq_timer_body()].into();
+        a.breakpoints = bps.clone();
+        b.breakpoints = bps.clone();
+        let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| {
+            assert_eq!(wa, wb, "{clock}: {what}");
+            let (pa, pb) = (a.pos(), b.pos());
+            assert_eq!((pa.point.exits, pa.point.rip, pa.fp, pa.end), (pb.point.exits, pb.point.rip, pb.fp, pb.end), "{clock}: {what}");
+            assert_eq!(a.event_index(), b.event_index(), "{clock}: {what}");
+            assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap(), "{clock}: {what}");
+        };
+        for i in 0..6 {
+            let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+            same(&mut a, &mut b, &wa, &wb, &format!("continue {i}"));
+        }
+        // Standing on a breakpoint: reverse-continue does not report it again.
+        for i in 0..4 {
+            let here = a.pos();
+            let (wa, wb) = (a.reverse_cont().unwrap(), b.reverse_cont().unwrap());
+            same(&mut a, &mut b, &wa, &wb, &format!("reverse-continue {i}"));
+            assert_ne!((a.pos().point, a.pos().fp), (here.point, here.fp), "{clock}: reverse-continue moved");
+        }
+        for i in 0..3 {
+            let (wa, wb) = (a.reverse_step().unwrap(), b.reverse_step().unwrap());
+            same(&mut a, &mut b, &wa, &wb, &format!("reverse-stepi {i} from a native stop"));
+        }
+        assert!(a.native_runs > 0 && b.native_runs == 0, "{clock}: {} {}", a.native_runs, b.native_runs);
+        // Past the last hit: both reach the end; back from the end to the last hit.
+        a.breakpoints = [symbol("task_exit")].into();
+        b.breakpoints = a.breakpoints.clone();
+        loop {
+            let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+            same(&mut a, &mut b, &wa, &wb, "continue to the end");
+            if wa == StopWhy::End {
+                break;
+            }
+        }
+        let (wa, wb) = (a.reverse_cont().unwrap(), b.reverse_cont().unwrap());
+        same(&mut a, &mut b, &wa, &wb, "reverse-continue from the end");
+        assert_eq!(wa, StopWhy::Breakpoint(symbol("task_exit")), "{clock}");
+    }
+}
+
+#[test]
+fn write_watchpoints_at_native_speed_equal_the_stepping_path() {
+    use revirt::gdb::session::{Watch, WatchKind};
+    let d = tempfile::tempdir().unwrap();
+    let rec = record_race(d.path(), "exit", "exit");
+    let mut a = Session::open(rec.clone(), 0).unwrap();
+    let mut b = Session::open(rec.clone(), 0).unwrap();
+    a.native = true;
+    b.native = false;
+    // The shared counter, written by both tasks on every iteration.
+    let w = Watch { addr: symbol("race_counter"), len: 8, kind: WatchKind::Write };
+    a.watches.push(w.clone());
+    b.watches.push(w);
+    let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| {
+        assert_eq!(wa, wb, "{what}");
+        let (pa, pb) = (a.pos(), b.pos());
+        assert_eq!((pa.point.exits, pa.point.rip, pa.fp, pa.end), (pb.point.exits, pb.point.rip, pb.fp, pb.end), "{what}");
+        assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap(), "{what}");
+    };
+    for i in 0..5 {
+        let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+        same(&mut a, &mut b, &wa, &wb, &format!("continue {i}"));
+    }
+    for i in 0..3 {
+        let (wa, wb) = (a.reverse_cont().unwrap(), b.reverse_cont().unwrap());
+        same(&mut a, &mut b, &wa, &wb, &format!("reverse-continue {i}"));
+    }
+    assert!(a.native_runs > 0, "the native session ran natively");
+}
