@@ -1,5 +1,6 @@
-//! Checkpoint files. The start checkpoint holds all of memory and the disk
-//! is the recording's `disk.img`; later checkpoints are incremental: the
+//! Checkpoint files. The start checkpoint holds every page of memory that
+//! is not zero (restoring starts from zeroed RAM) and the disk is the
+//! recording's `disk.img`; later checkpoints are incremental: the
 //! machine state, the pages dirtied and the disk sectors written since the
 //! previous checkpoint. Restoring checkpoint k applies 0..=k in order.
 //!
