@@ -2,6 +2,10 @@
 # Live-migration figures: downtime and total time against guest memory size
 # and dirty rate, source and destination on this machine over TCP loopback.
 # Usage: scripts/bench-migrate.sh [REPS]   (median of REPS runs, default 3)
+#   RECORD=1: the source records (`revirt record --control`) and the
+#   destination goes on recording (`receive -o`): the downtime then includes
+#   the recorder's checkpoint in flight, log flush and dirty-log sync.
+#   MEMS="64M" PAGES="256": only those sizes (default: 64M 256M 1G x 1 256 1024 4096).
 # Prints a table and writes target/bench/migrate.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,12 +20,15 @@ trap 'rm -rf "$T"; kill $(jobs -p) 2>/dev/null || true' EXIT
 
 one() { # mem pages -> one JSON summary line (or nothing on failure)
   local mem=$1 pages=$2 port
-  rm -f "$T"/*
-  "$R" receive --listen 127.0.0.1:0 >"$T/dst.out" 2>"$T/dst.err" &
+  rm -rf "$T"/*
+  local rec_src=() rec_dst=()
+  if [[ -n "${RECORD:-}" ]]; then rec_src=(-o "$T/srec"); rec_dst=(-o "$T/drec"); fi
+  "$R" receive --listen 127.0.0.1:0 "${rec_dst[@]}" >"$T/dst.out" 2>"$T/dst.err" &
   local dpid=$!
   for _ in $(seq 100); do grep -q "waiting for a VM on" "$T/dst.err" 2>/dev/null && break; sleep 0.05; done
   local addr; addr=$(sed -n 's/.*waiting for a VM on //p' "$T/dst.err" | head -1)
-  "$R" run "$IMG" --mem "$mem" --cmdline "workload=churn iters=400 pages=$pages hz=100" \
+  local verb=run; [[ -n "${RECORD:-}" ]] && verb=record
+  "$R" $verb "$IMG" "${rec_src[@]}" --mem "$mem" --cmdline "workload=churn iters=400 pages=$pages hz=100" \
     --control "$T/ctl.sock" </dev/null >"$T/src.out" 2>"$T/src.err" &
   local spid=$!
   for _ in $(seq 200); do grep -q "churn: round 30" "$T/src.out" 2>/dev/null && break; sleep 0.05; done
@@ -29,13 +36,14 @@ one() { # mem pages -> one JSON summary line (or nothing on failure)
   wait "$spid" || true
   wait "$dpid" || true
   grep -q "churn: rounds=400" "$T/dst.out" || echo "bench-migrate: destination did not finish ($mem, $pages)" >&2
+  if [[ -n "${RECORD:-}" ]] && ! "$R" replay -q "$T/drec" >/dev/null 2>&1; then echo "bench-migrate: the moved recording does not replay ($mem, $pages)" >&2; fi
 }
 
-echo "revirt live migration, $(date -u +%F), $(nproc) CPUs, median of $REPS; guest: churn at 100 Hz" >&2
+echo "revirt live migration, $(date -u +%F), $(nproc) CPUs, median of $REPS; guest: churn at 100 Hz${RECORD:+, recorded}" >&2
 printf '%-6s %-14s %-10s %-12s %-10s %-8s %-10s\n' mem dirty_pages/s downtime_ms total_ms rounds MiB_sent throttle%
 results=()
-for mem in 64M 256M 1G; do
-  for pages in 1 256 1024 4096; do
+for mem in ${MEMS:-64M 256M 1G}; do
+  for pages in ${PAGES:-1 256 1024 4096}; do
     runs=()
     for _ in $(seq "$REPS"); do
       j=$(one "$mem" "$pages")
