@@ -115,7 +115,11 @@ impl CheckpointWriter {
         while self.in_flight >= MAX_IN_FLIGHT {
             match self.done.recv() {
                 Ok(r) => self.collect(r)?,
-                Err(_) => return Err(RecordError::CheckpointWriter("the checkpoint writer stopped".into())),
+                Err(_) => {
+                    return Err(RecordError::CheckpointWriter(
+                        "the checkpoint writer stopped".into(),
+                    ))
+                }
             }
         }
         if waited && id > 0 {
@@ -228,7 +232,10 @@ impl CheckpointWriter {
 
 /// CPU time of the calling thread.
 fn thread_cpu() -> std::time::Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes one timespec through a valid pointer.
     if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
         return std::time::Duration::ZERO;
