@@ -20,9 +20,10 @@ now() { date +%s.%N; }
 record() { # $1 dir, $2 cmdline
   $R record $G -o "$1" --cmdline "$2" </dev/null >/dev/null 2>&1
 }
-serve() { # $1 rec, $2 log, env in $3
-  env ${3:-} $R gdb "$1" --port 0 2>"$2" & pids+=($!)
-  for _ in $(seq 600); do p=$(grep -o "listening on 127.0.0.1:[0-9]*" "$2" | head -1 | cut -d: -f2); [ -n "$p" ] && { echo "$p"; return; }; sleep 0.1; done
+serve() { # $1 rec, $2 log, env in $3; sets $port
+  env ${3:-} $R gdb "$1" --port 0 >/dev/null 2>"$2" & pids+=($!)
+  port=
+  for _ in $(seq 600); do port=$(grep -o "listening on 127.0.0.1:[0-9]*" "$2" | head -1 | cut -d: -f2 || true); [ -n "$port" ] && return; sleep 0.1; done
   echo "server did not start" >&2; exit 1
 }
 # gdb: times one command with gdb's Python (connection excluded).
@@ -39,7 +40,7 @@ for c in """$4""".split(";"):
     c = c.strip()
     if c: print(gdb.execute(c, to_string=True))
 PY
-  gdb -nx -batch -ex "set architecture i386:x86-64" -ex "file $G" -ex "target remote 127.0.0.1:$1" -x "$tmp/t.py" -ex "kill" 2>&1
+  gdb -nx -batch -ex "set architecture i386:x86-64" -ex "file $G" -ex "target remote 127.0.0.1:$1" -x "$tmp/t.py" -ex "kill" 2>&1 || true
 }
 med() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
@@ -50,14 +51,14 @@ bench() { # $1 name, $2 cmdline, $3 break-forward sym, $4 break-reverse sym
   for r in $(seq "$ROUNDS"); do
     t0=$(now); $R replay "$rec" -q >/dev/null 2>&1; t1=$(now)
     rep+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
-    port=$(serve "$rec" "$tmp/srv-$1-$r")
+    serve "$rec" "$tmp/srv-$1-$r"
     out=$(timed_gdb "$port" "break $3" "continue" "info registers rip;monitor stats")
-    echo "$out" | grep -q "Breakpoint 1" || { echo "$1: continue did not stop at $3:"; echo "$out"; exit 1; }
+    grep -q "Breakpoint 1" <<<"$out" || { echo "$1: continue did not stop at $3:"; echo "$out"; exit 1; }
     fwd+=("$(echo "$out" | grep '^MS' | cut -d' ' -f2)")
     kill "${pids[-1]}" 2>/dev/null || true
-    port=$(serve "$rec" "$tmp/srv2-$1-$r")
+    serve "$rec" "$tmp/srv2-$1-$r"
     out=$(timed_gdb "$port" "continue;break $4" "reverse-continue" "info registers rip;monitor stats")
-    echo "$out" | grep -q "Breakpoint 1" || { echo "$1: reverse-continue did not stop at $4:"; echo "$out"; exit 1; }
+    grep -q "Breakpoint 1" <<<"$out" || { echo "$1: reverse-continue did not stop at $4:"; echo "$out"; exit 1; }
     rev+=("$(echo "$out" | grep '^MS' | cut -d' ' -f2)")
     kill "${pids[-1]}" 2>/dev/null || true
   done
@@ -72,9 +73,9 @@ bench ring0 "workload=ring0 iters=20000" power_off ring0_main
 bench race "workload=race iters=200000 exits=16" task_exit kmain
 # Before/after: the stepping path on a recording short enough for it.
 rec=$tmp/short; record "$rec" "workload=compute iters=20000"
-port=$(serve "$rec" "$tmp/srv-old" "REVIRT_GDB_NATIVE=0")
+serve "$rec" "$tmp/srv-old" "REVIRT_GDB_NATIVE=0"
 old=$(timed_gdb "$port" "break power_off" "continue" "" | grep '^MS' | cut -d' ' -f2)
 kill "${pids[-1]}" 2>/dev/null || true
-port=$(serve "$rec" "$tmp/srv-new")
+serve "$rec" "$tmp/srv-new"
 new=$(timed_gdb "$port" "break power_off" "continue" "" | grep '^MS' | cut -d' ' -f2)
 printf 'before/after, compute iters=20000, break power_off + continue: stepping %.0f ms, native %.0f ms\n' "$old" "$new"

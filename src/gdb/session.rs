@@ -120,7 +120,7 @@ pub struct Session {
     /// Breakpoint arrivals counted since the current exit boundary, for
     /// these sites, valid at this position (a forward continue goes on
     /// counting from them instead of recounting the interval).
-    arrivals: Option<(At, BTreeSet<u64>, Vec<(u64, u64)>)>,
+    arrivals: Option<Arrivals>,
     /// Native-speed runs (breakpoints without single-stepping) so far.
     pub native_runs: u64,
     /// Data watchpoints run natively: physical start -> (length, the
@@ -131,6 +131,9 @@ pub struct Session {
     /// single-stepping path, kept as the oracle).
     pub native: bool,
 }
+
+/// Arrivals (key, count) at these keys since the exit boundary, valid at a position.
+type Arrivals = (At, BTreeSet<u64>, Vec<(u64, u64)>);
 
 /// Fewer steps than this to a target: no snapshot halfway.
 const SNAP_HALFWAY_MIN: u64 = 16;
@@ -468,32 +471,7 @@ impl Session {
     /// (4-level paging: 4 KiB, 2 MiB and 1 GiB pages).
     pub fn translate(&self, va: u64) -> Option<u64> {
         let s = self.tl.machine.vcpu.sregs().ok()?;
-        if s.cr0 & (1 << 31) == 0 {
-            return Some(va);
-        }
-        let mut table = s.cr3 & 0x000f_ffff_ffff_f000;
-        for level in (0..4).rev() {
-            let idx = (va >> (12 + 9 * level)) & 0x1ff;
-            let e: u64 = self
-                .tl
-                .machine
-                .mem
-                .read_obj(GuestAddress(table + idx * 8))
-                .ok()?;
-            if e & 1 == 0 {
-                return None;
-            }
-            let base = e & 0x000f_ffff_ffff_f000;
-            if level == 0 {
-                return Some(base | (va & 0xfff));
-            }
-            if (level == 1 || level == 2) && e & 0x80 != 0 {
-                let size = 1u64 << (12 + 9 * level);
-                return Some((base & !(size - 1)) | (va & (size - 1)));
-            }
-            table = base;
-        }
-        None
+        crate::vmm::paging::translate(&self.tl.machine.mem, &s, va)
     }
 
     fn read_phys(&self, pa: u64, len: u64) -> Vec<u8> {
