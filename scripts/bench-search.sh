@@ -67,7 +67,28 @@ bench() { # $1 name, $2 cmdline, $3 break-forward sym, $4 break-reverse sym
   printf '%-44s replay -q %8.0f ms | continue to %-10s %8.0f ms (%.2fx) | reverse-continue to %-10s %8.0f ms (%.2fx)\n' \
     "$1 ($2)" "$mr" "$3" "$mf" "$(awk "BEGIN{print $mf / $mr}")" "$4" "$mv" "$(awk "BEGIN{print $mv / $mr}")"
 }
+# `watch -l` on a location written once early (the scheduler's cur_task,
+# set before the workload starts), reverse-continue from the end.
+bench_watch() { # $1 name, $2 cmdline, $3 variable
+  local rec=$tmp/w$1
+  record "$rec" "$2"
+  local rep=() rev=()
+  for r in $(seq "$ROUNDS"); do
+    t0=$(now); $R replay "$rec" -q >/dev/null 2>&1; t1=$(now)
+    rep+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
+    serve "$rec" "$tmp/srvw-$1-$r"
+    out=$(timed_gdb "$port" "continue;watch -l $3" "reverse-continue" "x/i \$pc;monitor stats")
+    grep -q "atchpoint" <<<"$out" || { echo "$1: reverse-continue did not stop at a write of $3:"; echo "$out"; exit 1; }
+    rev+=("$(grep '^MS' <<<"$out" | cut -d' ' -f2)")
+    [ "$r" = 1 ] && grep -m1 '=> ' <<<"$out" | sed 's/^/  writer: /'
+    kill "${pids[-1]}" 2>/dev/null || true
+  done
+  local mr mv
+  mr=$(printf '%s\n' "${rep[@]}" | med); mv=$(printf '%s\n' "${rev[@]}" | med)
+  printf '%-44s replay -q %8.0f ms | watch -l %s + reverse-continue %8.0f ms (%.2fx)\n' "$1 ($2)" "$mr" "$3" "$mv" "$(awk "BEGIN{print $mv / $mr}")"
+}
 echo "medians of $ROUNDS, target <= 1.5x replay"
+bench_watch compute "workload=compute iters=$ITERS" cur_task
 bench compute "workload=compute iters=$ITERS" power_off wl_compute
 bench ring0 "workload=ring0 iters=20000" power_off ring0_main
 bench race "workload=race iters=200000 exits=16" task_exit kmain

@@ -375,6 +375,10 @@ impl MonitorCmd for Target64 {
                 ),
             },
             ["origin", args @ ..] => {
+                if let Err(e) = self.s.make_exact() {
+                    outputln!(out, "error: {e}");
+                    return Ok(());
+                }
                 let text = crate::replay::provenance::monitor_origin(&self.s.rec, &self.s.tl, args);
                 for l in text.lines() {
                     outputln!(out, "{l}");

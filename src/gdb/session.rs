@@ -449,6 +449,19 @@ impl Session {
         Ok(StopWhy::Step)
     }
 
+    /// Makes the current position's execution point exact: a native-speed
+    /// stop knows its exit, RIP and registers but not the branch count (the
+    /// guest ran free), which the step clock's points and provenance need;
+    /// this steps from the exit boundary to here once and counts it.
+    pub fn make_exact(&mut self) -> R<()> {
+        let here = self.pos;
+        if here.anchor.is_none() || here.end {
+            return Ok(());
+        }
+        self.scan((here.exits, None, 0), here, SCAN_SNAP_EVERY, |_, _| {})?;
+        Ok(())
+    }
+
     /// Goes to a position remembered earlier (exit, then steps), and checks
     /// that it is the same state.
     pub fn goto(&mut self, p: Pos) -> R<()> {
