@@ -810,15 +810,31 @@ impl Session {
                 return Err(SessionError::Lost("a counting scan stopped before the end".into()));
             }
             self.ended(o)?;
-        } else if e > x {
-            let (o, sc) = self.run_scan(scan, Some(e))?;
-            if o != Outcome::Reached || self.tl.exits() != e {
-                self.ended(o)?;
-                return Err(SessionError::Lost(format!("the replay ended before reaching {}", until.point)));
+        } else {
+            // In chunks of 1, 2, 4, ... exits, with a snapshot at each chunk's
+            // end: going to the hit afterwards starts close to it instead of
+            // replaying the window again.
+            let (mut at, mut chunk) = (x, 1u64);
+            while at < e {
+                let to = at.saturating_add(chunk).min(e);
+                let (o, mut sc) = self.run_scan(scan, Some(to))?;
+                if o != Outcome::Reached || self.tl.exits() != to {
+                    self.ended(o)?;
+                    return Err(SessionError::Lost(format!("the replay ended before reaching {}", until.point)));
+                }
+                hits.extend(sc.hits.drain(..).map(|h| ((h.point.exits, Some((h.key, h.n)), 0), h)));
+                self.refresh((to, None, 0))?;
+                if to < e {
+                    self.snap_here()?;
+                }
+                // The boundary the run paused at is an arrival if a site is there.
+                let (p, fp) = (self.pos.point, self.pos.fp);
+                sc.at_poll(p, fp, None);
+                hits.extend(sc.hits.drain(..).map(|h| ((h.point.exits, Some((h.key, h.n)), 0), h)));
+                scan = sc;
+                at = to;
+                chunk = chunk.saturating_mul(2);
             }
-            hits.extend(sc.hits.iter().map(|h| ((h.point.exits, Some((h.key, h.n)), 0), *h)));
-            self.refresh((e, None, 0))?;
-            scan = self.boundary_scan(&sites, &mut hits);
         }
         if let Some((r, n)) = until.anchor.filter(|_| !until.end) {
             if scan.arrivals(r) < n {
