@@ -5,22 +5,12 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+type Server = GdbServer;
 
 fn record(dir: &Path, name: &str, cmdline: &str, stdin: &[u8]) -> PathBuf {
     let out = dir.join(name);
@@ -34,34 +24,7 @@ fn record(dir: &Path, name: &str, cmdline: &str, stdin: &[u8]) -> PathBuf {
 }
 
 fn serve(rec: &Path) -> Server {
-    let mut cmd = revirt();
-    cmd.args(["gdb", rec.to_str().unwrap(), "--port", "0"]);
-    start(cmd)
-}
-
-/// Starts a `revirt gdb` server and waits for the port it listens on.
-fn start(mut cmd: std::process::Command) -> Server {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn revirt gdb");
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            eprintln!("[server] {line}");
-            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-                let port: u16 = rest.split(';').next().unwrap().parse().unwrap();
-                let _ = tx.send(port);
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("server did not start");
-    Server { child, port }
+    gdb_server(rec, &[])
 }
 
 /// Runs gdb in batch mode with these commands after connecting; returns stdout+stderr.
@@ -108,45 +71,7 @@ fn values(out: &str, key: &str) -> Vec<u64> {
         .collect()
 }
 
-fn symbol(name: &str) -> u64 {
-    let o = Command::new("nm").arg(demo_image()).output().unwrap();
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() == 3 && f[2] == name).then(|| u64::from_str_radix(f[0], 16).unwrap())
-        })
-        .unwrap_or_else(|| panic!("no symbol {name}"))
-}
-
-/// (address, text) of each instruction of `func`, from objdump.
-fn disasm(func: &str) -> Vec<(u64, String)> {
-    let o = Command::new("objdump")
-        .args(["-d", "--no-show-raw-insn"])
-        .arg(demo_image())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    let mut inside = false;
-    let mut v = Vec::new();
-    for l in text.lines() {
-        if l.ends_with(&format!("<{func}>:")) {
-            inside = true;
-            continue;
-        }
-        if inside {
-            if l.trim().is_empty() {
-                break;
-            }
-            if let Some((a, rest)) = l.trim().split_once(':') {
-                if let Ok(a) = u64::from_str_radix(a, 16) {
-                    v.push((a, rest.trim().to_string()));
-                }
-            }
-        }
-    }
-    v
-}
+use common::{demo_disasm as disasm, demo_symbol as symbol};
 
 const PC: &str = "printf \"PC=%#lx\\n\", $pc";
 
@@ -590,7 +515,7 @@ fn serve_with(rec: &Path, at: u64, snapshots: bool) -> Server {
     if !snapshots {
         cmd.env("REVIRT_GDB_SNAPSHOTS", "0");
     }
-    start(cmd)
+    start_gdb_server(cmd)
 }
 
 /// Register blocks of `info registers` (rax .. fs), in order.

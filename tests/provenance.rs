@@ -6,11 +6,9 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use revirt::clock::ExecPoint;
 use revirt::replay::provenance::{self as prov, Limits, Location};
@@ -57,35 +55,7 @@ fn vuln() -> &'static Path {
     })
 }
 
-/// (address, text) of each instruction of `func`, from objdump.
-fn disasm(func: &str) -> Vec<(u64, String)> {
-    let o = Command::new("objdump")
-        .args(["-d", "--no-show-raw-insn"])
-        .arg(demo_image())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    let mut inside = false;
-    let mut v = Vec::new();
-    for l in text.lines() {
-        if l.ends_with(&format!("<{func}>:")) {
-            inside = true;
-            continue;
-        }
-        if inside {
-            if l.trim().is_empty() {
-                break;
-            }
-            if let Some((a, rest)) = l.trim().split_once(':') {
-                if let Ok(a) = u64::from_str_radix(a, 16) {
-                    v.push((a, rest.trim().to_string()));
-                }
-            }
-        }
-    }
-    assert!(!v.is_empty(), "no function {func} in the demo image");
-    v
-}
+use common::demo_disasm as disasm;
 
 fn range_of(func: &str) -> std::ops::Range<u64> {
     let d = disasm(func);
@@ -484,41 +454,8 @@ fn hex8(v: u64) -> String {
         .join(" ")
 }
 
-struct Server {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(rec: &Path) -> Server {
-    let mut child = revirt()
-        .args(["gdb", rec.to_str().unwrap(), "--port", "0"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn revirt gdb");
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            eprintln!("[server] {line}");
-            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-                let port: u16 = rest.split(';').next().unwrap().parse().unwrap();
-                let _ = tx.send(port);
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("server did not start");
-    Server { child, port }
+fn serve(rec: &Path) -> GdbServer {
+    gdb_server(rec, &[])
 }
 
 #[test]

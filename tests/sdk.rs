@@ -8,11 +8,9 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -192,14 +190,7 @@ fn lua_in_the_guest_matches_the_host_and_replays() {
     assert_eq!(stdout(&o), host("luademo-host", &["-e", code]));
 }
 
-struct Server(Child, u16);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+type Server = GdbServer;
 
 fn serve(rec: &Path) -> Server {
     serve_at(rec, 0)
@@ -207,41 +198,7 @@ fn serve(rec: &Path) -> Server {
 
 /// The server, starting at guest-caused exit `at` (`revirt gdb --at`).
 fn serve_at(rec: &Path, at: u64) -> Server {
-    let mut child = revirt()
-        .args([
-            "gdb",
-            rec.to_str().unwrap(),
-            "--port",
-            "0",
-            "--at",
-            &at.to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn revirt gdb");
-    let err = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            eprintln!("[server] {line}");
-            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
-                let _ = tx.send(
-                    rest.split(';')
-                        .next()
-                        .unwrap()
-                        .trim()
-                        .parse::<u16>()
-                        .unwrap(),
-                );
-            }
-        }
-    });
-    let port = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("server did not start");
-    Server(child, port)
+    gdb_server(rec, &["--at", &at.to_string()])
 }
 
 /// The real gdb in batch mode against the server, with `image`'s symbols.
@@ -319,7 +276,7 @@ fn gdb_stops_in_zlib_at_its_source_line_and_reverse_continues() {
     );
     let server = serve(&rec);
     let out = gdb(
-        server.1,
+        server.port,
         &img,
         &[
             &format!("break crc32.c:{line}"),
@@ -389,7 +346,7 @@ fn gdb_stops_in_lua_at_its_source_line_and_reverse_continues() {
     );
     let server = serve_at(&rec, at);
     let out = gdb(
-        server.1,
+        server.port,
         &img,
         &[
             &format!("break lstrlib.c:{line}"),

@@ -15,16 +15,7 @@ use revirt::gdb::session::{Session, StopWhy};
 use revirt::replay::search::{Scan, ScanStop};
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
 
-fn symbol(name: &str) -> u64 {
-    let out = std::process::Command::new("nm").arg(demo_image()).output().expect("nm");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() == 3 && f[2] == name).then(|| u64::from_str_radix(f[0], 16).unwrap())
-        })
-        .unwrap_or_else(|| panic!("no symbol {name}"))
-}
+use common::demo_symbol as symbol;
 
 /// The first instruction after the loop head of race_loop: runs once per iteration in ring 3.
 fn race_loop_body() -> u64 {

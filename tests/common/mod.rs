@@ -178,3 +178,86 @@ pub fn record_vuln_after_prompt(dir: &Path, input: &[u8]) -> Output {
     o.stdout = seen;
     o
 }
+
+/// A `revirt gdb` server started by a test; killed when dropped.
+pub struct GdbServer {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Drop for GdbServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `revirt gdb REC --port 0 EXTRA...`, once it listens.
+pub fn gdb_server(rec: &Path, extra: &[&str]) -> GdbServer {
+    let mut cmd = revirt();
+    cmd.args(["gdb", rec.to_str().unwrap(), "--port", "0"]).args(extra);
+    start_gdb_server(cmd)
+}
+
+/// Starts a `revirt gdb` command and waits for the port it listens on
+/// (its stderr is echoed with a `[server]` prefix).
+pub fn start_gdb_server(mut cmd: Command) -> GdbServer {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn revirt gdb");
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            if let Some(rest) = line.split("listening on 127.0.0.1:").nth(1) {
+                let port: u16 = rest.split(';').next().unwrap().trim().parse().unwrap();
+                let _ = tx.send(port);
+            }
+        }
+    });
+    let port = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start");
+    GdbServer { child, port }
+}
+
+/// The address of `name` in the demo image (nm).
+pub fn demo_symbol(name: &str) -> u64 {
+    let o = Command::new("nm").arg(demo_image()).output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3 && f[2] == name).then(|| u64::from_str_radix(f[0], 16).unwrap())
+        })
+        .unwrap_or_else(|| panic!("no symbol {name}"))
+}
+
+/// (address, text) of each instruction of `func` in the demo image, from objdump.
+pub fn demo_disasm(func: &str) -> Vec<(u64, String)> {
+    let o = Command::new("objdump").args(["-d", "--no-show-raw-insn"]).arg(demo_image()).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let mut inside = false;
+    let mut v = Vec::new();
+    for l in text.lines() {
+        if l.ends_with(&format!("<{func}>:")) {
+            inside = true;
+            continue;
+        }
+        if inside {
+            if l.trim().is_empty() {
+                break;
+            }
+            if let Some((a, rest)) = l.trim().split_once(':') {
+                if let Ok(a) = u64::from_str_radix(a, 16) {
+                    v.push((a, rest.trim().to_string()));
+                }
+            }
+        }
+    }
+    assert!(!v.is_empty(), "no function {func} in the demo image");
+    v
+}
