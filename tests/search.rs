@@ -54,8 +54,7 @@ fn oracle_hits(rec: &Arc<Recording>, sites: &BTreeSet<u64>) -> (Vec<(u64, u64, u
         use vm_memory::Bytes;
         tl.machine.mem.read_slice(&mut code, vm_memory::GuestAddress(r.rip)).unwrap();
         let ins = iced_x86::Decoder::with_ip(64, &code, r.rip, 0).decode();
-        use iced_x86::Mnemonic::*;
-        let exiting = matches!(ins.mnemonic(), In | Out | Hlt) && tl.machine.devices.pic.next_vector().is_none();
+        let exiting = revirt::replay::search::exits_to_vmm(ins.mnemonic()) && tl.machine.devices.pic.next_vector().is_none();
         let o = if exiting {
             let to = tl.exits() + 1;
             tl.run(Some(to)).unwrap()

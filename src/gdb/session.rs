@@ -398,7 +398,7 @@ impl Session {
     /// rather than by single-stepping, so the exit (and any input the
     /// recording delivers there) is handled exactly as when recording.
     fn exits_next(&self) -> bool {
-        use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+        use iced_x86::{Decoder, DecoderOptions};
         if self.tl.machine.devices.pic.next_vector().is_some() {
             return false;
         }
@@ -408,18 +408,7 @@ impl Session {
         let mut code = [0u8; 15];
         let n = self.read_virt(r.rip, &mut code);
         let ins = Decoder::with_ip(64, &code[..n], r.rip, DecoderOptions::NONE).decode();
-        matches!(
-            ins.mnemonic(),
-            Mnemonic::In
-                | Mnemonic::Out
-                | Mnemonic::Hlt
-                | Mnemonic::Insb
-                | Mnemonic::Insw
-                | Mnemonic::Insd
-                | Mnemonic::Outsb
-                | Mnemonic::Outsw
-                | Mnemonic::Outsd
-        )
+        crate::replay::search::exits_to_vmm(ins.mnemonic())
     }
 
     /// One instruction forward. Keeps `pos` as (exit, steps since it).

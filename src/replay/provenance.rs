@@ -374,21 +374,6 @@ fn serial_delivered(rec: &Recording, next: usize) -> u64 {
         .sum()
 }
 
-fn is_port_insn(m: Mnemonic) -> bool {
-    matches!(
-        m,
-        Mnemonic::In
-            | Mnemonic::Out
-            | Mnemonic::Hlt
-            | Mnemonic::Insb
-            | Mnemonic::Insw
-            | Mnemonic::Insd
-            | Mnemonic::Outsb
-            | Mnemonic::Outsw
-            | Mnemonic::Outsd
-    )
-}
-
 /// Steps a timeline and records each instruction's effects.
 pub struct Tracer<'t> {
     pub tl: &'t mut Timeline,
@@ -552,7 +537,7 @@ impl<'t> Tracer<'t> {
         }
         // Execute it.
         let exits_next =
-            is_port_insn(insn.mnemonic()) && tl.machine.devices.pic.next_vector().is_none();
+            super::search::exits_to_vmm(insn.mnemonic()) && tl.machine.devices.pic.next_vector().is_none();
         let o = if exits_next {
             let to = self.tl.exits() + 1;
             self.tl.run(Some(to))?

@@ -31,6 +31,16 @@ pub struct Hit {
     pub fp: u64,
 }
 
+/// Whether an instruction always exits to the VMM (port I/O, `hlt`): it
+/// ends its exit interval, so the debugger and the provenance tracer run to
+/// that exit instead of single-stepping it (single-stepping across such an
+/// exit in an exit-clock recording would see the delivery at RIP+len instead
+/// of the recorded RIP).
+pub fn exits_to_vmm(m: iced_x86::Mnemonic) -> bool {
+    use iced_x86::Mnemonic::*;
+    matches!(m, In | Out | Hlt | Insb | Insw | Insd | Outsb | Outsw | Outsd)
+}
+
 /// When a scan stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScanStop {
