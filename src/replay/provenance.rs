@@ -308,31 +308,8 @@ impl Default for Limits<'_> {
 
 /// Guest virtual → physical through the current page tables (4-level, 4K/2M/1G).
 fn translate(tl: &Timeline, cr0: u64, cr3: u64, va: u64) -> Option<u64> {
-    if cr0 & (1 << 31) == 0 {
-        return Some(va);
-    }
-    let mut table = cr3 & 0x000f_ffff_ffff_f000;
-    for level in (0..4).rev() {
-        let idx = (va >> (12 + 9 * level)) & 0x1ff;
-        let e: u64 = tl
-            .machine
-            .mem
-            .read_obj(GuestAddress(table + idx * 8))
-            .ok()?;
-        if e & 1 == 0 {
-            return None;
-        }
-        let base = e & 0x000f_ffff_ffff_f000;
-        if level == 0 {
-            return Some(base | (va & 0xfff));
-        }
-        if (level == 1 || level == 2) && e & 0x80 != 0 {
-            let size = 1u64 << (12 + 9 * level);
-            return Some((base & !(size - 1)) | (va & (size - 1)));
-        }
-        table = base;
-    }
-    None
+    let s = kvm_bindings::kvm_sregs { cr0, cr3, ..Default::default() };
+    crate::vmm::paging::translate(&tl.machine.mem, &s, va)
 }
 
 fn read_phys(tl: &Timeline, pa: u64, len: usize) -> Vec<u8> {
