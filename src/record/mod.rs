@@ -162,7 +162,7 @@ impl Host for RecordHost {
         self.output_len += bytes.len() as u64;
         self.console
             .write_all(bytes)
-            .map_err(|e| HostError::Other(format!("writing console.log: {e}")))
+            .map_err(|source| HostError::Io { what: "writing console.log", source })
     }
 
     fn precise(&mut self, _exits: u64) -> bool {
