@@ -83,8 +83,10 @@ impl Timeline {
                 let tmp = tempfile::Builder::new().prefix("revirt-replay-disk").tempfile().map_err(|source| {
                     ReplayError::Io { what: "creating a replay disk", path: std::env::temp_dir().display().to_string(), source }
                 })?;
-                std::fs::copy(&src, tmp.path())
-                    .map_err(|source| ReplayError::Io { what: "copying", path: src.display().to_string(), source })?;
+                // Hashed while copied: the replay runs on exactly the bytes checked.
+                let mut f = tmp.as_file();
+                trace::copy_checked(&src, &mut f, rec.disk_sha.as_deref())
+                    .map_err(|e| ReplayError::Damaged(dir.display().to_string(), e))?;
                 Some(tmp)
             }
             None => None,
@@ -95,6 +97,7 @@ impl Timeline {
         let mut machine = Machine::create(&config)?;
         let mut header = trace::checkpoint::rebuild(
             &dir,
+            &rec.seals,
             0,
             id,
             |frame, bytes| machine.write_pages(frame, bytes).map_err(|e| e.to_string()),
