@@ -180,7 +180,7 @@ impl Host for RecordHost {
         self.output_len += bytes.len() as u64;
         self.console
             .write_all(bytes)
-            .map_err(|e| HostError::Other(format!("writing console.log: {e}")))
+            .map_err(|source| HostError::Io { what: "writing console.log", source })
     }
 
     fn precise(&mut self, _exits: u64) -> bool {
@@ -240,7 +240,7 @@ impl Host for RecordHost {
             _ => {}
         }
         if self.output_len != self.console_bound && self.console_bound_at.elapsed() >= MARK_EVERY {
-            self.bind_console(ctx.exits).map_err(|e| HostError::Other(format!("writing console.log: {e}")))?;
+            self.bind_console(ctx.exits).map_err(|source| HostError::Io { what: "writing console.log", source })?;
         }
         if self.last_event.elapsed() >= MARK_EVERY {
             self.log(Event::Mark { exits: ctx.exits });
