@@ -577,7 +577,8 @@ pub fn event_point(e: &Event) -> u64 {
         | Event::Checkpoint { exits, .. }
         | Event::End { exits, .. }
         | Event::Migrated { exits, .. }
-        | Event::CheckpointFile { exits, .. } => *exits,
+        | Event::CheckpointFile { exits, .. }
+        | Event::CheckpointDropped { exits, .. } => *exits,
     }
 }
 

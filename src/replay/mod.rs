@@ -113,6 +113,9 @@ impl Recording {
         let meta = Meta::read(&meta_path)?;
         let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis_of(dir)?)?;
         let console = std::fs::read(dir.join(trace::CONSOLE)).unwrap_or_default();
+        // A checkpoint the retention policy dropped is gone even where a
+        // stale copy of its file is left (a migrated recording's).
+        let dropped = trace::verify::dropped_checkpoints(&log.events);
         let checkpoints = log
             .events
             .iter()
@@ -121,7 +124,7 @@ impl Recording {
                 Event::Checkpoint { id, exits, .. } => Some((*id, *exits, i)),
                 _ => None,
             })
-            .filter(|(id, _, _)| trace::checkpoint_path(dir, *id).exists())
+            .filter(|(id, _, _)| !dropped.contains_key(id) && trace::checkpoint_path(dir, *id).exists())
             .collect();
         Ok(Recording {
             dir: dir.to_path_buf(),

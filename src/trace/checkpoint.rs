@@ -41,6 +41,11 @@ pub struct CheckpointHeader {
     pub pages: Vec<(u64, u64)>,
     /// (first sector, count) runs of disk sectors whose contents follow.
     pub sectors: Vec<(u64, u64)>,
+    /// The checkpoint whose state this one's pages and sectors change:
+    /// absent means `id - 1`. Set when the retention policy merged the
+    /// checkpoints in between into this one (see [`Checkpoint::absorb`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<u32>,
 }
 
 pub struct Checkpoint {
@@ -105,6 +110,73 @@ impl Checkpoint {
         Self::parse(&b, Some(sha256)).map_err(|msg| CheckpointError::Bad { path: p, msg })
     }
 
+    /// Only the header of a checkpoint file, without reading its data or
+    /// checking its CRC (the full read that follows does): how [`rebuild`]
+    /// finds which files a restore needs.
+    pub fn read_header(path: &Path) -> Result<CheckpointHeader, CheckpointError> {
+        use std::io::Read;
+        let p = path.display().to_string();
+        let io = |source| CheckpointError::Io { path: p.clone(), source };
+        let mut f = std::fs::File::open(path).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
+        let mut head = [0u8; 16];
+        f.read_exact(&mut head).map_err(io)?;
+        let bad = |msg: String| CheckpointError::Bad { path: p.clone(), msg };
+        if &head[..8] != MAGIC {
+            return Err(bad("not a revirt checkpoint (bad magic or too short)".into()));
+        }
+        let hlen = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+        if hlen > MAX_HEADER || hlen + 16 + 8 + 4 > len {
+            return Err(bad(format!("header length {hlen} is out of range")));
+        }
+        let mut h = vec![0u8; hlen as usize];
+        f.read_exact(&mut h).map_err(io)?;
+        serde_json::from_slice(&h).map_err(|e| bad(format!("header: {e}")))
+    }
+
+    /// Folds `older` (the checkpoint just before this one) into this one,
+    /// which then builds on `older`'s base instead: every page and sector
+    /// `older` holds that this one does not is added. Restoring the result
+    /// on top of `older`'s base gives exactly what restoring `older` and
+    /// then this one gave. The retention policy drops `older` after this.
+    pub fn absorb(&mut self, older: &Checkpoint) -> Result<(), String> {
+        if older.header.id == 0 || older.header.id >= self.header.id || self.header.base() != older.header.id {
+            return Err(format!("checkpoint {} does not build on {}", self.header.id, older.header.id));
+        }
+        fn units(runs: &[(u64, u64)], size: usize, data: &[u8], at: &mut usize, out: &mut std::collections::BTreeMap<u64, (usize, bool)>, newer: bool) -> Result<(), String> {
+            for &(first, count) in runs {
+                for u in first..first.checked_add(count).ok_or("run out of range")? {
+                    if *at + size > data.len() {
+                        return Err("data is shorter than its lists".into());
+                    }
+                    if newer || !out.contains_key(&u) {
+                        out.insert(u, (*at, newer));
+                    }
+                    *at += size;
+                }
+            }
+            Ok(())
+        }
+        let (mut pages, mut sectors) = (Default::default(), Default::default());
+        let (mut a, mut b) = (0usize, 0usize);
+        units(&self.header.pages, PAGE as usize, &self.data, &mut a, &mut pages, true)?;
+        units(&self.header.sectors, SECTOR as usize, &self.data, &mut a, &mut sectors, true)?;
+        units(&older.header.pages, PAGE as usize, &older.data, &mut b, &mut pages, false)?;
+        units(&older.header.sectors, SECTOR as usize, &older.data, &mut b, &mut sectors, false)?;
+        let mut data = Vec::with_capacity(pages.len() * PAGE as usize + sectors.len() * SECTOR as usize);
+        for (map, size) in [(&pages, PAGE as usize), (&sectors, SECTOR as usize)] {
+            for &(at, newer) in map.values() {
+                let src = if newer { &self.data } else { &older.data };
+                data.extend_from_slice(&src[at..at + size]);
+            }
+        }
+        self.header.pages = runs(pages.keys().copied());
+        self.header.sectors = runs(sectors.keys().copied());
+        self.header.base = Some(older.header.base());
+        self.data = data;
+        Ok(())
+    }
+
     /// Decodes a checkpoint file's bytes. Every length is checked against
     /// the file size or a documented limit before anything is allocated.
     pub fn parse(b: &[u8], sha256: Option<&str>) -> Result<Checkpoint, String> {
@@ -151,13 +223,17 @@ impl Checkpoint {
 }
 
 /// Memory (and disk) at checkpoint `to` of the recording in `dir`: applies
-/// checkpoints `from..=to` in order, one file at a time, handing every page
-/// to `page(frame, bytes)` and every run of disk sectors to
-/// `sectors(first, bytes)`. With `from == 0` the target must start all zero
-/// (fresh guest RAM, a zeroed buffer): checkpoint 0 holds only the pages
-/// that were not zero, and any all-zero page in it is not passed on.
-/// Returns checkpoint `to`'s header. The one reader of checkpoint contents
-/// for replay (`Timeline::at_checkpoint`) and inspection (`Checkpoints::memory`).
+/// the checkpoints `to` builds on, from the first one after `from - 1` (or
+/// from checkpoint 0) up to `to`, in order, one file at a time, handing
+/// every page to `page(frame, bytes)` and every run of disk sectors to
+/// `sectors(first, bytes)`. Each checkpoint builds on the one before it, or
+/// on the one its header names as `base` when the retention policy merged
+/// the ones in between into it ([`chain`]). With
+/// `from == 0` the target must start all zero (fresh guest RAM, a zeroed
+/// buffer): checkpoint 0 holds only the pages that were not zero, and any
+/// all-zero page in it is not passed on. Returns checkpoint `to`'s header.
+/// The one reader of checkpoint contents for replay
+/// (`Timeline::at_checkpoint`) and inspection (`Checkpoints::memory`).
 pub fn rebuild(
     dir: &Path,
     from: u32,
@@ -165,8 +241,9 @@ pub fn rebuild(
     mut page: impl FnMut(u64, &[u8]) -> Result<(), String>,
     mut sectors: impl FnMut(u64, &[u8]) -> Result<(), String>,
 ) -> Result<CheckpointHeader, CheckpointError> {
+    let chain = chain(dir, from, to)?;
     let mut last = None;
-    for k in from..=to {
+    for &k in chain.iter().rev() {
         let path = super::checkpoint_path(dir, k);
         let bad = |msg: String| CheckpointError::Bad { path: path.display().to_string(), msg };
         let ck = Checkpoint::read(&path)?;
@@ -199,6 +276,37 @@ pub fn rebuild(
     last.ok_or_else(|| CheckpointError::Bad { path: dir.display().to_string(), msg: format!("no checkpoints {from}..={to}") })
 }
 
+/// The checkpoints a restore of `to` applies on top of the state at
+/// `from - 1` (or on zeroed memory when `from == 0`), newest first: `to`,
+/// its base, that one's base, ... until one builds on `from - 1` or
+/// earlier (a merged checkpoint holds every change since its base, so it
+/// also applies on top of any later state), or down to checkpoint 0. Reads
+/// headers only. A base at or after its checkpoint is damage; a file
+/// missing on the chain is an error naming it (a checkpoint deleted other
+/// than by the retention policy, which first merges it into the next one).
+pub fn chain(dir: &Path, from: u32, to: u32) -> Result<Vec<u32>, CheckpointError> {
+    let mut out = vec![to];
+    let mut k = to;
+    while k > from {
+        let path = super::checkpoint_path(dir, k);
+        let h = Checkpoint::read_header(&path)?;
+        let bad = |msg: String| CheckpointError::Bad { path: path.display().to_string(), msg };
+        if h.id != k {
+            return Err(bad(format!("file {k} says it is checkpoint {} (damaged recording)", h.id)));
+        }
+        let base = h.base();
+        if base >= k {
+            return Err(bad(format!("builds on checkpoint {base}, not an earlier one (damaged recording)")));
+        }
+        if from > 0 && base < from {
+            break;
+        }
+        out.push(base);
+        k = base;
+    }
+    Ok(out)
+}
+
 /// A checkpoint file's bytes from a header (JSON, taken as given) and its
 /// raw data: what [`Checkpoint::write`] writes; for tools and tests.
 pub fn encode(header_json: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -215,6 +323,11 @@ pub fn encode(header_json: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 impl CheckpointHeader {
+    /// The checkpoint this one builds on (its pages change that state).
+    pub fn base(&self) -> u32 {
+        self.base.unwrap_or(self.id.saturating_sub(1))
+    }
+
     /// Bytes of page and sector data the lists describe, or None when a
     /// count overflows (a crafted header).
     pub fn data_len(&self) -> Option<u64> {

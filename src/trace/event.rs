@@ -39,12 +39,18 @@ pub enum Event {
     /// thread); `exits` is the exit count when it was logged (>= the
     /// checkpoint's). Replay skips it like a mark.
     CheckpointFile { id: u32, exits: u64, sha256: String },
+    /// The retention policy dropped checkpoint `id`: its pages and sectors
+    /// were merged into checkpoint `into` (the next one kept), whose file
+    /// now has this SHA-256 (hex), and `id`'s file is deleted. A dropped
+    /// checkpoint is known to be gone; one missing without this is damage.
+    /// `exits` is the exit count when it was logged. Replay skips it.
+    CheckpointDropped { id: u32, into: u32, exits: u64, sha256: String },
 }
 
 impl Event {
     /// Bookkeeping that the guest never sees (replay skips it).
     pub fn is_mark(&self) -> bool {
-        matches!(self, Event::Mark { .. } | Event::Checkpoint { .. } | Event::Migrated { .. } | Event::CheckpointFile { .. })
+        matches!(self, Event::Mark { .. } | Event::Checkpoint { .. } | Event::Migrated { .. } | Event::CheckpointFile { .. } | Event::CheckpointDropped { .. })
     }
 
     /// Guest-caused exits at which the event happened.
@@ -55,7 +61,8 @@ impl Event {
             | Event::Checkpoint { exits, .. }
             | Event::End { exits, .. }
             | Event::Migrated { exits, .. }
-            | Event::CheckpointFile { exits, .. } => *exits,
+            | Event::CheckpointFile { exits, .. }
+            | Event::CheckpointDropped { exits, .. } => *exits,
             Event::Timer { at, .. } | Event::Serial { at, .. } => at.exits,
         }
     }
@@ -70,6 +77,7 @@ impl Event {
             Event::End { .. } => "end",
             Event::Migrated { .. } => "migrated",
             Event::CheckpointFile { .. } => "ckpt-file",
+            Event::CheckpointDropped { .. } => "ckpt-dropped",
         }
     }
 }
@@ -85,6 +93,9 @@ impl std::fmt::Display for Event {
             Event::End { exits, reason, .. } => write!(f, "end ({reason:?}) at exit {exits}"),
             Event::Migrated { exits, from, to } => write!(f, "migrated from {from} to {to} at exit {exits}"),
             Event::CheckpointFile { id, sha256, .. } => write!(f, "checkpoint {id} written, SHA-256 {}", &sha256[..sha256.len().min(16)]),
+            Event::CheckpointDropped { id, into, sha256, .. } => {
+                write!(f, "checkpoint {id} dropped (retention), merged into {into}, now SHA-256 {}", &sha256[..sha256.len().min(16)])
+            }
         }
     }
 }

@@ -57,15 +57,18 @@ struct Checked {
     files: Vec<&'static str>,
     chunks: u32,
     checkpoints: usize,
+    /// Checkpoints the retention policy dropped (recorded in the chain).
+    dropped: usize,
 }
 
 fn summary(c: &Checked, intact: bool, incomplete: bool) -> String {
     format!(
-        "integrity: checked {}, events.log ({} chunks, SHA-256 chain), {} checkpoint{} (SHA-256 bound in the chain), console.log (End digest): {}",
+        "integrity: checked {}, events.log ({} chunks, SHA-256 chain), {} checkpoint{} (SHA-256 bound in the chain{}), console.log (End digest): {}",
         c.files.join(", "),
         c.chunks,
         c.checkpoints,
         if c.checkpoints == 1 { "" } else { "s" },
+        if c.dropped > 0 { format!("; {} more dropped by the retention policy, as the chain records", c.dropped) } else { String::new() },
         if intact {
             "intact"
         } else if incomplete {
@@ -81,12 +84,33 @@ fn file_sha(path: &Path) -> Option<String> {
 }
 
 /// The SHA-256 the log holds for each checkpoint file (see
-/// [`Event::CheckpointFile`]).
+/// [`Event::CheckpointFile`]): the latest one, as the retention policy
+/// rewrites the checkpoint it merges a dropped one into
+/// ([`Event::CheckpointDropped`]).
 pub fn bound_checkpoints(events: &[Event]) -> std::collections::HashMap<u32, String> {
+    bindings(events).into_iter().filter_map(|(id, mut v)| v.pop().map(|s| (id, s))).collect()
+}
+
+/// Every SHA-256 the log held for each checkpoint file, oldest first.
+fn bindings(events: &[Event]) -> std::collections::HashMap<u32, Vec<String>> {
+    let mut m: std::collections::HashMap<u32, Vec<String>> = Default::default();
+    for e in events {
+        match e {
+            Event::CheckpointFile { id, sha256, .. } | Event::CheckpointDropped { into: id, sha256, .. } => {
+                m.entry(*id).or_default().push(sha256.clone())
+            }
+            _ => {}
+        }
+    }
+    m
+}
+
+/// Checkpoints the retention policy dropped: id -> the one it was merged into.
+pub fn dropped_checkpoints(events: &[Event]) -> std::collections::HashMap<u32, u32> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::CheckpointFile { id, sha256, .. } => Some((*id, sha256.clone())),
+            Event::CheckpointDropped { id, into, .. } => Some((*id, *into)),
             _ => None,
         })
         .collect()
@@ -152,9 +176,30 @@ pub fn verify(dir: &Path) -> Report {
 
     checked.chunks = log.chunks;
     let bound = bound_checkpoints(&log.events);
+    let all_bound = bindings(&log.events);
+    let dropped = dropped_checkpoints(&log.events);
     for e in &log.events {
         if let Event::Checkpoint { id, exits, .. } = e {
             let p = checkpoint_path(dir, *id);
+            if let Some(into) = dropped.get(id) {
+                checked.dropped += 1;
+                let what = format!("checkpoint {id} (exit {exits}): dropped by the retention policy, merged into checkpoint {into} (recorded in the hash chain)");
+                if !p.exists() {
+                    push(true, what);
+                    continue;
+                }
+                // The recorder logs the drop first and deletes the file
+                // after: one killed in between leaves it (a migration's
+                // destination may hold an older copy). Unused, but it must
+                // still be a version the chain bound.
+                if all_bound.get(id).is_some_and(|v| v.iter().any(|s| Checkpoint::read_bound(&p, s).is_ok())) {
+                    push(true, format!("{what}; its file is still there and matches the chain"));
+                } else {
+                    damaged = true;
+                    push(false, format!("checkpoint {id}: dropped by the retention policy, but a file is there that the chain never bound (damaged)"));
+                }
+                continue;
+            }
             let Some(sha) = bound.get(id) else {
                 // Taken, but the log stops before its file was bound: the
                 // recorder was killed while writing it.
@@ -187,6 +232,16 @@ pub fn verify(dir: &Path) -> Report {
                 Ok(_) => {
                     damaged = true;
                     push(false, format!("checkpoint {id}: does not match its log entry (damaged)"));
+                }
+                // The retention policy rewrites a checkpoint after logging
+                // its new SHA-256; a recorder killed in between leaves the
+                // version before (which the chain bound earlier, and which
+                // still restores correctly with the dropped one beside it).
+                Err(_) if log.status != LogStatus::Complete
+                    && all_bound.get(id).is_some_and(|v| v[..v.len() - 1].iter().any(|s| Checkpoint::read_bound(&p, s).is_ok())) =>
+                {
+                    incomplete = true;
+                    push(false, format!("checkpoint {id}: the recording stopped while the retention policy rewrote it: the file is its earlier version, which the chain bound before"));
                 }
                 Err(e) => {
                     damaged = true;
