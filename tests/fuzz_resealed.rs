@@ -28,7 +28,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::Value;
 
-use revirt::clock::pmu::Skid;
+use revirt::vmm::counter::Skid;
 use revirt::replay::{Recording, Sink, Timeline};
 use revirt::trace::{self, checkpoint, log, verify::verify, Event};
 
@@ -359,8 +359,8 @@ fn case(fx: &Fixture, st: &mut Stats, target: u8, seed: u64, replay_every: u64) 
                 }
                 _ => what += &format!(" {}", mutate_json(&mut state, &mut rng)),
             }
-            let file = revirt::vmm::snapshot::encode(&serde_json::to_vec(&state).unwrap(), &mem).unwrap();
-            match revirt::vmm::snapshot::parse(&file, "snap") {
+            let file = revirt::trace::snapshot::encode(&serde_json::to_vec(&state).unwrap(), &mem).unwrap();
+            match revirt::trace::snapshot::parse(&file, "snap") {
                 Ok(s) => {
                     st.snap_decoded += 1;
                     if rng.chance(replay_every / 2 + 1) {
@@ -491,8 +491,8 @@ fn resealed_mutations_of_logs_meta_checkpoints_and_snapshots_never_panic_abort_o
         |_, _| Ok(()),
     )
     .unwrap();
-    let snapshot = revirt::vmm::snapshot::encode(&serde_json::to_vec(&ck0.header.machine).unwrap(), &memory).unwrap();
-    let snap = revirt::vmm::snapshot::parse(&snapshot, "snap").unwrap();
+    let snapshot = revirt::trace::snapshot::encode(&serde_json::to_vec(&ck0.header.machine).unwrap(), &memory).unwrap();
+    let snap = revirt::trace::snapshot::parse(&snapshot, "snap").unwrap();
     let snapshot = (serde_json::to_value(&snap.state).unwrap(), snap.memory);
     let mut originals = Vec::new();
     for f in [trace::META, trace::EVENTS] {

@@ -7,7 +7,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use revirt::clock::pmu::Skid;
+use revirt::vmm::counter::Skid;
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
 use revirt::trace::{self, verify::verify};
 

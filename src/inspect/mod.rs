@@ -14,7 +14,6 @@ pub mod live;
 pub mod mmu;
 pub mod parse;
 pub mod provenance;
-pub mod symbols;
 pub mod view;
 
 use std::io::IsTerminal;
@@ -27,7 +26,7 @@ use crate::replay::{Outcome, Recording, ReplayError, Sink, Timeline};
 use crate::trace::Event;
 
 pub use parse::Point;
-pub use symbols::Symbols;
+pub use crate::replay::symbols::Symbols;
 pub use view::{Checkpoints, Frozen, View};
 
 #[derive(Debug, thiserror::Error)]

@@ -63,12 +63,12 @@ pub struct RecordOptions {
     /// A control socket through which `revirt migrate` may move the VM.
     pub control: Option<std::sync::Arc<crate::migrate::Controller>>,
     /// The counter `--clock pmu` uses (None: the hardware PMU's).
-    pub pmu_counter: Option<crate::clock::counter::CounterOpener>,
+    pub pmu_counter: Option<crate::vmm::counter::CounterOpener>,
 }
 
 impl RecordOptions {
-    fn pmu_opener(&self) -> crate::clock::counter::CounterOpener {
-        self.pmu_counter.clone().unwrap_or_else(crate::clock::counter::hardware_opener)
+    fn pmu_opener(&self) -> crate::vmm::counter::CounterOpener {
+        self.pmu_counter.clone().unwrap_or_else(crate::clock::pmu::hardware_opener)
     }
 }
 
@@ -184,13 +184,13 @@ impl Host for RecordHost {
         matches!(self.clock, ClockKind::Step)
     }
 
-    fn counter_plan(&mut self, exits: u64, _branches: u64) -> crate::clock::counter::CounterPlan {
+    fn counter_plan(&mut self, exits: u64, _branches: u64) -> crate::vmm::counter::CounterPlan {
         match self.slice {
             // Until the overflow stop comes (skid late) and a poll renews or clears it.
             Some((e, at)) if e == exits => {
-                crate::clock::counter::CounterPlan { overflow_at: Some(at), breakpoint: None }
+                crate::vmm::counter::CounterPlan { overflow_at: Some(at), breakpoint: None }
             }
-            _ => crate::clock::counter::CounterPlan::default(),
+            _ => crate::vmm::counter::CounterPlan::default(),
         }
     }
 
@@ -422,7 +422,7 @@ impl RecordHost {
 
 /// The PMU clocks: the run loop drives a branch counter (reset at every
 /// exit, read at every stop where the host delivers).
-fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::counter::CounterOpener) -> Result<(), RecordError> {
+fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::vmm::counter::CounterOpener) -> Result<(), RecordError> {
     match clock {
         ClockKind::Pmu => {
             // The very counter that will time this recording, on this
@@ -437,7 +437,7 @@ fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::cou
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.subsec_nanos() as u64)
                 .unwrap_or(1);
-            m.set_counter(Some(Box::new(crate::clock::counter::SimCounter::new(SIM_RECORD_SKID, seed, true))))?;
+            m.set_counter(Some(Box::new(crate::vmm::counter::SimCounter::new(SIM_RECORD_SKID, seed, true))))?;
         }
         _ => {}
     }
@@ -454,7 +454,7 @@ pub struct Session {
     start: Instant,
     control: Option<std::sync::Arc<crate::migrate::Controller>>,
     /// The counter `--clock pmu` uses.
-    pmu_counter: crate::clock::counter::CounterOpener,
+    pmu_counter: crate::vmm::counter::CounterOpener,
 }
 
 impl Session {
@@ -500,7 +500,7 @@ impl Session {
             ckpt: CheckpointWriter::start(dir, meta.checkpoint_keep.unwrap_or(0), kept)?,
             start: Instant::now(),
             control,
-            pmu_counter: crate::clock::counter::hardware_opener(),
+            pmu_counter: crate::clock::pmu::hardware_opener(),
         })
     }
 

@@ -4,6 +4,7 @@
 
 pub mod provenance;
 pub mod search;
+pub mod symbols;
 pub mod timeline;
 
 use std::path::{Path, PathBuf};
@@ -514,8 +515,8 @@ impl Host for ReplayHost {
         self.stepped() && matches!(self.next_async(), Some(e) if e.exits() <= exits)
     }
 
-    fn counter_plan(&mut self, exits: u64, branches: u64) -> crate::clock::counter::CounterPlan {
-        use crate::clock::counter::CounterPlan;
+    fn counter_plan(&mut self, exits: u64, branches: u64) -> crate::vmm::counter::CounterPlan {
+        use crate::vmm::counter::CounterPlan;
         let next = self.next;
         let Some((key, t)) = self.landing_target(exits) else { return CounterPlan::default() };
         let Some(l) = self.landing.as_mut() else { return CounterPlan::default() };

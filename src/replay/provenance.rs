@@ -39,7 +39,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::{Outcome, Recording, ReplayError, Sink, Timeline};
 use crate::clock::ExecPoint;
-use crate::inspect::symbols::Symbols;
+use super::symbols::Symbols;
 use crate::trace::{self, Event};
 use crate::vmm::layout::ports;
 

@@ -159,7 +159,7 @@ impl Timeline {
     /// Replays precise events with the hardware PMU (this thread must be
     /// the one that runs the replay); `margin` defaults to the CPU's.
     pub fn use_pmu(&mut self, margin: Option<u64>) -> Result<(), ReplayError> {
-        let c = crate::clock::counter::RealCounter::open().map_err(|e| ReplayError::NoPmu(e.to_string()))?;
+        let c = crate::clock::pmu::RealCounter::open().map_err(|e| ReplayError::NoPmu(e.to_string()))?;
         let margin = margin.unwrap_or(c.perf.config.replay_margin);
         self.machine.set_counter(Some(Box::new(c)))?;
         self.landing = Some(LandingConfig { margin, counter: CounterKind::Real });
@@ -171,7 +171,7 @@ impl Timeline {
     pub fn use_landing(&mut self, cfg: LandingConfig) -> Result<(), ReplayError> {
         match cfg.counter {
             CounterKind::Sim { max_skid, seed } => {
-                let c = crate::clock::counter::SimCounter::new(max_skid, seed, false);
+                let c = crate::vmm::counter::SimCounter::new(max_skid, seed, false);
                 self.machine.set_counter(Some(Box::new(c)))?;
             }
             CounterKind::Real => return self.use_pmu(Some(cfg.margin)),
@@ -198,13 +198,13 @@ impl Timeline {
         margin: u64,
         skid: u64,
     ) -> Result<crate::clock::pmu::Verdict, ReplayError> {
-        self.land_with(Box::new(crate::clock::counter::SimCounter::with_fixed_skid(skid)), target, margin)
+        self.land_with(Box::new(crate::vmm::counter::SimCounter::with_fixed_skid(skid)), target, margin)
     }
 
     /// [`Timeline::land_simulated`] with any branch counter.
     pub fn land_with(
         &mut self,
-        counter: Box<dyn crate::clock::counter::BranchCounter + Send>,
+        counter: Box<dyn crate::vmm::counter::BranchCounter + Send>,
         target: crate::clock::pmu::Target,
         margin: u64,
     ) -> Result<crate::clock::pmu::Verdict, ReplayError> {

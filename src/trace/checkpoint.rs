@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::vmm::MachineState;
 
 const MAGIC: &[u8; 8] = b"RVCKPT01";
-pub const PAGE: u64 = 4096;
+pub use crate::vmm::layout::PAGE;
 pub const SECTOR: u64 = 512;
 
 #[derive(Debug, thiserror::Error)]

@@ -12,12 +12,14 @@ pub mod checkpoint;
 pub mod event;
 pub mod log;
 pub mod meta;
+pub mod snapshot;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
 pub use event::{EndReason, Event};
 pub use log::{LogError, LogReader, LogStatus, LogWriter};
 pub use meta::{FileInfo, HostInfo, Meta, MetaError};
+pub use snapshot::Snapshot;
 
 use std::path::Path;
 
