@@ -146,12 +146,13 @@ fn mutate_event(e: &Event, rng: &mut Rng) -> Event {
         }
     }
     let at = revirt::clock::ExecPoint { exits: rng.number(), branches: rng.number(), rip: rng.number() };
-    match rng.below(6) {
+    match rng.below(7) {
         0 => Event::Clock { exits: rng.number(), value: rng.number() },
         1 => Event::Timer { at, fp: rng.number(), now_ns: rng.number() },
         2 => Event::Serial { at, fp: rng.number(), bytes: vec![b'A'; rng.below(100_000) as usize] },
         3 => Event::Checkpoint { id: rng.number() as u32, exits: rng.number(), fp: rng.number() },
         4 => Event::CheckpointFile { id: rng.number() as u32, exits: rng.number(), sha256: "00".repeat(32) },
+        5 => Event::ConsoleFile { exits: rng.number(), len: rng.number(), sha256: "00".repeat(32) },
         _ => Event::Mark { exits: rng.number() },
     }
 }
@@ -482,6 +483,7 @@ fn resealed_mutations_of_logs_meta_checkpoints_and_snapshots_never_panic_abort_o
     let mut memory = vec![0u8; ck0.header.machine.config.mem_size as usize];
     checkpoint::rebuild(
         &dir,
+        &checkpoint::Seals::crc_only(),
         0,
         0,
         |frame, bytes| {

@@ -311,8 +311,8 @@ fn a_thinned_recording_moves_and_keeps_thinning() {
     let o = run_with_input(&["inspect", dst_rec.to_str().unwrap(), "-c", "events all"], b"");
     let ev = stdout(&o);
     let moved_at = ev.lines().position(|l| l.contains("migrated from")).expect("a migration event");
-    let dropped_after = ev.lines().skip(moved_at).filter(|l| l.contains("dropped (retention)")).count();
-    let dropped_before = ev.lines().take(moved_at).filter(|l| l.contains("dropped (retention)")).count();
+    let dropped_after = ev.lines().skip(moved_at).filter(|l| l.contains("dropped (thinned")).count();
+    let dropped_before = ev.lines().take(moved_at).filter(|l| l.contains("dropped (thinned")).count();
     assert!(dropped_before > 0 && dropped_after > 0, "thinning on both hosts: {dropped_before} / {dropped_after}\n{ev}");
     let o = run_with_input(&["verify", dst_rec.to_str().unwrap()], b"");
     assert_eq!(o.status.code(), Some(0), "verify: {}", stdout(&o));

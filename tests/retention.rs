@@ -75,8 +75,9 @@ fn a_thinned_recording_verifies_and_replays_from_every_kept_checkpoint() {
     let dropped: Vec<u32> = ev
         .iter()
         .filter_map(|e| {
-            if let Event::CheckpointDropped { id, .. } = e {
-                Some(*id)
+            // Thinning logs a drop as the checkpoint's binding to an empty SHA-256.
+            if let Event::CheckpointFile { id, sha256, .. } = e {
+                sha256.is_empty().then_some(*id)
             } else {
                 None
             }
@@ -105,14 +106,16 @@ fn a_thinned_recording_verifies_and_replays_from_every_kept_checkpoint() {
             "gap {w:?} in {kept:?}"
         );
     }
-    // A restore of the newest reads only the kept chain, not every checkpoint taken.
+    // The chain binds every kept file to its latest SHA-256 and every dropped one as dropped.
+    let seals = trace::checkpoint::Seals::from_events(&ev, trace::checkpoint::Expect::Unbound);
+    for id in &taken {
+        let e = seals.expect(*id);
+        assert_eq!(dropped.contains(id), e == trace::checkpoint::Expect::Dropped, "checkpoint {id}: {e:?}");
+        if let trace::checkpoint::Expect::Bound(sha) = e {
+            trace::Checkpoint::read_bound(&trace::checkpoint_path(&dir, *id), &sha).unwrap();
+        }
+    }
     let newest = *kept.last().unwrap();
-    let chain = trace::checkpoint::chain(&dir, 0, newest).unwrap();
-    assert_eq!(
-        chain.iter().rev().copied().collect::<Vec<_>>(),
-        kept,
-        "restore chain"
-    );
     // No merge left half done.
     assert!(std::fs::read_dir(dir.join(trace::CHECKPOINTS))
         .unwrap()
@@ -131,7 +134,7 @@ fn a_thinned_recording_verifies_and_replays_from_every_kept_checkpoint() {
     );
     let all = format!("{}{}", stdout(&o), stderr(&o));
     assert_eq!(
-        all.matches(": dropped by the retention policy, merged into checkpoint")
+        all.matches(": dropped (thinned); its removal is in the hash chain")
             .count(),
         dropped.len(),
         "{all}"
@@ -270,5 +273,5 @@ fn keep_zero_keeps_every_checkpoint() {
     assert_eq!(kept_files(&dir).len(), taken);
     assert!(!events(&dir)
         .iter()
-        .any(|e| matches!(e, Event::CheckpointDropped { .. })));
+        .any(|e| matches!(e, Event::CheckpointFile { sha256, .. } if sha256.is_empty())));
 }

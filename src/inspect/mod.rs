@@ -179,9 +179,8 @@ impl Session {
             };
             return Err(Error::Msg(format!("{}: the recording has no usable checkpoint (not even checkpoint 0){why}", dir.display())));
         }
-        let image = std::fs::read(dir.join(crate::trace::IMAGE)).unwrap_or_default();
-        let syms = Symbols::from_elf(&image);
-        let mut ckpts = Checkpoints::new(dir.to_path_buf());
+        let syms = Symbols::from_elf(&rec.image);
+        let mut ckpts = Checkpoints::new(dir.to_path_buf(), rec.seals.clone());
         let first = rec.checkpoints[0].0;
         let st = ckpts.state(first)?;
         Ok(Session {
@@ -577,7 +576,7 @@ pub fn event_point(e: &Event) -> u64 {
         | Event::End { exits, .. }
         | Event::Migrated { exits, .. }
         | Event::CheckpointFile { exits, .. }
-        | Event::CheckpointDropped { exits, .. } => *exits,
+        | Event::ConsoleFile { exits, .. } => *exits,
     }
 }
 

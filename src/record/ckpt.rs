@@ -62,6 +62,9 @@ pub struct CheckpointWriter {
     pub thinned: Vec<Thinned>,
     /// Checkpoints dropped by the retention policy so far.
     pub dropped: u32,
+    /// The checkpoints on disk that the policy keeps (as the writer
+    /// thread's own set, once their files have landed).
+    pub kept: std::collections::BTreeSet<u32>,
 }
 
 impl CheckpointWriter {
@@ -72,6 +75,7 @@ impl CheckpointWriter {
         let (tx, rx) = mpsc::channel::<Job>();
         let (dtx, done) = mpsc::channel();
         let dir = dir.to_path_buf();
+        let kept_here = kept.iter().copied().collect();
         let thread = std::thread::Builder::new()
             .name("revirt-checkpoints".into())
             .spawn(move || {
@@ -119,6 +123,7 @@ impl CheckpointWriter {
             landed: Vec::new(),
             thinned: Vec::new(),
             dropped: 0,
+            kept: kept_here,
         })
     }
 
@@ -129,6 +134,10 @@ impl CheckpointWriter {
                 self.bytes += w.bytes;
                 self.landed.push((id, w.sha256));
                 self.spare.push(buf);
+                self.kept.insert(id);
+                for (i, _) in &thinned.dropped {
+                    self.kept.remove(i);
+                }
                 if !thinned.dropped.is_empty() {
                     self.thinned.push(thinned);
                 }
@@ -257,7 +266,6 @@ impl CheckpointWriter {
                 machine,
                 pages,
                 sectors,
-                base: None,
             },
             data,
         };

@@ -119,6 +119,9 @@ struct RecordHost {
     console: BufWriter<File>,
     output: Sha256,
     output_len: u64,
+    /// console.log's length at its last `ConsoleFile` binding, and when.
+    console_bound: u64,
+    console_bound_at: Instant,
     last_event: Instant,
     checkpoint_every: Duration,
     last_checkpoint: Instant,
@@ -155,6 +158,21 @@ impl RecordHost {
         self.events += 1;
         self.last_event = Instant::now();
     }
+
+    /// Binds console.log as it stands into the chain (`ConsoleFile`) if it
+    /// grew since the last binding: the bytes go to the kernel first, so
+    /// the file holds at least what the event vouches for.
+    fn bind_console(&mut self, exits: u64) -> std::io::Result<()> {
+        if self.output_len == self.console_bound {
+            return Ok(());
+        }
+        self.console.flush()?;
+        let sha256 = hex::encode(self.output.clone().finalize());
+        self.log(Event::ConsoleFile { exits, len: self.output_len, sha256 });
+        self.console_bound = self.output_len;
+        self.console_bound_at = Instant::now();
+        Ok(())
+    }
 }
 
 impl Host for RecordHost {
@@ -174,7 +192,7 @@ impl Host for RecordHost {
         self.output_len += bytes.len() as u64;
         self.console
             .write_all(bytes)
-            .map_err(|e| HostError::Other(format!("writing console.log: {e}")))
+            .map_err(|source| HostError::Io { what: "writing console.log", source })
     }
 
     fn precise(&mut self, _exits: u64) -> bool {
@@ -232,6 +250,9 @@ impl Host for RecordHost {
                 }
             }
             _ => {}
+        }
+        if self.output_len != self.console_bound && self.console_bound_at.elapsed() >= MARK_EVERY {
+            self.bind_console(ctx.exits).map_err(|source| HostError::Io { what: "writing console.log", source })?;
         }
         if self.last_event.elapsed() >= MARK_EVERY {
             self.log(Event::Mark { exits: ctx.exits });
@@ -406,6 +427,8 @@ impl RecordHost {
             console: BufWriter::new(console),
             output: Sha256::new(),
             output_len: 0,
+            console_bound: 0,
+            console_bound_at: Instant::now(),
             last_event: Instant::now(),
             checkpoint_every,
             last_checkpoint: Instant::now(),
@@ -485,12 +508,15 @@ impl Session {
         let mut host = RecordHost::new(live, log, meta.clock, f, Duration::from_millis(meta.checkpoint_every_ms));
         host.output.update(&before);
         host.output_len = rs.output_len;
+        // The source bound it this far before the move.
+        host.console_bound = rs.output_len;
         host.events = rs.events;
         m.dirty_log().seed_checkpoint(&rs.ckpt_pages, &rs.ckpt_sectors);
-        // The checkpoints later ones build on: the chain from the newest.
-        let kept = match rs.checkpoints.checked_sub(1) {
-            Some(newest) => trace::checkpoint::chain(dir, 0, newest)?,
-            None => Vec::new(),
+        // The checkpoints the retention policy kept at the source.
+        let kept = if rs.kept_checkpoints.is_empty() {
+            (0..rs.checkpoints).filter(|&id| trace::checkpoint_path(dir, id).exists()).collect()
+        } else {
+            rs.kept_checkpoints.clone()
         };
         host.log(Event::Migrated { exits: m.exits, from: from_host.to_string(), to: crate::migrate::hostname() });
         Ok(Session {
@@ -513,14 +539,15 @@ impl Session {
         for (id, sha256) in std::mem::take(&mut self.ckpt.landed) {
             self.host.log(Event::CheckpointFile { id, exits, sha256 });
         }
-        // Retention: the drops (and the merged files' new SHA-256) go into
-        // the chain first; the files change once the log holds them.
+        // Retention: the drops (an empty SHA-256) and the merged files' new
+        // SHA-256 go into the chain first (checkpoint::Seals: the latest
+        // binding wins); the files change once the log holds them.
         for t in std::mem::take(&mut self.ckpt.thinned) {
-            let sha: std::collections::HashMap<u32, String> =
-                t.rewritten.iter().map(|(id, w)| (*id, w.sha256.clone())).collect();
-            for &(id, into) in &t.dropped {
-                let sha256 = sha.get(&into).cloned().unwrap_or_default();
-                self.host.log(Event::CheckpointDropped { id, into, exits, sha256 });
+            for &(id, _) in &t.dropped {
+                self.host.log(Event::CheckpointFile { id, exits, sha256: String::new() });
+            }
+            for (id, w) in &t.rewritten {
+                self.host.log(Event::CheckpointFile { id: *id, exits, sha256: w.sha256.clone() });
             }
             let logged = self.host.log.head_later()?;
             self.ckpt.commit(logged, &t)?;
@@ -571,7 +598,7 @@ impl Session {
                     let stopped = Instant::now();
                     let c = self.control.clone().expect("checked");
                     self.settle_checkpoints(m.exits)?;
-                    self.host.console.flush().map_err(io("writing", &console_path))?;
+                    self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
                     let head = self.host.log.head()?;
                     let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
                     let rs = crate::migrate::proto::RecorderState {
@@ -581,6 +608,7 @@ impl Session {
                         output_len: self.host.output_len,
                         ckpt_pages,
                         ckpt_sectors,
+                        kept_checkpoints: self.ckpt.kept.iter().copied().collect(),
                     };
                     let clock = self.host.inner.now_ns();
                     if let Ok(s) = c.finish(&mut m, &mut self.host.inner, clock, Some(rs), stopped) {
@@ -592,9 +620,9 @@ impl Session {
                 Ok(Stop::Paused) => {
                     let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
                     let id = self.checkpoints;
+                    self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
                     self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
                     let now = self.host.inner.now_ns();
-                    self.host.console.flush().map_err(io("writing", &console_path))?;
                     self.bind_checkpoints(m.exits)?;
                     self.ckpt.take(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
                     self.bind_checkpoints(m.exits)?;

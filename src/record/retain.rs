@@ -10,13 +10,14 @@
 //! checkpoint once dropped stays dropped (L never shrinks as n grows).
 //!
 //! Dropping checkpoint `i` merges its pages and sectors into the next kept
-//! one (`Checkpoint::absorb`: the newer one wins, and now builds on `i`'s
-//! base), so restores stay exact. Order, so that a recorder killed at any
-//! point leaves a recording `verify` accepts: the merged file is written
-//! beside the old one (`NNNNNN.thin`); the recorder logs
-//! `Event::CheckpointDropped` (the new SHA-256); once the log writer has
-//! handed that to the kernel, the `.thin` file replaces the old one and the
-//! dropped file is deleted ([`commit`]).
+//! one (`Checkpoint::absorb`: the newer one's own win), so restoring the
+//! kept checkpoints in order stays exact. Order, so that a recorder killed
+//! at any point leaves a recording `verify` accepts: the merged file is
+//! written beside the old one (`NNNNNN.thin`); the recorder logs
+//! `CheckpointFile` events (an empty SHA-256 for the dropped one, the new
+//! SHA-256 for the merged one: `checkpoint::Seals`, the latest binding
+//! wins); once the log writer has handed them to the kernel, the `.thin`
+//! file replaces the old one and the dropped file is deleted ([`commit`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -105,7 +106,7 @@ pub fn thin(
 }
 
 /// Puts a pass's rewritten files in place and deletes the dropped ones;
-/// called once the log holds the `CheckpointDropped` events.
+/// called once the log holds the pass's `CheckpointFile` events.
 pub fn commit(dir: &Path, rewritten: &[u32], dropped: &[u32]) -> Result<(), String> {
     for &id in rewritten {
         let to = trace::checkpoint_path(dir, id);

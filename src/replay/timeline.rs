@@ -11,6 +11,7 @@ use super::{Recording, ReplayError, ReplayHost, Sink, StopAt};
 use crate::clock::ExecPoint;
 use crate::trace::{self, Checkpoint, EndReason, Event};
 use crate::trace::checkpoint::SECTOR;
+use super::ReplayStop;
 use crate::vmm::{HostError, Machine, MachineError, Stop};
 
 /// How a replay run ended.
@@ -82,8 +83,10 @@ impl Timeline {
                 let tmp = tempfile::Builder::new().prefix("revirt-replay-disk").tempfile().map_err(|source| {
                     ReplayError::Io { what: "creating a replay disk", path: std::env::temp_dir().display().to_string(), source }
                 })?;
-                std::fs::copy(&src, tmp.path())
-                    .map_err(|source| ReplayError::Io { what: "copying", path: src.display().to_string(), source })?;
+                // Hashed while copied: the replay runs on exactly the bytes checked.
+                let mut f = tmp.as_file();
+                trace::copy_checked(&src, &mut f, rec.disk_sha.as_deref())
+                    .map_err(|e| ReplayError::Damaged(dir.display().to_string(), e))?;
                 Some(tmp)
             }
             None => None,
@@ -94,6 +97,7 @@ impl Timeline {
         let mut machine = Machine::create(&config)?;
         let mut header = trace::checkpoint::rebuild(
             &dir,
+            &rec.seals,
             0,
             id,
             |frame, bytes| machine.write_pages(frame, bytes).map_err(|e| e.to_string()),
@@ -302,9 +306,14 @@ impl Timeline {
                 }
             }
             Ok(stop) => self.finish(stop),
-            Err(MachineError::Host(HostError::Divergence(d))) => Ok(Outcome::Diverged(d)),
-            Err(MachineError::Host(HostError::EndOfRecording(d))) => Ok(Outcome::EndOfRecording(d)),
-            Err(MachineError::Host(HostError::NotReached(d))) => Ok(Outcome::NotReached(d)),
+            Err(MachineError::Host(HostError::Host(e))) => match e.downcast::<ReplayStop>() {
+                Ok(s) => Ok(match *s {
+                    ReplayStop::Divergence(d) => Outcome::Diverged(d),
+                    ReplayStop::EndOfRecording(d) => Outcome::EndOfRecording(d),
+                    ReplayStop::NotReached(d) => Outcome::NotReached(d),
+                }),
+                Err(e) => Err(MachineError::Host(HostError::Host(e)).into()),
+            },
             Err(e) => Err(e.into()),
         }
     }

@@ -41,11 +41,6 @@ pub struct CheckpointHeader {
     pub pages: Vec<(u64, u64)>,
     /// (first sector, count) runs of disk sectors whose contents follow.
     pub sectors: Vec<(u64, u64)>,
-    /// The checkpoint whose state this one's pages and sectors change:
-    /// absent means `id - 1`. Set when the retention policy merged the
-    /// checkpoints in between into this one (see [`Checkpoint::absorb`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub base: Option<u32>,
 }
 
 pub struct Checkpoint {
@@ -103,47 +98,41 @@ impl Checkpoint {
     }
 
     /// Reads a checkpoint and checks it against the SHA-256 the log holds
-    /// for it (see [`crate::trace::Event::CheckpointFile`]).
+    /// for it (see [`crate::trace::Event::CheckpointFile`]). The file is
+    /// read once: the bytes hashed are the bytes decoded.
     pub fn read_bound(path: &Path, sha256: &str) -> Result<Checkpoint, CheckpointError> {
-        let p = path.display().to_string();
-        let b = std::fs::read(path).map_err(|source| CheckpointError::Io { path: p.clone(), source })?;
-        Self::parse(&b, Some(sha256)).map_err(|msg| CheckpointError::Bad { path: p, msg })
+        Self::read_expect(path, &Expect::Bound(sha256.to_string())).map(|(c, _)| c)
     }
 
-    /// Only the header of a checkpoint file, without reading its data or
-    /// checking its CRC (the full read that follows does): how [`rebuild`]
-    /// finds which files a restore needs.
-    pub fn read_header(path: &Path) -> Result<CheckpointHeader, CheckpointError> {
-        use std::io::Read;
+    /// Reads checkpoint file `path` once, checks those bytes as `expect`
+    /// says, and decodes the same bytes. Returns the file's SHA-256 too.
+    pub fn read_expect(path: &Path, expect: &Expect) -> Result<(Checkpoint, String), CheckpointError> {
         let p = path.display().to_string();
-        let io = |source| CheckpointError::Io { path: p.clone(), source };
-        let mut f = std::fs::File::open(path).map_err(io)?;
-        let len = f.metadata().map_err(io)?.len();
-        let mut head = [0u8; 16];
-        f.read_exact(&mut head).map_err(io)?;
         let bad = |msg: String| CheckpointError::Bad { path: p.clone(), msg };
-        if &head[..8] != MAGIC {
-            return Err(bad("not a revirt checkpoint (bad magic or too short)".into()));
-        }
-        let hlen = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
-        if hlen > MAX_HEADER || hlen + 16 + 8 + 4 > len {
-            return Err(bad(format!("header length {hlen} is out of range")));
-        }
-        let mut h = vec![0u8; hlen as usize];
-        f.read_exact(&mut h).map_err(io)?;
-        serde_json::from_slice(&h).map_err(|e| bad(format!("header: {e}")))
+        let sha = match expect {
+            Expect::Bound(sha) => Some(sha.as_str()),
+            Expect::CrcOnly => None,
+            Expect::Dropped => return Err(bad("was dropped from the recording (its removal is logged in the hash chain)".into())),
+            Expect::Unbound => {
+                return Err(bad("is not bound into the event log's hash chain (no SHA-256 logged for it), so it is not trusted".into()))
+            }
+        };
+        let b = std::fs::read(path).map_err(|source| CheckpointError::Io { path: p.clone(), source })?;
+        let c = Self::parse(&b, sha).map_err(bad)?;
+        Ok((c, super::sha256_hex(&b)))
     }
 
-    /// Folds `older` (the checkpoint just before this one) into this one,
-    /// which then builds on `older`'s base instead: every page and sector
-    /// `older` holds that this one does not is added. Restoring the result
-    /// on top of `older`'s base gives exactly what restoring `older` and
-    /// then this one gave. The retention policy drops `older` after this.
+    /// Folds `older` (the kept checkpoint just before this one) into this
+    /// one: every page and sector `older` holds that this one does not is
+    /// added (this one's own win). Restoring the kept checkpoints in order
+    /// without `older` then gives exactly what restoring both gave: how
+    /// the retention policy (record::retain) drops `older`.
     pub fn absorb(&mut self, older: &Checkpoint) -> Result<(), String> {
-        if older.header.id == 0 || older.header.id >= self.header.id || self.header.base() != older.header.id {
-            return Err(format!("checkpoint {} does not build on {}", self.header.id, older.header.id));
+        if older.header.id == 0 || older.header.id >= self.header.id {
+            return Err(format!("checkpoint {} cannot absorb checkpoint {}", self.header.id, older.header.id));
         }
-        fn units(runs: &[(u64, u64)], size: usize, data: &[u8], at: &mut usize, out: &mut std::collections::BTreeMap<u64, (usize, bool)>, newer: bool) -> Result<(), String> {
+        type Units = std::collections::BTreeMap<u64, (usize, bool)>;
+        fn units(runs: &[(u64, u64)], size: usize, data: &[u8], at: &mut usize, out: &mut Units, newer: bool) -> Result<(), String> {
             for &(first, count) in runs {
                 for u in first..first.checked_add(count).ok_or("run out of range")? {
                     if *at + size > data.len() {
@@ -157,7 +146,7 @@ impl Checkpoint {
             }
             Ok(())
         }
-        let (mut pages, mut sectors) = (Default::default(), Default::default());
+        let (mut pages, mut sectors) = (Units::new(), Units::new());
         let (mut a, mut b) = (0usize, 0usize);
         units(&self.header.pages, PAGE as usize, &self.data, &mut a, &mut pages, true)?;
         units(&self.header.sectors, SECTOR as usize, &self.data, &mut a, &mut sectors, true)?;
@@ -172,7 +161,6 @@ impl Checkpoint {
         }
         self.header.pages = runs(pages.keys().copied());
         self.header.sectors = runs(sectors.keys().copied());
-        self.header.base = Some(older.header.base());
         self.data = data;
         Ok(())
     }
@@ -222,34 +210,105 @@ impl Checkpoint {
     }
 }
 
+/// What a reader checks a checkpoint file against before decoding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// The SHA-256 (hex) the log's hash chain holds for the file.
+    Bound(String),
+    /// Its CRC-32 alone: a file a cut-short log stops before binding, or
+    /// any file under `--force`, or library use without checks.
+    CrcOnly,
+    /// Deliberately removed (thinning), and the removal is in the chain.
+    Dropped,
+    /// Not bound and not to be trusted.
+    Unbound,
+}
+
+/// The checkpoint-chain API: what each checkpoint file of a recording must
+/// match, from the log's `CheckpointFile` events. The latest event for an
+/// id wins (a checkpoint rewritten later, e.g. merged by thinning, is
+/// re-bound with its new SHA-256); an empty SHA-256 marks the checkpoint
+/// dropped (its file removed on purpose), which readers skip and `verify`
+/// reports as such. Ids with no event get `unbound`.
+#[derive(Debug, Clone)]
+pub struct Seals {
+    bound: std::collections::HashMap<u32, String>,
+    unbound: Expect,
+}
+
+impl Seals {
+    /// From a log's events; `unbound` is what ids without a binding get
+    /// (`Expect::Unbound`, or `Expect::CrcOnly` for a cut-short log).
+    pub fn from_events(events: &[crate::trace::Event], unbound: Expect) -> Seals {
+        let mut bound = std::collections::HashMap::new();
+        for e in events {
+            if let crate::trace::Event::CheckpointFile { id, sha256, .. } = e {
+                bound.insert(*id, sha256.clone());
+            }
+        }
+        Seals { bound, unbound }
+    }
+
+    /// Every file on its CRC-32 alone (`--force`, unchecked library use).
+    pub fn crc_only() -> Seals {
+        Seals { bound: Default::default(), unbound: Expect::CrcOnly }
+    }
+
+    pub fn expect(&self, id: u32) -> Expect {
+        match self.bound.get(&id) {
+            Some(s) if s.is_empty() => Expect::Dropped,
+            Some(s) => Expect::Bound(s.clone()),
+            None => self.unbound.clone(),
+        }
+    }
+
+    /// Whether checkpoint `id` has a SHA-256 in the chain.
+    pub fn is_bound(&self, id: u32) -> bool {
+        self.bound.get(&id).is_some_and(|s| !s.is_empty())
+    }
+
+    /// Reads checkpoint `id` of the recording in `dir`, checked as
+    /// [`Seals::expect`] says (one read: the bytes checked are the bytes
+    /// decoded), and checks that the file says it is checkpoint `id`.
+    pub fn read(&self, dir: &Path, id: u32) -> Result<Checkpoint, CheckpointError> {
+        let path = super::checkpoint_path(dir, id);
+        let (ck, _) = Checkpoint::read_expect(&path, &self.expect(id))?;
+        if ck.header.id != id {
+            return Err(CheckpointError::Bad {
+                path: path.display().to_string(),
+                msg: format!("file {id} says it is checkpoint {} (damaged recording)", ck.header.id),
+            });
+        }
+        Ok(ck)
+    }
+}
+
 /// Memory (and disk) at checkpoint `to` of the recording in `dir`: applies
-/// the checkpoints `to` builds on, from the first one after `from - 1` (or
-/// from checkpoint 0) up to `to`, in order, one file at a time, handing
-/// every page to `page(frame, bytes)` and every run of disk sectors to
-/// `sectors(first, bytes)`. Each checkpoint builds on the one before it, or
-/// on the one its header names as `base` when the retention policy merged
-/// the ones in between into it ([`chain`]). With
-/// `from == 0` the target must start all zero (fresh guest RAM, a zeroed
-/// buffer): checkpoint 0 holds only the pages that were not zero, and any
-/// all-zero page in it is not passed on. Returns checkpoint `to`'s header.
-/// The one reader of checkpoint contents for replay
-/// (`Timeline::at_checkpoint`) and inspection (`Checkpoints::memory`).
+/// checkpoints `from..=to` in order, one file at a time, handing every page
+/// to `page(frame, bytes)` and every run of disk sectors to
+/// `sectors(first, bytes)`. With `from == 0` the target must start all zero
+/// (fresh guest RAM, a zeroed buffer): checkpoint 0 holds only the pages
+/// that were not zero, and any all-zero page in it is not passed on.
+/// Returns checkpoint `to`'s header. Each file is checked as `seals` says
+/// before it is decoded (dropped ones are skipped). The one reader of
+/// checkpoint contents for replay (`Timeline::at_checkpoint`) and
+/// inspection (`Checkpoints::memory`).
 pub fn rebuild(
     dir: &Path,
+    seals: &Seals,
     from: u32,
     to: u32,
     mut page: impl FnMut(u64, &[u8]) -> Result<(), String>,
     mut sectors: impl FnMut(u64, &[u8]) -> Result<(), String>,
 ) -> Result<CheckpointHeader, CheckpointError> {
-    let chain = chain(dir, from, to)?;
     let mut last = None;
-    for &k in chain.iter().rev() {
+    for k in from..=to {
+        if seals.expect(k) == Expect::Dropped && k != to {
+            continue;
+        }
         let path = super::checkpoint_path(dir, k);
         let bad = |msg: String| CheckpointError::Bad { path: path.display().to_string(), msg };
-        let ck = Checkpoint::read(&path)?;
-        if ck.header.id != k {
-            return Err(bad(format!("file {k} says it is checkpoint {} (damaged recording)", ck.header.id)));
-        }
+        let ck = seals.read(dir, k)?;
         let mem = ck.header.machine.config.mem_size;
         let mut at = 0usize;
         for &(first, count) in &ck.header.pages {
@@ -276,37 +335,6 @@ pub fn rebuild(
     last.ok_or_else(|| CheckpointError::Bad { path: dir.display().to_string(), msg: format!("no checkpoints {from}..={to}") })
 }
 
-/// The checkpoints a restore of `to` applies on top of the state at
-/// `from - 1` (or on zeroed memory when `from == 0`), newest first: `to`,
-/// its base, that one's base, ... until one builds on `from - 1` or
-/// earlier (a merged checkpoint holds every change since its base, so it
-/// also applies on top of any later state), or down to checkpoint 0. Reads
-/// headers only. A base at or after its checkpoint is damage; a file
-/// missing on the chain is an error naming it (a checkpoint deleted other
-/// than by the retention policy, which first merges it into the next one).
-pub fn chain(dir: &Path, from: u32, to: u32) -> Result<Vec<u32>, CheckpointError> {
-    let mut out = vec![to];
-    let mut k = to;
-    while k > from {
-        let path = super::checkpoint_path(dir, k);
-        let h = Checkpoint::read_header(&path)?;
-        let bad = |msg: String| CheckpointError::Bad { path: path.display().to_string(), msg };
-        if h.id != k {
-            return Err(bad(format!("file {k} says it is checkpoint {} (damaged recording)", h.id)));
-        }
-        let base = h.base();
-        if base >= k {
-            return Err(bad(format!("builds on checkpoint {base}, not an earlier one (damaged recording)")));
-        }
-        if from > 0 && base < from {
-            break;
-        }
-        out.push(base);
-        k = base;
-    }
-    Ok(out)
-}
-
 /// A checkpoint file's bytes from a header (JSON, taken as given) and its
 /// raw data: what [`Checkpoint::write`] writes; for tools and tests.
 pub fn encode(header_json: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -323,11 +351,6 @@ pub fn encode(header_json: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 impl CheckpointHeader {
-    /// The checkpoint this one builds on (its pages change that state).
-    pub fn base(&self) -> u32 {
-        self.base.unwrap_or(self.id.saturating_sub(1))
-    }
-
     /// Bytes of page and sector data the lists describe, or None when a
     /// count overflows (a crafted header).
     pub fn data_len(&self) -> Option<u64> {
