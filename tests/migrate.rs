@@ -826,6 +826,8 @@ fn hostile_peers_and_mangled_streams_are_refused_and_the_source_keeps_running() 
     refused(&sock, &["--key-file", &k1], &["--key-file", &k1], None, "never opens a path the peer names", "never opens a path the peer names");
     // More memory than the receiver allows.
     refused(&sock, &["--key-file", &k1, "--disk", own_disk, "--max-mem", "32M"], &["--key-file", &k1], None, "at most 32 MiB (--max-mem)", "--max-mem");
+    // A source slower than the receiver's time budget (1 MB/s: round 1 alone takes seconds).
+    refused(&sock, &["--key-file", &k1, "--disk", own_disk, "--max-time", "1s"], &["--key-file", &k1, "--bandwidth", "1M"], None, "--max-time", "--max-time");
     // A non-loopback destination without a key: refused before connecting.
     let (code, _, err) = migrate(&sock, "192.0.2.1:4444", &[]);
     assert_eq!(code, 1);

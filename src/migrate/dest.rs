@@ -268,7 +268,17 @@ fn take(
             MigrateError::Refused(format!("the migration took longer than this receiver allows ({} s, --max-time)", lim.max_time.as_secs()))
         })?;
         conn.set_read_timeout(Some(left.min(Duration::from_secs(60)))).ok();
-        let kind = open.read_frame_into(conn, &mut buf)?;
+        let kind = match open.read_frame_into(conn, &mut buf) {
+            Ok(k) => k,
+            // A read cut off by the time budget is the budget, not a network fault.
+            Err(_) if started.elapsed() >= lim.max_time => {
+                return Err(MigrateError::Refused(format!(
+                    "the migration took longer than this receiver allows ({} s, --max-time)",
+                    lim.max_time.as_secs()
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
         bytes += 9 + buf.len() as u64;
         let mut count_pages = |n: usize| {
             pages_in += n as u64;
