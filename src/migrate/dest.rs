@@ -59,7 +59,7 @@ pub enum Outcome {
     /// It ran here until it stopped.
     Stopped(Stop),
     /// It was being recorded; the recording was continued and is summarized here.
-    Recorded(RecordSummary),
+    Recorded(Box<RecordSummary>),
     /// It moved on to yet another host.
     MovedOn(Summary),
 }
@@ -163,7 +163,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     conn.shutdown();
     let from = hello.source_host.clone();
     let outcome = match session {
-        Some(s) => Outcome::Recorded(s.run(m)?),
+        Some(s) => Outcome::Recorded(Box::new(s.run(m)?)),
         None => match run_live(&mut m, live.as_mut().expect("no session, so the live host is here"), opts.control.as_deref())? {
             LiveEnd::Stopped(s) => Outcome::Stopped(s),
             LiveEnd::Migrated(s) => Outcome::MovedOn(s),
@@ -334,7 +334,9 @@ fn take(
                     return Err(ProtoError::Corrupt(format!("{name}: bytes beyond the {} MiB file limit (--max-disk)", mib(lim.max_disk))).into());
                 }
                 let io = |source| MigrateError::Io { what: format!("writing {}", path.display()), source };
-                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io)?;
+                // Offset 0 starts the file afresh (a checkpoint the source's
+                // retention policy rewrote is sent again, whole).
+                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(offset == 0).open(&path).map_err(io)?;
                 file.seek(std::io::SeekFrom::Start(offset)).and_then(|_| file.write_all(&data)).map_err(io)?;
             }
             Kind::State => {
