@@ -170,6 +170,9 @@ impl Recording {
     }
 
     fn from_loaded(dir: &Path, l: trace::verify::Loaded) -> Recording {
+        // A checkpoint the retention policy dropped is gone even where a
+        // stale copy of its file is left (a migrated recording's).
+        let dropped = trace::checkpoint::Seals::from_events(&l.log.events, trace::checkpoint::Expect::CrcOnly);
         let checkpoints = l
             .log
             .events
@@ -179,7 +182,7 @@ impl Recording {
                 Event::Checkpoint { id, exits, .. } => Some((*id, *exits, i)),
                 _ => None,
             })
-            .filter(|(id, _, _)| trace::checkpoint_path(dir, *id).exists())
+            .filter(|(id, _, _)| dropped.expect(*id) != trace::checkpoint::Expect::Dropped && trace::checkpoint_path(dir, *id).exists())
             .collect();
         Recording {
             dir: dir.to_path_buf(),
