@@ -312,9 +312,9 @@ pub struct Machine {
     /// Step once off the breakpoint site we stand on before patching again:
     /// (steps, exits) when it was hit.
     site_step_over: Option<(u64, u64)>,
-    /// Step (not run free) until the guest is back in ring 3: ring 0 ran
-    /// in the guest's hands, so the stack bytes an int3 overwrites are unknown.
-    bp_ring0: bool,
+    /// The last stepped boundary (RIP, CPL) with breakpoints set: a step
+    /// from ring 0 to ring 3 teaches `bps` a return site.
+    bp_prev: Option<(u64, u8)>,
     /// A guest-caused exit ended a free run with breakpoints: the boundary
     /// after it (once its poll delivered) may be an arrival at a site.
     bp_exit_check: bool,
@@ -394,7 +394,7 @@ impl Machine {
             hw_bp_hits: 0,
             bps: Breakpoints::default(),
             site_step_over: None,
-            bp_ring0: false,
+            bp_prev: None,
             bp_exit_check: false,
             watch: Watches::default(),
             slot_ids: vec![0],
@@ -913,9 +913,13 @@ impl Machine {
             if !self.stepper.is_armed() {
                 if bp_mode {
                     if !self.bps.arm(&self.vcpu, &self.mem)? {
-                        self.bp_ring0 = true; // no IDT yet: step
+                        // No IDT yet, or ring 0 with its returns unknown:
+                        // step one instruction (learning returns), then retry.
+                        let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
+                        self.site_step_over = Some((steps, self.exits));
                         continue;
                     }
+                    self.bp_prev = None;
                     self.hw_bp = None; // guest debug now holds the breakpoints
                     bps_armed = true;
                 } else {
@@ -1147,8 +1151,10 @@ impl Machine {
     }
 
     /// Whether native breakpoints must step rather than run free now: off
-    /// a site just hit, through ring 0, or with an interrupt about to be
-    /// injected (its handler runs in ring 0).
+    /// a site just hit or a return site (or one step at a time where the
+    /// breakpoints cannot be armed, see the run loop), or with an interrupt about to be injected (the step
+    /// delivers it and runs the handler's first instruction, as stepping
+    /// does, so handler entries are never arrivals).
     fn bp_must_step(&mut self) -> Result<bool, MachineError> {
         let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
         if let Some((s, e)) = self.site_step_over {
@@ -1159,19 +1165,16 @@ impl Machine {
         if self.site_step_over.is_some() || self.devices.pic.next_vector().is_some() || self.waiting {
             return Ok(true);
         }
-        let ring3 = self.vcpu.sregs()?.cs.selector & 3 == 3;
-        if ring3 {
-            self.bp_ring0 = false;
-        }
-        Ok(!ring3 || self.bp_ring0)
+        Ok(false)
     }
 
     /// A native breakpoint trapped: at a hit the guest stands at the site
     /// (unwound), which is a precise poll; the next entry steps off it.
     fn bp_trap(&mut self, t: Trap, host: &mut dyn Host) -> Result<(), MachineError> {
         match t {
-            Trap::RingZero => {
-                self.bp_ring0 = true;
+            Trap::StepOver => {
+                let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
+                self.site_step_over = Some((steps, self.exits));
                 Ok(())
             }
             Trap::Hit { rip } => {
@@ -1203,6 +1206,12 @@ impl Machine {
         };
         if b.branch_retired {
             self.branches += 1;
+        }
+        if !self.bps.is_empty() {
+            if let (Some((rip, 0)), 3) = (self.bp_prev, b.cpl) {
+                self.bps.learn_return(rip);
+            }
+            self.bp_prev = Some((b.rip, b.cpl));
         }
         let ctx = if self.counter.is_some() {
             // The counter clock: the host sees this boundary only if it asked
