@@ -10,56 +10,23 @@
 //! is reported, never silently accepted.
 //!
 //! Two counters implement the same behaviour, behind the run loop's
-//! [`super::counter::BranchCounter`]:
+//! [`BranchCounter`]:
 //! - [`PerfCounter`]: perf_event_open on the vCPU thread, guest-only
 //!   (`exclude_host`), raw "retired conditional branches" event per CPU
 //!   family, overflow delivered as a signal so KVM_RUN returns
-//!   ([`super::counter::RealCounter`]);
+//!   ([`RealCounter`]);
 //! - the simulated counter for hosts without a PMU (ours): it counts exactly
 //!   by single-stepping and reports the overflow late by a random skid
-//!   ([`super::counter::SimCounter`]).
+//!   (`vmm::counter::SimCounter`).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::ExecPoint;
-
-#[derive(Debug, thiserror::Error)]
-pub enum PmuError {
-    #[error("no hardware PMU: {0}")]
-    Unavailable(String),
-    #[error("unsupported CPU for the PMU clock: {0}")]
-    UnsupportedCpu(String),
-    #[error("kernel {0} is too old for the PMU clock: re-arming the overflow period (PERF_EVENT_IOC_PERIOD on a disabled counter) needs Linux >= 4.17")]
-    OldKernel(String),
-    #[error(
-        "AMD Zen with the SpecLockMap optimization enabled: locked instructions make the \
-         conditional-branch counter miscount (rr issue #2034); disable it as \
-         https://github.com/rr-debugger/rr/wiki/Zen describes"
-    )]
-    SpecLockMap,
-    #[error("perf_event_open ({what}): {source}")]
-    Open { what: String, source: std::io::Error },
-    #[error("perf counter {op}: {source}")]
-    Io { op: &'static str, source: std::io::Error },
-    #[error("pinning the vCPU thread to CPUs {cpus}: {source}")]
-    Pin { cpus: String, source: std::io::Error },
-    #[error("{path}: {msg}")]
-    Sysfs { path: String, msg: String },
-    #[error(
-        "the {counter} miscounts the start-up probe guest: expected {expected} retired conditional \
-         branches (the step clock's count), counted {counted} ({diff:+}){detail}"
-    )]
-    Miscount { counter: String, expected: u64, counted: u64, diff: i64, detail: String },
-    #[error(
-        "the {counter} counted the start-up probe guest's {expected} retired conditional branches \
-         exactly, but {detail}"
-    )]
-    ProbeOverflow { counter: String, expected: u64, detail: String },
-    #[error("the start-up probe guest did not run: {0}")]
-    Probe(String),
-}
+use crate::vmm::counter::{
+    install_overflow_handler, overflow_signal, take_overflow_flag, Armed, BranchCounter, CounterOpener, PmuError,
+};
 
 /// The CPU as /proc/cpuinfo describes it (`cpu family` and `model` are the
 /// displayed values: base plus extended family, extended model << 4 | model).
@@ -725,22 +692,73 @@ impl Lander {
     }
 }
 
-/// A small deterministic PRNG (xorshift64*) for skids; tests print the seed.
-#[derive(Debug, Clone)]
-pub struct Skid(u64);
+/// The real counter, with what the run loop needs around [`PerfCounter`].
+pub struct RealCounter {
+    pub perf: PerfCounter,
+    armed: Option<Armed>,
+}
 
-impl Skid {
-    pub fn new(seed: u64) -> Skid {
-        Skid(seed.max(1))
+impl RealCounter {
+    /// Opens the hardware counter on the calling (vCPU) thread; overflows
+    /// signal this thread with [`overflow_signal`].
+    pub fn open() -> Result<RealCounter, PmuError> {
+        if !install_overflow_handler() {
+            return Err(PmuError::Unavailable("cannot install the overflow signal handler".into()));
+        }
+        crate::vmm::vcpu::install_kick_handler();
+        let perf = PerfCounter::open(overflow_signal())?;
+        take_overflow_flag();
+        Ok(RealCounter { perf, armed: None })
     }
-    pub fn next(&mut self, max: u64) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D) % (max + 1)
+}
+
+impl BranchCounter for RealCounter {
+    fn reset(&mut self) -> Result<(), PmuError> {
+        self.armed = None;
+        self.perf.arm(1 << 62)?; // far away: no overflow until armed again
+        self.perf.reset()
     }
+    fn read(&mut self) -> Result<u64, PmuError> {
+        self.perf.read()
+    }
+    fn arm(&mut self, n: u64) -> Result<(), PmuError> {
+        let now = self.perf.read()?;
+        self.armed = Some(Armed { at: now + n });
+        self.perf.arm(n)
+    }
+    fn disarm(&mut self) -> Result<(), PmuError> {
+        self.armed = None;
+        self.perf.arm(1 << 62)
+    }
+    fn take_overflow(&mut self) -> bool {
+        // The signal says so; the count says so too if the signal is still
+        // in flight (it arrives some instructions after the overflow). A
+        // signal while nothing is armed is stale (an earlier arm).
+        let sig = take_overflow_flag();
+        let counted = match self.armed {
+            Some(a) => self.perf.read().map(|c| c >= a.at).unwrap_or(false),
+            None => false,
+        };
+        let fired = counted || (sig && self.armed.is_some());
+        if fired {
+            self.armed = None;
+        }
+        fired
+    }
+    fn name(&self) -> &'static str {
+        "hardware PMU counter"
+    }
+    fn describe(&self) -> String {
+        format!("hardware PMU counter ({})", self.perf.choice.describe())
+    }
+    fn margin(&self) -> u64 {
+        self.perf.config.replay_margin
+    }
+}
+
+/// The hardware counter ([`RealCounter::open`]).
+pub fn hardware_opener() -> CounterOpener {
+    std::sync::Arc::new(|| Ok(Box::new(RealCounter::open()?) as Box<dyn BranchCounter + Send>))
 }
 
 #[cfg(test)]
@@ -1176,5 +1194,26 @@ mod tests {
                 prop_assert_eq!(land(&t, target, margin, skid), Ok(target));
             }
         }
+    }
+
+    #[test]
+    fn real_counter_in_the_run_loop_where_present() {
+        if !PmuLayout::host_has_pmu() {
+            eprintln!("skipping: this host has no PMU (no cpu, cpu_core or cpu_atom event source)");
+            return;
+        }
+        // A PMU exists: any failure to open or drive the counter is a failure.
+        let mut c = RealCounter::open().unwrap_or_else(|e| panic!("this host has a PMU, but: {e}"));
+        c.reset().unwrap();
+        assert_eq!(c.read().unwrap(), 0);
+        c.arm(100).unwrap();
+        assert!(!c.take_overflow(), "no guest runs here: nothing counted");
+        c.disarm().unwrap();
+    }
+
+    #[test]
+    fn lander_arms_where_the_run_loop_does() {
+        let l = Lander::new(Target { at: ExecPoint { exits: 3, branches: 1000, rip: 0 }, fp: 0 }, 100);
+        assert_eq!(l.overflow_at, crate::vmm::counter::overflow_point(1000, 100));
     }
 }

@@ -145,7 +145,8 @@ pub fn record_live(
     let branched_at = tl.exits();
     drop(tl);
     let image_path = s.rec.dir.join(crate::trace::IMAGE);
-    let image_bytes = std::fs::read(&image_path).map_err(|e| Error::Msg(format!("reading {}: {e}", image_path.display())))?;
+    // The bytes the recording was checked with (read once when it was opened).
+    let image_bytes = s.rec.image.clone();
     let mut config = s.rec.meta.config.clone();
     config.disk = config.disk.as_ref().map(|_| s.rec.dir.join(crate::trace::DISK));
     let parent = Some(crate::trace::meta::Parent { id: s.rec.meta.id.clone(), exits: branched_at });

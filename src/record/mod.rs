@@ -55,12 +55,12 @@ pub struct RecordOptions {
     /// A control socket through which `revirt migrate` may move the VM.
     pub control: Option<std::sync::Arc<crate::migrate::Controller>>,
     /// The counter `--clock pmu` uses (None: the hardware PMU's).
-    pub pmu_counter: Option<crate::clock::counter::CounterOpener>,
+    pub pmu_counter: Option<crate::vmm::counter::CounterOpener>,
 }
 
 impl RecordOptions {
-    fn pmu_opener(&self) -> crate::clock::counter::CounterOpener {
-        self.pmu_counter.clone().unwrap_or_else(crate::clock::counter::hardware_opener)
+    fn pmu_opener(&self) -> crate::vmm::counter::CounterOpener {
+        self.pmu_counter.clone().unwrap_or_else(crate::clock::pmu::hardware_opener)
     }
 }
 
@@ -107,6 +107,9 @@ struct RecordHost {
     console: BufWriter<File>,
     output: Sha256,
     output_len: u64,
+    /// console.log's length at its last `ConsoleFile` binding, and when.
+    console_bound: u64,
+    console_bound_at: Instant,
     last_event: Instant,
     checkpoint_every: Duration,
     last_checkpoint: Instant,
@@ -143,6 +146,21 @@ impl RecordHost {
         self.events += 1;
         self.last_event = Instant::now();
     }
+
+    /// Binds console.log as it stands into the chain (`ConsoleFile`) if it
+    /// grew since the last binding: the bytes go to the kernel first, so
+    /// the file holds at least what the event vouches for.
+    fn bind_console(&mut self, exits: u64) -> std::io::Result<()> {
+        if self.output_len == self.console_bound {
+            return Ok(());
+        }
+        self.console.flush()?;
+        let sha256 = hex::encode(self.output.clone().finalize());
+        self.log(Event::ConsoleFile { exits, len: self.output_len, sha256 });
+        self.console_bound = self.output_len;
+        self.console_bound_at = Instant::now();
+        Ok(())
+    }
 }
 
 impl Host for RecordHost {
@@ -172,13 +190,13 @@ impl Host for RecordHost {
         matches!(self.clock, ClockKind::Step)
     }
 
-    fn counter_plan(&mut self, exits: u64, _branches: u64) -> crate::clock::counter::CounterPlan {
+    fn counter_plan(&mut self, exits: u64, _branches: u64) -> crate::vmm::counter::CounterPlan {
         match self.slice {
             // Until the overflow stop comes (skid late) and a poll renews or clears it.
             Some((e, at)) if e == exits => {
-                crate::clock::counter::CounterPlan { overflow_at: Some(at), breakpoint: None }
+                crate::vmm::counter::CounterPlan { overflow_at: Some(at), breakpoint: None }
             }
-            _ => crate::clock::counter::CounterPlan::default(),
+            _ => crate::vmm::counter::CounterPlan::default(),
         }
     }
 
@@ -220,6 +238,9 @@ impl Host for RecordHost {
                 }
             }
             _ => {}
+        }
+        if self.output_len != self.console_bound && self.console_bound_at.elapsed() >= MARK_EVERY {
+            self.bind_console(ctx.exits).map_err(|e| HostError::Other(format!("writing console.log: {e}")))?;
         }
         if self.last_event.elapsed() >= MARK_EVERY {
             self.log(Event::Mark { exits: ctx.exits });
@@ -393,6 +414,8 @@ impl RecordHost {
             console: BufWriter::new(console),
             output: Sha256::new(),
             output_len: 0,
+            console_bound: 0,
+            console_bound_at: Instant::now(),
             last_event: Instant::now(),
             checkpoint_every,
             last_checkpoint: Instant::now(),
@@ -409,7 +432,7 @@ impl RecordHost {
 
 /// The PMU clocks: the run loop drives a branch counter (reset at every
 /// exit, read at every stop where the host delivers).
-fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::counter::CounterOpener) -> Result<(), RecordError> {
+fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::vmm::counter::CounterOpener) -> Result<(), RecordError> {
     match clock {
         ClockKind::Pmu => {
             // The very counter that will time this recording, on this
@@ -424,7 +447,7 @@ fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::cou
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.subsec_nanos() as u64)
                 .unwrap_or(1);
-            m.set_counter(Some(Box::new(crate::clock::counter::SimCounter::new(SIM_RECORD_SKID, seed, true))))?;
+            m.set_counter(Some(Box::new(crate::vmm::counter::SimCounter::new(SIM_RECORD_SKID, seed, true))))?;
         }
         _ => {}
     }
@@ -441,7 +464,7 @@ pub struct Session {
     start: Instant,
     control: Option<std::sync::Arc<crate::migrate::Controller>>,
     /// The counter `--clock pmu` uses.
-    pmu_counter: crate::clock::counter::CounterOpener,
+    pmu_counter: crate::vmm::counter::CounterOpener,
 }
 
 impl Session {
@@ -472,6 +495,8 @@ impl Session {
         let mut host = RecordHost::new(live, log, meta.clock, f, Duration::from_millis(meta.checkpoint_every_ms));
         host.output.update(&before);
         host.output_len = rs.output_len;
+        // The source bound it this far before the move.
+        host.console_bound = rs.output_len;
         host.events = rs.events;
         m.dirty_log().seed_checkpoint(&rs.ckpt_pages, &rs.ckpt_sectors);
         host.log(Event::Migrated { exits: m.exits, from: from_host.to_string(), to: crate::migrate::hostname() });
@@ -482,7 +507,7 @@ impl Session {
             ckpt: CheckpointWriter::start()?,
             start: Instant::now(),
             control,
-            pmu_counter: crate::clock::counter::hardware_opener(),
+            pmu_counter: crate::clock::pmu::hardware_opener(),
         })
     }
 
@@ -528,7 +553,7 @@ impl Session {
                     let c = self.control.clone().expect("checked");
                     self.ckpt.wait()?;
                     self.bind_checkpoints(m.exits);
-                    self.host.console.flush().map_err(io("writing", &console_path))?;
+                    self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
                     let head = self.host.log.head()?;
                     let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
                     let rs = crate::migrate::proto::RecorderState {
@@ -549,9 +574,9 @@ impl Session {
                 Ok(Stop::Paused) => {
                     let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
                     let id = self.checkpoints;
+                    self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
                     self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
                     let now = self.host.inner.now_ns();
-                    self.host.console.flush().map_err(io("writing", &console_path))?;
                     self.ckpt.take(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
                     self.bind_checkpoints(m.exits);
                     self.checkpoints += 1;
