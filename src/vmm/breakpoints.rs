@@ -101,6 +101,8 @@ pub struct Breakpoints {
     sites: BTreeSet<u64>,
     /// Patched while the vCPU runs: (virtual, physical, original byte).
     patched: Vec<(u64, u64, u8)>,
+    /// The sites patched during the last run (virtual).
+    last_run: Vec<u64>,
     /// The IDT handlers (linear address, vector) an `int3` from ring 3 may
     /// reach: vector 3, and vector 13 (#GP) when the vector-3 gate is DPL 0.
     catch: Vec<(u64, u8)>,
@@ -112,8 +114,10 @@ pub struct Breakpoints {
     saved: Option<(u64, [u8; FRAME])>,
     /// This free run started in ring 0 (no saved copy is good).
     from_ring0: bool,
-    /// KVM guest debug is programmed for breakpoints.
+    /// KVM guest debug is programmed for breakpoints (with these debug
+    /// registers: reprogramming costs an ioctl per run otherwise).
     programmed: bool,
+    debugregs: [u64; 8],
     /// Sites found overwritten by the guest since the last [`Breakpoints::take_overwritten`].
     overwritten: Vec<u64>,
     pub hits: u64,
@@ -163,8 +167,17 @@ impl Breakpoints {
     /// breakpoints. Returns false when it cannot: no IDT yet, or in ring 0
     /// with no return site known or more than the debug registers hold.
     /// The caller steps instead.
-    pub fn arm(&mut self, vcpu: &Vcpu, mem: &GuestMemoryMmap) -> Result<bool, BreakpointError> {
-        let s = vcpu.sregs()?;
+    /// `sregs`: the vCPU's SREGS if the caller has them (else read here).
+    pub fn arm(
+        &mut self,
+        vcpu: &Vcpu,
+        mem: &GuestMemoryMmap,
+        sregs: Option<kvm_bindings::kvm_sregs>,
+    ) -> Result<bool, BreakpointError> {
+        let s = match sregs {
+            Some(s) => s,
+            None => vcpu.sregs()?,
+        };
         self.catch.clear();
         let Some((h3, dpl)) = idt_gate(mem, s.idt.base, s.idt.limit, 3) else { return Ok(false) };
         self.catch.push((h3, 3));
@@ -208,9 +221,17 @@ impl Breakpoints {
             dr7 |= 1 << (2 * i); // Li: local enable, execute, 1 byte
         }
         dbg.arch.debugreg[7] = dr7;
-        vcpu.fd.set_guest_debug(&dbg).map_err(BreakpointError::GuestDebug)?;
+        if !self.programmed || self.debugregs != dbg.arch.debugreg {
+            vcpu.fd.set_guest_debug(&dbg).map_err(BreakpointError::GuestDebug)?;
+            self.debugregs = dbg.arch.debugreg;
+        }
         self.programmed = true;
         Ok(true)
+    }
+
+    /// The guest-physical pages (frame numbers) patched for this run.
+    pub fn patched_pages(&self) -> BTreeSet<u64> {
+        self.patched.iter().map(|p| p.1 >> 12).collect()
     }
 
     /// Turns breakpoint guest debug off (the caller then programs what it needs).
@@ -243,7 +264,9 @@ impl Breakpoints {
     /// is no longer `int3` was overwritten by the guest: its new byte stays,
     /// and the site is reported by [`Breakpoints::take_overwritten`].
     pub fn unpatch(&mut self, mem: &GuestMemoryMmap) {
+        self.last_run.clear();
         for (va, pa, orig) in self.patched.drain(..) {
+            self.last_run.push(va);
             let mut b = [0u8; 1];
             let _ = mem.read_slice(&mut b, GuestAddress(pa));
             if b[0] == INT3 {
@@ -324,7 +347,7 @@ impl Breakpoints {
     /// An emulation failure at a patched site in ring 0 (kvm_pvm cannot
     /// emulate `int3`): the guest stands at the site, nothing executed.
     pub fn on_emulation_failure(&mut self, rip: u64, cpl: u16) -> Option<Trap> {
-        (cpl == 0 && self.patched.iter().any(|p| p.0 == rip)).then(|| {
+        (cpl == 0 && self.last_run.contains(&rip)).then(|| {
             self.hits += 1;
             Trap::Hit { rip }
         })
