@@ -173,11 +173,15 @@ fn rounds_in(out: &str) -> Vec<u64> {
 
 /// A source VM (`run` or `record`) with a control socket, started in `netns`.
 fn source(netns: Option<&str>, dir: &Path, cmdline: &str, record: Option<&Path>) -> (Proc, String) {
+    source_with(netns, dir, cmdline, record, &["--checkpoint-every", "300ms"])
+}
+
+fn source_with(netns: Option<&str>, dir: &Path, cmdline: &str, record: Option<&Path>, rec_args: &[&str]) -> (Proc, String) {
     let img = demo_image();
     let sock = dir.join("ctl.sock").display().to_string();
     let mut cmd = in_ns(netns);
     match record {
-        Some(rec) => cmd.args(["record", img.to_str().unwrap(), "-o", rec.to_str().unwrap(), "--checkpoint-every", "300ms"]),
+        Some(rec) => cmd.args(["record", img.to_str().unwrap(), "-o", rec.to_str().unwrap()]).args(rec_args),
         None => cmd.args(["run", img.to_str().unwrap()]),
     };
     cmd.args(["--cmdline", cmdline, "--control", &sock]);
@@ -283,6 +287,37 @@ fn a_recording_continues_across_the_move_and_replays_exactly() {
     // The source's copy stops at the move and says so.
     let o = run_with_input(&["replay", src_rec.to_str().unwrap(), "-q"], b"");
     assert_eq!(o.status.code(), Some(2), "the source's part is incomplete: {}", stderr(&o));
+}
+
+/// Checkpoint retention on both sides of a move: files the source's policy
+/// rewrote after pre-copy sent them are sent again, the destination goes on
+/// thinning the same chain, and the joined recording verifies and replays.
+#[test]
+fn a_thinned_recording_moves_and_keeps_thinning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (rounds, pages) = (200, 50);
+    let (src_rec, dst_rec) = (tmp.path().join("src-rec"), tmp.path().join("dst-rec"));
+    let (dst, addr) = receive(&["-o", dst_rec.to_str().unwrap()]);
+    let thin = ["--checkpoint-every", "20ms", "--keep-checkpoints", "2"];
+    let (src, sock) = source_with(None, tmp.path(), &churn_cmdline(rounds, pages), Some(&src_rec), &thin);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _, err) = migrate(&sock, &addr, &[]);
+    assert_eq!(code, 0, "migrate failed: {err}");
+    let (sc, so, se) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0, "source: {se}");
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
+    assert_eq!(dc, 0, "destination: {de}");
+    assert_joined(&so, &d_out, rounds, pages);
+    let o = run_with_input(&["inspect", dst_rec.to_str().unwrap(), "-c", "events all"], b"");
+    let ev = stdout(&o);
+    let moved_at = ev.lines().position(|l| l.contains("migrated from")).expect("a migration event");
+    let dropped_after = ev.lines().skip(moved_at).filter(|l| l.contains("dropped (thinned")).count();
+    let dropped_before = ev.lines().take(moved_at).filter(|l| l.contains("dropped (thinned")).count();
+    assert!(dropped_before > 0 && dropped_after > 0, "thinning on both hosts: {dropped_before} / {dropped_after}\n{ev}");
+    let o = run_with_input(&["verify", dst_rec.to_str().unwrap()], b"");
+    assert_eq!(o.status.code(), Some(0), "verify: {}", stdout(&o));
+    let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q"], b"");
+    assert!(stderr(&o).contains("replay matches the recording"), "{}", stderr(&o));
 }
 
 #[test]
@@ -791,6 +826,8 @@ fn hostile_peers_and_mangled_streams_are_refused_and_the_source_keeps_running() 
     refused(&sock, &["--key-file", &k1], &["--key-file", &k1], None, "never opens a path the peer names", "never opens a path the peer names");
     // More memory than the receiver allows.
     refused(&sock, &["--key-file", &k1, "--disk", own_disk, "--max-mem", "32M"], &["--key-file", &k1], None, "at most 32 MiB (--max-mem)", "--max-mem");
+    // A source slower than the receiver's time budget (1 MB/s: round 1 alone takes seconds).
+    refused(&sock, &["--key-file", &k1, "--disk", own_disk, "--max-time", "1s"], &["--key-file", &k1, "--bandwidth", "1M"], None, "--max-time", "--max-time");
     // A non-loopback destination without a key: refused before connecting.
     let (code, _, err) = migrate(&sock, "192.0.2.1:4444", &[]);
     assert_eq!(code, 1);

@@ -415,6 +415,7 @@ fn record_with(dir: &Path, counter: CounterOpener) -> Result<revirt::record::Rec
         out: dir.to_path_buf(),
         clock: revirt::clock::ClockKind::Pmu,
         checkpoint_every: std::time::Duration::ZERO,
+        keep_checkpoints: 0,
         parent: None,
         control: None,
         pmu_counter: Some(counter),

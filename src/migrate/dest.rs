@@ -59,7 +59,7 @@ pub enum Outcome {
     /// It ran here until it stopped.
     Stopped(Stop),
     /// It was being recorded; the recording was continued and is summarized here.
-    Recorded(RecordSummary),
+    Recorded(Box<RecordSummary>),
     /// It moved on to yet another host.
     MovedOn(Summary),
 }
@@ -163,7 +163,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     conn.shutdown();
     let from = hello.source_host.clone();
     let outcome = match session {
-        Some(s) => Outcome::Recorded(s.run(m)?),
+        Some(s) => Outcome::Recorded(Box::new(s.run(m)?)),
         None => match run_live(&mut m, live.as_mut().expect("no session, so the live host is here"), opts.control.as_deref())? {
             LiveEnd::Stopped(s) => Outcome::Stopped(s),
             LiveEnd::Migrated(s) => Outcome::MovedOn(s),
@@ -268,7 +268,17 @@ fn take(
             MigrateError::Refused(format!("the migration took longer than this receiver allows ({} s, --max-time)", lim.max_time.as_secs()))
         })?;
         conn.set_read_timeout(Some(left.min(Duration::from_secs(60)))).ok();
-        let kind = open.read_frame_into(conn, &mut buf)?;
+        let kind = match open.read_frame_into(conn, &mut buf) {
+            Ok(k) => k,
+            // A read cut off by the time budget is the budget, not a network fault.
+            Err(_) if started.elapsed() >= lim.max_time => {
+                return Err(MigrateError::Refused(format!(
+                    "the migration took longer than this receiver allows ({} s, --max-time)",
+                    lim.max_time.as_secs()
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
         bytes += 9 + buf.len() as u64;
         let mut count_pages = |n: usize| {
             pages_in += n as u64;
@@ -324,7 +334,9 @@ fn take(
                     return Err(ProtoError::Corrupt(format!("{name}: bytes beyond the {} MiB file limit (--max-disk)", mib(lim.max_disk))).into());
                 }
                 let io = |source| MigrateError::Io { what: format!("writing {}", path.display()), source };
-                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io)?;
+                // Offset 0 starts the file afresh (a checkpoint the source's
+                // retention policy rewrote is sent again, whole).
+                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(offset == 0).open(&path).map_err(io)?;
                 file.seek(std::io::SeekFrom::Start(offset)).and_then(|_| file.write_all(&data)).map_err(io)?;
             }
             Kind::State => {

@@ -42,6 +42,27 @@ pub enum ReplayError {
     NoPmu(String),
 }
 
+/// Why a replay stopped short of its target, raised from inside the run
+/// loop (through [`HostError::Host`]) and turned into an [`timeline::Outcome`].
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayStop {
+    /// Replay no longer matches the recording.
+    #[error("replay diverged from the recording: {0}")]
+    Divergence(String),
+    /// Replay needs an input the (cut-short) recording does not have.
+    #[error("the recording ends here: {0}")]
+    EndOfRecording(String),
+    /// A requested stopping point does not exist on this execution path.
+    #[error("{0}")]
+    NotReached(String),
+}
+
+impl From<ReplayStop> for HostError {
+    fn from(s: ReplayStop) -> HostError {
+        HostError::Host(Box::new(s))
+    }
+}
+
 /// A recording opened for replay: metadata, the verified event log, the
 /// recorded console output. Never modified. Each small file (meta.json,
 /// events.log, console.log, image.elf) is read once, and the bytes checked
@@ -147,6 +168,9 @@ impl Recording {
     }
 
     fn from_loaded(dir: &Path, l: trace::verify::Loaded) -> Recording {
+        // A checkpoint the retention policy dropped is gone even where a
+        // stale copy of its file is left (a migrated recording's).
+        let dropped = trace::checkpoint::Seals::from_events(&l.log.events, trace::checkpoint::Expect::CrcOnly);
         let checkpoints = l
             .log
             .events
@@ -156,7 +180,7 @@ impl Recording {
                 Event::Checkpoint { id, exits, .. } => Some((*id, *exits, i)),
                 _ => None,
             })
-            .filter(|(id, _, _)| trace::checkpoint_path(dir, *id).exists())
+            .filter(|(id, _, _)| dropped.expect(*id) != trace::checkpoint::Expect::Dropped && trace::checkpoint_path(dir, *id).exists())
             .collect();
         Recording {
             dir: dir.to_path_buf(),
@@ -309,10 +333,10 @@ impl ReplayHost {
 
     fn out_of_log(&self, what: String) -> HostError {
         if self.rec.is_complete() {
-            HostError::Divergence(format!("{what}, but {}", self.next_desc()))
+            ReplayStop::Divergence(format!("{what}, but {}", self.next_desc())).into()
         } else {
             let why = if self.rec.status.is_damaged() { "the event log is damaged from there on" } else { "the recording was cut short before that" };
-            HostError::EndOfRecording(format!("{what}, and {why} (event #{})", self.next))
+            ReplayStop::EndOfRecording(format!("{what}, and {why} (event #{})", self.next)).into()
         }
     }
 
@@ -385,10 +409,10 @@ impl ReplayHost {
                 Ok(true)
             }
             Verdict::KeepStepping => Ok(false),
-            Verdict::Overshoot(why) => Err(HostError::Divergence(match key {
+            Verdict::Overshoot(why) => Err(ReplayStop::Divergence(match key {
                 LandKey::Event(idx) => format!("event #{idx}: {why}"),
                 LandKey::Stop => format!("landing target: {why}"),
-            })),
+            }).into()),
         }
     }
 
@@ -436,10 +460,10 @@ impl ReplayHost {
                     continue;
                 }
                 if at.exits < ctx.exits {
-                    return Err(HostError::Divergence(format!(
+                    return Err(ReplayStop::Divergence(format!(
                         "event #{} ({}) was due at {at}, but the guest is already at exit {}",
                         self.next, self.rec.events[self.next], ctx.exits
-                    )));
+                    )).into());
                 }
                 return Ok(());
             }
@@ -450,10 +474,10 @@ impl ReplayHost {
                     Some(p) => p.to_string(),
                     None => format!("exit {}", ctx.exits),
                 };
-                return Err(HostError::Divergence(format!(
+                return Err(ReplayStop::Divergence(format!(
                     "event #{} ({}) was due at {at}, but the guest is already at {here}",
                     self.next, self.rec.events[self.next]
-                )));
+                )).into());
             }
             let now = if !self.stepped() {
                 at.exits == ctx.exits
@@ -489,11 +513,11 @@ impl Host for ReplayHost {
                 self.last_clock = *value;
                 Ok(*value)
             }
-            Some(_) => Err(HostError::Divergence(format!(
+            Some(_) => Err(ReplayStop::Divergence(format!(
                 "the guest read the clock at exit {}, but {}",
                 ctx.exits,
                 self.next_desc()
-            ))),
+            )).into()),
             None => Err(self.out_of_log(format!("the guest read the clock at exit {}", ctx.exits))),
         }
     }
@@ -505,18 +529,18 @@ impl Host for ReplayHost {
             match rec.get(start + i) {
                 Some(r) if r == b => {}
                 Some(r) => {
-                    return Err(HostError::Divergence(format!(
+                    return Err(ReplayStop::Divergence(format!(
                         "console output differs at byte {}: the recording has {:?}, the replay printed {:?}",
                         start + i,
                         *r as char,
                         *b as char
-                    )))
+                    )).into())
                 }
                 None if self.rec.is_complete() => {
-                    return Err(HostError::Divergence(format!(
+                    return Err(ReplayStop::Divergence(format!(
                         "the replay printed more than the recording's {} console bytes",
                         rec.len()
-                    )))
+                    )).into())
                 }
                 None => {}
             }
@@ -609,9 +633,9 @@ impl Host for ReplayHost {
                     return Ok(Control::Pause);
                 }
                 Some(StopAt::Point(t)) if (t.exits, t.branches) < (p.exits, p.branches) => {
-                    return Err(HostError::NotReached(format!(
+                    return Err(ReplayStop::NotReached(format!(
                         "the execution never stops at {t}: it goes on to {p} (is the RIP an instruction boundary at that branch count?)"
-                    )));
+                    )).into());
                 }
                 _ => {}
             }
@@ -630,10 +654,10 @@ impl Host for ReplayHost {
     fn delivered(&mut self, at: &ExecPoint, fp: u64, _events: &[Async]) -> Result<(), HostError> {
         for (want, want_fp, idx) in self.expect.drain(..) {
             if want != *at || want_fp != fp {
-                return Err(HostError::Divergence(format!(
+                return Err(ReplayStop::Divergence(format!(
                     "event #{idx} ({}): recorded at {want} with register fingerprint {want_fp:#x}, replay is at {at} with fingerprint {fp:#x}",
                     self.rec.events[idx]
-                )));
+                )).into());
             }
         }
         Ok(())

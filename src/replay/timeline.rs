@@ -11,6 +11,7 @@ use super::{Recording, ReplayError, ReplayHost, Sink, StopAt};
 use crate::clock::ExecPoint;
 use crate::trace::{self, Checkpoint, EndReason, Event};
 use crate::trace::checkpoint::SECTOR;
+use super::ReplayStop;
 use crate::vmm::{HostError, Machine, MachineError, Stop};
 
 /// How a replay run ended.
@@ -305,9 +306,14 @@ impl Timeline {
                 }
             }
             Ok(stop) => self.finish(stop),
-            Err(MachineError::Host(HostError::Divergence(d))) => Ok(Outcome::Diverged(d)),
-            Err(MachineError::Host(HostError::EndOfRecording(d))) => Ok(Outcome::EndOfRecording(d)),
-            Err(MachineError::Host(HostError::NotReached(d))) => Ok(Outcome::NotReached(d)),
+            Err(MachineError::Host(HostError::Host(e))) => match e.downcast::<ReplayStop>() {
+                Ok(s) => Ok(match *s {
+                    ReplayStop::Divergence(d) => Outcome::Diverged(d),
+                    ReplayStop::EndOfRecording(d) => Outcome::EndOfRecording(d),
+                    ReplayStop::NotReached(d) => Outcome::NotReached(d),
+                }),
+                Err(e) => Err(MachineError::Host(HostError::Host(e)).into()),
+            },
             Err(e) => Err(e.into()),
         }
     }

@@ -122,6 +122,49 @@ impl Checkpoint {
         Ok((c, super::sha256_hex(&b)))
     }
 
+    /// Folds `older` (the kept checkpoint just before this one) into this
+    /// one: every page and sector `older` holds that this one does not is
+    /// added (this one's own win). Restoring the kept checkpoints in order
+    /// without `older` then gives exactly what restoring both gave: how
+    /// the retention policy (record::retain) drops `older`.
+    pub fn absorb(&mut self, older: &Checkpoint) -> Result<(), String> {
+        if older.header.id == 0 || older.header.id >= self.header.id {
+            return Err(format!("checkpoint {} cannot absorb checkpoint {}", self.header.id, older.header.id));
+        }
+        type Units = std::collections::BTreeMap<u64, (usize, bool)>;
+        fn units(runs: &[(u64, u64)], size: usize, data: &[u8], at: &mut usize, out: &mut Units, newer: bool) -> Result<(), String> {
+            for &(first, count) in runs {
+                for u in first..first.checked_add(count).ok_or("run out of range")? {
+                    if *at + size > data.len() {
+                        return Err("data is shorter than its lists".into());
+                    }
+                    if newer || !out.contains_key(&u) {
+                        out.insert(u, (*at, newer));
+                    }
+                    *at += size;
+                }
+            }
+            Ok(())
+        }
+        let (mut pages, mut sectors) = (Units::new(), Units::new());
+        let (mut a, mut b) = (0usize, 0usize);
+        units(&self.header.pages, PAGE as usize, &self.data, &mut a, &mut pages, true)?;
+        units(&self.header.sectors, SECTOR as usize, &self.data, &mut a, &mut sectors, true)?;
+        units(&older.header.pages, PAGE as usize, &older.data, &mut b, &mut pages, false)?;
+        units(&older.header.sectors, SECTOR as usize, &older.data, &mut b, &mut sectors, false)?;
+        let mut data = Vec::with_capacity(pages.len() * PAGE as usize + sectors.len() * SECTOR as usize);
+        for (map, size) in [(&pages, PAGE as usize), (&sectors, SECTOR as usize)] {
+            for &(at, newer) in map.values() {
+                let src = if newer { &self.data } else { &older.data };
+                data.extend_from_slice(&src[at..at + size]);
+            }
+        }
+        self.header.pages = runs(pages.keys().copied());
+        self.header.sectors = runs(sectors.keys().copied());
+        self.data = data;
+        Ok(())
+    }
+
     /// Decodes a checkpoint file's bytes. Every length is checked against
     /// the file size or a documented limit before anything is allocated.
     pub fn parse(b: &[u8], sha256: Option<&str>) -> Result<Checkpoint, String> {

@@ -92,6 +92,7 @@ impl std::fmt::Display for Event {
             Event::Checkpoint { id, exits, .. } => write!(f, "checkpoint {id} at exit {exits}"),
             Event::End { exits, reason, .. } => write!(f, "end ({reason:?}) at exit {exits}"),
             Event::Migrated { exits, from, to } => write!(f, "migrated from {from} to {to} at exit {exits}"),
+            Event::CheckpointFile { id, sha256, .. } if sha256.is_empty() => write!(f, "checkpoint {id} dropped (thinned by the retention policy)"),
             Event::CheckpointFile { id, sha256, .. } => write!(f, "checkpoint {id} written, SHA-256 {}", &sha256[..sha256.len().min(16)]),
             Event::ConsoleFile { len, sha256, .. } => write!(f, "console.log: {len} bytes written, SHA-256 {}", &sha256[..sha256.len().min(16)]),
         }

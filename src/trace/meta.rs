@@ -80,6 +80,10 @@ pub struct Meta {
     pub disk: Option<FileInfo>,
     pub host: HostInfo,
     pub checkpoint_every_ms: u64,
+    /// The retention policy's K (`--keep-checkpoints`, docs/recording-format.md
+    /// "Retention"); absent: every checkpoint is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_keep: Option<u32>,
     /// When this recording continues another one (going live from a
     /// replay): that recording's id and the exit count it branched at.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -52,9 +52,13 @@ pub fn decompress_exact(src: &[u8], expect: usize) -> Result<Vec<u8>, String> {
     let mut out: Vec<u8> = Vec::new();
     out.try_reserve_exact(expect)
         .map_err(|_| format!("cannot allocate {expect} bytes to decompress into"))?;
-    let mut dctx = zstd::zstd_safe::DCtx::create();
-    let n = dctx
-        .decompress(&mut out, src)
+    // One context per thread, reused: creating one per frame (a log has a
+    // chunk per 200 ms of recording) was most of the time of reading a long log.
+    thread_local! {
+        static DCTX: std::cell::RefCell<zstd::zstd_safe::DCtx<'static>> = std::cell::RefCell::new(zstd::zstd_safe::DCtx::create());
+    }
+    let n = DCTX
+        .with(|d| d.borrow_mut().decompress(&mut out, src))
         .map_err(|c| format!("does not decompress ({})", zstd::zstd_safe::get_error_name(c)))?;
     if n != expect || out.len() != expect {
         return Err(format!("decompresses to {n} bytes, its header says {expect}"));

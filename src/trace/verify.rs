@@ -62,17 +62,20 @@ struct Checked {
     files: Vec<&'static str>,
     chunks: u32,
     checkpoints: usize,
+    /// Dropped by the retention policy, as the chain records.
+    dropped: usize,
     console: String,
     unvouched: Vec<String>,
 }
 
 fn summary(c: &Checked, intact: bool, incomplete: bool) -> String {
     let mut s = format!(
-        "integrity: checked {}, events.log ({} chunks, SHA-256 chain), {} checkpoint{} (SHA-256 bound in the chain), console.log ({}): {}",
+        "integrity: checked {}, events.log ({} chunks, SHA-256 chain), {} checkpoint{} (SHA-256 bound in the chain{}), console.log ({}): {}",
         c.files.join(", "),
         c.chunks,
         c.checkpoints,
         if c.checkpoints == 1 { "" } else { "s" },
+        if c.dropped > 0 { format!("; {} more dropped by the retention policy, as the chain records", c.dropped) } else { String::new() },
         if c.console.is_empty() { "not checked" } else { &c.console },
         if intact {
             "intact"
@@ -261,6 +264,7 @@ pub fn check(dir: &Path) -> (Report, Option<Loaded>) {
             let name = format!("checkpoints/{id:06}.ckpt");
             match seals.expect(*id) {
                 super::checkpoint::Expect::Dropped => {
+                    checked.dropped += 1;
                     push(true, format!("checkpoint {id}: dropped (thinned); its removal is in the hash chain"));
                     continue;
                 }
@@ -273,6 +277,15 @@ pub fn check(dir: &Path) -> (Report, Option<Loaded>) {
                         Ok(_) => {
                             damaged = true;
                             push(false, format!("checkpoint {id}: does not match its log entry (damaged)"));
+                        }
+                        // The retention policy (record::retain) logs a merged
+                        // checkpoint's new SHA-256 before it replaces the file:
+                        // a recorder killed in between leaves the version the
+                        // chain bound before (still right, with the dropped
+                        // one's file beside it).
+                        Err(_) if cut_short && earlier_binding(&log.events, *id, &sha).any(|s| Checkpoint::read_bound(&p, s).is_ok()) => {
+                            incomplete = true;
+                            push(false, format!("checkpoint {id}: the recorder stopped while thinning rewrote it: the file is the version the chain bound before (truncation, not damage)"));
                         }
                         Err(e) => {
                             damaged = true;
@@ -366,6 +379,14 @@ pub fn check(dir: &Path) -> (Report, Option<Loaded>) {
     };
     let loaded = Loaded { meta, log, console, console_vouched, image: image.unwrap_or_default(), image_ok };
     (report, Some(loaded))
+}
+
+/// The SHA-256s the log bound checkpoint `id` to before its latest, `latest`.
+fn earlier_binding<'a>(events: &'a [Event], id: u32, latest: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    events.iter().filter_map(move |e| match e {
+        Event::CheckpointFile { id: i, sha256, .. } if *i == id && !sha256.is_empty() && sha256 != latest => Some(sha256.as_str()),
+        _ => None,
+    })
 }
 
 /// Files in the recording directory that are none of its own: anything

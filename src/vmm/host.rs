@@ -61,21 +61,17 @@ impl PollCtx {
     }
 }
 
+/// Why a host stopped the run loop. The run loop knows only the first two;
+/// a host's own reasons (a replayer's divergence, the end of a recording)
+/// travel boxed to whoever drove the run, which downcasts them.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("the guest is idle waiting for input, but no timer is running and the input is closed (it would wait forever)")]
     WouldWaitForever,
-    /// Replay no longer matches the recording.
-    #[error("replay diverged from the recording: {0}")]
-    Divergence(String),
-    /// Replay needs an input the (cut-short) recording does not have.
-    #[error("the recording ends here: {0}")]
-    EndOfRecording(String),
-    /// A requested stopping point does not exist on this execution path.
-    #[error("{0}")]
-    NotReached(String),
-    #[error("{0}")]
-    Other(String),
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+    #[error(transparent)]
+    Host(Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub trait Host {
