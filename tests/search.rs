@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
-use revirt::gdb::session::{Session, StopWhy};
+use revirt::replay::session::{Session, StopWhy};
 use revirt::replay::search::{Scan, ScanStop};
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
 
@@ -163,7 +163,7 @@ fn continue_and_reverse_continue_equal_the_stepping_path() {
 
 #[test]
 fn write_watchpoints_at_native_speed_equal_the_stepping_path() {
-    use revirt::gdb::session::{Watch, WatchKind};
+    use revirt::replay::session::{Watch, WatchKind};
     let d = tempfile::tempdir().unwrap();
     let rec = record_race(d.path(), "exit", "exit");
     let mut a = Session::open(rec.clone(), 0).unwrap();

@@ -4,6 +4,8 @@
 
 pub mod provenance;
 pub mod search;
+pub mod session;
+pub mod snapshots;
 pub mod symbols;
 pub mod timeline;
 
