@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use revirt::inspect::live::{record_live, run_live, LiveEnd, StoppableStdin};
+use revirt::inspect::live::{record_live, run_live, StoppableStdin};
+use revirt::replay::live::LiveEnd;
 use revirt::inspect::{interrupt, parse, Error, Options, Session};
 use revirt::trace::EndReason;
 use revirt::vmm::Console;

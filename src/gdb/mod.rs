@@ -123,13 +123,9 @@ impl Target for Target64 {
 
 impl SingleThreadBase for Target64 {
     fn read_registers(&mut self, all: &mut RevirtRegs) -> TargetResult<(), Self> {
-        let v = &self.s.tl.machine.vcpu;
-        let r = v
-            .regs()
-            .map_err(|e| TargetError::Fatal(SessionError::Lost(e.to_string())))?;
-        let s = v
-            .sregs()
-            .map_err(|e| TargetError::Fatal(SessionError::Lost(e.to_string())))?;
+        let tl = &self.s.tl;
+        let r = tl.regs().map_err(|e| TargetError::Fatal(SessionError::Lost(e.to_string())))?;
+        let s = tl.sregs().map_err(|e| TargetError::Fatal(SessionError::Lost(e.to_string())))?;
         all.fs_base = s.fs.base;
         all.gs_base = s.gs.base;
         all.cr0 = s.cr0;
@@ -153,7 +149,7 @@ impl SingleThreadBase for Target64 {
         regs.segments.es = s.es.selector as u32;
         regs.segments.fs = s.fs.selector as u32;
         regs.segments.gs = s.gs.selector as u32;
-        if let Ok(f) = v.fd.get_fpu() {
+        if let Ok(f) = tl.fpu() {
             for (i, st) in regs.st.iter_mut().enumerate() {
                 st.copy_from_slice(&f.fpr[i][..10]);
             }

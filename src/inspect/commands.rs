@@ -111,7 +111,7 @@ fn joined(args: &[Word]) -> String {
     args.iter().map(Word::text).collect::<Vec<_>>().join(" ")
 }
 
-fn reg_value(r: &kvm_bindings::kvm_regs, name: &str) -> Option<u64> {
+fn reg_value(r: &crate::replay::Regs, name: &str) -> Option<u64> {
     let n = match name {
         "pc" => "rip",
         "sp" => "rsp",

@@ -1,6 +1,6 @@
 //! Text forms of machine state: registers with decoded flags, hex dumps.
 
-use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
+use crate::replay::{DTable, Regs, Segment, Sregs};
 
 fn bits(v: u64, names: &[(u32, &str)]) -> String {
     let set: Vec<&str> = names.iter().filter(|(b, _)| v & (1u64 << b) != 0).map(|(_, n)| *n).collect();
@@ -62,7 +62,7 @@ pub fn msr_name(index: u32) -> &'static str {
     }
 }
 
-pub fn gprs(r: &kvm_regs) -> [(&'static str, u64); 18] {
+pub fn gprs(r: &Regs) -> [(&'static str, u64); 18] {
     [
         ("rax", r.rax), ("rbx", r.rbx), ("rcx", r.rcx), ("rdx", r.rdx), ("rsi", r.rsi), ("rdi", r.rdi),
         ("rbp", r.rbp), ("rsp", r.rsp), ("r8", r.r8), ("r9", r.r9), ("r10", r.r10), ("r11", r.r11),
@@ -70,11 +70,11 @@ pub fn gprs(r: &kvm_regs) -> [(&'static str, u64); 18] {
     ]
 }
 
-pub fn segments(s: &kvm_sregs) -> [(&'static str, &kvm_segment); 8] {
+pub fn segments(s: &Sregs) -> [(&'static str, &Segment); 8] {
     [("cs", &s.cs), ("ss", &s.ss), ("ds", &s.ds), ("es", &s.es), ("fs", &s.fs), ("gs", &s.gs), ("tr", &s.tr), ("ldt", &s.ldt)]
 }
 
-pub fn segment(g: &kvm_segment) -> String {
+pub fn segment(g: &Segment) -> String {
     let mut attrs = Vec::new();
     if g.present != 0 {
         attrs.push("P");
@@ -105,12 +105,12 @@ pub fn segment(g: &kvm_segment) -> String {
     )
 }
 
-pub fn dtable(t: &kvm_dtable) -> String {
+pub fn dtable(t: &DTable) -> String {
     format!("base {:#018x}  limit {:#06x}", t.base, t.limit)
 }
 
 /// Every register as (name, line), in display order.
-pub fn register_lines(r: &kvm_regs, s: &kvm_sregs, msrs: &[(u32, u64)], describe: &dyn Fn(u64) -> String) -> Vec<(String, String)> {
+pub fn register_lines(r: &Regs, s: &Sregs, msrs: &[(u32, u64)], describe: &dyn Fn(u64) -> String) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for (n, v) in gprs(r) {
         let extra = match n {

@@ -1,7 +1,5 @@
-//! Going live: restore the machine at a point of the recording, stop
-//! answering from the log, and let it run on with real time and real input.
-//! The replay timeline's private disk copy is the copy-on-write layer: the
-//! recording's `disk.img` is never written.
+//! Going live from the REPL and `revirt live`: the terminal side (input that
+//! can be let go of, messages); the machine side is [`crate::replay::live`].
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -10,18 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{interrupt, Error, Session};
-use crate::record::{self, RecordOptions, RecordSummary};
-use crate::vmm::pausable::Pausable;
-use crate::vmm::{Console, GuestPanic, HostError, LiveHost, Machine, MachineError, Stop};
-
-/// How a live run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LiveEnd {
-    PowerOff(u8),
-    Panic(GuestPanic),
-    /// Ctrl-C stopped it at this exit count.
-    Interrupted { exits: u64 },
-}
+use crate::replay::live::{self, Console, LiveEnd, RecordSummary};
 
 /// Standard input for the guest that can be let go of: reads fd 0 directly
 /// (no std buffering) in short polls, and reports end-of-input once `stop`
@@ -75,19 +62,10 @@ impl Read for StoppableStdin {
 /// called). The session keeps its position; its next look replays again.
 pub fn run_live(s: &mut Session, input: Box<dyn Read + Send>, console: Console) -> Result<LiveEnd, Error> {
     let clock = s.clock_ns()?;
-    let mut tl = s.take_timeline()?;
+    let tl = s.take_timeline()?;
     interrupt::clear();
-    let mut live = LiveHost::new(input, console, clock);
-    let r = tl.machine.run(&mut Pausable::new(&mut live, Default::default()).or_when(interrupt::is_set), None);
-    drop(live);
-    let interrupted = interrupt::take();
-    match r {
-        Ok(Stop::PowerOff(st)) => Ok(LiveEnd::PowerOff(st)),
-        Ok(Stop::Panic(p)) => Ok(LiveEnd::Panic(p)),
-        Ok(Stop::Paused) => Ok(LiveEnd::Interrupted { exits: tl.machine.exits }),
-        Err(MachineError::Host(HostError::WouldWaitForever)) if interrupted => Ok(LiveEnd::Interrupted { exits: tl.machine.exits }),
-        Err(e) => Err(e.into()),
-    }
+    let r = live::run(tl, clock, input, console, interrupt::is_set, interrupt::take);
+    Ok(r?)
 }
 
 /// The REPL's `live`: this terminal becomes the guest's console until it stops.
@@ -124,35 +102,6 @@ pub fn record_live(
     console: Console,
 ) -> Result<RecordSummary, Error> {
     let clock = s.clock_ns()?;
-    let mut tl = s.take_timeline()?;
-    // record_from takes a Machine by value: rebuild one from the timeline's
-    // state, on its own copy of the (replayed) disk.
-    let mut state = tl.machine.save_state(clock)?;
-    let memory = tl.machine.memory_bytes()?;
-    let disk = match tl.machine.devices.block.path() {
-        Some(p) => {
-            let tmp = tempfile::Builder::new()
-                .prefix("revirt-live-disk")
-                .tempfile()
-                .map_err(|e| Error::Msg(format!("creating a disk copy: {e}")))?;
-            std::fs::copy(p, tmp.path()).map_err(|e| Error::Msg(format!("copying the replay disk: {e}")))?;
-            Some(tmp)
-        }
-        None => None,
-    };
-    state.config.disk = disk.as_ref().map(|d| d.path().to_path_buf());
-    let m = Machine::restore(&state, &memory)?;
-    let branched_at = tl.exits();
-    drop(tl);
-    let image_path = s.rec.dir.join(crate::trace::IMAGE);
-    // The bytes the recording was checked with (read once when it was opened).
-    let image_bytes = s.rec.image.clone();
-    let mut config = s.rec.meta.config.clone();
-    config.disk = config.disk.as_ref().map(|_| s.rec.dir.join(crate::trace::DISK));
-    let parent = Some(crate::trace::meta::Parent { id: s.rec.meta.id.clone(), exits: branched_at });
-    let opts = RecordOptions { image: image_path, config, out: out_dir, clock: s.rec.meta.clock, checkpoint_every, keep_checkpoints: record::DEFAULT_KEEP_CHECKPOINTS, parent, control: None, pmu_counter: None };
-    let summary = record::record_from(&opts, &image_bytes, m, input, console, clock)
-        .map_err(|e| Error::Msg(format!("recording the live run: {e}")))?;
-    drop(disk);
-    Ok(summary)
+    let tl = s.take_timeline()?;
+    live::record(tl, clock, out_dir, checkpoint_every, input, console).map_err(|e| Error::Msg(format!("recording the live run: {e}")))
 }

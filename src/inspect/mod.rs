@@ -27,7 +27,8 @@ use crate::trace::Event;
 
 pub use parse::Point;
 pub use crate::replay::symbols::Symbols;
-pub use view::{Checkpoints, Frozen, View};
+pub use view::{Frozen, View};
+use crate::replay::checkpoints::Checkpoints;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -43,8 +44,6 @@ pub enum Error {
     Diverged { at: u64, why: String },
     #[error(transparent)]
     Replay(#[from] ReplayError),
-    #[error(transparent)]
-    Machine(#[from] crate::vmm::MachineError),
     #[error(transparent)]
     Checkpoint(#[from] crate::trace::CheckpointError),
     #[error("{0}")]
@@ -187,7 +186,7 @@ impl Session {
             rec,
             syms,
             ckpts,
-            here: Here::Checkpoint(first, Arc::new(st)),
+            here: Here::Checkpoint(first, Arc::new(st.into())),
             tl: None,
             tl_state: TlState::Running,
             opts,
@@ -306,7 +305,7 @@ impl Session {
         match t.ckpt {
             Some(id) => {
                 let st = self.ckpts.state(id)?;
-                self.here = Here::Checkpoint(id, Arc::new(st));
+                self.here = Here::Checkpoint(id, Arc::new(st.into()));
             }
             None => {
                 self.replay_to(t.exits)?;
@@ -414,7 +413,7 @@ impl Session {
             }
             Err(Error::Interrupted { at }) => {
                 self.here = match self.ckpt_at(at) {
-                    Some(id) => Here::Checkpoint(id, Arc::new(self.ckpts.state(id)?)),
+                    Some(id) => Here::Checkpoint(id, Arc::new(self.ckpts.state(id)?.into())),
                     None => Here::Replay(at, None),
                 };
                 Err(Error::Interrupted { at })
@@ -457,7 +456,7 @@ impl Session {
     /// (a scratch replay when it is not a checkpoint).
     pub fn frozen_at(&mut self, t: Target) -> Result<Frozen, Error> {
         if let Some(id) = t.ckpt {
-            return self.ckpts.state(id);
+            return Ok(self.ckpts.state(id)?.into());
         }
         if t.exits == self.exits() && t.exact == self.exact() {
             return Frozen::of(self.view()?);

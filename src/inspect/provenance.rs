@@ -21,7 +21,7 @@ impl From<ProvError> for Error {
     fn from(e: ProvError) -> Self {
         match e {
             ProvError::Replay(r) => Error::Replay(r),
-            ProvError::Machine(m) => Error::Machine(m),
+            ProvError::Machine(m) => Error::Replay(m.into()),
             ProvError::Diverged { at, why } => Error::Diverged { at, why },
             ProvError::Interrupted { at } => Error::Interrupted { at },
             ProvError::Msg(m) => Error::Msg(m),

@@ -2,6 +2,8 @@
 //! non-deterministic input from the log at the recorded point, and check
 //! that the guest arrives where the recording says it did.
 
+pub mod checkpoints;
+pub mod live;
 pub mod provenance;
 pub mod search;
 pub mod session;
@@ -16,6 +18,9 @@ use crate::clock::ExecPoint;
 use crate::trace::{self, Event, LogReader, LogStatus, Meta};
 use crate::vmm::{Async, Control, Host, HostError, PollCtx};
 
+/// The register files of the replay API: KVM's layouts, named here so that
+/// front ends (gdb, inspect) need nothing from the KVM crates.
+pub use kvm_bindings::{kvm_dtable as DTable, kvm_fpu as Fpu, kvm_regs as Regs, kvm_segment as Segment, kvm_sregs as Sregs};
 pub use timeline::{CounterKind, LandingConfig, Outcome, Timeline};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +45,8 @@ pub enum ReplayError {
     Machine(#[from] crate::vmm::MachineError),
     #[error("recording {dir} is damaged, so nothing in it is trusted (give --force to work on damaged evidence anyway):\n  {}", problems.join("\n  "))]
     Integrity { dir: String, problems: Vec<String> },
+    #[error("guest memory {addr:#x}+{len} lies beyond the guest's {mem:#x} bytes of RAM")]
+    Beyond { addr: u64, len: u64, mem: u64 },
     #[error("clock 'pmu' unavailable for replay: {0}. Use --clock pmu-sim (the same landing over the simulated counter) or step")]
     NoPmu(String),
 }

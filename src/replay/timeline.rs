@@ -13,6 +13,8 @@ use crate::trace::{self, Checkpoint, EndReason, Event};
 use crate::trace::checkpoint::SECTOR;
 use super::ReplayStop;
 use crate::vmm::{HostError, Machine, MachineError, Stop};
+use super::{Fpu, Regs, Sregs};
+use vm_memory::{Bytes, GuestAddress};
 
 /// How a replay run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +133,61 @@ impl Timeline {
     /// Guest-caused exits so far.
     pub fn exits(&self) -> u64 {
         self.machine.exits
+    }
+
+    /// The general registers where the timeline stands.
+    pub fn regs(&self) -> Result<Regs, ReplayError> {
+        Ok(self.machine.vcpu.regs().map_err(MachineError::from)?)
+    }
+
+    /// The system registers (segments, control registers, EFER).
+    pub fn sregs(&self) -> Result<Sregs, ReplayError> {
+        Ok(self.machine.vcpu.sregs().map_err(MachineError::from)?)
+    }
+
+    /// The x87/SSE state.
+    pub fn fpu(&self) -> Result<Fpu, ReplayError> {
+        Ok(self.machine.vcpu.fpu().map_err(MachineError::from)?)
+    }
+
+    /// The MSRs a machine state saves, as (index, value).
+    pub fn msrs(&self) -> Result<Vec<(u32, u64)>, ReplayError> {
+        Ok(self.machine.vcpu.save().map_err(MachineError::from)?.msrs)
+    }
+
+    /// Guest RAM size in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.machine.config.mem_size
+    }
+
+    /// Reads guest-physical memory; an address range beyond RAM is an error.
+    pub fn read_phys(&self, addr: u64, buf: &mut [u8]) -> Result<(), ReplayError> {
+        let end = addr.checked_add(buf.len() as u64).filter(|&e| e <= self.mem_size());
+        end.and_then(|_| self.machine.mem.read_slice(buf, GuestAddress(addr)).ok()).ok_or(ReplayError::Beyond {
+            addr,
+            len: buf.len() as u64,
+            mem: self.mem_size(),
+        })
+    }
+
+    /// All of guest RAM (a copy).
+    pub fn memory_bytes(&self) -> Result<Vec<u8>, ReplayError> {
+        Ok(self.machine.memory_bytes()?)
+    }
+
+    /// The index of the next recorded event replay will consume.
+    pub fn next_event(&self) -> usize {
+        self.host.next
+    }
+
+    /// Bytes of console output so far.
+    pub fn output_len(&self) -> u64 {
+        self.host.output_len
+    }
+
+    /// The full machine state hash (registers, devices, memory).
+    pub fn state_hash(&mut self) -> Result<String, ReplayError> {
+        Ok(self.machine.state_hash()?)
     }
 
     /// Moves to exit count `exits`: restores the nearest checkpoint at or

@@ -95,6 +95,9 @@ impl Vcpu {
     pub fn set_sregs(&self, s: &kvm_sregs) -> Result<(), VcpuError> {
         ck("KVM_SET_SREGS", self.fd.set_sregs(s))
     }
+    pub fn fpu(&self) -> Result<kvm_bindings::kvm_fpu, VcpuError> {
+        ck("KVM_GET_FPU", self.fd.get_fpu())
+    }
 
     /// Saves the full vCPU state. Order follows Firecracker: MP state first,
     /// vCPU events last, so pending-event state is the freshest.
