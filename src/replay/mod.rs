@@ -2,6 +2,7 @@
 //! non-deterministic input from the log at the recorded point, and check
 //! that the guest arrives where the recording says it did.
 
+pub mod history;
 pub mod provenance;
 pub mod search;
 pub mod timeline;

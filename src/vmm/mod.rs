@@ -12,6 +12,7 @@ pub mod pagehash;
 pub mod paging;
 pub mod snapshot;
 pub mod vcpu;
+pub mod watch;
 
 pub use host::{Async, Console, Control, Host, HostError, LiveHost, PollCtx, Waker};
 pub use image::Image;
