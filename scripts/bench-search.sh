@@ -98,14 +98,14 @@ bench_history() { # $1 name, $2 cmdline, $3 variable
   for r in $(seq "$ROUNDS"); do
     t0=$(now); $R replay "$rec" -q >/dev/null 2>&1; t1=$(now)
     rep+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
-    t0=$(now); out=$($R inspect "$rec" -c "history $3 8 start end"); t1=$(now)
+    t0=$(now); out=$($R inspect "$rec" -c "history $3 8 start end" 2>/dev/null); t1=$(now)
     grep -q "native speed" <<<"$out" || { echo "history did not run natively:"; echo "$out"; exit 1; }
     hw+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
     [ "$r" = 1 ] && sed 's/^/  history: /' <<<"$out" | grep -v '^  history: $' | head -6
-    t0=$(now); out=$($R inspect "$rec" -c "history $3 8 start end --reads"); t1=$(now)
+    t0=$(now); out=$($R inspect "$rec" -c "history $3 8 start end --reads" 2>/dev/null); t1=$(now)
     hr+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
     [ "$r" = 1 ] && tail -1 <<<"$out" | sed 's/^/  history --reads: /'
-    t0=$(now); out=$($R inspect "$rec" --at end -c "last-write $3 8"); t1=$(now)
+    t0=$(now); out=$($R inspect "$rec" --at end -c "last-write $3 8" 2>/dev/null); t1=$(now)
     grep -q "written by the instruction" <<<"$out" || { echo "last-write found no writer:"; echo "$out"; exit 1; }
     lw+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
     [ "$r" = 1 ] && grep -m1 "written by" <<<"$out" | sed 's/^ */  last-write: /'
@@ -118,8 +118,8 @@ bench_history() { # $1 name, $2 cmdline, $3 variable
 }
 history_before_after() { # the stepping oracle vs the engine on a short recording
   local rec=$tmp/hshort; record "$rec" "workload=compute iters=20000"
-  t0=$(now); REVIRT_HISTORY_NATIVE=0 $R inspect "$rec" -c "history cur_task 8 start end" >/dev/null; t1=$(now)
-  t2=$(now); $R inspect "$rec" -c "history cur_task 8 start end" >/dev/null; t3=$(now)
+  t0=$(now); REVIRT_HISTORY_NATIVE=0 $R inspect "$rec" -c "history cur_task 8 start end" >/dev/null 2>&1; t1=$(now)
+  t2=$(now); $R inspect "$rec" -c "history cur_task 8 start end" >/dev/null 2>&1; t3=$(now)
   printf 'before/after, compute iters=20000, history cur_task 8 start end: stepping %.0f ms, native %.0f ms\n' \
     "$(awk "BEGIN{print ($t1 - $t0) * 1000}")" "$(awk "BEGIN{print ($t3 - $t2) * 1000}")"
 }

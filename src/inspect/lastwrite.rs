@@ -1,8 +1,8 @@
 //! `last-write` on the search engine: the same search as gdb's `watch -l`
-//! + `reverse-continue` (a write watchpoint on the range, the guest
-//! running free from the latest checkpoint or snapshot before here, the
-//! last change before here pinned down exactly), so it lands on the same
-//! instruction at native speed. `REVIRT_LASTWRITE_NATIVE=0` keeps the older
+//! followed by `reverse-continue` (a write watchpoint on the range, the
+//! guest running free from the latest checkpoint or snapshot before here,
+//! the last change before here pinned down exactly), so it lands on the
+//! same instruction at native speed. `REVIRT_LASTWRITE_NATIVE=0` keeps the older
 //! path (replay one exit at a time, then single-step the interval).
 
 use vm_memory::{Bytes, GuestAddress};
@@ -34,7 +34,10 @@ impl Session {
         let mut now_val = vec![0u8; len];
         self.view()?.read_phys(pa, &mut now_val)?;
         if self.opts.no_kvm {
-            return Err(Error::Msg("finding the last write replays the recording through KVM (disabled by --no-kvm)".into()));
+            return Err(Error::Msg(
+                "finding the last write replays the recording through KVM (disabled by --no-kvm)"
+                    .into(),
+            ));
         }
         self.kvm_used = true;
         let now = self.exits();
@@ -47,18 +50,33 @@ impl Session {
         if let Some(p) = exact {
             let mut n = 0u64;
             while s.tl.position()? != p {
-                if s.pos().end || n >= super::commands::MAX_REFINE_STEPS || s.step().map_err(e)? == StopWhy::End {
+                if s.pos().end
+                    || n >= super::commands::MAX_REFINE_STEPS
+                    || s.step().map_err(e)? == StopWhy::End
+                {
                     return Err(Error::Msg(format!("cannot reach {p} from exit {now}")));
                 }
                 n += 1;
             }
         }
-        s.watches.push(Watch { addr: va, len: len as u64, kind: WatchKind::Write });
+        s.watches.push(Watch {
+            addr: va,
+            len: len as u64,
+            kind: WatchKind::Write,
+        });
         let why = s.reverse_cont().map_err(e)?;
         match why {
             StopWhy::Watch { .. } => {}
             StopWhy::Interrupted => return Err(Error::Interrupted { at: s.pos().exits }),
-            _ => return Ok(LastWrite { phys: pa, now: now_val, change: None, searched_from: start, within_here: false }),
+            _ => {
+                return Ok(LastWrite {
+                    phys: pa,
+                    now: now_val,
+                    change: None,
+                    searched_from: start,
+                    within_here: false,
+                })
+            }
         }
         // Just before the writing instruction: its exact point (branch count).
         s.make_exact().map_err(e)?;
@@ -74,15 +92,37 @@ impl Session {
         let within_here = exact.is_some() && at.exits == now;
         let change = if within_here {
             s.goto_exit(now).map_err(e)?;
-            Change { exits: now + 1, before: read(&s), after: now_val.clone(), rip_before: view_rip(&s), rip_after: exact.map_or(0, |p| p.rip), writer, why_not: None }
+            Change {
+                exits: now + 1,
+                before: read(&s),
+                after: now_val.clone(),
+                rip_before: view_rip(&s),
+                rip_after: exact.map_or(0, |p| p.rip),
+                writer,
+                why_not: None,
+            }
         } else {
             // The exit interval it lies in, as the older path reports it.
             s.goto_exit(at.exits).map_err(e)?;
             let (before, rip_before) = (read(&s), view_rip(&s));
             s.goto_exit(at.exits + 1).map_err(e)?;
             let (after, rip_after) = (read(&s), view_rip(&s));
-            Change { exits: at.exits + 1, before, after, rip_before, rip_after, writer, why_not: None }
+            Change {
+                exits: at.exits + 1,
+                before,
+                after,
+                rip_before,
+                rip_after,
+                writer,
+                why_not: None,
+            }
         };
-        Ok(LastWrite { phys: pa, now: now_val, change: Some(change), searched_from: start, within_here })
+        Ok(LastWrite {
+            phys: pa,
+            now: now_val,
+            change: Some(change),
+            searched_from: start,
+            within_here,
+        })
     }
 }

@@ -37,7 +37,12 @@ fn timeline_at(rec: &Arc<Recording>, e: u64) -> R<Timeline> {
     if tl.exits() < e {
         match tl.run(Some(e))? {
             Outcome::Reached => {}
-            Outcome::Diverged(why) => return Err(ProvError::Diverged { at: tl.exits(), why }),
+            Outcome::Diverged(why) => {
+                return Err(ProvError::Diverged {
+                    at: tl.exits(),
+                    why,
+                })
+            }
             o => return Err(ProvError::Msg(format!("cannot replay to exit {e}: {o:?}"))),
         }
     }
@@ -46,7 +51,13 @@ fn timeline_at(rec: &Arc<Recording>, e: u64) -> R<Timeline> {
 
 /// Pass 1: accesses to the range per exit interval in `from..=to.exits`
 /// (a DMA write counts for the interval of the `out` that started it).
-fn count_hits(rec: &Arc<Recording>, spec: WatchSpec, from: u64, to: ExecPoint, limits: &Limits) -> R<BTreeMap<u64, u64>> {
+fn count_hits(
+    rec: &Arc<Recording>,
+    spec: WatchSpec,
+    from: u64,
+    to: ExecPoint,
+    limits: &Limits,
+) -> R<BTreeMap<u64, u64>> {
     let key = WATCH | spec.start;
     let mut tl = timeline_at(rec, from)?;
     let started = Instant::now();
@@ -66,7 +77,11 @@ fn count_hits(rec: &Arc<Recording>, spec: WatchSpec, from: u64, to: ExecPoint, l
             )));
         }
         for h in &scan.hits {
-            let e = if h.dma { h.point.exits.saturating_sub(1) } else { h.point.exits };
+            let e = if h.dma {
+                h.point.exits.saturating_sub(1)
+            } else {
+                h.point.exits
+            };
             if e >= from && e <= to.exits {
                 *need.entry(e).or_insert(0) += 1;
             }
@@ -74,7 +89,12 @@ fn count_hits(rec: &Arc<Recording>, spec: WatchSpec, from: u64, to: ExecPoint, l
         match o {
             Outcome::Reached => {}
             Outcome::Finished { .. } => break,
-            Outcome::Diverged(why) => return Err(ProvError::Diverged { at: tl.exits(), why }),
+            Outcome::Diverged(why) => {
+                return Err(ProvError::Diverged {
+                    at: tl.exits(),
+                    why,
+                })
+            }
             Outcome::EndOfRecording(d) | Outcome::NotReached(d) => {
                 if tl.exits() > to.exits {
                     break;
@@ -110,7 +130,12 @@ pub fn history_native(
     if phys & DMA != 0 || len == 0 {
         return Err(ProvError::Msg(format!("bad range {phys:#x}+{len}")));
     }
-    let spec = WatchSpec { start: phys, len, reads, writes: WriteReport::Any };
+    let spec = WatchSpec {
+        start: phys,
+        len,
+        reads,
+        writes: WriteReport::Any,
+    };
     let need = count_hits(rec, spec, from, to, limits)?;
     let hits: u64 = need.values().sum();
     let mut budget = Budget::new(limits);
@@ -125,7 +150,12 @@ pub fn history_native(
         if tl.exits() < e {
             match tl.run(Some(e))? {
                 Outcome::Reached => {}
-                Outcome::Diverged(why) => return Err(ProvError::Diverged { at: tl.exits(), why }),
+                Outcome::Diverged(why) => {
+                    return Err(ProvError::Diverged {
+                        at: tl.exits(),
+                        why,
+                    })
+                }
                 o => return Err(ProvError::Msg(format!("cannot replay to exit {e}: {o:?}"))),
             }
         }

@@ -42,7 +42,12 @@ pub struct WatchSpec {
 impl WatchSpec {
     /// A write watchpoint in gdb's sense: changes of the bytes.
     pub fn changes(start: u64, len: u64) -> WatchSpec {
-        WatchSpec { start, len, reads: false, writes: WriteReport::Change }
+        WatchSpec {
+            start,
+            len,
+            reads: false,
+            writes: WriteReport::Change,
+        }
     }
 
     fn overlaps(&self, addr: u64, n: u64) -> bool {
@@ -73,9 +78,17 @@ pub struct Watches {
 impl Watches {
     /// The pages each kind of slot needs for `specs`, below page `total`.
     pub fn layout(specs: &[WatchSpec], total: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
-        let none: BTreeSet<u64> =
-            specs.iter().filter(|s| s.reads).flat_map(|s| s.pages()).filter(|&p| p < total).collect();
-        let ro = specs.iter().flat_map(|s| s.pages()).filter(|&p| p < total && !none.contains(&p)).collect();
+        let none: BTreeSet<u64> = specs
+            .iter()
+            .filter(|s| s.reads)
+            .flat_map(|s| s.pages())
+            .filter(|&p| p < total)
+            .collect();
+        let ro = specs
+            .iter()
+            .flat_map(|s| s.pages())
+            .filter(|&p| p < total && !none.contains(&p))
+            .collect();
         (ro, none)
     }
 
@@ -87,7 +100,13 @@ impl Watches {
 
     /// A guest write of `n` bytes at `addr`; `before` holds each range's
     /// bytes before it, `now` reads them after. Notes the first hit.
-    pub fn on_write(&mut self, addr: u64, n: u64, before: &[Vec<u8>], now: impl Fn(u64, u64) -> Vec<u8>) {
+    pub fn on_write(
+        &mut self,
+        addr: u64,
+        n: u64,
+        before: &[Vec<u8>],
+        now: impl Fn(u64, u64) -> Vec<u8>,
+    ) {
         if self.hit.is_some() {
             return;
         }
@@ -106,12 +125,22 @@ impl Watches {
     /// A guest read of `n` bytes at `addr`.
     pub fn on_read(&mut self, addr: u64, n: u64) {
         if self.hit.is_none() {
-            self.hit = self.specs.iter().find(|s| s.reads && s.overlaps(addr, n)).map(|s| s.start);
+            self.hit = self
+                .specs
+                .iter()
+                .find(|s| s.reads && s.overlaps(addr, n))
+                .map(|s| s.start);
         }
     }
 
     /// A DMA write of `n` bytes at `addr` by the block device.
-    pub fn on_dma(&mut self, addr: u64, n: u64, before: &[Vec<u8>], now: impl Fn(u64, u64) -> Vec<u8>) {
+    pub fn on_dma(
+        &mut self,
+        addr: u64,
+        n: u64,
+        before: &[Vec<u8>],
+        now: impl Fn(u64, u64) -> Vec<u8>,
+    ) {
         let hit = self.specs.iter().zip(before).find(|(s, b)| match s.writes {
             WriteReport::Never => false,
             WriteReport::Change => now(s.start, s.len) != **b,
@@ -136,7 +165,12 @@ mod tests {
     fn layout_gives_read_watches_no_slot() {
         let specs = [
             WatchSpec::changes(0x1008, 8),
-            WatchSpec { start: 0x3ffc, len: 8, reads: true, writes: WriteReport::Any },
+            WatchSpec {
+                start: 0x3ffc,
+                len: 8,
+                reads: true,
+                writes: WriteReport::Any,
+            },
             WatchSpec::changes(0x3000, 4),
         ];
         let (ro, none) = Watches::layout(&specs, 16);
@@ -147,14 +181,28 @@ mod tests {
     #[test]
     fn hits_follow_the_report_kind() {
         let mut w = Watches {
-            specs: vec![WatchSpec::changes(0x100, 8), WatchSpec { start: 0x200, len: 8, reads: true, writes: WriteReport::Never }],
+            specs: vec![
+                WatchSpec::changes(0x100, 8),
+                WatchSpec {
+                    start: 0x200,
+                    len: 8,
+                    reads: true,
+                    writes: WriteReport::Never,
+                },
+            ],
             ..Default::default()
         };
         let before = vec![vec![0u8; 8], vec![0u8; 8]];
         // Same bytes written again: not a change.
         w.on_write(0x100, 8, &before, |_, l| vec![0; l as usize]);
         assert_eq!(w.hit, None);
-        w.on_write(0x104, 1, &before, |a, l| if a == 0x100 { vec![1; l as usize] } else { vec![0; l as usize] });
+        w.on_write(0x104, 1, &before, |a, l| {
+            if a == 0x100 {
+                vec![1; l as usize]
+            } else {
+                vec![0; l as usize]
+            }
+        });
         assert_eq!(w.hit.take(), Some(0x100));
         w.on_read(0x100, 8);
         assert_eq!(w.hit, None, "a write watch ignores reads");
