@@ -234,7 +234,8 @@ fn injection_check(ring3: bool) -> Check {
 /// `replay` check it. Without a usable counter the probe guest still runs
 /// under the step clock, which says what the counter would have to count.
 pub fn pmu_status(kvm_ok: bool) -> (Check, Check) {
-    use crate::clock::pmu::{PmuChoice, PmuError};
+    use crate::clock::pmu::PmuChoice;
+    use crate::vmm::counter::PmuError;
     use crate::clock::probe;
     let paranoid = || {
         std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid").map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
@@ -260,7 +261,7 @@ pub fn pmu_status(kvm_ok: bool) -> (Check, Check) {
     if !kvm_ok {
         return (Check::yes(choice.describe()), Check::no("not run: the probe guest needs KVM"));
     }
-    match probe::check(&crate::clock::counter::hardware_opener()) {
+    match probe::check(&crate::clock::pmu::hardware_opener()) {
         Ok(v) => (Check::yes(choice.describe()), Check::yes(v.to_string())),
         Err(e @ (PmuError::Miscount { .. } | PmuError::ProbeOverflow { .. } | PmuError::Probe(_))) => {
             (Check::yes(choice.describe()), Check::no(format!("{e}; {}", step_clock())))

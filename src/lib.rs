@@ -1,8 +1,14 @@
 //! revirt: a forensic record/replay debugger for KVM virtual machines.
 //!
-//! Layers, in the direction data flows: [`vmm`] runs the guest and turns
-//! exits into device operations; the host side of the run loop ([`vmm::Host`])
-//! supplies time and input. [`doctor`] probes what this host's KVM can do.
+//! Layers, bottom up (docs/architecture.md; tests/architecture.rs keeps
+//! them): [`vmm`] runs the guest on KVM (memory, vCPU, devices, the run loop
+//! with its step and counter mechanics) and asks a [`vmm::Host`] for time and
+//! input; [`clock`] is the model of time in a recording; [`trace`] owns the
+//! recording's bytes; [`record`] and [`replay`] drive the machine; [`migrate`],
+//! [`gdb`] and [`inspect`] are front ends over them. [`doctor`] probes what
+//! this host's KVM can do.
+
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod clock;
 pub mod doctor;

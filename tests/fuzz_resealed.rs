@@ -28,7 +28,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::Value;
 
-use revirt::clock::pmu::Skid;
+use revirt::vmm::counter::Skid;
 use revirt::replay::{Recording, Sink, Timeline};
 use revirt::trace::{self, checkpoint, log, verify::verify, Event};
 
@@ -146,12 +146,13 @@ fn mutate_event(e: &Event, rng: &mut Rng) -> Event {
         }
     }
     let at = revirt::clock::ExecPoint { exits: rng.number(), branches: rng.number(), rip: rng.number() };
-    match rng.below(6) {
+    match rng.below(7) {
         0 => Event::Clock { exits: rng.number(), value: rng.number() },
         1 => Event::Timer { at, fp: rng.number(), now_ns: rng.number() },
         2 => Event::Serial { at, fp: rng.number(), bytes: vec![b'A'; rng.below(100_000) as usize] },
         3 => Event::Checkpoint { id: rng.number() as u32, exits: rng.number(), fp: rng.number() },
         4 => Event::CheckpointFile { id: rng.number() as u32, exits: rng.number(), sha256: "00".repeat(32) },
+        5 => Event::ConsoleFile { exits: rng.number(), len: rng.number(), sha256: "00".repeat(32) },
         _ => Event::Mark { exits: rng.number() },
     }
 }
@@ -359,8 +360,8 @@ fn case(fx: &Fixture, st: &mut Stats, target: u8, seed: u64, replay_every: u64) 
                 }
                 _ => what += &format!(" {}", mutate_json(&mut state, &mut rng)),
             }
-            let file = revirt::vmm::snapshot::encode(&serde_json::to_vec(&state).unwrap(), &mem).unwrap();
-            match revirt::vmm::snapshot::parse(&file, "snap") {
+            let file = revirt::trace::snapshot::encode(&serde_json::to_vec(&state).unwrap(), &mem).unwrap();
+            match revirt::trace::snapshot::parse(&file, "snap") {
                 Ok(s) => {
                     st.snap_decoded += 1;
                     if rng.chance(replay_every / 2 + 1) {
@@ -482,6 +483,7 @@ fn resealed_mutations_of_logs_meta_checkpoints_and_snapshots_never_panic_abort_o
     let mut memory = vec![0u8; ck0.header.machine.config.mem_size as usize];
     checkpoint::rebuild(
         &dir,
+        &checkpoint::Seals::crc_only(),
         0,
         0,
         |frame, bytes| {
@@ -491,8 +493,8 @@ fn resealed_mutations_of_logs_meta_checkpoints_and_snapshots_never_panic_abort_o
         |_, _| Ok(()),
     )
     .unwrap();
-    let snapshot = revirt::vmm::snapshot::encode(&serde_json::to_vec(&ck0.header.machine).unwrap(), &memory).unwrap();
-    let snap = revirt::vmm::snapshot::parse(&snapshot, "snap").unwrap();
+    let snapshot = revirt::trace::snapshot::encode(&serde_json::to_vec(&ck0.header.machine).unwrap(), &memory).unwrap();
+    let snap = revirt::trace::snapshot::parse(&snapshot, "snap").unwrap();
     let snapshot = (serde_json::to_value(&snap.state).unwrap(), snap.memory);
     let mut originals = Vec::new();
     for f in [trace::META, trace::EVENTS] {

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::Stdio;
 use std::time::Duration;
 
-use revirt::clock::pmu::Skid;
+use revirt::vmm::counter::Skid;
 
 fn framed(body: &[u8], good_sum: bool) -> Vec<u8> {
     let sum = body.iter().fold(0u8, |a, b| a.wrapping_add(*b));

@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -104,9 +104,21 @@ fn receive(extra: &[&str]) -> (Proc, String) {
     receive_in(None, "127.0.0.1:0", extra)
 }
 
+/// `receive` on an ephemeral port, run in directory `cwd`.
+fn receive_with(cwd: Option<&Path>, extra: &[&str]) -> (Proc, String) {
+    receive_at(None, cwd, "127.0.0.1:0", extra)
+}
+
 fn receive_in(netns: Option<&str>, listen: &str, extra: &[&str]) -> (Proc, String) {
+    receive_at(netns, None, listen, extra)
+}
+
+fn receive_at(netns: Option<&str>, cwd: Option<&Path>, listen: &str, extra: &[&str]) -> (Proc, String) {
     let mut cmd = in_ns(netns);
     cmd.args(["receive", "--listen", listen]).args(extra);
+    if let Some(d) = cwd {
+        cmd.current_dir(d);
+    }
     let p = Proc::spawn(cmd);
     // The whole line: the address may arrive in pieces.
     let t = Instant::now();
@@ -147,18 +159,29 @@ fn churn_check(rounds: u64, pages: u64) -> String {
     format!("churn: rounds={rounds} pages={pages} check={sum:#018x}")
 }
 
-/// The round numbers printed, in order.
+/// The round numbers printed, in order, from complete lines only: one
+/// host's output may end (or start) mid-line when the move falls there, so
+/// a line counts once its newline is printed; a complete round line whose
+/// number does not parse is still a failure.
 fn rounds_in(out: &str) -> Vec<u64> {
-    out.lines().filter_map(|l| l.strip_prefix("churn: round ")).map(|n| n.trim().parse().unwrap()).collect()
+    out.split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
+        .filter_map(|l| l.strip_prefix("churn: round "))
+        .map(|n| n.trim().parse().unwrap_or_else(|e| panic!("round line {n:?} in the output: {e}")))
+        .collect()
 }
 
 /// A source VM (`run` or `record`) with a control socket, started in `netns`.
 fn source(netns: Option<&str>, dir: &Path, cmdline: &str, record: Option<&Path>) -> (Proc, String) {
+    source_with(netns, dir, cmdline, record, &["--checkpoint-every", "300ms"])
+}
+
+fn source_with(netns: Option<&str>, dir: &Path, cmdline: &str, record: Option<&Path>, rec_args: &[&str]) -> (Proc, String) {
     let img = demo_image();
     let sock = dir.join("ctl.sock").display().to_string();
     let mut cmd = in_ns(netns);
     match record {
-        Some(rec) => cmd.args(["record", img.to_str().unwrap(), "-o", rec.to_str().unwrap(), "--checkpoint-every", "300ms"]),
+        Some(rec) => cmd.args(["record", img.to_str().unwrap(), "-o", rec.to_str().unwrap()]).args(rec_args),
         None => cmd.args(["run", img.to_str().unwrap()]),
     };
     cmd.args(["--cmdline", cmdline, "--control", &sock]);
@@ -264,6 +287,37 @@ fn a_recording_continues_across_the_move_and_replays_exactly() {
     // The source's copy stops at the move and says so.
     let o = run_with_input(&["replay", src_rec.to_str().unwrap(), "-q"], b"");
     assert_eq!(o.status.code(), Some(2), "the source's part is incomplete: {}", stderr(&o));
+}
+
+/// Checkpoint retention on both sides of a move: files the source's policy
+/// rewrote after pre-copy sent them are sent again, the destination goes on
+/// thinning the same chain, and the joined recording verifies and replays.
+#[test]
+fn a_thinned_recording_moves_and_keeps_thinning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (rounds, pages) = (200, 50);
+    let (src_rec, dst_rec) = (tmp.path().join("src-rec"), tmp.path().join("dst-rec"));
+    let (dst, addr) = receive(&["-o", dst_rec.to_str().unwrap()]);
+    let thin = ["--checkpoint-every", "20ms", "--keep-checkpoints", "2"];
+    let (src, sock) = source_with(None, tmp.path(), &churn_cmdline(rounds, pages), Some(&src_rec), &thin);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _, err) = migrate(&sock, &addr, &[]);
+    assert_eq!(code, 0, "migrate failed: {err}");
+    let (sc, so, se) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0, "source: {se}");
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
+    assert_eq!(dc, 0, "destination: {de}");
+    assert_joined(&so, &d_out, rounds, pages);
+    let o = run_with_input(&["inspect", dst_rec.to_str().unwrap(), "-c", "events all"], b"");
+    let ev = stdout(&o);
+    let moved_at = ev.lines().position(|l| l.contains("migrated from")).expect("a migration event");
+    let dropped_after = ev.lines().skip(moved_at).filter(|l| l.contains("dropped (thinned")).count();
+    let dropped_before = ev.lines().take(moved_at).filter(|l| l.contains("dropped (thinned")).count();
+    assert!(dropped_before > 0 && dropped_after > 0, "thinning on both hosts: {dropped_before} / {dropped_after}\n{ev}");
+    let o = run_with_input(&["verify", dst_rec.to_str().unwrap()], b"");
+    assert_eq!(o.status.code(), Some(0), "verify: {}", stdout(&o));
+    let o = run_with_input(&["replay", dst_rec.to_str().unwrap(), "-q"], b"");
+    assert!(stderr(&o).contains("replay matches the recording"), "{}", stderr(&o));
 }
 
 #[test]
@@ -403,16 +457,59 @@ fn copy_disk_streams_the_disk_to_the_destination() {
     assert!(d_out.contains(&churn_check(150, 200)));
     assert_eq!(std::fs::read(&copy).unwrap(), bytes, "the destination's disk is the source's");
 
-    // Without --disk the receiver refuses a streamed disk, and the source runs on.
-    let (dst, addr) = receive(&[]);
+    // Without --disk the receiver writes the stream to a private copy it
+    // names itself, in its own directory: never the path the source names.
+    let recv_dir = tmp.path().join("receiver");
+    std::fs::create_dir(&recv_dir).unwrap();
+    let recv_dir = recv_dir.canonicalize().unwrap();
+    let private = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_str().unwrap().starts_with("revirt-disk-"))
+            .collect()
+    };
+    let (dst, addr) = receive_with(Some(&recv_dir), &[]);
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", img.to_str().unwrap(), "--disk", disk.to_str().unwrap(), "--cmdline", &churn_cmdline(500, 200), "--control", &sock]);
+    let src = Proc::spawn(cmd);
+    src.wait_for("churn: round 20\n", Duration::from_secs(60));
+    let (code, _, err) = migrate(&sock, &addr, &["--copy-disk"]);
+    assert_eq!(code, 0, "a streamed disk with no receive --disk: {err}");
+    // While the guest runs here: the files the receiver holds open.
+    let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{}/fd", dst.child.id()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    assert!(!dst.stdout().contains("churn: rounds="), "the guest still runs at the destination");
+    let copies = private(&recv_dir);
+    assert_eq!(copies.len(), 1, "one private copy in the receiver's directory: {copies:?}");
+    let copy = &copies[0];
+    assert!(fds.contains(copy), "the guest's disk is the private copy {}: open files {fds:?}", copy.display());
+    let src_disk = disk.canonicalize().unwrap();
+    assert!(!fds.contains(&src_disk), "the receiver opened the source's disk path: {fds:?}");
+    assert!(dst.stderr().contains(&format!("private copy, {}", copy.display())), "{}", dst.stderr());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(copy).unwrap().permissions().mode() & 0o777, 0o600);
+    let (sc, _, se) = src.finish(Duration::from_secs(30));
+    assert_eq!(sc, 0, "{se}");
+    let (dc, d_out, de) = dst.finish(Duration::from_secs(60));
+    assert_eq!(dc, 0, "{de}");
+    assert!(d_out.contains(&churn_check(500, 200)), "{d_out}");
+    assert_eq!(std::fs::read(copy).unwrap(), bytes, "the private copy holds the source's disk");
+
+    // A streamed disk over the receiver's --max-disk is refused before any
+    // file is made, and the source runs on.
+    let (dst, addr) = receive_with(Some(&recv_dir), &["--max-disk", "1M"]);
     let mut cmd = Command::new(bin());
     cmd.args(["run", img.to_str().unwrap(), "--disk", disk.to_str().unwrap(), "--cmdline", &churn_cmdline(100, 50), "--control", &sock]);
     let src = Proc::spawn(cmd);
     src.wait_for("churn: round 20\n", Duration::from_secs(60));
     let (code, _, err) = migrate(&sock, &addr, &["--copy-disk"]);
     assert_eq!(code, 1);
-    assert!(err.contains("give `revirt receive --disk PATH`"), "{err}");
+    assert!(err.contains("--max-disk"), "{err}");
     let _ = dst.finish(Duration::from_secs(10));
+    assert_eq!(private(&recv_dir).len(), 1, "no new file for a refused disk");
     let (sc, so, _) = src.finish(Duration::from_secs(60));
     assert_eq!(sc, 0);
     assert!(so.contains(&churn_check(100, 50)));
@@ -729,6 +826,8 @@ fn hostile_peers_and_mangled_streams_are_refused_and_the_source_keeps_running() 
     refused(&sock, &["--key-file", &k1], &["--key-file", &k1], None, "never opens a path the peer names", "never opens a path the peer names");
     // More memory than the receiver allows.
     refused(&sock, &["--key-file", &k1, "--disk", own_disk, "--max-mem", "32M"], &["--key-file", &k1], None, "at most 32 MiB (--max-mem)", "--max-mem");
+    // A source slower than the receiver's time budget (1 MB/s: round 1 alone takes seconds).
+    refused(&sock, &["--key-file", &k1, "--disk", own_disk, "--max-time", "1s"], &["--key-file", &k1, "--bandwidth", "1M"], None, "--max-time", "--max-time");
     // A non-loopback destination without a key: refused before connecting.
     let (code, _, err) = migrate(&sock, "192.0.2.1:4444", &[]);
     assert_eq!(code, 1);

@@ -7,8 +7,9 @@ use common::*;
 use std::path::Path;
 use std::sync::Arc;
 
-use revirt::clock::counter::{BranchCounter, CounterOpener, SimCounter};
-use revirt::clock::pmu::{PmuError, Skid, Target, Verdict};
+use revirt::vmm::counter::{BranchCounter, CounterOpener, SimCounter};
+use revirt::clock::pmu::{Target, Verdict};
+use revirt::vmm::counter::{PmuError, Skid};
 use revirt::clock::probe;
 use revirt::clock::{fingerprint, ExecPoint};
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
@@ -256,16 +257,16 @@ fn real_pmu_record_and_replay_where_present() {
 struct BlindCounter;
 
 impl BranchCounter for BlindCounter {
-    fn reset(&mut self) -> Result<(), revirt::clock::pmu::PmuError> {
+    fn reset(&mut self) -> Result<(), revirt::vmm::counter::PmuError> {
         Ok(())
     }
-    fn read(&mut self) -> Result<u64, revirt::clock::pmu::PmuError> {
+    fn read(&mut self) -> Result<u64, revirt::vmm::counter::PmuError> {
         Ok(0)
     }
-    fn arm(&mut self, _: u64) -> Result<(), revirt::clock::pmu::PmuError> {
+    fn arm(&mut self, _: u64) -> Result<(), revirt::vmm::counter::PmuError> {
         Ok(())
     }
-    fn disarm(&mut self) -> Result<(), revirt::clock::pmu::PmuError> {
+    fn disarm(&mut self) -> Result<(), revirt::vmm::counter::PmuError> {
         Ok(())
     }
     fn take_overflow(&mut self) -> bool {
@@ -414,6 +415,7 @@ fn record_with(dir: &Path, counter: CounterOpener) -> Result<revirt::record::Rec
         out: dir.to_path_buf(),
         clock: revirt::clock::ClockKind::Pmu,
         checkpoint_every: std::time::Duration::ZERO,
+        keep_checkpoints: 0,
         parent: None,
         control: None,
         pmu_counter: Some(counter),

@@ -7,7 +7,7 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use revirt::clock::pmu::Skid;
+use revirt::vmm::counter::Skid;
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
 use revirt::trace::{self, verify::verify};
 
@@ -72,7 +72,9 @@ fn a_resealed_checkpoint_fails_verify_naming_it() {
     let dir = d.path().join("rec");
     sample(&dir);
     assert!(verify(&dir).intact);
-    for id in [0u32, 1] {
+    // Checkpoint 0 and the first incremental one the retention policy kept.
+    let kept = (1u32..).find(|&k| trace::checkpoint_path(&dir, k).exists()).unwrap();
+    for id in [0u32, kept] {
         let p = trace::checkpoint_path(&dir, id);
         let orig = std::fs::read(&p).unwrap();
         reseal_checkpoint_with_changed_memory(&p);
@@ -138,6 +140,122 @@ fn readers_check_every_file_and_refuse_damage_without_force() {
         std::fs::write(file, &orig).unwrap();
     }
     assert!(verify(&dir).intact);
+}
+
+fn verify_cli(dir: &Path) -> (Option<i32>, String) {
+    let o = run_with_input(&["verify", dir.to_str().unwrap()], b"");
+    (o.status.code(), stdout(&o))
+}
+
+/// Every file of a recording is bound into the hash chain: console.log
+/// edited (same length) and a file that is none of the recording's fail
+/// `verify`, naming the file. A recording cut short (its log stops before
+/// the last checkpoint files and console bytes were bound, as a killed
+/// recorder leaves it) names exactly those as not vouched for — truncation,
+/// not damage — and an edit of anything it does vouch for is still damage.
+#[test]
+fn every_file_is_bound_and_a_cut_short_recording_names_what_is_unvouched() {
+    use revirt::trace::Event;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    record_demo_ok(&dir, "workload=churn iters=80 pages=20 hz=100", &["--checkpoint-every", "40ms"], b"");
+    assert!(verify(&dir).intact);
+    let fail_line = |out: &str, what: &str| -> String {
+        out.lines().find(|l| l.starts_with("FAIL") && l.contains(what)).map(str::to_string).unwrap_or_else(|| panic!("no FAIL line naming {what}:\n{out}"))
+    };
+
+    // Complete recording: console.log with one byte changed (length kept).
+    let console = dir.join(trace::CONSOLE);
+    let orig_console = std::fs::read(&console).unwrap();
+    assert!(orig_console.len() > 200, "the workload prints steadily: {} bytes", orig_console.len());
+    let mut b = orig_console.clone();
+    b[orig_console.len() / 2] ^= 0x01;
+    std::fs::write(&console, &b).unwrap();
+    let (code, out) = verify_cli(&dir);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(fail_line(&out, "console.log").contains("damaged"), "{out}");
+    std::fs::write(&console, &orig_console).unwrap();
+    // A file that is not the recording's (a checkpoint the log never names).
+    let stray = trace::checkpoint_path(&dir, 999);
+    std::fs::copy(trace::checkpoint_path(&dir, 1), &stray).unwrap();
+    let (code, out) = verify_cli(&dir);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(fail_line(&out, "checkpoints/000999.ckpt").contains("not part of the recording"), "{out}");
+    std::fs::remove_file(&stray).unwrap();
+    assert!(verify(&dir).intact);
+
+    // Cut short: keep the log up to a chunk boundary where a checkpoint has
+    // been taken but its file not yet bound, and console output printed
+    // after the last console binding — what a SIGKILL leaves.
+    let log_path = dir.join(trace::EVENTS);
+    let log = std::fs::read(&log_path).unwrap();
+    let genesis = trace::log::genesis(&std::fs::read(dir.join(trace::META)).unwrap());
+    let spans = chunk_spans(&log).spans;
+    let mut cut = None;
+    for k in (1..spans.len()).rev() {
+        let end = spans[k - 1].0 + spans[k - 1].1;
+        let lr = trace::LogReader::parse(&log[8..end], genesis);
+        let bound = trace::verify::bound_checkpoints(&lr.events);
+        let late: Vec<u32> = lr
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Checkpoint { id, .. } if !bound.contains_key(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        let vouched = lr.events.iter().rev().find_map(|e| match e {
+            Event::ConsoleFile { len, .. } => Some(*len),
+            _ => None,
+        });
+        if let (Some(&last), Some(v)) = (late.last(), vouched) {
+            // ... and checkpoints taken after the cut (their files on disk).
+            if v > 0 && v < orig_console.len() as u64 && trace::checkpoint_path(&dir, last + 1).exists() {
+                let first_bound = *bound.keys().min().expect("some checkpoint bound before the cut");
+                cut = Some((end, late, v, first_bound));
+                break;
+            }
+        }
+    }
+    let (end, late, vouched, bound_id) = cut.expect("a chunk boundary with a checkpoint not yet bound and console bytes not yet bound");
+    std::fs::write(&log_path, &log[..end]).unwrap();
+    let (code, out) = verify_cli(&dir);
+    assert_eq!(code, Some(2), "cut short is incomplete, not damaged:\n{out}");
+    assert!(out.contains("recording incomplete") && !out.contains("DAMAGED") && !out.contains("damaged"), "{out}");
+    for id in &late {
+        let l = fail_line(&out, &format!("checkpoints/{id:06}.ckpt"));
+        assert!(l.contains("not vouched for") && l.contains("truncation, not damage"), "{l}");
+    }
+    let l = fail_line(&out, "console.log");
+    let tail = orig_console.len() as u64 - vouched;
+    assert!(l.contains(&format!("its last {tail} bytes (from byte {vouched}) are not vouched for")) && l.contains("truncation"), "{l}");
+    // Checkpoint files the kept log never names (taken after the cut) are named too.
+    let last_in_log = *late.last().unwrap();
+    let later: Vec<u32> = (last_in_log + 1..).take_while(|id| trace::checkpoint_path(&dir, *id).exists()).collect();
+    assert!(!later.is_empty(), "checkpoints after the cut exist on disk");
+    for id in &later {
+        assert!(fail_line(&out, &format!("checkpoints/{id:06}.ckpt")).contains("not vouched for"), "{out}");
+    }
+    // A reader says what it could not vouch for in its summary line, and
+    // replays the cut-short recording as incomplete (exit 2).
+    let o = run_with_input(&["replay", dir.to_str().unwrap(), "-q"], b"");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let e = stderr(&o);
+    let line = e.lines().find(|l| l.contains("integrity: checked")).unwrap_or_else(|| panic!("no summary: {e}"));
+    assert!(line.contains("cut short") && line.contains("not vouched for:") && line.contains(&format!("console.log bytes {vouched}..")), "{line}");
+    assert!(!e.contains("is damaged"), "{e}");
+    // What the cut-short recording vouches for is still protected.
+    let mut b = orig_console.clone();
+    b[(vouched / 2) as usize] ^= 0x01;
+    std::fs::write(&console, &b).unwrap();
+    let (code, out) = verify_cli(&dir);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(fail_line(&out, "console.log").contains("do not match the SHA-256 in the log's hash chain"), "{out}");
+    std::fs::write(&console, &orig_console).unwrap();
+    reseal_checkpoint_with_changed_memory(&trace::checkpoint_path(&dir, bound_id));
+    let (code, out) = verify_cli(&dir);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(fail_line(&out, &format!("checkpoint {bound_id}:")).contains("SHA-256"), "{out}");
 }
 
 #[test]

@@ -6,7 +6,8 @@ use common::*;
 
 use std::sync::{Arc, Mutex};
 
-use revirt::vmm::{Console, Host, Image, LiveHost, Machine, Snapshot, Stop, VmConfig};
+use revirt::trace::Snapshot;
+use revirt::vmm::{Console, Host, Image, LiveHost, Machine, Stop, VmConfig};
 
 fn capture_host(input: &'static [u8], clock: u64) -> (LiveHost, Arc<Mutex<Vec<u8>>>) {
     let buf = Arc::new(Mutex::new(Vec::new()));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl};
 use kvm_ioctls::VcpuExit;
-use revirt::clock::step::{Boundary, StepStop, Stepper};
+use revirt::vmm::step::{Boundary, StepStop, Stepper};
 use revirt::vmm::{Image, Machine, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 

@@ -15,6 +15,7 @@ struct config {
     u64 exits;                        /* exits=K, race: a port read in every K-th racy window */
     u64 status;                       /* status=N, for the exit workload */
     u64 pages;                        /* pages=N, for the dirty workload */
+    int pages_set;
 };
 extern struct config cfg;
 

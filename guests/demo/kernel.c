@@ -84,6 +84,7 @@ static void parse_cmdline(const char *s)
             cfg.status = parse_u64(v, s);
         } else if (key_is(k, eq, "pages")) {
             cfg.pages = parse_u64(v, s);
+            cfg.pages_set = 1;
         }
     }
 }

@@ -53,6 +53,8 @@ static int run_workload(const char *w)
         return wl_branchy(iters_or(BRANCHY_ITERS));
     if (str_eq(w, "fpu"))
         return wl_fpu(iters_or(FPU_ITERS));
+    if (str_eq(w, "idle"))
+        return wl_idle(iters_or(IDLE_SECONDS), cfg.pages_set ? cfg.pages : 4, cfg.hz);
     con_printf("revirt-demo: unknown workload '%s'\n", w);
     return 2;
 }

@@ -13,6 +13,7 @@
 #define MEM_ITERS 10000000ULL
 #define BRANCHY_ITERS 1000000ULL
 #define FPU_ITERS 65536ULL
+#define IDLE_SECONDS 10ULL
 
 int wl_compute(u64 iters);
 int wl_clock(u64 iters);
@@ -25,5 +26,6 @@ int wl_churn(u64 rounds, u64 pages, u64 hz);
 int wl_mem(u64 iters, u64 pages);
 int wl_branchy(u64 iters);
 int wl_fpu(u64 iters);
+int wl_idle(u64 seconds, u64 pages, u64 hz);
 
 #endif

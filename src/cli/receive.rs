@@ -42,7 +42,9 @@ pub struct Args {
     out: Option<PathBuf>,
     /// Disk for the VM: where a streamed disk (`migrate --copy-disk`) is written,
     /// or this host's path of the shared disk. Required when the VM has a
-    /// disk: a path the source names is never opened.
+    /// disk that is not streamed: a path the source names is never opened.
+    /// Without it a streamed disk goes to a new private file in the current
+    /// directory (revirt-disk-XXXXXX.img, mode 600).
     #[arg(long)]
     disk: Option<PathBuf>,
     /// Accept `revirt migrate` for the received VM on this control socket.
@@ -64,6 +66,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     let opts = ReceiveOptions {
         out: a.out.clone(),
         disk: a.disk.clone(),
+        private_disk_dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
         input: Box::new(std::io::stdin()),
         console: Console::Stdout,
         control,

@@ -23,6 +23,12 @@ pub struct Args {
     /// Host time between incremental checkpoints, e.g. 1s, 250ms; 0 disables.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     checkpoint_every: Duration,
+    /// Checkpoint retention: keep the newest N checkpoints, and older ones
+    /// ever more sparsely (N per doubling of age, log-spaced); a dropped
+    /// checkpoint is merged into the next kept one and logged in the hash
+    /// chain. 0 keeps every checkpoint. See docs/recording-format.md.
+    #[arg(long, default_value_t = revirt::record::DEFAULT_KEEP_CHECKPOINTS, value_name = "N")]
+    keep_checkpoints: u32,
     /// Accept `revirt migrate PATH --to ...` on this Unix socket; the
     /// recording continues at the destination (`revirt receive -o DIR`).
     #[arg(long)]
@@ -63,6 +69,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         out,
         clock,
         checkpoint_every: a.checkpoint_every,
+        keep_checkpoints: a.keep_checkpoints,
         parent: None,
         control: a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?,
         pmu_counter: None,
@@ -79,7 +86,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         return Ok(0);
     }
     eprintln!(
-        "revirt: recorded {} in {:.2} s: {} exits, {} events ({} bytes of log), {} checkpoints ({} bytes), clock {}{}",
+        "revirt: recorded {} in {:.2} s: {} exits, {} events ({} bytes of log), {} checkpoints ({} bytes), clock {}{}{}",
         s.dir.display(),
         s.wall.as_secs_f64(),
         s.exits,
@@ -88,6 +95,16 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         s.checkpoints,
         s.checkpoint_bytes,
         clock,
+        if s.checkpoints_dropped > 0 {
+            format!(
+                "; retention kept {} checkpoints ({} bytes on disk), dropped {}",
+                s.checkpoints - s.checkpoints_dropped,
+                s.checkpoint_bytes_kept,
+                s.checkpoints_dropped
+            )
+        } else {
+            String::new()
+        },
         if s.max_irq_delay > Duration::from_millis(10) {
             format!("; interrupts waited up to {} ms for an exit", s.max_irq_delay.as_millis())
         } else {

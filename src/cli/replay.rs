@@ -88,7 +88,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     let recorded = rec.meta.clock;
     // The hardware counter must open and count the start-up probe guest
     // exactly (the same check as `record --clock pmu`).
-    let pmu_check = || revirt::clock::probe::check(&revirt::clock::counter::hardware_opener());
+    let pmu_check = || revirt::clock::probe::check(&revirt::clock::pmu::hardware_opener());
     let clock = a.clock.unwrap_or(match recorded {
         // The hardware counter where there is a usable one, else the step clock.
         ClockKind::Pmu if pmu_check().is_ok() => ClockKind::Pmu,

@@ -2,7 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use revirt::migrate::dest::{run_live_until, LiveEnd};
-use revirt::vmm::{Image, LiveHost, Machine, Snapshot, Stop};
+use revirt::trace::Snapshot;
+use revirt::vmm::{Image, LiveHost, Machine, Stop};
 
 use super::{VmArgs, EXIT_GUEST_CRASH};
 

@@ -15,9 +15,8 @@
 
 use kvm_ioctls::VcpuExit;
 
-use super::counter::{BranchCounter, CounterOpener};
-use super::pmu::PmuError;
-use super::step::{StepStop, Stepper};
+use crate::vmm::counter::{BranchCounter, CounterOpener, PmuError};
+use crate::vmm::step::{StepError, StepStop, Stepper};
 use crate::vmm::image::{Image, Segment};
 use crate::vmm::{Machine, VmConfig};
 
@@ -180,7 +179,7 @@ pub struct Step {
 /// Single-steps the probe to its power-off with the step clock's stepper,
 /// calling `each` at every boundary. Returns the steps.
 fn step_probe(m: &mut Machine, mut each: impl FnMut(&Step)) -> Result<Vec<Step>, PmuError> {
-    let err = |e: super::step::StepError| PmuError::Probe(format!("stepping the probe: {e}"));
+    let err = |e: StepError| PmuError::Probe(format!("stepping the probe: {e}"));
     let mut st = Stepper::new();
     st.arm(&m.vcpu, &m.mem).map_err(err)?;
     let mut steps = Vec::new();
@@ -372,10 +371,10 @@ mod tests {
         let p = build();
         let at = |a: u64| &p.code[(a - BASE) as usize..];
         for &a in &p.cond {
-            assert!(super::super::step::is_conditional_branch(at(a)), "{a:#x}");
+            assert!(crate::vmm::step::is_conditional_branch(at(a)), "{a:#x}");
         }
         for &a in &p.other_branches {
-            assert!(!super::super::step::is_conditional_branch(at(a)), "{a:#x}");
+            assert!(!crate::vmm::step::is_conditional_branch(at(a)), "{a:#x}");
         }
         assert_eq!(p.cond.len(), 12);
         assert_eq!(EXPECTED, 709);

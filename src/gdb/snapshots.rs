@@ -353,7 +353,7 @@ impl Snapshots {
         // A fresh stepper, as a VM built from a checkpoint has (the run
         // that brought us here left it disarmed).
         let stats = std::mem::take(&mut m.stepper.stats);
-        m.stepper = crate::clock::step::Stepper::new();
+        m.stepper = crate::vmm::step::Stepper::new();
         m.stepper.stats = stats;
         let mut host = ReplayHost::new(tl.rec.clone(), s.next_event, s.output_len, Sink::Discard);
         host.set_clock(s.clock_ns);

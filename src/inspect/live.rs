@@ -145,11 +145,12 @@ pub fn record_live(
     let branched_at = tl.exits();
     drop(tl);
     let image_path = s.rec.dir.join(crate::trace::IMAGE);
-    let image_bytes = std::fs::read(&image_path).map_err(|e| Error::Msg(format!("reading {}: {e}", image_path.display())))?;
+    // The bytes the recording was checked with (read once when it was opened).
+    let image_bytes = s.rec.image.clone();
     let mut config = s.rec.meta.config.clone();
     config.disk = config.disk.as_ref().map(|_| s.rec.dir.join(crate::trace::DISK));
     let parent = Some(crate::trace::meta::Parent { id: s.rec.meta.id.clone(), exits: branched_at });
-    let opts = RecordOptions { image: image_path, config, out: out_dir, clock: s.rec.meta.clock, checkpoint_every, parent, control: None, pmu_counter: None };
+    let opts = RecordOptions { image: image_path, config, out: out_dir, clock: s.rec.meta.clock, checkpoint_every, keep_checkpoints: record::DEFAULT_KEEP_CHECKPOINTS, parent, control: None, pmu_counter: None };
     let summary = record::record_from(&opts, &image_bytes, m, input, console, clock)
         .map_err(|e| Error::Msg(format!("recording the live run: {e}")))?;
     drop(disk);

@@ -15,7 +15,6 @@ pub mod live;
 pub mod mmu;
 pub mod parse;
 pub mod provenance;
-pub mod symbols;
 pub mod view;
 
 use std::io::IsTerminal;
@@ -28,7 +27,7 @@ use crate::replay::{Outcome, Recording, ReplayError, Sink, Timeline};
 use crate::trace::Event;
 
 pub use parse::Point;
-pub use symbols::Symbols;
+pub use crate::replay::symbols::Symbols;
 pub use view::{Checkpoints, Frozen, View};
 
 #[derive(Debug, thiserror::Error)]
@@ -181,9 +180,8 @@ impl Session {
             };
             return Err(Error::Msg(format!("{}: the recording has no usable checkpoint (not even checkpoint 0){why}", dir.display())));
         }
-        let image = std::fs::read(dir.join(crate::trace::IMAGE)).unwrap_or_default();
-        let syms = Symbols::from_elf(&image);
-        let mut ckpts = Checkpoints::new(dir.to_path_buf());
+        let syms = Symbols::from_elf(&rec.image);
+        let mut ckpts = Checkpoints::new(dir.to_path_buf(), rec.seals.clone());
         let first = rec.checkpoints[0].0;
         let st = ckpts.state(first)?;
         Ok(Session {
@@ -578,7 +576,8 @@ pub fn event_point(e: &Event) -> u64 {
         | Event::Checkpoint { exits, .. }
         | Event::End { exits, .. }
         | Event::Migrated { exits, .. }
-        | Event::CheckpointFile { exits, .. } => *exits,
+        | Event::CheckpointFile { exits, .. }
+        | Event::ConsoleFile { exits, .. } => *exits,
     }
 }
 

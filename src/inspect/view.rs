@@ -152,6 +152,7 @@ impl View for Timeline {
 /// cached (a few full memory images; every header).
 pub struct Checkpoints {
     dir: PathBuf,
+    seals: trace::checkpoint::Seals,
     headers: HashMap<u32, Arc<CheckpointHeader>>,
     /// Memory images at some checkpoints, most recently used last.
     images: Vec<(u32, Arc<Vec<u8>>)>,
@@ -160,16 +161,14 @@ pub struct Checkpoints {
 const KEEP_IMAGES: usize = 3;
 
 impl Checkpoints {
-    pub fn new(dir: PathBuf) -> Checkpoints {
-        Checkpoints { dir, headers: HashMap::new(), images: Vec::new() }
+    /// `seals`: what each file must match before it is decoded (the
+    /// recording's, from `Recording::seals`).
+    pub fn new(dir: PathBuf, seals: trace::checkpoint::Seals) -> Checkpoints {
+        Checkpoints { dir, seals, headers: HashMap::new(), images: Vec::new() }
     }
 
     fn read(&mut self, id: u32) -> Result<Checkpoint, Error> {
-        let ck = Checkpoint::read(&trace::checkpoint_path(&self.dir, id))?;
-        if ck.header.id != id {
-            return Err(Error::Msg(format!("checkpoint file {id} says it is checkpoint {} (damaged recording)", ck.header.id)));
-        }
-        Ok(ck)
+        Ok(self.seals.read(&self.dir, id)?)
     }
 
     /// The header of checkpoint `id` (its machine state and page lists).
@@ -198,6 +197,7 @@ impl Checkpoints {
         };
         let h = trace::checkpoint::rebuild(
             &self.dir,
+            &self.seals,
             from,
             id,
             |frame, bytes| {

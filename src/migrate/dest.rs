@@ -16,8 +16,12 @@ use crate::vmm::{Console, LiveHost, Machine, Stop, VmConfig};
 pub struct ReceiveOptions {
     /// Where the recording goes on, if the incoming VM is being recorded.
     pub out: Option<PathBuf>,
-    /// Where a streamed disk (`--copy-disk`) is written.
+    /// Where a streamed disk (`--copy-disk`) is written, or this host's
+    /// path of a shared disk.
     pub disk: Option<PathBuf>,
+    /// Where a streamed disk goes when `disk` is `None`: a new private file
+    /// this side names (`revirt receive`: the current directory).
+    pub private_disk_dir: PathBuf,
     pub input: Box<dyn Read + Send>,
     pub console: Console,
     /// Accept `revirt migrate` requests for the received VM here (move it on).
@@ -55,7 +59,7 @@ pub enum Outcome {
     /// It ran here until it stopped.
     Stopped(Stop),
     /// It was being recorded; the recording was continued and is summarized here.
-    Recorded(RecordSummary),
+    Recorded(Box<RecordSummary>),
     /// It moved on to yet another host.
     MovedOn(Summary),
 }
@@ -86,6 +90,26 @@ fn safe_name(name: &str) -> Result<PathBuf, ProtoError> {
     } else {
         Err(ProtoError::Corrupt(format!("refusing file name {name:?}")))
     }
+}
+
+/// A new file for a streamed disk when the user gave no `--disk`: named by
+/// this side (`revirt-disk-XXXXXX.img`, random) in `dir`, created with
+/// O_EXCL and mode 0600, so it is never a path the peer chose nor a file
+/// that existed before. It is kept after the VM stops: it is the guest's disk.
+fn private_disk(dir: &Path) -> Result<(std::fs::File, PathBuf), MigrateError> {
+    let t = tempfile::Builder::new()
+        .prefix("revirt-disk-")
+        .suffix(".img")
+        .tempfile_in(dir)
+        .map_err(|source| MigrateError::Io { what: format!("creating a private disk copy in {}", dir.display()), source })?;
+    let (f, path) = t.keep().map_err(|e| MigrateError::Io { what: "keeping the private disk copy".into(), source: e.error })?;
+    // tempfile creates 0600 already; say so explicitly (umask cannot widen it).
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| MigrateError::Io { what: format!("chmod {}", path.display()), source })?;
+    let path = std::path::absolute(&path).unwrap_or(path);
+    eprintln!("revirt: the source streams its disk; writing it to a private copy, {}", path.display());
+    Ok((f, path))
 }
 
 /// Waits for one incoming VM on `listener`, receives it and runs it.
@@ -139,7 +163,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     conn.shutdown();
     let from = hello.source_host.clone();
     let outcome = match session {
-        Some(s) => Outcome::Recorded(s.run(m)?),
+        Some(s) => Outcome::Recorded(Box::new(s.run(m)?)),
         None => match run_live(&mut m, live.as_mut().expect("no session, so the live host is here"), opts.control.as_deref())? {
             LiveEnd::Stopped(s) => Outcome::Stopped(s),
             LiveEnd::Migrated(s) => Outcome::MovedOn(s),
@@ -178,25 +202,28 @@ fn take(
     config.disk = None;
     let mut disk_file = None;
     if let Some(size) = hello.copy_disk {
-        let Some(path) = &opts.disk else {
-            return Err(MigrateError::Refused("the source streams its disk (--copy-disk): give `revirt receive --disk PATH` for the copy".into()));
-        };
         if size > lim.max_disk || size % 512 != 0 {
             return Err(MigrateError::Refused(format!(
                 "the streamed disk has {size} bytes; this receiver accepts whole sectors up to {} MiB (--max-disk)",
                 mib(lim.max_disk)
             )));
         }
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(|source| MigrateError::Io { what: format!("creating disk {}", path.display()), source })?;
+        let (f, path) = match &opts.disk {
+            Some(path) => {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)
+                    .map_err(|source| MigrateError::Io { what: format!("creating disk {}", path.display()), source })?;
+                (f, path.clone())
+            }
+            None => private_disk(&opts.private_disk_dir)?,
+        };
         f.set_len(size).map_err(|source| MigrateError::Io { what: format!("sizing disk {}", path.display()), source })?;
         disk_file = Some(f);
-        config.disk = Some(path.clone());
+        config.disk = Some(path);
     } else if let Some(theirs) = &hello.config.disk {
         let Some(d) = &opts.disk else {
             return Err(MigrateError::Refused(format!(
@@ -241,7 +268,17 @@ fn take(
             MigrateError::Refused(format!("the migration took longer than this receiver allows ({} s, --max-time)", lim.max_time.as_secs()))
         })?;
         conn.set_read_timeout(Some(left.min(Duration::from_secs(60)))).ok();
-        let kind = open.read_frame_into(conn, &mut buf)?;
+        let kind = match open.read_frame_into(conn, &mut buf) {
+            Ok(k) => k,
+            // A read cut off by the time budget is the budget, not a network fault.
+            Err(_) if started.elapsed() >= lim.max_time => {
+                return Err(MigrateError::Refused(format!(
+                    "the migration took longer than this receiver allows ({} s, --max-time)",
+                    lim.max_time.as_secs()
+                )))
+            }
+            Err(e) => return Err(e.into()),
+        };
         bytes += 9 + buf.len() as u64;
         let mut count_pages = |n: usize| {
             pages_in += n as u64;
@@ -297,7 +334,9 @@ fn take(
                     return Err(ProtoError::Corrupt(format!("{name}: bytes beyond the {} MiB file limit (--max-disk)", mib(lim.max_disk))).into());
                 }
                 let io = |source| MigrateError::Io { what: format!("writing {}", path.display()), source };
-                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(&path).map_err(io)?;
+                // Offset 0 starts the file afresh (a checkpoint the source's
+                // retention policy rewrote is sent again, whole).
+                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(offset == 0).open(&path).map_err(io)?;
                 file.seek(std::io::SeekFrom::Start(offset)).and_then(|_| file.write_all(&data)).map_err(io)?;
             }
             Kind::State => {

@@ -291,7 +291,7 @@ impl Host for Pausable<'_> {
     fn precise(&mut self, exits: u64) -> bool {
         self.inner.precise(exits)
     }
-    fn counter_plan(&mut self, exits: u64, branches: u64) -> crate::clock::counter::CounterPlan {
+    fn counter_plan(&mut self, exits: u64, branches: u64) -> crate::vmm::counter::CounterPlan {
         self.inner.counter_plan(exits, branches)
     }
     fn attach(&mut self, kicker: Kicker) {

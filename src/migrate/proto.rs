@@ -153,6 +153,10 @@ pub struct RecorderState {
     /// checkpoint must include them.
     pub ckpt_pages: Vec<u64>,
     pub ckpt_sectors: Vec<u64>,
+    /// The checkpoints the retention policy kept (the destination thins
+    /// the same set on); empty from a source that does not say.
+    #[serde(default)]
+    pub kept_checkpoints: Vec<u32>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -531,11 +531,14 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// The recording's files as the destination has them: immutable files are
-/// sent once, the growing log and console from where the last sync ended.
+/// sent once (again, whole, if the checkpoint retention policy rewrote one
+/// since: its length or mtime changed), the growing log and console from
+/// where the last sync ended.
 #[derive(Default)]
 struct FileSync {
     dir: Option<PathBuf>,
     sent: HashMap<String, u64>,
+    stamp: HashMap<String, (u64, Option<std::time::SystemTime>)>,
 }
 
 const GROWING: [&str; 2] = [crate::trace::EVENTS, crate::trace::CONSOLE];
@@ -572,9 +575,16 @@ impl FileSync {
                     len = out_len;
                 }
             }
+            let stamp = (md.len(), md.modified().ok());
+            if !growing && self.stamp.get(&name) != Some(&stamp) {
+                self.sent.remove(&name);
+            }
             let from = self.sent.get(&name).copied().unwrap_or(0);
             if (!growing && self.sent.contains_key(&name)) || len <= from {
                 continue;
+            }
+            if !growing {
+                self.stamp.insert(name.clone(), stamp);
             }
             let io = |source| MigrateError::Io { what: format!("reading {}", path.display()), source };
             let mut f = std::fs::File::open(&path).map_err(io)?;
@@ -686,7 +696,7 @@ fn precopy(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, started: Inst
         })
         .map_err(|source| MigrateError::Io { what: "spawning a reader".into(), source })?;
 
-    let files = FileSync { dir: vm.recording.as_ref().map(|r| r.dir.clone()), sent: HashMap::new() };
+    let files = FileSync { dir: vm.recording.as_ref().map(|r| r.dir.clone()), sent: HashMap::new(), stamp: HashMap::new() };
     vm.dirty.start_tracking()?;
     let mut h = Handoff { tx, rx, files, req: req.clone(), started, rounds: 0, max_throttle: 0 };
     match rounds(ctl, vm, req, &mut h, disk_size) {

@@ -1,6 +1,7 @@
 //! Checkpoints off the vCPU's path: the vCPU thread only copies the dirty
 //! pages into a reused buffer and saves the machine state; a writer thread
 //! serializes, compresses and writes the file, then hands the buffer back.
+//! The same thread applies the retention policy (super::retain).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -8,14 +9,24 @@ use std::thread::JoinHandle;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::retain::{self, Thinned};
 use super::RecordError;
 use crate::trace::checkpoint::{runs, CheckpointHeader, PAGE};
 use crate::trace::{self, Checkpoint};
 use crate::vmm::{Machine, MachineError};
 
-struct Job {
-    path: PathBuf,
-    ck: Checkpoint,
+// One message per checkpoint: moving the big variant costs nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
+enum Job {
+    Write { path: PathBuf, ck: Checkpoint },
+    /// Put a thinning pass in place once the log has its events (the
+    /// receiver answers when they are in the kernel's hands).
+    Commit { logged: mpsc::Receiver<Result<crate::trace::log::LogHead, String>>, rewritten: Vec<u32>, dropped: Vec<u32> },
+}
+
+enum Finished {
+    Written { id: u32, w: trace::checkpoint::Written, buf: Vec<u8>, thinned: Thinned },
+    Committed,
 }
 
 /// Checkpoints handed over but not yet written: at most this many, so the
@@ -23,8 +34,9 @@ struct Job {
 /// checkpoints faster than they can be compressed waits for the writer.
 const MAX_IN_FLIGHT: u32 = 2;
 
-/// A written checkpoint: its id, what was written, and the buffer to reuse.
-type Done = Result<(u32, trace::checkpoint::Written, Vec<u8>), String>;
+/// A written checkpoint (its id, what was written, the buffer to reuse and
+/// what the retention policy merged), or a committed thinning pass.
+type Done = Result<Finished, String>;
 
 pub struct CheckpointWriter {
     tx: Option<mpsc::Sender<Job>>,
@@ -33,7 +45,8 @@ pub struct CheckpointWriter {
     /// Buffers the writer has finished with (page copies go into these).
     spare: Vec<Vec<u8>>,
     in_flight: u32,
-    /// Bytes of checkpoint files written so far.
+    /// Bytes of checkpoint files written so far (not counting the files
+    /// the retention policy rewrote: what keeping every one would take).
     pub bytes: u64,
     /// How long the guest stood still for each incremental checkpoint
     /// (dirty log, page copies, machine state), and the pages it copied.
@@ -45,20 +58,52 @@ pub struct CheckpointWriter {
     pub waits: Vec<std::time::Duration>,
     /// Files on disk whose SHA-256 the log has not bound yet: (id, hex).
     pub landed: Vec<(u32, String)>,
+    /// Thinning passes whose events the log does not hold yet.
+    pub thinned: Vec<Thinned>,
+    /// Checkpoints dropped by the retention policy so far.
+    pub dropped: u32,
+    /// The checkpoints on disk that the policy keeps (as the writer
+    /// thread's own set, once their files have landed).
+    pub kept: std::collections::BTreeSet<u32>,
 }
 
 impl CheckpointWriter {
-    pub fn start() -> Result<CheckpointWriter, RecordError> {
+    /// `keep`: the retention policy's K (0 keeps every checkpoint);
+    /// `kept`: the checkpoints already on disk that later ones build on
+    /// (none for a new recording; a migrated one's chain).
+    pub fn start(dir: &Path, keep: u32, kept: Vec<u32>) -> Result<CheckpointWriter, RecordError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (dtx, done) = mpsc::channel();
+        let dir = dir.to_path_buf();
+        let kept_here = kept.iter().copied().collect();
         let thread = std::thread::Builder::new()
             .name("revirt-checkpoints".into())
             .spawn(move || {
-                for Job { path, ck } in rx {
-                    let r = ck
-                        .write(&path)
-                        .map(|n| (ck.header.id, n, ck.data))
-                        .map_err(|e| e.to_string());
+                let mut kept: std::collections::BTreeSet<u32> = kept.into_iter().collect();
+                // A pass not yet committed: the next waits (its files are in flux).
+                let mut pending = false;
+                for job in rx {
+                    let r = match job {
+                        Job::Write { path, ck } => ck.write(&path).map_err(|e| e.to_string()).and_then(|w| {
+                            let id = ck.header.id;
+                            kept.insert(id);
+                            let thinned = if keep > 0 && !pending {
+                                retain::thin(&dir, &mut kept, id, keep)?
+                            } else {
+                                Thinned::default()
+                            };
+                            pending |= !thinned.dropped.is_empty();
+                            Ok(Finished::Written { id, w, buf: ck.data, thinned })
+                        }),
+                        Job::Commit { logged, rewritten, dropped } => {
+                            pending = false;
+                            match logged.recv() {
+                                Ok(Ok(_)) => retain::commit(&dir, &rewritten, &dropped).map(|_| Finished::Committed),
+                                Ok(Err(e)) => Err(format!("the log did not take the retention events: {e}")),
+                                Err(_) => Err("the log writer is gone".into()),
+                            }
+                        }
+                    };
                     if dtx.send(r).is_err() {
                         return;
                     }
@@ -76,20 +121,60 @@ impl CheckpointWriter {
             waits: Vec::new(),
             pause_cpu: Vec::new(),
             landed: Vec::new(),
+            thinned: Vec::new(),
+            dropped: 0,
+            kept: kept_here,
         })
     }
 
     fn collect(&mut self, r: Done) -> Result<(), RecordError> {
         self.in_flight -= 1;
-        let (id, w, buf) = r.map_err(RecordError::CheckpointWriter)?;
-        self.bytes += w.bytes;
-        self.landed.push((id, w.sha256));
-        self.spare.push(buf);
+        match r.map_err(RecordError::CheckpointWriter)? {
+            Finished::Written { id, w, buf, thinned } => {
+                self.bytes += w.bytes;
+                self.landed.push((id, w.sha256));
+                self.spare.push(buf);
+                self.kept.insert(id);
+                for (i, _) in &thinned.dropped {
+                    self.kept.remove(i);
+                }
+                if !thinned.dropped.is_empty() {
+                    self.thinned.push(thinned);
+                }
+            }
+            Finished::Committed => {}
+        }
         Ok(())
     }
 
+    /// Once the log holds a thinning pass's events (`logged` answers when
+    /// they are in the kernel's hands), its files go in place.
+    pub fn commit(
+        &mut self,
+        logged: mpsc::Receiver<Result<crate::trace::log::LogHead, String>>,
+        t: &Thinned,
+    ) -> Result<(), RecordError> {
+        let job = Job::Commit {
+            logged,
+            rewritten: t.rewritten.iter().map(|r| r.0).collect(),
+            dropped: t.dropped.iter().map(|d| d.0).collect(),
+        };
+        self.dropped += t.dropped.len() as u32;
+        let tx = self.tx.as_ref().expect("writer open until finish");
+        if tx.send(job).is_err() {
+            return self.finish().map(|_| ());
+        }
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Nothing handed over is still being written or committed.
+    pub fn idle(&self) -> bool {
+        self.in_flight == 0 && self.thinned.is_empty() && self.landed.is_empty()
+    }
+
     /// Takes in what the writer finished, without waiting.
-    fn poll(&mut self) -> Result<(), RecordError> {
+    pub fn poll(&mut self) -> Result<(), RecordError> {
         while let Ok(r) = self.done.try_recv() {
             self.collect(r)?;
         }
@@ -186,7 +271,7 @@ impl CheckpointWriter {
         };
         let tx = self.tx.as_ref().expect("writer open until finish");
         if tx
-            .send(Job {
+            .send(Job::Write {
                 path: trace::checkpoint_path(dir, id),
                 ck,
             })

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 mod ckpt;
+pub mod retain;
 use ckpt::CheckpointWriter;
 use crate::clock::{fingerprint, ClockKind, ExecPoint};
 use crate::trace::{self, EndReason, Event, FileInfo, HostInfo, LogWriter, Meta};
@@ -43,6 +44,10 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl Fn(std::io::Error) -> Reco
     move |source| RecordError::Io { what, path: path.display().to_string(), source }
 }
 
+/// `--keep-checkpoints`' default: the newest 16 checkpoints (16 s at the
+/// default interval) at full density, then 16 per doubling of age.
+pub const DEFAULT_KEEP_CHECKPOINTS: u32 = 16;
+
 pub struct RecordOptions {
     pub image: PathBuf,
     pub config: VmConfig,
@@ -50,17 +55,20 @@ pub struct RecordOptions {
     pub clock: ClockKind,
     /// Host time between incremental checkpoints; zero disables them.
     pub checkpoint_every: Duration,
+    /// Retention: keep the newest this many checkpoints, thinning older
+    /// ones log-spaced (record::retain); 0 keeps every checkpoint.
+    pub keep_checkpoints: u32,
     /// The recording this one continues, if any (written to meta.json).
     pub parent: Option<trace::meta::Parent>,
     /// A control socket through which `revirt migrate` may move the VM.
     pub control: Option<std::sync::Arc<crate::migrate::Controller>>,
     /// The counter `--clock pmu` uses (None: the hardware PMU's).
-    pub pmu_counter: Option<crate::clock::counter::CounterOpener>,
+    pub pmu_counter: Option<crate::vmm::counter::CounterOpener>,
 }
 
 impl RecordOptions {
-    fn pmu_opener(&self) -> crate::clock::counter::CounterOpener {
-        self.pmu_counter.clone().unwrap_or_else(crate::clock::counter::hardware_opener)
+    fn pmu_opener(&self) -> crate::vmm::counter::CounterOpener {
+        self.pmu_counter.clone().unwrap_or_else(crate::clock::pmu::hardware_opener)
     }
 }
 
@@ -73,6 +81,10 @@ pub struct RecordSummary {
     pub log_bytes: u64,
     pub checkpoints: u32,
     pub checkpoint_bytes: u64,
+    /// Checkpoints the retention policy dropped, and the bytes of the
+    /// checkpoint files left on disk.
+    pub checkpoints_dropped: u32,
+    pub checkpoint_bytes_kept: u64,
     pub wall: Duration,
     /// Longest a due timer interrupt waited for a guest-caused exit (exit clock).
     pub max_irq_delay: Duration,
@@ -107,6 +119,9 @@ struct RecordHost {
     console: BufWriter<File>,
     output: Sha256,
     output_len: u64,
+    /// console.log's length at its last `ConsoleFile` binding, and when.
+    console_bound: u64,
+    console_bound_at: Instant,
     last_event: Instant,
     checkpoint_every: Duration,
     last_checkpoint: Instant,
@@ -143,6 +158,21 @@ impl RecordHost {
         self.events += 1;
         self.last_event = Instant::now();
     }
+
+    /// Binds console.log as it stands into the chain (`ConsoleFile`) if it
+    /// grew since the last binding: the bytes go to the kernel first, so
+    /// the file holds at least what the event vouches for.
+    fn bind_console(&mut self, exits: u64) -> std::io::Result<()> {
+        if self.output_len == self.console_bound {
+            return Ok(());
+        }
+        self.console.flush()?;
+        let sha256 = hex::encode(self.output.clone().finalize());
+        self.log(Event::ConsoleFile { exits, len: self.output_len, sha256 });
+        self.console_bound = self.output_len;
+        self.console_bound_at = Instant::now();
+        Ok(())
+    }
 }
 
 impl Host for RecordHost {
@@ -162,7 +192,7 @@ impl Host for RecordHost {
         self.output_len += bytes.len() as u64;
         self.console
             .write_all(bytes)
-            .map_err(|e| HostError::Other(format!("writing console.log: {e}")))
+            .map_err(|source| HostError::Io { what: "writing console.log", source })
     }
 
     fn precise(&mut self, _exits: u64) -> bool {
@@ -172,13 +202,13 @@ impl Host for RecordHost {
         matches!(self.clock, ClockKind::Step)
     }
 
-    fn counter_plan(&mut self, exits: u64, _branches: u64) -> crate::clock::counter::CounterPlan {
+    fn counter_plan(&mut self, exits: u64, _branches: u64) -> crate::vmm::counter::CounterPlan {
         match self.slice {
             // Until the overflow stop comes (skid late) and a poll renews or clears it.
             Some((e, at)) if e == exits => {
-                crate::clock::counter::CounterPlan { overflow_at: Some(at), breakpoint: None }
+                crate::vmm::counter::CounterPlan { overflow_at: Some(at), breakpoint: None }
             }
-            _ => crate::clock::counter::CounterPlan::default(),
+            _ => crate::vmm::counter::CounterPlan::default(),
         }
     }
 
@@ -220,6 +250,9 @@ impl Host for RecordHost {
                 }
             }
             _ => {}
+        }
+        if self.output_len != self.console_bound && self.console_bound_at.elapsed() >= MARK_EVERY {
+            self.bind_console(ctx.exits).map_err(|source| HostError::Io { what: "writing console.log", source })?;
         }
         if self.last_event.elapsed() >= MARK_EVERY {
             self.log(Event::Mark { exits: ctx.exits });
@@ -319,6 +352,7 @@ fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) ->
         disk,
         host: HostInfo::probe(),
         checkpoint_every_ms: opts.checkpoint_every.as_millis() as u64,
+        checkpoint_keep: (opts.keep_checkpoints > 0).then_some(opts.keep_checkpoints),
         parent: opts.parent.clone(),
     };
     meta.write(&dir.join(trace::META))?;
@@ -370,7 +404,7 @@ fn session(
         dir: dir.clone(),
         host: RecordHost::new(LiveHost::new(input, console, clock_ns), log, opts.clock, console_file, opts.checkpoint_every),
         checkpoints: 0,
-        ckpt: CheckpointWriter::start()?,
+        ckpt: CheckpointWriter::start(dir, opts.keep_checkpoints, Vec::new())?,
         start: Instant::now(),
         control: opts.control.clone(),
         pmu_counter: opts.pmu_opener(),
@@ -379,7 +413,7 @@ fn session(
     s.host.log(Event::Checkpoint { id: 0, exits: m.exits, fp: fingerprint(&regs) });
     s.ckpt.take(dir, &mut m, 0, s.host.events, 0, clock_ns)?;
     s.checkpoints = 1;
-    s.bind_checkpoints(m.exits);
+    s.bind_checkpoints(m.exits)?;
     s.run(m)
 }
 
@@ -393,6 +427,8 @@ impl RecordHost {
             console: BufWriter::new(console),
             output: Sha256::new(),
             output_len: 0,
+            console_bound: 0,
+            console_bound_at: Instant::now(),
             last_event: Instant::now(),
             checkpoint_every,
             last_checkpoint: Instant::now(),
@@ -409,7 +445,7 @@ impl RecordHost {
 
 /// The PMU clocks: the run loop drives a branch counter (reset at every
 /// exit, read at every stop where the host delivers).
-fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::counter::CounterOpener) -> Result<(), RecordError> {
+fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::vmm::counter::CounterOpener) -> Result<(), RecordError> {
     match clock {
         ClockKind::Pmu => {
             // The very counter that will time this recording, on this
@@ -424,7 +460,7 @@ fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::clock::cou
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.subsec_nanos() as u64)
                 .unwrap_or(1);
-            m.set_counter(Some(Box::new(crate::clock::counter::SimCounter::new(SIM_RECORD_SKID, seed, true))))?;
+            m.set_counter(Some(Box::new(crate::vmm::counter::SimCounter::new(SIM_RECORD_SKID, seed, true))))?;
         }
         _ => {}
     }
@@ -441,7 +477,7 @@ pub struct Session {
     start: Instant,
     control: Option<std::sync::Arc<crate::migrate::Controller>>,
     /// The counter `--clock pmu` uses.
-    pmu_counter: crate::clock::counter::CounterOpener,
+    pmu_counter: crate::vmm::counter::CounterOpener,
 }
 
 impl Session {
@@ -472,17 +508,25 @@ impl Session {
         let mut host = RecordHost::new(live, log, meta.clock, f, Duration::from_millis(meta.checkpoint_every_ms));
         host.output.update(&before);
         host.output_len = rs.output_len;
+        // The source bound it this far before the move.
+        host.console_bound = rs.output_len;
         host.events = rs.events;
         m.dirty_log().seed_checkpoint(&rs.ckpt_pages, &rs.ckpt_sectors);
+        // The checkpoints the retention policy kept at the source.
+        let kept = if rs.kept_checkpoints.is_empty() {
+            (0..rs.checkpoints).filter(|&id| trace::checkpoint_path(dir, id).exists()).collect()
+        } else {
+            rs.kept_checkpoints.clone()
+        };
         host.log(Event::Migrated { exits: m.exits, from: from_host.to_string(), to: crate::migrate::hostname() });
         Ok(Session {
             dir: dir.to_path_buf(),
             host,
             checkpoints: rs.checkpoints,
-            ckpt: CheckpointWriter::start()?,
+            ckpt: CheckpointWriter::start(dir, meta.checkpoint_keep.unwrap_or(0), kept)?,
             start: Instant::now(),
             control,
-            pmu_counter: crate::clock::counter::hardware_opener(),
+            pmu_counter: crate::clock::pmu::hardware_opener(),
         })
     }
 
@@ -490,9 +534,36 @@ impl Session {
     /// the log's hash chain (`CheckpointFile`, logged at exit `exits`: the
     /// file is written by another thread, so this comes after its
     /// `Checkpoint` event, at the latest before `End`).
-    fn bind_checkpoints(&mut self, exits: u64) {
+    fn bind_checkpoints(&mut self, exits: u64) -> Result<(), RecordError> {
+        self.ckpt.poll()?;
         for (id, sha256) in std::mem::take(&mut self.ckpt.landed) {
             self.host.log(Event::CheckpointFile { id, exits, sha256 });
+        }
+        // Retention: the drops (an empty SHA-256) and the merged files' new
+        // SHA-256 go into the chain first (checkpoint::Seals: the latest
+        // binding wins); the files change once the log holds them.
+        for t in std::mem::take(&mut self.ckpt.thinned) {
+            for &(id, _) in &t.dropped {
+                self.host.log(Event::CheckpointFile { id, exits, sha256: String::new() });
+            }
+            for (id, w) in &t.rewritten {
+                self.host.log(Event::CheckpointFile { id: *id, exits, sha256: w.sha256.clone() });
+            }
+            let logged = self.host.log.head_later()?;
+            self.ckpt.commit(logged, &t)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every checkpoint is written, bound into the chain and
+    /// thinned as the policy says.
+    fn settle_checkpoints(&mut self, exits: u64) -> Result<(), RecordError> {
+        loop {
+            self.ckpt.wait()?;
+            self.bind_checkpoints(exits)?;
+            if self.ckpt.idle() {
+                return Ok(());
+            }
         }
     }
 
@@ -526,9 +597,8 @@ impl Session {
                     // flight, the log flush and the dirty-log sync are in it.
                     let stopped = Instant::now();
                     let c = self.control.clone().expect("checked");
-                    self.ckpt.wait()?;
-                    self.bind_checkpoints(m.exits);
-                    self.host.console.flush().map_err(io("writing", &console_path))?;
+                    self.settle_checkpoints(m.exits)?;
+                    self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
                     let head = self.host.log.head()?;
                     let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
                     let rs = crate::migrate::proto::RecorderState {
@@ -538,6 +608,7 @@ impl Session {
                         output_len: self.host.output_len,
                         ckpt_pages,
                         ckpt_sectors,
+                        kept_checkpoints: self.ckpt.kept.iter().copied().collect(),
                     };
                     let clock = self.host.inner.now_ns();
                     if let Ok(s) = c.finish(&mut m, &mut self.host.inner, clock, Some(rs), stopped) {
@@ -549,11 +620,12 @@ impl Session {
                 Ok(Stop::Paused) => {
                     let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
                     let id = self.checkpoints;
+                    self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
                     self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
                     let now = self.host.inner.now_ns();
-                    self.host.console.flush().map_err(io("writing", &console_path))?;
+                    self.bind_checkpoints(m.exits)?;
                     self.ckpt.take(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
-                    self.bind_checkpoints(m.exits);
+                    self.bind_checkpoints(m.exits)?;
                     self.checkpoints += 1;
                     self.host.last_checkpoint = Instant::now();
                     self.host.log.cut();
@@ -580,9 +652,12 @@ impl Session {
             });
         }
         let state_hash = if migrated.is_some() { String::new() } else { m.state_hash()? };
-        // Every checkpoint file on disk and bound into the chain before End.
+        // Every checkpoint file on disk, thinned and bound into the chain before End.
+        self.settle_checkpoints(m.exits)?;
         let checkpoint_bytes = self.ckpt.finish()?;
-        self.bind_checkpoints(m.exits);
+        let checkpoint_bytes_kept = std::fs::read_dir(dir.join(trace::CHECKPOINTS))
+            .map(|rd| rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "ckpt")).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
         self.host.console.flush().map_err(io("writing", &console_path))?;
         let output_sha256 = hex::encode(self.host.output.clone().finalize());
         let (mut events, output_len, max_irq_delay) = (self.host.events, self.host.output_len, self.host.max_irq_delay);
@@ -617,6 +692,8 @@ impl Session {
             log_bytes: stats.compressed_bytes,
             checkpoints: self.checkpoints,
             checkpoint_bytes,
+            checkpoints_dropped: self.ckpt.dropped,
+            checkpoint_bytes_kept,
             checkpoint_pauses,
             checkpoint_waits,
             checkpoint_pause_cpu,

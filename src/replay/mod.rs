@@ -5,6 +5,7 @@
 pub mod history;
 pub mod provenance;
 pub mod search;
+pub mod symbols;
 pub mod timeline;
 
 use std::path::{Path, PathBuf};
@@ -42,17 +43,50 @@ pub enum ReplayError {
     NoPmu(String),
 }
 
+/// Why a replay stopped short of its target, raised from inside the run
+/// loop (through [`HostError::Host`]) and turned into an [`timeline::Outcome`].
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayStop {
+    /// Replay no longer matches the recording.
+    #[error("replay diverged from the recording: {0}")]
+    Divergence(String),
+    /// Replay needs an input the (cut-short) recording does not have.
+    #[error("the recording ends here: {0}")]
+    EndOfRecording(String),
+    /// A requested stopping point does not exist on this execution path.
+    #[error("{0}")]
+    NotReached(String),
+}
+
+impl From<ReplayStop> for HostError {
+    fn from(s: ReplayStop) -> HostError {
+        HostError::Host(Box::new(s))
+    }
+}
+
 /// A recording opened for replay: metadata, the verified event log, the
-/// recorded console output. Never modified.
+/// recorded console output. Never modified. Each small file (meta.json,
+/// events.log, console.log, image.elf) is read once, and the bytes checked
+/// are the bytes decoded; checkpoints (through `seals`) and the disk copy
+/// (`disk_sha`) are checked on the bytes read when they are used.
 pub struct Recording {
     pub dir: PathBuf,
     pub meta: Meta,
     pub events: Vec<Event>,
     pub status: LogStatus,
     pub chunks: u32,
+    /// console.log as read; from a checked open of a cut-short recording,
+    /// only the part the chain vouches for.
     pub console: Vec<u8>,
     /// (checkpoint id, exits, index of its Checkpoint event), in order.
     pub checkpoints: Vec<(u32, u64, usize)>,
+    /// What each checkpoint file must match before it is decoded.
+    pub seals: trace::checkpoint::Seals,
+    /// image.elf as read (checked against meta.json by a checked open).
+    pub image: Vec<u8>,
+    /// The SHA-256 the disk copy must have as it is copied for use (None:
+    /// not checked: `--force`, or library use).
+    pub disk_sha: Option<String>,
     /// What [`Recording::open_checked`] checked (one line), if it did.
     pub integrity: Option<String>,
 }
@@ -62,31 +96,38 @@ impl Recording {
     /// every file it uses or vouches for is checked first ([`trace::verify`]:
     /// the image and disk copies against meta.json, the log's hash chain,
     /// each checkpoint against the SHA-256 the chain holds, the console
-    /// against the End event). Damage is an error unless `force`; a log
-    /// that is merely cut short is not damage. Without `force` only
-    /// checkpoints bound into the chain are used.
+    /// against the chain), and the bytes checked are the ones used. Damage
+    /// is an error unless `force`; a log that is merely cut short is not
+    /// damage. Without `force` only checkpoints bound into the chain are
+    /// used (and, in a cut-short recording, those it stops before binding,
+    /// on their CRC-32, said in the summary).
     pub fn open_checked(dir: &Path, force: bool) -> Result<Recording, ReplayError> {
         if !dir.join(trace::META).exists() {
             return Err(ReplayError::NotARecording(dir.display().to_string()));
         }
-        let report = trace::verify::verify(dir);
+        let (report, loaded) = trace::verify::check(dir);
+        let problems = || report.problems().iter().map(|s| s.to_string()).collect::<Vec<_>>();
         if report.damaged() && !force {
-            return Err(ReplayError::Integrity {
-                dir: dir.display().to_string(),
-                problems: report.problems().iter().map(|s| s.to_string()).collect(),
-            });
+            return Err(ReplayError::Integrity { dir: dir.display().to_string(), problems: problems() });
         }
-        let mut rec = Recording::open(dir)?;
+        let Some(loaded) = loaded else {
+            // meta.json or events.log cannot be read at all: nothing to force.
+            return Err(ReplayError::Damaged(dir.display().to_string(), problems().join("; ")));
+        };
+        let vouched = loaded.console_vouched as usize;
+        let mut rec = Recording::from_loaded(dir, loaded);
         let mut line = report.summary.clone();
         if !force {
-            // Bound checkpoints were checked against the chain. A log that is
-            // merely cut short may stop before a checkpoint's binding (the
-            // file is written by another thread): those are used on their
-            // CRC-32 alone, and the user is told.
-            let bound = trace::verify::bound_checkpoints(&rec.events);
+            // Bound checkpoints are checked against the chain when read. A
+            // log that is merely cut short may stop before a checkpoint's
+            // binding (the file is written by another thread): those are
+            // used on their CRC-32 alone, and the user is told.
             let cut_short = report.incomplete;
-            let unbound: Vec<u32> = rec.checkpoints.iter().map(|c| c.0).filter(|id| !bound.contains_key(id)).collect();
-            rec.checkpoints.retain(|c| bound.contains_key(&c.0) || cut_short);
+            use trace::checkpoint::{Expect, Seals};
+            rec.seals = Seals::from_events(&rec.events, if cut_short { Expect::CrcOnly } else { Expect::Unbound });
+            let unbound: Vec<u32> = rec.checkpoints.iter().map(|c| c.0).filter(|id| !rec.seals.is_bound(*id)).collect();
+            let seals = rec.seals.clone();
+            rec.checkpoints.retain(|c| matches!(seals.expect(c.0), Expect::Bound(_) | Expect::CrcOnly));
             if cut_short && !unbound.is_empty() {
                 line += &format!(
                     "; checkpoint{} {} landed after the log was cut, so {} not bound into the chain: used on {} CRC-32 alone",
@@ -96,6 +137,9 @@ impl Recording {
                     if unbound.len() == 1 { "its" } else { "their" },
                 );
             }
+            // Console bytes past the last binding are not compared against.
+            rec.console.truncate(vouched);
+            rec.disk_sha = rec.meta.disk.as_ref().map(|d| d.sha256.clone());
         }
         if report.damaged() {
             line += &format!("; --force: going on despite {}", report.problems().join("; "));
@@ -105,16 +149,31 @@ impl Recording {
     }
 
     /// Opens without the integrity check (library use; the CLI readers use
-    /// [`Recording::open_checked`]).
+    /// [`Recording::open_checked`]). Checkpoints are used on their CRC-32.
     pub fn open(dir: &Path) -> Result<Recording, ReplayError> {
         let meta_path = dir.join(trace::META);
         if !meta_path.exists() {
             return Err(ReplayError::NotARecording(dir.display().to_string()));
         }
-        let meta = Meta::read(&meta_path)?;
-        let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis_of(dir)?)?;
+        let meta_bytes = std::fs::read(&meta_path)
+            .map_err(|source| ReplayError::Io { what: "reading", path: meta_path.display().to_string(), source })?;
+        let meta = Meta::parse(&meta_bytes, &meta_path)?;
+        let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis(&meta_bytes))?;
         let console = std::fs::read(dir.join(trace::CONSOLE)).unwrap_or_default();
-        let checkpoints = log
+        let image = std::fs::read(dir.join(trace::IMAGE)).unwrap_or_default();
+        let console_vouched = console.len() as u64;
+        Ok(Recording::from_loaded(
+            dir,
+            trace::verify::Loaded { meta, log, console, console_vouched, image, image_ok: false },
+        ))
+    }
+
+    fn from_loaded(dir: &Path, l: trace::verify::Loaded) -> Recording {
+        // A checkpoint the retention policy dropped is gone even where a
+        // stale copy of its file is left (a migrated recording's).
+        let dropped = trace::checkpoint::Seals::from_events(&l.log.events, trace::checkpoint::Expect::CrcOnly);
+        let checkpoints = l
+            .log
             .events
             .iter()
             .enumerate()
@@ -122,18 +181,21 @@ impl Recording {
                 Event::Checkpoint { id, exits, .. } => Some((*id, *exits, i)),
                 _ => None,
             })
-            .filter(|(id, _, _)| trace::checkpoint_path(dir, *id).exists())
+            .filter(|(id, _, _)| dropped.expect(*id) != trace::checkpoint::Expect::Dropped && trace::checkpoint_path(dir, *id).exists())
             .collect();
-        Ok(Recording {
+        Recording {
             dir: dir.to_path_buf(),
-            meta,
-            events: log.events,
-            status: log.status,
-            chunks: log.chunks,
-            console,
+            meta: l.meta,
+            events: l.log.events,
+            status: l.log.status,
+            chunks: l.log.chunks,
+            console: l.console,
             checkpoints,
+            seals: trace::checkpoint::Seals::crc_only(),
+            image: l.image,
+            disk_sha: None,
             integrity: None,
-        })
+        }
     }
 
     pub fn is_complete(&self) -> bool {
@@ -272,10 +334,10 @@ impl ReplayHost {
 
     fn out_of_log(&self, what: String) -> HostError {
         if self.rec.is_complete() {
-            HostError::Divergence(format!("{what}, but {}", self.next_desc()))
+            ReplayStop::Divergence(format!("{what}, but {}", self.next_desc())).into()
         } else {
             let why = if self.rec.status.is_damaged() { "the event log is damaged from there on" } else { "the recording was cut short before that" };
-            HostError::EndOfRecording(format!("{what}, and {why} (event #{})", self.next))
+            ReplayStop::EndOfRecording(format!("{what}, and {why} (event #{})", self.next)).into()
         }
     }
 
@@ -348,10 +410,10 @@ impl ReplayHost {
                 Ok(true)
             }
             Verdict::KeepStepping => Ok(false),
-            Verdict::Overshoot(why) => Err(HostError::Divergence(match key {
+            Verdict::Overshoot(why) => Err(ReplayStop::Divergence(match key {
                 LandKey::Event(idx) => format!("event #{idx}: {why}"),
                 LandKey::Stop => format!("landing target: {why}"),
-            })),
+            }).into()),
         }
     }
 
@@ -399,10 +461,10 @@ impl ReplayHost {
                     continue;
                 }
                 if at.exits < ctx.exits {
-                    return Err(HostError::Divergence(format!(
+                    return Err(ReplayStop::Divergence(format!(
                         "event #{} ({}) was due at {at}, but the guest is already at exit {}",
                         self.next, self.rec.events[self.next], ctx.exits
-                    )));
+                    )).into());
                 }
                 return Ok(());
             }
@@ -413,10 +475,10 @@ impl ReplayHost {
                     Some(p) => p.to_string(),
                     None => format!("exit {}", ctx.exits),
                 };
-                return Err(HostError::Divergence(format!(
+                return Err(ReplayStop::Divergence(format!(
                     "event #{} ({}) was due at {at}, but the guest is already at {here}",
                     self.next, self.rec.events[self.next]
-                )));
+                )).into());
             }
             let now = if !self.stepped() {
                 at.exits == ctx.exits
@@ -452,11 +514,11 @@ impl Host for ReplayHost {
                 self.last_clock = *value;
                 Ok(*value)
             }
-            Some(_) => Err(HostError::Divergence(format!(
+            Some(_) => Err(ReplayStop::Divergence(format!(
                 "the guest read the clock at exit {}, but {}",
                 ctx.exits,
                 self.next_desc()
-            ))),
+            )).into()),
             None => Err(self.out_of_log(format!("the guest read the clock at exit {}", ctx.exits))),
         }
     }
@@ -468,18 +530,18 @@ impl Host for ReplayHost {
             match rec.get(start + i) {
                 Some(r) if r == b => {}
                 Some(r) => {
-                    return Err(HostError::Divergence(format!(
+                    return Err(ReplayStop::Divergence(format!(
                         "console output differs at byte {}: the recording has {:?}, the replay printed {:?}",
                         start + i,
                         *r as char,
                         *b as char
-                    )))
+                    )).into())
                 }
                 None if self.rec.is_complete() => {
-                    return Err(HostError::Divergence(format!(
+                    return Err(ReplayStop::Divergence(format!(
                         "the replay printed more than the recording's {} console bytes",
                         rec.len()
-                    )))
+                    )).into())
                 }
                 None => {}
             }
@@ -512,8 +574,8 @@ impl Host for ReplayHost {
         self.stepped() && matches!(self.next_async(), Some(e) if e.exits() <= exits)
     }
 
-    fn counter_plan(&mut self, exits: u64, branches: u64) -> crate::clock::counter::CounterPlan {
-        use crate::clock::counter::CounterPlan;
+    fn counter_plan(&mut self, exits: u64, branches: u64) -> crate::vmm::counter::CounterPlan {
+        use crate::vmm::counter::CounterPlan;
         let next = self.next;
         let Some((key, t)) = self.landing_target(exits) else { return CounterPlan::default() };
         let Some(l) = self.landing.as_mut() else { return CounterPlan::default() };
@@ -572,9 +634,9 @@ impl Host for ReplayHost {
                     return Ok(Control::Pause);
                 }
                 Some(StopAt::Point(t)) if (t.exits, t.branches) < (p.exits, p.branches) => {
-                    return Err(HostError::NotReached(format!(
+                    return Err(ReplayStop::NotReached(format!(
                         "the execution never stops at {t}: it goes on to {p} (is the RIP an instruction boundary at that branch count?)"
-                    )));
+                    )).into());
                 }
                 _ => {}
             }
@@ -593,10 +655,10 @@ impl Host for ReplayHost {
     fn delivered(&mut self, at: &ExecPoint, fp: u64, _events: &[Async]) -> Result<(), HostError> {
         for (want, want_fp, idx) in self.expect.drain(..) {
             if want != *at || want_fp != fp {
-                return Err(HostError::Divergence(format!(
+                return Err(ReplayStop::Divergence(format!(
                     "event #{idx} ({}): recorded at {want} with register fingerprint {want_fp:#x}, replay is at {at} with fingerprint {fp:#x}",
                     self.rec.events[idx]
-                )));
+                )).into());
             }
         }
         Ok(())

@@ -39,8 +39,8 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::{Outcome, Recording, ReplayError, Sink, Timeline};
 use crate::clock::ExecPoint;
-use crate::inspect::symbols::Symbols;
-use crate::trace::{self, Event};
+use super::symbols::Symbols;
+use crate::trace::Event;
 use crate::vmm::layout::ports;
 
 #[derive(Debug, thiserror::Error)]
@@ -1183,10 +1183,10 @@ pub struct Image {
 
 impl Image {
     pub fn open(rec: &Recording) -> Image {
-        let b = std::fs::read(rec.dir.join(trace::IMAGE)).unwrap_or_default();
+        let b = &rec.image;
         Image {
-            segments: load_segments(&b).unwrap_or_default(),
-            symbols: Symbols::from_elf(&b),
+            segments: load_segments(b).unwrap_or_default(),
+            symbols: Symbols::from_elf(b),
         }
     }
 
@@ -2347,8 +2347,7 @@ pub fn history_stepping(
             if a < from || b > to.exits {
                 continue;
             }
-            let ck = trace::Checkpoint::read(&trace::checkpoint_path(&rec.dir, win[1].0))
-                .map_err(ReplayError::from)?;
+            let ck = rec.seals.read(&rec.dir, win[1].0).map_err(ReplayError::from)?;
             let touched = ck
                 .header
                 .pages

@@ -11,6 +11,7 @@ use super::{Recording, ReplayError, ReplayHost, Sink, StopAt};
 use crate::clock::ExecPoint;
 use crate::trace::{self, Checkpoint, EndReason, Event};
 use crate::trace::checkpoint::SECTOR;
+use super::ReplayStop;
 use crate::vmm::{HostError, Machine, MachineError, Stop};
 
 /// How a replay run ended.
@@ -82,8 +83,10 @@ impl Timeline {
                 let tmp = tempfile::Builder::new().prefix("revirt-replay-disk").tempfile().map_err(|source| {
                     ReplayError::Io { what: "creating a replay disk", path: std::env::temp_dir().display().to_string(), source }
                 })?;
-                std::fs::copy(&src, tmp.path())
-                    .map_err(|source| ReplayError::Io { what: "copying", path: src.display().to_string(), source })?;
+                // Hashed while copied: the replay runs on exactly the bytes checked.
+                let mut f = tmp.as_file();
+                trace::copy_checked(&src, &mut f, rec.disk_sha.as_deref())
+                    .map_err(|e| ReplayError::Damaged(dir.display().to_string(), e))?;
                 Some(tmp)
             }
             None => None,
@@ -94,6 +97,7 @@ impl Timeline {
         let mut machine = Machine::create(&config)?;
         let mut header = trace::checkpoint::rebuild(
             &dir,
+            &rec.seals,
             0,
             id,
             |frame, bytes| machine.write_pages(frame, bytes).map_err(|e| e.to_string()),
@@ -159,7 +163,7 @@ impl Timeline {
     /// Replays precise events with the hardware PMU (this thread must be
     /// the one that runs the replay); `margin` defaults to the CPU's.
     pub fn use_pmu(&mut self, margin: Option<u64>) -> Result<(), ReplayError> {
-        let c = crate::clock::counter::RealCounter::open().map_err(|e| ReplayError::NoPmu(e.to_string()))?;
+        let c = crate::clock::pmu::RealCounter::open().map_err(|e| ReplayError::NoPmu(e.to_string()))?;
         let margin = margin.unwrap_or(c.perf.config.replay_margin);
         self.machine.set_counter(Some(Box::new(c)))?;
         self.landing = Some(LandingConfig { margin, counter: CounterKind::Real });
@@ -171,7 +175,7 @@ impl Timeline {
     pub fn use_landing(&mut self, cfg: LandingConfig) -> Result<(), ReplayError> {
         match cfg.counter {
             CounterKind::Sim { max_skid, seed } => {
-                let c = crate::clock::counter::SimCounter::new(max_skid, seed, false);
+                let c = crate::vmm::counter::SimCounter::new(max_skid, seed, false);
                 self.machine.set_counter(Some(Box::new(c)))?;
             }
             CounterKind::Real => return self.use_pmu(Some(cfg.margin)),
@@ -198,13 +202,13 @@ impl Timeline {
         margin: u64,
         skid: u64,
     ) -> Result<crate::clock::pmu::Verdict, ReplayError> {
-        self.land_with(Box::new(crate::clock::counter::SimCounter::with_fixed_skid(skid)), target, margin)
+        self.land_with(Box::new(crate::vmm::counter::SimCounter::with_fixed_skid(skid)), target, margin)
     }
 
     /// [`Timeline::land_simulated`] with any branch counter.
     pub fn land_with(
         &mut self,
-        counter: Box<dyn crate::clock::counter::BranchCounter + Send>,
+        counter: Box<dyn crate::vmm::counter::BranchCounter + Send>,
         target: crate::clock::pmu::Target,
         margin: u64,
     ) -> Result<crate::clock::pmu::Verdict, ReplayError> {
@@ -314,9 +318,14 @@ impl Timeline {
                 }
             }
             Ok(stop) => self.finish(stop),
-            Err(MachineError::Host(HostError::Divergence(d))) => Ok(Outcome::Diverged(d)),
-            Err(MachineError::Host(HostError::EndOfRecording(d))) => Ok(Outcome::EndOfRecording(d)),
-            Err(MachineError::Host(HostError::NotReached(d))) => Ok(Outcome::NotReached(d)),
+            Err(MachineError::Host(HostError::Host(e))) => match e.downcast::<ReplayStop>() {
+                Ok(s) => Ok(match *s {
+                    ReplayStop::Divergence(d) => Outcome::Diverged(d),
+                    ReplayStop::EndOfRecording(d) => Outcome::EndOfRecording(d),
+                    ReplayStop::NotReached(d) => Outcome::NotReached(d),
+                }),
+                Err(e) => Err(MachineError::Host(HostError::Host(e)).into()),
+            },
             Err(e) => Err(e.into()),
         }
     }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::vmm::MachineState;
 
 const MAGIC: &[u8; 8] = b"RVCKPT01";
-pub const PAGE: u64 = 4096;
+pub use crate::vmm::layout::PAGE;
 pub const SECTOR: u64 = 512;
 
 #[derive(Debug, thiserror::Error)]
@@ -98,11 +98,71 @@ impl Checkpoint {
     }
 
     /// Reads a checkpoint and checks it against the SHA-256 the log holds
-    /// for it (see [`crate::trace::Event::CheckpointFile`]).
+    /// for it (see [`crate::trace::Event::CheckpointFile`]). The file is
+    /// read once: the bytes hashed are the bytes decoded.
     pub fn read_bound(path: &Path, sha256: &str) -> Result<Checkpoint, CheckpointError> {
+        Self::read_expect(path, &Expect::Bound(sha256.to_string())).map(|(c, _)| c)
+    }
+
+    /// Reads checkpoint file `path` once, checks those bytes as `expect`
+    /// says, and decodes the same bytes. Returns the file's SHA-256 too.
+    pub fn read_expect(path: &Path, expect: &Expect) -> Result<(Checkpoint, String), CheckpointError> {
         let p = path.display().to_string();
+        let bad = |msg: String| CheckpointError::Bad { path: p.clone(), msg };
+        let sha = match expect {
+            Expect::Bound(sha) => Some(sha.as_str()),
+            Expect::CrcOnly => None,
+            Expect::Dropped => return Err(bad("was dropped from the recording (its removal is logged in the hash chain)".into())),
+            Expect::Unbound => {
+                return Err(bad("is not bound into the event log's hash chain (no SHA-256 logged for it), so it is not trusted".into()))
+            }
+        };
         let b = std::fs::read(path).map_err(|source| CheckpointError::Io { path: p.clone(), source })?;
-        Self::parse(&b, Some(sha256)).map_err(|msg| CheckpointError::Bad { path: p, msg })
+        let c = Self::parse(&b, sha).map_err(bad)?;
+        Ok((c, super::sha256_hex(&b)))
+    }
+
+    /// Folds `older` (the kept checkpoint just before this one) into this
+    /// one: every page and sector `older` holds that this one does not is
+    /// added (this one's own win). Restoring the kept checkpoints in order
+    /// without `older` then gives exactly what restoring both gave: how
+    /// the retention policy (record::retain) drops `older`.
+    pub fn absorb(&mut self, older: &Checkpoint) -> Result<(), String> {
+        if older.header.id == 0 || older.header.id >= self.header.id {
+            return Err(format!("checkpoint {} cannot absorb checkpoint {}", self.header.id, older.header.id));
+        }
+        type Units = std::collections::BTreeMap<u64, (usize, bool)>;
+        fn units(runs: &[(u64, u64)], size: usize, data: &[u8], at: &mut usize, out: &mut Units, newer: bool) -> Result<(), String> {
+            for &(first, count) in runs {
+                for u in first..first.checked_add(count).ok_or("run out of range")? {
+                    if *at + size > data.len() {
+                        return Err("data is shorter than its lists".into());
+                    }
+                    if newer || !out.contains_key(&u) {
+                        out.insert(u, (*at, newer));
+                    }
+                    *at += size;
+                }
+            }
+            Ok(())
+        }
+        let (mut pages, mut sectors) = (Units::new(), Units::new());
+        let (mut a, mut b) = (0usize, 0usize);
+        units(&self.header.pages, PAGE as usize, &self.data, &mut a, &mut pages, true)?;
+        units(&self.header.sectors, SECTOR as usize, &self.data, &mut a, &mut sectors, true)?;
+        units(&older.header.pages, PAGE as usize, &older.data, &mut b, &mut pages, false)?;
+        units(&older.header.sectors, SECTOR as usize, &older.data, &mut b, &mut sectors, false)?;
+        let mut data = Vec::with_capacity(pages.len() * PAGE as usize + sectors.len() * SECTOR as usize);
+        for (map, size) in [(&pages, PAGE as usize), (&sectors, SECTOR as usize)] {
+            for &(at, newer) in map.values() {
+                let src = if newer { &self.data } else { &older.data };
+                data.extend_from_slice(&src[at..at + size]);
+            }
+        }
+        self.header.pages = runs(pages.keys().copied());
+        self.header.sectors = runs(sectors.keys().copied());
+        self.data = data;
+        Ok(())
     }
 
     /// Decodes a checkpoint file's bytes. Every length is checked against
@@ -150,16 +210,92 @@ impl Checkpoint {
     }
 }
 
+/// What a reader checks a checkpoint file against before decoding it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// The SHA-256 (hex) the log's hash chain holds for the file.
+    Bound(String),
+    /// Its CRC-32 alone: a file a cut-short log stops before binding, or
+    /// any file under `--force`, or library use without checks.
+    CrcOnly,
+    /// Deliberately removed (thinning), and the removal is in the chain.
+    Dropped,
+    /// Not bound and not to be trusted.
+    Unbound,
+}
+
+/// The checkpoint-chain API: what each checkpoint file of a recording must
+/// match, from the log's `CheckpointFile` events. The latest event for an
+/// id wins (a checkpoint rewritten later, e.g. merged by thinning, is
+/// re-bound with its new SHA-256); an empty SHA-256 marks the checkpoint
+/// dropped (its file removed on purpose), which readers skip and `verify`
+/// reports as such. Ids with no event get `unbound`.
+#[derive(Debug, Clone)]
+pub struct Seals {
+    bound: std::collections::HashMap<u32, String>,
+    unbound: Expect,
+}
+
+impl Seals {
+    /// From a log's events; `unbound` is what ids without a binding get
+    /// (`Expect::Unbound`, or `Expect::CrcOnly` for a cut-short log).
+    pub fn from_events(events: &[crate::trace::Event], unbound: Expect) -> Seals {
+        let mut bound = std::collections::HashMap::new();
+        for e in events {
+            if let crate::trace::Event::CheckpointFile { id, sha256, .. } = e {
+                bound.insert(*id, sha256.clone());
+            }
+        }
+        Seals { bound, unbound }
+    }
+
+    /// Every file on its CRC-32 alone (`--force`, unchecked library use).
+    pub fn crc_only() -> Seals {
+        Seals { bound: Default::default(), unbound: Expect::CrcOnly }
+    }
+
+    pub fn expect(&self, id: u32) -> Expect {
+        match self.bound.get(&id) {
+            Some(s) if s.is_empty() => Expect::Dropped,
+            Some(s) => Expect::Bound(s.clone()),
+            None => self.unbound.clone(),
+        }
+    }
+
+    /// Whether checkpoint `id` has a SHA-256 in the chain.
+    pub fn is_bound(&self, id: u32) -> bool {
+        self.bound.get(&id).is_some_and(|s| !s.is_empty())
+    }
+
+    /// Reads checkpoint `id` of the recording in `dir`, checked as
+    /// [`Seals::expect`] says (one read: the bytes checked are the bytes
+    /// decoded), and checks that the file says it is checkpoint `id`.
+    pub fn read(&self, dir: &Path, id: u32) -> Result<Checkpoint, CheckpointError> {
+        let path = super::checkpoint_path(dir, id);
+        let (ck, _) = Checkpoint::read_expect(&path, &self.expect(id))?;
+        if ck.header.id != id {
+            return Err(CheckpointError::Bad {
+                path: path.display().to_string(),
+                msg: format!("file {id} says it is checkpoint {} (damaged recording)", ck.header.id),
+            });
+        }
+        Ok(ck)
+    }
+}
+
 /// Memory (and disk) at checkpoint `to` of the recording in `dir`: applies
 /// checkpoints `from..=to` in order, one file at a time, handing every page
 /// to `page(frame, bytes)` and every run of disk sectors to
 /// `sectors(first, bytes)`. With `from == 0` the target must start all zero
 /// (fresh guest RAM, a zeroed buffer): checkpoint 0 holds only the pages
 /// that were not zero, and any all-zero page in it is not passed on.
-/// Returns checkpoint `to`'s header. The one reader of checkpoint contents
-/// for replay (`Timeline::at_checkpoint`) and inspection (`Checkpoints::memory`).
+/// Returns checkpoint `to`'s header. Each file is checked as `seals` says
+/// before it is decoded (dropped ones are skipped). The one reader of
+/// checkpoint contents for replay (`Timeline::at_checkpoint`) and
+/// inspection (`Checkpoints::memory`).
 pub fn rebuild(
     dir: &Path,
+    seals: &Seals,
     from: u32,
     to: u32,
     mut page: impl FnMut(u64, &[u8]) -> Result<(), String>,
@@ -167,12 +303,12 @@ pub fn rebuild(
 ) -> Result<CheckpointHeader, CheckpointError> {
     let mut last = None;
     for k in from..=to {
+        if seals.expect(k) == Expect::Dropped && k != to {
+            continue;
+        }
         let path = super::checkpoint_path(dir, k);
         let bad = |msg: String| CheckpointError::Bad { path: path.display().to_string(), msg };
-        let ck = Checkpoint::read(&path)?;
-        if ck.header.id != k {
-            return Err(bad(format!("file {k} says it is checkpoint {} (damaged recording)", ck.header.id)));
-        }
+        let ck = seals.read(dir, k)?;
         let mem = ck.header.machine.config.mem_size;
         let mut at = 0usize;
         for &(first, count) in &ck.header.pages {

@@ -39,12 +39,18 @@ pub enum Event {
     /// thread); `exits` is the exit count when it was logged (>= the
     /// checkpoint's). Replay skips it like a mark.
     CheckpointFile { id: u32, exits: u64, sha256: String },
+    /// console.log's first `len` bytes were on disk (handed to the kernel)
+    /// with this SHA-256 (hex) when this was logged: binds the console into
+    /// the chain as it grows (at least every 100 ms of output, at each
+    /// checkpoint and before a migration), so a cut-short recording vouches
+    /// for all but its last moments of output. Replay skips it like a mark.
+    ConsoleFile { exits: u64, len: u64, sha256: String },
 }
 
 impl Event {
     /// Bookkeeping that the guest never sees (replay skips it).
     pub fn is_mark(&self) -> bool {
-        matches!(self, Event::Mark { .. } | Event::Checkpoint { .. } | Event::Migrated { .. } | Event::CheckpointFile { .. })
+        matches!(self, Event::Mark { .. } | Event::Checkpoint { .. } | Event::Migrated { .. } | Event::CheckpointFile { .. } | Event::ConsoleFile { .. })
     }
 
     /// Guest-caused exits at which the event happened.
@@ -55,7 +61,8 @@ impl Event {
             | Event::Checkpoint { exits, .. }
             | Event::End { exits, .. }
             | Event::Migrated { exits, .. }
-            | Event::CheckpointFile { exits, .. } => *exits,
+            | Event::CheckpointFile { exits, .. }
+            | Event::ConsoleFile { exits, .. } => *exits,
             Event::Timer { at, .. } | Event::Serial { at, .. } => at.exits,
         }
     }
@@ -70,6 +77,7 @@ impl Event {
             Event::End { .. } => "end",
             Event::Migrated { .. } => "migrated",
             Event::CheckpointFile { .. } => "ckpt-file",
+            Event::ConsoleFile { .. } => "console-file",
         }
     }
 }
@@ -84,7 +92,9 @@ impl std::fmt::Display for Event {
             Event::Checkpoint { id, exits, .. } => write!(f, "checkpoint {id} at exit {exits}"),
             Event::End { exits, reason, .. } => write!(f, "end ({reason:?}) at exit {exits}"),
             Event::Migrated { exits, from, to } => write!(f, "migrated from {from} to {to} at exit {exits}"),
+            Event::CheckpointFile { id, sha256, .. } if sha256.is_empty() => write!(f, "checkpoint {id} dropped (thinned by the retention policy)"),
             Event::CheckpointFile { id, sha256, .. } => write!(f, "checkpoint {id} written, SHA-256 {}", &sha256[..sha256.len().min(16)]),
+            Event::ConsoleFile { len, sha256, .. } => write!(f, "console.log: {len} bytes written, SHA-256 {}", &sha256[..sha256.len().min(16)]),
         }
     }
 }

@@ -306,6 +306,16 @@ impl LogWriter {
 
     /// Flushes and says where the log ends.
     pub fn head(&self) -> Result<LogHead, LogError> {
+        self.head_later()?
+            .recv()
+            .map_err(|_| LogError::Writer("writer thread is gone".into()))?
+            .map_err(LogError::Writer)
+    }
+
+    /// Asks for a flush without waiting: the answer (where the log ends, once
+    /// every event queued so far is in the kernel's hands) arrives on the
+    /// receiver, for another thread to wait on.
+    pub fn head_later(&self) -> Result<mpsc::Receiver<Result<LogHead, String>>, LogError> {
         let (rtx, rrx) = mpsc::sync_channel(1);
         {
             let mut b = self.queue.batch.lock().unwrap_or_else(|p| p.into_inner());
@@ -315,9 +325,7 @@ impl LogWriter {
             b.heads.push(rtx);
         }
         self.queue.wake.notify_one();
-        rrx.recv()
-            .map_err(|_| LogError::Writer("writer thread is gone".into()))?
-            .map_err(LogError::Writer)
+        Ok(rrx)
     }
 
     fn close(&self) {
@@ -430,7 +438,12 @@ impl LogReader {
                 Err(e) => return incomplete(events, seq, prev, format!("{at} {e} (damaged)")),
             };
             let mut rest = raw.as_slice();
-            let mut got = Vec::with_capacity(n as usize);
+            // Fallible: n is bounded by raw_len, but n events take more
+            // memory than n bytes; a crafted count is an error, not an abort.
+            let mut got = Vec::new();
+            if got.try_reserve_exact(n as usize).is_err() || events.try_reserve(n as usize).is_err() {
+                return incomplete(events, seq, prev, format!("{at} claims {n} events: cannot allocate them (damaged)"));
+            }
             for i in 0..n {
                 match postcard::take_from_bytes::<Event>(rest) {
                     Ok((e, r)) => {

@@ -80,6 +80,10 @@ pub struct Meta {
     pub disk: Option<FileInfo>,
     pub host: HostInfo,
     pub checkpoint_every_ms: u64,
+    /// The retention policy's K (`--keep-checkpoints`, docs/recording-format.md
+    /// "Retention"); absent: every checkpoint is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_keep: Option<u32>,
     /// When this recording continues another one (going live from a
     /// replay): that recording's id and the exit count it branched at.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,7 +108,14 @@ impl Meta {
     pub fn read(path: &Path) -> Result<Meta, MetaError> {
         let p = path.display().to_string();
         let bytes = std::fs::read(path).map_err(|source| MetaError::Io { path: p.clone(), source })?;
-        let v: serde_json::Value = serde_json::from_slice(&bytes)
+        Self::parse(&bytes, path)
+    }
+
+    /// Decodes meta.json's bytes (`path` names it in errors): a reader that
+    /// also hashes them (the chain's genesis) decodes the bytes it hashed.
+    pub fn parse(bytes: &[u8], path: &Path) -> Result<Meta, MetaError> {
+        let p = path.display().to_string();
+        let v: serde_json::Value = serde_json::from_slice(bytes)
             .map_err(|e| MetaError::Parse { path: p.clone(), msg: e.to_string() })?;
         let found = v.get("format").and_then(|f| f.as_str()).unwrap_or("?").to_string();
         let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0) as u32;

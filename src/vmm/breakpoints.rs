@@ -34,7 +34,7 @@ use kvm_bindings::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::vcpu::{Vcpu, VcpuError};
-use crate::clock::step::segment_from_gdt;
+use crate::vmm::step::segment_from_gdt;
 
 const INT3: u8 = 0xCC;
 /// Bytes below the (16-aligned) TSS.rsp0 an exception frame with an error

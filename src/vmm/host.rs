@@ -56,26 +56,22 @@ pub struct PollCtx {
 
 impl PollCtx {
     /// The execution point of this poll, if it is an exact boundary.
-    pub fn point(&self) -> Option<crate::clock::ExecPoint> {
-        self.rip.map(|rip| crate::clock::ExecPoint { exits: self.exits, branches: self.branches, rip })
+    pub fn point(&self) -> Option<super::point::ExecPoint> {
+        self.rip.map(|rip| super::point::ExecPoint { exits: self.exits, branches: self.branches, rip })
     }
 }
 
+/// Why a host stopped the run loop. The run loop knows only the first two;
+/// a host's own reasons (a replayer's divergence, the end of a recording)
+/// travel boxed to whoever drove the run, which downcasts them.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error("the guest is idle waiting for input, but no timer is running and the input is closed (it would wait forever)")]
     WouldWaitForever,
-    /// Replay no longer matches the recording.
-    #[error("replay diverged from the recording: {0}")]
-    Divergence(String),
-    /// Replay needs an input the (cut-short) recording does not have.
-    #[error("the recording ends here: {0}")]
-    EndOfRecording(String),
-    /// A requested stopping point does not exist on this execution path.
-    #[error("{0}")]
-    NotReached(String),
-    #[error("{0}")]
-    Other(String),
+    #[error("{what}: {source}")]
+    Io { what: &'static str, source: std::io::Error },
+    #[error(transparent)]
+    Host(Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub trait Host {
@@ -92,7 +88,7 @@ pub trait Host {
     fn wait(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<(), HostError>;
     /// `events` (from poll or wait) were delivered at `at`, where the
     /// registers had fingerprint `fp`. The recorder logs; the replayer checks.
-    fn delivered(&mut self, _at: &crate::clock::ExecPoint, _fp: u64, _events: &[Async]) -> Result<(), HostError> {
+    fn delivered(&mut self, _at: &super::point::ExecPoint, _fp: u64, _events: &[Async]) -> Result<(), HostError> {
         Ok(())
     }
     /// Whether the run loop should single-step from here (step clock) and
@@ -103,8 +99,8 @@ pub trait Host {
     /// With a branch counter installed (`Machine::set_counter`): where to
     /// stop next, asked before every entry into the guest. `branches` is the
     /// count since the last guest-caused exit as of now.
-    fn counter_plan(&mut self, _exits: u64, _branches: u64) -> crate::clock::counter::CounterPlan {
-        crate::clock::counter::CounterPlan::default()
+    fn counter_plan(&mut self, _exits: u64, _branches: u64) -> crate::vmm::counter::CounterPlan {
+        crate::vmm::counter::CounterPlan::default()
     }
     /// The vCPU thread is about to run the guest; `kicker` makes KVM_RUN return.
     fn attach(&mut self, _kicker: Kicker) {}

@@ -1,6 +1,8 @@
 //! Fixed guest-physical layout of the revirt platform; docs/platform.md is the
 //! human-readable version of this file and must agree with it.
 
+/// Guest pages are 4 KiB everywhere: dirty log, page hashes, checkpoints.
+pub const PAGE: u64 = 4096;
 pub const GDT_ADDR: u64 = 0x1000;
 pub const TSS_ADDR: u64 = 0x1080;
 /// The 104-byte TSS plus an I/O permission bitmap that allows ports

@@ -20,10 +20,10 @@ use super::layout::{self, ports, MAX_MEM, MIB, MIN_MEM};
 const PAGE_SIZE: u64 = 4096;
 use super::vcpu::{KickGuard, Kicker, Vcpu, VcpuError, VcpuState};
 use super::watch::{WatchSpec, Watches};
-use crate::clock::counter::{BranchCounter, CounterStop, RunCounter};
-use crate::clock::pmu::PmuError;
-use crate::clock::step::{StepError, StepStop, Stepper};
-use crate::clock::{fingerprint, ExecPoint};
+use crate::vmm::counter::{BranchCounter, CounterStop, RunCounter};
+use crate::vmm::counter::PmuError;
+use crate::vmm::step::{StepError, StepStop, Stepper};
+use super::point::{fingerprint, ExecPoint};
 
 /// How a VM is built. Saved in checkpoints and recordings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,7 +125,7 @@ pub enum Stop {
     Paused,
 }
 
-/// Full machine state except memory contents (see `vmm::snapshot`).
+/// Full machine state except memory contents (see `trace::snapshot`).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MachineState {
     pub config: VmConfig,
@@ -928,7 +928,7 @@ impl Machine {
                 continue;
             }
             // The PMU clock: program what the host wants from the counter.
-            let mut plan = crate::clock::counter::CounterPlan::default();
+            let mut plan = crate::vmm::counter::CounterPlan::default();
             if let Some(c) = self.counter.as_mut() {
                 plan = host.counter_plan(self.exits, self.branches);
                 c.program(plan.overflow_at)?;

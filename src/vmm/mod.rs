@@ -2,6 +2,7 @@
 //! decides nothing about recording or replay; it asks a [`host::Host`].
 
 pub mod boot;
+pub mod counter;
 pub mod breakpoints;
 pub mod devices;
 pub mod host;
@@ -10,11 +11,11 @@ pub mod layout;
 pub mod machine;
 pub mod pagehash;
 pub mod paging;
-pub mod snapshot;
+pub mod point;
+pub mod step;
 pub mod vcpu;
 pub mod watch;
 
 pub use host::{Async, Console, Control, Host, HostError, LiveHost, PollCtx, Waker};
 pub use image::Image;
 pub use machine::{GuestPanic, Machine, MachineError, MachineState, Stop, VmConfig};
-pub use snapshot::Snapshot;

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use sha2::{Digest, Sha256};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::trace::checkpoint::PAGE;
+use super::layout::PAGE;
 
 /// One page's term: SHA-256 over (frame number LE, the 4 KiB of contents)
 /// as four little-endian u64 lanes.

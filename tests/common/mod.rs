@@ -195,7 +195,8 @@ impl Drop for GdbServer {
 /// `revirt gdb REC --port 0 EXTRA...`, once it listens.
 pub fn gdb_server(rec: &Path, extra: &[&str]) -> GdbServer {
     let mut cmd = revirt();
-    cmd.args(["gdb", rec.to_str().unwrap(), "--port", "0"]).args(extra);
+    cmd.args(["gdb", rec.to_str().unwrap(), "--port", "0"])
+        .args(extra);
     start_gdb_server(cmd)
 }
 
@@ -220,7 +221,9 @@ pub fn start_gdb_server(mut cmd: Command) -> GdbServer {
             }
         }
     });
-    let port = rx.recv_timeout(Duration::from_secs(60)).expect("server did not start");
+    let port = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server did not start");
     GdbServer { child, port }
 }
 
@@ -238,7 +241,11 @@ pub fn demo_symbol(name: &str) -> u64 {
 
 /// (address, text) of each instruction of `func` in the demo image, from objdump.
 pub fn demo_disasm(func: &str) -> Vec<(u64, String)> {
-    let o = Command::new("objdump").args(["-d", "--no-show-raw-insn"]).arg(demo_image()).output().unwrap();
+    let o = Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(demo_image())
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     let mut inside = false;
     let mut v = Vec::new();

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::machine::MachineState;
+use crate::vmm::MachineState;
 
 const MAGIC: &[u8; 8] = b"RVSNAP01";
 const VERSION: u32 = 1;
@@ -105,15 +105,15 @@ impl Snapshot {
             serde_json::from_slice(take(slen)?).map_err(|e| decode(format!("state: {e}")))?;
         let mem = state.config.mem_size;
         // Checked before anything is allocated for it.
-        if !(super::layout::MIN_MEM..=super::layout::MAX_MEM).contains(&mem) || !mem.is_multiple_of(super::layout::MIB) {
+        if !(crate::vmm::layout::MIN_MEM..=crate::vmm::layout::MAX_MEM).contains(&mem) || !mem.is_multiple_of(crate::vmm::layout::MIB) {
             return Err(decode(format!(
                 "memory size {mem} is not a whole number of MiB from {} to {} MiB",
-                super::layout::MIN_MEM >> 20,
-                super::layout::MAX_MEM >> 20
+                crate::vmm::layout::MIN_MEM >> 20,
+                crate::vmm::layout::MAX_MEM >> 20
             )));
         }
         let mlen = u64::from_le_bytes(take(8)?.try_into().unwrap()) as usize;
-        let memory = crate::trace::decompress_exact(take(mlen)?, mem as usize).map_err(|e| decode(format!("memory {e}")))?;
+        let memory = super::decompress_exact(take(mlen)?, mem as usize).map_err(|e| decode(format!("memory {e}")))?;
         Ok(Snapshot { state, memory })
     }
 }

@@ -6,16 +6,16 @@
 //! instruction boundary some branches late (the skid); the run loop learns
 //! of it through [`BranchCounter::take_overflow`] and reports the stop to the
 //! host, which hands the position to the landing algorithm
-//! ([`super::pmu::Lander`]).
+//! (`clock::pmu::Lander`).
 //!
-//! - [`super::pmu::PerfCounter`] (hosts with a PMU): the hardware counts at
+//! - `clock::pmu::PerfCounter` (hosts with a PMU): the hardware counts at
 //!   full speed; the overflow is a signal to the vCPU thread whose handler
 //!   sets `kvm_run.immediate_exit`, so `KVM_RUN` returns `EINTR` (the same
 //!   exit a kick produces). The handler also notes *that* it was an
 //!   overflow ([`overflow_signal`]).
 //! - [`SimCounter`] (hosts without one, ours): counts exactly while the run
 //!   loop single-steps ([`BranchCounter::needs_stepping`]) and reports the
-//!   overflow late by a random skid from [`super::pmu::Skid`].
+//!   overflow late by a random skid from [`Skid`].
 //!
 //! Everything the run loop decides from a counter (reset at exits, where a
 //! stop is, what the count is there, how far ahead to arm) is in the small
@@ -25,7 +25,60 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Once;
 
-use super::pmu::{PerfCounter, PmuError, Skid};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PmuError {
+    #[error("no hardware PMU: {0}")]
+    Unavailable(String),
+    #[error("unsupported CPU for the PMU clock: {0}")]
+    UnsupportedCpu(String),
+    #[error("kernel {0} is too old for the PMU clock: re-arming the overflow period (PERF_EVENT_IOC_PERIOD on a disabled counter) needs Linux >= 4.17")]
+    OldKernel(String),
+    #[error(
+        "AMD Zen with the SpecLockMap optimization enabled: locked instructions make the \
+         conditional-branch counter miscount (rr issue #2034); disable it as \
+         https://github.com/rr-debugger/rr/wiki/Zen describes"
+    )]
+    SpecLockMap,
+    #[error("perf_event_open ({what}): {source}")]
+    Open { what: String, source: std::io::Error },
+    #[error("perf counter {op}: {source}")]
+    Io { op: &'static str, source: std::io::Error },
+    #[error("pinning the vCPU thread to CPUs {cpus}: {source}")]
+    Pin { cpus: String, source: std::io::Error },
+    #[error("{path}: {msg}")]
+    Sysfs { path: String, msg: String },
+    #[error(
+        "the {counter} miscounts the start-up probe guest: expected {expected} retired conditional \
+         branches (the step clock's count), counted {counted} ({diff:+}){detail}"
+    )]
+    Miscount { counter: String, expected: u64, counted: u64, diff: i64, detail: String },
+    #[error(
+        "the {counter} counted the start-up probe guest's {expected} retired conditional branches \
+         exactly, but {detail}"
+    )]
+    ProbeOverflow { counter: String, expected: u64, detail: String },
+    #[error("the start-up probe guest did not run: {0}")]
+    Probe(String),
+}
+
+/// A small deterministic PRNG (xorshift64*) for skids; tests print the seed.
+#[derive(Debug, Clone)]
+pub struct Skid(u64);
+
+impl Skid {
+    pub fn new(seed: u64) -> Skid {
+        Skid(seed.max(1))
+    }
+    pub fn next(&mut self, max: u64) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D) % (max + 1)
+    }
+}
 
 /// A guest branch counter as the run loop sees it.
 pub trait BranchCounter {
@@ -69,11 +122,6 @@ pub trait BranchCounter {
 /// runs the guest). Record takes one in its options so tests can put a
 /// counter that miscounts in the hardware counter's place.
 pub type CounterOpener = std::sync::Arc<dyn Fn() -> Result<Box<dyn BranchCounter + Send>, PmuError> + Send + Sync>;
-
-/// The hardware counter ([`RealCounter::open`]).
-pub fn hardware_opener() -> CounterOpener {
-    std::sync::Arc::new(|| Ok(Box::new(RealCounter::open()?) as Box<dyn BranchCounter + Send>))
-}
 
 /// The overflow armed in a counter: the count at which it fires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,7 +313,7 @@ pub fn overflow_signal() -> i32 {
 extern "C" fn on_overflow(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     OVERFLOWED.with(|c| c.set(true));
     // Then act as a kick: immediate_exit, so KVM_RUN returns EINTR.
-    crate::vmm::vcpu::on_kick_signal(sig, info, ctx);
+    super::vcpu::on_kick_signal(sig, info, ctx);
 }
 
 /// Registers the overflow handler once per process.
@@ -280,70 +328,6 @@ pub fn install_overflow_handler() -> bool {
 /// Takes the calling thread's overflow flag.
 pub fn take_overflow_flag() -> bool {
     OVERFLOWED.with(|c| c.replace(false))
-}
-
-/// The real counter, with what the run loop needs around [`PerfCounter`].
-pub struct RealCounter {
-    pub perf: PerfCounter,
-    armed: Option<Armed>,
-}
-
-impl RealCounter {
-    /// Opens the hardware counter on the calling (vCPU) thread; overflows
-    /// signal this thread with [`overflow_signal`].
-    pub fn open() -> Result<RealCounter, PmuError> {
-        if !install_overflow_handler() {
-            return Err(PmuError::Unavailable("cannot install the overflow signal handler".into()));
-        }
-        crate::vmm::vcpu::install_kick_handler();
-        let perf = PerfCounter::open(overflow_signal())?;
-        take_overflow_flag();
-        Ok(RealCounter { perf, armed: None })
-    }
-}
-
-impl BranchCounter for RealCounter {
-    fn reset(&mut self) -> Result<(), PmuError> {
-        self.armed = None;
-        self.perf.arm(1 << 62)?; // far away: no overflow until armed again
-        self.perf.reset()
-    }
-    fn read(&mut self) -> Result<u64, PmuError> {
-        self.perf.read()
-    }
-    fn arm(&mut self, n: u64) -> Result<(), PmuError> {
-        let now = self.perf.read()?;
-        self.armed = Some(Armed { at: now + n });
-        self.perf.arm(n)
-    }
-    fn disarm(&mut self) -> Result<(), PmuError> {
-        self.armed = None;
-        self.perf.arm(1 << 62)
-    }
-    fn take_overflow(&mut self) -> bool {
-        // The signal says so; the count says so too if the signal is still
-        // in flight (it arrives some instructions after the overflow). A
-        // signal while nothing is armed is stale (an earlier arm).
-        let sig = take_overflow_flag();
-        let counted = match self.armed {
-            Some(a) => self.perf.read().map(|c| c >= a.at).unwrap_or(false),
-            None => false,
-        };
-        let fired = counted || (sig && self.armed.is_some());
-        if fired {
-            self.armed = None;
-        }
-        fired
-    }
-    fn name(&self) -> &'static str {
-        "hardware PMU counter"
-    }
-    fn describe(&self) -> String {
-        format!("hardware PMU counter ({})", self.perf.choice.describe())
-    }
-    fn margin(&self) -> u64 {
-        self.perf.config.replay_margin
-    }
 }
 
 /// The simulated counter: exact counts by single-stepping, overflows
@@ -508,12 +492,6 @@ pub mod tests {
         assert_eq!(arm_distance(900, 850), Some(50));
         assert_eq!(arm_distance(900, 900), None, "already there: stop now");
         assert_eq!(arm_distance(900, 950), None);
-        // Same numbers as the Lander's own.
-        let l = super::super::pmu::Lander::new(
-            super::super::pmu::Target { at: super::super::ExecPoint { exits: 3, branches: 1000, rip: 0 }, fp: 0 },
-            100,
-        );
-        assert_eq!(l.overflow_at, overflow_point(1000, 100));
     }
 
     #[test]
@@ -707,18 +685,4 @@ pub mod tests {
         assert!(!take_overflow_flag(), "taken once");
     }
 
-    #[test]
-    fn real_counter_in_the_run_loop_where_present() {
-        if !super::super::pmu::PmuLayout::host_has_pmu() {
-            eprintln!("skipping: this host has no PMU (no cpu, cpu_core or cpu_atom event source)");
-            return;
-        }
-        // A PMU exists: any failure to open or drive the counter is a failure.
-        let mut c = RealCounter::open().unwrap_or_else(|e| panic!("this host has a PMU, but: {e}"));
-        c.reset().unwrap();
-        assert_eq!(c.read().unwrap(), 0);
-        c.arm(100).unwrap();
-        assert!(!c.take_overflow(), "no guest runs here: nothing counted");
-        c.disarm().unwrap();
-    }
 }
