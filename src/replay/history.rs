@@ -96,7 +96,8 @@ fn count_hits(
                 })
             }
             Outcome::EndOfRecording(d) | Outcome::NotReached(d) => {
-                if tl.exits() > to.exits {
+                // A cut-short recording vouches for no more: up to `to` is enough.
+                if tl.exits() >= to.exits {
                     break;
                 }
                 return Err(ProvError::Msg(d));
