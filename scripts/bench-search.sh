@@ -6,7 +6,8 @@
 # (REVIRT_GDB_NATIVE=0) on a short recording, for the before/after.
 #   bash scripts/bench-search.sh [ITERS] [ROUNDS]
 # ITERS: compute iterations (default 100000000, ~1.5e9 ring-3 instructions).
-# ONLY=history runs only the inspect rows (`history`, `last-write`: issue 19).
+# ROWS (env): the rows to run, default "watch compute ring0 race before history"
+# (history: inspect's `history` and `last-write` on the engine, issue 19).
 # Prints one line per measurement and the ratios to replay (target <= 1.5x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -123,17 +124,15 @@ history_before_after() { # the stepping oracle vs the engine on a short recordin
   printf 'before/after, compute iters=20000, history cur_task 8 start end: stepping %.0f ms, native %.0f ms\n' \
     "$(awk "BEGIN{print ($t1 - $t0) * 1000}")" "$(awk "BEGIN{print ($t3 - $t2) * 1000}")"
 }
+ROWS=${ROWS:-watch compute ring0 race before history}
+row() { [[ " $ROWS " == *" $1 "* ]]; }
 echo "medians of $ROUNDS, target <= 1.5x replay"
-if [ "${ONLY:-}" = history ]; then
-  bench_history compute "workload=compute iters=$ITERS" cur_task
-  history_before_after
-  exit 0
-fi
-bench_history compute "workload=compute iters=$ITERS" cur_task
-bench_watch compute "workload=compute iters=$ITERS" cur_task
-bench compute "workload=compute iters=$ITERS" power_off wl_compute
-bench ring0 "workload=ring0 iters=20000" power_off ring0_main
-bench race "workload=race iters=200000 exits=16" task_exit kmain
+if row watch; then bench_watch compute "workload=compute iters=$ITERS" cur_task; fi
+if row compute; then bench compute "workload=compute iters=$ITERS" power_off wl_compute; fi
+if row ring0; then bench ring0 "workload=ring0 iters=20000" power_off ring0_main; fi
+if row race; then bench race "workload=race iters=200000 exits=16" task_exit kmain; fi
+if row history; then bench_history compute "workload=compute iters=$ITERS" cur_task; history_before_after; fi
+row before || exit 0
 # Before/after: the stepping path on a recording short enough for it.
 rec=$tmp/short; record "$rec" "workload=compute iters=20000"
 serve "$rec" "$tmp/srv-old" "REVIRT_GDB_NATIVE=0"
@@ -142,4 +141,3 @@ kill "${pids[-1]}" 2>/dev/null || true
 serve "$rec" "$tmp/srv-new"
 new=$(timed_gdb "$port" "break power_off" "continue" "" | grep '^MS' | cut -d' ' -f2)
 printf 'before/after, compute iters=20000, break power_off + continue: stepping %.0f ms, native %.0f ms\n' "$old" "$new"
-history_before_after

@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use super::commands::{disasm_one, Change, LastWrite, Writer};
 use super::{interrupt, mmu, Error, Session};
-use crate::gdb::session::{Session as Search, SessionError, StopWhy, Watch, WatchKind};
+use crate::replay::session::{Session as Search, SessionError, StopWhy, Watch, WatchKind};
 
 fn search_err(e: SessionError, at: u64) -> Error {
     match e {

@@ -5,6 +5,8 @@
 pub mod history;
 pub mod provenance;
 pub mod search;
+pub mod session;
+pub mod snapshots;
 pub mod symbols;
 pub mod timeline;
 

@@ -68,6 +68,11 @@ pub struct Watches {
     pub ro: BTreeSet<u64>,
     /// Pages without a slot (reads and writes exit).
     pub none: BTreeSet<u64>,
+    /// Pages that held a native breakpoint site: read-only too, so a guest
+    /// write over a site is performed by the run loop, between runs, while
+    /// the `int3` is out (the next run patches the new code). Kept for the
+    /// machine's life (a later write there only costs an exit).
+    pub code: BTreeSet<u64>,
     /// The start of the range hit since the last precise poll (with [`DMA`]
     /// set for a DMA hit).
     pub hit: Option<u64>,
@@ -76,8 +81,14 @@ pub struct Watches {
 }
 
 impl Watches {
-    /// The pages each kind of slot needs for `specs`, below page `total`.
-    pub fn layout(specs: &[WatchSpec], total: u64) -> (BTreeSet<u64>, BTreeSet<u64>) {
+    /// The pages each kind of slot needs for `specs` and the breakpoint
+    /// `code` pages, below page `total`: (read-only, none). (A code page
+    /// watched for reads has no slot: running it is `WatchedCode`.)
+    pub fn layout(
+        specs: &[WatchSpec],
+        code: &BTreeSet<u64>,
+        total: u64,
+    ) -> (BTreeSet<u64>, BTreeSet<u64>) {
         let none: BTreeSet<u64> = specs
             .iter()
             .filter(|s| s.reads)
@@ -87,6 +98,7 @@ impl Watches {
         let ro = specs
             .iter()
             .flat_map(|s| s.pages())
+            .chain(code.iter().copied())
             .filter(|&p| p < total && !none.contains(&p))
             .collect();
         (ro, none)
@@ -173,8 +185,8 @@ mod tests {
             },
             WatchSpec::changes(0x3000, 4),
         ];
-        let (ro, none) = Watches::layout(&specs, 16);
-        assert_eq!(ro.into_iter().collect::<Vec<_>>(), [1]);
+        let (ro, none) = Watches::layout(&specs, &[9, 4].into(), 16);
+        assert_eq!(ro.into_iter().collect::<Vec<_>>(), [1, 9]);
         assert_eq!(none.into_iter().collect::<Vec<_>>(), [3, 4]);
     }
 
