@@ -336,6 +336,9 @@ fn last_write_lands_where_gdb_reverse_watch_lands() {
             // Written once: the older path (exit by exit, then stepping) agrees.
             assert_eq!(last_write_point(dir, sym, false), want, "{sym}: the older path");
         }
+    }
+}
+
 /// The target of the first backward jump in `func`: its loop head.
 fn loop_head(func: &str) -> u64 {
     let d = demo_disasm(func);
