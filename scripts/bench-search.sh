@@ -6,6 +6,7 @@
 # (REVIRT_GDB_NATIVE=0) on a short recording, for the before/after.
 #   bash scripts/bench-search.sh [ITERS] [ROUNDS]
 # ITERS: compute iterations (default 100000000, ~1.5e9 ring-3 instructions).
+# ROWS (env): the rows to run, default "watch compute ring0 race before".
 # Prints one line per measurement and the ratios to replay (target <= 1.5x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -87,11 +88,14 @@ bench_watch() { # $1 name, $2 cmdline, $3 variable
   mr=$(printf '%s\n' "${rep[@]}" | med); mv=$(printf '%s\n' "${rev[@]}" | med)
   printf '%-44s replay -q %8.0f ms | watch -l %s + reverse-continue %8.0f ms (%.2fx)\n' "$1 ($2)" "$mr" "$3" "$mv" "$(awk "BEGIN{print $mv / $mr}")"
 }
+ROWS=${ROWS:-watch compute ring0 race before}
+row() { [[ " $ROWS " == *" $1 "* ]]; }
 echo "medians of $ROUNDS, target <= 1.5x replay"
-bench_watch compute "workload=compute iters=$ITERS" cur_task
-bench compute "workload=compute iters=$ITERS" power_off wl_compute
-bench ring0 "workload=ring0 iters=20000" power_off ring0_main
-bench race "workload=race iters=200000 exits=16" task_exit kmain
+if row watch; then bench_watch compute "workload=compute iters=$ITERS" cur_task; fi
+if row compute; then bench compute "workload=compute iters=$ITERS" power_off wl_compute; fi
+if row ring0; then bench ring0 "workload=ring0 iters=20000" power_off ring0_main; fi
+if row race; then bench race "workload=race iters=200000 exits=16" task_exit kmain; fi
+row before || exit 0
 # Before/after: the stepping path on a recording short enough for it.
 rec=$tmp/short; record "$rec" "workload=compute iters=20000"
 serve "$rec" "$tmp/srv-old" "REVIRT_GDB_NATIVE=0"

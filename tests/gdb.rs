@@ -625,7 +625,7 @@ fn session_snapshots_give_the_exact_machine_state() {
     // Library level: the full state hash (registers, devices, all memory),
     // event index, output length and clock after each move equal those of
     // a session without snapshots; both clocks.
-    use revirt::gdb::session::Session;
+    use revirt::replay::session::Session;
     use std::sync::Arc;
     for (name, extra) in [("exit", vec![]), ("step", vec!["--clock", "step"])] {
         let d = tempfile::tempdir().unwrap();
@@ -694,7 +694,7 @@ fn session_snapshots_give_the_exact_machine_state() {
 fn session_snapshots_restore_the_disk_too() {
     // The disk workload writes sector 0 once: go past the write, back before
     // it through a snapshot, and forth again; the state hash covers the disk.
-    use revirt::gdb::session::Session;
+    use revirt::replay::session::Session;
     use std::sync::Arc;
     let d = tempfile::tempdir().unwrap();
     let disk = d.path().join("disk.img");

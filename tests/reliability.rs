@@ -258,6 +258,38 @@ fn every_file_is_bound_and_a_cut_short_recording_names_what_is_unvouched() {
     assert!(fail_line(&out, &format!("checkpoint {bound_id}:")).contains("SHA-256"), "{out}");
 }
 
+/// No window between the check and the use: a reader that opened (and
+/// checked) a recording, whose checkpoint or disk copy is then changed on
+/// disk, fails where it reads the file, naming it — it never decodes bytes
+/// it did not check.
+#[test]
+fn a_file_changed_after_the_check_is_caught_where_it_is_used() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    let disk = d.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 64 * 512]).unwrap();
+    record_demo_ok(&dir, "workload=disk", &["--disk", disk.to_str().unwrap(), "--checkpoint-every", "5ms"], b"");
+    let rec = Arc::new(Recording::open_checked(&dir, false).unwrap());
+    assert!(rec.integrity.as_deref().unwrap().ends_with("intact"), "{:?}", rec.integrity);
+    assert!(rec.checkpoints.len() >= 2, "{:?}", rec.checkpoints);
+    // Unchanged: both open.
+    Timeline::at_checkpoint(rec.clone(), 1, Sink::Discard).unwrap();
+    // Checkpoint 1 resealed after the check.
+    let ck = trace::checkpoint_path(&dir, 1);
+    let orig = std::fs::read(&ck).unwrap();
+    reseal_checkpoint_with_changed_memory(&ck);
+    let e = Timeline::at_checkpoint(rec.clone(), 1, Sink::Discard).err().expect("a resealed checkpoint is refused at use").to_string();
+    assert!(e.contains("000001.ckpt") && e.contains("SHA-256"), "{e}");
+    std::fs::write(&ck, &orig).unwrap();
+    // The disk copy changed after the check: refused while it is copied.
+    let dimg = dir.join(trace::DISK);
+    let mut b = std::fs::read(&dimg).unwrap();
+    b[100] ^= 1;
+    std::fs::write(&dimg, &b).unwrap();
+    let e = Timeline::at_checkpoint(rec.clone(), 0, Sink::Discard).err().expect("a changed disk copy is refused at use").to_string();
+    assert!(e.contains("disk.img") && e.contains("SHA-256"), "{e}");
+}
+
 #[test]
 fn digest_catches_a_consistently_rewritten_recording() {
     let d = tempfile::tempdir().unwrap();

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
-use revirt::gdb::session::{Session, StopWhy};
+use revirt::replay::session::{Session, StopWhy};
 use revirt::replay::search::{Scan, ScanStop};
 use revirt::replay::{Outcome, Recording, Sink, Timeline};
 
@@ -163,7 +163,7 @@ fn continue_and_reverse_continue_equal_the_stepping_path() {
 
 #[test]
 fn write_watchpoints_at_native_speed_equal_the_stepping_path() {
-    use revirt::gdb::session::{Watch, WatchKind};
+    use revirt::replay::session::{Watch, WatchKind};
     let d = tempfile::tempdir().unwrap();
     let rec = record_race(d.path(), "exit", "exit");
     let mut a = Session::open(rec.clone(), 0).unwrap();
@@ -189,4 +189,84 @@ fn write_watchpoints_at_native_speed_equal_the_stepping_path() {
         same(&mut a, &mut b, &wa, &wb, &format!("reverse-continue {i}"));
     }
     assert!(a.native_runs > 0, "the native session ran natively");
+}
+
+/// The target of the first backward jump in `func`: its loop head.
+fn loop_head(func: &str) -> u64 {
+    let d = demo_disasm(func);
+    d.iter()
+        .find_map(|(a, t)| {
+            let target = t.split_whitespace().nth(1).and_then(|x| u64::from_str_radix(x, 16).ok())?;
+            (t.starts_with('j') && target < *a).then_some(target)
+        })
+        .unwrap_or_else(|| panic!("no loop in {func}"))
+}
+
+/// Native hits of a whole replay against the oracle's, and the same end.
+fn same_as_oracle(rec: &Arc<Recording>, sites: &BTreeSet<u64>, what: &str) -> (Vec<(u64, u64, u64, u64)>, Timeline) {
+    let mut tl = Timeline::open(rec.clone(), Sink::Discard).unwrap();
+    let (o, scan) = tl.run_scan(Scan::new(sites.clone(), ScanStop::Never, 0, &[]), None).unwrap();
+    let (want, want_o) = oracle_hits(rec, sites);
+    assert_eq!(key(&scan), want, "{what}: native hits = stepped hits");
+    match (&o, &want_o) {
+        (Outcome::Finished { state_hash: a, problems: pa, .. }, Outcome::Finished { state_hash: b, problems: pb, .. }) => {
+            assert!(pa.is_empty() && pb.is_empty(), "{what}: {pa:?} {pb:?}");
+            assert_eq!(a, b, "{what}");
+        }
+        other => panic!("{what}: {other:?}"),
+    }
+    (want, tl)
+}
+
+/// Ring 0 runs free with breakpoints set (the ring0 workload never leaves
+/// it): breakpoints in its loop, in the console code and at power-off are
+/// hit exactly where stepping hits them, by `int3` traps.
+#[test]
+fn ring0_breakpoints_equal_the_stepping_oracle() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("r0");
+    record_demo_ok(&out, "workload=ring0 iters=300", &["--checkpoint-every", "50ms"], b"");
+    let rec = Arc::new(Recording::open(&out).unwrap());
+    let body = loop_head("compute_run");
+    let sites: BTreeSet<u64> = [body, symbol("con_puts"), symbol("power_off"), symbol("ring0_main")].into();
+    let (want, tl) = same_as_oracle(&rec, &sites, "ring0");
+    assert_eq!(want.iter().filter(|h| h.1 == body).count(), 300, "every iteration of the ring-0 loop");
+    assert!(tl.machine.bps.hits >= 300, "the hits came from int3 traps: {}", tl.machine.bps.hits);
+}
+
+/// A breakpoint in code the guest overwrites (selfmod copies sm_v2 over
+/// sm_v1 half-way): the write lands while the int3 is out, the next run
+/// patches the new code, and every later call is still a hit; the state
+/// matches the stepping oracle (which never patches anything).
+#[test]
+fn a_breakpoint_in_code_the_guest_overwrites_is_hit_before_and_after() {
+    let d = tempfile::tempdir().unwrap();
+    for clock in ["exit", "step"] {
+        let out = d.path().join(clock);
+        record_demo_ok(&out, "workload=selfmod iters=40", &["--clock", clock], b"");
+        let rec = Arc::new(Recording::open(&out).unwrap());
+        let sites: BTreeSet<u64> = [symbol("sm_v1"), symbol("power_off")].into();
+        let (want, _) = same_as_oracle(&rec, &sites, clock);
+        assert_eq!(want.iter().filter(|h| h.1 == symbol("sm_v1")).count(), 40, "{clock}: sm_v1 called every round");
+    }
+}
+
+/// A guest reading code bytes under a patched `int3` (selfmod hashes
+/// sm_read's code every round; a breakpoint sits on sm_read): what it reads
+/// differs from the recording, and the replay says so (its console output
+/// is checked as it goes, like every event); it never ends as a clean,
+/// matching replay with hits that might be wrong.
+#[test]
+fn a_guest_reading_code_under_a_patched_int3_is_detected() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("r");
+    record_demo_ok(&out, "workload=selfmod iters=40", &[], b"");
+    let rec = Arc::new(Recording::open(&out).unwrap());
+    let mut tl = Timeline::open(rec.clone(), Sink::Discard).unwrap();
+    let sites: BTreeSet<u64> = [symbol("sm_read")].into();
+    let (o, _) = tl.run_scan(Scan::new(sites, ScanStop::Never, 0, &[]), None).unwrap();
+    match o {
+        Outcome::Diverged(why) => assert!(why.contains("console output differs"), "{why}"),
+        other => panic!("a read of a patched byte went unnoticed: {other:?}"),
+    }
 }

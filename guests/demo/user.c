@@ -55,6 +55,8 @@ static int run_workload(const char *w)
         return wl_fpu(iters_or(FPU_ITERS));
     if (str_eq(w, "idle"))
         return wl_idle(iters_or(IDLE_SECONDS), cfg.pages_set ? cfg.pages : 4, cfg.hz);
+    if (str_eq(w, "selfmod"))
+        return wl_selfmod(iters_or(SELFMOD_ITERS));
     con_printf("revirt-demo: unknown workload '%s'\n", w);
     return 2;
 }

@@ -14,6 +14,7 @@
 #define BRANCHY_ITERS 1000000ULL
 #define FPU_ITERS 65536ULL
 #define IDLE_SECONDS 10ULL
+#define SELFMOD_ITERS 1000ULL
 
 int wl_compute(u64 iters);
 int wl_clock(u64 iters);
@@ -27,5 +28,6 @@ int wl_mem(u64 iters, u64 pages);
 int wl_branchy(u64 iters);
 int wl_fpu(u64 iters);
 int wl_idle(u64 seconds, u64 pages, u64 hz);
+int wl_selfmod(u64 iters);
 
 #endif

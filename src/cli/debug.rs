@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::Context;
-use revirt::gdb::session::Session;
+use revirt::replay::session::Session;
 use revirt::gdb::{serve, Target64};
 use revirt::replay::Recording;
 

@@ -4,7 +4,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use revirt::gdb::session::Session;
+use revirt::replay::session::Session;
 use revirt::gdb::{serve, Target64};
 use revirt::replay::Recording;
 

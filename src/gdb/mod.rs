@@ -1,11 +1,9 @@
 //! `revirt gdb`: a GDB remote-protocol server over a replay, with real
 //! reverse execution (reverse-stepi, reverse-continue) built on
-//! [`session::Session`]. The protocol itself is the `gdbstub` crate; the
+//! [`crate::replay::session::Session`]. The protocol itself is the `gdbstub` crate; the
 //! target is x86-64 with SSE, segment bases and system registers ([`arch`]).
 
 pub mod arch;
-pub mod session;
-pub mod snapshots;
 
 use std::net::{TcpListener, TcpStream};
 
@@ -29,7 +27,7 @@ use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps
 use gdbstub::target::{Target, TargetError, TargetResult};
 use arch::{RevirtRegs, X86_64Revirt};
 
-use session::{Session, SessionError, StopWhy, Watch, WatchKind};
+use crate::replay::session::{Session, SessionError, StopWhy, Watch, WatchKind};
 
 /// What the client asked for at the last resume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -395,7 +395,7 @@ pub fn run_live_until(
     c.attach(m, None);
     c.shared.set_waker(live.waker());
     loop {
-        let stop = m.run(&mut super::Pausable::new(live, c.shared.clone()), exit_limit)?;
+        let stop = m.run(&mut crate::vmm::pausable::Pausable::new(live, c.shared.clone()), exit_limit)?;
         if stop == Stop::Paused && c.shared.stop_requested() {
             use crate::vmm::Host;
             let clock = live.now_ns();

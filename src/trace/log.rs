@@ -438,7 +438,12 @@ impl LogReader {
                 Err(e) => return incomplete(events, seq, prev, format!("{at} {e} (damaged)")),
             };
             let mut rest = raw.as_slice();
-            let mut got = Vec::with_capacity(n as usize);
+            // Fallible: n is bounded by raw_len, but n events take more
+            // memory than n bytes; a crafted count is an error, not an abort.
+            let mut got = Vec::new();
+            if got.try_reserve_exact(n as usize).is_err() || events.try_reserve(n as usize).is_err() {
+                return incomplete(events, seq, prev, format!("{at} claims {n} events: cannot allocate them (damaged)"));
+            }
             for i in 0..n {
                 match postcard::take_from_bytes::<Event>(rest) {
                     Ok((e, r)) => {

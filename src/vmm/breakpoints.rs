@@ -10,14 +10,29 @@
 //! the ring-0 stack (RIP = site + 1, CS, RFLAGS, RSP, SS), which is the
 //! exact ring-3 state. We unwind it the way the step clock unwinds its #DB
 //! (registers from the frame, the 48 stack bytes below TSS.rsp0 put back).
-//! A DPL-0 vector-3 gate turns the `int3` into #GP (error code 0x1a), so the
-//! vector-13 handler is watched too; the #PF handler as well, because a
-//! fault handled in ring 0 during a free run would leave the saved stack
-//! bytes stale: at a page fault the loop falls back to stepping until ring
-//! 3 again. In ring 0 here `int3` cannot be emulated: KVM stops with an
-//! emulation failure at the site, before anything happened, which is a hit
-//! too. On ordinary VMX/SVM hosts `USE_SW_BP` turns every `int3` into a
-//! debug exit at the site, and the same code takes that path.
+//! Architecturally a DPL-0 vector-3 gate turns the `int3` into #GP (error
+//! code 0x1a), so the vector-13 handler is watched too then (kvm_pvm
+//! delivers vector 3 all the same, measured with the demo guest's DPL-0
+//! gate). In ring 0 here `int3` cannot
+//! be emulated: KVM stops with an emulation failure at the site, before
+//! anything happened, which is a hit too. On ordinary VMX/SVM hosts
+//! `USE_SW_BP` turns every `int3` into a debug exit at the site, and the
+//! same code takes that path.
+//!
+//! Ring 0 runs free too. The one thing a free run must not lose is the
+//! truth of the 48 bytes below TSS.rsp0 that a ring-3 `int3` overwrites:
+//! ring 0 writes them (every interrupt frame lands there), so the copy
+//! taken before a run is only good while ring 3 runs. Every return from
+//! ring 0 to ring 3 is therefore a stop: the other debug registers hold the
+//! guest's *return sites* (the `iretq`/`sysret` instructions), found by a
+//! static walk of the IDT handlers' code and learned whenever a step goes
+//! from ring 0 to ring 3. At such a stop the caller steps the return (the
+//! stepper executes an `iretq` itself) and the next free run starts in ring
+//! 3 with a fresh copy. A run that starts in ring 0 and meets a ring-3
+//! `int3` without passing a watched return would have a stale copy: that
+//! is reported ([`BreakpointError::UnseenReturn`]), never unwound silently;
+//! with no return site known, or more than the debug registers hold, ring
+//! 0 is stepped instead.
 //!
 //! The patched bytes exist only while the vCPU runs: [`Breakpoints::unpatch`]
 //! runs after every `KVM_RUN`, so memory reads, hashes, checkpoints and
@@ -31,6 +46,7 @@ use kvm_bindings::{
     kvm_debug_exit_arch, kvm_guest_debug, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_USE_HW_BP,
     KVM_GUESTDBG_USE_SW_BP,
 };
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::vcpu::{Vcpu, VcpuError};
@@ -42,6 +58,11 @@ const INT3: u8 = 0xCC;
 const FRAME: usize = 48;
 /// The #GP error code of an `int3` through a DPL-0 IDT gate: IDT entry 3.
 const GP_INT3: u64 = (3 << 3) | 2;
+/// Debug registers KVM guest debug programs: one catches the `int3`
+/// delivery, the others watch return sites.
+const DRS: usize = 4;
+/// Instructions the static walk of the IDT handlers decodes at most.
+const WALK_BUDGET: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BreakpointError {
@@ -53,6 +74,11 @@ pub enum BreakpointError {
     Memory { addr: u64, what: &'static str },
     #[error("the guest executed an int3 of its own at {rip:#x} while native breakpoints were armed")]
     ForeignInt3 { rip: u64 },
+    #[error(
+        "breakpoint at {site:#x} hit in ring 3 after ring 0 returned by an instruction not known as a \
+         return site: the 48 bytes below TSS.rsp0 cannot be restored (set REVIRT_GDB_NATIVE=0)"
+    )]
+    UnseenReturn { site: u64 },
 }
 
 /// What a debug exit or emulation failure meant for the breakpoints.
@@ -61,9 +87,11 @@ pub enum Trap {
     /// The guest stands at breakpoint site `rip`, before executing it
     /// (state unwound: exactly as if it had arrived there by stepping).
     Hit { rip: u64 },
-    /// The guest took a page fault in ring 0's hands: it stands at the
-    /// guest's #PF handler; step until ring 3 before running free again.
-    RingZero,
+    /// A debug register stopped the guest in ring 0 at an instruction that
+    /// is no hit: a return site, or the guest's own #GP handler. Step it
+    /// once (a return to ring 3 then starts the next free run with a fresh
+    /// copy of the stack bytes), then run free again.
+    StepOver,
 }
 
 /// The breakpoint sites and their patching state.
@@ -73,12 +101,23 @@ pub struct Breakpoints {
     sites: BTreeSet<u64>,
     /// Patched while the vCPU runs: (virtual, physical, original byte).
     patched: Vec<(u64, u64, u8)>,
-    /// Linear addresses of the IDT handlers for vectors 3, 13, 14.
-    handlers: [Option<u64>; 3],
+    /// The sites patched during the last run (virtual).
+    last_run: Vec<u64>,
+    /// The IDT handlers (linear address, vector) an `int3` from ring 3 may
+    /// reach: vector 3, and vector 13 (#GP) when the vector-3 gate is DPL 0.
+    catch: Vec<(u64, u8)>,
+    /// Return sites (ring 0 to ring 3) learned by stepping.
+    learned: BTreeSet<u64>,
+    /// Return sites found by walking the IDT handlers, for (IDT base, limit).
+    walked: Option<(u64, u16, BTreeSet<u64>)>,
     /// The bytes below TSS.rsp0 before this free run (address, bytes).
     saved: Option<(u64, [u8; FRAME])>,
-    /// KVM guest debug is programmed for breakpoints.
+    /// This free run started in ring 0 (no saved copy is good).
+    from_ring0: bool,
+    /// KVM guest debug is programmed for breakpoints (with these debug
+    /// registers: reprogramming costs an ioctl per run otherwise).
     programmed: bool,
+    debugregs: [u64; 8],
     /// Sites found overwritten by the guest since the last [`Breakpoints::take_overwritten`].
     overwritten: Vec<u64>,
     pub hits: u64,
@@ -108,40 +147,91 @@ impl Breakpoints {
         std::mem::take(&mut self.overwritten)
     }
 
-    /// Prepares a free run from ring 3: finds the IDT handlers, saves the
-    /// stack bytes an exception from ring 3 overwrites, patches every site
-    /// and programs the hardware breakpoints. Returns false when it cannot
-    /// (no IDT yet): the caller steps instead.
-    pub fn arm(&mut self, vcpu: &Vcpu, mem: &GuestMemoryMmap) -> Result<bool, BreakpointError> {
-        let s = vcpu.sregs()?;
-        for (i, v) in [3u64, 13, 14].into_iter().enumerate() {
-            self.handlers[i] = idt_handler(mem, s.idt.base, s.idt.limit, v);
+    /// A return from ring 0 to ring 3 at `rip`, seen by stepping.
+    pub fn learn_return(&mut self, rip: u64) {
+        self.learned.insert(rip);
+    }
+
+    /// Every return site known: walked from the IDT handlers and learned.
+    pub fn return_sites(&self) -> BTreeSet<u64> {
+        let mut r = self.learned.clone();
+        if let Some((_, _, w)) = &self.walked {
+            r.extend(w);
         }
-        if self.handlers[0].is_none() && self.handlers[1].is_none() {
+        r
+    }
+
+    /// Prepares a free run: finds the handler an `int3` from ring 3 reaches
+    /// and the return sites, saves the stack bytes that `int3` overwrites
+    /// (from ring 3), patches every site and programs the hardware
+    /// breakpoints. Returns false when it cannot: no IDT yet, or in ring 0
+    /// with no return site known or more than the debug registers hold.
+    /// The caller steps instead.
+    /// `sregs`: the vCPU's SREGS if the caller has them (else read here).
+    pub fn arm(
+        &mut self,
+        vcpu: &Vcpu,
+        mem: &GuestMemoryMmap,
+        sregs: Option<kvm_bindings::kvm_sregs>,
+    ) -> Result<bool, BreakpointError> {
+        let s = match sregs {
+            Some(s) => s,
+            None => vcpu.sregs()?,
+        };
+        self.catch.clear();
+        let Some((h3, dpl)) = idt_gate(mem, s.idt.base, s.idt.limit, 3) else { return Ok(false) };
+        self.catch.push((h3, 3));
+        if dpl != 3 {
+            if let Some((h13, _)) = idt_gate(mem, s.idt.base, s.idt.limit, 13) {
+                self.catch.push((h13, 13));
+            }
+        }
+        if !matches!(&self.walked, Some((b, l, _)) if *b == s.idt.base && *l == s.idt.limit) {
+            let skip: Vec<u64> = self.catch.iter().map(|c| c.0).collect();
+            let w = walk_returns(mem, &s, &skip);
+            self.walked = Some((s.idt.base, s.idt.limit, w));
+        }
+        let catch: Vec<u64> = self.catch.iter().map(|c| c.0).collect();
+        let returns: Vec<u64> = self.return_sites().into_iter().filter(|r| !catch.contains(r)).collect();
+        self.from_ring0 = s.cs.selector & 3 != 3;
+        if self.from_ring0 && (returns.is_empty() || returns.len() > DRS - catch.len()) {
             return Ok(false);
         }
-        let rsp0: u64 = read(mem, s.tr.base + 4, "TSS.rsp0")?;
-        let at = (rsp0 & !0xf).wrapping_sub(FRAME as u64);
-        let mut b = [0u8; FRAME];
-        mem.read_slice(&mut b, GuestAddress(at))
-            .map_err(|_| BreakpointError::Memory { addr: at, what: "ring-0 stack" })?;
-        self.saved = Some((at, b));
+        self.saved = None;
+        if !self.from_ring0 {
+            let rsp0: u64 = read(mem, s.tr.base + 4, "TSS.rsp0")?;
+            let at = (rsp0 & !0xf).wrapping_sub(FRAME as u64);
+            let mut b = [0u8; FRAME];
+            mem.read_slice(&mut b, GuestAddress(at))
+                .map_err(|_| BreakpointError::Memory { addr: at, what: "ring-0 stack" })?;
+            self.saved = Some((at, b));
+        }
         self.patch(mem, &s)?;
         let mut dbg = kvm_guest_debug {
             control: KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP | KVM_GUESTDBG_USE_HW_BP,
             ..Default::default()
         };
+        // The first debug registers catch the int3 delivery, the others
+        // watch return sites (from ring 3 with more sites than that, a
+        // return through an unwatched one only matters after an unwatched
+        // entry into ring 0).
         let mut dr7 = 0u64;
-        for (i, h) in self.handlers.iter().enumerate() {
-            if let Some(h) = h {
-                dbg.arch.debugreg[i] = *h;
-                dr7 |= 1 << (2 * i); // Li: local enable, execute, 1 byte
-            }
+        for (i, a) in catch.into_iter().chain(returns).take(DRS).enumerate() {
+            dbg.arch.debugreg[i] = a;
+            dr7 |= 1 << (2 * i); // Li: local enable, execute, 1 byte
         }
         dbg.arch.debugreg[7] = dr7;
-        vcpu.fd.set_guest_debug(&dbg).map_err(BreakpointError::GuestDebug)?;
+        if !self.programmed || self.debugregs != dbg.arch.debugreg {
+            vcpu.fd.set_guest_debug(&dbg).map_err(BreakpointError::GuestDebug)?;
+            self.debugregs = dbg.arch.debugreg;
+        }
         self.programmed = true;
         Ok(true)
+    }
+
+    /// The guest-physical pages (frame numbers) patched for this run.
+    pub fn patched_pages(&self) -> BTreeSet<u64> {
+        self.patched.iter().map(|p| p.1 >> 12).collect()
     }
 
     /// Turns breakpoint guest debug off (the caller then programs what it needs).
@@ -174,7 +264,9 @@ impl Breakpoints {
     /// is no longer `int3` was overwritten by the guest: its new byte stays,
     /// and the site is reported by [`Breakpoints::take_overwritten`].
     pub fn unpatch(&mut self, mem: &GuestMemoryMmap) {
+        self.last_run.clear();
         for (va, pa, orig) in self.patched.drain(..) {
+            self.last_run.push(va);
             let mut b = [0u8; 1];
             let _ = mem.read_slice(&mut b, GuestAddress(pa));
             if b[0] == INT3 {
@@ -198,13 +290,20 @@ impl Breakpoints {
             self.hits += 1;
             return Ok(Some(Trap::Hit { rip: pc }));
         }
-        if Some(pc) == self.handlers[2] && self.handlers[2] != self.handlers[0] {
-            return Ok(Some(Trap::RingZero));
-        }
-        let (vec3, vec13) = (Some(pc) == self.handlers[0], Some(pc) == self.handlers[1]);
-        if !vec3 && !vec13 {
+        let catch = self.catch.iter().find(|c| c.0 == pc).copied();
+        if catch.is_none() {
+            if self.return_sites().contains(&pc) {
+                // A return site (ring 0 stands there, exact): a hit if a
+                // breakpoint is set on it too.
+                if self.sites.contains(&pc) {
+                    self.hits += 1;
+                    return Ok(Some(Trap::Hit { rip: pc }));
+                }
+                return Ok(Some(Trap::StepOver));
+            }
             return Ok(None);
         }
+        let (vec3, vec13) = (catch.is_some_and(|c| c.1 == 3), catch.is_some_and(|c| c.1 == 13));
         let mut regs = vcpu.regs()?;
         let mut f = [0u64; 6];
         for (i, w) in f.iter_mut().enumerate() {
@@ -219,8 +318,11 @@ impl Breakpoints {
         } else if vec3 {
             return Err(BreakpointError::ForeignInt3 { rip: f[0].wrapping_sub(1) });
         } else {
-            return Ok(Some(Trap::RingZero)); // a #GP of the guest's own
+            return Ok(Some(Trap::StepOver)); // a #GP of the guest's own
         };
+        if self.from_ring0 {
+            return Err(BreakpointError::UnseenReturn { site });
+        }
         if let Some((at, bytes)) = self.saved.take() {
             mem.write_slice(&bytes, GuestAddress(at))
                 .map_err(|_| BreakpointError::Memory { addr: at, what: "ring-0 stack" })?;
@@ -245,7 +347,7 @@ impl Breakpoints {
     /// An emulation failure at a patched site in ring 0 (kvm_pvm cannot
     /// emulate `int3`): the guest stands at the site, nothing executed.
     pub fn on_emulation_failure(&mut self, rip: u64, cpl: u16) -> Option<Trap> {
-        (cpl == 0 && self.patched.iter().any(|p| p.0 == rip)).then(|| {
+        (cpl == 0 && self.last_run.contains(&rip)).then(|| {
             self.hits += 1;
             Trap::Hit { rip }
         })
@@ -256,8 +358,8 @@ fn read(mem: &GuestMemoryMmap, addr: u64, what: &'static str) -> Result<u64, Bre
     mem.read_obj(GuestAddress(addr)).map_err(|_| BreakpointError::Memory { addr, what })
 }
 
-/// The handler of IDT `vector` (64-bit gates), if present.
-fn idt_handler(mem: &GuestMemoryMmap, base: u64, limit: u16, vector: u64) -> Option<u64> {
+/// The handler of IDT `vector` (64-bit gates) and the gate's DPL, if present.
+fn idt_gate(mem: &GuestMemoryMmap, base: u64, limit: u16, vector: u64) -> Option<(u64, u64)> {
     let gate = base + 16 * vector;
     if gate + 15 > base + limit as u64 {
         return None;
@@ -267,5 +369,64 @@ fn idt_handler(mem: &GuestMemoryMmap, base: u64, limit: u16, vector: u64) -> Opt
     if lo & (1 << 47) == 0 {
         return None;
     }
-    Some((lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | (hi << 32))
+    Some(((lo & 0xffff) | ((lo >> 32) & 0xffff_0000) | (hi << 32), (lo >> 45) & 3))
+}
+
+/// Reads guest-virtual bytes (as many as are mapped from `va` on).
+fn read_virt(mem: &GuestMemoryMmap, s: &kvm_bindings::kvm_sregs, va: u64, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        let a = va.wrapping_add(n as u64);
+        let Some(pa) = super::paging::translate(mem, s, a) else { break };
+        let take = (buf.len() - n).min(4096 - (a & 0xfff) as usize);
+        if mem.read_slice(&mut buf[n..n + take], GuestAddress(pa)).is_err() {
+            break;
+        }
+        n += take;
+    }
+    n
+}
+
+/// The return sites (`iretq`, `sysret`, `sysexit`) reachable from the IDT
+/// handlers through straight-line code, direct jumps and conditional
+/// branches (calls are not followed; they come back). The handlers in
+/// `skip` are left out: their entry is caught, so the free run never gets
+/// to their returns. A guest whose returns hide behind indirect jumps or
+/// calls has its sites learned by stepping instead.
+fn walk_returns(mem: &GuestMemoryMmap, s: &kvm_bindings::kvm_sregs, skip: &[u64]) -> BTreeSet<u64> {
+    let mut todo: Vec<u64> = (0..256u64.min((s.idt.limit as u64 + 1) / 16))
+        .filter_map(|v| idt_gate(mem, s.idt.base, s.idt.limit, v).map(|g| g.0))
+        .filter(|h| !skip.contains(h))
+        .collect();
+    let mut seen = BTreeSet::new();
+    let mut found = BTreeSet::new();
+    let mut budget = WALK_BUDGET;
+    while let Some(mut ip) = todo.pop() {
+        while budget > 0 && seen.insert(ip) {
+            budget -= 1;
+            let mut code = [0u8; 15];
+            let n = read_virt(mem, s, ip, &mut code);
+            let ins = Decoder::with_ip(64, &code[..n], ip, DecoderOptions::NONE).decode();
+            if ins.is_invalid() {
+                break;
+            }
+            if matches!(ins.mnemonic(), Mnemonic::Iretq | Mnemonic::Iretd | Mnemonic::Sysretq | Mnemonic::Sysexitq) {
+                found.insert(ip);
+                break;
+            }
+            let direct = matches!(ins.op0_kind(), OpKind::NearBranch64);
+            match ins.flow_control() {
+                FlowControl::Next | FlowControl::Call | FlowControl::IndirectCall => ip = ins.next_ip(),
+                FlowControl::ConditionalBranch => {
+                    if direct {
+                        todo.push(ins.near_branch_target());
+                    }
+                    ip = ins.next_ip();
+                }
+                FlowControl::UnconditionalBranch if direct => ip = ins.near_branch_target(),
+                _ => break,
+            }
+        }
+    }
+    found
 }

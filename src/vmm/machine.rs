@@ -312,9 +312,16 @@ pub struct Machine {
     /// Step once off the breakpoint site we stand on before patching again:
     /// (steps, exits) when it was hit.
     site_step_over: Option<(u64, u64)>,
-    /// Step (not run free) until the guest is back in ring 3: ring 0 ran
-    /// in the guest's hands, so the stack bytes an int3 overwrites are unknown.
-    bp_ring0: bool,
+    /// The last stepped boundary (RIP, CPL) with breakpoints set: a step
+    /// from ring 0 to ring 3 teaches `bps` a return site.
+    bp_prev: Option<(u64, u8)>,
+    /// KVM copies SREGS into kvm_run at every exit (KVM_CAP_SYNC_REGS):
+    /// None until checked. Arming after a plain exit then needs no
+    /// KVM_GET_SREGS (an ioctl costs ~10 us here: vcpu_load reads MSRs).
+    sync_sregs: Option<bool>,
+    /// kvm_run's SREGS copy is the vCPU's (the last KVM_RUN ended at a
+    /// guest-caused exit of a free run and nothing set SREGS since).
+    sregs_synced: bool,
     /// A guest-caused exit ended a free run with breakpoints: the boundary
     /// after it (once its poll delivered) may be an arrival at a site.
     bp_exit_check: bool,
@@ -331,6 +338,11 @@ struct Watches {
     ranges: Vec<(u64, u64)>,
     pages: BTreeSet<u64>,
     hit: Option<u64>,
+    /// Pages that held a native breakpoint site: read-only too, so a guest
+    /// write over a site is performed here, between runs, while the `int3`
+    /// is out (the next run patches the new code). Kept for the machine's
+    /// life (a later write there only costs an exit).
+    code: BTreeSet<u64>,
 }
 
 fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, MachineError> {
@@ -394,7 +406,9 @@ impl Machine {
             hw_bp_hits: 0,
             bps: Breakpoints::default(),
             site_step_over: None,
-            bp_ring0: false,
+            bp_prev: None,
+            sync_sregs: None,
+            sregs_synced: false,
             bp_exit_check: false,
             watch: Watches::default(),
             slot_ids: vec![0],
@@ -641,6 +655,7 @@ impl Machine {
             .iter()
             .flat_map(|&(a, l)| (a >> 12)..=((a + l.max(1) - 1) >> 12))
             .filter(|&p| p < total)
+            .chain(self.watch.code.iter().copied())
             .collect();
         self.watch.ranges = ranges;
         self.watch.hit = None;
@@ -829,6 +844,7 @@ impl Machine {
     /// guest-caused exits have happened (then returns `Stop::Paused`).
     pub fn run(&mut self, host: &mut dyn Host, exit_limit: Option<u64>) -> Result<Stop, MachineError> {
         let _guard = KickGuard::register(&mut self.vcpu.fd);
+        self.sregs_synced = false;
         if !self.bps.is_empty() {
             // Where the run starts is the caller's business, not an arrival.
             let rip = self.vcpu.regs()?.rip;
@@ -858,7 +874,12 @@ impl Machine {
                 self.pause_requested = false;
                 return Ok(Stop::Paused);
             }
-            if std::mem::take(&mut self.bp_exit_check) && !self.bps.is_empty() && !self.waiting {
+            let exit_check = std::mem::take(&mut self.bp_exit_check) && !self.bps.is_empty() && !self.waiting;
+            // A free run from here traps at a site here by itself; an
+            // injection or stepping would pass it unseen.
+            if exit_check
+                && (self.devices.pic.next_vector().is_some() || self.counter.is_some() || host.precise(self.exits))
+            {
                 // The boundary after a guest-caused exit, as stepping would
                 // stop there: the exiting instruction retired, its events
                 // were delivered. An arrival if a site is there.
@@ -912,9 +933,26 @@ impl Machine {
             let mut bps_armed = false;
             if !self.stepper.is_armed() {
                 if bp_mode {
-                    if !self.bps.arm(&self.vcpu, &self.mem)? {
-                        self.bp_ring0 = true; // no IDT yet: step
+                    if self.sync_sregs.is_none() {
+                        let ok = self.vm.check_extension(kvm_ioctls::Cap::SyncRegs);
+                        if ok {
+                            self.vcpu.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+                        }
+                        self.sync_sregs = Some(ok);
+                    }
+                    let synced = self.sregs_synced.then(|| self.vcpu.fd.sync_regs().sregs);
+                    if !self.bps.arm(&self.vcpu, &self.mem, synced)? {
+                        // No IDT yet, or ring 0 with its returns unknown:
+                        // step one instruction (learning returns), then retry.
+                        let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
+                        self.site_step_over = Some((steps, self.exits));
                         continue;
+                    }
+                    self.bp_prev = None;
+                    let code = self.bps.patched_pages();
+                    if !code.is_subset(&self.watch.code) {
+                        self.watch.code.extend(code);
+                        self.set_watches(self.watch.ranges.clone())?;
                     }
                     self.hw_bp = None; // guest debug now holds the breakpoints
                     bps_armed = true;
@@ -937,6 +975,7 @@ impl Machine {
             let mut guest_caused = true;
             let mut eintr = false;
             let mut action = Action::None;
+            self.sregs_synced = false;
             match vcpu.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
                     *exits += 1;
@@ -1001,6 +1040,10 @@ impl Machine {
                 Err(e) => return Err(VcpuError::Kvm { op: "KVM_RUN", source: e }.into()),
             }
             if bps_armed {
+                self.sregs_synced = self.sync_sregs == Some(true)
+                    && guest_caused
+                    && self.exits != exits_before
+                    && matches!(action, Action::None | Action::ClockRead(_) | Action::TimerProgram(_));
                 self.bps.unpatch(&self.mem);
                 self.bp_exit_check = guest_caused && self.exits != exits_before;
                 if let Some(site) = self.bps.take_overwritten().first() {
@@ -1147,8 +1190,10 @@ impl Machine {
     }
 
     /// Whether native breakpoints must step rather than run free now: off
-    /// a site just hit, through ring 0, or with an interrupt about to be
-    /// injected (its handler runs in ring 0).
+    /// a site just hit or a return site (or one step at a time where the
+    /// breakpoints cannot be armed, see the run loop), or with an interrupt about to be injected (the step
+    /// delivers it and runs the handler's first instruction, as stepping
+    /// does, so handler entries are never arrivals).
     fn bp_must_step(&mut self) -> Result<bool, MachineError> {
         let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
         if let Some((s, e)) = self.site_step_over {
@@ -1156,22 +1201,22 @@ impl Machine {
                 self.site_step_over = None;
             }
         }
-        if self.site_step_over.is_some() || self.devices.pic.next_vector().is_some() || self.waiting {
+        if self.site_step_over.is_some() || self.waiting {
             return Ok(true);
         }
-        let ring3 = self.vcpu.sregs()?.cs.selector & 3 == 3;
-        if ring3 {
-            self.bp_ring0 = false;
-        }
-        Ok(!ring3 || self.bp_ring0)
+        // An interrupt the guest cannot take yet (IF=0, as in its ring-0
+        // handlers) waits for its window: the free run stops at the return
+        // to ring 3 before the window opens.
+        Ok(self.devices.pic.next_vector().is_some() && self.vcpu.regs()?.rflags & 0x200 != 0)
     }
 
     /// A native breakpoint trapped: at a hit the guest stands at the site
     /// (unwound), which is a precise poll; the next entry steps off it.
     fn bp_trap(&mut self, t: Trap, host: &mut dyn Host) -> Result<(), MachineError> {
         match t {
-            Trap::RingZero => {
-                self.bp_ring0 = true;
+            Trap::StepOver => {
+                let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
+                self.site_step_over = Some((steps, self.exits));
                 Ok(())
             }
             Trap::Hit { rip } => {
@@ -1203,6 +1248,12 @@ impl Machine {
         };
         if b.branch_retired {
             self.branches += 1;
+        }
+        if !self.bps.is_empty() {
+            if let (Some((rip, 0)), 3) = (self.bp_prev, b.cpl) {
+                self.bps.learn_return(rip);
+            }
+            self.bp_prev = Some((b.rip, b.cpl));
         }
         let ctx = if self.counter.is_some() {
             // The counter clock: the host sees this boundary only if it asked

@@ -1,5 +1,6 @@
-//! Time travel over a [`Timeline`]: positions, breakpoints and watchpoints,
-//! forward and reverse stepping and continuing.
+//! Time travel over a [`Timeline`] for every front end (gdb, inspect):
+//! positions, breakpoints and watchpoints, forward and reverse stepping and
+//! continuing (rr's ReplayTimeline; gdb/ only speaks the protocol).
 //!
 //! Exactness first: every stop is an instruction boundary reached by
 //! single-stepping (or a guest-caused exit reached by running free), and a
