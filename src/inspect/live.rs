@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::{interrupt, Error, Session};
 use crate::record::{self, RecordOptions, RecordSummary};
-use crate::migrate::Pausable;
+use crate::vmm::pausable::Pausable;
 use crate::vmm::{Console, GuestPanic, HostError, LiveHost, Machine, MachineError, Stop};
 
 /// How a live run ended.

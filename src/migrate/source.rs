@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::proto::{self, FinalState, Hello, Kind, ProtoError, RecorderState, RecordingHello, Welcome, PAGE};
-use super::{Conn, MigrateError, Shared, Summary};
+use super::{Conn, MigrateError, Summary};
+use crate::vmm::pausable::Shared;
 use crate::vmm::machine::DirtyLog;
 use crate::vmm::{LiveHost, Machine, VmConfig};
 
@@ -771,7 +771,7 @@ fn rounds(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, h: &mut Handof
         if req.auto_converge && stalled >= 1 && throttle < 99 {
             throttle = (throttle + 20).min(99);
             max_throttle = max_throttle.max(throttle);
-            ctl.shared.throttle.store(throttle, Ordering::SeqCst);
+            ctl.shared.set_throttle(throttle);
             ctl.progress(format!("auto-converge: the guest dirties memory faster than it can be sent; throttling it to {}% of its time", 100 - throttle));
             stalled = 0;
         } else if stalled >= 2 {

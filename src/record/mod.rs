@@ -588,7 +588,7 @@ impl Session {
         let mut migrated = None;
         let end = loop {
             let r = match &self.control {
-                Some(c) => m.run(&mut crate::migrate::Pausable::new(&mut self.host, c.shared.clone()), None),
+                Some(c) => m.run(&mut crate::vmm::pausable::Pausable::new(&mut self.host, c.shared.clone()), None),
                 None => m.run(&mut self.host, None),
             };
             match r {

@@ -193,7 +193,8 @@ impl Recording {
             chunks: l.log.chunks,
             console: l.console,
             checkpoints,
-            seals: trace::checkpoint::Seals::crc_only(),
+            // Knows the drops, so rebuilding skips them (files checked on CRC-32 unless bound).
+            seals: dropped,
             image: l.image,
             disk_sha: None,
             integrity: None,

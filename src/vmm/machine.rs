@@ -984,7 +984,8 @@ impl Machine {
                         self.sync_sregs = Some(ok);
                     }
                     let synced = self.sregs_synced.then(|| self.vcpu.fd.sync_regs().sregs);
-                    if !self.bps.arm(&self.vcpu, &self.mem, synced)? {
+                    let entering = self.devices.pic.next_vector().is_some();
+                    if !self.bps.arm(&self.vcpu, &self.mem, synced, entering)? {
                         // No IDT yet, or ring 0 with its returns unknown:
                         // step one instruction (learning returns), then retry.
                         let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
@@ -1290,8 +1291,16 @@ impl Machine {
         }
         // An interrupt the guest cannot take yet (IF=0, as in its ring-0
         // handlers) waits for its window: the free run stops at the return
-        // to ring 3 before the window opens.
-        Ok(self.devices.pic.next_vector().is_some() && self.vcpu.regs()?.rflags & 0x200 != 0)
+        // to ring 3 before the window opens. One it takes now is delivered
+        // in a free run too, unless a site is at its handler's entry (a
+        // step delivers it and runs that instruction, as stepping does).
+        match self.devices.pic.next_vector() {
+            Some(v) if self.vcpu.regs()?.rflags & 0x200 != 0 => {
+                let s = self.vcpu.sregs()?;
+                Ok(!self.bps.can_deliver_free(&self.mem, &s, v))
+            }
+            _ => Ok(false),
+        }
     }
 
     /// A native breakpoint trapped: at a hit the guest stands at the site

@@ -11,6 +11,7 @@ pub mod layout;
 pub mod machine;
 pub mod pagehash;
 pub mod paging;
+pub mod pausable;
 pub mod point;
 pub mod step;
 pub mod vcpu;
