@@ -11,6 +11,8 @@
 #   KEEP=0 bash scripts/bench-long.sh     # without retention
 #   REPS=5                                # seeks per point (median)
 #   REVIRT_BIN=/tmp/revirt bash scripts/bench-long.sh  # a copy, so builds meanwhile do not change it
+#   SEEK_ONLY=1 bash scripts/bench-long.sh  # measure seeks, verify and replay again on the
+#                                           # recordings of the last run (target/bench/long.json)
 # The guest runs in real time (its timer is the host's), so the run takes
 # SECONDS_LONG + SECONDS_SHORT seconds; it uses little CPU. Prints a table,
 # writes target/bench/long.json. Nothing here asserts.
@@ -85,11 +87,18 @@ def cpu_of(fn):
     r["cpu_s"] = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     return r
 
-print(f"bench-long: recording {LONG} s of workload=idle hz={HZ} pages={PAGES} (and a {SHORT} s one)", file=sys.stderr, flush=True)
-samples = []
-L = cpu_of(lambda: record("long", LONG, samples))
-S = cpu_of(lambda: record("short", SHORT))
-res.update(long=L, short=S, samples=samples)
+if os.environ.get("SEEK_ONLY"):
+    old = json.load(open(os.path.join(OUT, "long.json")))
+    res.update({k: old[k] for k in ["long", "short", "samples", "keep", "checkpoint_every", "hz", "pages"]})
+    res["recorded"] = old.get("recorded", old["date"])
+    L, S = res["long"], res["short"]
+    print(f"bench-long: seeks only, on the recordings of {res['recorded']}", file=sys.stderr, flush=True)
+else:
+    print(f"bench-long: recording {LONG} s of workload=idle hz={HZ} pages={PAGES} (and a {SHORT} s one)", file=sys.stderr, flush=True)
+    samples = []
+    L = cpu_of(lambda: record("long", LONG, samples))
+    S = cpu_of(lambda: record("short", SHORT))
+    res.update(long=L, short=S, samples=samples, recorded=res["date"])
 
 def seek(rec, to):
     ts = []
@@ -112,10 +121,19 @@ def verify_ok(rec):
     p = subprocess.run([R, "verify", rec["dir"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return p.returncode == 0
 
+def verify_ms(rec):
+    ts = []
+    for _ in range(REPS):
+        t = time.perf_counter()
+        subprocess.run([R, "verify", rec["dir"]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1000
+
 # Late point: 0.5 s of guest run before the end (HZ/2 ticks at ~5 exits each); mid point for the long one.
 late = lambda r: max(1, r["exits"] - 5 * HZ // 2)
 res["seek_ms"] = {"short_late": seek(S, late(S)), "long_late": seek(L, late(L)), "long_mid": seek(L, L["exits"] // 2),
                   "long_early": seek(L, L["exits"] // 10)}
+res["verify_ms"] = {"short": verify_ms(S), "long": verify_ms(L)}
 res["replay_ms"] = {"short": full_replay(S), "long": full_replay(L)}
 res["verify_ok"] = {"short": verify_ok(S), "long": verify_ok(L)}
 json.dump(res, open(os.path.join(OUT, "long.json"), "w"), indent=1)
@@ -141,7 +159,7 @@ n_day = int(D / every_s)
 day_kept = kept_count(n_day)
 mean_kept = L["kept_bytes"] / max(1, L["kept"])
 MB = 1e6
-print(f"\nrevirt long recording, {res['date']} (now = {res['now']}): workload=idle hz={HZ} pages={PAGES}, "
+print(f"\nrevirt long recording, recorded {res['recorded']}, measured {res['date']} (now = {res['now']}): workload=idle hz={HZ} pages={PAGES}, "
       f"--checkpoint-every {EVERY}, --keep-checkpoints {res['keep']}; a line of serial input every 5 s")
 print("| what | 10 s-class recording | long recording | note |")
 print("|---|---|---|---|")
@@ -155,6 +173,7 @@ print(f"| checkpoint storage per day: keeping all / retention (est.) | | {per(L[
 print(f"| whole recording on disk | {S['total_bytes']/1e3:.0f} KB | {L['total_bytes']/1e3:.0f} KB | |")
 print(f"| seek `replay --to` 0.5 s before the end (new process, median of {REPS}) | {res['seek_ms']['short_late']:.0f} ms | {res['seek_ms']['long_late']:.0f} ms | same cost expected |")
 print(f"| seek to the middle / to 10 % (long) | | {res['seek_ms']['long_mid']:.0f} / {res['seek_ms']['long_early']:.0f} ms | older points: sparser checkpoints |")
+print(f"| `verify` (new process, median of {REPS}): reads and checks the whole log and every kept file | {res['verify_ms']['short']:.0f} ms | {res['verify_ms']['long']:.0f} ms | part of every seek (readers verify first) |")
 print(f"| full replay | {res['replay_ms']['short']:.0f} ms | {res['replay_ms']['long']:.0f} ms | idle time is skipped |")
 print(f"| verify | {'intact' if res['verify_ok']['short'] else 'FAILED'} | {'intact' if res['verify_ok']['long'] else 'FAILED'} | thinned recording |")
 print(f"JSON: {os.path.relpath(OUT)}/long.json")

@@ -6,7 +6,8 @@
 # (REVIRT_GDB_NATIVE=0) on a short recording, for the before/after.
 #   bash scripts/bench-search.sh [ITERS] [ROUNDS]
 # ITERS: compute iterations (default 100000000, ~1.5e9 ring-3 instructions).
-# ROWS (env): the rows to run, default "watch compute ring0 race before".
+# ROWS (env): the rows to run, default "watch compute ring0 race before history"
+# (history: inspect's `history` and `last-write` on the engine, issue 19).
 # Prints one line per measurement and the ratios to replay (target <= 1.5x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -88,13 +89,49 @@ bench_watch() { # $1 name, $2 cmdline, $3 variable
   mr=$(printf '%s\n' "${rep[@]}" | med); mv=$(printf '%s\n' "${rev[@]}" | med)
   printf '%-44s replay -q %8.0f ms | watch -l %s + reverse-continue %8.0f ms (%.2fx)\n' "$1 ($2)" "$mr" "$3" "$mv" "$(awk "BEGIN{print $mv / $mr}")"
 }
-ROWS=${ROWS:-watch compute ring0 race before}
+# inspect on the same engine: `history` of a location (every write, then
+# with --reads) over the whole recording, and `last-write` from the end,
+# each against `revirt replay -q` of the same recording.
+bench_history() { # $1 name, $2 cmdline, $3 variable
+  local rec=$tmp/h$1
+  record "$rec" "$2"
+  local rep=() hw=() hr=() lw=() out
+  for r in $(seq "$ROUNDS"); do
+    t0=$(now); $R replay "$rec" -q >/dev/null 2>&1; t1=$(now)
+    rep+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
+    t0=$(now); out=$($R inspect "$rec" -c "history $3 8 start end" 2>/dev/null); t1=$(now)
+    grep -q "native speed" <<<"$out" || { echo "history did not run natively:"; echo "$out"; exit 1; }
+    hw+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
+    [ "$r" = 1 ] && sed 's/^/  history: /' <<<"$out" | grep -v '^  history: $' | head -6
+    t0=$(now); out=$($R inspect "$rec" -c "history $3 8 start end --reads" 2>/dev/null); t1=$(now)
+    hr+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
+    [ "$r" = 1 ] && tail -1 <<<"$out" | sed 's/^/  history --reads: /'
+    t0=$(now); out=$($R inspect "$rec" --at end -c "last-write $3 8" 2>/dev/null); t1=$(now)
+    grep -q "written by the instruction" <<<"$out" || { echo "last-write found no writer:"; echo "$out"; exit 1; }
+    lw+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
+    [ "$r" = 1 ] && grep -m1 "written by" <<<"$out" | sed 's/^ */  last-write: /'
+  done
+  local mr a b c
+  mr=$(printf '%s\n' "${rep[@]}" | med); a=$(printf '%s\n' "${hw[@]}" | med)
+  b=$(printf '%s\n' "${hr[@]}" | med); c=$(printf '%s\n' "${lw[@]}" | med)
+  printf '%-44s replay -q %8.0f ms | history %s 8 %8.0f ms (%.2fx) | history --reads %8.0f ms (%.2fx) | last-write from the end %8.0f ms (%.2fx)\n' \
+    "$1 ($2)" "$mr" "$3" "$a" "$(awk "BEGIN{print $a / $mr}")" "$b" "$(awk "BEGIN{print $b / $mr}")" "$c" "$(awk "BEGIN{print $c / $mr}")"
+}
+history_before_after() { # the stepping oracle vs the engine on a short recording
+  local rec=$tmp/hshort; record "$rec" "workload=compute iters=20000"
+  t0=$(now); REVIRT_HISTORY_NATIVE=0 $R inspect "$rec" -c "history cur_task 8 start end" >/dev/null 2>&1; t1=$(now)
+  t2=$(now); $R inspect "$rec" -c "history cur_task 8 start end" >/dev/null 2>&1; t3=$(now)
+  printf 'before/after, compute iters=20000, history cur_task 8 start end: stepping %.0f ms, native %.0f ms\n' \
+    "$(awk "BEGIN{print ($t1 - $t0) * 1000}")" "$(awk "BEGIN{print ($t3 - $t2) * 1000}")"
+}
+ROWS=${ROWS:-watch compute ring0 race before history}
 row() { [[ " $ROWS " == *" $1 "* ]]; }
 echo "medians of $ROUNDS, target <= 1.5x replay"
 if row watch; then bench_watch compute "workload=compute iters=$ITERS" cur_task; fi
 if row compute; then bench compute "workload=compute iters=$ITERS" power_off wl_compute; fi
 if row ring0; then bench ring0 "workload=ring0 iters=20000" power_off ring0_main; fi
 if row race; then bench race "workload=race iters=200000 exits=16" task_exit kmain; fi
+if row history; then bench_history compute "workload=compute iters=$ITERS" cur_task; history_before_after; fi
 row before || exit 0
 # Before/after: the stepping path on a recording short enough for it.
 rec=$tmp/short; record "$rec" "workload=compute iters=20000"

@@ -10,6 +10,10 @@
 #   NO_QEMU=1 bash scripts/bench.sh        # skip the QEMU comparison
 #   NO_BEFORE=1 bash scripts/bench.sh      # skip the before column
 #   BEFORE_BIN=/path/to/revirt bash scripts/bench.sh   # reuse a built "before"
+#   NO_MIGRATE=1 bash scripts/bench.sh     # skip the recorded-VM migration rows
+# It also runs RECORD=1 scripts/bench-migrate.sh (64M, 25,600 and 102,400
+# dirty pages/s) and quotes target/bench/long.json from scripts/bench-long.sh
+# (a 10-minute recording, run on its own beforehand) when it is there.
 #
 # The before binary is built from commit $BEFORE_REV (default 3846335) into
 # /tmp/revirt-before-$BEFORE_REV (git archive + cargo build, a few minutes once).
@@ -36,7 +40,19 @@ fi
 export BEFORE_REV
 
 export BENCH_OUT=target/bench
-rm -rf "$BENCH_OUT" && mkdir -p "$BENCH_OUT"
+# Keep scripts/bench-long.sh's results (a 10-minute run of its own); the
+# table quotes them with their date.
+mkdir -p "$BENCH_OUT" && find "$BENCH_OUT" -mindepth 1 -maxdepth 1 ! -name long.json ! -name long ! -name short -exec rm -rf {} +
+if [ -z "${NO_QEMU:-}" ]; then
+    # The SDK's third-party programs (zlib, Lua) join the QEMU comparison.
+    { bash scripts/third-party.sh && make -s -C guests/programs; } >/dev/null 2>&1 \
+        || echo "bench: could not build the SDK programs; their QEMU rows will be missing" >&2
+fi
+if [ -z "${NO_MIGRATE:-}" ]; then
+    # Migration of a recorded VM: downtime and the destination's resume.
+    RECORD=1 MEMS=64M PAGES="256 1024" bash scripts/bench-migrate.sh "${MIGRATE_REPS:-5}" >"$BENCH_OUT/migrate.txt" 2>&1 \
+        || echo "bench: scripts/bench-migrate.sh failed; see $BENCH_OUT/migrate.txt" >&2
+fi
 
 exec python3 - "$@" <<'PY'
 import json, math, os, re, shutil, statistics, struct, subprocess, sys, time
@@ -82,9 +98,9 @@ def med(xs): return statistics.median(xs)
 def gmean(xs): return math.exp(sum(math.log(x) for x in xs) / len(xs))
 def d(name): return os.path.join(OUT, name)
 
-def record(binary, name, cmdline, ckpt="1s", mem=None, clock="exit"):
+def record(binary, name, cmdline, ckpt="1s", mem=None, clock="exit", image=G):
     shutil.rmtree(d(name), ignore_errors=True)
-    cmd = [binary, "record", G, "--cmdline", cmdline, "-o", d(name), "--clock", clock, "--checkpoint-every", ckpt]
+    cmd = [binary, "record", image, f"--cmdline={cmdline}", "-o", d(name), "--clock", clock, "--checkpoint-every", ckpt]
     if mem: cmd += ["--mem", mem]
     dt, p = sh(cmd)
     m = re.search(r"(\d+) exits, (\d+) events \((\d+) bytes of log\), (\d+) checkpoints \((\d+) bytes\)", p.stderr)
@@ -93,8 +109,8 @@ def record(binary, name, cmdline, ckpt="1s", mem=None, clock="exit"):
     p.pause = (float(m.group(1)), float(m.group(2)), int(m.group(4)), float(m.group(3))) if m else None
     return dt, p
 
-def run(binary, cmdline, mem=None):
-    return sh([binary, "run", G, "--cmdline", cmdline] + (["--mem", mem] if mem else []))
+def run(binary, cmdline, mem=None, image=G):
+    return sh([binary, "run", image, f"--cmdline={cmdline}"] + (["--mem", mem] if mem else []))
 
 def replay(binary, name, *extra):
     dt, p = sh([binary, "replay", "-q", d(name), *extra])
@@ -275,27 +291,37 @@ if GDB:
 
 # ---------------------------------------------------------------- QEMU
 res["qemu"] = []
-QW = [("compute", "workload=compute iters=200000000"), ("dirty", "workload=dirty iters=2000 pages=4096"),
-      ("mem", "workload=mem iters=3000000 pages=2048"), ("branchy", "workload=branchy iters=6000000"),
-      ("fpu", "workload=fpu iters=4000000")]
+QW = [("compute", G, "workload=compute iters=200000000"), ("dirty", G, "workload=dirty iters=2000 pages=4096"),
+      ("mem", G, "workload=mem iters=3000000 pages=2048"), ("branchy", G, "workload=branchy iters=6000000"),
+      ("fpu", G, "workload=fpu iters=4000000")]
+# The guest SDK's third-party programs (guests/programs, docs/guest-sdk.md).
+SDK = os.path.abspath("guests/programs/out")
+LUA = ("-e local t = {} for i = 1, 200000 do t[i] = (i * 7919) % 100003 end table.sort(t) "
+       "local s = 0 for i = 1, #t, 7 do s = s + t[i] end print('lua: sum', s, #t)")
+for label, img, cl in [("zlib", "zdemo.img", "gen=4000000 level=6"), ("lua", "luademo.img", LUA)]:
+    if os.path.exists(os.path.join(SDK, img)):
+        QW.append((label, os.path.join(SDK, img), cl))
 if QEMU:
     qver = subprocess.run([QEMU, "--version"], stdout=subprocess.PIPE, text=True).stdout.splitlines()[0]
     res["qemu_version"] = qver
-    for label, QCL in QW:
-        section(f"QEMU TCG rr vs revirt, {QCL}")
-        qbase = [QEMU, "-kernel", G, "-append", QCL, "-m", "64M", "-display", "none", "-serial", "stdio",
+    for label, QIMG, QCL in QW:
+        section(f"QEMU TCG rr vs revirt, {os.path.basename(QIMG)} {QCL}")
+        qbase = [QEMU, "-kernel", QIMG, "-append", QCL, "-m", "64M", "-display", "none", "-serial", "stdio",
                  "-monitor", "none", "-net", "none", "-device", "isa-debug-exit,iobase=0x550,iosize=4"]
         rrf = os.path.join(OUT, "qemu.rr")
         q = {k: [] for k in ["plain", "record", "replay", "revirt_run", "revirt_record", "revirt_replay"]}
         outs = set()
-        def res_line(s): return [l for l in s.splitlines() if l.startswith(label.split()[0] + ":")][-1:]
+        # The demo's result line, or an SDK program's whole output.
+        def res_line(s):
+            if QIMG != G: return [l for l in s.splitlines() if l.strip()]
+            return [l for l in s.splitlines() if l.startswith(label.split()[0] + ":")][-1:]
         for i in range(REPS):
             # isa-debug-exit: status v becomes (v << 1) | 1, so the guest's 0 is 1.
             dt, p = sh(qbase, ok=(1,)); q["plain"].append(dt); outs.add(tuple(res_line(p.stdout)))
             dt, p = sh(qbase + ["-icount", f"shift=auto,rr=record,rrfile={rrf}"], ok=(1,)); q["record"].append(dt); outs.add(tuple(res_line(p.stdout)))
             dt, p = sh(qbase + ["-icount", f"shift=auto,rr=replay,rrfile={rrf}"], ok=(1,)); q["replay"].append(dt); outs.add(tuple(res_line(p.stdout)))
-            dt, p = run(NOW, QCL); q["revirt_run"].append(dt); outs.add(tuple(res_line(p.stdout)))
-            dt, p = record(NOW, "qcmp", QCL); q["revirt_record"].append(dt); outs.add(tuple(res_line(p.stdout)))
+            dt, p = run(NOW, QCL, image=QIMG); q["revirt_run"].append(dt); outs.add(tuple(res_line(p.stdout)))
+            dt, p = record(NOW, "qcmp", QCL, image=QIMG); q["revirt_record"].append(dt); outs.add(tuple(res_line(p.stdout)))
             dt, p = sh([NOW, "replay", d("qcmp")]); q["revirt_replay"].append(dt); outs.add(tuple(res_line(p.stdout)))
         qm = {k: med(v) for k, v in q.items()}
         qm.update(workload=label, cmdline=QCL, same_output=len(outs) == 1, output=list(outs)[0],
@@ -303,7 +329,8 @@ if QEMU:
                   plain_ratio=qm["plain"] / qm["revirt_run"])
         res["qemu"].append(qm)
         print(f"  {qm}", file=sys.stderr)
-        ROWS.append(("qemu", f"QEMU rr=record / revirt record, {label} ({QCL.split(' ',1)[1]})", "-",
+        args = QCL.split(' ', 1)[1] if QIMG == G else ("Lua 5.4 table sort, 200k" if label == "lua" else f"zlib 1.2.13, {QCL}")
+        ROWS.append(("qemu", f"QEMU rr=record / revirt record, {label} ({args})", "-",
                      f"{f(qm['record'],2)} / {f(qm['revirt_record'],2)} s = {f(qm['rec_ratio'],1)}x", ">= 20x", verdict(qm["rec_ratio"], 20, le=False)))
         ROWS.append(("qemu", f"QEMU rr=replay / revirt replay, {label}", "-",
                      f"{f(qm['replay'],2)} / {f(qm['revirt_replay'],2)} s = {f(qm['rep_ratio'],1)}x", "-", "-"))
@@ -314,6 +341,43 @@ if QEMU:
         res["qemu_gmean"] = {"record": g1, "replay": g2}
         ROWS.append(("qemu", f"QEMU / revirt, geometric mean over {len(res['qemu'])} workloads: record / replay", "-",
                      f"{f(g1,1)}x / {f(g2,1)}x", ">= 20x (record)", verdict(g1, 20, le=False)))
+
+# ---------------------------------------------------------------- migration of a recorded VM (bench-migrate.sh, run above)
+mj = os.path.join(OUT, "migrate.json")
+if os.path.exists(mj):
+    res["migrate"] = json.load(open(mj))
+    for m in res["migrate"]:
+        r = m["r"]
+        if not r: continue
+        rate = m["pages_per_tick"] * 100
+        ROWS.append(("migrate", f"migration downtime, recorded VM, {m['mem']}, {rate:,} dirty pages/s (median of {r['n']})", "-",
+                     f"{f(r['downtime_ms'],2)} ms ({f(r['total_ms'],0)} ms in all, {f(r['mib'],1)} MiB)",
+                     "<= 5 ms" if rate == 25600 else "-", verdict(r["downtime_ms"], 5) if rate == 25600 else "-"))
+        if r.get("dst_resume_ms") is not None:
+            ROWS.append(("migrate", f"destination resume, {rate:,} pages/s: final state arrived / commit arrived -> guest running", "-",
+                         f"{f(r['dst_resume_ms'],3)} / {f(r['dst_after_commit_ms'],3)} ms", "-", "-"))
+
+# ---------------------------------------------------------------- a 10-minute recording (bench-long.sh, its own run)
+lj = os.path.join(OUT, "long.json")
+if os.path.exists(lj):
+    Lr = json.load(open(lj)); res["long"] = Lr
+    L, S = Lr["long"], Lr["short"]
+    tag = f"bench-long.sh {Lr['date']}"
+    grow = (L["log_bytes"] + L["console_bytes"]) / L["seconds"]
+    ROWS.append(("long", f"log growth, workload=idle {L['seconds']} s, 100 Hz, input every 5 s ({tag}): per hour / per day", "-",
+                 f"{f(grow*3600/1e6,1)} MB / {f(grow*86400/1e6,0)} MB", "<= 1 GB/day", verdict(grow * 86400 / 1e9, 1.0)))
+    ROWS.append(("long", f"checkpoints after {L['seconds']} s at 1 s, --keep-checkpoints {Lr['keep']}: kept / taken, bytes kept / written", "-",
+                 f"{L['kept']} / {L['checkpoints']}, {f(L['kept_bytes']/1e3,0)} / {f(L['checkpoint_bytes_written']/1e3,0)} KB", "bounded", "met" if L["dropped"] > 0 else "miss"))
+    sk = Lr["seek_ms"]
+    ratio = sk["long_late"] / sk["short_late"]
+    ROWS.append(("long", f"seek 0.5 s before the end: {L['seconds']} s vs {S['seconds']} s recording (new process)", "-",
+                 f"{f(sk['long_late'],0)} / {f(sk['short_late'],0)} ms ({f(ratio)}x)", "same (<= 1.2x)", verdict(ratio, 1.2)))
+    if "verify_ms" in Lr:
+        v = Lr["verify_ms"]
+        ROWS.append(("long", f"of which `verify` (every reader checks the whole recording first): {L['seconds']} s vs {S['seconds']} s", "-",
+                     f"{f(v['long'],0)} / {f(v['short'],0)} ms", "-", "-"))
+    ROWS.append(("long", f"seek to the middle / to 10 % of the {L['seconds']} s recording (sparser checkpoints there)", "-",
+                 f"{f(sk['long_mid'],0)} / {f(sk['long_early'],0)} ms", "-", "-"))
 
 res["load_end"] = os.getloadavg()
 json.dump(res, open(os.path.join(OUT, "bench.json"), "w"), indent=1)

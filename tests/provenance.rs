@@ -505,3 +505,66 @@ fn gdb_monitor_origin_finds_the_serial_bytes() {
     assert!(out.contains("movb %al"), "{out}");
     assert!(out.contains("stopped at depth 1"), "{out}");
 }
+
+/// `history` through `revirt inspect`, with the native engine or the
+/// stepping oracle (`REVIRT_HISTORY_NATIVE=0`): (touches, native figures).
+fn history_json(rec: &Path, cmds: &str, native: bool) -> (serde_json::Value, serde_json::Value) {
+    let o = revirt()
+        .env("REVIRT_HISTORY_NATIVE", if native { "1" } else { "0" })
+        .args(["inspect", rec.to_str().unwrap(), "-c", cmds])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "`{cmds}` failed:\n{}\n{}", stdout(&o), stderr(&o));
+    let s = stdout(&o);
+    let j: serde_json::Value = serde_json::from_str(&s[s.find('{').unwrap()..]).unwrap_or_else(|e| panic!("{e}:\n{s}"));
+    assert!(j["stopped"].is_null(), "{cmds}: {}", j["stopped"]);
+    (j["touches"].clone(), j["native"].clone())
+}
+
+/// The native `history` (accesses found by watching the range's page,
+/// each interval with hits stepped from its start to its last hit) lists
+/// exactly what single-stepping the whole span lists: points, instructions,
+/// old and new bytes, stacks, inputs; writes and reads; CPU stores, the
+/// block device's DMA, and ring-3 stack slots.
+#[test]
+fn history_at_native_speed_equals_the_stepping_oracle() {
+    let same = |dir: &Path, cmds: &str| -> serde_json::Value {
+        let (n, figures) = history_json(dir, cmds, true);
+        let (s, none) = history_json(dir, cmds, false);
+        assert!(none.is_null(), "{cmds}: the oracle stepped");
+        assert!(figures.is_array(), "{cmds}: the native engine answered: {figures}");
+        assert_eq!(n, s, "{cmds}: native = stepping");
+        assert!(!n.as_array().unwrap().is_empty(), "{cmds}: accesses found");
+        n
+    };
+    // The race counter (step-clock recording): both tasks' stores, and loads.
+    let w = same(race(), "history race_counter 8 start end --json");
+    assert!(w.as_array().unwrap().len() >= 400, "two tasks x 200 stores");
+    let rw = same(race(), "history race_counter 8 start end --reads --json");
+    assert!(rw.as_array().unwrap().len() > w.as_array().unwrap().len(), "loads too");
+
+    // The disk workload: the DMA into disk_buf (sector 4 lands at +0x800),
+    // then the FNV loop reading it.
+    let dir = scratch("disk-history");
+    let img = scratch("disk-history.img");
+    let data: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(&img, &data).unwrap();
+    let o = record_demo(&dir, "workload=disk", &["--disk", img.to_str().unwrap()], b"");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = same(&dir, "history disk_buf+0x800 8 start end --reads --json");
+    let dma: Vec<&serde_json::Value> = t.as_array().unwrap().iter().filter(|t| !t["input"].is_null()).collect();
+    assert_eq!(dma.len(), 1, "one DMA wrote it: {t}");
+    assert_eq!(dma[0]["input"]["kind"], "disk", "{}", dma[0]);
+    assert_eq!(dma[0]["input"]["sector"], 4, "{}", dma[0]);
+    assert_eq!(dma[0]["input"]["offset"], 0, "{}", dma[0]);
+    same(&dir, "history disk_buf 16 start end --json");
+
+    // The vuln exploit: the saved return address on serve's stack.
+    let vdir = vuln();
+    let rec = open(vdir);
+    let ret = disasm("serve").into_iter().rev().find(|(_, t)| t.starts_with("ret")).unwrap().0;
+    let at = point_at(&rec, ret, 0);
+    let t = same(vdir, &format!("seek {}; history $rsp 8 --json", pt(&at)));
+    assert!(t.as_array().unwrap().len() >= 8, "the eight byte stores of the overflow: {t}");
+}

@@ -191,6 +191,154 @@ fn write_watchpoints_at_native_speed_equal_the_stepping_path() {
     assert!(a.native_runs > 0, "the native session ran natively");
 }
 
+/// Read and access watchpoints at native speed (the watched page has no
+/// memory slot, so reads exit too) against the stepping path: the same
+/// stops, positions, fingerprints and state hashes, forward and reverse.
+#[test]
+fn read_and_access_watchpoints_at_native_speed_equal_the_stepping_path() {
+    use revirt::replay::session::{Watch, WatchKind};
+    let d = tempfile::tempdir().unwrap();
+    let rec = record_race(d.path(), "exit", "exit");
+    for kind in [WatchKind::Read, WatchKind::Access] {
+        let mut a = Session::open(rec.clone(), 0).unwrap();
+        let mut b = Session::open(rec.clone(), 0).unwrap();
+        a.native = true;
+        b.native = false;
+        let w = Watch { addr: symbol("race_counter"), len: 8, kind };
+        a.watches.push(w.clone());
+        b.watches.push(w);
+        let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| {
+            assert_eq!(wa, wb, "{kind:?} {what}");
+            let (pa, pb) = (a.pos(), b.pos());
+            assert_eq!((pa.point.exits, pa.point.rip, pa.fp, pa.end), (pb.point.exits, pb.point.rip, pb.fp, pb.end), "{kind:?} {what}");
+            assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap(), "{kind:?} {what}");
+        };
+        for i in 0..5 {
+            let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+            assert!(matches!(wa, StopWhy::Watch { kind: k, .. } if k == kind), "{kind:?}: {wa:?}");
+            same(&mut a, &mut b, &wa, &wb, &format!("continue {i}"));
+        }
+        for i in 0..3 {
+            let (wa, wb) = (a.reverse_cont().unwrap(), b.reverse_cont().unwrap());
+            same(&mut a, &mut b, &wa, &wb, &format!("reverse-continue {i}"));
+        }
+        assert!(a.native_runs > 0 && !a.watched_code, "{kind:?}: the native session ran natively");
+        assert!(a.tl.machine.watched_accesses() > 0, "{kind:?}: reads exited to the VMM");
+    }
+}
+
+/// A read watchpoint on a page of code that runs cannot be watched without
+/// a memory slot: the session notices and steps instead (never a silent miss).
+#[test]
+fn a_read_watchpoint_on_running_code_falls_back_to_stepping() {
+    use revirt::replay::session::{Watch, WatchKind};
+    let d = tempfile::tempdir().unwrap();
+    let rec = record_race(d.path(), "exit", "exit");
+    let mut a = Session::open(rec.clone(), 0).unwrap();
+    let mut b = Session::open(rec.clone(), 0).unwrap();
+    a.native = true;
+    b.native = false;
+    // Code bytes of the racy loop (never read as data) and a breakpoint.
+    let w = Watch { addr: race_loop_body(), len: 1, kind: WatchKind::Read };
+    for s in [&mut a, &mut b] {
+        s.watches.push(w.clone());
+        s.breakpoints = [symbol("task_exit")].into();
+    }
+    let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+    assert_eq!(wa, wb);
+    assert_eq!(wa, StopWhy::Breakpoint(symbol("task_exit")));
+    assert_eq!((a.pos().point.exits, a.pos().point.rip, a.pos().fp), (b.pos().point.exits, b.pos().point.rip, b.pos().fp));
+    assert!(a.watched_code, "the code on the watched page was noticed");
+}
+
+/// The block device's DMA writes guest memory without an exit the guest
+/// makes: a write watchpoint on the DMA buffer still stops there (just
+/// after the `out` that started it; in reverse, just before it), natively
+/// as on the stepping path.
+#[test]
+fn a_dma_write_into_a_watched_range_is_a_hit() {
+    use revirt::replay::session::{Watch, WatchKind};
+    let d = tempfile::tempdir().unwrap();
+    let img = d.path().join("disk.img");
+    let data: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 | 1).collect();
+    std::fs::write(&img, &data).unwrap();
+    let out = d.path().join("disk");
+    record_demo_ok(&out, "workload=disk", &["--disk", img.to_str().unwrap()], b"");
+    let rec = Arc::new(Recording::open(&out).unwrap());
+    let mut a = Session::open(rec.clone(), 0).unwrap();
+    let mut b = Session::open(rec.clone(), 0).unwrap();
+    a.native = true;
+    b.native = false;
+    // Sector 4 of the 8 the workload reads into disk_buf (nothing else writes there).
+    let w = Watch { addr: symbol("disk_buf") + 0x800, len: 8, kind: WatchKind::Write };
+    a.watches.push(w.clone());
+    b.watches.push(w);
+    let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| {
+        assert_eq!(wa, wb, "{what}");
+        let (pa, pb) = (a.pos(), b.pos());
+        assert_eq!((pa.point.exits, pa.point.rip, pa.fp, pa.end), (pb.point.exits, pb.point.rip, pb.fp, pb.end), "{what}");
+        assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap(), "{what}");
+    };
+    let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+    same(&mut a, &mut b, &wa, &wb, "continue to the DMA");
+    assert!(matches!(wa, StopWhy::Watch { .. }), "{wa:?}");
+    let mut buf = [0u8; 8];
+    a.read_virt(symbol("disk_buf") + 0x800, &mut buf);
+    assert_eq!(buf[..], data[0x800..0x808], "the sector's bytes arrived");
+    let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+    same(&mut a, &mut b, &wa, &wb, "continue to the end");
+    assert_eq!(wa, StopWhy::End);
+    let (wa, wb) = (a.reverse_cont().unwrap(), b.reverse_cont().unwrap());
+    same(&mut a, &mut b, &wa, &wb, "reverse-continue to the DMA");
+    assert!(matches!(wa, StopWhy::Watch { .. }), "{wa:?}");
+    a.read_virt(symbol("disk_buf") + 0x800, &mut buf);
+    assert_ne!(buf[..], data[0x800..0x808], "before the out that started the DMA");
+    assert!(a.native_runs > 0);
+}
+
+/// The point `last-write` prints for its writer ("at exit .. (E:B:RIP)").
+fn last_write_point(rec: &Path, what: &str, native: bool) -> String {
+    let o = revirt()
+        .env("REVIRT_LASTWRITE_NATIVE", if native { "1" } else { "0" })
+        .args(["inspect", rec.to_str().unwrap(), "--at", "end", "-c", &format!("last-write {what} 8")])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "{out}\n{}", stderr(&o));
+    let line = out.lines().find(|l| l.trim_start().starts_with("at ") && l.contains("`seek`")).unwrap_or_else(|| panic!("{out}"));
+    line.split('(').nth(1).and_then(|x| x.split(')').next()).unwrap_or_else(|| panic!("{line}")).to_string()
+}
+
+/// inspect `last-write` runs on the search engine: from the end of the
+/// recording it lands on the instruction gdb's `watch -l` + `reverse-continue`
+/// stops before (the same exact point), for a location written once early
+/// in a long compute run and for the race counter written all the time.
+#[test]
+fn last_write_lands_where_gdb_reverse_watch_lands() {
+    use revirt::replay::session::{Watch, WatchKind};
+    let d = tempfile::tempdir().unwrap();
+    let compute = d.path().join("compute");
+    record_demo_ok(&compute, "workload=compute iters=2000000", &[], b"");
+    let race = d.path().join("race");
+    record_demo_ok(&race, "workload=race iters=2000 exits=4 hz=2000", &["--checkpoint-every", "50ms"], b"");
+    for (dir, sym) in [(&compute, "cur_task"), (&race, "race_counter")] {
+        let rec = Arc::new(Recording::open(dir).unwrap());
+        let mut s = Session::open(rec, 0).unwrap();
+        assert_eq!(s.cont().unwrap(), StopWhy::End);
+        s.watches.push(Watch { addr: symbol(sym), len: 8, kind: WatchKind::Write });
+        assert!(matches!(s.reverse_cont().unwrap(), StopWhy::Watch { .. }), "{sym}");
+        s.make_exact().unwrap();
+        let p = s.pos().point;
+        let want = format!("{}:{}:{:#x}", p.exits, p.branches, p.rip);
+        assert_eq!(last_write_point(dir, sym, true), want, "{sym}: last-write = gdb");
+        if sym == "cur_task" {
+            // Written once: the older path (exit by exit, then stepping) agrees.
+            assert_eq!(last_write_point(dir, sym, false), want, "{sym}: the older path");
+        }
+    }
+}
+
 /// The target of the first backward jump in `func`: its loop head.
 fn loop_head(func: &str) -> u64 {
     let d = demo_disasm(func);

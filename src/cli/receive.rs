@@ -75,10 +75,11 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     };
     let r = dest::receive(&listener, opts)?;
     eprintln!(
-        "revirt: received the VM from {} ({:.1} MiB); it ran here {:.1} ms after its final state arrived",
+        "revirt: received the VM from {} ({:.1} MiB); it ran here {:.3} ms after its final state arrived, {:.3} ms after the source's commit",
         r.from,
         r.bytes as f64 / (1 << 20) as f64,
-        r.resume_ms
+        r.resume_ms,
+        r.resume_after_commit_ms
     );
     Ok(match r.outcome {
         Outcome::Stopped(Stop::PowerOff(s)) => s,

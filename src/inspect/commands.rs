@@ -902,7 +902,11 @@ impl Session {
     /// `len` bytes at virtual address `va` (translated here) changed.
     /// Whole checkpoint intervals whose dirty-page list does not include the
     /// page are skipped; the others are replayed one exit at a time.
+    /// On the search engine unless `REVIRT_LASTWRITE_NATIVE=0` (`lastwrite`).
     pub fn last_write(&mut self, va: u64, len: usize) -> Result<LastWrite, Error> {
+        if Self::last_write_native_on() {
+            return self.last_write_native(va, len);
+        }
         let pa = mmu::translate(self.view()?, va)?;
         if (pa & 0xFFF) as usize + len > 4096 {
             return Err(Error::Usage("the range must not cross a 4 KiB page".into()));

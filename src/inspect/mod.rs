@@ -10,6 +10,7 @@
 
 pub mod commands;
 pub mod format;
+mod lastwrite;
 pub mod live;
 pub mod mmu;
 pub mod parse;

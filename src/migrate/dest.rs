@@ -69,6 +69,9 @@ pub struct Received {
     pub from: String,
     /// From the final state's arrival to the guest running here.
     pub resume_ms: f64,
+    /// From the source's commit arriving to the guest being handed to the
+    /// run loop here: what the destination adds to the source's downtime.
+    pub resume_after_commit_ms: f64,
     pub bytes: u64,
 }
 
@@ -159,9 +162,12 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
             )))
         }
     }
-    let resume_ms = state_at.elapsed().as_secs_f64() * 1e3;
+    let commit_at = Instant::now();
     conn.shutdown();
     let from = hello.source_host.clone();
+    // The guest goes to the run loop right after this.
+    let resume_ms = state_at.elapsed().as_secs_f64() * 1e3;
+    let resume_after_commit_ms = commit_at.elapsed().as_secs_f64() * 1e3;
     let outcome = match session {
         Some(s) => Outcome::Recorded(Box::new(s.run(m)?)),
         None => match run_live(&mut m, live.as_mut().expect("no session, so the live host is here"), opts.control.as_deref())? {
@@ -169,7 +175,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
             LiveEnd::Migrated(s) => Outcome::MovedOn(s),
         },
     };
-    Ok(Received { outcome, from, resume_ms, bytes })
+    Ok(Received { outcome, from, resume_ms, resume_after_commit_ms, bytes })
 }
 
 type Taken = (Machine, FinalState, Hello, u64, Instant);

@@ -3,6 +3,7 @@
 //! that the guest arrives where the recording says it did.
 
 pub mod checkpoints;
+pub mod history;
 pub mod live;
 pub mod provenance;
 pub mod search;

@@ -994,15 +994,15 @@ impl Window {
 // Driving the replay
 
 /// Counts steps and time across a query, polls for interrupts, draws progress.
-struct Budget<'a> {
+pub(crate) struct Budget<'a> {
     limits: &'a Limits<'a>,
     start: Instant,
-    steps: u64,
+    pub(crate) steps: u64,
     bar: Option<indicatif::ProgressBar>,
 }
 
 impl<'a> Budget<'a> {
-    fn new(limits: &'a Limits<'a>) -> Budget<'a> {
+    pub(crate) fn new(limits: &'a Limits<'a>) -> Budget<'a> {
         Budget {
             limits,
             start: Instant::now(),
@@ -1012,7 +1012,7 @@ impl<'a> Budget<'a> {
     }
 
     /// Why the query must stop now, if it must.
-    fn exhausted(&self) -> Option<String> {
+    pub(crate) fn exhausted(&self) -> Option<String> {
         if self.steps >= self.limits.max_steps {
             return Some(format!(
                 "the step limit ({} instructions single-stepped)",
@@ -1028,7 +1028,7 @@ impl<'a> Budget<'a> {
         None
     }
 
-    fn tick(&mut self, at: u64) -> R<()> {
+    pub(crate) fn tick(&mut self, at: u64) -> R<()> {
         self.steps += 1;
         if self.steps.is_multiple_of(256) {
             if (self.limits.interrupted)() {
@@ -1062,7 +1062,7 @@ impl<'a> Budget<'a> {
         Ok(())
     }
 
-    fn done(&mut self) {
+    pub(crate) fn done(&mut self) {
         if let Some(b) = self.bar.take() {
             b.finish_and_clear();
         }
@@ -2245,13 +2245,87 @@ pub struct History {
     pub steps: u64,
     pub stopped: Option<String>,
     pub millis: u64,
+    /// Found natively: the accesses the engine counted and in how many
+    /// exit intervals (each then single-stepped from its start to its last hit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native: Option<(u64, u64)>,
+}
+
+/// The accesses of one executed instruction to physical `phys..phys+len`
+/// (writes, and reads when `reads`), appended to `out`.
+pub(crate) fn touches_of(st: &Step, phys: u64, len: u64, reads: bool, out: &mut Vec<Touch>) {
+    for a in &st.mem {
+        if !(a.write || reads && a.read) {
+            continue;
+        }
+        let n = a.before.len().max(a.after.len()) as u64;
+        let lo = a.pa.max(phys);
+        let hi = (a.pa + n).min(phys + len);
+        if lo >= hi {
+            continue;
+        }
+        let (i, j) = ((lo - a.pa) as usize, (hi - a.pa) as usize);
+        let input = match (&st.dma, &st.input) {
+            (Some(d), _) => {
+                let off = lo - d.addr;
+                Some(Input::Disk {
+                    sector: d.lba + off / 512,
+                    offset: off % 512,
+                    len: hi - lo,
+                })
+            }
+            (None, i) => i.clone(),
+        };
+        out.push(Touch {
+            at: st.at,
+            insn: insn_text(&st.bytes, st.at.rip),
+            ring: st.ring,
+            rsp: st.before[4],
+            write: a.write,
+            read: a.read,
+            phys: lo,
+            before: a.before.get(i..j).map(<[u8]>::to_vec).unwrap_or_default(),
+            after: if a.write {
+                a.after.get(i..j).map(<[u8]>::to_vec).unwrap_or_default()
+            } else {
+                Vec::new()
+            },
+            input,
+        });
+    }
 }
 
 /// Every write (and with `reads` every read) of physical `phys..phys+len`
-/// between exit `from` and point `to`. Checkpoint intervals whose dirty
-/// page lists leave out the range's pages are skipped when only writes are
-/// wanted (DMA pages are in those lists too); the rest is single-stepped.
+/// between exit `from` and point `to`, found at native speed by the search
+/// engine (`replay::history`); by single-stepping ([`history_stepping`],
+/// the oracle) when `REVIRT_HISTORY_NATIVE=0` or when the watched page
+/// turns out to hold running code.
 pub fn history(
+    rec: &Arc<Recording>,
+    phys: u64,
+    len: u64,
+    from: u64,
+    to: ExecPoint,
+    reads: bool,
+    limits: &Limits,
+) -> R<History> {
+    if std::env::var("REVIRT_HISTORY_NATIVE").is_ok_and(|v| v == "0" || v == "off") {
+        return history_stepping(rec, phys, len, from, to, reads, limits);
+    }
+    match super::history::history_native(rec, phys, len, from, to, reads, limits) {
+        Err(ProvError::Replay(ReplayError::Machine(crate::vmm::MachineError::WatchedCode { .. })))
+        | Err(ProvError::Machine(crate::vmm::MachineError::WatchedCode { .. })) => {
+            history_stepping(rec, phys, len, from, to, reads, limits)
+        }
+        r => r,
+    }
+}
+
+/// [`history`] by single-stepping every instruction of the span (the
+/// oracle the native path is tested against). Checkpoint intervals whose
+/// dirty page lists leave out the range's pages are skipped when only
+/// writes are wanted (DMA pages are in those lists too).
+pub fn history_stepping(
     rec: &Arc<Recording>,
     phys: u64,
     len: u64,
@@ -2310,47 +2384,7 @@ pub fn history(
         } else {
             exit_point(rec, e)?
         };
-        let mut each = |st: Step| {
-            for a in &st.mem {
-                if !(a.write || reads && a.read) {
-                    continue;
-                }
-                let n = a.before.len().max(a.after.len()) as u64;
-                let lo = a.pa.max(phys);
-                let hi = (a.pa + n).min(phys + len);
-                if lo >= hi {
-                    continue;
-                }
-                let (i, j) = ((lo - a.pa) as usize, (hi - a.pa) as usize);
-                let input = match (&st.dma, &st.input) {
-                    (Some(d), _) => {
-                        let off = lo - d.addr;
-                        Some(Input::Disk {
-                            sector: d.lba + off / 512,
-                            offset: off % 512,
-                            len: hi - lo,
-                        })
-                    }
-                    (None, i) => i.clone(),
-                };
-                touches.push(Touch {
-                    at: st.at,
-                    insn: insn_text(&st.bytes, st.at.rip),
-                    ring: st.ring,
-                    rsp: st.before[4],
-                    write: a.write,
-                    read: a.read,
-                    phys: lo,
-                    before: a.before.get(i..j).map(<[u8]>::to_vec).unwrap_or_default(),
-                    after: if a.write {
-                        a.after.get(i..j).map(<[u8]>::to_vec).unwrap_or_default()
-                    } else {
-                        Vec::new()
-                    },
-                    input,
-                });
-            }
-        };
+        let mut each = |st: Step| touches_of(&st, phys, len, reads, &mut touches);
         if let Some(why) = trace_span(rec, s, end, &mut budget, &mut each, &mut |_| Ok(()))? {
             stopped = Some(format!("stopped at exit {}: {why}", s));
             break;
@@ -2367,6 +2401,7 @@ pub fn history(
         steps: budget.steps,
         stopped,
         millis: started.elapsed().as_millis() as u64,
+        native: None,
     })
 }
 
@@ -2415,10 +2450,16 @@ impl History {
         if let Some(w) = &self.stopped {
             s.push_str(&format!("  {w}\n"));
         }
-        s.push_str(&format!(
-            "({} instructions single-stepped, {} ms)\n",
-            self.steps, self.millis
-        ));
+        match self.native {
+            Some((hits, intervals)) => s.push_str(&format!(
+                "(native speed: {hits} access(es) to the range found in {intervals} exit interval(s); {} instructions single-stepped to pin them down, {} ms)\n",
+                self.steps, self.millis
+            )),
+            None => s.push_str(&format!(
+                "({} instructions single-stepped, {} ms)\n",
+                self.steps, self.millis
+            )),
+        }
         s
     }
 }

@@ -14,14 +14,16 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::clock::ExecPoint;
+use crate::vmm::watch::DMA;
 
 /// The key of a data watchpoint's changes: the watched range's physical
 /// start with this bit set (breakpoint keys are RIPs, below it).
 pub const WATCH: u64 = 1 << 63;
 
 /// One hit: the `n`-th arrival at `key` after exit `point.exits`, where
-/// `key` is a breakpoint's RIP, or `WATCH | start` for the `n`-th change of
-/// a watched range (the point is then just after the writing instruction).
+/// `key` is a breakpoint's RIP, or `WATCH | start` for the `n`-th hit of a
+/// watched range (the point is then just after the accessing instruction;
+/// for a DMA hit, `n` is 0 and the point is the exit boundary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hit {
     pub point: ExecPoint,
@@ -29,6 +31,9 @@ pub struct Hit {
     pub n: u64,
     /// Register fingerprint at the hit.
     pub fp: u64,
+    /// A change made by the block device's DMA at exit `point.exits`: the
+    /// hit stands at that exit boundary (not counted as an arrival).
+    pub dma: bool,
 }
 
 /// Whether an instruction always exits to the VMM (port I/O, `hlt`): it
@@ -89,13 +94,14 @@ impl Scan {
 
     /// Counts an arrival if `p` is at a site, and a change of a watched
     /// range (`watch`: its start); true when the scan must stop here.
+    /// (`vmm::watch::DMA` set in `watch`: a DMA change at this exit boundary.)
     pub fn at_poll(&mut self, p: ExecPoint, fp: u64, watch: Option<u64>) -> bool {
-        let w = watch.map(|a| self.count(p, fp, WATCH | a)).unwrap_or(false);
-        let b = self.count(p, fp, p.rip);
+        let w = watch.map(|a| self.count(p, fp, WATCH | (a & !DMA), a & DMA != 0)).unwrap_or(false);
+        let b = self.count(p, fp, p.rip, false);
         w || b
     }
 
-    fn count(&mut self, p: ExecPoint, fp: u64, key: u64) -> bool {
+    fn count(&mut self, p: ExecPoint, fp: u64, key: u64, dma: bool) -> bool {
         if p.exits != self.exits {
             self.exits = p.exits;
             self.arrivals.clear();
@@ -103,9 +109,14 @@ impl Scan {
         if !self.sites.contains(&key) {
             return false;
         }
-        let n = self.arrivals.entry(key).or_insert(0);
-        *n += 1;
-        let hit = Hit { point: p, key, n: *n, fp };
+        let n = if dma {
+            0
+        } else {
+            let n = self.arrivals.entry(key).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let hit = Hit { point: p, key, n, fp, dma };
         self.total += 1;
         if self.hits.len() >= self.keep {
             self.hits.remove(0);
@@ -113,7 +124,7 @@ impl Scan {
         self.hits.push(hit);
         match self.stop {
             ScanStop::First => true,
-            ScanStop::Nth { exits, rip, n } => p.exits == exits && key == rip && hit.n == n,
+            ScanStop::Nth { exits, rip, n } => !dma && p.exits == exits && key == rip && hit.n == n,
             ScanStop::Never => false,
         }
     }

@@ -19,6 +19,22 @@ use crate::replay::{Outcome, Recording, ReplayError, Sink, Timeline};
 
 use super::snapshots::{leads_to, rank, At, Snapshots};
 use crate::replay::search::{Hit, Scan, ScanStop, WATCH};
+use crate::vmm::watch::{WatchSpec, WriteReport};
+
+/// Whether a native run stopped because code runs on a page watched for reads.
+fn watched_code(e: &SessionError) -> bool {
+    matches!(e, SessionError::Replay(ReplayError::Machine(crate::vmm::MachineError::WatchedCode { .. })))
+}
+
+/// The position of a native hit: the `n`-th arrival after its exit, or,
+/// for a change the block device's DMA made, that exit's boundary.
+fn hit_at(h: &Hit) -> At {
+    if h.dma {
+        (h.point.exits, None, 0)
+    } else {
+        (h.point.exits, Some((h.key, h.n)), 0)
+    }
+}
 
 /// Something went wrong below the debugger (KVM, a damaged recording, a divergence).
 #[derive(Debug, thiserror::Error)]
@@ -126,11 +142,14 @@ pub struct Session {
     pub native_runs: u64,
     /// Data watchpoints run natively: physical start -> (length, the
     /// virtual address gdb set it at).
-    watch_phys: HashMap<u64, (u64, u64)>,
+    watch_phys: HashMap<u64, (u64, u64, WatchKind)>,
     /// Continue and reverse-continue with breakpoints only run the guest
     /// free between hits (default; `REVIRT_GDB_NATIVE=0` turns it off: the
     /// single-stepping path, kept as the oracle).
     pub native: bool,
+    /// A page watched for reads turned out to hold running code (or tables
+    /// the CPU reads): read/access watchpoints are stepped from then on.
+    pub watched_code: bool,
 }
 
 /// Arrivals (key, count) at these keys since the exit boundary, valid at a position.
@@ -181,6 +200,7 @@ impl Session {
             arrivals: None,
             native_runs: 0,
             watch_phys: HashMap::new(),
+            watched_code: false,
             native: !std::env::var("REVIRT_GDB_NATIVE").is_ok_and(|v| v == "0" || v == "off"),
         };
         s.refresh((0, None, 0))?;
@@ -517,12 +537,13 @@ impl Session {
     }
 
     /// Watches whose bytes changed between `old` and now.
-    fn changed(&self, old: &[Vec<u8>], new: &[Vec<u8>]) -> Option<u64> {
+    /// (An access watchpoint reports itself as such: gdb matches the kind.)
+    fn changed(&self, old: &[Vec<u8>], new: &[Vec<u8>]) -> Option<(u64, WatchKind)> {
         self.watches
             .iter()
             .zip(old.iter().zip(new))
             .find(|(w, (a, b))| w.kind != WatchKind::Read && a != b)
-            .map(|(w, _)| w.addr)
+            .map(|(w, _)| (w.addr, w.kind))
     }
 
     /// Read and access watchpoints that the instruction at RIP touches
@@ -623,11 +644,8 @@ impl Session {
             return Ok(StopWhy::Watch { addr, kind });
         }
         if why == StopWhy::Step {
-            if let Some(addr) = self.changed(&old, &self.watched_bytes()) {
-                return Ok(StopWhy::Watch {
-                    addr,
-                    kind: WatchKind::Write,
-                });
+            if let Some((addr, kind)) = self.changed(&old, &self.watched_bytes()) {
+                return Ok(StopWhy::Watch { addr, kind });
             }
         }
         Ok(why)
@@ -642,7 +660,11 @@ impl Session {
             return self.run_free();
         }
         if self.native_ok() {
-            return self.cont_native();
+            let here = self.pos;
+            match self.cont_native() {
+                Err(e) if watched_code(&e) => self.after_watched_code(here)?,
+                r => return r,
+            }
         }
         let mut old = self.watched_bytes();
         let mut n = 0u64;
@@ -657,11 +679,8 @@ impl Session {
             }
             if !self.watches.is_empty() {
                 let new = self.watched_bytes();
-                if let Some(addr) = self.changed(&old, &new) {
-                    return Ok(StopWhy::Watch {
-                        addr,
-                        kind: WatchKind::Write,
-                    });
+                if let Some((addr, kind)) = self.changed(&old, &new) {
+                    return Ok(StopWhy::Watch { addr, kind });
                 }
                 old = new;
             }
@@ -699,22 +718,26 @@ impl Session {
         if !self.native || (self.breakpoints.is_empty() && self.watches.is_empty()) {
             return false;
         }
-        // Write watchpoints on ranges inside one page (read-only memory
-        // slots watch whole pages); read and access ones are stepped.
+        // Ranges inside one page (memory slots watch whole pages), one
+        // watchpoint per physical start; not after code was found on a
+        // page watched for reads (then stepped).
         let mut phys = HashMap::new();
         for w in &self.watches {
             let (Some(pa), Some(last)) = (self.translate(w.addr), self.translate(w.addr + w.len - 1)) else { return false };
-            if w.kind != WatchKind::Write || last != pa + w.len - 1 || pa >> 12 != last >> 12 {
+            if last != pa + w.len - 1 || pa >> 12 != last >> 12 || phys.contains_key(&pa) {
                 return false;
             }
-            phys.insert(pa, (w.len, w.addr));
+            if w.kind != WatchKind::Write && self.watched_code {
+                return false;
+            }
+            phys.insert(pa, (w.len, w.addr, w.kind));
         }
         self.watch_phys.extend(phys);
         true
     }
 
     /// What a native scan counts: breakpoint RIPs and `WATCH | start` of
-    /// every write watchpoint (physical, as set up by `native_ok`).
+    /// every data watchpoint (physical, as set up by `native_ok`).
     fn native_keys(&self) -> BTreeSet<u64> {
         let mut k = self.breakpoints.clone();
         for w in &self.watches {
@@ -725,22 +748,50 @@ impl Session {
         k
     }
 
+    /// The machine's watch for each `WATCH` key of a scan.
+    fn watch_specs(&self, scan: &Scan) -> Vec<WatchSpec> {
+        scan.watches()
+            .filter_map(|a| {
+                self.watch_phys.get(&a).map(|&(len, _, kind)| match kind {
+                    WatchKind::Write => WatchSpec::changes(a, len),
+                    WatchKind::Read => WatchSpec { start: a, len, reads: true, writes: WriteReport::Never },
+                    WatchKind::Access => WatchSpec { start: a, len, reads: true, writes: WriteReport::Any },
+                })
+            })
+            .collect()
+    }
+
     /// Runs a scan natively, with the data watchpoints its keys name.
     fn run_scan(&mut self, scan: Scan, limit: Option<u64>) -> R<(Outcome, Scan)> {
-        let ranges: Vec<(u64, u64)> =
-            scan.watches().filter_map(|a| self.watch_phys.get(&a).map(|&(l, _)| (a, l))).collect();
+        let specs = self.watch_specs(&scan);
         self.native_runs += 1;
-        Ok(self.tl.run_scan_watching(scan, &ranges, limit)?)
+        Ok(self.tl.run_scan_specs(scan, specs, limit)?)
     }
 
     /// The stop a hit of `key` means.
     fn hit_why(&self, key: u64) -> StopWhy {
         if key & WATCH != 0 {
-            let addr = self.watch_phys.get(&(key & !WATCH)).map_or(key & !WATCH, |&(_, va)| va);
-            StopWhy::Watch { addr, kind: WatchKind::Write }
+            let (addr, kind) = self
+                .watch_phys
+                .get(&(key & !WATCH))
+                .map_or((key & !WATCH, WatchKind::Write), |&(_, va, kind)| (va, kind));
+            StopWhy::Watch { addr, kind }
         } else {
             StopWhy::Breakpoint(key)
         }
+    }
+
+    /// A native run found code on a page watched for reads: back to where
+    /// the command started (the machine is restored, not trusted), and step.
+    fn after_watched_code(&mut self, here: Pos) -> R<()> {
+        self.watched_code = true;
+        self.pos.end = true; // forces a restore: the machine stopped mid-way
+        self.goto(here)
+    }
+
+    /// The watch key (physical) of the watchpoint gdb set at `va`.
+    fn watch_key(&self, va: u64) -> Option<u64> {
+        self.watch_phys.iter().find(|(_, &(_, v, _))| v == va).map(|(&pa, _)| WATCH | pa)
     }
 
     /// Forward to the next breakpoint hit, the guest running free between hits.
@@ -754,7 +805,7 @@ impl Session {
             other => return self.ended(other),
         }
         let hit = *scan.hits.last().expect("a scan stops at a hit");
-        self.refresh((hit.point.exits, Some((hit.key, hit.n)), 0))?;
+        self.refresh(hit_at(&hit))?;
         let arr = bps.iter().map(|&b| (b, scan.arrivals(b))).collect();
         self.arrivals = Some((self.pos.at(), bps, arr));
         Ok(self.hit_why(hit.key))
@@ -794,7 +845,7 @@ impl Session {
         if until.end {
             // Up to the end of the recording: run until it stops.
             let (o, sc) = self.run_scan(scan, None)?;
-            hits.extend(sc.hits.iter().map(|h| ((h.point.exits, Some((h.key, h.n)), 0), *h)));
+            hits.extend(sc.hits.iter().map(|h| (hit_at(h), *h)));
             scan = sc;
             if o == Outcome::Reached {
                 return Err(SessionError::Lost("a counting scan stopped before the end".into()));
@@ -812,7 +863,7 @@ impl Session {
                     self.ended(o)?;
                     return Err(SessionError::Lost(format!("the replay ended before reaching {}", until.point)));
                 }
-                hits.extend(sc.hits.drain(..).map(|h| ((h.point.exits, Some((h.key, h.n)), 0), h)));
+                hits.extend(sc.hits.drain(..).map(|h| (hit_at(&h), h)));
                 self.refresh((to, None, 0))?;
                 if to < e {
                     self.snap_here()?;
@@ -820,7 +871,7 @@ impl Session {
                 // The boundary the run paused at is an arrival if a site is there.
                 let (p, fp) = (self.pos.point, self.pos.fp);
                 sc.at_poll(p, fp, None);
-                hits.extend(sc.hits.drain(..).map(|h| ((h.point.exits, Some((h.key, h.n)), 0), h)));
+                hits.extend(sc.hits.drain(..).map(|h| (hit_at(&h), h)));
                 scan = sc;
                 at = to;
                 chunk = chunk.saturating_mul(2);
@@ -834,14 +885,19 @@ impl Session {
                 if o != Outcome::Reached || p.exits != e || sc.arrivals(r) != n {
                     return Err(SessionError::Lost(format!("replaying from exit {x} did not reach {}", until.point)));
                 }
-                hits.extend(sc.hits.iter().map(|h| ((h.point.exits, Some((h.key, h.n)), 0), *h)));
+                hits.extend(sc.hits.iter().map(|h| (hit_at(h), *h)));
                 scan = sc;
             }
             self.refresh((e, Some((r, n)), 0))?;
         }
-        let watched: Vec<(u64, u64)> = scan.watches().filter_map(|a| self.watch_phys.get(&a).map(|&(l, _)| (a, l))).collect();
+        let watched: Vec<(u64, u64)> = scan
+            .watches()
+            .filter_map(|a| self.watch_phys.get(&a).filter(|w| w.2 != WatchKind::Read).map(|&(l, _, _)| (a, l)))
+            .collect();
         for _ in 0..if until.end { 0 } else { until.steps } {
             let before: Vec<Vec<u8>> = watched.iter().map(|&(a, l)| self.read_phys(a, l)).collect();
+            // Reads (and any access) the instruction makes, as the machine reports them.
+            let touched = self.touched().and_then(|(va, _)| self.watch_key(va)).filter(|k| scan.sites.contains(k));
             if self.step1()? != StopWhy::Step {
                 return Err(SessionError::Lost(format!("the replay ended before reaching {}", until.point)));
             }
@@ -849,7 +905,9 @@ impl Session {
             if p.exits != e {
                 return Err(SessionError::Lost(format!("stepping passed exit {e} before reaching {}", until.point)));
             }
-            let changed = watched.iter().zip(&before).find(|((a, l), b)| self.read_phys(*a, *l) != **b).map(|((a, _), _)| *a);
+            let changed = touched
+                .map(|k| k & !WATCH)
+                .or_else(|| watched.iter().zip(&before).find(|((a, l), b)| self.read_phys(*a, *l) != **b).map(|((a, _), _)| *a));
             let before_hits = scan.total;
             if scan.at_poll(p.point, p.fp, changed) {
                 unreachable!("a counting scan never stops");
@@ -887,7 +945,7 @@ impl Session {
         let mut first = Vec::new();
         if sites.contains(&p.rip) {
             first.push((p.rip, 1));
-            hits.push(((e, Some((p.rip, 1)), 0), Hit { point: p, key: p.rip, n: 1, fp }));
+            hits.push(((e, Some((p.rip, 1)), 0), Hit { point: p, key: p.rip, n: 1, fp, dma: false }));
         }
         Scan::new(sites.clone(), ScanStop::Never, e, &first)
     }
@@ -970,11 +1028,8 @@ impl Session {
             }
             if !self.watches.is_empty() {
                 let new = self.watched_bytes();
-                if let Some(addr) = self.changed(&old, &new) {
-                    hit = Some(StopWhy::Watch {
-                        addr,
-                        kind: WatchKind::Write,
-                    });
+                if let Some((addr, kind)) = self.changed(&old, &new) {
+                    hit = Some(StopWhy::Watch { addr, kind });
                 }
                 old = new;
             }
@@ -1057,11 +1112,8 @@ impl Session {
         if let Some((addr, kind)) = self.touched() {
             return Ok(StopWhy::Watch { addr, kind });
         }
-        if let Some(addr) = self.changed(&self.watched_bytes(), &old_watch) {
-            return Ok(StopWhy::Watch {
-                addr,
-                kind: WatchKind::Write,
-            });
+        if let Some((addr, kind)) = self.changed(&self.watched_bytes(), &old_watch) {
+            return Ok(StopWhy::Watch { addr, kind });
         }
         if self.breakpoints.contains(&self.pos.point.rip) {
             return Ok(StopWhy::Breakpoint(self.pos.point.rip));
@@ -1076,7 +1128,10 @@ impl Session {
             return Ok(StopWhy::Begin);
         }
         if self.native_ok() {
-            return self.reverse_cont_native();
+            match self.reverse_cont_native() {
+                Err(e) if watched_code(&e) => self.after_watched_code(here)?,
+                r => return r,
+            }
         }
         // Windows of exits going back, growing: [lo, hi) then earlier.
         let mut until = here;

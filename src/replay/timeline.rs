@@ -297,8 +297,20 @@ impl Timeline {
     /// [`Timeline::run_scan`] with data watchpoints: `ranges` are the
     /// (physical start, length) of the `WATCH` keys.
     pub fn run_scan_watching(&mut self, scan: Scan, ranges: &[(u64, u64)], limit: Option<u64>) -> Result<(Outcome, Scan), ReplayError> {
+        let specs = ranges.iter().map(|&(a, l)| crate::vmm::watch::WatchSpec::changes(a, l)).collect();
+        self.run_scan_specs(scan, specs, limit)
+    }
+
+    /// [`Timeline::run_scan`] with data watchpoints that may report reads
+    /// and every write (`vmm::watch`); their `WATCH` keys are their starts.
+    pub fn run_scan_specs(
+        &mut self,
+        scan: Scan,
+        specs: Vec<crate::vmm::watch::WatchSpec>,
+        limit: Option<u64>,
+    ) -> Result<(Outcome, Scan), ReplayError> {
         self.machine.bps.set_sites(scan.breakpoints());
-        self.machine.set_watches(ranges.to_vec())?;
+        self.machine.set_watch_specs(specs)?;
         self.host.scan = Some(scan);
         let r = self.run(limit);
         self.machine.bps.set_sites(Default::default());

@@ -36,9 +36,13 @@
 //!
 //! The patched bytes exist only while the vCPU runs: [`Breakpoints::unpatch`]
 //! runs after every `KVM_RUN`, so memory reads, hashes, checkpoints and
-//! snapshots never see them. A guest that wrote over a patched byte is
-//! noticed there (the byte is no longer `int3`) and reported, so callers can
-//! fall back to stepping instead of missing hits.
+//! snapshots never see them. The machine keeps the pages they sit on in
+//! read-only memory slots ([`Breakpoints::patched_pages`]), so a guest write
+//! over a site exits and lands between runs, and the next run patches the
+//! new code; should a patched byte change all the same, that is noticed here
+//! (no longer `int3`) and reported, never a silent miss. A guest *reading*
+//! its code under a patched byte reads 0xCC; that cannot be trapped here
+//! and shows as a divergence of the replay (docs/debugging.md).
 
 use std::collections::BTreeSet;
 
@@ -168,11 +172,14 @@ impl Breakpoints {
     /// with no return site known or more than the debug registers hold.
     /// The caller steps instead.
     /// `sregs`: the vCPU's SREGS if the caller has them (else read here).
+    /// `entering`: an interrupt may be injected before the run (ring 0 will
+    /// run, as if the run started there).
     pub fn arm(
         &mut self,
         vcpu: &Vcpu,
         mem: &GuestMemoryMmap,
         sregs: Option<kvm_bindings::kvm_sregs>,
+        entering: bool,
     ) -> Result<bool, BreakpointError> {
         let s = match sregs {
             Some(s) => s,
@@ -193,7 +200,7 @@ impl Breakpoints {
         }
         let catch: Vec<u64> = self.catch.iter().map(|c| c.0).collect();
         let returns: Vec<u64> = self.return_sites().into_iter().filter(|r| !catch.contains(r)).collect();
-        self.from_ring0 = s.cs.selector & 3 != 3;
+        self.from_ring0 = entering || s.cs.selector & 3 != 3;
         if self.from_ring0 && (returns.is_empty() || returns.len() > DRS - catch.len()) {
             return Ok(false);
         }
@@ -227,6 +234,16 @@ impl Breakpoints {
         }
         self.programmed = true;
         Ok(true)
+    }
+
+    /// Whether an interrupt to `vector` can be delivered in a free run: no
+    /// site at its handler's entry (stepping never stops there), and the
+    /// return sites known and few enough to watch (as [`Breakpoints::arm`]
+    /// requires from ring 0).
+    pub fn can_deliver_free(&self, mem: &GuestMemoryMmap, s: &kvm_bindings::kvm_sregs, vector: u8) -> bool {
+        let Some((h, _)) = idt_gate(mem, s.idt.base, s.idt.limit, vector as u64) else { return false };
+        let n = self.return_sites().iter().filter(|r| !self.catch.iter().any(|c| c.0 == **r)).count();
+        !self.sites.contains(&h) && n > 0 && n <= DRS - self.catch.len().max(1)
     }
 
     /// The guest-physical pages (frame numbers) patched for this run.

@@ -19,6 +19,7 @@ use super::layout::{self, ports, MAX_MEM, MIB, MIN_MEM};
 
 const PAGE_SIZE: u64 = 4096;
 use super::vcpu::{KickGuard, Kicker, Vcpu, VcpuError, VcpuState};
+use super::watch::{WatchSpec, Watches};
 use crate::vmm::counter::{BranchCounter, CounterStop, RunCounter};
 use crate::vmm::counter::PmuError;
 use crate::vmm::step::{StepError, StepStop, Stepper};
@@ -74,6 +75,10 @@ pub enum MachineError {
     Breakpoint(#[from] BreakpointError),
     #[error("the guest wrote over the breakpoint site {site:#x} while it was patched: hits after that write may have been missed")]
     SiteOverwritten { site: u64 },
+    /// The guest ran code (or the CPU walked tables) on a page watched for
+    /// reads, which has no memory slot: native watching cannot go on there.
+    #[error("code at rip {rip:#x} runs from (or the CPU reads tables on) a page watched for reads: watch it by single-stepping instead")]
+    WatchedCode { rip: u64 },
 }
 
 /// An unhandled exception the guest kernel reported on the panic port.
@@ -331,20 +336,6 @@ pub struct Machine {
     slot_ids: Vec<u32>,
 }
 
-/// Watched physical ranges, the pages held read-only for them, and a
-/// change not yet reported.
-#[derive(Debug, Default)]
-struct Watches {
-    ranges: Vec<(u64, u64)>,
-    pages: BTreeSet<u64>,
-    hit: Option<u64>,
-    /// Pages that held a native breakpoint site: read-only too, so a guest
-    /// write over a site is performed here, between runs, while the `int3`
-    /// is out (the next run patches the new code). Kept for the machine's
-    /// life (a later write there only costs an exit).
-    code: BTreeSet<u64>,
-}
-
 fn setup<T>(op: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, MachineError> {
     r.map_err(|source| MachineError::Setup { op, source })
 }
@@ -542,23 +533,43 @@ impl Machine {
     /// KVM finishes an IN/MMIO read only on the next KVM_RUN; with
     /// immediate_exit set it does so without running guest code.
     fn complete_pending_io(&mut self) -> Result<(), MachineError> {
-        if !self.io_pending {
-            return Ok(());
-        }
-        self.vcpu.fd.set_kvm_immediate_exit(1);
-        let r = self.vcpu.fd.run().map(|_| ()).map_err(|e| e.errno());
-        self.vcpu.fd.set_kvm_immediate_exit(0);
-        match r {
-            Err(libc::EINTR) | Ok(()) => {
-                self.io_pending = false;
-                Ok(())
+        while self.io_pending {
+            self.io_pending = false;
+            self.vcpu.fd.set_kvm_immediate_exit(1);
+            // The instruction may access a watched page again (a
+            // read-modify-write, a second fragment): perform that too.
+            let mut next = None;
+            let r = match self.vcpu.fd.run() {
+                Ok(VcpuExit::MmioWrite(addr, data)) if self.watch.watched_page(addr) => {
+                    let mut b = [0u8; 16];
+                    let n = data.len().min(16);
+                    b[..n].copy_from_slice(&data[..n]);
+                    next = Some(Action::WatchWrite(addr, b, n));
+                    Ok(())
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) if self.watch.watched_page(addr) => {
+                    let _ = self.mem.read_slice(data, GuestAddress(addr));
+                    next = Some(Action::WatchRead(addr, data.len()));
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(e) => Err(e.errno()),
+            };
+            self.vcpu.fd.set_kvm_immediate_exit(0);
+            match (r, next) {
+                (Ok(()), Some(Action::WatchWrite(addr, b, n))) => self.watched_write(addr, &b[..n])?,
+                (Ok(()), Some(Action::WatchRead(addr, n))) => self.watched_read(addr, n),
+                (Err(libc::EINTR), _) | (Ok(()), _) => {}
+                (Err(e), _) => {
+                    return Err(VcpuError::Kvm {
+                        op: "KVM_RUN (complete I/O)",
+                        source: kvm_ioctls::Error::new(e),
+                    }
+                    .into())
+                }
             }
-            Err(e) => Err(VcpuError::Kvm {
-                op: "KVM_RUN (complete I/O)",
-                source: kvm_ioctls::Error::new(e),
-            }
-            .into()),
         }
+        Ok(())
     }
 
     pub fn vm_fd(&self) -> &VmFd {
@@ -650,16 +661,18 @@ impl Machine {
     /// guest sees the same memory; the rest of RAM runs natively. Empty:
     /// one slot for all RAM again.
     pub fn set_watches(&mut self, ranges: Vec<(u64, u64)>) -> Result<(), MachineError> {
+        self.set_watch_specs(ranges.into_iter().map(|(a, l)| WatchSpec::changes(a, l)).collect())
+    }
+
+    /// [`Machine::set_watches`] with reads and every write (`vmm::watch`):
+    /// a page watched for reads gets no memory slot at all, so reads exit
+    /// too (~43 us each); the run loop performs them from guest RAM.
+    pub fn set_watch_specs(&mut self, specs: Vec<WatchSpec>) -> Result<(), MachineError> {
         let total = self.config.mem_size / 4096;
-        let pages: BTreeSet<u64> = ranges
-            .iter()
-            .flat_map(|&(a, l)| (a >> 12)..=((a + l.max(1) - 1) >> 12))
-            .filter(|&p| p < total)
-            .chain(self.watch.code.iter().copied())
-            .collect();
-        self.watch.ranges = ranges;
+        let (ro, none) = Watches::layout(&specs, &self.watch.code, total);
+        self.watch.specs = specs;
         self.watch.hit = None;
-        if pages == self.watch.pages {
+        if ro == self.watch.ro && none == self.watch.none {
             return Ok(());
         }
         // Re-creating a slot clears its dirty bitmap: take what it holds first.
@@ -692,11 +705,13 @@ impl Machine {
             ids.push(slot);
             Ok(())
         };
-        for &p in &pages {
+        for &p in ro.union(&none) {
             if p > at {
                 add(at, p - at, false)?;
             }
-            add(p, 1, true)?;
+            if ro.contains(&p) {
+                add(p, 1, true)?;
+            }
             at = p + 1;
         }
         if at < total {
@@ -704,29 +719,57 @@ impl Machine {
         }
         *self.dirty.slots.lock().unwrap() = logged;
         self.slot_ids = ids;
-        self.watch.pages = pages;
+        self.watch.ro = ro;
+        self.watch.none = none;
         Ok(())
+    }
+
+    /// Accesses to watched pages the run loop performed so far.
+    pub fn watched_accesses(&self) -> u64 {
+        self.watch.accesses
+    }
+
+    /// The watched ranges' bytes now (before a write or DMA).
+    fn watched_bytes(watch: &Watches, mem: &GuestMemoryMmap) -> Vec<Vec<u8>> {
+        watch
+            .specs
+            .iter()
+            .map(|s| {
+                let mut b = vec![0u8; s.len as usize];
+                let _ = mem.read_slice(&mut b, GuestAddress(s.start));
+                b
+            })
+            .collect()
     }
 
     /// A guest write to a watched page (it exited as MMIO): performed here.
     fn watched_write(&mut self, addr: u64, data: &[u8]) -> Result<(), MachineError> {
-        let before: Vec<Vec<u8>> = self.watch.ranges.iter().map(|&(a, l)| self.read_range(a, l)).collect();
+        let before = if self.watch.wants_before() {
+            Self::watched_bytes(&self.watch, &self.mem)
+        } else {
+            vec![Vec::new(); self.watch.specs.len()]
+        };
         self.mem.write_slice(data, GuestAddress(addr)).map_err(|e| MachineError::Memory(e.to_string()))?;
         let pages = (addr >> 12..=(addr + data.len().max(1) as u64 - 1) >> 12).collect();
         self.dirty.note(&pages, &BTreeSet::new());
-        let changed = self.watch.ranges.iter().zip(&before).find(|((a, l), b)| self.read_range(*a, *l) != **b);
-        if let Some(((a, _), _)) = changed {
-            self.watch.hit = Some(*a);
-        }
+        let mem = &self.mem;
+        self.watch.on_write(addr, data.len() as u64, &before, |a, l| {
+            let mut b = vec![0u8; l as usize];
+            let _ = mem.read_slice(&mut b, GuestAddress(a));
+            b
+        });
+        self.watch.accesses += 1;
         // KVM finishes the access on the next entry (as for an IN).
         self.io_pending = true;
         Ok(())
     }
 
-    fn read_range(&self, a: u64, l: u64) -> Vec<u8> {
-        let mut b = vec![0u8; l as usize];
-        let _ = self.mem.read_slice(&mut b, GuestAddress(a));
-        b
+    /// A guest read of a page watched for reads (no slot: it exited as
+    /// MMIO and the data was filled in from guest RAM).
+    fn watched_read(&mut self, addr: u64, n: usize) {
+        self.watch.on_read(addr, n as u64);
+        self.watch.accesses += 1;
+        self.io_pending = true;
     }
 
     /// The current execution point (reads RIP).
@@ -941,7 +984,8 @@ impl Machine {
                         self.sync_sregs = Some(ok);
                     }
                     let synced = self.sregs_synced.then(|| self.vcpu.fd.sync_regs().sregs);
-                    if !self.bps.arm(&self.vcpu, &self.mem, synced)? {
+                    let entering = self.devices.pic.next_vector().is_some();
+                    if !self.bps.arm(&self.vcpu, &self.mem, synced, entering)? {
                         // No IDT yet, or ring 0 with its returns unknown:
                         // step one instruction (learning returns), then retry.
                         let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
@@ -952,7 +996,7 @@ impl Machine {
                     let code = self.bps.patched_pages();
                     if !code.is_subset(&self.watch.code) {
                         self.watch.code.extend(code);
-                        self.set_watches(self.watch.ranges.clone())?;
+                        self.set_watch_specs(self.watch.specs.clone())?;
                     }
                     self.hw_bp = None; // guest debug now holds the breakpoints
                     bps_armed = true;
@@ -975,6 +1019,7 @@ impl Machine {
             let mut guest_caused = true;
             let mut eintr = false;
             let mut action = Action::None;
+            let mut dma_before = None;
             self.sregs_synced = false;
             match vcpu.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => {
@@ -986,7 +1031,18 @@ impl Machine {
                 Ok(VcpuExit::IoOut(port, data)) => {
                     *exits += 1;
                     *branches = 0;
+                    if port == ports::BLK_CMD && !watch.specs.is_empty() {
+                        // A DMA may write a watched range: keep its bytes before.
+                        dma_before = Some(Self::watched_bytes(watch, mem));
+                    }
                     action = io_out(devices, mem, port, data);
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) if watch.watched_page(addr) => {
+                    // A page watched for reads (no slot): not an exit.
+                    guest_caused = false;
+                    *io_pending = true;
+                    let _ = mem.read_slice(data, GuestAddress(addr));
+                    action = Action::WatchRead(addr, data.len());
                 }
                 Ok(VcpuExit::MmioRead(_, data)) => {
                     *exits += 1;
@@ -994,7 +1050,7 @@ impl Machine {
                     *io_pending = true;
                     data.fill(0xFF); // nothing is mapped there
                 }
-                Ok(VcpuExit::MmioWrite(addr, data)) if watch.pages.contains(&(addr >> 12)) => {
+                Ok(VcpuExit::MmioWrite(addr, data)) if watch.watched_page(addr) => {
                     // A data watchpoint's page, not a device: not an exit.
                     guest_caused = false;
                     let mut b = [0u8; 16];
@@ -1057,6 +1113,16 @@ impl Machine {
                     }
                 }
             }
+            if let Some(before) = dma_before.filter(|_| !self.devices.block.dma_pages.is_empty()) {
+                // The block device wrote guest RAM itself (no exit showed it).
+                let r = self.devices.block.regs;
+                let mem = &self.mem;
+                self.watch.on_dma(r.addr as u64, r.count as u64 * 512, &before, |a, l| {
+                    let mut b = vec![0u8; l as usize];
+                    let _ = mem.read_slice(&mut b, GuestAddress(a));
+                    b
+                });
+            }
             if !self.devices.block.dma_pages.is_empty() || !self.devices.block.written_sectors.is_empty() {
                 let pages = std::mem::take(&mut self.devices.block.dma_pages);
                 let sectors = std::mem::take(&mut self.devices.block.written_sectors);
@@ -1081,8 +1147,24 @@ impl Machine {
                     self.at_boundary(stop, host)?;
                     continue;
                 }
-                Action::WatchWrite(addr, b, n) => {
-                    self.watched_write(addr, &b[..n])?;
+                Action::WatchWrite(..) | Action::WatchRead(..) => {
+                    let write = matches!(action, Action::WatchWrite(..));
+                    match action {
+                        Action::WatchWrite(addr, b, n) => self.watched_write(addr, &b[..n])?,
+                        Action::WatchRead(addr, n) => self.watched_read(addr, n),
+                        _ => unreachable!(),
+                    }
+                    if stepping && write {
+                        // KVM emulated the write with RIP already past it and
+                        // drops the single-step trap of an instruction that
+                        // needed an MMIO write (as for OUT): this exit is the
+                        // step's boundary.
+                        if let Some(b) = self.stepper.on_other_exit(&self.vcpu, &self.mem)? {
+                            self.complete_pending_io()?;
+                            self.at_boundary(StepStop::Boundary(b), host)?;
+                        }
+                        continue;
+                    }
                     if !stepping && self.watch.hit.is_some() {
                         // Free-running: the boundary after the write is here.
                         self.complete_pending_io()?;
@@ -1140,6 +1222,9 @@ impl Machine {
                 Action::PowerOff(status) => return Ok(Stop::PowerOff(status)),
                 Action::Panic => return Ok(Stop::Panic(self.guest_panic()?)),
                 Action::TripleFault => return Err(MachineError::TripleFault { rip: self.rip() }),
+                Action::Emulation(_) if !self.watch.none.is_empty() => {
+                    return Err(MachineError::WatchedCode { rip: self.rip() });
+                }
                 Action::Emulation(what) => {
                     let cpl = self.vcpu.sregs().map(|s| s.cs.selector & 3).unwrap_or(0);
                     return Err(MachineError::Emulation { rip: self.rip(), cpl, what });
@@ -1175,7 +1260,7 @@ impl Machine {
                 let mut c = self.precise_ctx(None)?;
                 c.overflow = overflow;
                 c
-            } else if guest_caused && (self.counter.is_some() || host.precise(self.exits)) {
+            } else if guest_caused && (self.counter.is_some() || host.precise(self.exits) || self.watch.hit.is_some()) {
                 // Free-running, but the host needs this exit exactly: finish
                 // the instruction (an IN completes on entry) so RIP is past it.
                 self.complete_pending_io()?;
@@ -1206,8 +1291,16 @@ impl Machine {
         }
         // An interrupt the guest cannot take yet (IF=0, as in its ring-0
         // handlers) waits for its window: the free run stops at the return
-        // to ring 3 before the window opens.
-        Ok(self.devices.pic.next_vector().is_some() && self.vcpu.regs()?.rflags & 0x200 != 0)
+        // to ring 3 before the window opens. One it takes now is delivered
+        // in a free run too, unless a site is at its handler's entry (a
+        // step delivers it and runs that instruction, as stepping does).
+        match self.devices.pic.next_vector() {
+            Some(v) if self.vcpu.regs()?.rflags & 0x200 != 0 => {
+                let s = self.vcpu.sregs()?;
+                Ok(!self.bps.can_deliver_free(&self.mem, &s, v))
+            }
+            _ => Ok(false),
+        }
     }
 
     /// A native breakpoint trapped: at a hit the guest stands at the site
@@ -1358,6 +1451,8 @@ enum Action {
     Trap(kvm_bindings::kvm_debug_exit_arch),
     /// A write to a watched page: address, data, length.
     WatchWrite(u64, [u8; 16], usize),
+    /// A read of a page watched for reads (data filled in): address, length.
+    WatchRead(u64, usize),
     ClockRead(InSlot),
     TimerProgram(u32),
     Halt,

@@ -15,6 +15,7 @@ pub mod pausable;
 pub mod point;
 pub mod step;
 pub mod vcpu;
+pub mod watch;
 
 pub use host::{Async, Console, Control, Host, HostError, LiveHost, PollCtx, Waker};
 pub use image::Image;

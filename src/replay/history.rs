@@ -1,0 +1,200 @@
+//! `history` on the search engine: every write (and read) of a physical
+//! range between two points, found at native speed instead of by stepping
+//! every instruction (docs/provenance.md).
+//!
+//! Pass 1 replays the span with the range watched (`vmm::watch`: its page
+//! read-only, or without a slot for reads), every access to it counted per
+//! exit interval (`replay::search`), and a DMA write into it counted for
+//! the interval whose `out` started it. Pass 2 replays again at full speed
+//! to each interval that had accesses and single-steps it with the
+//! provenance tracer from its start to its last access, so every access is
+//! pinned down exactly (the point before the instruction, with the branch
+//! count, the instruction, old and new bytes) the same way the stepping
+//! oracle ([`super::provenance::history_stepping`]) finds it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::provenance::{touches_of, Budget, History, Limits, ProvError, Tracer};
+use super::search::{Scan, ScanStop, WATCH};
+use super::{Outcome, Recording, Sink, Timeline};
+use crate::clock::ExecPoint;
+use crate::vmm::watch::{WatchSpec, WriteReport, DMA};
+
+type R<T> = Result<T, ProvError>;
+
+/// Exits replayed per native run of pass 1 (Ctrl-C and the time limit are
+/// checked between runs; the hits of one run are kept in memory).
+const CHUNK_EXITS: u64 = 4096;
+/// Most hits one chunk may hold.
+const MAX_CHUNK_HITS: usize = 1 << 22;
+
+/// A timeline at exit boundary `e` (nearest checkpoint, then full speed).
+fn timeline_at(rec: &Arc<Recording>, e: u64) -> R<Timeline> {
+    let ck = Timeline::nearest_checkpoint(rec, e);
+    let mut tl = Timeline::at_checkpoint(rec.clone(), ck, Sink::Discard)?;
+    if tl.exits() < e {
+        match tl.run(Some(e))? {
+            Outcome::Reached => {}
+            Outcome::Diverged(why) => {
+                return Err(ProvError::Diverged {
+                    at: tl.exits(),
+                    why,
+                })
+            }
+            o => return Err(ProvError::Msg(format!("cannot replay to exit {e}: {o:?}"))),
+        }
+    }
+    Ok(tl)
+}
+
+/// Pass 1: accesses to the range per exit interval in `from..=to.exits`
+/// (a DMA write counts for the interval of the `out` that started it).
+fn count_hits(
+    rec: &Arc<Recording>,
+    spec: WatchSpec,
+    from: u64,
+    to: ExecPoint,
+    limits: &Limits,
+) -> R<BTreeMap<u64, u64>> {
+    let key = WATCH | spec.start;
+    let mut tl = timeline_at(rec, from)?;
+    let started = Instant::now();
+    let mut need: BTreeMap<u64, u64> = BTreeMap::new();
+    let end = to.exits + 1;
+    loop {
+        let at = tl.exits();
+        if at >= end {
+            break;
+        }
+        let limit = at.saturating_add(CHUNK_EXITS).min(end);
+        let scan = Scan::new([key].into(), ScanStop::Never, at, &[]).keep_last(MAX_CHUNK_HITS);
+        let (o, scan) = tl.run_scan_specs(scan, vec![spec], Some(limit))?;
+        if scan.total > scan.hits.len() as u64 {
+            return Err(ProvError::Msg(format!(
+                "more than {MAX_CHUNK_HITS} accesses to the range in exits {at}..{limit}: narrow the span"
+            )));
+        }
+        for h in &scan.hits {
+            let e = if h.dma {
+                h.point.exits.saturating_sub(1)
+            } else {
+                h.point.exits
+            };
+            if e >= from && e <= to.exits {
+                *need.entry(e).or_insert(0) += 1;
+            }
+        }
+        match o {
+            Outcome::Reached => {}
+            Outcome::Finished { .. } => break,
+            Outcome::Diverged(why) => {
+                return Err(ProvError::Diverged {
+                    at: tl.exits(),
+                    why,
+                })
+            }
+            Outcome::EndOfRecording(d) | Outcome::NotReached(d) => {
+                // A cut-short recording vouches for no more: up to `to` is enough.
+                if tl.exits() >= to.exits {
+                    break;
+                }
+                return Err(ProvError::Msg(d));
+            }
+        }
+        if (limits.interrupted)() {
+            return Err(ProvError::Interrupted { at: tl.exits() });
+        }
+        if started.elapsed() >= limits.max_time {
+            return Err(ProvError::Msg(format!(
+                "the time limit ({:.0} s) ran out at exit {} while finding the accesses",
+                limits.max_time.as_secs_f64(),
+                tl.exits()
+            )));
+        }
+    }
+    Ok(need)
+}
+
+/// [`super::provenance::history`] at native speed (see the module doc).
+pub fn history_native(
+    rec: &Arc<Recording>,
+    phys: u64,
+    len: u64,
+    from: u64,
+    to: ExecPoint,
+    reads: bool,
+    limits: &Limits,
+) -> R<History> {
+    let started = Instant::now();
+    if phys & DMA != 0 || len == 0 {
+        return Err(ProvError::Msg(format!("bad range {phys:#x}+{len}")));
+    }
+    let spec = WatchSpec {
+        start: phys,
+        len,
+        reads,
+        writes: WriteReport::Any,
+    };
+    let need = count_hits(rec, spec, from, to, limits)?;
+    let hits: u64 = need.values().sum();
+    let mut budget = Budget::new(limits);
+    let mut touches = Vec::new();
+    let mut stopped = None;
+    let mut tl = match need.keys().next() {
+        Some(&e) => Some(timeline_at(rec, e)?),
+        None => None,
+    };
+    'intervals: for (&e, &k) in &need {
+        let Some(tl) = tl.as_mut() else { break };
+        if tl.exits() < e {
+            match tl.run(Some(e))? {
+                Outcome::Reached => {}
+                Outcome::Diverged(why) => {
+                    return Err(ProvError::Diverged {
+                        at: tl.exits(),
+                        why,
+                    })
+                }
+                o => return Err(ProvError::Msg(format!("cannot replay to exit {e}: {o:?}"))),
+            }
+        }
+        // Step from the interval's start (exact branch counts) to its last access.
+        let mut t = Tracer::new(tl);
+        let mut seen = 0u64;
+        while seen < k {
+            let here = t.tl.position()?;
+            if here == to || t.finished || here.exits > e {
+                break;
+            }
+            if let Some(why) = budget.exhausted() {
+                stopped = Some(format!("stopped at exit {e}: {why}"));
+                break 'intervals;
+            }
+            let st = t.step()?;
+            budget.tick(st.at.exits)?;
+            let before = touches.len();
+            touches_of(&st, phys, len, reads, &mut touches);
+            if touches.len() > before {
+                seen += 1;
+            }
+        }
+        if to.exits == e && t.tl.position()? == to {
+            break;
+        }
+    }
+    budget.done();
+    Ok(History {
+        phys,
+        len,
+        from,
+        to,
+        touches,
+        skipped: Vec::new(),
+        steps: budget.steps,
+        stopped,
+        millis: started.elapsed().as_millis() as u64,
+        native: Some((hits, need.len() as u64)),
+    })
+}
