@@ -44,7 +44,7 @@ impl Checkpoints {
     }
 
     fn read(&mut self, id: u32) -> Result<Checkpoint, CheckpointError> {
-        Ok(self.seals.read(&self.dir, id)?)
+        self.seals.read(&self.dir, id)
     }
 
     /// The header of checkpoint `id` (its machine state and page lists).
