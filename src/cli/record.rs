@@ -71,7 +71,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         checkpoint_every: a.checkpoint_every,
         keep_checkpoints: a.keep_checkpoints,
         parent: None,
-        control: a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?,
+        control: a.control.as_deref().map(revirt::migrate::Controller::listen).transpose()?.map(|c| c as std::sync::Arc<dyn revirt::record::mover::Mover>),
         pmu_counter: None,
     };
     let (input, console) = a.vm.serial()?;

@@ -142,7 +142,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     let mut session = None;
     if let (Some(rs), Some(out)) = (&state.recorder, &opts.out) {
         let l = live.take().expect("not yet taken");
-        match Session::resume(out, &m, rs, l, &hello.source_host, opts.control.clone()) {
+        match Session::resume(out, &m, rs, l, &hello.source_host, opts.control.clone().map(|c| c as Arc<dyn crate::record::mover::Mover>)) {
             Ok(s) => session = Some(s),
             Err(e) => {
                 let e: MigrateError = e.into();

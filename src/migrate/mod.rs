@@ -18,8 +18,9 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 
+pub use crate::record::mover::MoveSummary as Summary;
+pub use crate::trace::meta::hostname;
 pub use proto::ProtoError;
 pub use source::{Controller, MigrateRequest};
 
@@ -43,25 +44,6 @@ impl From<crate::record::RecordError> for MigrateError {
     }
 }
 
-/// What a finished migration reports (source side).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Summary {
-    pub to: String,
-    pub rounds: u32,
-    /// Bytes put on the wire (after compression).
-    pub bytes: u64,
-    /// Pages sent over all rounds, including the stop-and-copy.
-    pub pages: u64,
-    /// Pages sent while the guest was stopped.
-    pub final_pages: u64,
-    pub total_ms: f64,
-    /// Guest paused at the source until the commit was sent; the
-    /// destination resumes it on receipt (plus one network latency).
-    pub downtime_ms: f64,
-    /// Highest throttle auto-converge applied (percent of time the guest slept).
-    pub max_throttle: u32,
-    pub recording: bool,
-}
 
 /// A connection over TCP (`HOST:PORT`) or a Unix socket (`unix:PATH`).
 pub enum Conn {
@@ -232,9 +214,3 @@ pub fn release_socket_path(path: &std::path::Path) {
     }
 }
 
-/// This host's name, for the migration's records.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}

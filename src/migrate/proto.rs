@@ -141,23 +141,7 @@ pub struct Welcome {
     pub host: String,
 }
 
-/// The recorder's place in its recording when the VM stopped, so the
-/// destination appends to the same log and checkpoint series.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RecorderState {
-    pub events: u64,
-    pub log: crate::trace::log::LogHead,
-    pub checkpoints: u32,
-    pub output_len: u64,
-    /// Changes since the source's last checkpoint: the destination's next
-    /// checkpoint must include them.
-    pub ckpt_pages: Vec<u64>,
-    pub ckpt_sectors: Vec<u64>,
-    /// The checkpoints the retention policy kept (the destination thins
-    /// the same set on); empty from a source that does not say.
-    #[serde(default)]
-    pub kept_checkpoints: Vec<u32>,
-}
+pub use crate::record::mover::RecorderState;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FinalState {

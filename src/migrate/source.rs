@@ -64,13 +64,8 @@ pub enum Reply {
     Error(String),
 }
 
-/// The recording the migrating VM writes, if any.
-#[derive(Clone)]
-pub struct RecordingInfo {
-    pub dir: PathBuf,
-    pub id: String,
-    pub clock: crate::clock::ClockKind,
-}
+pub use crate::record::mover::RecordingInfo;
+
 
 /// Handles on the VM the migration thread may use while the vCPU runs.
 #[derive(Clone)]
@@ -810,4 +805,20 @@ pub fn request(control: &Path, req: &MigrateRequest, progress: &mut dyn FnMut(&s
         }
     }
     Err(MigrateError::Refused("the VM closed the control connection without an answer (did it exit?)".into()))
+}
+
+/// The recorder moves its VM through the controller (record does not know migrate).
+impl crate::record::mover::Mover for Controller {
+    fn attach(&self, m: &Machine, recording: Option<RecordingInfo>) {
+        Controller::attach(self, m, recording)
+    }
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+    fn finish(&self, m: &mut Machine, live: &mut LiveHost, clock_ns: u64, recorder: RecorderState, stopped: Instant) -> Option<Summary> {
+        Controller::finish(self, m, live, clock_ns, Some(recorder), stopped).ok()
+    }
+    fn ended(&self, why: &str) {
+        Controller::ended(self, why)
+    }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 mod ckpt;
+pub mod mover;
 pub mod retain;
 use ckpt::CheckpointWriter;
 use crate::clock::{fingerprint, ClockKind, ExecPoint};
@@ -61,7 +62,7 @@ pub struct RecordOptions {
     /// The recording this one continues, if any (written to meta.json).
     pub parent: Option<trace::meta::Parent>,
     /// A control socket through which `revirt migrate` may move the VM.
-    pub control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    pub control: Option<std::sync::Arc<dyn mover::Mover>>,
     /// The counter `--clock pmu` uses (None: the hardware PMU's).
     pub pmu_counter: Option<crate::vmm::counter::CounterOpener>,
 }
@@ -99,7 +100,7 @@ pub struct RecordSummary {
     pub checkpoint_pause_cpu: Duration,
     /// The VM moved to another host mid-recording; this end holds the
     /// recording up to the move and no End event.
-    pub migrated: Option<crate::migrate::Summary>,
+    pub migrated: Option<mover::MoveSummary>,
 }
 
 fn file_info(path: &Path, bytes: &[u8]) -> FileInfo {
@@ -475,7 +476,7 @@ pub struct Session {
     checkpoints: u32,
     ckpt: CheckpointWriter,
     start: Instant,
-    control: Option<std::sync::Arc<crate::migrate::Controller>>,
+    control: Option<std::sync::Arc<dyn mover::Mover>>,
     /// The counter `--clock pmu` uses.
     pmu_counter: crate::vmm::counter::CounterOpener,
 }
@@ -487,10 +488,10 @@ impl Session {
     pub fn resume(
         dir: &Path,
         m: &Machine,
-        rs: &crate::migrate::proto::RecorderState,
+        rs: &mover::RecorderState,
         live: LiveHost,
         from_host: &str,
-        control: Option<std::sync::Arc<crate::migrate::Controller>>,
+        control: Option<std::sync::Arc<dyn mover::Mover>>,
     ) -> Result<Session, RecordError> {
         let meta = Meta::read(&dir.join(trace::META))?;
         let log = LogWriter::append(&dir.join(trace::EVENTS), &rs.log)?;
@@ -518,7 +519,7 @@ impl Session {
         } else {
             rs.kept_checkpoints.clone()
         };
-        host.log(Event::Migrated { exits: m.exits, from: from_host.to_string(), to: crate::migrate::hostname() });
+        host.log(Event::Migrated { exits: m.exits, from: from_host.to_string(), to: crate::trace::meta::hostname() });
         Ok(Session {
             dir: dir.to_path_buf(),
             host,
@@ -578,21 +579,21 @@ impl Session {
         let dir = self.dir.clone();
         let console_path = dir.join(trace::CONSOLE);
         if let Some(c) = &self.control {
-            c.attach(&m, Some(crate::migrate::source::RecordingInfo {
+            c.attach(&m, Some(mover::RecordingInfo {
                 dir: dir.clone(),
                 id: Meta::read(&dir.join(trace::META))?.id,
                 clock: self.host.clock,
             }));
-            c.shared.set_waker(self.host.inner.waker());
+            c.shared().set_waker(self.host.inner.waker());
         }
         let mut migrated = None;
         let end = loop {
             let r = match &self.control {
-                Some(c) => m.run(&mut crate::vmm::pausable::Pausable::new(&mut self.host, c.shared.clone()), None),
+                Some(c) => m.run(&mut crate::vmm::pausable::Pausable::new(&mut self.host, c.shared().clone()), None),
                 None => m.run(&mut self.host, None),
             };
             match r {
-                Ok(Stop::Paused) if self.control.as_ref().is_some_and(|c| c.shared.stop_requested()) => {
+                Ok(Stop::Paused) if self.control.as_ref().is_some_and(|c| c.shared().stop_requested()) => {
                     // The downtime starts here: finishing the checkpoint in
                     // flight, the log flush and the dirty-log sync are in it.
                     let stopped = Instant::now();
@@ -601,7 +602,7 @@ impl Session {
                     self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
                     let head = self.host.log.head()?;
                     let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
-                    let rs = crate::migrate::proto::RecorderState {
+                    let rs = mover::RecorderState {
                         events: self.host.events,
                         log: head,
                         checkpoints: self.checkpoints,
@@ -611,7 +612,7 @@ impl Session {
                         kept_checkpoints: self.ckpt.kept.iter().copied().collect(),
                     };
                     let clock = self.host.inner.now_ns();
-                    if let Ok(s) = c.finish(&mut m, &mut self.host.inner, clock, Some(rs), stopped) {
+                    if let Some(s) = c.finish(&mut m, &mut self.host.inner, clock, rs, stopped) {
                         migrated = Some(s);
                         break EndReason::Stopped;
                     }

@@ -167,3 +167,8 @@ mod tests {
         assert!(e.contains("format version 1 is not supported"), "{e}");
     }
 }
+
+/// This host's name (for HostInfo and the Migrated event).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
