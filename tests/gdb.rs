@@ -381,38 +381,45 @@ fn read_packet(t: &mut std::net::TcpStream, secs: u64) -> String {
     );
 }
 
-#[test]
-fn ctrl_c_interrupts_a_long_continue() {
+/// `continue` with an access watchpoint on bytes nothing touches, then
+/// Ctrl-C after `wait`: a SIGINT stop reply promptly, and the stub still
+/// answers. `native`: the search engine's path (REVIRT_GDB_NATIVE=1), which
+/// can stop only at an exit boundary; otherwise the stepping path.
+fn ctrl_c_case(cmdline: &str, native: bool, wait: Duration) {
     let d = tempfile::tempdir().unwrap();
-    // Long enough that stepping to a breakpoint that is never hit takes minutes.
-    let rec = record(d.path(), "c", "workload=compute iters=2000000", b"");
-    let s = serve(&rec);
+    let rec = record(d.path(), "c", cmdline, b"");
+    let mut cmd = revirt();
+    cmd.args(["gdb", rec.to_str().unwrap(), "--port", "0"]).env("REVIRT_GDB_NATIVE", if native { "1" } else { "0" });
+    let s = start_gdb_server(cmd);
     let mut t = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     t.write_all(&packet("QStartNoAckMode")).unwrap();
     assert_eq!(read_packet(&mut t, 10), "OK");
-    // An access watchpoint on bytes nothing touches: `continue` single-steps
-    // and checks every instruction (breakpoints and write watchpoints run at
-    // native speed: the whole recording would end before the Ctrl-C).
     t.write_all(&packet("Z4,123456,8")).unwrap();
     assert_eq!(read_packet(&mut t, 10), "OK");
     t.write_all(&packet("vCont;c")).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(wait);
     let t0 = std::time::Instant::now();
     t.write_all(&[0x03]).unwrap();
     let r = read_packet(&mut t, 20);
-    assert!(
-        r.starts_with("T02") || r.starts_with("S02"),
-        "a SIGINT stop reply: {r:?}"
-    );
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "stopped promptly: {:?}",
-        t0.elapsed()
-    );
+    assert!(r.starts_with("T02") || r.starts_with("S02"), "native={native}: a SIGINT stop reply: {r:?}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "native={native}: stopped promptly: {:?}", t0.elapsed());
     // Still usable: read the registers.
     t.write_all(&packet("g")).unwrap();
     let g = read_packet(&mut t, 10);
     assert!(g.len() > 50 && !g.starts_with('E'), "{g:?}");
+}
+
+#[test]
+fn ctrl_c_interrupts_a_long_stepping_continue() {
+    // Stepping ~3e7 instructions would take minutes.
+    ctrl_c_case("workload=compute iters=2000000", false, Duration::from_millis(1500));
+}
+
+#[test]
+fn ctrl_c_interrupts_a_long_native_continue() {
+    // ~1.5e10 instructions: seconds even at native speed; the stop comes at
+    // the next exit boundary after the Ctrl-C.
+    ctrl_c_case("workload=compute iters=1000000000", true, Duration::from_millis(400));
 }
 
 #[test]

@@ -49,6 +49,10 @@ pub enum SessionError {
 
 type R<T> = Result<T, SessionError>;
 
+/// About how long a native `continue` runs before it looks for a Ctrl-C
+/// from the client (it can only stop at an exit boundary).
+const CONT_SLICE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What a watchpoint watches for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchKind {
@@ -711,6 +715,7 @@ impl Session {
 
     // ---- native speed (replay::search) ----
 
+
     /// Whether continuing can run at native speed: breakpoints only (data
     /// watchpoints are still checked by stepping). `REVIRT_GDB_NATIVE=0`
     /// turns it off (the stepping path, kept as the oracle).
@@ -798,11 +803,35 @@ impl Session {
     fn cont_native(&mut self) -> R<StopWhy> {
         let bps = self.native_keys();
         let arrivals = self.arrivals_here(&bps)?;
-        let scan = Scan::new(bps.clone(), ScanStop::First, self.pos.exits, &arrivals);
-        let (o, scan) = self.run_scan(scan, None)?;
-        match o {
-            Outcome::Reached => {}
-            other => return self.ended(other),
+        let mut scan = Scan::new(bps.clone(), ScanStop::First, self.pos.exits, &arrivals);
+        // In chunks of exits sized to take about CONT_SLICE each: between
+        // them, at an exit boundary (an exact position), a Ctrl-C is noticed.
+        let mut chunk = 1u64;
+        loop {
+            let t0 = std::time::Instant::now();
+            let to = self.tl.exits().saturating_add(chunk);
+            let (o, mut sc) = self.run_scan(scan, Some(to))?;
+            match o {
+                Outcome::Reached => {}
+                other => return self.ended(other),
+            }
+            if sc.hits.is_empty() {
+                if self.tl.exits() != to {
+                    return Err(SessionError::Lost(format!("a scan paused at exit {} before its limit {to} without a hit", self.tl.exits())));
+                }
+                self.refresh((to, None, 0))?;
+                // The boundary the run paused at is an arrival if a site is there.
+                let (p, fp) = (self.pos.point, self.pos.fp);
+                sc.at_poll(p, fp, None);
+            }
+            scan = sc;
+            if !scan.hits.is_empty() {
+                break;
+            }
+            if self.interrupted() {
+                return Ok(StopWhy::Interrupted);
+            }
+            chunk = if t0.elapsed() < CONT_SLICE / 2 { chunk.saturating_mul(2) } else if t0.elapsed() > CONT_SLICE * 2 { (chunk / 2).max(1) } else { chunk };
         }
         let hit = *scan.hits.last().expect("a scan stops at a hit");
         self.refresh(hit_at(&hit))?;

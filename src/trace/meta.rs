@@ -136,6 +136,11 @@ pub fn new_id() -> String {
     hex::encode(b)
 }
 
+/// This host's name (for HostInfo and the Migrated event).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,9 +171,4 @@ mod tests {
         let e = Meta::read(&p).unwrap_err().to_string();
         assert!(e.contains("format version 1 is not supported"), "{e}");
     }
-}
-
-/// This host's name (for HostInfo and the Migrated event).
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
 }
