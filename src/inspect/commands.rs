@@ -407,7 +407,7 @@ impl Session {
                 let pages: u64 = h.pages.iter().map(|r| r.1).sum();
                 let sectors: u64 = h.sectors.iter().map(|r| r.1).sum();
                 let mark = if self.at_checkpoint() == Some(id) { "=>" } else { "  " };
-                writeln!(out, "{mark}{id:>2}  {exits:>10}  {:>12}  {pages:>7}  {sectors:>8}", h.machine.clock_ns)?;
+                writeln!(out, "{mark}{id:>2}  {exits:>10}  {:>12}  {pages:>7}  {sectors:>8}", h.clock_ns())?;
             }
             Ok(())
         } else if is("symbol") {

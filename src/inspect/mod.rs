@@ -529,7 +529,7 @@ impl Session {
         let next = self.next_event()?;
         let x = self.exits();
         let ck = Timeline::nearest_checkpoint(&self.rec, x);
-        let ck_clock = self.ckpts.header(ck).map(|h| h.machine.clock_ns).unwrap_or(0);
+        let ck_clock = self.ckpts.header(ck).map(|h| h.clock_ns()).unwrap_or(0);
         let logged = self.rec.events[..next.min(self.rec.events.len())]
             .iter()
             .rev()

@@ -351,6 +351,11 @@ pub fn encode(header_json: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 impl CheckpointHeader {
+    /// The guest clock at the checkpoint (ns).
+    pub fn clock_ns(&self) -> u64 {
+        self.machine.clock_ns
+    }
+
     /// Bytes of page and sector data the lists describe, or None when a
     /// count overflows (a crafted header).
     pub fn data_len(&self) -> Option<u64> {
