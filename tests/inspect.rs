@@ -12,7 +12,7 @@ use std::process::{Command, Output};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use revirt::inspect::{self, Frozen, Options, Point, Session};
+use revirt::inspect::{self, Options, Point, Session};
 use revirt::replay::{Recording, Sink, Timeline};
 use revirt::trace::Event;
 
@@ -548,11 +548,11 @@ fn checkpoint_state_from_files_equals_the_replayed_state() {
         // From the files (no KVM).
         s.seek(Point::Checkpoint(k)).unwrap();
         assert_eq!(s.at_checkpoint(), Some(k));
-        let a = Frozen::of(s.view().unwrap()).unwrap();
+        let a = revirt::inspect::view::freeze(s.view().unwrap()).unwrap();
         // Replayed from checkpoint 0 through KVM.
         let mut tl = Timeline::at_checkpoint(rec.clone(), 0, Sink::Discard).unwrap();
         assert_eq!(inspect::run_to(&mut tl, exits, false).unwrap(), inspect::Ran::Reached);
-        let b = Frozen::of(&tl).unwrap();
+        let b = revirt::inspect::view::freeze(&tl).unwrap();
         assert_eq!(a.exits, b.exits);
         assert_eq!(format!("{:?}", a.regs), format!("{:?}", b.regs), "checkpoint {k}");
         assert_eq!(a.sregs.cr3, b.sregs.cr3);

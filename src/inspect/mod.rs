@@ -12,6 +12,8 @@ pub mod commands;
 pub mod format;
 mod lastwrite;
 pub mod live;
+mod memory;
+mod state;
 pub mod mmu;
 pub mod parse;
 pub mod provenance;
@@ -187,7 +189,7 @@ impl Session {
             rec,
             syms,
             ckpts,
-            here: Here::Checkpoint(first, Arc::new(st.into())),
+            here: Here::Checkpoint(first, Arc::new(st)),
             tl: None,
             tl_state: TlState::Running,
             opts,
@@ -306,7 +308,7 @@ impl Session {
         match t.ckpt {
             Some(id) => {
                 let st = self.ckpts.state(id)?;
-                self.here = Here::Checkpoint(id, Arc::new(st.into()));
+                self.here = Here::Checkpoint(id, Arc::new(st));
             }
             None => {
                 self.replay_to(t.exits)?;
@@ -414,7 +416,7 @@ impl Session {
             }
             Err(Error::Interrupted { at }) => {
                 self.here = match self.ckpt_at(at) {
-                    Some(id) => Here::Checkpoint(id, Arc::new(self.ckpts.state(id)?.into())),
+                    Some(id) => Here::Checkpoint(id, Arc::new(self.ckpts.state(id)?)),
                     None => Here::Replay(at, None),
                 };
                 Err(Error::Interrupted { at })
@@ -457,10 +459,10 @@ impl Session {
     /// (a scratch replay when it is not a checkpoint).
     pub fn frozen_at(&mut self, t: Target) -> Result<Frozen, Error> {
         if let Some(id) = t.ckpt {
-            return Ok(self.ckpts.state(id)?.into());
+            return Ok(self.ckpts.state(id)?);
         }
         if t.exits == self.exits() && t.exact == self.exact() {
-            return Frozen::of(self.view()?);
+            return view::freeze(self.view()?);
         }
         let mut tl = self.scratch_timeline(t.exits)?;
         run_to(&mut tl, t.exits, self.opts.progress)?;
@@ -471,7 +473,7 @@ impl Session {
                 _ => return Err(Error::Msg(format!("cannot reach {}", point_str(&p)))),
             }
         }
-        Frozen::of(&tl)
+        view::freeze(&tl)
     }
 
     /// A new replay timeline at the nearest checkpoint at or before `exits`.

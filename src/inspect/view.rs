@@ -41,34 +41,22 @@ fn beyond(addr: u64, len: usize, size: u64) -> Error {
     ))
 }
 
-/// A machine state held in memory.
-#[derive(Clone)]
-pub struct Frozen {
-    pub exits: u64,
-    pub regs: Regs,
-    pub sregs: Sregs,
-    pub msrs: Vec<(u32, u64)>,
-    pub memory: Arc<Vec<u8>>,
-    pub next_event: usize,
-    pub output_len: u64,
-    /// The guest clock known at this point (ns).
-    pub clock_ns: u64,
-}
+/// A machine state held in memory: a checkpoint's, or a copy of any view's
+/// (replay's own state type; `diff` compares two of them).
+pub type Frozen = CheckpointState;
 
-impl Frozen {
-    /// Copies the state a view shows.
-    pub fn of(v: &dyn View) -> Result<Frozen, Error> {
-        Ok(Frozen {
-            exits: v.exits(),
-            regs: v.regs()?,
-            sregs: v.sregs()?,
-            msrs: v.msrs()?,
-            memory: v.memory()?,
-            next_event: v.next_event(),
-            output_len: v.output_len(),
-            clock_ns: 0,
-        })
-    }
+/// Copies the state a view shows.
+pub fn freeze(v: &dyn View) -> Result<Frozen, Error> {
+    Ok(Frozen {
+        exits: v.exits(),
+        regs: v.regs()?,
+        sregs: v.sregs()?,
+        msrs: v.msrs()?,
+        memory: v.memory()?,
+        next_event: v.next_event(),
+        output_len: v.output_len(),
+        clock_ns: 0,
+    })
 }
 
 impl View for Frozen {
@@ -139,17 +127,3 @@ impl View for Timeline {
     }
 }
 
-impl From<CheckpointState> for Frozen {
-    fn from(c: CheckpointState) -> Frozen {
-        Frozen {
-            exits: c.exits,
-            regs: c.regs,
-            sregs: c.sregs,
-            msrs: c.msrs,
-            memory: c.memory,
-            next_event: c.next_event,
-            output_len: c.output_len,
-            clock_ns: c.clock_ns,
-        }
-    }
-}
