@@ -84,6 +84,17 @@ fn record_race(dir: &Path, name: &str, clock: &str) -> Arc<Recording> {
     Arc::new(Recording::open(&out).unwrap())
 }
 
+
+/// A native session and the stepping one stopped alike: the same reason,
+/// position, fingerprint, next event and full state hash.
+fn same_stop(a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str) {
+    assert_eq!(wa, wb, "{what}");
+    let (pa, pb) = (a.pos(), b.pos());
+    assert_eq!((pa.point.exits, pa.point.rip, pa.fp, pa.end), (pb.point.exits, pb.point.rip, pb.fp, pb.end), "{what}");
+    assert_eq!(a.event_index(), b.event_index(), "{what}");
+    assert_eq!(a.tl.state_hash().unwrap(), b.tl.state_hash().unwrap(), "{what}");
+}
+
 #[test]
 fn native_hits_equal_the_stepping_oracle_for_every_clock() {
     let d = tempfile::tempdir().unwrap();
@@ -122,13 +133,7 @@ fn continue_and_reverse_continue_equal_the_stepping_path() {
         let bps: BTreeSet<u64> = [symbol("task_exit"), race_loop_body(), irq_timer_body()].into();
         a.breakpoints = bps.clone();
         b.breakpoints = bps.clone();
-        let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| {
-            assert_eq!(wa, wb, "{clock}: {what}");
-            let (pa, pb) = (a.pos(), b.pos());
-            assert_eq!((pa.point.exits, pa.point.rip, pa.fp, pa.end), (pb.point.exits, pb.point.rip, pb.fp, pb.end), "{clock}: {what}");
-            assert_eq!(a.event_index(), b.event_index(), "{clock}: {what}");
-            assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap(), "{clock}: {what}");
-        };
+        let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| same_stop(a, b, wa, wb, &format!("{clock}: {what}"));
         for i in 0..6 {
             let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
             same(&mut a, &mut b, &wa, &wb, &format!("continue {i}"));
@@ -174,12 +179,7 @@ fn write_watchpoints_at_native_speed_equal_the_stepping_path() {
     let w = Watch { addr: symbol("race_counter"), len: 8, kind: WatchKind::Write };
     a.watches.push(w.clone());
     b.watches.push(w);
-    let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| {
-        assert_eq!(wa, wb, "{what}");
-        let (pa, pb) = (a.pos(), b.pos());
-        assert_eq!((pa.point.exits, pa.point.rip, pa.fp, pa.end), (pb.point.exits, pb.point.rip, pb.fp, pb.end), "{what}");
-        assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap(), "{what}");
-    };
+    let same = same_stop;
     for i in 0..5 {
         let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
         same(&mut a, &mut b, &wa, &wb, &format!("continue {i}"));
@@ -207,12 +207,7 @@ fn read_and_access_watchpoints_at_native_speed_equal_the_stepping_path() {
         let w = Watch { addr: symbol("race_counter"), len: 8, kind };
         a.watches.push(w.clone());
         b.watches.push(w);
-        let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| {
-            assert_eq!(wa, wb, "{kind:?} {what}");
-            let (pa, pb) = (a.pos(), b.pos());
-            assert_eq!((pa.point.exits, pa.point.rip, pa.fp, pa.end), (pb.point.exits, pb.point.rip, pb.fp, pb.end), "{kind:?} {what}");
-            assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap(), "{kind:?} {what}");
-        };
+        let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| same_stop(a, b, wa, wb, &format!("{kind:?} {what}"));
         for i in 0..5 {
             let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
             assert!(matches!(wa, StopWhy::Watch { kind: k, .. } if k == kind), "{kind:?}: {wa:?}");
@@ -273,12 +268,7 @@ fn a_dma_write_into_a_watched_range_is_a_hit() {
     let w = Watch { addr: symbol("disk_buf") + 0x800, len: 8, kind: WatchKind::Write };
     a.watches.push(w.clone());
     b.watches.push(w);
-    let same = |a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what: &str| {
-        assert_eq!(wa, wb, "{what}");
-        let (pa, pb) = (a.pos(), b.pos());
-        assert_eq!((pa.point.exits, pa.point.rip, pa.fp, pa.end), (pb.point.exits, pb.point.rip, pb.fp, pb.end), "{what}");
-        assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap(), "{what}");
-    };
+    let same = same_stop;
     let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
     same(&mut a, &mut b, &wa, &wb, "continue to the DMA");
     assert!(matches!(wa, StopWhy::Watch { .. }), "{wa:?}");

@@ -34,6 +34,12 @@ const MAX_CHUNK_HITS: usize = 1 << 22;
 fn timeline_at(rec: &Arc<Recording>, e: u64) -> R<Timeline> {
     let ck = Timeline::nearest_checkpoint(rec, e);
     let mut tl = Timeline::at_checkpoint(rec.clone(), ck, Sink::Discard)?;
+    run_to_exit(&mut tl, e)?;
+    Ok(tl)
+}
+
+/// Replays `tl` forward at full speed to exit boundary `e` (if behind it).
+fn run_to_exit(tl: &mut Timeline, e: u64) -> R<()> {
     if tl.exits() < e {
         match tl.run(Some(e))? {
             Outcome::Reached => {}
@@ -46,7 +52,7 @@ fn timeline_at(rec: &Arc<Recording>, e: u64) -> R<Timeline> {
             o => return Err(ProvError::Msg(format!("cannot replay to exit {e}: {o:?}"))),
         }
     }
-    Ok(tl)
+    Ok(())
 }
 
 /// Pass 1: accesses to the range per exit interval in `from..=to.exits`
@@ -148,18 +154,7 @@ pub fn history_native(
     };
     'intervals: for (&e, &k) in &need {
         let Some(tl) = tl.as_mut() else { break };
-        if tl.exits() < e {
-            match tl.run(Some(e))? {
-                Outcome::Reached => {}
-                Outcome::Diverged(why) => {
-                    return Err(ProvError::Diverged {
-                        at: tl.exits(),
-                        why,
-                    })
-                }
-                o => return Err(ProvError::Msg(format!("cannot replay to exit {e}: {o:?}"))),
-            }
-        }
+        run_to_exit(tl, e)?;
         // Step from the interval's start (exact branch counts) to its last access.
         let mut t = Tracer::new(tl);
         let mut seen = 0u64;
