@@ -61,7 +61,12 @@ pub struct Args {
 
 /// Exit statuses: 0 replay matched, 1 diverged or mismatched, 2 the recording is incomplete.
 pub fn main(a: Args) -> anyhow::Result<u8> {
-    let rec = Arc::new(Recording::open_checked(&a.recording, a.force)?);
+    // A seek checks what it uses (the recording's seek index, the log from
+    // its checkpoint to past the target); a replay to the end checks all.
+    let rec = Arc::new(match a.to {
+        Some(to) => Recording::open_for_seek(&a.recording, a.force, a.from_checkpoint, to.exits)?,
+        None => Recording::open_checked(&a.recording, a.force)?,
+    });
     if let Some(line) = &rec.integrity {
         eprintln!("revirt: {line}");
     }
@@ -139,7 +144,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         Outcome::Finished { problems, state_hash, stop } if problems.is_empty() => {
             eprintln!(
                 "revirt: replay matches the recording: {} events, {} exits, {stop:?}, final state hash {state_hash}",
-                rec.events.len(),
+                rec.events_base + rec.events.len(),
                 tl.exits()
             );
             0

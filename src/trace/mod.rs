@@ -5,13 +5,16 @@
 //! - `meta.json`: what was recorded, how, on what host (written once, at start);
 //! - `image.elf`, `disk.img`: copies of the guest image and the disk at start;
 //! - `events.log`: the event log, zstd chunks chained by SHA-256;
+//! - `events.idx`: the seek index (version 3): what a seek needs from the whole log;
 //! - `checkpoints/NNNNNN.ckpt`: the start checkpoint (full) and incremental ones;
 //! - `console.log`: what the guest printed (checked against the log's End event).
 
 pub mod checkpoint;
 pub mod event;
+pub mod index;
 pub mod log;
 pub mod meta;
+pub mod seek;
 pub mod snapshot;
 pub mod verify;
 
@@ -27,6 +30,7 @@ pub const META: &str = "meta.json";
 pub const IMAGE: &str = "image.elf";
 pub const DISK: &str = "disk.img";
 pub const EVENTS: &str = "events.log";
+pub const INDEX: &str = "events.idx";
 pub const CHECKPOINTS: &str = "checkpoints";
 pub const CONSOLE: &str = "console.log";
 
