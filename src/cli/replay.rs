@@ -89,7 +89,16 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     }
     let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));
     let sink = if a.quiet { Sink::Discard } else { Sink::Stdout };
-    let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;
+    let mut tl = match Timeline::at_checkpoint(rec.clone(), ck, sink) {
+        Ok(t) => t,
+        // A seek checks the checkpoints as it restores them: one that fails
+        // is damage, told as the full check tells it.
+        Err(e) if rec.seek_checked => {
+            Recording::open_checked(&a.recording, false)?;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let recorded = rec.meta.clock;
     // The hardware counter must open and count the start-up probe guest
     // exactly (the same check as `record --clock pmu`).

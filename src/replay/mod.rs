@@ -90,6 +90,8 @@ pub struct Recording {
     /// A seek window that stops before the log's end: the events in the
     /// log (more than `events_base + events.len()`).
     pub window_of: Option<usize>,
+    /// Opened by [`Recording::open_for_seek`]'s own check (not the full one).
+    pub seek_checked: bool,
     pub status: LogStatus,
     pub chunks: u32,
     /// console.log as read; from a checked open of a cut-short recording,
@@ -206,6 +208,7 @@ impl Recording {
             events: l.log.events,
             events_base: 0,
             window_of: None,
+            seek_checked: false,
             status: l.log.status,
             chunks: l.log.chunks,
             console: l.console,
@@ -244,6 +247,7 @@ impl Recording {
             events: w.events,
             events_base: w.base,
             window_of,
+            seek_checked: true,
             status: LogStatus::Complete,
             chunks: 0,
             console: w.console,
