@@ -111,7 +111,7 @@ impl Recording {
     /// used (and, in a cut-short recording, those it stops before binding,
     /// on their CRC-32, said in the summary).
     pub fn open_checked(dir: &Path, force: bool) -> Result<Recording, ReplayError> {
-        if !dir.join(trace::META).exists() {
+        if !trace::Dir::new(dir).is_recording() {
             return Err(ReplayError::NotARecording(dir.display().to_string()));
         }
         let (report, loaded) = trace::verify::check(dir);
@@ -160,16 +160,17 @@ impl Recording {
     /// Opens without the integrity check (library use; the CLI readers use
     /// [`Recording::open_checked`]). Checkpoints are used on their CRC-32.
     pub fn open(dir: &Path) -> Result<Recording, ReplayError> {
-        let meta_path = dir.join(trace::META);
+        let files = trace::Dir::new(dir);
+        let meta_path = files.meta();
         if !meta_path.exists() {
             return Err(ReplayError::NotARecording(dir.display().to_string()));
         }
         let meta_bytes = std::fs::read(&meta_path)
             .map_err(|source| ReplayError::Io { what: "reading", path: meta_path.display().to_string(), source })?;
         let meta = Meta::parse(&meta_bytes, &meta_path)?;
-        let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis(&meta_bytes))?;
-        let console = std::fs::read(dir.join(trace::CONSOLE)).unwrap_or_default();
-        let image = std::fs::read(dir.join(trace::IMAGE)).unwrap_or_default();
+        let log = LogReader::read(&files.events(), trace::log::genesis(&meta_bytes))?;
+        let console = std::fs::read(files.console()).unwrap_or_default();
+        let image = std::fs::read(files.image()).unwrap_or_default();
         let console_vouched = console.len() as u64;
         Ok(Recording::from_loaded(
             dir,
@@ -181,6 +182,7 @@ impl Recording {
         // A checkpoint the retention policy dropped is gone even where a
         // stale copy of its file is left (a migrated recording's).
         let dropped = trace::checkpoint::Seals::from_events(&l.log.events, trace::checkpoint::Expect::CrcOnly);
+        let files = trace::Dir::new(dir);
         let checkpoints = l
             .log
             .events
@@ -190,7 +192,7 @@ impl Recording {
                 Event::Checkpoint { id, exits, .. } => Some((*id, *exits, i)),
                 _ => None,
             })
-            .filter(|(id, _, _)| dropped.expect(*id) != trace::checkpoint::Expect::Dropped && trace::checkpoint_path(dir, *id).exists())
+            .filter(|(id, _, _)| dropped.expect(*id) != trace::checkpoint::Expect::Dropped && files.has_checkpoint(*id))
             .collect();
         Recording {
             dir: dir.to_path_buf(),
@@ -219,6 +221,11 @@ impl Recording {
 
     pub fn end(&self) -> Option<&Event> {
         self.events.last().filter(|e| matches!(e, Event::End { .. }))
+    }
+
+    /// The recording's files.
+    pub fn files(&self) -> trace::Dir {
+        trace::Dir::new(&self.dir)
     }
 }
 

@@ -81,7 +81,7 @@ impl Timeline {
         let dir = rec.dir.clone();
         let disk = match &rec.meta.config.disk {
             Some(_) => {
-                let src = dir.join(trace::DISK);
+                let src = rec.files().disk();
                 let tmp = tempfile::Builder::new().prefix("revirt-replay-disk").tempfile().map_err(|source| {
                     ReplayError::Io { what: "creating a replay disk", path: std::env::temp_dir().display().to_string(), source }
                 })?;

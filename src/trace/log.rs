@@ -228,6 +228,12 @@ fn writer_thread(mut w: ChunkWriter, q: Arc<Queue>) -> Result<WriterStats, Strin
     }
 }
 
+/// An empty log (its header alone): a recorder killed before its first
+/// event leaves a recording that says it is empty, not one without a log.
+pub fn create_empty(path: &Path) -> Result<(), LogError> {
+    std::fs::write(path, FILE_MAGIC).map_err(|source| LogError::Io { path: path.display().to_string(), source })
+}
+
 impl LogWriter {
     pub fn create(path: &Path, genesis: [u8; 32]) -> Result<LogWriter, LogError> {
         let io = |source| LogError::Io { path: path.display().to_string(), source };

@@ -100,9 +100,7 @@ impl Meta {
     pub fn write(&self, path: &Path) -> Result<(), MetaError> {
         let io = |source| MetaError::Io { path: path.display().to_string(), source };
         let json = serde_json::to_vec_pretty(self).expect("meta serializes");
-        let tmp = path.with_extension("json.partial");
-        std::fs::write(&tmp, json).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        super::dir::write_atomic(path, &path.with_extension("json.partial"), &json, false).map_err(io)
     }
 
     pub fn read(path: &Path) -> Result<Meta, MetaError> {
