@@ -374,7 +374,7 @@ if os.path.exists(lj):
     if os.path.exists(cj):
         # Seeks before/after the seek index, side by side (bench-long.sh COMPARE=1).
         C = json.load(open(cj)); res["seek_compare"] = C; m = C["median_ms"]
-        ctag = f"bench-long.sh COMPARE {C['date']}, median of {C['reps']}"
+        ctag = f"bench-long.sh COMPARE {C['date']}, median of {C['reps']}; before = {C.get('before_rev', '?')} on its own recordings"
         for what in ["seek 0.5 s before the end", "seek 50 exits past the last checkpoint before that"]:
             side = lambda s: (m[f"{what}, 10-minute recording | {s}"], m[f"{what}, 10 s recording | {s}"])
             (lb, sb), (la, sa) = side("before"), side("after")
