@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit, VmFd};
@@ -12,7 +12,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 
 use super::boot::{self, BootError};
 use super::breakpoints::{BreakpointError, Breakpoints, Trap};
-use super::devices::{Block, DeviceState, Devices, DiskError};
+pub use super::dirty::DirtyLog;
+use super::devices::{Block, DeviceState, Devices, DiskError, PortEffect};
 use super::host::{Async, Control, Host, HostError, PollCtx};
 use super::image::Image;
 use super::layout::{self, ports, MAX_MEM, MIB, MIN_MEM};
@@ -143,136 +144,6 @@ pub struct MachineState {
     pub waiting: bool,
 }
 
-/// Pages and disk sectors the guest (or a device on its behalf) changed,
-/// kept for each consumer: checkpoints always, a live migration while one
-/// runs. KVM's dirty log is read-and-clear, so it is read here only and
-/// fanned out; the migration thread calls [`DirtyLog::take_tracked`] while
-/// the vCPU keeps running (KVM_GET_DIRTY_LOG is safe alongside KVM_RUN).
-pub struct DirtyLog {
-    vm: Arc<VmFd>,
-    /// The dirty-logged memory slots: (slot, first page, pages). One slot
-    /// for all RAM, except while data watchpoints split it (`set_watches`).
-    slots: Mutex<Vec<(u32, u64, u64)>>,
-    sets: Mutex<DirtySets>,
-}
-
-#[derive(Default)]
-struct DirtySets {
-    ckpt_pages: BTreeSet<u64>,
-    ckpt_sectors: BTreeSet<u64>,
-    migration: Option<(BTreeSet<u64>, BTreeSet<u64>)>,
-    /// Pages changed since the memory digest last looked (see `pagehash`).
-    hash_pages: BTreeSet<u64>,
-}
-
-impl DirtyLog {
-    fn sync(&self, s: &mut DirtySets) -> Result<(), MachineError> {
-        for &(slot, first, pages) in self.slots.lock().unwrap().iter() {
-            let bitmap = self
-                .vm
-                .get_dirty_log(slot, (pages * 4096) as usize)
-                .map_err(|source| MachineError::Setup { op: "KVM_GET_DIRTY_LOG", source })?;
-            for (i, word) in bitmap.iter().enumerate() {
-                let mut w = *word;
-                while w != 0 {
-                    let page = first + i as u64 * 64 + w.trailing_zeros() as u64;
-                    s.ckpt_pages.insert(page);
-                    s.hash_pages.insert(page);
-                    if let Some((p, _)) = &mut s.migration {
-                        p.insert(page);
-                    }
-                    w &= w - 1;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Device writes (DMA into RAM, sectors onto the disk): KVM does not see them.
-    fn note(&self, pages: &BTreeSet<u64>, sectors: &BTreeSet<u64>) {
-        let mut s = self.sets.lock().unwrap();
-        s.ckpt_pages.extend(pages);
-        s.hash_pages.extend(pages);
-        s.ckpt_sectors.extend(sectors);
-        if let Some((p, d)) = &mut s.migration {
-            p.extend(pages);
-            d.extend(sectors);
-        }
-    }
-
-    /// Pages the VMM wrote itself (boot, restoring a checkpoint or snapshot,
-    /// receiving a migration): KVM's dirty log does not see those either.
-    pub fn note_pages(&self, pages: impl IntoIterator<Item = u64>) {
-        let mut s = self.sets.lock().unwrap();
-        let s = &mut *s;
-        for p in pages {
-            s.ckpt_pages.insert(p);
-            s.hash_pages.insert(p);
-            if let Some((m, _)) = &mut s.migration {
-                m.insert(p);
-            }
-        }
-    }
-
-    /// Pages changed since the last call (for the memory digest).
-    fn take_hash_pages(&self) -> Result<BTreeSet<u64>, MachineError> {
-        let mut s = self.sets.lock().unwrap();
-        self.sync(&mut s)?;
-        Ok(std::mem::take(&mut s.hash_pages))
-    }
-
-    /// Everything changed since the last checkpoint.
-    pub fn take_checkpoint(&self) -> Result<(Vec<u64>, Vec<u64>), MachineError> {
-        let mut s = self.sets.lock().unwrap();
-        self.sync(&mut s)?;
-        let pages = std::mem::take(&mut s.ckpt_pages).into_iter().collect();
-        let sectors = std::mem::take(&mut s.ckpt_sectors).into_iter().collect();
-        Ok((pages, sectors))
-    }
-
-    /// What the next checkpoint would hold so far, without taking it (a
-    /// migrating recording hands it to the destination's next checkpoint).
-    pub fn checkpoint_pending(&self) -> Result<(Vec<u64>, Vec<u64>), MachineError> {
-        let mut s = self.sets.lock().unwrap();
-        self.sync(&mut s)?;
-        Ok((s.ckpt_pages.iter().copied().collect(), s.ckpt_sectors.iter().copied().collect()))
-    }
-
-    /// Adds changes made elsewhere (the source of a migration) to the next checkpoint.
-    pub fn seed_checkpoint(&self, pages: &[u64], sectors: &[u64]) {
-        let mut s = self.sets.lock().unwrap();
-        s.ckpt_pages.extend(pages);
-        s.ckpt_sectors.extend(sectors);
-    }
-
-    /// Starts a migration's tracking: from now on every change is also kept for it.
-    pub fn start_tracking(&self) -> Result<(), MachineError> {
-        let mut s = self.sets.lock().unwrap();
-        self.sync(&mut s)?;
-        s.migration = Some(Default::default());
-        Ok(())
-    }
-
-    /// Pages and sectors changed since the last call (or since tracking started).
-    pub fn take_tracked(&self) -> Result<(Vec<u64>, Vec<u64>), MachineError> {
-        let mut s = self.sets.lock().unwrap();
-        self.sync(&mut s)?;
-        let (p, d) = s.migration.get_or_insert_with(Default::default);
-        Ok((std::mem::take(p).into_iter().collect(), std::mem::take(d).into_iter().collect()))
-    }
-
-    /// How many pages and sectors the next [`DirtyLog::take_tracked`] would return.
-    pub fn peek_tracked(&self) -> Result<(u64, u64), MachineError> {
-        let mut s = self.sets.lock().unwrap();
-        self.sync(&mut s)?;
-        Ok(s.migration.as_ref().map(|(p, d)| (p.len() as u64, d.len() as u64)).unwrap_or((0, 0)))
-    }
-
-    pub fn stop_tracking(&self) {
-        self.sets.lock().unwrap().migration = None;
-    }
-}
-
 pub struct Machine {
     pub config: VmConfig,
     _kvm: Kvm,
@@ -367,11 +238,7 @@ impl Machine {
         let vcpu = Vcpu::new(&kvm, fd)?;
         let block = Block::new(config.disk.as_deref())?;
         let vm = Arc::new(vm);
-        let dirty = Arc::new(DirtyLog {
-            vm: vm.clone(),
-            slots: Mutex::new(vec![(0, 0, config.mem_size / 4096)]),
-            sets: Mutex::default(),
-        });
+        let dirty = Arc::new(DirtyLog::new(vm.clone(), config.mem_size / 4096));
         Ok(Machine {
             config: config.clone(),
             _kvm: kvm,
@@ -676,10 +543,7 @@ impl Machine {
             return Ok(());
         }
         // Re-creating a slot clears its dirty bitmap: take what it holds first.
-        {
-            let mut s = self.dirty.sets.lock().unwrap();
-            self.dirty.sync(&mut s)?;
-        }
+        self.dirty.sync_now()?;
         let base = self.mem.iter().next().map(|r| r.as_ptr() as u64).unwrap_or(0);
         let region = |slot: u32, first: u64, n: u64, flags: u32| kvm_userspace_memory_region {
             slot,
@@ -717,7 +581,7 @@ impl Machine {
         if at < total {
             add(at, total - at, false)?;
         }
-        *self.dirty.slots.lock().unwrap() = logged;
+        self.dirty.set_slots(logged);
         self.slot_ids = ids;
         self.watch.ro = ro;
         self.watch.none = none;
@@ -1026,7 +890,7 @@ impl Machine {
                     *exits += 1;
                     *branches = 0;
                     *io_pending = true;
-                    action = io_in(devices, port, data);
+                    action = Action::from_port(devices.io_in(port, data), data.len());
                 }
                 Ok(VcpuExit::IoOut(port, data)) => {
                     *exits += 1;
@@ -1035,7 +899,7 @@ impl Machine {
                         // A DMA may write a watched range: keep its bytes before.
                         dma_before = Some(Self::watched_bytes(watch, mem));
                     }
-                    action = io_out(devices, mem, port, data);
+                    action = Action::from_port(devices.io_out(port, data, mem), 0);
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) if watch.watched_page(addr) => {
                     // A page watched for reads (no slot): not an exit.
@@ -1464,52 +1328,17 @@ enum Action {
     Unexpected(String),
 }
 
-fn le(data: &[u8]) -> u32 {
-    let mut b = [0u8; 4];
-    let n = data.len().min(4);
-    b[..n].copy_from_slice(&data[..n]);
-    u32::from_le_bytes(b)
-}
-
-fn put(data: &mut [u8], v: u32) {
-    let b = v.to_le_bytes();
-    let n = data.len().min(4);
-    data[..n].copy_from_slice(&b[..n]);
-}
-
-fn io_in(d: &mut Devices, port: u16, data: &mut [u8]) -> Action {
-    match port {
-        ports::SERIAL_BASE..=ports::SERIAL_END => {
-            data[0] = d.serial.read((port - ports::SERIAL_BASE) as u8);
-            for b in &mut data[1..] {
-                *b = 0;
-            }
+impl Action {
+    /// What the run loop does for a port access's effect (`in_size`: the
+    /// width of an IN, whose answer the loop may fill in later).
+    fn from_port(e: PortEffect, in_size: usize) -> Action {
+        match e {
+            PortEffect::None => Action::None,
+            PortEffect::ClockRead => Action::ClockRead(InSlot { size: in_size }),
+            PortEffect::TimerProgram(us) => Action::TimerProgram(us),
+            PortEffect::Idle => Action::Idle,
+            PortEffect::PowerOff(v) => Action::PowerOff(v),
+            PortEffect::Panic => Action::Panic,
         }
-        ports::CLOCK_LO => return Action::ClockRead(InSlot { size: data.len() }),
-        ports::CLOCK_HI => put(data, d.clock.read_hi()),
-        ports::TIMER_PERIOD => put(data, d.timer.period_us),
-        ports::PIC_MASK => put(data, d.pic.mask as u32),
-        ports::BLK_LBA..=ports::BLK_CAPACITY => put(data, d.block.read_port(port)),
-        _ => data.fill(0xFF),
     }
-    Action::None
-}
-
-fn io_out(d: &mut Devices, mem: &GuestMemoryMmap, port: u16, data: &[u8]) -> Action {
-    let v = le(data);
-    match port {
-        ports::SERIAL_BASE..=ports::SERIAL_END => {
-            d.serial.write((port - ports::SERIAL_BASE) as u8, data[0]);
-            d.collect_irqs();
-        }
-        ports::TIMER_PERIOD => return Action::TimerProgram(v),
-        ports::PIC_EOI => d.pic.eoi(),
-        ports::PIC_MASK => d.pic.set_mask(v as u16),
-        ports::IDLE => return Action::Idle,
-        ports::BLK_LBA..=ports::BLK_CAPACITY => d.block.write_port(port, v, mem),
-        ports::POWER_OFF => return Action::PowerOff(v as u8),
-        ports::PANIC => return Action::Panic,
-        _ => {}
-    }
-    Action::None
 }
