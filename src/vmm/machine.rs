@@ -23,7 +23,7 @@ use super::vcpu::{KickGuard, Kicker, Vcpu, VcpuError, VcpuState};
 use super::watch::{WatchSpec, Watches};
 use crate::vmm::counter::{BranchCounter, CounterStop, RunCounter};
 use crate::vmm::counter::PmuError;
-use crate::vmm::step::{StepError, StepStop, Stepper};
+use crate::vmm::step::{Boundary, StepError, StepStop, Stepper};
 use super::point::{fingerprint, ExecPoint};
 
 /// How a VM is built. Saved in checkpoints and recordings.
@@ -775,29 +775,16 @@ impl Machine {
         r
     }
 
+    /// The run loop: decide how to enter (see [`Entry`]), run the vCPU to
+    /// its next exit, let the devices and the host act on it, repeat.
     fn run_loop(&mut self, host: &mut dyn Host, exit_limit: Option<u64>) -> Result<Stop, MachineError> {
         loop {
             if matches!(exit_limit, Some(l) if self.exits >= l) || self.pause_requested {
                 self.pause_requested = false;
                 return Ok(Stop::Paused);
             }
-            let exit_check = std::mem::take(&mut self.bp_exit_check) && !self.bps.is_empty() && !self.waiting;
-            // A free run from here traps at a site here by itself; an
-            // injection or stepping would pass it unseen.
-            if exit_check
-                && (self.devices.pic.next_vector().is_some() || self.counter.is_some() || host.precise(self.exits))
-            {
-                // The boundary after a guest-caused exit, as stepping would
-                // stop there: the exiting instruction retired, its events
-                // were delivered. An arrival if a site is there.
-                self.complete_pending_io()?;
-                let rip = self.vcpu.regs()?.rip;
-                if self.bps.sites().contains(&rip) {
-                    let mut ctx = self.precise_ctx(Some(rip))?;
-                    ctx.guest_caused = false;
-                    self.poll_and_deliver(&ctx, host)?;
-                    continue;
-                }
+            if self.arrival_after_exit(host)? {
+                continue;
             }
             if self.waiting {
                 // Resumed (or woken) while idle: wait on, at the same exit.
@@ -806,336 +793,418 @@ impl Machine {
                 self.poll_and_deliver(&ctx, host)?;
                 continue;
             }
-            // The PMU clock: program what the host wants from the counter.
-            let mut plan = crate::vmm::counter::CounterPlan::default();
-            if let Some(c) = self.counter.as_mut() {
-                plan = host.counter_plan(self.exits, self.branches);
-                c.program(plan.overflow_at)?;
-            }
-            self.bp = plan.breakpoint;
-            let (counter_steps, breakpoints_ok) = match self.counter.as_ref() {
-                Some(c) => (c.needs_stepping(), c.breakpoints_ok()),
-                None => (false, false),
-            };
-            let use_hw_bp = self.bp.is_some() && breakpoints_ok && !self.bp_step_over;
-            self.host_precise = host.precise(self.exits);
-            // Native breakpoints: run free from ring 3; step off a site we
-            // stand on, and through ring 0 (see vmm::breakpoints).
-            let bp_mode = !self.bps.is_empty() && self.counter.is_none() && self.bp.is_none();
-            let bp_step = bp_mode && !self.host_precise && self.bp_must_step()?;
-            // Step for the host, for a counter that counts by stepping, or
-            // to reach a breakpoint RIP that no hardware breakpoint watches.
-            let precise =
-                self.host_precise || counter_steps || (self.bp.is_some() && !use_hw_bp) || bp_step;
-            if precise != self.stepper.is_armed() {
-                if precise {
-                    self.set_hw_bp(None)?;
-                    self.bps.disarm_debug(&self.vcpu)?;
-                    self.stepper.arm(&self.vcpu, &self.mem)?;
-                } else {
-                    self.stepper.disarm(&self.vcpu)?;
-                    self.hw_bp = None; // disarming cleared all guest debugging
-                }
-            }
-            let mut bps_armed = false;
-            if !self.stepper.is_armed() {
-                if bp_mode {
-                    if self.sync_sregs.is_none() {
-                        let ok = self.vm.check_extension(kvm_ioctls::Cap::SyncRegs);
-                        if ok {
-                            self.vcpu.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
-                        }
-                        self.sync_sregs = Some(ok);
-                    }
-                    let synced = self.sregs_synced.then(|| self.vcpu.fd.sync_regs().sregs);
-                    let entering = self.devices.pic.next_vector().is_some();
-                    if !self.bps.arm(&self.vcpu, &self.mem, synced, entering)? {
-                        // No IDT yet, or ring 0 with its returns unknown:
-                        // step one instruction (learning returns), then retry.
-                        let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
-                        self.site_step_over = Some((steps, self.exits));
-                        continue;
-                    }
-                    self.bp_prev = None;
-                    let code = self.bps.patched_pages();
-                    if !code.is_subset(&self.watch.code) {
-                        self.watch.code.extend(code);
-                        self.set_watch_specs(self.watch.specs.clone())?;
-                    }
-                    self.hw_bp = None; // guest debug now holds the breakpoints
-                    bps_armed = true;
-                } else {
-                    self.bps.disarm_debug(&self.vcpu)?;
-                    self.set_hw_bp(if use_hw_bp { self.bp } else { None })?;
-                }
-            }
+            let Some(entry) = self.prepare_entry(host)? else { continue };
             self.inject()?;
-            if self.stepper.is_armed() {
+            if entry == Entry::Stepping {
                 if let Some(stop) = self.stepper.before_run(&self.vcpu, &self.mem)? {
                     self.at_boundary(stop, host)?;
                     continue;
                 }
             }
-            let stepping = self.stepper.is_armed();
-            let hw_bp = self.hw_bp;
-            let exits_before = self.exits;
-            let Machine { vcpu, devices, mem, exits, io_pending, branches, watch, .. } = self;
-            let mut guest_caused = true;
-            let mut eintr = false;
-            let mut action = Action::None;
-            let mut dma_before = None;
-            self.sregs_synced = false;
-            match vcpu.fd.run() {
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    *exits += 1;
-                    *branches = 0;
-                    *io_pending = true;
-                    action = Action::from_port(devices.io_in(port, data), data.len());
-                }
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    *exits += 1;
-                    *branches = 0;
-                    if port == ports::BLK_CMD && !watch.specs.is_empty() {
-                        // A DMA may write a watched range: keep its bytes before.
-                        dma_before = Some(Self::watched_bytes(watch, mem));
-                    }
-                    action = Action::from_port(devices.io_out(port, data, mem), 0);
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) if watch.watched_page(addr) => {
-                    // A page watched for reads (no slot): not an exit.
-                    guest_caused = false;
-                    *io_pending = true;
-                    let _ = mem.read_slice(data, GuestAddress(addr));
-                    action = Action::WatchRead(addr, data.len());
-                }
-                Ok(VcpuExit::MmioRead(_, data)) => {
-                    *exits += 1;
-                    *branches = 0;
-                    *io_pending = true;
-                    data.fill(0xFF); // nothing is mapped there
-                }
-                Ok(VcpuExit::MmioWrite(addr, data)) if watch.watched_page(addr) => {
-                    // A data watchpoint's page, not a device: not an exit.
-                    guest_caused = false;
-                    let mut b = [0u8; 16];
-                    let n = data.len().min(16);
-                    b[..n].copy_from_slice(&data[..n]);
-                    action = Action::WatchWrite(addr, b, n);
-                }
-                Ok(VcpuExit::MmioWrite(..)) => {
-                    *exits += 1;
-                    *branches = 0;
-                }
-                Ok(VcpuExit::Hlt) => {
-                    *exits += 1;
-                    *branches = 0;
-                    action = Action::Halt;
-                }
-                Ok(VcpuExit::Debug(d)) if stepping => {
-                    guest_caused = false;
-                    action = Action::Step(d);
-                }
-                Ok(VcpuExit::Debug(d)) if bps_armed => {
-                    guest_caused = false;
-                    action = Action::Trap(d);
-                }
-                Ok(VcpuExit::Debug(_)) if hw_bp.is_some() => {
-                    guest_caused = false;
-                    action = Action::Breakpoint;
-                }
-                Ok(VcpuExit::IrqWindowOpen) => guest_caused = false,
-                Ok(VcpuExit::Intr) => {
-                    guest_caused = false;
-                    eintr = true;
-                }
-                Ok(VcpuExit::Shutdown) => action = Action::TripleFault,
-                Ok(VcpuExit::InternalError) => action = Action::Emulation("internal error (instruction emulation failed)".into()),
-                Ok(VcpuExit::FailEntry(reason, _)) => action = Action::Emulation(format!("VM entry failed, hardware reason {reason:#x}")),
-                Ok(other) => action = Action::Unexpected(format!("{other:?}")),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    vcpu.fd.set_kvm_immediate_exit(0);
-                    guest_caused = false;
-                    eintr = true;
-                }
-                Err(e) => return Err(VcpuError::Kvm { op: "KVM_RUN", source: e }.into()),
+            let mut exit = self.enter(entry)?;
+            if entry == Entry::Breakpoints && self.after_breakpoint_run(&exit, host)? {
+                continue;
             }
-            if bps_armed {
-                self.sregs_synced = self.sync_sregs == Some(true)
-                    && guest_caused
-                    && self.exits != exits_before
-                    && matches!(action, Action::None | Action::ClockRead(_) | Action::TimerProgram(_));
-                self.bps.unpatch(&self.mem);
-                self.bp_exit_check = guest_caused && self.exits != exits_before;
-                if let Some(site) = self.bps.take_overwritten().first() {
-                    return Err(MachineError::SiteOverwritten { site: *site });
-                }
-                if matches!(action, Action::Emulation(_)) {
-                    let cpl = self.vcpu.sregs()?.cs.selector & 3;
-                    if let Some(t) = self.bps.on_emulation_failure(self.rip(), cpl) {
-                        self.bp_trap(t, host)?;
-                        continue;
-                    }
-                }
+            let stepping = entry == Entry::Stepping;
+            let exit_boundary = self.after_exit(&mut exit, stepping, host)?;
+            let action = std::mem::replace(&mut exit.action, Action::None);
+            match self.act(action, stepping, host)? {
+                Flow::Next => continue,
+                Flow::Stop(stop) => return Ok(stop),
+                Flow::Poll => {}
             }
-            if let Some(before) = dma_before.filter(|_| !self.devices.block.dma_pages.is_empty()) {
-                // The block device wrote guest RAM itself (no exit showed it).
-                let r = self.devices.block.regs;
-                let mem = &self.mem;
-                self.watch.on_dma(r.addr as u64, r.count as u64 * 512, &before, |a, l| {
-                    let mut b = vec![0u8; l as usize];
-                    let _ = mem.read_slice(&mut b, GuestAddress(a));
-                    b
-                });
+            if let Some(ctx) = self.exit_ctx(&exit, stepping, exit_boundary, host)? {
+                self.poll_and_deliver(&ctx, host)?;
             }
-            if !self.devices.block.dma_pages.is_empty() || !self.devices.block.written_sectors.is_empty() {
-                let pages = std::mem::take(&mut self.devices.block.dma_pages);
-                let sectors = std::mem::take(&mut self.devices.block.written_sectors);
-                self.dirty.note(&pages, &sectors);
-            }
-            if guest_caused && !matches!(action, Action::Step(_) | Action::Breakpoint) && self.exits != exits_before {
-                self.counter_at_exit()?;
-            }
-            let out = self.devices.serial.drain_output();
-            if !out.is_empty() {
-                host.output(&out)?;
-            }
-            // Where the step clock sees the boundary of an exiting instruction.
-            let mut exit_boundary = None;
-            if stepping && guest_caused {
-                exit_boundary = self.stepper.on_other_exit(&self.vcpu, &self.mem)?;
-            }
-            match action {
-                Action::None => {}
-                Action::Step(d) => {
-                    let stop = self.stepper.on_debug_exit(&self.vcpu, &self.mem, &d)?;
-                    self.at_boundary(stop, host)?;
-                    continue;
-                }
-                Action::WatchWrite(..) | Action::WatchRead(..) => {
-                    let write = matches!(action, Action::WatchWrite(..));
-                    match action {
-                        Action::WatchWrite(addr, b, n) => self.watched_write(addr, &b[..n])?,
-                        Action::WatchRead(addr, n) => self.watched_read(addr, n),
-                        _ => unreachable!(),
-                    }
-                    if stepping && write {
-                        // KVM emulated the write with RIP already past it and
-                        // drops the single-step trap of an instruction that
-                        // needed an MMIO write (as for OUT): this exit is the
-                        // step's boundary.
-                        if let Some(b) = self.stepper.on_other_exit(&self.vcpu, &self.mem)? {
-                            self.complete_pending_io()?;
-                            self.at_boundary(StepStop::Boundary(b), host)?;
-                        }
-                        continue;
-                    }
-                    if !stepping && self.watch.hit.is_some() {
-                        // Free-running: the boundary after the write is here.
-                        self.complete_pending_io()?;
-                        let mut ctx = self.precise_ctx(None)?;
-                        ctx.guest_caused = false;
-                        self.poll_and_deliver(&ctx, host)?;
-                    }
-                    // Stepping: the step's own boundary reports it.
-                    continue;
-                }
-                Action::Trap(d) => {
-                    match self.bps.on_debug_exit(&self.vcpu, &self.mem, &d)? {
-                        Some(t) => self.bp_trap(t, host)?,
-                        None => {
-                            return Err(MachineError::UnexpectedExit { what: format!("debug exit {d:?}"), rip: self.rip() })
-                        }
-                    }
-                    continue;
-                }
-                Action::Breakpoint => {
-                    // The hardware breakpoint on the landing RIP: read the
-                    // counter here; step off it before it is armed again.
-                    let (overflow, count) = match self.counter.as_mut() {
-                        Some(c) => c.at_breakpoint()?,
-                        None => (false, self.branches),
-                    };
-                    self.branches = count;
-                    self.bp_step_over = true;
-                    self.hw_bp_hits += 1;
-                    let mut ctx = self.precise_ctx(None)?;
-                    ctx.overflow = overflow;
-                    self.poll_and_deliver(&ctx, host)?;
-                    continue;
-                }
-                Action::ClockRead(slot) => {
-                    let ctx = self.ctx(true);
-                    let now = host.clock_read(&ctx)?;
-                    let v = self.devices.clock.read_lo(now);
-                    self.fill_in(slot, v);
-                }
-                Action::TimerProgram(us) => {
-                    // The deadline depends on the time: an input, logged like a clock read.
-                    let ctx = self.ctx(true);
-                    let now = host.clock_read(&ctx)?;
-                    self.devices.timer.program(us, now);
-                }
-                Action::Halt => {
-                    let run = self.vcpu.fd.get_kvm_run();
-                    if run.if_flag == 0 {
-                        return Err(MachineError::DeadHalt { rip: self.rip() });
-                    }
-                    self.idle(host)?;
-                }
-                Action::Idle => self.idle(host)?,
-                Action::PowerOff(status) => return Ok(Stop::PowerOff(status)),
-                Action::Panic => return Ok(Stop::Panic(self.guest_panic()?)),
-                Action::TripleFault => return Err(MachineError::TripleFault { rip: self.rip() }),
-                Action::Emulation(_) if !self.watch.none.is_empty() => {
-                    return Err(MachineError::WatchedCode { rip: self.rip() });
-                }
-                Action::Emulation(what) => {
-                    let cpl = self.vcpu.sregs().map(|s| s.cs.selector & 3).unwrap_or(0);
-                    return Err(MachineError::Emulation { rip: self.rip(), cpl, what });
-                }
-                Action::Unexpected(what) => return Err(MachineError::UnexpectedExit { what, rip: self.rip() }),
-            }
-            let counter_stop = match self.counter.as_mut() {
-                Some(c) if eintr => c.at_eintr(stepping)?,
-                _ => None,
-            };
-            let ctx = if stepping {
-                match exit_boundary {
-                    // The exiting instruction retired: this exit is the boundary.
-                    Some(b) => {
-                        let mut c = self.precise_ctx(Some(b.rip))?;
-                        c.overflow = self.exit_overflow();
-                        c
-                    }
-                    // It retires on the next entry; a debug exit reports the boundary.
-                    None if guest_caused => {
-                        self.exit_poll_pending = true;
-                        continue;
-                    }
-                    // (A kick while stepping: the counter noted it; the next
-                    // boundary is its stop, the vCPU may be mid-step now.)
-                    None => self.ctx(false),
-                }
-            } else if let Some((overflow, count)) = counter_stop {
-                // The real counter's stop: its overflow signal or a kick made
-                // KVM_RUN return at an instruction boundary. Read the count
-                // and the registers here; the host may deliver right here.
-                self.branches = count;
-                let mut c = self.precise_ctx(None)?;
-                c.overflow = overflow;
-                c
-            } else if guest_caused && (self.counter.is_some() || host.precise(self.exits) || self.watch.hit.is_some()) {
-                // Free-running, but the host needs this exit exactly: finish
-                // the instruction (an IN completes on entry) so RIP is past it.
-                self.complete_pending_io()?;
-                let mut c = self.precise_ctx(None)?;
-                c.overflow = self.exit_overflow();
-                c
+        }
+    }
+
+    /// The boundary after a guest-caused exit of a free run with native
+    /// breakpoints, where an injection, stepping or a counter is next: a
+    /// free run from here would trap at a site here by itself, they would
+    /// pass it unseen. Reports the arrival there (true) if a site is there.
+    fn arrival_after_exit(&mut self, host: &mut dyn Host) -> Result<bool, MachineError> {
+        let exit_check = std::mem::take(&mut self.bp_exit_check) && !self.bps.is_empty() && !self.waiting;
+        if !(exit_check
+            && (self.devices.pic.next_vector().is_some() || self.counter.is_some() || host.precise(self.exits)))
+        {
+            return Ok(false);
+        }
+        // As stepping would stop there: the exiting instruction retired,
+        // its events were delivered.
+        self.complete_pending_io()?;
+        let rip = self.vcpu.regs()?.rip;
+        if !self.bps.sites().contains(&rip) {
+            return Ok(false);
+        }
+        let mut ctx = self.precise_ctx(Some(rip))?;
+        ctx.guest_caused = false;
+        self.poll_and_deliver(&ctx, host)?;
+        Ok(true)
+    }
+
+    /// Decides how the next entry runs the guest and arms the mechanism
+    /// for it (counter, stepper, hardware or native breakpoints). None: the
+    /// breakpoints cannot be armed here yet, loop again (one step first).
+    fn prepare_entry(&mut self, host: &mut dyn Host) -> Result<Option<Entry>, MachineError> {
+        // The PMU clock: program what the host wants from the counter.
+        let mut plan = crate::vmm::counter::CounterPlan::default();
+        if let Some(c) = self.counter.as_mut() {
+            plan = host.counter_plan(self.exits, self.branches);
+            c.program(plan.overflow_at)?;
+        }
+        self.bp = plan.breakpoint;
+        let (counter_steps, breakpoints_ok) = match self.counter.as_ref() {
+            Some(c) => (c.needs_stepping(), c.breakpoints_ok()),
+            None => (false, false),
+        };
+        let use_hw_bp = self.bp.is_some() && breakpoints_ok && !self.bp_step_over;
+        self.host_precise = host.precise(self.exits);
+        // Native breakpoints: run free from ring 3; step off a site we
+        // stand on, and through ring 0 (see vmm::breakpoints).
+        let bp_mode = !self.bps.is_empty() && self.counter.is_none() && self.bp.is_none();
+        let bp_step = bp_mode && !self.host_precise && self.bp_must_step()?;
+        // Step for the host, for a counter that counts by stepping, or
+        // to reach a breakpoint RIP that no hardware breakpoint watches.
+        let precise = self.host_precise || counter_steps || (self.bp.is_some() && !use_hw_bp) || bp_step;
+        if precise != self.stepper.is_armed() {
+            if precise {
+                self.set_hw_bp(None)?;
+                self.bps.disarm_debug(&self.vcpu)?;
+                self.stepper.arm(&self.vcpu, &self.mem)?;
             } else {
-                self.ctx(guest_caused)
-            };
+                self.stepper.disarm(&self.vcpu)?;
+                self.hw_bp = None; // disarming cleared all guest debugging
+            }
+        }
+        if self.stepper.is_armed() {
+            return Ok(Some(Entry::Stepping));
+        }
+        if bp_mode {
+            return Ok(self.arm_breakpoints()?.then_some(Entry::Breakpoints));
+        }
+        self.bps.disarm_debug(&self.vcpu)?;
+        self.set_hw_bp(if use_hw_bp { self.bp } else { None })?;
+        Ok(Some(Entry::Free { hw_bp: self.hw_bp }))
+    }
+
+    /// Patches the native breakpoints in for a free run. False where they
+    /// cannot be armed (no IDT yet, or ring 0 with its returns unknown):
+    /// the loop steps one instruction (learning returns), then retries.
+    fn arm_breakpoints(&mut self) -> Result<bool, MachineError> {
+        if self.sync_sregs.is_none() {
+            let ok = self.vm.check_extension(kvm_ioctls::Cap::SyncRegs);
+            if ok {
+                self.vcpu.fd.set_sync_valid_reg(kvm_ioctls::SyncReg::SystemRegister);
+            }
+            self.sync_sregs = Some(ok);
+        }
+        let synced = self.sregs_synced.then(|| self.vcpu.fd.sync_regs().sregs);
+        let entering = self.devices.pic.next_vector().is_some();
+        if !self.bps.arm(&self.vcpu, &self.mem, synced, entering)? {
+            let steps = self.stepper.stats.ring0_steps + self.stepper.stats.ring3_steps;
+            self.site_step_over = Some((steps, self.exits));
+            return Ok(false);
+        }
+        self.bp_prev = None;
+        let code = self.bps.patched_pages();
+        if !code.is_subset(&self.watch.code) {
+            self.watch.code.extend(code);
+            self.set_watch_specs(self.watch.specs.clone())?;
+        }
+        self.hw_bp = None; // guest debug now holds the breakpoints
+        Ok(true)
+    }
+
+    /// One KVM_RUN, and what its exit means. Port and MMIO accesses reach
+    /// the devices here (the exit's data lives in kvm_run only until the
+    /// next entry).
+    fn enter(&mut self, entry: Entry) -> Result<Exit, MachineError> {
+        let exits_before = self.exits;
+        let Machine { vcpu, devices, mem, exits, io_pending, branches, watch, .. } = self;
+        let mut exit = Exit { action: Action::None, guest_caused: true, eintr: false, dma_before: None, counted: false };
+        let mut count = || {
+            *exits += 1;
+            *branches = 0;
+        };
+        self.sregs_synced = false;
+        match vcpu.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                count();
+                *io_pending = true;
+                exit.action = Action::from_port(devices.io_in(port, data), data.len());
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                count();
+                if port == ports::BLK_CMD && !watch.specs.is_empty() {
+                    // A DMA may write a watched range: keep its bytes before.
+                    exit.dma_before = Some(Self::watched_bytes(watch, mem));
+                }
+                exit.action = Action::from_port(devices.io_out(port, data, mem), 0);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) if watch.watched_page(addr) => {
+                // A page watched for reads (no slot): not an exit.
+                exit.guest_caused = false;
+                *io_pending = true;
+                let _ = mem.read_slice(data, GuestAddress(addr));
+                exit.action = Action::WatchRead(addr, data.len());
+            }
+            Ok(VcpuExit::MmioRead(_, data)) => {
+                count();
+                *io_pending = true;
+                data.fill(0xFF); // nothing is mapped there
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) if watch.watched_page(addr) => {
+                // A data watchpoint's page, not a device: not an exit.
+                exit.guest_caused = false;
+                let mut b = [0u8; 16];
+                let n = data.len().min(16);
+                b[..n].copy_from_slice(&data[..n]);
+                exit.action = Action::WatchWrite(addr, b, n);
+            }
+            Ok(VcpuExit::MmioWrite(..)) => count(),
+            Ok(VcpuExit::Hlt) => {
+                count();
+                exit.action = Action::Halt;
+            }
+            Ok(VcpuExit::Debug(d)) => {
+                exit.guest_caused = false;
+                exit.action = match entry {
+                    Entry::Stepping => Action::Step(d),
+                    Entry::Breakpoints => Action::Trap(d),
+                    Entry::Free { hw_bp: Some(_) } => Action::Breakpoint,
+                    Entry::Free { hw_bp: None } => Action::Unexpected(format!("{:?}", VcpuExit::Debug(d))),
+                };
+            }
+            Ok(VcpuExit::IrqWindowOpen) => exit.guest_caused = false,
+            Ok(VcpuExit::Intr) => {
+                exit.guest_caused = false;
+                exit.eintr = true;
+            }
+            Ok(VcpuExit::Shutdown) => exit.action = Action::TripleFault,
+            Ok(VcpuExit::InternalError) => exit.action = Action::Emulation("internal error (instruction emulation failed)".into()),
+            Ok(VcpuExit::FailEntry(reason, _)) => exit.action = Action::Emulation(format!("VM entry failed, hardware reason {reason:#x}")),
+            Ok(other) => exit.action = Action::Unexpected(format!("{other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.fd.set_kvm_immediate_exit(0);
+                exit.guest_caused = false;
+                exit.eintr = true;
+            }
+            Err(e) => return Err(VcpuError::Kvm { op: "KVM_RUN", source: e }.into()),
+        }
+        exit.counted = self.exits != exits_before;
+        Ok(exit)
+    }
+
+    /// After a free run with native breakpoints patched in: take the
+    /// patches out (nothing else may see them) and handle what only that
+    /// mode sees. True: the exit was handled, loop again.
+    fn after_breakpoint_run(&mut self, exit: &Exit, host: &mut dyn Host) -> Result<bool, MachineError> {
+        self.sregs_synced = self.sync_sregs == Some(true)
+            && exit.guest_caused
+            && exit.counted
+            && matches!(exit.action, Action::None | Action::ClockRead(_) | Action::TimerProgram(_));
+        self.bps.unpatch(&self.mem);
+        self.bp_exit_check = exit.guest_caused && exit.counted;
+        if let Some(site) = self.bps.take_overwritten().first() {
+            return Err(MachineError::SiteOverwritten { site: *site });
+        }
+        if matches!(exit.action, Action::Emulation(_)) {
+            let cpl = self.vcpu.sregs()?.cs.selector & 3;
+            if let Some(t) = self.bps.on_emulation_failure(self.rip(), cpl) {
+                self.bp_trap(t, host)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// What every exit does before its action: note DMA (for watchpoints
+    /// and the dirty log), read the counter at a guest-caused exit, pass
+    /// serial output on. Returns where the step clock sees the boundary of
+    /// an exiting instruction, if it retired.
+    fn after_exit(&mut self, exit: &mut Exit, stepping: bool, host: &mut dyn Host) -> Result<Option<Boundary>, MachineError> {
+        if let Some(before) = exit.dma_before.take().filter(|_| !self.devices.block.dma_pages.is_empty()) {
+            // The block device wrote guest RAM itself (no exit showed it).
+            let r = self.devices.block.regs;
+            let mem = &self.mem;
+            self.watch.on_dma(r.addr as u64, r.count as u64 * 512, &before, |a, l| {
+                let mut b = vec![0u8; l as usize];
+                let _ = mem.read_slice(&mut b, GuestAddress(a));
+                b
+            });
+        }
+        if !self.devices.block.dma_pages.is_empty() || !self.devices.block.written_sectors.is_empty() {
+            let pages = std::mem::take(&mut self.devices.block.dma_pages);
+            let sectors = std::mem::take(&mut self.devices.block.written_sectors);
+            self.dirty.note(&pages, &sectors);
+        }
+        if exit.guest_caused && !matches!(exit.action, Action::Step(_) | Action::Breakpoint) && exit.counted {
+            self.counter_at_exit()?;
+        }
+        let out = self.devices.serial.drain_output();
+        if !out.is_empty() {
+            host.output(&out)?;
+        }
+        if stepping && exit.guest_caused {
+            return Ok(self.stepper.on_other_exit(&self.vcpu, &self.mem)?);
+        }
+        Ok(None)
+    }
+
+    /// Acts on an exit: a device effect, a stop, a trap of the debugging
+    /// mechanics. [`Flow::Poll`]: the host polls at this exit next.
+    fn act(&mut self, action: Action, stepping: bool, host: &mut dyn Host) -> Result<Flow, MachineError> {
+        match action {
+            Action::None => {}
+            Action::Step(d) => {
+                let stop = self.stepper.on_debug_exit(&self.vcpu, &self.mem, &d)?;
+                self.at_boundary(stop, host)?;
+                return Ok(Flow::Next);
+            }
+            Action::WatchWrite(addr, b, n) => {
+                self.watched_write(addr, &b[..n])?;
+                self.after_watched_access(true, stepping, host)?;
+                return Ok(Flow::Next);
+            }
+            Action::WatchRead(addr, n) => {
+                self.watched_read(addr, n);
+                self.after_watched_access(false, stepping, host)?;
+                return Ok(Flow::Next);
+            }
+            Action::Trap(d) => {
+                match self.bps.on_debug_exit(&self.vcpu, &self.mem, &d)? {
+                    Some(t) => self.bp_trap(t, host)?,
+                    None => return Err(MachineError::UnexpectedExit { what: format!("debug exit {d:?}"), rip: self.rip() }),
+                }
+                return Ok(Flow::Next);
+            }
+            Action::Breakpoint => {
+                self.at_landing_breakpoint(host)?;
+                return Ok(Flow::Next);
+            }
+            Action::ClockRead(slot) => {
+                let ctx = self.ctx(true);
+                let now = host.clock_read(&ctx)?;
+                let v = self.devices.clock.read_lo(now);
+                self.fill_in(slot, v);
+            }
+            Action::TimerProgram(us) => {
+                // The deadline depends on the time: an input, logged like a clock read.
+                let ctx = self.ctx(true);
+                let now = host.clock_read(&ctx)?;
+                self.devices.timer.program(us, now);
+            }
+            Action::Halt => {
+                let run = self.vcpu.fd.get_kvm_run();
+                if run.if_flag == 0 {
+                    return Err(MachineError::DeadHalt { rip: self.rip() });
+                }
+                self.idle(host)?;
+            }
+            Action::Idle => self.idle(host)?,
+            Action::PowerOff(status) => return Ok(Flow::Stop(Stop::PowerOff(status))),
+            Action::Panic => return Ok(Flow::Stop(Stop::Panic(self.guest_panic()?))),
+            Action::TripleFault => return Err(MachineError::TripleFault { rip: self.rip() }),
+            Action::Emulation(_) if !self.watch.none.is_empty() => {
+                return Err(MachineError::WatchedCode { rip: self.rip() });
+            }
+            Action::Emulation(what) => {
+                let cpl = self.vcpu.sregs().map(|s| s.cs.selector & 3).unwrap_or(0);
+                return Err(MachineError::Emulation { rip: self.rip(), cpl, what });
+            }
+            Action::Unexpected(what) => return Err(MachineError::UnexpectedExit { what, rip: self.rip() }),
+        }
+        Ok(Flow::Poll)
+    }
+
+    /// After the VMM performed a watched access: where the boundary after
+    /// it is reported.
+    fn after_watched_access(&mut self, write: bool, stepping: bool, host: &mut dyn Host) -> Result<(), MachineError> {
+        if stepping && write {
+            // KVM emulated the write with RIP already past it and drops the
+            // single-step trap of an instruction that needed an MMIO write
+            // (as for OUT): this exit is the step's boundary.
+            if let Some(b) = self.stepper.on_other_exit(&self.vcpu, &self.mem)? {
+                self.complete_pending_io()?;
+                self.at_boundary(StepStop::Boundary(b), host)?;
+            }
+        } else if !stepping && self.watch.hit.is_some() {
+            // Free-running: the boundary after the access is here.
+            self.complete_pending_io()?;
+            let mut ctx = self.precise_ctx(None)?;
+            ctx.guest_caused = false;
             self.poll_and_deliver(&ctx, host)?;
         }
+        // Stepping through a read: the step's own boundary reports it.
+        Ok(())
+    }
+
+    /// The hardware breakpoint on the landing RIP: read the counter here;
+    /// step off it before it is armed again.
+    fn at_landing_breakpoint(&mut self, host: &mut dyn Host) -> Result<(), MachineError> {
+        let (overflow, count) = match self.counter.as_mut() {
+            Some(c) => c.at_breakpoint()?,
+            None => (false, self.branches),
+        };
+        self.branches = count;
+        self.bp_step_over = true;
+        self.hw_bp_hits += 1;
+        let mut ctx = self.precise_ctx(None)?;
+        ctx.overflow = overflow;
+        self.poll_and_deliver(&ctx, host)
+    }
+
+    /// The host's poll after an exit, as exact as the clock needs it.
+    /// None: no poll here (stepping: the next debug exit reports the
+    /// boundary of the exiting instruction).
+    fn exit_ctx(
+        &mut self,
+        exit: &Exit,
+        stepping: bool,
+        exit_boundary: Option<Boundary>,
+        host: &mut dyn Host,
+    ) -> Result<Option<PollCtx>, MachineError> {
+        let counter_stop = match self.counter.as_mut() {
+            Some(c) if exit.eintr => c.at_eintr(stepping)?,
+            _ => None,
+        };
+        let ctx = if stepping {
+            match exit_boundary {
+                // The exiting instruction retired: this exit is the boundary.
+                Some(b) => {
+                    let mut c = self.precise_ctx(Some(b.rip))?;
+                    c.overflow = self.exit_overflow();
+                    c
+                }
+                // It retires on the next entry; a debug exit reports the boundary.
+                None if exit.guest_caused => {
+                    self.exit_poll_pending = true;
+                    return Ok(None);
+                }
+                // (A kick while stepping: the counter noted it; the next
+                // boundary is its stop, the vCPU may be mid-step now.)
+                None => self.ctx(false),
+            }
+        } else if let Some((overflow, count)) = counter_stop {
+            // The real counter's stop: its overflow signal or a kick made
+            // KVM_RUN return at an instruction boundary. Read the count
+            // and the registers here; the host may deliver right here.
+            self.branches = count;
+            let mut c = self.precise_ctx(None)?;
+            c.overflow = overflow;
+            c
+        } else if exit.guest_caused && (self.counter.is_some() || host.precise(self.exits) || self.watch.hit.is_some()) {
+            // Free-running, but the host needs this exit exactly: finish
+            // the instruction (an IN completes on entry) so RIP is past it.
+            self.complete_pending_io()?;
+            let mut c = self.precise_ctx(None)?;
+            c.overflow = self.exit_overflow();
+            c
+        } else {
+            self.ctx(exit.guest_caused)
+        };
+        Ok(Some(ctx))
     }
 
     /// Whether native breakpoints must step rather than run free now: off
@@ -1299,6 +1368,43 @@ impl Machine {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), base, slot.size.min(4));
         }
     }
+}
+
+/// How the next KVM_RUN runs the guest, decided afresh before each entry
+/// from the host's wishes, the clock's counter and the debugging state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// One instruction at a time: for the host (step clock, seeks), for a
+    /// counter that counts by stepping, to reach a landing RIP no hardware
+    /// breakpoint watches, or to step off / through native breakpoints.
+    Stepping,
+    /// Free, with native breakpoints patched in (see `vmm::breakpoints`).
+    Breakpoints,
+    /// Free, with the PMU landing's hardware breakpoint if there is one.
+    Free { hw_bp: Option<u64> },
+}
+
+/// One KVM_RUN's exit as the run loop sees it.
+struct Exit {
+    action: Action,
+    /// A deterministic exit (I/O, MMIO, HLT), not a kick or a debug trap.
+    guest_caused: bool,
+    /// KVM_RUN was interrupted (a kick, or the counter's overflow signal).
+    eintr: bool,
+    /// A block command with data watchpoints set: the watched bytes before it.
+    dma_before: Option<Vec<Vec<u8>>>,
+    /// The exit counted (`Machine::exits` went up).
+    counted: bool,
+}
+
+/// What the run loop does after acting on an exit.
+enum Flow {
+    /// Loop again: the action polled the host itself, or none is due.
+    Next,
+    /// The host polls at this exit.
+    Poll,
+    /// The run is over.
+    Stop(Stop),
 }
 
 #[derive(Clone, Copy)]
