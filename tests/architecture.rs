@@ -2,6 +2,8 @@
 //! top-level module of src/ may name only the modules below it, so there are
 //! no cycles, and the front ends (gdb/, inspect/) reach the machine only
 //! through replay's API: no vmm, no KVM crates, no timeline internals.
+//! And one module owns the recording's bytes: outside trace/ nothing names
+//! a recording file or decodes a log chunk, checkpoint or machine state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -22,6 +24,37 @@ const LAYERS: &[(&str, &[&str])] = &[
 /// Front ends: what they must not name.
 const FRONT_ENDS: &[&str] = &["gdb", "inspect"];
 const BELOW_REPLAY: &[&str] = &["crate::vmm", "kvm_bindings", "kvm_ioctls", "vm_memory", ".machine.", ".machine)", "tl.host", ".tl.host"];
+
+/// What only trace/ may name: the recording's file names (through
+/// `trace::Dir` everywhere else) and the codecs of its bytes (others call
+/// trace's readers and writers). Identifiers match as whole words; string
+/// literals with their quotes.
+const FORMAT_ONLY: &[&str] = &[
+    // File names, as literals or as trace's constants.
+    "\"meta.json\"", "\"events.log\"", "\"console.log\"", "\"image.elf\"", "\"disk.img\"", ".ckpt\"", "\".ckpt", ".thin\"", "\"thin\"",
+    "\"checkpoints/", "\"partial\"", ".partial\"", "META", "IMAGE", "DISK", "EVENTS", "CONSOLE", "CHECKPOINTS", "checkpoint_path", "write_atomic",
+    // The codecs: log chunks, checkpoint and snapshot files, the machine-state container.
+    "FILE_MAGIC", "encode_chunk", "LogReader::parse", "Checkpoint::parse", "checkpoint::encode", "snapshot::encode", "snapshot::parse",
+    "state::seal", "state::open", "state::encode", "state::decode", "MachineStateV1",
+    // Decoders that would read those bytes by hand (trace::decompress_exact,
+    // the bounded one, is for anyone's own data, e.g. migration's wire blobs).
+    "postcard", "bincode", "zstd::decode_all", "zstd::stream", "zstd::Decoder", "bulk::decompress", "Decompressor", "DCtx", "RVCKPT", "RVLOG", "RVSNAP", "RVSTATE",
+];
+
+/// The needles of FORMAT_ONLY that `code` contains.
+fn format_leaks(code: &str) -> Vec<&'static str> {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+    FORMAT_ONLY
+        .iter()
+        .copied()
+        .filter(|n| {
+            let ident = n.chars().all(|c| c.is_alphanumeric() || c == '_' || c == ':');
+            code.match_indices(n).any(|(i, _)| {
+                !ident || (!word(code[..i].chars().next_back()) && !word(code[i + n.len()..].chars().next()))
+            })
+        })
+        .collect()
+}
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -119,10 +152,31 @@ fn front_ends_reach_the_machine_only_through_replay() {
 }
 
 #[test]
+fn only_trace_names_recording_files_or_decodes_their_bytes() {
+    let mut bad = Vec::new();
+    let modules = LAYERS.iter().map(|l| l.0).chain(["cli", "main", "lib"]).filter(|m| *m != "trace");
+    for m in modules {
+        for (file, code) in code_of(m) {
+            for needle in format_leaks(&code) {
+                bad.push(format!("{} names {needle}", file.display()));
+            }
+        }
+    }
+    assert!(bad.is_empty(), "only trace/ knows the recording's files and bytes (use trace::Dir and trace's readers):\n  {}", bad.join("\n  "));
+}
+
+#[test]
 fn the_check_sees_a_forbidden_use() {
     // The scanner itself: a file that names the machine is caught.
     let code = "use crate::vmm::Machine;\nfn f(tl: &T) { tl.machine.vcpu; }";
     assert!(BELOW_REPLAY.iter().any(|n| code.contains(n)));
     let uses_vmm = code.match_indices("crate::").any(|(i, _)| code[i + 7..].starts_with("vmm"));
     assert!(uses_vmm);
+    // A file name, a constant imported from trace, a hand-rolled decoder.
+    assert_eq!(format_leaks(r#"let p = dir.join("events.log");"#), ["\"events.log\""]);
+    assert_eq!(format_leaks("use crate::trace::{META, Dir};\nlet p = root.join(META);"), ["META"]);
+    assert_eq!(format_leaks("let c = trace::Checkpoint::parse(&b, None)?;"), ["Checkpoint::parse"]);
+    assert_eq!(format_leaks("let v = zstd::decode_all(&b[8..])?;"), ["zstd::decode_all"]);
+    // Words that merely contain a name are not uses.
+    assert!(format_leaks("const MAX_DISK_BYTES: u64 = 1; let x = \"writing console.log\";").is_empty());
 }

@@ -272,7 +272,7 @@ impl CheckpointWriter {
         let tx = self.tx.as_ref().expect("writer open until finish");
         if tx
             .send(Job::Write {
-                path: trace::checkpoint_path(dir, id),
+                path: trace::Dir::new(dir).checkpoint(id),
                 ck,
             })
             .is_err()

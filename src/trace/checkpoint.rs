@@ -8,7 +8,6 @@
 //! length, data (zstd: the listed pages then the listed sectors, in order),
 //! u32 CRC-32 of everything before it.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -83,11 +82,7 @@ impl Checkpoint {
         let io = |source| CheckpointError::Io { path: p.clone(), source };
         let header = serde_json::to_vec(&self.header).expect("checkpoint header serializes");
         let buf = encode(&header, &self.data).map_err(io)?;
-        let tmp = path.with_extension("partial");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&buf).map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io)?;
+        super::dir::write_atomic(path, &path.with_extension("partial"), &buf, false).map_err(io)?;
         Ok(Written { bytes: buf.len() as u64, sha256: super::sha256_hex(&buf) })
     }
 
@@ -246,6 +241,11 @@ impl Seals {
                 bound.insert(*id, sha256.clone());
             }
         }
+        Seals { bound, unbound }
+    }
+
+    /// From bindings already collected (the seek index's, `trace::seek`).
+    pub fn from_bindings(bound: std::collections::HashMap<u32, String>, unbound: Expect) -> Seals {
         Seals { bound, unbound }
     }
 

@@ -4,7 +4,6 @@
 //! Layout: `b"RVSNAP01"`, u32 version, u64 state length, state (JSON),
 //! u64 memory length, memory (zstd), u32 CRC-32 of everything before it.
 
-use std::io::Write;
 use std::path::Path;
 
 use crate::vmm::MachineState;
@@ -63,12 +62,7 @@ impl Snapshot {
         })?;
         let buf = encode(&state, &self.memory).map_err(io)?;
         // Write to a temporary name and rename: never leave a half file under the real name.
-        let tmp = path.with_extension("partial");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&buf).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(())
+        super::dir::write_atomic(path, &path.with_extension("partial"), &buf, true).map_err(io)
     }
 
     pub fn read(path: &Path) -> Result<Snapshot, SnapshotError> {

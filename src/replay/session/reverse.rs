@@ -1,0 +1,203 @@
+//! Going backward by single-stepping: reverse-stepi (counting the previous
+//! interval once), and reverse-continue by stepping through windows of exits
+//! growing backwards (the oracle; the native path is in `native`).
+
+use super::*;
+use super::native::watched_code;
+
+impl Session {
+
+    /// Scans forward from exit boundary `from` up to `until` (a position
+    /// with a later or equal exit count), calling `visit(pos, hit)` for
+    /// each boundary before `until`, where `hit` says whether the step
+    /// from it hit something. Returns the number of steps taken.
+    pub(super) fn scan(
+        &mut self,
+        from: At,
+        until: Pos,
+        snap_every: u64,
+        mut visit: impl FnMut(Pos, Option<StopWhy>),
+    ) -> R<Option<u64>> {
+        self.reach(from)?;
+        let mut k = 0u64;
+        let mut old = self.watched_bytes();
+        loop {
+            if self.pos.same_state(&until) && self.pos.end == until.end
+            {
+                return Ok(Some(k));
+            }
+            if !until.end && (self.pos.exits > until.exits || self.pos.end) {
+                return Err(SessionError::Lost(format!(
+                    "replaying forward from {from:?} passed {} without reaching it (now at {})",
+                    until.point, self.pos.point
+                )));
+            }
+            if k > 0 && k.is_multiple_of(POLL_EVERY) && self.interrupted() {
+                return Ok(None);
+            }
+            let at = self.pos;
+            let rip = at.point.rip;
+            let touched = self.touched();
+            let why = self.step1()?;
+            let mut hit = touched.map(|(addr, kind)| StopWhy::Watch { addr, kind });
+            if self.breakpoints.contains(&rip) {
+                hit = Some(StopWhy::Breakpoint(rip));
+            }
+            if !self.watches.is_empty() {
+                let new = self.watched_bytes();
+                if let Some((addr, kind)) = self.changed(&old, &new) {
+                    hit = Some(StopWhy::Watch { addr, kind });
+                }
+                old = new;
+            }
+            visit(at, hit);
+            k += 1;
+            if why == StopWhy::End && !until.end {
+                return Err(SessionError::Lost(format!(
+                    "the replay ended before reaching {}",
+                    until.point
+                )));
+            }
+            if snap_every > 0 && k.is_multiple_of(snap_every) && !self.pos.end {
+                self.snap_here()?;
+            }
+        }
+    }
+
+    /// The boundary just before the current one.
+    pub fn reverse_step(&mut self) -> R<StopWhy> {
+        let here = self.pos;
+        if here.exits == 0 && here.anchor.is_none() && here.steps == 0 && !here.end {
+            return Ok(StopWhy::Begin);
+        }
+        let old_watch = self.watched_bytes();
+        if here.steps > 0 && !here.end {
+            // Inside an exit interval: the same exit boundary, one step fewer
+            // (no exit can lie in between: an exiting instruction ends its interval).
+            let k = here.steps - 1;
+            if self.reach((here.exits, here.anchor, k))? != StopWhy::Step || self.pos.end {
+                return Err(SessionError::Lost(format!(
+                    "could not step back to exit {} + {k} steps",
+                    here.exits
+                )));
+            }
+        } else if let Some(prev) = self
+            .prev_boundary
+            .get(&here.at())
+            .copied()
+            .filter(|_| !here.end)
+        {
+            // Counted before: go straight there.
+            self.goto(prev)?;
+        } else {
+            // At an arrival (a native-speed stop): step from the arrival
+            // before it, or from its exit boundary.
+            let mut prev = None;
+            if let Some((r, n)) = here.anchor.filter(|_| !here.end) {
+                let start = if n >= 2 { (here.exits, Some((r, n - 1)), 0) } else { (here.exits, None, 0) };
+                self.scan(start, here, SCAN_SNAP_EVERY, |p, _| prev = Some(p))?;
+                if prev.is_none() && here.exits == 0 {
+                    self.goto(here)?;
+                    return Ok(StopWhy::Begin);
+                }
+            }
+            // At an exit boundary (or the end): the previous boundary lies in an earlier interval.
+            let mut e = if here.end { here.exits } else { here.exits.saturating_sub(1) };
+            let prev = loop {
+                if let Some(p) = prev {
+                    break p;
+                }
+                let mut last = None;
+                self.scan((e, None, 0), here, SCAN_SNAP_EVERY, |p, _| last = Some(p))?;
+                if let Some(p) = last {
+                    break p;
+                }
+                if e == 0 {
+                    self.goto(here)?;
+                    return Ok(StopWhy::Begin);
+                }
+                e -= 1;
+            };
+            if !here.end {
+                if self.prev_boundary.len() >= 1 << 16 {
+                    self.prev_boundary.clear();
+                }
+                self.prev_boundary.insert(here.at(), prev);
+            }
+            self.goto(prev)?;
+        }
+        if let Some((addr, kind)) = self.touched() {
+            return Ok(StopWhy::Watch { addr, kind });
+        }
+        if let Some((addr, kind)) = self.changed(&self.watched_bytes(), &old_watch) {
+            return Ok(StopWhy::Watch { addr, kind });
+        }
+        if self.breakpoints.contains(&self.pos.point.rip) {
+            return Ok(StopWhy::Breakpoint(self.pos.point.rip));
+        }
+        Ok(StopWhy::Step)
+    }
+
+    /// Back to the last breakpoint or watchpoint hit before here, or the start.
+    pub fn reverse_cont(&mut self) -> R<StopWhy> {
+        let here = self.pos;
+        if here.exits == 0 && here.anchor.is_none() && here.steps == 0 && !here.end {
+            return Ok(StopWhy::Begin);
+        }
+        if self.native_ok() {
+            match self.reverse_cont_native() {
+                Err(e) if watched_code(&e) => self.after_watched_code(here)?,
+                r => return r,
+            }
+        }
+        // Windows of exits going back, growing: [lo, hi) then earlier.
+        let mut until = here;
+        let mut hi = here.exits;
+        let mut width = 1u64;
+        let checkpoints: Vec<u64> = self.rec.checkpoints.iter().map(|c| c.1).collect();
+        loop {
+            if hi == 0 && until.steps == 0 && !until.end {
+                // At the very first boundary: nothing earlier.
+                self.goto_exit(0)?;
+                return Ok(StopWhy::Begin);
+            }
+            // Within the current exit interval first, then earlier ones.
+            let mut lo = if until.steps > 0 {
+                hi
+            } else {
+                hi.saturating_sub(width)
+            };
+            // Prefer a checkpoint boundary when one lies in the window (cheap restore).
+            if let Some(&c) = checkpoints.iter().rev().find(|&&c| c >= lo && c < hi) {
+                lo = c;
+            }
+            let mut last: Option<(Pos, StopWhy)> = None;
+            let scanned = self.scan((lo, None, 0), until, 0, |p, hit| {
+                if let Some(h) = hit {
+                    last = Some((p, h));
+                }
+            })?;
+            if scanned.is_none() {
+                return Ok(StopWhy::Interrupted);
+            }
+            if let Some((p, why)) = last {
+                self.goto(p)?;
+                return Ok(why);
+            }
+            if lo == 0 {
+                self.goto_exit(0)?;
+                return Ok(StopWhy::Begin);
+            }
+            if self.interrupted() {
+                return Ok(StopWhy::Interrupted);
+            }
+            hi = lo;
+            until = Pos {
+                exits: lo,
+                steps: 0,
+                ..self.pos_at_exit(lo)?
+            };
+            width = (width * 2).min(1 << 16);
+        }
+    }
+}
