@@ -47,7 +47,8 @@ fn u64_at(b: &[u8], off: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
 }
 
-/// The ELF header fields the loader needs, checked.
+/// What the ELF header says: the entry point and where the program header
+/// table is, the table checked to lie inside the file.
 struct Header {
     entry: u64,
     phoff: u64,
@@ -56,8 +57,6 @@ struct Header {
 }
 
 impl Header {
-    /// Checks magic, class, byte order, machine and type, and that the
-    /// program header table lies inside the file.
     fn parse(b: &[u8]) -> Result<Header, ImageError> {
         if b.len() < 4 || &b[..4] != b"\x7fELF" {
             return Err(ImageError::NotElf(format!(
@@ -121,6 +120,41 @@ impl Header {
     }
 }
 
+/// Program header `i` (at byte `h`) as a segment to load, when it is a
+/// non-empty PT_LOAD whose bytes lie inside the file.
+fn load_segment(b: &[u8], i: u64, h: usize) -> Result<Option<Segment>, ImageError> {
+    let p_type = u32_at(b, h).unwrap_or(0);
+    if p_type != PT_LOAD {
+        return Ok(None);
+    }
+    let offset = u64_at(b, h + 8).unwrap_or(0);
+    let paddr = u64_at(b, h + 24).unwrap_or(0);
+    let filesz = u64_at(b, h + 32).unwrap_or(0);
+    let memsz = u64_at(b, h + 40).unwrap_or(0);
+    if memsz == 0 {
+        return Ok(None);
+    }
+    if filesz > memsz {
+        return Err(ImageError::Corrupt(format!(
+            "segment {i}: file size {filesz:#x} exceeds memory size {memsz:#x}"
+        )));
+    }
+    let end = offset.checked_add(filesz).filter(|&e| e <= b.len() as u64).ok_or_else(|| {
+        ImageError::Corrupt(format!(
+            "segment {i}: bytes {offset:#x}..+{filesz:#x} lie beyond the end of the file ({} bytes; truncated?)",
+            b.len()
+        ))
+    })?;
+    paddr.checked_add(memsz).ok_or_else(|| {
+        ImageError::Corrupt(format!("segment {i}: address range overflows"))
+    })?;
+    Ok(Some(Segment {
+        paddr,
+        memsz,
+        data: b[offset as usize..end as usize].to_vec(),
+    }))
+}
+
 impl Image {
     pub fn load_file(path: &Path) -> Result<Image, ImageError> {
         let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
@@ -135,49 +169,10 @@ impl Image {
         let h = Header::parse(b)?;
         let mut segments = Vec::new();
         for i in 0..h.phnum {
-            segments.extend(Self::load_segment(b, i, (h.phoff + i * h.phentsize) as usize)?);
+            if let Some(s) = load_segment(b, i, (h.phoff + i * h.phentsize) as usize)? {
+                segments.push(s);
+            }
         }
-        Self::check_layout(&mut segments, h.entry)?;
-        Ok(Image { entry: h.entry, segments })
-    }
-
-    /// Program header `i` at byte `h`: its segment if it is a non-empty PT_LOAD.
-    fn load_segment(b: &[u8], i: u64, h: usize) -> Result<Option<Segment>, ImageError> {
-        let p_type = u32_at(b, h).unwrap_or(0);
-        if p_type != PT_LOAD {
-            return Ok(None);
-        }
-        let offset = u64_at(b, h + 8).unwrap_or(0);
-        let paddr = u64_at(b, h + 24).unwrap_or(0);
-        let filesz = u64_at(b, h + 32).unwrap_or(0);
-        let memsz = u64_at(b, h + 40).unwrap_or(0);
-        if memsz == 0 {
-            return Ok(None);
-        }
-        if filesz > memsz {
-            return Err(ImageError::Corrupt(format!(
-                "segment {i}: file size {filesz:#x} exceeds memory size {memsz:#x}"
-            )));
-        }
-        let end = offset.checked_add(filesz).filter(|&e| e <= b.len() as u64).ok_or_else(|| {
-            ImageError::Corrupt(format!(
-                "segment {i}: bytes {offset:#x}..+{filesz:#x} lie beyond the end of the file ({} bytes; truncated?)",
-                b.len()
-            ))
-        })?;
-        paddr.checked_add(memsz).ok_or_else(|| {
-            ImageError::Corrupt(format!("segment {i}: address range overflows"))
-        })?;
-        Ok(Some(Segment {
-            paddr,
-            memsz,
-            data: b[offset as usize..end as usize].to_vec(),
-        }))
-    }
-
-    /// Sorts the segments and checks they are some, do not overlap, and
-    /// hold the entry point.
-    fn check_layout(segments: &mut [Segment], entry: u64) -> Result<(), ImageError> {
         if segments.is_empty() {
             return Err(ImageError::Corrupt("no loadable (PT_LOAD) segments".into()));
         }
@@ -193,12 +188,13 @@ impl Image {
                 )));
             }
         }
+        let entry = h.entry;
         if !segments.iter().any(|s| entry >= s.paddr && entry < s.paddr + s.memsz) {
             return Err(ImageError::Corrupt(format!(
                 "entry point {entry:#x} is not inside any loaded segment"
             )));
         }
-        Ok(())
+        Ok(Image { entry, segments })
     }
 
     /// Checks that the image fits a VM with `mem_size` bytes of RAM.
