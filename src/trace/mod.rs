@@ -14,6 +14,7 @@ pub mod event;
 pub mod log;
 pub mod meta;
 pub mod snapshot;
+pub mod state;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
