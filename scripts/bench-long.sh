@@ -21,13 +21,13 @@ cd "$(dirname "$0")/.."
 cargo build --release -q
 export LONG=${SECONDS_LONG:-600} SHORT=${SECONDS_SHORT:-10} HZ=${HZ:-100} PAGES=${PAGES:-4}
 export KEEP=${KEEP:-} EVERY=${EVERY:-1s} REPS=${REPS:-5}
-mkdir -p target/bench
+mkdir -p "${OUT:-target/bench}"
 exec python3 - <<'PY'
 import json, os, re, shutil, statistics, subprocess, sys, threading, time
 
 R = os.path.abspath(os.environ.get("REVIRT_BIN") or "target/release/revirt")
 G = os.path.abspath("guests/demo/out/vm.img")
-OUT = os.path.abspath("target/bench")
+OUT = os.path.abspath(os.environ.get("OUT") or "target/bench")
 LONG, SHORT, HZ, PAGES, REPS = (int(os.environ[k]) for k in ["LONG", "SHORT", "HZ", "PAGES", "REPS"])
 KEEP, EVERY = os.environ["KEEP"], os.environ["EVERY"]
 res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "hz": HZ, "pages": PAGES,
@@ -99,6 +99,9 @@ else:
     L = cpu_of(lambda: record("long", LONG, samples))
     S = cpu_of(lambda: record("short", SHORT))
     res.update(long=L, short=S, samples=samples, recorded=res["date"])
+    if os.environ.get("RECORD_ONLY"):
+        json.dump(res, open(os.path.join(OUT, "long.json"), "w"), indent=1)
+        sys.exit(0)
 
 def seek(rec, to):
     ts = []

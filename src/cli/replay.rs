@@ -61,7 +61,12 @@ pub struct Args {
 
 /// Exit statuses: 0 replay matched, 1 diverged or mismatched, 2 the recording is incomplete.
 pub fn main(a: Args) -> anyhow::Result<u8> {
-    let rec = Arc::new(Recording::open_checked(&a.recording, a.force)?);
+    // A seek checks what it uses (the recording's seek index, the log from
+    // its checkpoint to past the target); a replay to the end checks all.
+    let rec = Arc::new(match a.to {
+        Some(to) => Recording::open_for_seek(&a.recording, a.force, a.from_checkpoint, to.exits)?,
+        None => Recording::open_checked(&a.recording, a.force)?,
+    });
     if let Some(line) = &rec.integrity {
         eprintln!("revirt: {line}");
     }
@@ -84,7 +89,16 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
     }
     let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));
     let sink = if a.quiet { Sink::Discard } else { Sink::Stdout };
-    let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;
+    let mut tl = match Timeline::at_checkpoint(rec.clone(), ck, sink) {
+        Ok(t) => t,
+        // A seek checks the checkpoints as it restores them: one that fails
+        // is damage, told as the full check tells it.
+        Err(e) if rec.seek_checked => {
+            Recording::open_checked(&a.recording, false)?;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     let recorded = rec.meta.clock;
     // The hardware counter must open and count the start-up probe guest
     // exactly (the same check as `record --clock pmu`).
@@ -139,7 +153,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         Outcome::Finished { problems, state_hash, stop } if problems.is_empty() => {
             eprintln!(
                 "revirt: replay matches the recording: {} events, {} exits, {stop:?}, final state hash {state_hash}",
-                rec.events.len(),
+                rec.events_base + rec.events.len(),
                 tl.exits()
             );
             0

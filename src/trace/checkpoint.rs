@@ -279,6 +279,11 @@ impl Seals {
         Seals { bound, unbound }
     }
 
+    /// From bindings already collected (the seek index's, `trace::seek`).
+    pub fn from_bindings(bound: std::collections::HashMap<u32, String>, unbound: Expect) -> Seals {
+        Seals { bound, unbound }
+    }
+
     /// Every file on its CRC-32 alone (`--force`, unchecked library use).
     pub fn crc_only() -> Seals {
         Seals { bound: Default::default(), unbound: Expect::CrcOnly }

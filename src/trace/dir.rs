@@ -12,6 +12,8 @@ pub const META: &str = "meta.json";
 pub const IMAGE: &str = "image.elf";
 pub const DISK: &str = "disk.img";
 pub const EVENTS: &str = "events.log";
+/// The seek index (format version 3; trace::index).
+pub const INDEX: &str = "events.idx";
 pub const CHECKPOINTS: &str = "checkpoints";
 pub const CONSOLE: &str = "console.log";
 
@@ -77,6 +79,11 @@ impl Dir {
 
     pub fn events(&self) -> PathBuf {
         self.root.join(EVENTS)
+    }
+
+    /// The seek index beside the log (trace::index).
+    pub fn index(&self) -> PathBuf {
+        self.root.join(INDEX)
     }
 
     pub fn console(&self) -> PathBuf {

@@ -92,11 +92,9 @@ fn progress_bar() -> Option<indicatif::ProgressBar> {
     Some(b)
 }
 
-/// A timeline replayed from the nearest checkpoint to exit boundary
-/// `exits`; with `end_ok`, reaching the recording's end first is no error.
-fn replay_to(rec: &Arc<Recording>, exits: u64, end_ok: bool) -> R<Timeline> {
-    let ck = Timeline::nearest_checkpoint(rec, exits);
-    let mut tl = Timeline::at_checkpoint(rec.clone(), ck, Sink::Discard)?;
+/// Replays `tl` forward at full speed to exit boundary `exits` (if behind
+/// it); with `end_ok`, reaching the recording's end first is no error.
+pub(crate) fn run_to_exit(tl: &mut Timeline, exits: u64, end_ok: bool) -> R<()> {
     if tl.exits() < exits {
         match tl.run(Some(exits))? {
             Outcome::Reached => {}
@@ -114,6 +112,15 @@ fn replay_to(rec: &Arc<Recording>, exits: u64, end_ok: bool) -> R<Timeline> {
             }
         }
     }
+    Ok(())
+}
+
+/// A timeline at exit boundary `exits`: the nearest checkpoint, then full
+/// speed (see [`run_to_exit`] for `end_ok`).
+pub(crate) fn timeline_at(rec: &Arc<Recording>, exits: u64, end_ok: bool) -> R<Timeline> {
+    let ck = Timeline::nearest_checkpoint(rec, exits);
+    let mut tl = Timeline::at_checkpoint(rec.clone(), ck, Sink::Discard)?;
+    run_to_exit(&mut tl, exits, end_ok)?;
     Ok(tl)
 }
 
@@ -128,7 +135,7 @@ pub(super) fn trace_span(
     each: &mut dyn FnMut(Step),
     at_end: &mut dyn FnMut(&Timeline) -> R<()>,
 ) -> R<Option<String>> {
-    let mut tl = replay_to(rec, from, false)?;
+    let mut tl = timeline_at(rec, from, false)?;
     let mut t = Tracer::new(&mut tl);
     loop {
         let here = t.tl.position()?;
@@ -152,7 +159,7 @@ pub(super) fn trace_span(
 
 /// The point reached by replaying to exit `exits` (its RIP).
 pub fn exit_point(rec: &Arc<Recording>, exits: u64) -> R<ExecPoint> {
-    Ok(replay_to(rec, exits, true)?.position()?)
+    Ok(timeline_at(rec, exits, true)?.position()?)
 }
 
 /// The first point in exits `from..to` where RIP is `rip` (single-stepping).
@@ -164,7 +171,7 @@ pub fn find_rip(
     limits: &Limits,
 ) -> R<Option<ExecPoint>> {
     let end = exit_point(rec, to)?;
-    let mut tl = replay_to(rec, from, true)?;
+    let mut tl = timeline_at(rec, from, true)?;
     let mut budget = Budget::new(limits);
     let mut t = Tracer::new(&mut tl);
     loop {

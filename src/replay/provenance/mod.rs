@@ -53,7 +53,7 @@ mod tests;
 mod touches;
 mod tracer;
 
-pub(crate) use drive::Budget;
+pub(crate) use drive::{run_to_exit, timeline_at, Budget};
 pub use drive::{exit_point, find_rip};
 pub use flow::{Constant, Window};
 pub use input::{Image, Input};
@@ -62,7 +62,7 @@ pub use monitor::monitor_origin;
 pub use origin::{origin, Edge, Ends, Node, Origin, Source};
 pub use render::{insn_text, point_short};
 pub(crate) use touches::touches_of;
-pub use touches::{history, history_stepping, History, Touch};
+pub use touches::{history, history_stepping, History, Touch, Watched};
 pub use tracer::{Access, Dma, Step, Tracer};
 
 #[derive(Debug, thiserror::Error)]

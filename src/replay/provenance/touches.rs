@@ -33,6 +33,17 @@ pub struct Touch {
     pub input: Option<Input>,
 }
 
+/// What a `history` query watches: physical `phys..phys+len` from exit
+/// `from` to point `to`, for writes, and with `reads` for reads too.
+#[derive(Debug, Clone, Copy)]
+pub struct Watched {
+    pub phys: u64,
+    pub len: u64,
+    pub from: u64,
+    pub to: ExecPoint,
+    pub reads: bool,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct History {
     pub phys: u64,
@@ -49,6 +60,24 @@ pub struct History {
     /// exit intervals (each then single-stepped from its start to its last hit).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub native: Option<(u64, u64)>,
+}
+
+impl History {
+    /// What a query over `q` found, and what it cost since `started`.
+    pub(crate) fn found(q: &Watched, touches: Vec<Touch>, budget: &Budget, stopped: Option<String>, started: Instant) -> History {
+        History {
+            phys: q.phys,
+            len: q.len,
+            from: q.from,
+            to: q.to,
+            touches,
+            skipped: Vec::new(),
+            steps: budget.steps,
+            stopped,
+            millis: started.elapsed().as_millis() as u64,
+            native: None,
+        }
+    }
 }
 
 /// The accesses of one executed instruction to physical `phys..phys+len`
@@ -88,27 +117,19 @@ pub(crate) fn touches_of(st: &Step, phys: u64, len: u64, reads: bool, out: &mut 
     }
 }
 
-/// Every write (and with `reads` every read) of physical `phys..phys+len`
-/// between exit `from` and point `to`, found at native speed by the search
-/// engine (`replay::history`); by single-stepping ([`history_stepping`],
-/// the oracle) when `REVIRT_HISTORY_NATIVE=0` or when the watched page
-/// turns out to hold running code.
-pub fn history(
-    rec: &Arc<Recording>,
-    phys: u64,
-    len: u64,
-    from: u64,
-    to: ExecPoint,
-    reads: bool,
-    limits: &Limits,
-) -> R<History> {
+/// Every write (and with `reads` every read) of the watched range, found
+/// at native speed by the search engine (`replay::history`); by
+/// single-stepping ([`history_stepping`], the oracle) when
+/// `REVIRT_HISTORY_NATIVE=0` or when the watched page turns out to hold
+/// running code.
+pub fn history(rec: &Arc<Recording>, q: &Watched, limits: &Limits) -> R<History> {
     if std::env::var("REVIRT_HISTORY_NATIVE").is_ok_and(|v| v == "0" || v == "off") {
-        return history_stepping(rec, phys, len, from, to, reads, limits);
+        return history_stepping(rec, q, limits);
     }
-    match crate::replay::history::history_native(rec, phys, len, from, to, reads, limits) {
+    match crate::replay::history::history_native(rec, q, limits) {
         Err(ProvError::Replay(ReplayError::Machine(crate::vmm::MachineError::WatchedCode { .. })))
         | Err(ProvError::Machine(crate::vmm::MachineError::WatchedCode { .. })) => {
-            history_stepping(rec, phys, len, from, to, reads, limits)
+            history_stepping(rec, q, limits)
         }
         r => r,
     }
@@ -162,16 +183,9 @@ fn without(mut spans: Vec<(u64, u64)>, skipped: &[(u64, u64)]) -> Vec<(u64, u64)
 /// oracle the native path is tested against). Checkpoint intervals whose
 /// dirty page lists leave out the range's pages are skipped when only
 /// writes are wanted.
-pub fn history_stepping(
-    rec: &Arc<Recording>,
-    phys: u64,
-    len: u64,
-    from: u64,
-    to: ExecPoint,
-    reads: bool,
-    limits: &Limits,
-) -> R<History> {
+pub fn history_stepping(rec: &Arc<Recording>, q: &Watched, limits: &Limits) -> R<History> {
     let started = Instant::now();
+    let Watched { phys, len, from, to, reads } = *q;
     let first = phys / 4096;
     let last = (phys + len.max(1) - 1) / 4096;
     let skipped = if reads {
@@ -198,16 +212,8 @@ pub fn history_stepping(
     }
     budget.done();
     Ok(History {
-        phys,
-        len,
-        from,
-        to,
-        touches,
         skipped,
-        steps: budget.steps,
-        stopped,
-        millis: started.elapsed().as_millis() as u64,
-        native: None,
+        ..History::found(q, touches, &budget, stopped, started)
     })
 }
 
