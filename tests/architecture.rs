@@ -180,3 +180,211 @@ fn the_check_sees_a_forbidden_use() {
     // Words that merely contain a name are not uses.
     assert!(format_leaks("const MAX_DISK_BYTES: u64 = 1; let x = \"writing console.log\";").is_empty());
 }
+
+// ---------------------------------------------------------------------------
+// Size: issue 15 wants no file in src/ over 800 lines and no function over
+// 100, so a reader finds one concept per file and one step per function.
+
+const MAX_FILE_LINES: usize = 800;
+const MAX_FN_LINES: usize = 100;
+
+/// Files (fn "") and functions over the limits today, being split by their
+/// owners: (path under src/, fn, its length now). An entry may not grow, and
+/// must go once its file or function is within the limit, so the list only
+/// shrinks.
+const TOO_LONG: &[(&str, &str, usize)] = &[
+    ("vmm/machine.rs", "", 1515),
+    ("vmm/machine.rs", "run_loop", 362),
+    ("record/mod.rs", "run", 129),
+    ("vmm/image.rs", "parse", 111),
+    ("record/ckpt.rs", "take", 102),
+];
+
+fn char_at(c: &[char], i: usize) -> char {
+    c.get(i).copied().unwrap_or('\0')
+}
+
+/// The index just past the block comment that starts at `i` (they nest).
+fn skip_block_comment(c: &[char], mut i: usize) -> usize {
+    let mut depth = 0;
+    while i < c.len() {
+        if c[i] == '/' && char_at(c, i + 1) == '*' {
+            depth += 1;
+            i += 2;
+        } else if c[i] == '*' && char_at(c, i + 1) == '/' {
+            depth -= 1;
+            i += 2;
+            if depth == 0 {
+                break;
+            }
+        } else {
+            i += 1;
+        }
+    }
+    i
+}
+
+/// When a raw string (`r"`, `r#"`, `br#"` ...) starts at `i`: the prefix
+/// length before its quote and its number of `#`.
+fn raw_string_at(c: &[char], i: usize) -> Option<(usize, usize)> {
+    if i > 0 && (c[i - 1].is_alphanumeric() || c[i - 1] == '_') {
+        return None;
+    }
+    let k = match (char_at(c, i), char_at(c, i + 1)) {
+        ('r', _) => 1,
+        ('b', 'r') => 2,
+        _ => return None,
+    };
+    let hashes = (i + k..).take_while(|&j| char_at(c, j) == '#').count();
+    (char_at(c, i + k + hashes) == '"').then_some((k + hashes, hashes))
+}
+
+/// The source with comments, string and char literals blanked out (their
+/// newlines kept), so braces and `fn` inside them do not count.
+fn blank_literals(src: &str) -> String {
+    let c: Vec<char> = src.chars().collect();
+    let mut out = String::with_capacity(src.len());
+    let mut i = 0;
+    while i < c.len() {
+        let start = i;
+        if c[i] == '/' && char_at(&c, i + 1) == '/' {
+            while i < c.len() && c[i] != '\n' {
+                i += 1;
+            }
+            continue;
+        } else if c[i] == '/' && char_at(&c, i + 1) == '*' {
+            i = skip_block_comment(&c, i);
+        } else if let Some((prefix, hashes)) = raw_string_at(&c, i) {
+            i += prefix + 1;
+            while i < c.len() && !(c[i] == '"' && (1..=hashes).all(|h| char_at(&c, i + h) == '#')) {
+                i += 1;
+            }
+            i += 1 + hashes;
+        } else if c[i] == '"' {
+            i += 1;
+            while i < c.len() && c[i] != '"' {
+                i += if c[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+        } else if c[i] == '\'' && (char_at(&c, i + 1) == '\\' || char_at(&c, i + 2) == '\'') {
+            // A char literal ('x', '\n', '\u{1F600}'); otherwise a lifetime.
+            i += if char_at(&c, i + 1) == '\\' { 3 } else { 1 };
+            while i < c.len() && c[i] != '\'' {
+                i += 1;
+            }
+            i += 1;
+        } else {
+            out.push(c[i]);
+            i += 1;
+            continue;
+        }
+        out.extend(c[start..i.min(c.len())].iter().filter(|&&x| x == '\n'));
+        out.push(' ');
+    }
+    out
+}
+
+/// Every `fn` with a body in `src`: (name, first line, lines from its
+/// `fn` line to its closing brace).
+fn fn_lengths(src: &str) -> Vec<(String, usize, usize)> {
+    let code = blank_literals(src);
+    let b = code.as_bytes();
+    let line_of = |pos: usize| code[..pos].matches('\n').count() + 1;
+    let mut out = Vec::new();
+    for (pos, _) in code.match_indices("fn ") {
+        if pos > 0 && (b[pos - 1].is_ascii_alphanumeric() || b[pos - 1] == b'_') {
+            continue;
+        }
+        let name: String = code[pos + 3..].trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        if name.is_empty() {
+            continue; // `fn(u8) -> u8`, a type
+        }
+        // The body is the first `{` outside parentheses and brackets; a `;`
+        // first means a declaration without one.
+        let mut depth = 0i32;
+        let mut open = None;
+        for (k, &ch) in b.iter().enumerate().skip(pos) {
+            match ch {
+                b'(' | b'[' => depth += 1,
+                b')' | b']' => depth -= 1,
+                b';' if depth == 0 => break,
+                b'{' if depth == 0 => {
+                    open = Some(k);
+                    break;
+                }
+                _ => {}
+            }
+        }
+        let Some(open) = open else { continue };
+        let mut braces = 0i32;
+        let close = b[open..].iter().position(|&ch| {
+            braces += match ch {
+                b'{' => 1,
+                b'}' => -1,
+                _ => 0,
+            };
+            braces == 0
+        });
+        let Some(close) = close else { continue };
+        out.push((name, line_of(pos), line_of(open + close) - line_of(pos) + 1));
+    }
+    out
+}
+
+/// Every file and function of src/ over the limits: (path under src/, fn
+/// or "" for the file, first line, lines).
+fn too_long() -> Vec<(String, String, usize, usize)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files.sort();
+    let mut found = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let rel = f.strip_prefix(&src).unwrap().to_string_lossy().replace('\\', "/");
+        let lines = text.lines().count();
+        if lines > MAX_FILE_LINES {
+            found.push((rel.clone(), String::new(), 1, lines));
+        }
+        for (name, line, n) in fn_lengths(&text) {
+            if n > MAX_FN_LINES {
+                found.push((rel.clone(), name, line, n));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn no_file_over_800_lines_and_no_function_over_100() {
+    let found = too_long();
+    let mut bad = Vec::new();
+    for (file, name, line, n) in &found {
+        let what = if name.is_empty() {
+            format!("src/{file} is {n} lines (limit {MAX_FILE_LINES})")
+        } else {
+            format!("src/{file}:{line} fn {name} is {n} lines (limit {MAX_FN_LINES})")
+        };
+        match TOO_LONG.iter().find(|(f, fname, _)| f == file && fname == name) {
+            None => bad.push(format!("{what}: split it")),
+            Some((_, _, was)) if n > was => bad.push(format!("{what}, more than the {was} TOO_LONG allows: split it")),
+            Some(_) => {}
+        }
+    }
+    for (file, name, was) in TOO_LONG {
+        if !found.iter().any(|(f, fname, _, _)| f == file && fname == name) {
+            let what = if name.is_empty() { format!("src/{file}") } else { format!("src/{file} fn {name}") };
+            bad.push(format!("{what} (was {was} lines) is within the limit now: remove it from TOO_LONG in tests/architecture.rs"));
+        }
+    }
+    assert!(bad.is_empty(), "sizes (issue 15):\n  {}", bad.join("\n  "));
+}
+
+#[test]
+fn the_size_check_counts_functions_not_literals() {
+    let src = "fn a() {\n    let s = \"} fn b() {\";\n    // }\n    let c = '}';\n    let e = '\\'';\n    let r = r#\"{\"#;\n}\nfn b<'x>(v: &'x [u8; 2]) -> impl Fn() -> u8 + 'x {\n    /* { /* } */ */ move || v[0]\n}\ntrait T { fn c(&self); }\n";
+    assert_eq!(fn_lengths(src), [("a".to_string(), 1, 7), ("b".to_string(), 8, 3)]);
+    // Over the limit: found, with its place and length.
+    let long = format!("fn f() {{\n{}}}\n", "    x();\n".repeat(MAX_FN_LINES));
+    assert_eq!(fn_lengths(&long), [("f".to_string(), 1, MAX_FN_LINES + 2)]);
+}

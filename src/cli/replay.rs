@@ -67,19 +67,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         Some(to) => Recording::open_for_seek(&a.recording, a.force, a.from_checkpoint, to.exits)?,
         None => Recording::open_checked(&a.recording, a.force)?,
     });
-    if let Some(line) = &rec.integrity {
-        eprintln!("revirt: {line}");
-    }
-    match &rec.status {
-        LogStatus::Incomplete { reason, damaged: true } => eprintln!(
-            "revirt: warning: the event log is DAMAGED (not cut short): {reason}; replaying the {} events before the damage",
-            rec.events.len()
-        ),
-        LogStatus::Incomplete { reason, .. } => {
-            eprintln!("revirt: warning: recording is incomplete: {reason}; replaying what it holds ({} events)", rec.events.len())
-        }
-        LogStatus::Complete => {}
-    }
+    warn_status(&rec);
     if rec.checkpoints.is_empty() {
         eprintln!(
             "revirt: nothing to replay: the {} log stops before checkpoint 0 is usable",
@@ -99,7 +87,43 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
         Err(e) => return Err(e.into()),
     };
-    let recorded = rec.meta.clock;
+    use_clock(&a, &mut tl)?;
+    if ck != 0 {
+        eprintln!("revirt: starting from checkpoint {ck} (exit {})", tl.exits());
+    }
+    let outcome = match a.to {
+        None => tl.run(None)?,
+        Some(p) if p.rip == u64::MAX => tl.run(Some(p.exits))?,
+        Some(p) => match tl.run(Some(p.exits))? {
+            Outcome::Reached => tl.seek_point(p)?,
+            other => other,
+        },
+    };
+    report(&rec, &tl, outcome)
+}
+
+/// What the integrity check found, and whether the log is cut short or damaged.
+fn warn_status(rec: &Recording) {
+    if let Some(line) = &rec.integrity {
+        eprintln!("revirt: {line}");
+    }
+    match &rec.status {
+        LogStatus::Incomplete { reason, damaged: true } => eprintln!(
+            "revirt: warning: the event log is DAMAGED (not cut short): {reason}; replaying the {} events before the damage",
+            rec.events.len()
+        ),
+        LogStatus::Incomplete { reason, .. } => {
+            eprintln!("revirt: warning: recording is incomplete: {reason}; replaying what it holds ({} events)", rec.events.len())
+        }
+        LogStatus::Complete => {}
+    }
+}
+
+/// Installs the clock that lands on the recording's events: `--clock`, or
+/// the recorded one (the step clock where a PMU recording meets no usable
+/// hardware counter); refuses a clock that cannot replay this recording.
+fn use_clock(a: &Args, tl: &mut Timeline) -> anyhow::Result<()> {
+    let recorded = tl.rec.meta.clock;
     // The hardware counter must open and count the start-up probe guest
     // exactly (the same check as `record --clock pmu`).
     let pmu_check = || revirt::clock::probe::check(&revirt::clock::pmu::hardware_opener());
@@ -133,17 +157,11 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
         _ => {}
     }
-    if ck != 0 {
-        eprintln!("revirt: starting from checkpoint {ck} (exit {})", tl.exits());
-    }
-    let outcome = match a.to {
-        None => tl.run(None)?,
-        Some(p) if p.rip == u64::MAX => tl.run(Some(p.exits))?,
-        Some(p) => match tl.run(Some(p.exits))? {
-            Outcome::Reached => tl.seek_point(p)?,
-            other => other,
-        },
-    };
+    Ok(())
+}
+
+/// How the replay ended, said on stderr, as the exit status.
+fn report(rec: &Recording, tl: &Timeline, outcome: Outcome) -> anyhow::Result<u8> {
     Ok(match outcome {
         Outcome::Reached => {
             let p = tl.position()?;
