@@ -196,7 +196,6 @@ const TOO_LONG: &[(&str, &str, usize)] = &[
     ("vmm/machine.rs", "", 1515),
     ("vmm/machine.rs", "run_loop", 362),
     ("record/mod.rs", "run", 129),
-    ("record/ckpt.rs", "take", 102),
 ];
 
 fn char_at(c: &[char], i: usize) -> char {
