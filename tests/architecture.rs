@@ -32,13 +32,13 @@ const BELOW_REPLAY: &[&str] = &["crate::vmm", "kvm_bindings", "kvm_ioctls", "vm_
 const FORMAT_ONLY: &[&str] = &[
     // File names, as literals or as trace's constants.
     "\"meta.json\"", "\"events.log\"", "\"console.log\"", "\"image.elf\"", "\"disk.img\"", ".ckpt\"", "\".ckpt", ".thin\"", "\"thin\"",
-    "\"checkpoints/", "\"partial\"", ".partial\"", "META", "IMAGE", "DISK", "EVENTS", "CONSOLE", "CHECKPOINTS", "checkpoint_path", "write_atomic",
+    "\"checkpoints/", "\"partial\"", ".partial\"", "\"events.idx\"", "INDEX", "META", "IMAGE", "DISK", "EVENTS", "CONSOLE", "CHECKPOINTS", "checkpoint_path", "write_atomic",
     // The codecs: log chunks, checkpoint and snapshot files, the machine-state container.
     "FILE_MAGIC", "encode_chunk", "LogReader::parse", "Checkpoint::parse", "checkpoint::encode", "snapshot::encode", "snapshot::parse",
     "state::seal", "state::open", "state::encode", "state::decode", "MachineStateV1",
     // Decoders that would read those bytes by hand (trace::decompress_exact,
     // the bounded one, is for anyone's own data, e.g. migration's wire blobs).
-    "postcard", "bincode", "zstd::decode_all", "zstd::stream", "zstd::Decoder", "bulk::decompress", "Decompressor", "DCtx", "RVCKPT", "RVLOG", "RVSNAP", "RVSTATE",
+    "postcard", "bincode", "zstd::decode_all", "zstd::stream", "zstd::Decoder", "bulk::decompress", "Decompressor", "DCtx", "RVCKPT", "RVLOG", "RVIDX", "RVSNAP", "RVSTATE",
 ];
 
 /// The needles of FORMAT_ONLY that `code` contains.
@@ -193,10 +193,7 @@ const MAX_FN_LINES: usize = 100;
 /// must go once its file or function is within the limit, so the list only
 /// shrinks.
 const TOO_LONG: &[(&str, &str, usize)] = &[
-    ("vmm/machine.rs", "", 1515),
-    ("vmm/machine.rs", "run_loop", 362),
     ("record/mod.rs", "run", 129),
-    ("record/ckpt.rs", "take", 102),
 ];
 
 fn char_at(c: &[char], i: usize) -> char {

@@ -113,7 +113,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     let (mut seal, mut open, transcript) =
         proto::channel(opts.key.as_ref(), proto::Role::Destination, &ours, &theirs, opts.limits.max_frame)?;
     let r = take(&mut conn, &mut w, &mut seal, &mut open, &transcript, &opts, started);
-    let (mut m, state, hello, bytes, state_at) = match r {
+    let (mut m, state, clock_ns, hello, bytes, state_at) = match r {
         Ok(v) => v,
         Err(e) => {
             // Tell the source why (it keeps running), then give up.
@@ -122,7 +122,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         }
     };
     // Everything is in place: what the recorder needs too, before confirming.
-    let mut live = LiveHost::new(opts.input, opts.console.clone(), state.machine.clock_ns);
+    let mut live = LiveHost::new(opts.input, opts.console.clone(), clock_ns);
     live.push_input(&state.pending_input);
     let mut live = Some(live);
     let mut session = None;
@@ -164,7 +164,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     Ok(Received { outcome, from, resume_ms, resume_after_commit_ms, bytes })
 }
 
-type Taken = (Machine, FinalState, Hello, u64, Instant);
+type Taken = (Machine, FinalState, u64, Hello, u64, Instant);
 
 /// Everything up to the final state: the peer's proof, hello, pages, files, state.
 fn take(
@@ -202,8 +202,8 @@ fn take(
         // converges (or never stops).
         max_pages: npages.saturating_mul(opts.limits.max_rounds as u64 + 1),
     };
-    let (state, at) = inc.receive(conn, open, &opts.limits, started)?;
-    Ok((inc.m, state, hello, inc.bytes, at))
+    let (state, clock_ns, at) = inc.receive(conn, open, &opts.limits, started)?;
+    Ok((inc.m, state, clock_ns, hello, inc.bytes, at))
 }
 
 fn mib(b: u64) -> u64 {
@@ -294,7 +294,7 @@ struct Incoming {
 
 impl Incoming {
     /// Takes frames until the final state, within the time budget.
-    fn receive(&mut self, conn: &mut Conn, open: &mut proto::Opener, lim: &Limits, started: Instant) -> Result<(FinalState, Instant), MigrateError> {
+    fn receive(&mut self, conn: &mut Conn, open: &mut proto::Opener, lim: &Limits, started: Instant) -> Result<(FinalState, u64, Instant), MigrateError> {
         let over = || MigrateError::Refused(format!("the migration took longer than this receiver allows ({} s, --max-time)", lim.max_time.as_secs()));
         let mut buf = Vec::new();
         loop {
@@ -314,7 +314,7 @@ impl Incoming {
     }
 
     /// One frame; the final state ends the transfer.
-    fn frame(&mut self, kind: Kind, buf: &[u8], lim: &Limits) -> Result<Option<(FinalState, Instant)>, MigrateError> {
+    fn frame(&mut self, kind: Kind, buf: &[u8], lim: &Limits) -> Result<Option<(FinalState, u64, Instant)>, MigrateError> {
         match kind {
             Kind::Pages => {
                 let (pages, data) = proto::decode_pages(buf)?;
@@ -389,17 +389,19 @@ impl Incoming {
         file.seek(std::io::SeekFrom::Start(offset)).and_then(|_| file.write_all(&data)).map_err(io)
     }
 
-    fn state(&mut self, buf: &[u8]) -> Result<(FinalState, Instant), MigrateError> {
+    /// The final state (and its guest clock, ns).
+    fn state(&mut self, buf: &[u8]) -> Result<(FinalState, u64, Instant), MigrateError> {
         let at = Instant::now();
         let state: FinalState = proto::from_json(buf, "final state")?;
-        self.m.load_state(&state.machine)?;
+        let machine = state.machine.open()?;
+        self.m.load_state(&machine)?;
         if let Some(d) = self.disk_file.as_mut() {
             d.sync_data().map_err(|source| MigrateError::Io { what: "syncing the disk copy".into(), source })?;
         }
         if state.recorder.is_some() != self.out.is_some() {
             return Err(ProtoError::Corrupt("recorder state does not match the hello".into()).into());
         }
-        Ok((state, at))
+        Ok((state, machine.clock_ns, at))
     }
 }
 

@@ -17,6 +17,7 @@ pub mod log;
 pub mod meta;
 pub mod seek;
 pub mod snapshot;
+pub mod state;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointError};

@@ -27,7 +27,8 @@
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 8] = b"RVMIGRAT";
-pub const VERSION: u32 = 2;
+/// 3: the final state's machine is the versioned container (trace::state).
+pub const VERSION: u32 = 3;
 pub const PAGE: u64 = 4096;
 /// Larger frames are never sent; a reader's own limit may be lower (a
 /// corrupt or hostile length must not allocate gigabytes).
@@ -144,7 +145,8 @@ pub use crate::record::mover::RecorderState;
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FinalState {
-    pub machine: crate::vmm::MachineState,
+    /// The machine state in its versioned container (hex in the JSON).
+    pub machine: crate::trace::state::Sealed,
     /// Input the source had read but not yet given to the guest.
     pub pending_input: Vec<u8>,
     pub recorder: Option<RecorderState>,

@@ -249,7 +249,7 @@ impl Controller {
             h.files.sync(&mut h.tx, &dir, Some((rec.log.len, rec.output_len)))?;
         }
         let t_pages = stopped.elapsed();
-        let machine = m.save_state(clock_ns)?;
+        let machine = crate::trace::state::Sealed::of(&m.save_state(clock_ns)?);
         let state = FinalState { machine, pending_input, recorder };
         let state = proto::json(&state);
         h.tx.send(Kind::State, &state)?;
