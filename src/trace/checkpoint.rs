@@ -192,6 +192,67 @@ impl Checkpoint {
     /// its header decoded, the data left compressed (a restore skips the
     /// data of a file whose pages later files all replace).
     pub fn parse_lazy<'a>(b: &'a [u8], sha256: Option<&str>) -> Result<(CheckpointHeader, Packed<'a>), String> {
+        let (body, hend) = Self::frame(b, sha256)?;
+        let (header, dpos) = if &b[..8] == MAGIC_V1 {
+            let header: CheckpointHeader = serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
+            (header, hend)
+        } else {
+            let h: HeaderV2<Vec<(u64, u64)>> = serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
+            let (payload, n) = super::state::open(&body[hend..]).map_err(|e| e.to_string())?;
+            let machine = super::state::decode_payload(payload).map_err(|e| e.to_string())?;
+            let header = CheckpointHeader { id: h.id, exits: h.exits, next_event: h.next_event, output_len: h.output_len, machine, pages: h.pages, sectors: h.sectors };
+            (header, hend + n)
+        };
+        let mem = header.machine.config.mem_size;
+        if mem > crate::vmm::layout::MAX_MEM {
+            return Err(format!("memory size {mem} is over the {} MiB limit", crate::vmm::layout::MAX_MEM >> 20));
+        }
+        if header.pages.iter().any(|&(f, c)| f.checked_add(c).and_then(|e| e.checked_mul(PAGE)).is_none_or(|e| e > mem)) {
+            return Err(format!("a page run lies outside the guest's {mem} bytes of memory"));
+        }
+        let data = Self::packed(body, dpos, &header.pages, &header.sectors)?;
+        Ok((header, data))
+    }
+
+    /// What a restore needs of a checkpoint older than its target: the id,
+    /// the runs and the packed data, the file checked as by
+    /// [`Checkpoint::parse`] but its machine state not decoded (nor its page
+    /// runs checked against its memory size: the restore checks them
+    /// against the target's).
+    pub fn parse_runs<'a>(b: &'a [u8], sha256: Option<&str>) -> Result<Runs<'a>, String> {
+        #[derive(Deserialize)]
+        struct R {
+            id: u32,
+            pages: Vec<(u64, u64)>,
+            sectors: Vec<(u64, u64)>,
+        }
+        let (body, hend) = Self::frame(b, sha256)?;
+        // Either layout's header JSON holds these (RVCKPT01's machine state
+        // inside it is skipped without being built).
+        let r: R = serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
+        let dpos = if &b[..8] == MAGIC_V1 { hend } else { hend + super::state::open(&body[hend..]).map_err(|e| e.to_string())?.1 };
+        let data = Self::packed(body, dpos, &r.pages, &r.sectors)?;
+        Ok(Runs { id: r.id, pages: r.pages, sectors: r.sectors, data })
+    }
+
+    /// The data after `dpos` in `body`: its length checked against the
+    /// file and against what the runs describe.
+    fn packed<'a>(body: &'a [u8], dpos: usize, pages: &[(u64, u64)], sectors: &[(u64, u64)]) -> Result<Packed<'a>, String> {
+        let dlen = body.get(dpos..dpos + 8).map(|l| u64::from_le_bytes(l.try_into().expect("8 bytes"))).ok_or("data length cut short")?;
+        let dstart = dpos + 8;
+        if (dstart as u64).checked_add(dlen) != Some(body.len() as u64) {
+            return Err("data length does not match the file".into());
+        }
+        let expect = data_len(pages, sectors).ok_or("page and sector lists are out of range")?;
+        if expect > MAX_DATA {
+            return Err(format!("page and sector lists add up to {expect} bytes, over the {MAX_DATA}-byte limit"));
+        }
+        Ok(Packed { bytes: &body[dstart..], len: expect as usize })
+    }
+
+    /// Checks a file's magic, CRC-32 and (if given) SHA-256; returns the
+    /// bytes before the CRC and where the header JSON ends.
+    fn frame<'a>(b: &'a [u8], sha256: Option<&str>) -> Result<(&'a [u8], usize), String> {
         if b.len() >= 8 && b[..6] == MAGIC[..6] && &b[..8] != MAGIC && &b[..8] != MAGIC_V1 {
             return Err(format!(
                 "checkpoint format version {} is not supported; this revirt reads versions 01 and 02",
@@ -218,33 +279,7 @@ impl Checkpoint {
             .checked_add(hlen as usize)
             .filter(|&e| e.checked_add(8).is_some_and(|x| x <= body.len()))
             .ok_or("header length out of range")?;
-        let (header, dpos) = if &b[..8] == MAGIC_V1 {
-            let header: CheckpointHeader = serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
-            (header, hend)
-        } else {
-            let h: HeaderV2<Vec<(u64, u64)>> = serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
-            let (payload, n) = super::state::open(&body[hend..]).map_err(|e| e.to_string())?;
-            let machine = super::state::decode_payload(payload).map_err(|e| e.to_string())?;
-            let header = CheckpointHeader { id: h.id, exits: h.exits, next_event: h.next_event, output_len: h.output_len, machine, pages: h.pages, sectors: h.sectors };
-            (header, hend + n)
-        };
-        let dlen = body.get(dpos..dpos + 8).map(|l| u64::from_le_bytes(l.try_into().expect("8 bytes"))).ok_or("data length cut short")?;
-        let dstart = dpos + 8;
-        if (dstart as u64).checked_add(dlen) != Some(body.len() as u64) {
-            return Err("data length does not match the file".into());
-        }
-        let mem = header.machine.config.mem_size;
-        if mem > crate::vmm::layout::MAX_MEM {
-            return Err(format!("memory size {mem} is over the {} MiB limit", crate::vmm::layout::MAX_MEM >> 20));
-        }
-        if header.pages.iter().any(|&(f, c)| f.checked_add(c).and_then(|e| e.checked_mul(PAGE)).is_none_or(|e| e > mem)) {
-            return Err(format!("a page run lies outside the guest's {mem} bytes of memory"));
-        }
-        let expect = header.data_len().ok_or("page and sector lists are out of range")?;
-        if expect > MAX_DATA {
-            return Err(format!("page and sector lists add up to {expect} bytes, over the {MAX_DATA}-byte limit"));
-        }
-        Ok((header, Packed { bytes: &body[dstart..], len: expect as usize }))
+        Ok((body, hend))
     }
 }
 
@@ -253,6 +288,14 @@ impl Checkpoint {
 pub struct Packed<'a> {
     bytes: &'a [u8],
     len: usize,
+}
+
+/// See [`Checkpoint::parse_runs`].
+pub struct Runs<'a> {
+    pub id: u32,
+    pub pages: Vec<(u64, u64)>,
+    pub sectors: Vec<(u64, u64)>,
+    pub data: Packed<'a>,
 }
 
 impl Packed<'_> {
@@ -387,19 +430,23 @@ pub fn rebuild(
             Expect::Bound(s) => Some(s),
             _ => None,
         };
-        let (header, packed) = Checkpoint::parse_lazy(&bytes, sha.as_deref()).map_err(&bad)?;
-        if header.id != k {
-            return Err(bad(format!("file {k} says it is checkpoint {} (damaged recording)", header.id)));
-        }
-        if last.is_none() {
-            done.pages = vec![0u64; (header.machine.config.mem_size / PAGE).div_ceil(64) as usize];
-        }
-        if done.needs(&header) {
-            let data = packed.decompress().map_err(&bad)?;
-            done.apply(&header, &data, k == 0, &mut page, &mut sectors).map_err(&bad)?;
-        }
-        if last.is_none() {
+        // The target's header whole; older ones only as far as their runs.
+        let runs = if last.is_none() {
+            let (header, data) = Checkpoint::parse_lazy(&bytes, sha.as_deref()).map_err(&bad)?;
+            done.mem = header.machine.config.mem_size;
+            done.pages = vec![0u64; (done.mem / PAGE).div_ceil(64) as usize];
+            let runs = Runs { id: header.id, pages: header.pages.clone(), sectors: header.sectors.clone(), data };
             last = Some(header);
+            runs
+        } else {
+            Checkpoint::parse_runs(&bytes, sha.as_deref()).map_err(&bad)?
+        };
+        if runs.id != k {
+            return Err(bad(format!("file {k} says it is checkpoint {} (damaged recording)", runs.id)));
+        }
+        if done.needs(&runs) {
+            let data = runs.data.decompress().map_err(&bad)?;
+            done.apply(&runs, &data, k == 0, &mut page, &mut sectors).map_err(&bad)?;
         }
     }
     last.ok_or_else(|| CheckpointError::Bad { path: dir.display().to_string(), msg: format!("no checkpoints {from}..={to}") })
@@ -409,6 +456,8 @@ pub fn rebuild(
 /// already supplied to [`rebuild`].
 #[derive(Default)]
 struct Done {
+    /// The target's memory size (every page must lie inside it).
+    mem: u64,
     pages: Vec<u64>,
     sectors: std::collections::HashSet<u64>,
 }
@@ -420,7 +469,7 @@ impl Done {
 
     /// Whether some page or sector of `h` is not supplied yet (or lies
     /// outside memory: then `apply` says so).
-    fn needs(&self, h: &CheckpointHeader) -> bool {
+    fn needs(&self, h: &Runs) -> bool {
         h.pages.iter().any(|&(f, c)| (f..f.saturating_add(c)).any(|p| self.page(p) != Some(true)))
             || h.sectors.iter().any(|&(f, c)| (f..f.saturating_add(c)).any(|s| !self.sectors.contains(&s)))
     }
@@ -428,13 +477,13 @@ impl Done {
     /// Hands on what `h`'s `data` holds that no newer checkpoint did.
     fn apply(
         &mut self,
-        h: &CheckpointHeader,
+        h: &Runs,
         data: &[u8],
         zero_target: bool,
         page: &mut impl FnMut(u64, &[u8]) -> Result<(), String>,
         sectors: &mut impl FnMut(u64, &[u8]) -> Result<(), String>,
     ) -> Result<(), String> {
-        let mem = h.machine.config.mem_size;
+        let mem = self.mem;
         let mut at = 0usize;
         for &(first, count) in &h.pages {
             if first.checked_add(count).and_then(|e| e.checked_mul(PAGE)).is_none_or(|e| e > mem) {
@@ -482,10 +531,10 @@ impl Done {
 /// writes; for tools and tests.
 pub fn encode(header_json: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut v: serde_json::Value = serde_json::from_slice(header_json)?;
-    let machine = v
-        .as_object_mut()
-        .and_then(|o| o.remove("machine"))
-        .ok_or_else(|| std::io::Error::other("a checkpoint header without a machine state"))?;
+    // Taken as given even when it is no checkpoint header (tests build
+    // hostile files): no machine state puts `null` in the container, which
+    // a reader refuses.
+    let machine = v.as_object_mut().and_then(|o| o.remove("machine")).unwrap_or(serde_json::Value::Null);
     let state = super::state::seal(&serde_json::to_vec(&machine)?);
     assemble(&serde_json::to_vec(&v)?, &state, data)
 }
@@ -513,17 +562,23 @@ impl CheckpointHeader {
     /// Bytes of page and sector data the lists describe, or None when a
     /// count overflows (a crafted header).
     pub fn data_len(&self) -> Option<u64> {
-        let mut n = 0u64;
-        for &(first, c) in &self.pages {
-            first.checked_add(c)?.checked_mul(PAGE)?;
-            n = n.checked_add(c.checked_mul(PAGE)?)?;
-        }
-        for &(first, c) in &self.sectors {
-            first.checked_add(c)?.checked_mul(SECTOR)?;
-            n = n.checked_add(c.checked_mul(SECTOR)?)?;
-        }
-        Some(n)
+        data_len(&self.pages, &self.sectors)
     }
+}
+
+/// Bytes of page and sector data the runs describe, or None when a count
+/// overflows (a crafted header).
+fn data_len(pages: &[(u64, u64)], sectors: &[(u64, u64)]) -> Option<u64> {
+    let mut n = 0u64;
+    for &(first, c) in pages {
+        first.checked_add(c)?.checked_mul(PAGE)?;
+        n = n.checked_add(c.checked_mul(PAGE)?)?;
+    }
+    for &(first, c) in sectors {
+        first.checked_add(c)?.checked_mul(SECTOR)?;
+        n = n.checked_add(c.checked_mul(SECTOR)?)?;
+    }
+    Some(n)
 }
 
 #[cfg(test)]
