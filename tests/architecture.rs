@@ -195,7 +195,6 @@ const MAX_FN_LINES: usize = 100;
 const TOO_LONG: &[(&str, &str, usize)] = &[
     ("vmm/machine.rs", "", 1515),
     ("vmm/machine.rs", "run_loop", 362),
-    ("record/mod.rs", "run", 129),
 ];
 
 fn char_at(c: &[char], i: usize) -> char {

@@ -576,6 +576,64 @@ impl Session {
         self.host.inner.push_input(bytes);
     }
 
+    /// The guest is paused for a migration: settles the checkpoints and the
+    /// log, hands the machine and the recorder's state to the mover.
+    /// `Some`: committed, the VM is gone; `None`: record on here.
+    fn hand_over(&mut self, m: &mut Machine, console_path: &Path) -> Result<Option<mover::MoveSummary>, RecordError> {
+        // The downtime starts here: finishing the checkpoint in
+        // flight, the log flush and the dirty-log sync are in it.
+        let stopped = Instant::now();
+        let c = self.control.clone().expect("a mover asked for the stop");
+        self.settle_checkpoints(m.exits)?;
+        self.host.bind_console(m.exits).map_err(io("writing", console_path))?;
+        let head = self.host.log.head()?;
+        let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
+        let rs = mover::RecorderState {
+            events: self.host.events,
+            log: head,
+            checkpoints: self.checkpoints,
+            output_len: self.host.output_len,
+            ckpt_pages,
+            ckpt_sectors,
+            kept_checkpoints: self.ckpt.kept.iter().copied().collect(),
+        };
+        let clock = self.host.inner.now_ns();
+        Ok(c.finish(m, &mut self.host.inner, clock, rs, stopped))
+    }
+
+    /// The guest is paused for the next checkpoint: logs it and hands it to the writer.
+    fn checkpoint(&mut self, m: &mut Machine, dir: &Path, console_path: &Path) -> Result<(), RecordError> {
+        let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
+        let id = self.checkpoints;
+        self.host.bind_console(m.exits).map_err(io("writing", console_path))?;
+        self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
+        let now = self.host.inner.now_ns();
+        self.bind_checkpoints(m.exits)?;
+        self.ckpt.take(dir, m, id, self.host.events, self.host.output_len, now)?;
+        self.bind_checkpoints(m.exits)?;
+        self.checkpoints += 1;
+        self.host.last_checkpoint = Instant::now();
+        self.host.log.cut();
+        Ok(())
+    }
+
+    /// The checkpoint pauses (median, max, median pages), the median CPU
+    /// time in them, and the waits for the writer (how many, median).
+    #[allow(clippy::type_complexity)]
+    fn pause_stats(&mut self) -> (Option<(Duration, Duration, u64)>, Duration, (usize, Duration)) {
+        let p = &mut self.ckpt.pauses;
+        let mut pages: Vec<u64> = p.iter().map(|x| x.1).collect();
+        p.sort();
+        pages.sort_unstable();
+        let pauses = p.last().map(|max| (p[p.len() / 2].0, max.0, pages[pages.len() / 2]));
+        let c = &mut self.ckpt.pause_cpu;
+        c.sort();
+        let cpu = c.get(c.len() / 2).copied().unwrap_or_default();
+        let w = &mut self.ckpt.waits;
+        w.sort();
+        (pauses, cpu, (w.len(), w.get(w.len() / 2).copied().unwrap_or_default()))
+    }
+
     /// Records until the guest stops, or until it migrates away.
     pub fn run(mut self, mut m: Machine) -> Result<RecordSummary, RecordError> {
         install_counter(&mut m, self.host.clock, &self.pmu_counter)?;
@@ -598,43 +656,13 @@ impl Session {
             };
             match r {
                 Ok(Stop::Paused) if self.control.as_ref().is_some_and(|c| c.shared().stop_requested()) => {
-                    // The downtime starts here: finishing the checkpoint in
-                    // flight, the log flush and the dirty-log sync are in it.
-                    let stopped = Instant::now();
-                    let c = self.control.clone().expect("checked");
-                    self.settle_checkpoints(m.exits)?;
-                    self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
-                    let head = self.host.log.head()?;
-                    let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
-                    let rs = mover::RecorderState {
-                        events: self.host.events,
-                        log: head,
-                        checkpoints: self.checkpoints,
-                        output_len: self.host.output_len,
-                        ckpt_pages,
-                        ckpt_sectors,
-                        kept_checkpoints: self.ckpt.kept.iter().copied().collect(),
-                    };
-                    let clock = self.host.inner.now_ns();
-                    if let Some(s) = c.finish(&mut m, &mut self.host.inner, clock, rs, stopped) {
+                    if let Some(s) = self.hand_over(&mut m, &console_path)? {
                         migrated = Some(s);
                         break EndReason::Stopped;
                     }
                     // Not committed: record on here.
                 }
-                Ok(Stop::Paused) => {
-                    let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
-                    let id = self.checkpoints;
-                    self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
-                    self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
-                    let now = self.host.inner.now_ns();
-                    self.bind_checkpoints(m.exits)?;
-                    self.ckpt.take(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
-                    self.bind_checkpoints(m.exits)?;
-                    self.checkpoints += 1;
-                    self.host.last_checkpoint = Instant::now();
-                    self.host.log.cut();
-                }
+                Ok(Stop::Paused) => self.checkpoint(&mut m, &dir, &console_path)?,
                 Ok(Stop::PowerOff(s)) => break EndReason::PowerOff(s),
                 Ok(Stop::Panic(p)) => {
                     tracing::warn!("recorded guest crashed: {p}");
@@ -668,23 +696,7 @@ impl Session {
             events += 1;
             self.host.log(Event::End { exits: m.exits, reason: end.clone(), state_hash: state_hash.clone(), output_len, output_sha256 });
         }
-        let checkpoint_pauses = {
-            let p = &mut self.ckpt.pauses;
-            let mut pages: Vec<u64> = p.iter().map(|x| x.1).collect();
-            p.sort();
-            pages.sort_unstable();
-            p.last().map(|max| (p[p.len() / 2].0, max.0, pages[pages.len() / 2]))
-        };
-        let checkpoint_pause_cpu = {
-            let c = &mut self.ckpt.pause_cpu;
-            c.sort();
-            c.get(c.len() / 2).copied().unwrap_or_default()
-        };
-        let checkpoint_waits = {
-            let w = &mut self.ckpt.waits;
-            w.sort();
-            (w.len(), w.get(w.len() / 2).copied().unwrap_or_default())
-        };
+        let (checkpoint_pauses, checkpoint_pause_cpu, checkpoint_waits) = self.pause_stats();
         let RecordHost { log, .. } = self.host;
         let stats = log.finish()?;
         Ok(RecordSummary {
