@@ -13,6 +13,9 @@
 #   REVIRT_BIN=/tmp/revirt bash scripts/bench-long.sh  # a copy, so builds meanwhile do not change it
 #   SEEK_ONLY=1 bash scripts/bench-long.sh  # measure seeks, verify and replay again on the
 #                                           # recordings of the last run (target/bench/long.json)
+#   RECORD_ONLY=1 OUT=DIR                   # only make the recordings (into DIR)
+#   COMPARE=1 BEFORE_BIN=B BEFORE_DIR=D OUT=DIR   # seeks and verify side by side: binary B on the
+#                                           # recordings in D (made by B) vs this one on those in DIR
 # The guest runs in real time (its timer is the host's), so the run takes
 # SECONDS_LONG + SECONDS_SHORT seconds; it uses little CPU. Prints a table,
 # writes target/bench/long.json. Nothing here asserts.
@@ -21,13 +24,13 @@ cd "$(dirname "$0")/.."
 cargo build --release -q
 export LONG=${SECONDS_LONG:-600} SHORT=${SECONDS_SHORT:-10} HZ=${HZ:-100} PAGES=${PAGES:-4}
 export KEEP=${KEEP:-} EVERY=${EVERY:-1s} REPS=${REPS:-5}
-mkdir -p target/bench
+mkdir -p "${OUT:-target/bench}"
 exec python3 - <<'PY'
 import json, os, re, shutil, statistics, subprocess, sys, threading, time
 
 R = os.path.abspath(os.environ.get("REVIRT_BIN") or "target/release/revirt")
 G = os.path.abspath("guests/demo/out/vm.img")
-OUT = os.path.abspath("target/bench")
+OUT = os.path.abspath(os.environ.get("OUT") or "target/bench")
 LONG, SHORT, HZ, PAGES, REPS = (int(os.environ[k]) for k in ["LONG", "SHORT", "HZ", "PAGES", "REPS"])
 KEEP, EVERY = os.environ["KEEP"], os.environ["EVERY"]
 res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "hz": HZ, "pages": PAGES,
@@ -87,6 +90,68 @@ def cpu_of(fn):
     r["cpu_s"] = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     return r
 
+def timed(cmd, ok):
+    """Wall and CPU (user+sys of the child, from wait4) of one run, in ms."""
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read()
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = (time.perf_counter() - t) * 1000
+    if not ok(os.waitstatus_to_exitcode(status), err):
+        sys.exit(f"bench-long: {' '.join(cmd)} failed:\n{err[-1500:]}")
+    return wall, (ru.ru_utime + ru.ru_stime) * 1000
+
+if os.environ.get("COMPARE"):
+    # Seeks before and after the seek index, side by side in one run: the
+    # binary of BEFORE_BIN on the recordings of BEFORE_DIR (made by it:
+    # format 2, every reader checks the whole recording) and this binary on
+    # the recordings in OUT (format 3, made by this binary: a seek checks
+    # the index and the log it replays), interleaved, REPS times, medians.
+    B_BIN, B_DIR = os.path.abspath(os.environ["BEFORE_BIN"]), os.path.abspath(os.environ["BEFORE_DIR"])
+    sides = {"before": (B_BIN, json.load(open(os.path.join(B_DIR, "long.json")))), "after": (R, json.load(open(os.path.join(OUT, "long.json"))))}
+    late = lambda r: max(1, r["exits"] - 5 * HZ // 2)
+    # Where the late seek starts from depends on where the checkpoints fell:
+    # "50 exits after the last checkpoint before that point" rolls forward
+    # the same distance on every recording, so what differs is what the
+    # recording's length costs (checking, restoring).
+    def after_ck(binary, rec):
+        t = late(rec)
+        p = subprocess.run([binary, "replay", "-q", rec["dir"], "--to", str(t)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        m = re.search(r"starting from checkpoint \d+ \(exit (\d+)\)", p.stderr)
+        return int(m.group(1)) + 50 if m else t
+    cases = [("seek 0.5 s before the end, 10 s recording", "short", lambda b, r: late(r)), ("seek 0.5 s before the end, 10-minute recording", "long", lambda b, r: late(r)),
+             ("seek 50 exits past the last checkpoint before that, 10 s recording", "short", after_ck),
+             ("seek 50 exits past the last checkpoint before that, 10-minute recording", "long", after_ck),
+             ("seek to the middle, 10-minute recording", "long", lambda b, r: r["exits"] // 2), ("seek to 10 %, 10-minute recording", "long", lambda b, r: r["exits"] // 10)]
+    targets = {(name, side): point(binary, rj[which]) for name, which, point in cases for side, (binary, rj) in sides.items()}
+    got = {}
+    reached = lambda t: (lambda code, err: code == 0 and f"reached exit {t}" in err)
+    for rep in range(REPS):
+        for name, which, point in cases:
+            for side, (binary, rj) in sides.items():
+                rec = rj[which]
+                t = targets[(name, side)]
+                got.setdefault((name, side), []).append(timed([binary, "replay", "-q", rec["dir"], "--to", str(t)], reached(t)))
+        for which in ["short", "long"]:
+            for side, (binary, rj) in sides.items():
+                got.setdefault((f"verify, {which}", side), []).append(timed([binary, "verify", rj[which]["dir"]], lambda c, e: True))
+    med = lambda k, i: statistics.median(x[i] for x in got[k])
+    print(f"\nseeks before/after the seek index, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, medians of {REPS} interleaved runs; "
+          f"before = {B_BIN} on {B_DIR} (recorded {sides['before'][1].get('recorded')}), after = {R} on {OUT} (recorded {sides['after'][1].get('recorded')})")
+    print("| what | before: wall / CPU ms | after: wall / CPU ms |")
+    print("|---|---|---|")
+    for name, _, _ in cases:
+        print(f"| {name} | {med((name, 'before'), 0):.0f} / {med((name, 'before'), 1):.0f} | {med((name, 'after'), 0):.0f} / {med((name, 'after'), 1):.0f} |")
+    for which in ["short", "long"]:
+        k = f"verify, {which}"
+        print(f"| `verify` ({'10 s' if which == 'short' else '10-minute'} recording) | {med((k, 'before'), 0):.0f} / {med((k, 'before'), 1):.0f} | {med((k, 'after'), 0):.0f} / {med((k, 'after'), 1):.0f} |")
+    for side in ["before", "after"]:
+        for what in ["seek 0.5 s before the end", "seek 50 exits past the last checkpoint before that"]:
+            s, l = (f"{what}, {x} recording" for x in ["10 s", "10-minute"])
+            print(f"{side}: {what}: 10-minute / 10 s = {med((l, side), 0) / med((s, side), 0):.2f}x wall, {med((l, side), 1) / med((s, side), 1):.2f}x CPU")
+    json.dump({"date": res["date"], "reps": REPS, "targets": {f"{k[0]} | {k[1]}": v for k, v in targets.items()}, "runs": {f"{k[0]} | {k[1]}": v for k, v in got.items()}}, open(os.path.join(OUT, "compare.json"), "w"), indent=1)
+    sys.exit(0)
+
 if os.environ.get("SEEK_ONLY"):
     old = json.load(open(os.path.join(OUT, "long.json")))
     res.update({k: old[k] for k in ["long", "short", "samples", "keep", "checkpoint_every", "hz", "pages"]})
@@ -99,6 +164,9 @@ else:
     L = cpu_of(lambda: record("long", LONG, samples))
     S = cpu_of(lambda: record("short", SHORT))
     res.update(long=L, short=S, samples=samples, recorded=res["date"])
+    if os.environ.get("RECORD_ONLY"):
+        json.dump(res, open(os.path.join(OUT, "long.json"), "w"), indent=1)
+        sys.exit(0)
 
 def seek(rec, to):
     ts = []

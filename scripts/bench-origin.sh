@@ -23,7 +23,9 @@ if [ -z "$REC" ]; then
   printf '%056d\000\000\040\000\000\000\000\000\n' 0 | $R record $G --cmdline workload=vuln -o "$REC" >/dev/null 2>&1 || true
 fi
 RET=$(objdump -d --no-show-raw-insn $G | awk '/<serve>:/,/^$/' | grep -E '\sret' | tail -1 | awk '{print $1}' | tr -d ':')
-$R gdb "$REC" --port 0 2>"$tmp/srv" &
+# A native-speed stop does not know its branch count until asked (monitor
+# origin makes it exact); the stepping continue reports the exact point.
+REVIRT_GDB_NATIVE=0 $R gdb "$REC" --port 0 2>"$tmp/srv" &
 pid=$!
 for _ in $(seq 600); do port=$(grep -o "listening on 127.0.0.1:[0-9]*" "$tmp/srv" | head -1 | cut -d: -f2 || true); [ -n "$port" ] && break; sleep 0.1; done
 POINT=$(gdb -nx -batch -ex "set architecture i386:x86-64" -ex "target remote 127.0.0.1:$port" -ex "break *0x$RET" -ex continue \

@@ -214,7 +214,9 @@ fn bad_recordings_give_clear_errors() {
     let meta = dir.join(trace::META);
     let text = std::fs::read_to_string(&meta).unwrap();
     for v in [1, 99] {
-        std::fs::write(&meta, text.replace("\"version\": 2", &format!("\"version\": {v}"))).unwrap();
+        let now = format!("\"version\": {}", trace::meta::VERSION);
+        assert!(text.contains(&now), "{text}");
+        std::fs::write(&meta, text.replace(&now, &format!("\"version\": {v}"))).unwrap();
         let o = replay(&dir, &[]);
         assert!(stderr(&o).contains(&format!("format version {v} is not supported")), "{}", stderr(&o));
     }

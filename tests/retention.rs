@@ -275,3 +275,92 @@ fn keep_zero_keeps_every_checkpoint() {
         .iter()
         .any(|e| matches!(e, Event::CheckpointFile { sha256, .. } if sha256.is_empty())));
 }
+
+/// The crash windows of a thinning pass (record::retain): the merged file
+/// is written as `.thin` (by way of `.partial`), the drop and the new
+/// binding are logged, then the `.thin` replaces the old file and the
+/// dropped one is deleted. A recorder killed between any two steps leaves
+/// a recording that `verify` names as cut short (truncation), never as
+/// damaged and never as whole; a replay says it is incomplete. Each state
+/// is built from a recording that kept every checkpoint, by the policy's
+/// own functions (`retain::thin`, `Dir::commit_thinned`, `retain::commit`)
+/// and a log re-sealed the way the recorder writes it.
+#[test]
+fn a_recorder_killed_between_the_steps_of_a_thinning_pass_leaves_a_cut_short_recording() {
+    use revirt::record::retain;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    record_demo_ok(&dir, "workload=idle iters=1 hz=100", &["--checkpoint-every", "50ms", "--keep-checkpoints", "0"], b"");
+    let all = events(&dir);
+    let (end, body) = all.split_last().unwrap();
+    assert!(matches!(end, Event::End { .. }));
+    let exits = end.exits();
+    let mut kept: std::collections::BTreeSet<u32> = kept_files(&dir).into_iter().collect();
+    let newest = *kept.iter().last().unwrap();
+    assert!(newest >= 8, "{newest} checkpoints");
+    let meta = std::fs::read(dir.join(trace::META)).unwrap();
+    let write_log = |evs: &[Event]| {
+        let w = trace::LogWriter::create(&dir.join(trace::EVENTS), trace::log::genesis(&meta)).unwrap();
+        for e in evs {
+            w.push(e.clone());
+        }
+        w.finish().unwrap();
+    };
+    let cut_short = |state: &str| {
+        let v = revirt::trace::verify::verify(&dir);
+        assert!(!v.intact && v.incomplete && !v.damaged(), "{state}: {:?}", v.problems());
+        for p in v.problems() {
+            assert!(!p.contains("damaged") || p.contains("not damage"), "{state}: {p}");
+        }
+        let o = run_with_input(&["replay", "-q", dir.to_str().unwrap()], b"");
+        // Never whole: incomplete (2), or run out of log at the guest's
+        // end with no End to compare with (1; the log here lacks only End).
+        assert!(matches!(o.status.code(), Some(1 | 2)), "{state}: {}", stderr(&o));
+        assert!(stderr(&o).contains("recording is incomplete") && !stderr(&o).contains("replay matches"), "{state}: {}", stderr(&o));
+        v
+    };
+    // Killed while writing the merged file: the log has nothing of the pass.
+    write_log(body);
+    let t = retain::thin(&dir, &mut kept, newest, 2).unwrap();
+    assert!(!t.dropped.is_empty() && !t.rewritten.is_empty(), "{t:?}");
+    let (j, _) = &t.rewritten[0];
+    let files = trace::Dir::new(&dir);
+    let thin = std::fs::read(files.thinned(*j)).unwrap();
+    let partial = files.checkpoint(*j).with_extension("partial");
+    std::fs::rename(files.thinned(*j), &partial).unwrap();
+    std::fs::write(&partial, &thin[..thin.len() / 2]).unwrap();
+    let v = cut_short("half a merged file");
+    assert!(v.problems().iter().any(|p| p.contains(".partial") && p.contains("not vouched for")), "{:?}", v.problems());
+    std::fs::remove_file(&partial).unwrap();
+    std::fs::write(files.thinned(*j), &thin).unwrap();
+    // The merged file written, the log without the pass.
+    let v = cut_short("merged file written, nothing logged");
+    assert!(v.problems().iter().any(|p| p.contains(".thin") && p.contains("not vouched for")), "{:?}", v.problems());
+    // The drops and new bindings logged, nothing renamed yet.
+    let mut logged = body.to_vec();
+    for (i, _) in &t.dropped {
+        logged.push(Event::CheckpointFile { id: *i, exits, sha256: String::new() });
+    }
+    for (id, w) in &t.rewritten {
+        logged.push(Event::CheckpointFile { id: *id, exits, sha256: w.sha256.clone() });
+    }
+    write_log(&logged);
+    let v = cut_short("logged, not renamed");
+    assert!(v.problems().iter().any(|p| p.contains(&format!("checkpoint {j}:")) && p.contains("truncation, not damage")), "{:?}", v.problems());
+    // The merged files in place, the dropped ones not yet deleted.
+    for (id, _) in &t.rewritten {
+        files.commit_thinned(*id).unwrap();
+    }
+    cut_short("renamed, dropped files not deleted");
+    // The pass done.
+    let dropped: Vec<u32> = t.dropped.iter().map(|d| d.0).collect();
+    retain::commit(&dir, &[], &dropped).unwrap();
+    cut_short("pass done, log cut short");
+    // And with the log's end after the pass: whole, and it replays.
+    logged.push(end.clone());
+    write_log(&logged);
+    let v = revirt::trace::verify::verify(&dir);
+    assert!(v.intact, "{:?}", v.problems());
+    let o = run_with_input(&["replay", "-q", dir.to_str().unwrap()], b"");
+    assert!(o.status.success() && stderr(&o).contains("replay matches the recording"), "{}", stderr(&o));
+}

@@ -39,7 +39,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         eprintln!("revirt debug: {line}");
     }
     // The recording's copy: the exact bytes that ran, whatever happened to the original since.
-    let image = a.recording.join("image.elf");
+    let image = rec.files().image();
     let session = Session::open(rec, a.at)?;
     let listener = TcpListener::bind(("127.0.0.1", 0)).context("cannot listen on a local port")?;
     let port = listener.local_addr()?.port();

@@ -61,7 +61,49 @@ pub struct Args {
 
 /// Exit statuses: 0 replay matched, 1 diverged or mismatched, 2 the recording is incomplete.
 pub fn main(a: Args) -> anyhow::Result<u8> {
-    let rec = Arc::new(Recording::open_checked(&a.recording, a.force)?);
+    // A seek checks what it uses (the recording's seek index, the log from
+    // its checkpoint to past the target); a replay to the end checks all.
+    let rec = Arc::new(match a.to {
+        Some(to) => Recording::open_for_seek(&a.recording, a.force, a.from_checkpoint, to.exits)?,
+        None => Recording::open_checked(&a.recording, a.force)?,
+    });
+    warn_status(&rec);
+    if rec.checkpoints.is_empty() {
+        eprintln!(
+            "revirt: nothing to replay: the {} log stops before checkpoint 0 is usable",
+            if rec.status.is_damaged() { "damaged" } else { "cut-short" }
+        );
+        return Ok(2);
+    }
+    let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));
+    let sink = if a.quiet { Sink::Discard } else { Sink::Stdout };
+    let mut tl = match Timeline::at_checkpoint(rec.clone(), ck, sink) {
+        Ok(t) => t,
+        // A seek checks the checkpoints as it restores them: one that fails
+        // is damage, told as the full check tells it.
+        Err(e) if rec.seek_checked => {
+            Recording::open_checked(&a.recording, false)?;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    use_clock(&a, &mut tl)?;
+    if ck != 0 {
+        eprintln!("revirt: starting from checkpoint {ck} (exit {})", tl.exits());
+    }
+    let outcome = match a.to {
+        None => tl.run(None)?,
+        Some(p) if p.rip == u64::MAX => tl.run(Some(p.exits))?,
+        Some(p) => match tl.run(Some(p.exits))? {
+            Outcome::Reached => tl.seek_point(p)?,
+            other => other,
+        },
+    };
+    report(&rec, &tl, outcome)
+}
+
+/// What the integrity check found, and whether the log is cut short or damaged.
+fn warn_status(rec: &Recording) {
     if let Some(line) = &rec.integrity {
         eprintln!("revirt: {line}");
     }
@@ -75,17 +117,13 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
         LogStatus::Complete => {}
     }
-    if rec.checkpoints.is_empty() {
-        eprintln!(
-            "revirt: nothing to replay: the {} log stops before checkpoint 0 is usable",
-            if rec.status.is_damaged() { "damaged" } else { "cut-short" }
-        );
-        return Ok(2);
-    }
-    let ck = a.from_checkpoint.unwrap_or_else(|| a.to.map(|t| Timeline::nearest_checkpoint(&rec, t.exits)).unwrap_or(0));
-    let sink = if a.quiet { Sink::Discard } else { Sink::Stdout };
-    let mut tl = Timeline::at_checkpoint(rec.clone(), ck, sink)?;
-    let recorded = rec.meta.clock;
+}
+
+/// Installs the clock that lands on the recording's events: `--clock`, or
+/// the recorded one (the step clock where a PMU recording meets no usable
+/// hardware counter); refuses a clock that cannot replay this recording.
+fn use_clock(a: &Args, tl: &mut Timeline) -> anyhow::Result<()> {
+    let recorded = tl.rec.meta.clock;
     // The hardware counter must open and count the start-up probe guest
     // exactly (the same check as `record --clock pmu`).
     let pmu_check = || revirt::clock::probe::check(&revirt::clock::pmu::hardware_opener());
@@ -119,17 +157,11 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         }
         _ => {}
     }
-    if ck != 0 {
-        eprintln!("revirt: starting from checkpoint {ck} (exit {})", tl.exits());
-    }
-    let outcome = match a.to {
-        None => tl.run(None)?,
-        Some(p) if p.rip == u64::MAX => tl.run(Some(p.exits))?,
-        Some(p) => match tl.run(Some(p.exits))? {
-            Outcome::Reached => tl.seek_point(p)?,
-            other => other,
-        },
-    };
+    Ok(())
+}
+
+/// How the replay ended, said on stderr, as the exit status.
+fn report(rec: &Recording, tl: &Timeline, outcome: Outcome) -> anyhow::Result<u8> {
     Ok(match outcome {
         Outcome::Reached => {
             let p = tl.position()?;
@@ -139,7 +171,7 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
         Outcome::Finished { problems, state_hash, stop } if problems.is_empty() => {
             eprintln!(
                 "revirt: replay matches the recording: {} events, {} exits, {stop:?}, final state hash {state_hash}",
-                rec.events.len(),
+                rec.events_base + rec.events.len(),
                 tl.exits()
             );
             0

@@ -301,6 +301,101 @@ impl HwWatchpoint for Target64 {
     }
 }
 
+impl Target64 {
+    /// `monitor where`: the point, the session's position, the next event.
+    fn monitor_where(&self, out: &mut ConsoleOutput<'_>) {
+        let p = self.s.pos();
+        let anchor = match p.anchor {
+            Some((r, n)) => format!(", arrival {n} at {r:#x}"),
+            None => String::new(),
+        };
+        outputln!(
+            out,
+            "{} (exit {}{anchor} + {} steps); next event #{} of {}",
+            p.point,
+            p.exits,
+            p.steps,
+            self.s.event_index(),
+            self.s.rec.events.len()
+        );
+        if let Some(n) = &self.s.end_note {
+            outputln!(out, "at the end of the recording: {n}");
+        }
+        if let Some(e) = &self.last_error {
+            outputln!(out, "last error: {e}");
+        }
+    }
+
+    /// `monitor goto-event N`: the exit at which log event N happened.
+    fn monitor_goto_event(&mut self, n: &str, out: &mut ConsoleOutput<'_>) {
+        match n.parse::<usize>() {
+            Ok(i) if i < self.s.rec.events.len() => {
+                let e = self.s.rec.events[i].exits();
+                match self.s.goto_exit(e) {
+                    Ok(_) => outputln!(
+                        out,
+                        "event #{i} is at exit {e}; now at {}",
+                        self.s.pos().point
+                    ),
+                    Err(err) => outputln!(out, "error: {err}"),
+                }
+            }
+            _ => outputln!(
+                out,
+                "usage: monitor goto-event N (0..{})",
+                self.s.rec.events.len()
+            ),
+        }
+    }
+
+    /// `monitor stats`: what the session cost so far.
+    fn monitor_stats(&self, out: &mut ConsoleOutput<'_>) {
+        outputln!(
+            out,
+            "instructions single-stepped this session: {}; native-speed breakpoint runs: {}",
+            self.s.steps_taken,
+            self.s.native_runs
+        );
+        let n = &self.s.snaps;
+        let st = n.stats;
+        if n.enabled {
+            outputln!(
+                out,
+                "snapshots: {} held ({} KiB: pages, disk chunks, page tables), {} taken, {} restored, {} evicted; pages copied {}, written back {}",
+                n.len(),
+                n.bytes() >> 10,
+                st.taken,
+                st.restored,
+                st.evicted,
+                st.pages_copied,
+                st.pages_written
+            );
+        } else {
+            outputln!(out, "snapshots: off");
+        }
+    }
+}
+
+/// The help text of `monitor` (any command it does not know).
+fn monitor_help(out: &mut ConsoleOutput<'_>) {
+    outputln!(out, "revirt monitor commands:");
+    outputln!(out, "  where | when        current execution point, exit/step position, event index");
+    outputln!(out, "  checkpoints         the recording's checkpoints");
+    outputln!(
+        out,
+        "  goto-exit N         go to the state right after guest-caused exit N"
+    );
+    outputln!(
+        out,
+        "  goto-event N        go to the exit at which log event N happened"
+    );
+    outputln!(
+        out,
+        "  stats               instructions single-stepped so far"
+    );
+    outputln!(out, "  origin LOCATION     where a value came from ($reg or ADDR[:LEN]; --depth N, --json)");
+}
+
 impl MonitorCmd for Target64 {
     fn handle_monitor_cmd(
         &mut self,
@@ -310,64 +405,23 @@ impl MonitorCmd for Target64 {
         let cmd = String::from_utf8_lossy(cmd);
         let words: Vec<&str> = cmd.split_whitespace().collect();
         match words.as_slice() {
-            ["where"] | ["when"] => {
-                let p = self.s.pos();
-                let anchor = match p.anchor {
-                    Some((r, n)) => format!(", arrival {n} at {r:#x}"),
-                    None => String::new(),
-                };
-                outputln!(
-                    out,
-                    "{} (exit {}{anchor} + {} steps); next event #{} of {}",
-                    p.point,
-                    p.exits,
-                    p.steps,
-                    self.s.event_index(),
-                    self.s.rec.events.len()
-                );
-                if let Some(n) = &self.s.end_note {
-                    outputln!(out, "at the end of the recording: {n}");
-                }
-                if let Some(e) = &self.last_error {
-                    outputln!(out, "last error: {e}");
-                }
-            }
+            ["where"] | ["when"] => self.monitor_where(&mut out),
             ["checkpoints"] => {
                 for (id, exits, ev) in &self.s.rec.checkpoints {
                     outputln!(out, "checkpoint {id}: exit {exits} (event #{ev})");
                 }
             }
             ["goto-exit", n] | ["goto", n] => match n.parse::<u64>() {
-                Ok(e) => {
-                    let r = self.s.goto_exit(e);
-                    match r {
-                        Ok(_) => {
-                            let p = self.s.pos();
-                            outputln!(out, "now at {}; run `maintenance flush register-cache` (or rv-goto) to refresh gdb's view", p.point)
-                        }
-                        Err(e) => outputln!(out, "error: {e}"),
+                Ok(e) => match self.s.goto_exit(e) {
+                    Ok(_) => {
+                        let p = self.s.pos();
+                        outputln!(out, "now at {}; run `maintenance flush register-cache` (or rv-goto) to refresh gdb's view", p.point)
                     }
-                }
+                    Err(e) => outputln!(out, "error: {e}"),
+                },
                 Err(_) => outputln!(out, "usage: monitor goto-exit N"),
             },
-            ["goto-event", n] => match n.parse::<usize>() {
-                Ok(i) if i < self.s.rec.events.len() => {
-                    let e = self.s.rec.events[i].exits();
-                    match self.s.goto_exit(e) {
-                        Ok(_) => outputln!(
-                            out,
-                            "event #{i} is at exit {e}; now at {}",
-                            self.s.pos().point
-                        ),
-                        Err(err) => outputln!(out, "error: {err}"),
-                    }
-                }
-                _ => outputln!(
-                    out,
-                    "usage: monitor goto-event N (0..{})",
-                    self.s.rec.events.len()
-                ),
-            },
+            ["goto-event", n] => self.monitor_goto_event(n, &mut out),
             ["origin", args @ ..] => {
                 if let Err(e) = self.s.make_exact() {
                     outputln!(out, "error: {e}");
@@ -378,49 +432,8 @@ impl MonitorCmd for Target64 {
                     outputln!(out, "{l}");
                 }
             }
-            ["stats"] => {
-                outputln!(
-                    out,
-                    "instructions single-stepped this session: {}; native-speed breakpoint runs: {}",
-                    self.s.steps_taken,
-                    self.s.native_runs
-                );
-                let n = &self.s.snaps;
-                let st = n.stats;
-                if n.enabled {
-                    outputln!(
-                        out,
-                        "snapshots: {} held ({} KiB: pages, disk chunks, page tables), {} taken, {} restored, {} evicted; pages copied {}, written back {}",
-                        n.len(),
-                        n.bytes() >> 10,
-                        st.taken,
-                        st.restored,
-                        st.evicted,
-                        st.pages_copied,
-                        st.pages_written
-                    );
-                } else {
-                    outputln!(out, "snapshots: off");
-                }
-            }
-            _ => {
-                outputln!(out, "revirt monitor commands:");
-                outputln!(out, "  where | when        current execution point, exit/step position, event index");
-                outputln!(out, "  checkpoints         the recording's checkpoints");
-                outputln!(
-                    out,
-                    "  goto-exit N         go to the state right after guest-caused exit N"
-                );
-                outputln!(
-                    out,
-                    "  goto-event N        go to the exit at which log event N happened"
-                );
-                outputln!(
-                    out,
-                    "  stats               instructions single-stepped so far"
-                );
-                outputln!(out, "  origin LOCATION     where a value came from ($reg or ADDR[:LEN]; --depth N, --json)");
-            }
+            ["stats"] => self.monitor_stats(&mut out),
+            _ => monitor_help(&mut out),
         }
         Ok(())
     }

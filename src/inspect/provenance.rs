@@ -230,7 +230,14 @@ impl Session {
             limits.max_time = std::time::Duration::from_secs(t);
         }
         self.kvm_used = true;
-        let h = prov::history(&self.rec, phys, len, from, to, o.reads, &limits)?;
+        let q = prov::Watched {
+            phys,
+            len,
+            from,
+            to,
+            reads: o.reads,
+        };
+        let h = prov::history(&self.rec, &q, &limits)?;
         if o.json {
             writeln!(
                 out,

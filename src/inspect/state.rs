@@ -6,9 +6,79 @@ use std::io::Write;
 use super::commands::{end_reason, joined, usage, CommandInfo};
 use super::format;
 use super::parse::{self, Word};
-use super::{Error, Session};
+use super::{Error, Frozen, Session};
 use crate::clock::ExecPoint;
 use crate::trace::{Event, LogStatus};
+
+const PAGE: usize = 4096;
+
+/// Registers (general, segments, control, MSRs) whose values differ
+/// between `a` and `b`: (name, value in a, value in b).
+fn register_diffs(a: &Frozen, b: &Frozen) -> Vec<(String, u64, u64)> {
+    let mut regs = Vec::new();
+    for ((n, va), (_, vb)) in format::gprs(&a.regs).iter().zip(format::gprs(&b.regs).iter()) {
+        regs.push((n.to_string(), *va, *vb));
+    }
+    for ((n, sa), (_, sb)) in format::segments(&a.sregs).iter().zip(format::segments(&b.sregs).iter()) {
+        regs.push((n.to_string(), sa.selector as u64, sb.selector as u64));
+        regs.push((format!("{n}.base"), sa.base, sb.base));
+    }
+    for (n, va, vb) in [
+        ("cr0", a.sregs.cr0, b.sregs.cr0),
+        ("cr2", a.sregs.cr2, b.sregs.cr2),
+        ("cr3", a.sregs.cr3, b.sregs.cr3),
+        ("cr4", a.sregs.cr4, b.sregs.cr4),
+        ("cr8", a.sregs.cr8, b.sregs.cr8),
+        ("efer", a.sregs.efer, b.sregs.efer),
+        ("gdt.base", a.sregs.gdt.base, b.sregs.gdt.base),
+        ("idt.base", a.sregs.idt.base, b.sregs.idt.base),
+    ] {
+        regs.push((n.to_string(), va, vb));
+    }
+    // The TSC MSR always moves; it says nothing about what the guest did.
+    for &(i, va) in a.msrs.iter().filter(|m| m.0 != 0x10) {
+        if let Some(&(_, vb)) = b.msrs.iter().find(|m| m.0 == i) {
+            regs.push((format::msr_name(i).to_ascii_lowercase(), va, vb));
+        }
+    }
+    regs.into_iter().filter(|(_, x, y)| x != y).collect()
+}
+
+/// `diff bytes`: the changed bytes of the changed `pages`, 16 a line, at
+/// most 400 lines.
+fn write_byte_diffs(a: &Frozen, b: &Frozen, pages: &[u64], out: &mut dyn Write) -> Result<(), Error> {
+    let mut lines = 0usize;
+    const MAX_LINES: usize = 400;
+    for &p in pages {
+        let base = p as usize * PAGE;
+        let (x, y) = (&a.memory[base..base + PAGE], &b.memory[base..base + PAGE]);
+        let mut i = 0;
+        while i < PAGE {
+            if x[i] == y[i] {
+                i += 1;
+                continue;
+            }
+            let mut j = i;
+            while j < PAGE && j - i < 16 && x[j] != y[j] {
+                j += 1;
+            }
+            if lines >= MAX_LINES {
+                writeln!(out, "  ... (more byte differences; narrow it down with x/xp at both points)")?;
+                return Ok(());
+            }
+            writeln!(
+                out,
+                "  {:#012x}: {} -> {}",
+                base + i,
+                format::hex_bytes(&x[i..j]),
+                format::hex_bytes(&y[i..j])
+            )?;
+            lines += 1;
+            i = j;
+        }
+    }
+    Ok(())
+}
 
 impl Session {
     pub(super) fn cmd_summary(&mut self, out: &mut dyn Write) -> Result<(), Error> {
@@ -215,33 +285,7 @@ impl Session {
             ((&here, label(hi.0, hi.1)), (&other, label(lo.0, lo.1)))
         };
         writeln!(out, "diff {la} -> {lb} (earlier -> later)")?;
-        let mut regs = Vec::new();
-        for ((n, va), (_, vb)) in format::gprs(&a.regs).iter().zip(format::gprs(&b.regs).iter()) {
-            regs.push((n.to_string(), *va, *vb));
-        }
-        for ((n, sa), (_, sb)) in format::segments(&a.sregs).iter().zip(format::segments(&b.sregs).iter()) {
-            regs.push((n.to_string(), sa.selector as u64, sb.selector as u64));
-            regs.push((format!("{n}.base"), sa.base, sb.base));
-        }
-        for (n, va, vb) in [
-            ("cr0", a.sregs.cr0, b.sregs.cr0),
-            ("cr2", a.sregs.cr2, b.sregs.cr2),
-            ("cr3", a.sregs.cr3, b.sregs.cr3),
-            ("cr4", a.sregs.cr4, b.sregs.cr4),
-            ("cr8", a.sregs.cr8, b.sregs.cr8),
-            ("efer", a.sregs.efer, b.sregs.efer),
-            ("gdt.base", a.sregs.gdt.base, b.sregs.gdt.base),
-            ("idt.base", a.sregs.idt.base, b.sregs.idt.base),
-        ] {
-            regs.push((n.to_string(), va, vb));
-        }
-        // The TSC MSR always moves; it says nothing about what the guest did.
-        for &(i, va) in a.msrs.iter().filter(|m| m.0 != 0x10) {
-            if let Some(&(_, vb)) = b.msrs.iter().find(|m| m.0 == i) {
-                regs.push((format::msr_name(i).to_ascii_lowercase(), va, vb));
-            }
-        }
-        let changed: Vec<_> = regs.into_iter().filter(|(_, x, y)| x != y).collect();
+        let changed = register_diffs(a, b);
         if changed.is_empty() {
             writeln!(out, "registers: none differ")?;
         } else {
@@ -253,19 +297,28 @@ impl Session {
         if a.memory.len() != b.memory.len() {
             return Err(Error::Msg("the two points have different memory sizes".into()));
         }
-        let page = 4096usize;
         let pages: Vec<u64> = a
             .memory
-            .chunks(page)
-            .zip(b.memory.chunks(page))
+            .chunks(PAGE)
+            .zip(b.memory.chunks(PAGE))
             .enumerate()
             .filter(|(_, (x, y))| x != y)
             .map(|(i, _)| i as u64)
             .collect();
+        self.write_page_runs(&pages, out)?;
+        if bytes {
+            write_byte_diffs(a, b, &pages, out)?;
+        }
+        Ok(())
+    }
+
+    /// The runs of pages that differ, each with the first few symbols in it
+    /// (what a reader recognises: "the heap", "task 2's stack").
+    fn write_page_runs(&self, pages: &[u64], out: &mut dyn Write) -> Result<(), Error> {
         let runs = crate::trace::checkpoint::runs(pages.iter().copied());
         writeln!(out, "memory: {} page{} differ ({} KiB)", pages.len(), if pages.len() == 1 { "" } else { "s" }, pages.len() * 4)?;
         for &(first, count) in &runs {
-            let (start, end) = (first * page as u64, (first + count) * page as u64);
+            let (start, end) = (first * PAGE as u64, (first + count) * PAGE as u64);
             let names: Vec<&str> = self
                 .syms
                 .all()
@@ -280,38 +333,6 @@ impl Session {
                 if count == 1 { "" } else { "s" },
                 if names.is_empty() { String::new() } else { format!("  ({})", names.join(", ")) }
             )?;
-        }
-        if bytes {
-            let mut lines = 0usize;
-            const MAX_LINES: usize = 400;
-            'pages: for &p in &pages {
-                let base = p as usize * page;
-                let (x, y) = (&a.memory[base..base + page], &b.memory[base..base + page]);
-                let mut i = 0;
-                while i < page {
-                    if x[i] == y[i] {
-                        i += 1;
-                        continue;
-                    }
-                    let mut j = i;
-                    while j < page && j - i < 16 && x[j] != y[j] {
-                        j += 1;
-                    }
-                    if lines >= MAX_LINES {
-                        writeln!(out, "  ... (more byte differences; narrow it down with x/xp at both points)")?;
-                        break 'pages;
-                    }
-                    writeln!(
-                        out,
-                        "  {:#012x}: {} -> {}",
-                        base + i,
-                        format::hex_bytes(&x[i..j]),
-                        format::hex_bytes(&y[i..j])
-                    )?;
-                    lines += 1;
-                    i = j;
-                }
-            }
         }
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! they come, load the final state, confirm, and run once the source commits.
 
 use std::io::{Read, Seek, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,24 +75,10 @@ pub struct Received {
     pub bytes: u64,
 }
 
-/// A recording file name as the source may send it: one of the
-/// recording's own files (`checkpoints/NNNNNN.ckpt` for checkpoints),
-/// never anything else, absolute or with `..`.
-fn safe_name(name: &str) -> Result<PathBuf, ProtoError> {
-    use crate::trace::{CONSOLE, DISK, EVENTS, IMAGE, META};
-    let p = Path::new(name);
-    let plain = !name.is_empty()
-        && p.components().count() <= 2
-        && p.components().all(|c| matches!(c, Component::Normal(_)));
-    let known = [META, IMAGE, DISK, EVENTS, CONSOLE].contains(&name)
-        || name.strip_prefix("checkpoints/").and_then(|n| n.strip_suffix(".ckpt")).is_some_and(|id| {
-            id.len() == 6 && id.bytes().all(|b| b.is_ascii_digit())
-        });
-    if plain && known {
-        Ok(p.to_path_buf())
-    } else {
-        Err(ProtoError::Corrupt(format!("refusing file name {name:?}")))
-    }
+/// Where a recording file the source names goes in `out`: one of the
+/// recording's own files, never anything else ([`crate::trace::Dir::receive_path`]).
+fn safe_path(out: &crate::trace::Dir, name: &str) -> Result<PathBuf, ProtoError> {
+    out.receive_path(name).ok_or_else(|| ProtoError::Corrupt(format!("refusing file name {name:?}")))
 }
 
 /// A new file for a streamed disk when the user gave no `--disk`: named by
@@ -127,7 +113,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     let (mut seal, mut open, transcript) =
         proto::channel(opts.key.as_ref(), proto::Role::Destination, &ours, &theirs, opts.limits.max_frame)?;
     let r = take(&mut conn, &mut w, &mut seal, &mut open, &transcript, &opts, started);
-    let (mut m, state, hello, bytes, state_at) = match r {
+    let (mut m, state, clock_ns, hello, bytes, state_at) = match r {
         Ok(v) => v,
         Err(e) => {
             // Tell the source why (it keeps running), then give up.
@@ -136,7 +122,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
         }
     };
     // Everything is in place: what the recorder needs too, before confirming.
-    let mut live = LiveHost::new(opts.input, opts.console.clone(), state.machine.clock_ns);
+    let mut live = LiveHost::new(opts.input, opts.console.clone(), clock_ns);
     live.push_input(&state.pending_input);
     let mut live = Some(live);
     let mut session = None;
@@ -178,7 +164,7 @@ pub fn receive(listener: &Listener, opts: ReceiveOptions) -> Result<Received, Mi
     Ok(Received { outcome, from, resume_ms, resume_after_commit_ms, bytes })
 }
 
-type Taken = (Machine, FinalState, Hello, u64, Instant);
+type Taken = (Machine, FinalState, u64, Hello, u64, Instant);
 
 /// Everything up to the final state: the peer's proof, hello, pages, files, state.
 fn take(
@@ -190,12 +176,42 @@ fn take(
     opts: &ReceiveOptions,
     started: Instant,
 ) -> Result<Taken, MigrateError> {
-    let lim = &opts.limits;
     // The source proves itself first; only then does this side answer.
     proto::check_auth(open, conn, transcript)?;
     proto::send_auth(seal, w, transcript)?;
     let hello: Hello = proto::from_json(&open.expect(conn, Kind::Hello)?, "hello")?;
-    let mib = |b: u64| b >> 20;
+    check_memory(&hello, &opts.limits)?;
+    let mut config: VmConfig = hello.config.clone();
+    // Never a path the peer names: the disk is this side's --disk.
+    let (disk, disk_file) = disk_for(&hello, opts)?;
+    config.disk = disk;
+    let out = recording_dir(&hello, opts)?;
+    let m = Machine::create(&config)?;
+    seal.write_frame(w, Kind::Welcome, &proto::json(&Welcome { host: super::hostname() }))?;
+    w.flush().map_err(ProtoError::Io)?;
+    let npages = config.mem_size / PAGE;
+    let mut inc = Incoming {
+        m,
+        copy_disk: hello.copy_disk,
+        disk_file,
+        out,
+        bytes: 45,
+        npages,
+        pages_in: 0,
+        // More than max_rounds copies of memory is a peer that never
+        // converges (or never stops).
+        max_pages: npages.saturating_mul(opts.limits.max_rounds as u64 + 1),
+    };
+    let (state, clock_ns, at) = inc.receive(conn, open, &opts.limits, started)?;
+    Ok((inc.m, state, clock_ns, hello, inc.bytes, at))
+}
+
+fn mib(b: u64) -> u64 {
+    b >> 20
+}
+
+/// Refuses a VM with more memory than this receiver accepts.
+fn check_memory(hello: &Hello, lim: &Limits) -> Result<(), MigrateError> {
     if hello.config.mem_size > lim.max_mem {
         return Err(MigrateError::Refused(format!(
             "the VM has {} MiB of memory; this receiver accepts at most {} MiB (--max-mem)",
@@ -203,10 +219,13 @@ fn take(
             mib(lim.max_mem)
         )));
     }
-    let mut config: VmConfig = hello.config.clone();
-    // Never a path the peer names: the disk is this side's --disk.
-    config.disk = None;
-    let mut disk_file = None;
+    Ok(())
+}
+
+/// The disk the VM runs on here: a streamed disk's new file (`--disk` or a
+/// private one), this host's copy of a shared disk, or none.
+fn disk_for(hello: &Hello, opts: &ReceiveOptions) -> Result<(Option<PathBuf>, Option<std::fs::File>), MigrateError> {
+    let lim = &opts.limits;
     if let Some(size) = hello.copy_disk {
         if size > lim.max_disk || size % 512 != 0 {
             return Err(MigrateError::Refused(format!(
@@ -228,137 +247,161 @@ fn take(
             None => private_disk(&opts.private_disk_dir)?,
         };
         f.set_len(size).map_err(|source| MigrateError::Io { what: format!("sizing disk {}", path.display()), source })?;
-        disk_file = Some(f);
-        config.disk = Some(path);
-    } else if let Some(theirs) = &hello.config.disk {
-        let Some(d) = &opts.disk else {
-            return Err(MigrateError::Refused(format!(
-                "the VM has a disk (the source calls it {}); this receiver never opens a path the peer names: \
-                 give `revirt receive --disk PATH` (this host's copy of the shared disk), or migrate with --copy-disk",
-                theirs.display()
-            )));
-        };
-        config.disk = Some(d.clone());
+        return Ok((Some(path), Some(f)));
     }
-    let out = match (&hello.recording, &opts.out) {
+    let Some(theirs) = &hello.config.disk else { return Ok((None, None)) };
+    let Some(d) = &opts.disk else {
+        return Err(MigrateError::Refused(format!(
+            "the VM has a disk (the source calls it {}); this receiver never opens a path the peer names: \
+             give `revirt receive --disk PATH` (this host's copy of the shared disk), or migrate with --copy-disk",
+            theirs.display()
+        )));
+    };
+    Ok((Some(d.clone()), None))
+}
+
+/// Where a recorded VM's recording goes on (`-o`, absent or empty), created.
+fn recording_dir(hello: &Hello, opts: &ReceiveOptions) -> Result<Option<crate::trace::Dir>, MigrateError> {
+    match (&hello.recording, &opts.out) {
         (Some(r), Some(out)) => {
-            if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+            let dir = crate::trace::Dir::new(out);
+            if dir.is_occupied() {
                 return Err(MigrateError::Refused(format!("{} already exists and is not empty", out.display())));
             }
-            std::fs::create_dir_all(out.join(crate::trace::CHECKPOINTS))
-                .map_err(|source| MigrateError::Io { what: format!("creating {}", out.display()), source })?;
+            dir.create().map_err(|source| MigrateError::Io { what: format!("creating {}", out.display()), source })?;
             tracing::info!("continuing recording {} in {}", r.id, out.display());
-            Some(out.clone())
+            Ok(Some(dir))
         }
-        (Some(r), None) => {
-            return Err(MigrateError::Refused(format!(
-                "the VM is being recorded (recording {}): give `revirt receive -o DIR` to continue the recording",
-                r.id
-            )))
+        (Some(r), None) => Err(MigrateError::Refused(format!(
+            "the VM is being recorded (recording {}): give `revirt receive -o DIR` to continue the recording",
+            r.id
+        ))),
+        (None, _) => Ok(None),
+    }
+}
+
+/// The VM being received: memory, disk and recording files as they come.
+struct Incoming {
+    m: Machine,
+    copy_disk: Option<u64>,
+    disk_file: Option<std::fs::File>,
+    out: Option<crate::trace::Dir>,
+    bytes: u64,
+    npages: u64,
+    pages_in: u64,
+    max_pages: u64,
+}
+
+impl Incoming {
+    /// Takes frames until the final state, within the time budget.
+    fn receive(&mut self, conn: &mut Conn, open: &mut proto::Opener, lim: &Limits, started: Instant) -> Result<(FinalState, u64, Instant), MigrateError> {
+        let over = || MigrateError::Refused(format!("the migration took longer than this receiver allows ({} s, --max-time)", lim.max_time.as_secs()));
+        let mut buf = Vec::new();
+        loop {
+            let left = lim.max_time.checked_sub(started.elapsed()).filter(|d| !d.is_zero()).ok_or_else(over)?;
+            conn.set_read_timeout(Some(left.min(Duration::from_secs(60)))).ok();
+            let kind = match open.read_frame_into(conn, &mut buf) {
+                Ok(k) => k,
+                // A read cut off by the time budget is the budget, not a network fault.
+                Err(_) if started.elapsed() >= lim.max_time => return Err(over()),
+                Err(e) => return Err(e.into()),
+            };
+            self.bytes += 9 + buf.len() as u64;
+            if let Some(done) = self.frame(kind, &buf, lim)? {
+                return Ok(done);
+            }
         }
-        (None, _) => None,
-    };
-    let mut m = Machine::create(&config)?;
-    seal.write_frame(w, Kind::Welcome, &proto::json(&Welcome { host: super::hostname() }))?;
-    w.flush().map_err(ProtoError::Io)?;
-    let mut bytes = 45u64;
-    let npages = config.mem_size / PAGE;
-    let zero = vec![0u8; PAGE as usize];
-    let mut buf = Vec::new();
-    // Pages taken so far: more than max_rounds copies of memory is a peer
-    // that never converges (or never stops).
-    let mut pages_in = 0u64;
-    let max_pages = npages.saturating_mul(lim.max_rounds as u64 + 1);
-    loop {
-        let left = lim.max_time.checked_sub(started.elapsed()).filter(|d| !d.is_zero()).ok_or_else(|| {
-            MigrateError::Refused(format!("the migration took longer than this receiver allows ({} s, --max-time)", lim.max_time.as_secs()))
-        })?;
-        conn.set_read_timeout(Some(left.min(Duration::from_secs(60)))).ok();
-        let kind = match open.read_frame_into(conn, &mut buf) {
-            Ok(k) => k,
-            // A read cut off by the time budget is the budget, not a network fault.
-            Err(_) if started.elapsed() >= lim.max_time => {
-                return Err(MigrateError::Refused(format!(
-                    "the migration took longer than this receiver allows ({} s, --max-time)",
-                    lim.max_time.as_secs()
-                )))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        bytes += 9 + buf.len() as u64;
-        let mut count_pages = |n: usize| {
-            pages_in += n as u64;
-            if pages_in > max_pages {
-                return Err(MigrateError::Refused(format!(
-                    "the source sent more than {} rounds' worth of memory (--max-rounds)",
-                    lim.max_rounds
-                )));
-            }
-            Ok(())
-        };
+    }
+
+    /// One frame; the final state ends the transfer.
+    fn frame(&mut self, kind: Kind, buf: &[u8], lim: &Limits) -> Result<Option<(FinalState, u64, Instant)>, MigrateError> {
         match kind {
             Kind::Pages => {
-                let (pages, data) = proto::decode_pages(&buf)?;
-                count_pages(pages.len())?;
+                let (pages, data) = proto::decode_pages(buf)?;
+                self.count_pages(pages.len(), lim)?;
                 for (p, d) in pages.iter().zip(data.chunks_exact(PAGE as usize)) {
-                    if *p >= npages {
-                        return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
-                    }
-                    m.write_pages(*p, d)?;
+                    self.check_page(*p)?;
+                    self.m.write_pages(*p, d)?;
                 }
             }
             Kind::ZeroPages => {
-                let zeros = proto::decode_numbers(&buf)?;
-                count_pages(zeros.len())?;
+                let zeros = proto::decode_numbers(buf)?;
+                self.count_pages(zeros.len(), lim)?;
+                let zero = vec![0u8; PAGE as usize];
                 for p in zeros {
-                    if p >= npages {
-                        return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
-                    }
-                    m.write_pages(p, &zero)?;
+                    self.check_page(p)?;
+                    self.m.write_pages(p, &zero)?;
                 }
             }
-            Kind::Disk => {
-                let (first, data) = proto::decode_disk(&buf)?;
-                let Some(d) = disk_file.as_mut() else {
-                    return Err(ProtoError::Corrupt("disk data, but no disk is being copied".into()).into());
-                };
-                let size = hello.copy_disk.unwrap_or(0);
-                if first.checked_mul(512).and_then(|o| o.checked_add(data.len() as u64)).is_none_or(|e| e > size) {
-                    return Err(ProtoError::Corrupt("disk data beyond the end of the disk".into()).into());
-                }
-                d.seek(std::io::SeekFrom::Start(first * 512))
-                    .and_then(|_| d.write_all(&data))
-                    .map_err(|source| MigrateError::Io { what: "writing the disk copy".into(), source })?;
-            }
-            Kind::File => {
-                let (name, offset, data) = proto::decode_file(&buf)?;
-                let Some(out) = &out else {
-                    return Err(ProtoError::Corrupt("recording files, but the VM is not being recorded".into()).into());
-                };
-                let path = out.join(safe_name(&name)?);
-                if offset.checked_add(data.len() as u64).is_none_or(|e| e > lim.max_disk) {
-                    return Err(ProtoError::Corrupt(format!("{name}: bytes beyond the {} MiB file limit (--max-disk)", mib(lim.max_disk))).into());
-                }
-                let io = |source| MigrateError::Io { what: format!("writing {}", path.display()), source };
-                // Offset 0 starts the file afresh (a checkpoint the source's
-                // retention policy rewrote is sent again, whole).
-                let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(offset == 0).open(&path).map_err(io)?;
-                file.seek(std::io::SeekFrom::Start(offset)).and_then(|_| file.write_all(&data)).map_err(io)?;
-            }
-            Kind::State => {
-                let at = Instant::now();
-                let state: FinalState = proto::from_json(&buf, "final state")?;
-                m.load_state(&state.machine)?;
-                if let Some(d) = disk_file.as_mut() {
-                    d.sync_data().map_err(|source| MigrateError::Io { what: "syncing the disk copy".into(), source })?;
-                }
-                if state.recorder.is_some() != out.is_some() {
-                    return Err(ProtoError::Corrupt("recorder state does not match the hello".into()).into());
-                }
-                return Ok((m, state, hello, bytes, at));
-            }
+            Kind::Disk => self.disk(buf)?,
+            Kind::File => self.file(buf, lim)?,
+            Kind::State => return self.state(buf).map(Some),
             other => return Err(ProtoError::Unexpected { got: other.name(), want: "pages, files or state" }.into()),
         }
+        Ok(None)
+    }
+
+    fn count_pages(&mut self, n: usize, lim: &Limits) -> Result<(), MigrateError> {
+        self.pages_in += n as u64;
+        if self.pages_in > self.max_pages {
+            return Err(MigrateError::Refused(format!(
+                "the source sent more than {} rounds' worth of memory (--max-rounds)",
+                lim.max_rounds
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_page(&self, p: u64) -> Result<(), MigrateError> {
+        if p >= self.npages {
+            return Err(ProtoError::Corrupt(format!("page {p} is outside guest memory")).into());
+        }
+        Ok(())
+    }
+
+    fn disk(&mut self, buf: &[u8]) -> Result<(), MigrateError> {
+        let (first, data) = proto::decode_disk(buf)?;
+        let Some(d) = self.disk_file.as_mut() else {
+            return Err(ProtoError::Corrupt("disk data, but no disk is being copied".into()).into());
+        };
+        let size = self.copy_disk.unwrap_or(0);
+        if first.checked_mul(512).and_then(|o| o.checked_add(data.len() as u64)).is_none_or(|e| e > size) {
+            return Err(ProtoError::Corrupt("disk data beyond the end of the disk".into()).into());
+        }
+        d.seek(std::io::SeekFrom::Start(first * 512))
+            .and_then(|_| d.write_all(&data))
+            .map_err(|source| MigrateError::Io { what: "writing the disk copy".into(), source })
+    }
+
+    fn file(&mut self, buf: &[u8], lim: &Limits) -> Result<(), MigrateError> {
+        let (name, offset, data) = proto::decode_file(buf)?;
+        let Some(out) = &self.out else {
+            return Err(ProtoError::Corrupt("recording files, but the VM is not being recorded".into()).into());
+        };
+        let path = safe_path(out, &name)?;
+        if offset.checked_add(data.len() as u64).is_none_or(|e| e > lim.max_disk) {
+            return Err(ProtoError::Corrupt(format!("{name}: bytes beyond the {} MiB file limit (--max-disk)", mib(lim.max_disk))).into());
+        }
+        let io = |source| MigrateError::Io { what: format!("writing {}", path.display()), source };
+        // Offset 0 starts the file afresh (a checkpoint the source's
+        // retention policy rewrote is sent again, whole).
+        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(offset == 0).open(&path).map_err(io)?;
+        file.seek(std::io::SeekFrom::Start(offset)).and_then(|_| file.write_all(&data)).map_err(io)
+    }
+
+    /// The final state (and its guest clock, ns).
+    fn state(&mut self, buf: &[u8]) -> Result<(FinalState, u64, Instant), MigrateError> {
+        let at = Instant::now();
+        let state: FinalState = proto::from_json(buf, "final state")?;
+        let machine = state.machine.open()?;
+        self.m.load_state(&machine)?;
+        if let Some(d) = self.disk_file.as_mut() {
+            d.sync_data().map_err(|source| MigrateError::Io { what: "syncing the disk copy".into(), source })?;
+        }
+        if state.recorder.is_some() != self.out.is_some() {
+            return Err(ProtoError::Corrupt("recorder state does not match the hello".into()).into());
+        }
+        Ok((state, machine.clock_ns, at))
     }
 }
 

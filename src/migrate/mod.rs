@@ -36,6 +36,8 @@ pub enum MigrateError {
     Refused(String),
     #[error(transparent)]
     Record(#[from] Box<crate::record::RecordError>),
+    #[error("the final state: {0}")]
+    State(#[from] crate::trace::state::StateError),
 }
 
 impl From<crate::record::RecordError> for MigrateError {

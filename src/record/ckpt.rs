@@ -194,22 +194,7 @@ impl CheckpointWriter {
         output_len: u64,
         clock_ns: u64,
     ) -> Result<(), RecordError> {
-        let w0 = std::time::Instant::now();
-        self.poll()?;
-        let waited = self.in_flight >= MAX_IN_FLIGHT;
-        while self.in_flight >= MAX_IN_FLIGHT {
-            match self.done.recv() {
-                Ok(r) => self.collect(r)?,
-                Err(_) => {
-                    return Err(RecordError::CheckpointWriter(
-                        "the checkpoint writer stopped".into(),
-                    ))
-                }
-            }
-        }
-        if waited && id > 0 {
-            self.waits.push(w0.elapsed());
-        }
+        self.wait_for_room(id)?;
         let (t0, c0) = (std::time::Instant::now(), thread_cpu());
         let (dirty, sectors) = m.take_dirty()?;
         let (pages, sectors) = if id == 0 {
@@ -219,37 +204,7 @@ impl CheckpointWriter {
         };
         let page_bytes: u64 = pages.iter().map(|r| r.1 * PAGE).sum();
         let mut data = self.spare.pop().unwrap_or_default();
-        data.clear();
-        data.reserve(page_bytes as usize);
-        let region = m
-            .mem
-            .iter()
-            .next()
-            .ok_or_else(|| MachineError::Memory("no guest memory".into()))?;
-        let (base, size) = (region.as_ptr(), region.len());
-        for &(first, count) in &pages {
-            let (off, len) = (first * PAGE, count * PAGE);
-            if off + len > size {
-                return Err(MachineError::Memory(format!(
-                    "page run {first}+{count} is outside guest memory"
-                ))
-                .into());
-            }
-            let at = data.len();
-            // SAFETY: [off, off + len) lies inside the one guest memory
-            // region (checked above), which stays mapped while `m` lives;
-            // `data` has `len` bytes of spare capacity after `at` (reserved
-            // above for all runs), and set_len covers exactly the bytes
-            // copied. The guest is not running (we are on its vCPU thread).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    base.add(off as usize),
-                    data.as_mut_ptr().add(at),
-                    len as usize,
-                );
-                data.set_len(at + len as usize);
-            }
-        }
+        copy_pages(m, &pages, page_bytes, &mut data)?;
         for &(first, count) in &sectors {
             let bytes = m.devices.block.read_sectors(first, count).map_err(|e| {
                 MachineError::State(format!("reading the disk for a checkpoint: {e}"))
@@ -257,26 +212,10 @@ impl CheckpointWriter {
             data.extend_from_slice(&bytes);
         }
         let machine = m.save_state(clock_ns)?;
-        let ck = Checkpoint {
-            header: CheckpointHeader {
-                id,
-                exits: m.exits,
-                next_event,
-                output_len,
-                machine,
-                pages,
-                sectors,
-            },
-            data,
-        };
+        let header = CheckpointHeader { id, exits: m.exits, next_event, output_len, machine, pages, sectors };
         let tx = self.tx.as_ref().expect("writer open until finish");
-        if tx
-            .send(Job::Write {
-                path: trace::checkpoint_path(dir, id),
-                ck,
-            })
-            .is_err()
-        {
+        let job = Job::Write { path: trace::Dir::new(dir).checkpoint(id), ck: Checkpoint { header, data } };
+        if tx.send(job).is_err() {
             // The thread ended: its error is waiting in `done`.
             return self.finish().map(|_| ());
         }
@@ -284,6 +223,24 @@ impl CheckpointWriter {
         if id > 0 {
             self.pauses.push((t0.elapsed(), page_bytes / PAGE));
             self.pause_cpu.push(thread_cpu().saturating_sub(c0));
+        }
+        Ok(())
+    }
+
+    /// Takes in what the writer finished and, while MAX_IN_FLIGHT
+    /// checkpoints are still pending, waits for it (timed, for the report).
+    fn wait_for_room(&mut self, id: u32) -> Result<(), RecordError> {
+        let w0 = std::time::Instant::now();
+        self.poll()?;
+        let waited = self.in_flight >= MAX_IN_FLIGHT;
+        while self.in_flight >= MAX_IN_FLIGHT {
+            match self.done.recv() {
+                Ok(r) => self.collect(r)?,
+                Err(_) => return Err(RecordError::CheckpointWriter("the checkpoint writer stopped".into())),
+            }
+        }
+        if waited && id > 0 {
+            self.waits.push(w0.elapsed());
         }
         Ok(())
     }
@@ -313,6 +270,32 @@ impl CheckpointWriter {
         }
         r.map(|_| self.bytes)
     }
+}
+
+/// Copies the guest pages of `pages` (runs of frames, `page_bytes` in
+/// all) into `data` (emptied first; its capacity is reused).
+fn copy_pages(m: &Machine, pages: &[(u64, u64)], page_bytes: u64, data: &mut Vec<u8>) -> Result<(), RecordError> {
+    data.clear();
+    data.reserve(page_bytes as usize);
+    let region = m.mem.iter().next().ok_or_else(|| MachineError::Memory("no guest memory".into()))?;
+    let (base, size) = (region.as_ptr(), region.len());
+    for &(first, count) in pages {
+        let (off, len) = (first * PAGE, count * PAGE);
+        if off + len > size {
+            return Err(MachineError::Memory(format!("page run {first}+{count} is outside guest memory")).into());
+        }
+        let at = data.len();
+        // SAFETY: [off, off + len) lies inside the one guest memory
+        // region (checked above), which stays mapped while `m` lives;
+        // `data` has `len` bytes of spare capacity after `at` (reserved
+        // above for all runs), and set_len covers exactly the bytes
+        // copied. The guest is not running (we are on its vCPU thread).
+        unsafe {
+            std::ptr::copy_nonoverlapping(base.add(off as usize), data.as_mut_ptr().add(at), len as usize);
+            data.set_len(at + len as usize);
+        }
+    }
+    Ok(())
 }
 
 /// CPU time of the calling thread.

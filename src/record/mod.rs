@@ -321,16 +321,17 @@ fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) ->
         // session opens its own on the thread that runs the guest.
         crate::clock::probe::check(&opts.pmu_opener()).map_err(|e| RecordError::NoPmu(e.to_string()))?;
     }
-    let dir = &opts.out;
-    if dir.exists() && std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(true) {
+    let files = trace::Dir::new(&opts.out);
+    let dir = files.root();
+    if files.is_occupied() {
         return Err(RecordError::Exists(dir.display().to_string()));
     }
-    std::fs::create_dir_all(dir.join(trace::CHECKPOINTS)).map_err(io("creating", dir))?;
-    std::fs::write(dir.join(trace::IMAGE), image_bytes).map_err(io("writing", dir))?;
+    files.create().map_err(io("creating", dir))?;
+    std::fs::write(files.image(), image_bytes).map_err(io("writing", dir))?;
     let disk = match disk_now {
         Some(d) => {
             let bytes = std::fs::read(d).map_err(io("reading disk", d))?;
-            std::fs::write(dir.join(trace::DISK), &bytes).map_err(io("writing", dir))?;
+            std::fs::write(files.disk(), &bytes).map_err(io("writing", dir))?;
             Some(file_info(opts.config.disk.as_deref().unwrap_or(d), &bytes))
         }
         None => None,
@@ -346,7 +347,7 @@ fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) ->
             .unwrap_or(0),
         clock: opts.clock,
         config: VmConfig {
-            disk: disk_now.map(|_| PathBuf::from(trace::DISK)),
+            disk: disk_now.map(|_| trace::Dir::disk_name()),
             ..opts.config.clone()
         },
         image: file_info(&opts.image, image_bytes),
@@ -356,10 +357,10 @@ fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) ->
         checkpoint_keep: (opts.keep_checkpoints > 0).then_some(opts.keep_checkpoints),
         parent: opts.parent.clone(),
     };
-    meta.write(&dir.join(trace::META))?;
+    meta.write(&files.meta())?;
     // An empty log right away: a recorder killed before its first event
     // leaves a recording that says it is empty, not one without a log.
-    std::fs::write(dir.join(trace::EVENTS), trace::log::FILE_MAGIC).map_err(io("writing", dir))?;
+    trace::log::create_empty(&files.events())?;
     Ok(meta)
 }
 
@@ -398,8 +399,9 @@ fn session(
     clock_ns: u64,
 ) -> Result<RecordSummary, RecordError> {
     let dir = &opts.out;
-    let log = LogWriter::create(&dir.join(trace::EVENTS), trace::log::genesis_of(dir)?)?;
-    let console_path = dir.join(trace::CONSOLE);
+    let files = trace::Dir::new(dir);
+    let log = LogWriter::create(&files.events(), trace::log::genesis_of(dir)?)?;
+    let console_path = files.console();
     let console_file = File::create(&console_path).map_err(io("creating", &console_path))?;
     let mut s = Session {
         dir: dir.clone(),
@@ -493,9 +495,10 @@ impl Session {
         from_host: &str,
         control: Option<std::sync::Arc<dyn mover::Mover>>,
     ) -> Result<Session, RecordError> {
-        let meta = Meta::read(&dir.join(trace::META))?;
-        let log = LogWriter::append(&dir.join(trace::EVENTS), &rs.log)?;
-        let console_path = dir.join(trace::CONSOLE);
+        let files = trace::Dir::new(dir);
+        let meta = Meta::read(&files.meta())?;
+        let log = LogWriter::append(&files.events(), &rs.log)?;
+        let console_path = files.console();
         let mut f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -515,7 +518,7 @@ impl Session {
         m.dirty_log().seed_checkpoint(&rs.ckpt_pages, &rs.ckpt_sectors);
         // The checkpoints the retention policy kept at the source.
         let kept = if rs.kept_checkpoints.is_empty() {
-            (0..rs.checkpoints).filter(|&id| trace::checkpoint_path(dir, id).exists()).collect()
+            (0..rs.checkpoints).filter(|&id| files.has_checkpoint(id)).collect()
         } else {
             rs.kept_checkpoints.clone()
         };
@@ -577,11 +580,12 @@ impl Session {
     pub fn run(mut self, mut m: Machine) -> Result<RecordSummary, RecordError> {
         install_counter(&mut m, self.host.clock, &self.pmu_counter)?;
         let dir = self.dir.clone();
-        let console_path = dir.join(trace::CONSOLE);
+        let files = trace::Dir::new(&dir);
+        let console_path = files.console();
         if let Some(c) = &self.control {
             c.attach(&m, Some(mover::RecordingInfo {
                 dir: dir.clone(),
-                id: Meta::read(&dir.join(trace::META))?.id,
+                id: Meta::read(&files.meta())?.id,
                 clock: self.host.clock,
             }));
             c.shared().set_waker(self.host.inner.waker());
@@ -656,9 +660,7 @@ impl Session {
         // Every checkpoint file on disk, thinned and bound into the chain before End.
         self.settle_checkpoints(m.exits)?;
         let checkpoint_bytes = self.ckpt.finish()?;
-        let checkpoint_bytes_kept = std::fs::read_dir(dir.join(trace::CHECKPOINTS))
-            .map(|rd| rd.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "ckpt")).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
-            .unwrap_or(0);
+        let checkpoint_bytes_kept = files.checkpoint_bytes();
         self.host.console.flush().map_err(io("writing", &console_path))?;
         let output_sha256 = hex::encode(self.host.output.clone().finalize());
         let (mut events, output_len, max_irq_delay) = (self.host.events, self.host.output_len, self.host.max_irq_delay);

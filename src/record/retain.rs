@@ -20,10 +20,10 @@
 //! file replaces the old one and the dropped file is deleted ([`commit`]).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::trace::checkpoint::Written;
-use crate::trace::{self, Checkpoint};
+use crate::trace::{Checkpoint, Dir};
 
 /// Whether checkpoint `i` is still kept when `n` is the newest, keeping the
 /// newest `keep` at full density (`keep == 0`: every checkpoint is kept).
@@ -45,10 +45,6 @@ pub struct Thinned {
     pub rewritten: Vec<(u32, Written)>,
 }
 
-fn thin_path(dir: &Path, id: u32) -> PathBuf {
-    trace::checkpoint_path(dir, id).with_extension("thin")
-}
-
 /// Drops what the policy no longer keeps now that `newest` is on disk:
 /// merges each dropped checkpoint into the next kept one and writes those
 /// as `.thin` files. `kept` (the checkpoints on disk, in the chain) is
@@ -68,8 +64,8 @@ pub fn thin(
     if drops.is_empty() {
         return Ok(out);
     }
-    let read =
-        |id: u32| Checkpoint::read(&trace::checkpoint_path(dir, id)).map_err(|e| e.to_string());
+    let files = Dir::new(dir);
+    let read = |id: u32| Checkpoint::read(&files.checkpoint(id)).map_err(|e| e.to_string());
     let mut merged: BTreeMap<u32, Checkpoint> = BTreeMap::new();
     let mut into: BTreeMap<u32, u32> = BTreeMap::new();
     for i in drops {
@@ -99,7 +95,7 @@ pub fn thin(
         out.dropped.push((i, j));
     }
     for (id, ck) in merged {
-        let w = ck.write(&thin_path(dir, id)).map_err(|e| e.to_string())?;
+        let w = ck.write(&files.thinned(id)).map_err(|e| e.to_string())?;
         out.rewritten.push((id, w));
     }
     Ok(out)
@@ -108,18 +104,12 @@ pub fn thin(
 /// Puts a pass's rewritten files in place and deletes the dropped ones;
 /// called once the log holds the pass's `CheckpointFile` events.
 pub fn commit(dir: &Path, rewritten: &[u32], dropped: &[u32]) -> Result<(), String> {
+    let files = Dir::new(dir);
     for &id in rewritten {
-        let to = trace::checkpoint_path(dir, id);
-        std::fs::rename(thin_path(dir, id), &to)
-            .map_err(|e| format!("replacing {}: {e}", to.display()))?;
+        files.commit_thinned(id).map_err(|e| format!("replacing {}: {e}", files.checkpoint(id).display()))?;
     }
     for &id in dropped {
-        let p = trace::checkpoint_path(dir, id);
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("deleting {}: {e}", p.display())),
-        }
+        files.remove_checkpoint(id).map_err(|e| format!("deleting {}: {e}", files.checkpoint(id).display()))?;
     }
     Ok(())
 }

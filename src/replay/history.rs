@@ -16,9 +16,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::provenance::{touches_of, Budget, History, Limits, ProvError, Tracer};
+use super::provenance::{run_to_exit, timeline_at, touches_of, Budget, History, Limits, ProvError, Tracer, Watched};
 use super::search::{Scan, ScanStop, WATCH};
-use super::{Outcome, Recording, Sink, Timeline};
+use super::{Outcome, Recording};
 use crate::clock::ExecPoint;
 use crate::vmm::watch::{WatchSpec, WriteReport, DMA};
 
@@ -30,31 +30,6 @@ const CHUNK_EXITS: u64 = 4096;
 /// Most hits one chunk may hold.
 const MAX_CHUNK_HITS: usize = 1 << 22;
 
-/// A timeline at exit boundary `e` (nearest checkpoint, then full speed).
-fn timeline_at(rec: &Arc<Recording>, e: u64) -> R<Timeline> {
-    let ck = Timeline::nearest_checkpoint(rec, e);
-    let mut tl = Timeline::at_checkpoint(rec.clone(), ck, Sink::Discard)?;
-    run_to_exit(&mut tl, e)?;
-    Ok(tl)
-}
-
-/// Replays `tl` forward at full speed to exit boundary `e` (if behind it).
-fn run_to_exit(tl: &mut Timeline, e: u64) -> R<()> {
-    if tl.exits() < e {
-        match tl.run(Some(e))? {
-            Outcome::Reached => {}
-            Outcome::Diverged(why) => {
-                return Err(ProvError::Diverged {
-                    at: tl.exits(),
-                    why,
-                })
-            }
-            o => return Err(ProvError::Msg(format!("cannot replay to exit {e}: {o:?}"))),
-        }
-    }
-    Ok(())
-}
-
 /// Pass 1: accesses to the range per exit interval in `from..=to.exits`
 /// (a DMA write counts for the interval of the `out` that started it).
 fn count_hits(
@@ -65,7 +40,7 @@ fn count_hits(
     limits: &Limits,
 ) -> R<BTreeMap<u64, u64>> {
     let key = WATCH | spec.start;
-    let mut tl = timeline_at(rec, from)?;
+    let mut tl = timeline_at(rec, from, false)?;
     let started = Instant::now();
     let mut need: BTreeMap<u64, u64> = BTreeMap::new();
     let end = to.exits + 1;
@@ -124,16 +99,9 @@ fn count_hits(
 }
 
 /// [`super::provenance::history`] at native speed (see the module doc).
-pub fn history_native(
-    rec: &Arc<Recording>,
-    phys: u64,
-    len: u64,
-    from: u64,
-    to: ExecPoint,
-    reads: bool,
-    limits: &Limits,
-) -> R<History> {
+pub fn history_native(rec: &Arc<Recording>, q: &Watched, limits: &Limits) -> R<History> {
     let started = Instant::now();
+    let Watched { phys, len, from, to, reads } = *q;
     if phys & DMA != 0 || len == 0 {
         return Err(ProvError::Msg(format!("bad range {phys:#x}+{len}")));
     }
@@ -149,12 +117,12 @@ pub fn history_native(
     let mut touches = Vec::new();
     let mut stopped = None;
     let mut tl = match need.keys().next() {
-        Some(&e) => Some(timeline_at(rec, e)?),
+        Some(&e) => Some(timeline_at(rec, e, false)?),
         None => None,
     };
     'intervals: for (&e, &k) in &need {
         let Some(tl) = tl.as_mut() else { break };
-        run_to_exit(tl, e)?;
+        run_to_exit(tl, e, false)?;
         // Step from the interval's start (exact branch counts) to its last access.
         let mut t = Tracer::new(tl);
         let mut seen = 0u64;
@@ -181,15 +149,7 @@ pub fn history_native(
     }
     budget.done();
     Ok(History {
-        phys,
-        len,
-        from,
-        to,
-        touches,
-        skipped: Vec::new(),
-        steps: budget.steps,
-        stopped,
-        millis: started.elapsed().as_millis() as u64,
         native: Some((hits, need.len() as u64)),
+        ..History::found(q, touches, &budget, stopped, started)
     })
 }

@@ -76,11 +76,11 @@ pub fn record(
     let branched_at = tl.machine.exits;
     let rec = tl.rec.clone();
     drop(tl);
-    let image_path = rec.dir.join(crate::trace::IMAGE);
+    let image_path = rec.files().image();
     // The bytes the recording was checked with (read once when it was opened).
     let image_bytes = rec.image.clone();
     let mut config = rec.meta.config.clone();
-    config.disk = config.disk.as_ref().map(|_| rec.dir.join(crate::trace::DISK));
+    config.disk = config.disk.as_ref().map(|_| rec.files().disk());
     let parent = Some(crate::trace::meta::Parent { id: rec.meta.id.clone(), exits: branched_at });
     let opts = RecordOptions { image: image_path, config, out: out_dir, clock: rec.meta.clock, checkpoint_every, keep_checkpoints: record::DEFAULT_KEEP_CHECKPOINTS, parent, control: None, pmu_counter: None };
     let summary = record::record_from(&opts, &image_bytes, m, input, console, clock)?;

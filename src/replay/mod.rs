@@ -81,7 +81,17 @@ impl From<ReplayStop> for HostError {
 pub struct Recording {
     pub dir: PathBuf,
     pub meta: Meta,
+    /// The events from `events_base` on: all of them, except for a seek
+    /// window ([`Recording::open_for_seek`]), which holds those from the
+    /// segment of the checkpoint it starts at to past its target. Index
+    /// them with [`Recording::event`] where a window may be open.
     pub events: Vec<Event>,
+    pub events_base: usize,
+    /// A seek window that stops before the log's end: the events in the
+    /// log (more than `events_base + events.len()`).
+    pub window_of: Option<usize>,
+    /// Opened by [`Recording::open_for_seek`]'s own check (not the full one).
+    pub seek_checked: bool,
     pub status: LogStatus,
     pub chunks: u32,
     /// console.log as read; from a checked open of a cut-short recording,
@@ -111,7 +121,7 @@ impl Recording {
     /// used (and, in a cut-short recording, those it stops before binding,
     /// on their CRC-32, said in the summary).
     pub fn open_checked(dir: &Path, force: bool) -> Result<Recording, ReplayError> {
-        if !dir.join(trace::META).exists() {
+        if !trace::Dir::new(dir).is_recording() {
             return Err(ReplayError::NotARecording(dir.display().to_string()));
         }
         let (report, loaded) = trace::verify::check(dir);
@@ -160,16 +170,17 @@ impl Recording {
     /// Opens without the integrity check (library use; the CLI readers use
     /// [`Recording::open_checked`]). Checkpoints are used on their CRC-32.
     pub fn open(dir: &Path) -> Result<Recording, ReplayError> {
-        let meta_path = dir.join(trace::META);
+        let files = trace::Dir::new(dir);
+        let meta_path = files.meta();
         if !meta_path.exists() {
             return Err(ReplayError::NotARecording(dir.display().to_string()));
         }
         let meta_bytes = std::fs::read(&meta_path)
             .map_err(|source| ReplayError::Io { what: "reading", path: meta_path.display().to_string(), source })?;
         let meta = Meta::parse(&meta_bytes, &meta_path)?;
-        let log = LogReader::read(&dir.join(trace::EVENTS), trace::log::genesis(&meta_bytes))?;
-        let console = std::fs::read(dir.join(trace::CONSOLE)).unwrap_or_default();
-        let image = std::fs::read(dir.join(trace::IMAGE)).unwrap_or_default();
+        let log = LogReader::read(&files.events(), trace::log::genesis(&meta_bytes))?;
+        let console = std::fs::read(files.console()).unwrap_or_default();
+        let image = std::fs::read(files.image()).unwrap_or_default();
         let console_vouched = console.len() as u64;
         Ok(Recording::from_loaded(
             dir,
@@ -181,6 +192,7 @@ impl Recording {
         // A checkpoint the retention policy dropped is gone even where a
         // stale copy of its file is left (a migrated recording's).
         let dropped = trace::checkpoint::Seals::from_events(&l.log.events, trace::checkpoint::Expect::CrcOnly);
+        let files = trace::Dir::new(dir);
         let checkpoints = l
             .log
             .events
@@ -190,12 +202,15 @@ impl Recording {
                 Event::Checkpoint { id, exits, .. } => Some((*id, *exits, i)),
                 _ => None,
             })
-            .filter(|(id, _, _)| dropped.expect(*id) != trace::checkpoint::Expect::Dropped && trace::checkpoint_path(dir, *id).exists())
+            .filter(|(id, _, _)| dropped.expect(*id) != trace::checkpoint::Expect::Dropped && files.has_checkpoint(*id))
             .collect();
         Recording {
             dir: dir.to_path_buf(),
             meta: l.meta,
             events: l.log.events,
+            events_base: 0,
+            window_of: None,
+            seek_checked: false,
             status: l.log.status,
             chunks: l.log.chunks,
             console: l.console,
@@ -206,6 +221,54 @@ impl Recording {
             disk_sha: None,
             integrity: None,
         }
+    }
+
+    /// Opens for a seek to exit `to` (from checkpoint `from` if given),
+    /// checking only what that seek uses (`trace::seek`: the seek index,
+    /// the log from the starting checkpoint's segment to past `to`, the
+    /// checkpoints as they are restored, the console so far). Falls back
+    /// to [`Recording::open_checked`] (everything checked) where the
+    /// recording cannot be opened that way or any of it fails a check, and
+    /// with `force`.
+    pub fn open_for_seek(dir: &Path, force: bool, from: Option<u32>, to: u64) -> Result<Recording, ReplayError> {
+        let Some(w) = (!force).then(|| trace::seek::open(dir, from, to)).flatten() else {
+            return Recording::open_checked(dir, force);
+        };
+        use trace::checkpoint::{Expect, Seals};
+        let seals = Seals::from_bindings(w.bindings, Expect::Unbound);
+        let files = trace::Dir::new(dir);
+        let checkpoints = w
+            .checkpoints
+            .into_iter()
+            .filter(|(id, _, _)| matches!(seals.expect(*id), Expect::Bound(_)) && files.has_checkpoint(*id))
+            .collect();
+        let window_of = (w.base + w.events.len() < w.total).then_some(w.total);
+        Ok(Recording {
+            dir: dir.to_path_buf(),
+            disk_sha: w.meta.disk.as_ref().map(|d| d.sha256.clone()),
+            meta: w.meta,
+            events: w.events,
+            events_base: w.base,
+            window_of,
+            seek_checked: true,
+            status: LogStatus::Complete,
+            chunks: 0,
+            console: w.console,
+            checkpoints,
+            seals,
+            image: w.image,
+            integrity: Some(w.summary),
+        })
+    }
+
+    /// Event `i` of the log (None past the end, or outside a seek window).
+    pub fn event(&self, i: usize) -> Option<&Event> {
+        self.events.get(i.checked_sub(self.events_base)?)
+    }
+
+    /// The events from `i` on (as far as they were read).
+    pub fn events_from(&self, i: usize) -> &[Event] {
+        &self.events[i.saturating_sub(self.events_base).min(self.events.len())..]
     }
 
     pub fn is_complete(&self) -> bool {
@@ -219,6 +282,11 @@ impl Recording {
 
     pub fn end(&self) -> Option<&Event> {
         self.events.last().filter(|e| matches!(e, Event::End { .. }))
+    }
+
+    /// The recording's files.
+    pub fn files(&self) -> trace::Dir {
+        trace::Dir::new(&self.dir)
     }
 }
 
@@ -336,8 +404,11 @@ impl ReplayHost {
     }
 
     fn next_desc(&self) -> String {
-        match self.rec.events.get(self.next) {
+        match self.rec.event(self.next) {
             Some(e) => format!("event #{} is {e}", self.next),
+            None if self.rec.window_of.is_some() => {
+                format!("the events read for this seek end before event #{} (replay without --to reads them all)", self.next)
+            }
             None => "the log has no more events".into(),
         }
     }
@@ -353,7 +424,7 @@ impl ReplayHost {
 
     /// Skips bookkeeping events (marks, checkpoints) at or before `exits`.
     fn skip_marks(&mut self, exits: u64) {
-        while let Some(e) = self.rec.events.get(self.next).filter(|e| e.is_mark()) {
+        while let Some(e) = self.rec.event(self.next).filter(|e| e.is_mark()) {
             if e.exits() > exits {
                 break;
             }
@@ -370,7 +441,7 @@ impl ReplayHost {
     /// comes first.
     fn landing_target(&self, exits: u64) -> Option<(LandKey, crate::clock::pmu::Target)> {
         use crate::clock::pmu::Target;
-        let ev = self.next_async_idx().filter(|_| self.stepped()).and_then(|i| match &self.rec.events[i] {
+        let ev = self.next_async_idx().filter(|_| self.stepped()).and_then(|i| match self.rec.event(i)? {
             Event::Timer { at, fp, .. } | Event::Serial { at, fp, .. } => Some((LandKey::Event(i), Target { at: *at, fp: *fp })),
             _ => None,
         });
@@ -428,8 +499,9 @@ impl ReplayHost {
     }
 
     fn next_async_idx(&self) -> Option<usize> {
-        let start = self.next.min(self.rec.events.len());
-        self.rec.events[start..]
+        let start = self.next.max(self.rec.events_base);
+        self.rec
+            .events_from(start)
             .iter()
             .take_while(|e| !matches!(e, Event::End { .. }))
             .position(|e| matches!(e, Event::Timer { .. } | Event::Serial { .. }))
@@ -438,7 +510,8 @@ impl ReplayHost {
 
     /// The next asynchronous event (timer, serial) at or after `self.next`.
     fn next_async(&self) -> Option<&Event> {
-        self.rec.events[self.next.min(self.rec.events.len())..]
+        self.rec
+            .events_from(self.next)
             .iter()
             .take_while(|e| !matches!(e, Event::End { .. }))
             .find(|e| matches!(e, Event::Timer { .. } | Event::Serial { .. }))
@@ -451,7 +524,7 @@ impl ReplayHost {
     fn collect(&mut self, ctx: &PollCtx, out: &mut Vec<Async>, waiting: bool) -> Result<(), HostError> {
         self.skip_marks(ctx.exits);
         loop {
-            let (at, fp, a) = match self.rec.events.get(self.next) {
+            let (at, fp, a) = match self.rec.event(self.next) {
                 Some(Event::Timer { at, fp, now_ns }) => (*at, *fp, Async::Timer { now_ns: *now_ns }),
                 Some(Event::Serial { at, fp, bytes }) => (*at, *fp, Async::SerialInput(bytes.clone())),
                 _ => return Ok(()),
@@ -473,7 +546,7 @@ impl ReplayHost {
                 if at.exits < ctx.exits {
                     return Err(ReplayStop::Divergence(format!(
                         "event #{} ({}) was due at {at}, but the guest is already at exit {}",
-                        self.next, self.rec.events[self.next], ctx.exits
+                        self.next, self.rec.events[self.next - self.rec.events_base], ctx.exits
                     )).into());
                 }
                 return Ok(());
@@ -487,7 +560,7 @@ impl ReplayHost {
                 };
                 return Err(ReplayStop::Divergence(format!(
                     "event #{} ({}) was due at {at}, but the guest is already at {here}",
-                    self.next, self.rec.events[self.next]
+                    self.next, self.rec.events[self.next - self.rec.events_base]
                 )).into());
             }
             let now = if !self.stepped() {
@@ -518,7 +591,7 @@ impl Host for ReplayHost {
 
     fn clock_read(&mut self, ctx: &PollCtx) -> Result<u64, HostError> {
         self.skip_marks(ctx.exits.saturating_sub(1));
-        match self.rec.events.get(self.next) {
+        match self.rec.event(self.next) {
             Some(Event::Clock { exits, value }) if *exits == ctx.exits => {
                 self.next += 1;
                 self.last_clock = *value;
@@ -667,7 +740,7 @@ impl Host for ReplayHost {
             if want != *at || want_fp != fp {
                 return Err(ReplayStop::Divergence(format!(
                     "event #{idx} ({}): recorded at {want} with register fingerprint {want_fp:#x}, replay is at {at} with fingerprint {fp:#x}",
-                    self.rec.events[idx]
+                    self.rec.events[idx - self.rec.events_base]
                 )).into());
             }
         }

@@ -23,7 +23,8 @@ use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::replay::{ReplayHost, Sink, Timeline};
-use crate::vmm::{MachineError, MachineState};
+use crate::trace::state::Sealed;
+use crate::vmm::MachineError;
 
 const PAGE: usize = 4096;
 const SECTOR: u64 = 512;
@@ -82,7 +83,8 @@ pub fn rank(a: At) -> (u64, u64, u64) {
 pub struct Snap {
     pub at: At,
     pub pos: super::session::Pos,
-    state: MachineState,
+    /// The machine state in the versioned container (`trace::state`).
+    state: Sealed,
     image: Image,
     next_event: usize,
     output_len: u64,
@@ -274,7 +276,7 @@ impl Snapshots {
             },
         )?;
         let image = Image { mem, disk };
-        let state = m.save_state(tl.host.clock_ns())?;
+        let state = Sealed::of(&m.save_state(tl.host.clock_ns())?);
         self.tick += 1;
         self.list.push(Snap {
             at,
@@ -349,7 +351,9 @@ impl Snapshots {
                 })?;
             written += 1;
         }
-        m.load_state(&s.state)?;
+        // Sealed here a moment ago: an error would be a bug, said as one.
+        let state = s.state.open().map_err(|e| MachineError::State(format!("a session snapshot's machine state: {e}")))?;
+        m.load_state(&state)?;
         // A fresh stepper, as a VM built from a checkpoint has (the run
         // that brought us here left it disarmed).
         let stats = std::mem::take(&mut m.stepper.stats);

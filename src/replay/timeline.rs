@@ -81,7 +81,7 @@ impl Timeline {
         let dir = rec.dir.clone();
         let disk = match &rec.meta.config.disk {
             Some(_) => {
-                let src = dir.join(trace::DISK);
+                let src = rec.files().disk();
                 let tmp = tempfile::Builder::new().prefix("revirt-replay-disk").tempfile().map_err(|source| {
                     ReplayError::Io { what: "creating a replay disk", path: std::env::temp_dir().display().to_string(), source }
                 })?;
@@ -111,6 +111,12 @@ impl Timeline {
                 None => Ok(()),
             },
         )?;
+        if (header.next_event as usize) < rec.events_base {
+            return Err(ReplayError::Damaged(
+                dir.display().to_string(),
+                format!("checkpoint {id} starts at event #{}, before the events read for this seek (#{} on)", header.next_event, rec.events_base),
+            ));
+        }
         header.machine.config.disk = config.disk.clone();
         machine.config = header.machine.config.clone();
         machine.load_state(&header.machine)?;

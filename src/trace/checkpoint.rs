@@ -4,18 +4,22 @@
 //! machine state, the pages dirtied and the disk sectors written since the
 //! previous checkpoint. Restoring checkpoint k applies 0..=k in order.
 //!
-//! Layout: `b"RVCKPT01"`, u64 header length, header (JSON), u64 data
-//! length, data (zstd: the listed pages then the listed sectors, in order),
-//! u32 CRC-32 of everything before it.
+//! Layout: `b"RVCKPT02"`, u64 header length, header (JSON: id, counts, the
+//! page and sector runs), the machine state in its versioned container
+//! (`trace::state`), u64 data length, data (zstd: the listed pages then the
+//! listed sectors, in order), u32 CRC-32 of everything before it. Files of
+//! recordings made before the container (`b"RVCKPT01"`: the machine state
+//! inside the header JSON) are still read.
 
-use std::io::Write;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::vmm::MachineState;
 
-const MAGIC: &[u8; 8] = b"RVCKPT01";
+const MAGIC: &[u8; 8] = b"RVCKPT02";
+/// The layout before the machine-state container (2026-11-30), still read.
+const MAGIC_V1: &[u8; 8] = b"RVCKPT01";
 pub use crate::vmm::layout::PAGE;
 pub const SECTOR: u64 = 512;
 
@@ -41,6 +45,19 @@ pub struct CheckpointHeader {
     pub pages: Vec<(u64, u64)>,
     /// (first sector, count) runs of disk sectors whose contents follow.
     pub sectors: Vec<(u64, u64)>,
+}
+
+/// The header as `RVCKPT02` files hold it (the machine state follows it in
+/// its container); generic so one definition writes borrowed runs and
+/// reads owned ones.
+#[derive(Serialize, Deserialize)]
+struct HeaderV2<R> {
+    id: u32,
+    exits: u64,
+    next_event: u64,
+    output_len: u64,
+    pages: R,
+    sectors: R,
 }
 
 pub struct Checkpoint {
@@ -81,13 +98,11 @@ impl Checkpoint {
     pub fn write(&self, path: &Path) -> Result<Written, CheckpointError> {
         let p = path.display().to_string();
         let io = |source| CheckpointError::Io { path: p.clone(), source };
-        let header = serde_json::to_vec(&self.header).expect("checkpoint header serializes");
-        let buf = encode(&header, &self.data).map_err(io)?;
-        let tmp = path.with_extension("partial");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&buf).map_err(io)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(io)?;
+        let h = &self.header;
+        let v2 = HeaderV2 { id: h.id, exits: h.exits, next_event: h.next_event, output_len: h.output_len, pages: &h.pages, sectors: &h.sectors };
+        let header = serde_json::to_vec(&v2).expect("checkpoint header serializes");
+        let buf = assemble(&header, &super::state::encode(&h.machine), &self.data).map_err(io)?;
+        super::dir::write_atomic(path, &path.with_extension("partial"), &buf, false).map_err(io)?;
         Ok(Written { bytes: buf.len() as u64, sha256: super::sha256_hex(&buf) })
     }
 
@@ -168,7 +183,13 @@ impl Checkpoint {
     /// Decodes a checkpoint file's bytes. Every length is checked against
     /// the file size or a documented limit before anything is allocated.
     pub fn parse(b: &[u8], sha256: Option<&str>) -> Result<Checkpoint, String> {
-        if b.len() < 8 + 8 + 8 + 4 || &b[..8] != MAGIC {
+        if b.len() >= 8 && b[..6] == MAGIC[..6] && &b[..8] != MAGIC && &b[..8] != MAGIC_V1 {
+            return Err(format!(
+                "checkpoint format version {} is not supported; this revirt reads versions 01 and 02",
+                String::from_utf8_lossy(&b[6..8])
+            ));
+        }
+        if b.len() < 8 + 8 + 8 + 4 || (&b[..8] != MAGIC && &b[..8] != MAGIC_V1) {
             return Err("not a revirt checkpoint (bad magic or too short)".into());
         }
         let (body, crc) = b.split_at(b.len() - 4);
@@ -188,9 +209,18 @@ impl Checkpoint {
             .checked_add(hlen as usize)
             .filter(|&e| e.checked_add(8).is_some_and(|x| x <= body.len()))
             .ok_or("header length out of range")?;
-        let header: CheckpointHeader = serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
-        let dlen = u64::from_le_bytes(body[hend..hend + 8].try_into().expect("8 bytes"));
-        let dstart = hend + 8;
+        let (header, dpos) = if &b[..8] == MAGIC_V1 {
+            let header: CheckpointHeader = serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
+            (header, hend)
+        } else {
+            let h: HeaderV2<Vec<(u64, u64)>> = serde_json::from_slice(&body[16..hend]).map_err(|e| format!("header: {e}"))?;
+            let (payload, n) = super::state::open(&body[hend..]).map_err(|e| e.to_string())?;
+            let machine = super::state::decode_payload(payload).map_err(|e| e.to_string())?;
+            let header = CheckpointHeader { id: h.id, exits: h.exits, next_event: h.next_event, output_len: h.output_len, machine, pages: h.pages, sectors: h.sectors };
+            (header, hend + n)
+        };
+        let dlen = body.get(dpos..dpos + 8).map(|l| u64::from_le_bytes(l.try_into().expect("8 bytes"))).ok_or("data length cut short")?;
+        let dstart = dpos + 8;
         if (dstart as u64).checked_add(dlen) != Some(body.len() as u64) {
             return Err("data length does not match the file".into());
         }
@@ -246,6 +276,11 @@ impl Seals {
                 bound.insert(*id, sha256.clone());
             }
         }
+        Seals { bound, unbound }
+    }
+
+    /// From bindings already collected (the seek index's, `trace::seek`).
+    pub fn from_bindings(bound: std::collections::HashMap<u32, String>, unbound: Expect) -> Seals {
         Seals { bound, unbound }
     }
 
@@ -335,14 +370,27 @@ pub fn rebuild(
     last.ok_or_else(|| CheckpointError::Bad { path: dir.display().to_string(), msg: format!("no checkpoints {from}..={to}") })
 }
 
-/// A checkpoint file's bytes from a header (JSON, taken as given) and its
-/// raw data: what [`Checkpoint::write`] writes; for tools and tests.
+/// A checkpoint file's bytes from a header (the JSON of a
+/// [`CheckpointHeader`], taken as given: its `machine` goes into the
+/// container as it is) and its raw data: what [`Checkpoint::write`]
+/// writes; for tools and tests.
 pub fn encode(header_json: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut v: serde_json::Value = serde_json::from_slice(header_json)?;
+    let machine = v
+        .as_object_mut()
+        .and_then(|o| o.remove("machine"))
+        .ok_or_else(|| std::io::Error::other("a checkpoint header without a machine state"))?;
+    let state = super::state::seal(&serde_json::to_vec(&machine)?);
+    assemble(&serde_json::to_vec(&v)?, &state, data)
+}
+
+fn assemble(header_json: &[u8], state: &[u8], data: &[u8]) -> std::io::Result<Vec<u8>> {
     let data = zstd::bulk::compress(data, 1)?;
-    let mut buf = Vec::with_capacity(header_json.len() + data.len() + 32);
+    let mut buf = Vec::with_capacity(header_json.len() + state.len() + data.len() + 32);
     buf.extend_from_slice(MAGIC);
     buf.extend_from_slice(&(header_json.len() as u64).to_le_bytes());
     buf.extend_from_slice(header_json);
+    buf.extend_from_slice(state);
     buf.extend_from_slice(&(data.len() as u64).to_le_bytes());
     buf.extend_from_slice(&data);
     let crc = crc32fast::hash(&buf);
@@ -374,7 +422,49 @@ impl CheckpointHeader {
 
 #[cfg(test)]
 mod tests {
-    use super::runs;
+    use super::*;
+
+    fn recrc(b: &mut Vec<u8>) {
+        b.truncate(b.len() - 4);
+        let crc = crc32fast::hash(b);
+        b.extend_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Recordings from before the container (RVCKPT01) still read; an
+    /// unknown layout and a resealed file with a changed state are refused
+    /// by name.
+    #[test]
+    fn old_layout_reads_and_unknown_or_tampered_ones_are_refused() {
+        let machine = crate::trace::state::tests::sample();
+        let header = CheckpointHeader { id: 3, exits: 42, next_event: 1, output_len: 5, machine, pages: vec![(0, 1)], sectors: vec![] };
+        let data = vec![7u8; PAGE as usize];
+        let json = serde_json::to_vec(&header).unwrap();
+        let mut v1 = assemble(&json, &[], &data).unwrap();
+        v1[..8].copy_from_slice(MAGIC_V1);
+        recrc(&mut v1);
+        let v2 = encode(&json, &data).unwrap();
+        for b in [&v1, &v2] {
+            let c = Checkpoint::parse(b, None).unwrap();
+            assert_eq!((c.header.id, c.header.exits, c.header.machine.exits, c.header.machine.vcpu.regs.rip), (3, 42, 42, 0x1234));
+            assert_eq!(c.data, data);
+        }
+        let mut v9 = v2.clone();
+        v9[6..8].copy_from_slice(b"09");
+        recrc(&mut v9);
+        let e = Checkpoint::parse(&v9, None).err().unwrap();
+        assert!(e.contains("checkpoint format version 09 is not supported"), "{e}");
+        let hlen = u64::from_le_bytes(v2[8..16].try_into().unwrap()) as usize;
+        let mut tampered = v2.clone();
+        tampered[16 + hlen + 20 + 3] ^= 1;
+        recrc(&mut tampered);
+        let e = Checkpoint::parse(&tampered, None).err().unwrap();
+        assert!(e.contains("machine state damaged or tampered"), "{e}");
+        let mut version = v2.clone();
+        version[16 + hlen + 8..16 + hlen + 12].copy_from_slice(&5u32.to_le_bytes());
+        recrc(&mut version);
+        let e = Checkpoint::parse(&version, None).err().unwrap();
+        assert!(e.contains("machine-state format version 5 is not supported"), "{e}");
+    }
 
     #[test]
     fn runs_merge_neighbours() {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use super::event::Event;
+use super::index;
 
 pub const FILE_MAGIC: &[u8; 8] = b"RVLOG001";
 pub const CHUNK_MAGIC: &[u8; 4] = b"CHNK";
@@ -135,6 +136,11 @@ struct ChunkWriter {
     n: u32,
     first_at: Option<Instant>,
     stats: WriterStats,
+    /// Bytes of the log file so far (where the next chunk starts).
+    len: u64,
+    /// The seek index, and what of the open chunk's events goes into it.
+    index: Option<index::Writer>,
+    notes: Vec<(u64, index::Note)>,
 }
 
 impl ChunkWriter {
@@ -155,6 +161,16 @@ impl ChunkWriter {
             self.prev = hash;
             self.seq += 1;
             self.next_event += self.n as u64;
+            self.len += (CHUNK_HEADER + comp.len() + 32) as u64;
+            if let Some(ix) = &mut self.index {
+                let after = index::At { seq: self.seq, offset: self.len, first: self.next_event, prev: hash };
+                let mut recs = Vec::new();
+                index::records(&self.notes, self.seq - 1, after, &mut recs);
+                for r in &recs {
+                    ix.push(r).map_err(|e| format!("seek index: {e}"))?;
+                }
+            }
+            self.notes.clear();
             self.stats.chunks += 1;
             self.stats.raw_bytes += self.buf.len() as u64;
             self.stats.compressed_bytes += (CHUNK_HEADER + comp.len() + 32) as u64;
@@ -162,11 +178,19 @@ impl ChunkWriter {
             self.n = 0;
             self.first_at = None;
         }
-        // Hand the bytes to the kernel: a killed recorder loses nothing flushed.
-        self.out.flush().map_err(|e| e.to_string())
+        // Hand the bytes to the kernel: a killed recorder loses nothing
+        // flushed. The log first: an index never names a chunk the log lacks.
+        self.out.flush().map_err(|e| e.to_string())?;
+        match &mut self.index {
+            Some(ix) => ix.flush().map_err(|e| format!("seek index: {e}")),
+            None => Ok(()),
+        }
     }
 
     fn add(&mut self, e: &Event) -> Result<(), String> {
+        if let Some(n) = index::note(e) {
+            self.notes.push((self.next_event + self.n as u64, n));
+        }
         postcard::to_io(e, &mut self.buf).map_err(|e| e.to_string())?;
         self.n += 1;
         self.stats.events += 1;
@@ -178,8 +202,11 @@ impl ChunkWriter {
     }
 }
 
-fn writer_thread(mut w: ChunkWriter, q: Arc<Queue>) -> Result<WriterStats, String> {
+fn writer_thread(mut w: ChunkWriter, q: Arc<Queue>, rebuild: Option<Rebuild>) -> Result<WriterStats, String> {
     let mut failed: Option<String> = None;
+    if let Some(r) = rebuild {
+        w.index = r.run();
+    }
     let mut spare: Vec<Event> = Vec::with_capacity(CHUNK_EVENTS as usize);
     loop {
         let (heads, closed, cut) = {
@@ -228,6 +255,12 @@ fn writer_thread(mut w: ChunkWriter, q: Arc<Queue>) -> Result<WriterStats, Strin
     }
 }
 
+/// An empty log (its header alone): a recorder killed before its first
+/// event leaves a recording that says it is empty, not one without a log.
+pub fn create_empty(path: &Path) -> Result<(), LogError> {
+    std::fs::write(path, FILE_MAGIC).map_err(|source| LogError::Io { path: path.display().to_string(), source })
+}
+
 impl LogWriter {
     pub fn create(path: &Path, genesis: [u8; 32]) -> Result<LogWriter, LogError> {
         let io = |source| LogError::Io { path: path.display().to_string(), source };
@@ -235,7 +268,8 @@ impl LogWriter {
         let mut out = BufWriter::with_capacity(1 << 20, f);
         out.write_all(FILE_MAGIC).map_err(io)?;
         out.flush().map_err(io)?;
-        Self::start(out, genesis, 0, 0, path)
+        let ix = index::Writer::create(&index_path(path), &genesis).map_err(io)?;
+        Self::start(out, genesis, (0, 0, FILE_MAGIC.len() as u64), Some(ix), None, path)
     }
 
     /// Continues a log another writer left at `head` (the file holds exactly
@@ -256,10 +290,20 @@ impl LogWriter {
         let mut out = BufWriter::with_capacity(1 << 20, f);
         use std::io::Seek;
         out.seek(std::io::SeekFrom::End(0)).map_err(io)?;
-        Self::start(out, prev, head.seq, head.next_event, path)
+        // The seek index is not migrated: the writer thread derives it
+        // again from the log (off the vCPU's path) before going on.
+        let rebuild = Some(Rebuild { log: path.to_path_buf(), head: head.clone() });
+        Self::start(out, prev, (head.seq, head.next_event, head.len), None, rebuild, path)
     }
 
-    fn start(out: BufWriter<File>, prev: [u8; 32], seq: u32, next_event: u64, path: &Path) -> Result<LogWriter, LogError> {
+    fn start(
+        out: BufWriter<File>,
+        prev: [u8; 32],
+        (seq, next_event, len): (u32, u64, u64),
+        index: Option<index::Writer>,
+        rebuild: Option<Rebuild>,
+        path: &Path,
+    ) -> Result<LogWriter, LogError> {
         let io = |source| LogError::Io { path: path.display().to_string(), source };
         let w = ChunkWriter {
             out,
@@ -270,13 +314,16 @@ impl LogWriter {
             n: 0,
             first_at: None,
             stats: WriterStats::default(),
+            len,
+            index,
+            notes: Vec::new(),
         };
         let queue = Arc::new(Queue::default());
         queue.batch.lock().unwrap_or_else(|p| p.into_inner()).events.reserve(CHUNK_EVENTS as usize);
         let q = queue.clone();
         let thread = std::thread::Builder::new()
             .name("revirt-log-writer".into())
-            .spawn(move || writer_thread(w, q))
+            .spawn(move || writer_thread(w, q, rebuild))
             .map_err(io)?;
         Ok(LogWriter { queue, thread: Some(thread) })
     }
@@ -351,6 +398,45 @@ impl Drop for LogWriter {
     }
 }
 
+/// The seek index beside the log at `log`.
+pub fn index_path(log: &Path) -> std::path::PathBuf {
+    log.with_file_name(super::INDEX)
+}
+
+/// A log continued elsewhere (migration) gets its seek index derived again
+/// from the log's bytes up to the head, checked against the head.
+struct Rebuild {
+    log: std::path::PathBuf,
+    head: LogHead,
+}
+
+impl Rebuild {
+    /// The index writer to go on with, or None (no index: readers of this
+    /// recording then check the whole log, as for a recording without one).
+    fn run(self) -> Option<index::Writer> {
+        let w = self.derive();
+        if w.is_none() {
+            let _ = std::fs::remove_file(index_path(&self.log));
+        }
+        w
+    }
+
+    fn derive(&self) -> Option<index::Writer> {
+        let genesis = genesis_of(self.log.parent()?).ok()?;
+        let bytes = std::fs::read(&self.log).ok()?;
+        let r = LogReader::parse(bytes.get(8..usize::try_from(self.head.len).ok()?)?, genesis);
+        if r.head != self.head.prev || r.chunks != self.head.seq {
+            return None;
+        }
+        let mut w = index::Writer::create(&index_path(&self.log), &genesis).ok()?;
+        for rec in &r.index {
+            w.push(rec).ok()?;
+        }
+        w.flush().ok()?;
+        Some(w)
+    }
+}
+
 /// Whether the log holds the whole recording.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogStatus {
@@ -371,9 +457,16 @@ impl LogStatus {
 pub struct LogReader {
     pub events: Vec<Event>,
     pub status: LogStatus,
+    /// Chunks verified (with [`LogReader::parse_from`]: up to `seq` of the
+    /// first chunk not read).
     pub chunks: u32,
     /// Hash of the last verified chunk (the chain head), hex.
     pub head: String,
+    /// The seek index records of the chunks verified, derived from them
+    /// (what `events.idx` must hold).
+    pub index: Vec<index::Record>,
+    /// Where the chunk after the last verified one starts.
+    pub end: index::At,
 }
 
 impl LogReader {
@@ -387,26 +480,43 @@ impl LogReader {
     }
 
     /// Verifies and decodes chunks until the first problem.
-    pub fn parse(mut b: &[u8], genesis: [u8; 32]) -> LogReader {
+    pub fn parse(b: &[u8], genesis: [u8; 32]) -> LogReader {
+        Self::parse_from(b, index::At { seq: 0, offset: FILE_MAGIC.len() as u64, first: 0, prev: genesis })
+    }
+
+    /// [`LogReader::parse`] from the middle of a log: `b` is the file from
+    /// chunk `from.seq` on (at byte `from.offset`, first event `from.first`),
+    /// verified from the chain hash `from.prev`; `events` then holds the
+    /// events from `from.first` on.
+    pub fn parse_from(mut b: &[u8], from: index::At) -> LogReader {
         let mut events = Vec::new();
-        let mut prev = genesis;
-        let mut seq = 0u32;
-        let mut offset = 8usize;
-        let incomplete = |events: Vec<Event>, seq: u32, prev: [u8; 32], reason: String| LogReader {
+        let mut prev = from.prev;
+        let mut seq = from.seq;
+        let mut offset = from.offset as usize;
+        let mut derived = Vec::new();
+        let mut end = from;
+        let incomplete = |events: Vec<Event>, seq: u32, prev: [u8; 32], reason: String, index, end| LogReader {
             events,
             status: LogStatus::Incomplete { damaged: !reason.contains("cut short"), reason },
             chunks: seq,
             head: hex::encode(prev),
+            index,
+            end,
         };
+        macro_rules! incomplete {
+            ($reason:expr) => {
+                return incomplete(events, seq, prev, $reason, derived, end)
+            };
+        }
         while !b.is_empty() {
             let at = format!("chunk {seq} (byte {offset})");
             if b.len() < CHUNK_HEADER {
-                return incomplete(events, seq, prev, format!("{at} is cut short (header)"));
+                incomplete!(format!("{at} is cut short (header)"));
             }
             let h = &b[..CHUNK_HEADER];
             let u32_at = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().unwrap());
             if &h[..4] != CHUNK_MAGIC {
-                return incomplete(events, seq, prev, format!("{at} has no chunk marker (damaged)"));
+                incomplete!(format!("{at} has no chunk marker (damaged)"));
             }
             let (cseq, first) = (u32_at(4), u64::from_le_bytes(h[8..16].try_into().unwrap()));
             let (n, raw_len, comp_len) = (u32_at(16), u32_at(20) as usize, u32_at(24) as usize);
@@ -416,33 +526,33 @@ impl LogReader {
                 // more chunk markers after this header tell it from a cut.
                 let later = b[CHUNK_HEADER..].windows(4).any(|w| w == CHUNK_MAGIC);
                 if later {
-                    return incomplete(events, seq, prev, format!("{at} is damaged: its length points past the end of the file, but more chunks follow"));
+                    incomplete!(format!("{at} is damaged: its length points past the end of the file, but more chunks follow"));
                 }
-                return incomplete(events, seq, prev, format!("{at} is cut short ({} of {total} bytes)", b.len()));
+                incomplete!(format!("{at} is cut short ({} of {total} bytes)", b.len()));
             }
             let payload = &b[CHUNK_HEADER..CHUNK_HEADER + comp_len];
             let hash: [u8; 32] = b[CHUNK_HEADER + comp_len..total].try_into().unwrap();
             if seal(&prev, h, payload) != hash {
-                return incomplete(events, seq, prev, format!("{at} fails its checksum (damaged or tampered, or chunks reordered)"));
+                incomplete!(format!("{at} fails its checksum (damaged or tampered, or chunks reordered)"));
             }
-            if cseq != seq || first != events.len() as u64 || raw_len > MAX_RAW {
-                return incomplete(events, seq, prev, format!("{at} is out of sequence (damaged)"));
+            if cseq != seq || first != from.first + events.len() as u64 || raw_len > MAX_RAW {
+                incomplete!(format!("{at} is out of sequence (damaged)"));
             }
             // Every event takes at least one byte: n is bounded by raw_len,
             // which is bounded by MAX_RAW (checked above).
             if n as usize > raw_len {
-                return incomplete(events, seq, prev, format!("{at} claims {n} events in {raw_len} bytes (damaged)"));
+                incomplete!(format!("{at} claims {n} events in {raw_len} bytes (damaged)"));
             }
             let raw = match super::decompress_exact(payload, raw_len) {
                 Ok(r) => r,
-                Err(e) => return incomplete(events, seq, prev, format!("{at} {e} (damaged)")),
+                Err(e) => incomplete!(format!("{at} {e} (damaged)")),
             };
             let mut rest = raw.as_slice();
             // Fallible: n is bounded by raw_len, but n events take more
             // memory than n bytes; a crafted count is an error, not an abort.
             let mut got = Vec::new();
             if got.try_reserve_exact(n as usize).is_err() || events.try_reserve(n as usize).is_err() {
-                return incomplete(events, seq, prev, format!("{at} claims {n} events: cannot allocate them (damaged)"));
+                incomplete!(format!("{at} claims {n} events: cannot allocate them (damaged)"));
             }
             for i in 0..n {
                 match postcard::take_from_bytes::<Event>(rest) {
@@ -451,18 +561,23 @@ impl LogReader {
                         rest = r;
                     }
                     Err(e) => {
-                        return incomplete(events, seq, prev, format!("{at}: event {i} does not decode (damaged): {e}"))
+                        incomplete!(format!("{at}: event {i} does not decode (damaged): {e}"))
                     }
                 }
             }
             if !rest.is_empty() {
-                return incomplete(events, seq, prev, format!("{at} has trailing bytes (damaged)"));
+                incomplete!(format!("{at} has trailing bytes (damaged)"));
             }
+            let base = from.first + events.len() as u64;
+            let notes: Vec<(u64, index::Note)> =
+                got.iter().enumerate().filter_map(|(i, e)| index::note(e).map(|n| (base + i as u64, n))).collect();
             events.extend(got);
             prev = hash;
             seq += 1;
             offset += total;
             b = &b[total..];
+            end = index::At { seq, offset: offset as u64, first: from.first + events.len() as u64, prev };
+            index::records(&notes, seq - 1, end, &mut derived);
         }
         let status = match events.last() {
             Some(Event::End { .. }) => LogStatus::Complete,
@@ -471,7 +586,7 @@ impl LogReader {
                 damaged: false,
             },
         };
-        LogReader { events, status, chunks: seq, head: hex::encode(prev) }
+        LogReader { events, status, chunks: seq, head: hex::encode(prev), index: derived, end }
     }
 }
 

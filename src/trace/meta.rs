@@ -13,7 +13,12 @@ pub const FORMAT: &str = "revirt-recording";
 /// hash covers memory by per-page hashes (vmm::pagehash) instead of every
 /// byte. Version 1 recordings are refused: their state hash cannot be
 /// checked without reading all of memory the old way.
-pub const VERSION: u32 = 2;
+/// 3: the seek index `events.idx` (trace::index) beside the log. Version 2
+/// recordings (no index) are read as before: every reader checks the whole
+/// log, seeks included.
+pub const VERSION: u32 = 3;
+/// The versions this revirt reads.
+pub const READS: [u32; 2] = [2, 3];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -21,7 +26,7 @@ pub enum MetaError {
     Io { path: String, source: std::io::Error },
     #[error("{path} is not a revirt recording's meta.json: {msg}")]
     Parse { path: String, msg: String },
-    #[error("{path}: {found} format version {version} is not supported; this revirt reads {FORMAT} version {VERSION} (record it again with this revirt, or replay it with the revirt that made it)")]
+    #[error("{path}: {found} format version {version} is not supported; this revirt reads {FORMAT} versions 2 and 3 (record it again with this revirt, or replay it with the revirt that made it)")]
     Version { path: String, found: String, version: u32 },
 }
 
@@ -100,9 +105,7 @@ impl Meta {
     pub fn write(&self, path: &Path) -> Result<(), MetaError> {
         let io = |source| MetaError::Io { path: path.display().to_string(), source };
         let json = serde_json::to_vec_pretty(self).expect("meta serializes");
-        let tmp = path.with_extension("json.partial");
-        std::fs::write(&tmp, json).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        super::dir::write_atomic(path, &path.with_extension("json.partial"), &json, false).map_err(io)
     }
 
     pub fn read(path: &Path) -> Result<Meta, MetaError> {
@@ -119,7 +122,7 @@ impl Meta {
             .map_err(|e| MetaError::Parse { path: p.clone(), msg: e.to_string() })?;
         let found = v.get("format").and_then(|f| f.as_str()).unwrap_or("?").to_string();
         let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0) as u32;
-        if found != FORMAT || version != VERSION {
+        if found != FORMAT || !READS.contains(&version) {
             return Err(MetaError::Version { path: p, found, version });
         }
         serde_json::from_value(v).map_err(|e| MetaError::Parse { path: p, msg: e.to_string() })

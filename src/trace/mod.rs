@@ -1,38 +1,33 @@
 //! The on-disk recording format, and the only code that knows it
 //! (docs/recording-format.md is the byte-level description).
 //!
-//! A recording is a directory:
+//! A recording is a directory ([`Dir`] names its files):
 //! - `meta.json`: what was recorded, how, on what host (written once, at start);
 //! - `image.elf`, `disk.img`: copies of the guest image and the disk at start;
 //! - `events.log`: the event log, zstd chunks chained by SHA-256;
+//! - `events.idx`: the seek index (version 3): what a seek needs from the whole log;
 //! - `checkpoints/NNNNNN.ckpt`: the start checkpoint (full) and incremental ones;
 //! - `console.log`: what the guest printed (checked against the log's End event).
 
 pub mod checkpoint;
+pub mod dir;
 pub mod event;
+pub mod index;
 pub mod log;
 pub mod meta;
+pub mod seek;
 pub mod snapshot;
+pub mod state;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, CheckpointError};
+pub use dir::{checkpoint_path, Dir, CHECKPOINTS, CONSOLE, DISK, EVENTS, IMAGE, INDEX, META};
 pub use event::{EndReason, Event};
 pub use log::{LogError, LogReader, LogStatus, LogWriter};
 pub use meta::{FileInfo, HostInfo, Meta, MetaError};
 pub use snapshot::Snapshot;
 
 use std::path::Path;
-
-pub const META: &str = "meta.json";
-pub const IMAGE: &str = "image.elf";
-pub const DISK: &str = "disk.img";
-pub const EVENTS: &str = "events.log";
-pub const CHECKPOINTS: &str = "checkpoints";
-pub const CONSOLE: &str = "console.log";
-
-pub fn checkpoint_path(dir: &Path, id: u32) -> std::path::PathBuf {
-    dir.join(CHECKPOINTS).join(format!("{id:06}.ckpt"))
-}
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;

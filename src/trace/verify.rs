@@ -173,212 +173,289 @@ pub fn verify(dir: &Path) -> Report {
     check(dir).0
 }
 
+/// What [`check`] has found so far.
+struct Ctx {
+    findings: Vec<Finding>,
+    manifest: Vec<(String, String)>,
+    damaged: bool,
+    incomplete: bool,
+    checked: Checked,
+}
+
+impl Ctx {
+    fn push(&mut self, ok: bool, what: String) {
+        self.findings.push(Finding { ok, what });
+    }
+
+    fn damage(&mut self, what: String) {
+        self.damaged = true;
+        self.push(false, what);
+    }
+
+    fn report(self, digest: Option<String>) -> Report {
+        let (intact, incomplete) = if digest.is_some() { (!self.damaged && !self.incomplete, self.incomplete && !self.damaged) } else { (false, false) };
+        Report { summary: summary(&self.checked, intact, incomplete), findings: self.findings, intact, incomplete, digest, manifest: self.manifest }
+    }
+}
+
+/// How a log that is not complete is to be told: truncation or damage.
+struct LogCut {
+    cut_short: bool,
+    /// Why a file is not vouched for: truncation (the log stops before its
+    /// binding) or the damaged log.
+    why_unbound: &'static str,
+}
+
 /// [`verify`], also handing back the bytes it checked (meta.json, the log,
 /// console.log, image.elf) for a reader to decode: each read once.
 pub fn check(dir: &Path) -> (Report, Option<Loaded>) {
-    let mut f = Vec::new();
-    let mut manifest = Vec::new();
-    let mut push = |ok: bool, what: String| f.push(Finding { ok, what });
+    let mut cx = Ctx { findings: Vec::new(), manifest: Vec::new(), damaged: false, incomplete: false, checked: Checked { files: vec!["meta.json"], ..Checked::default() } };
+    let Some((meta, meta_bytes)) = check_meta(dir, &mut cx) else { return (cx.report(None), None) };
+    let (image, image_ok) = check_copies(dir, &meta, &mut cx);
+    let log = match LogReader::read(&dir.join(super::EVENTS), log::genesis(&meta_bytes)) {
+        Ok(l) => l,
+        Err(e) => {
+            cx.push(false, format!("events.log: {e}"));
+            return (cx.report(None), None);
+        }
+    };
+    let cut = check_log(&log, &mut cx);
+    check_index(dir, &meta, &log, &log::genesis(&meta_bytes), &cut, &mut cx);
+    let in_log = check_checkpoints(dir, &log, &cut, &mut cx);
+    let (console, console_vouched) = check_console_file(dir, &log, &cut, &mut cx);
+    check_strays(dir, &in_log, meta.disk.is_some(), &cut, &mut cx);
+    let mut h = Sha256::new();
+    for (name, sha) in &cx.manifest {
+        h.update(format!("{name} {sha}\n"));
+    }
+    let report = cx.report(Some(hex::encode(h.finalize())));
+    let loaded = Loaded { meta, log, console, console_vouched, image: image.unwrap_or_default(), image_ok };
+    (report, Some(loaded))
+}
+
+/// meta.json, read once: its bytes start the log's chain.
+fn check_meta(dir: &Path, cx: &mut Ctx) -> Option<(Meta, Vec<u8>)> {
     let meta_path = dir.join(super::META);
     let parsed = std::fs::read(&meta_path)
         .map_err(|source| super::MetaError::Io { path: meta_path.display().to_string(), source })
         .and_then(|b| Meta::parse(&b, &meta_path).map(|m| (m, b)));
-    let (meta, meta_bytes) = match parsed {
+    match parsed {
         Ok((m, b)) => {
-            push(true, format!("meta.json: {} version {}, clock {}, id {}", m.format, m.version, m.clock, m.id));
-            (m, b)
+            cx.push(true, format!("meta.json: {} version {}, clock {}, id {}", m.format, m.version, m.clock, m.id));
+            cx.manifest.push(("meta.json".to_string(), hex::encode(Sha256::digest(&b))));
+            Some((m, b))
         }
         Err(e) => {
-            push(false, format!("meta.json: {e} (damaged or not a recording)"));
-            let summary = summary(&Checked { files: vec!["meta.json"], ..Checked::default() }, false, false);
-            return (Report { findings: f, intact: false, incomplete: false, digest: None, manifest, summary }, None);
+            cx.push(false, format!("meta.json: {e} (damaged or not a recording)"));
+            None
         }
-    };
-    manifest.push(("meta.json".to_string(), hex::encode(Sha256::digest(&meta_bytes))));
-    let mut damaged = false;
-    let mut incomplete = false;
-    let mut checked = Checked { files: vec!["meta.json"], ..Checked::default() };
+    }
+}
 
-    // image.elf is small and read whole (readers use these bytes); disk.img
-    // is hashed as a stream here and again while it is copied for use.
-    let image = std::fs::read(dir.join(super::IMAGE));
-    let image_sha = image.as_ref().ok().map(|b| hex::encode(Sha256::digest(b)));
+/// image.elf (small, read whole: readers use these bytes) and disk.img
+/// (hashed as a stream here and again while it is copied for use) against
+/// meta.json. Returns the image as read and whether it matched.
+fn check_copies(dir: &Path, meta: &Meta, cx: &mut Ctx) -> (Option<Vec<u8>>, bool) {
+    let image = std::fs::read(dir.join(super::IMAGE)).ok();
+    let image_sha = image.as_ref().map(|b| hex::encode(Sha256::digest(b)));
     let mut image_ok = false;
     for (name, want) in [(super::IMAGE, Some(&meta.image)), (super::DISK, meta.disk.as_ref())] {
         let Some(want) = want else { continue };
-        checked.files.push(if name == super::IMAGE { "image.elf (SHA-256 in meta.json)" } else { "disk.img (SHA-256 in meta.json)" });
+        cx.checked.files.push(if name == super::IMAGE { "image.elf (SHA-256 in meta.json)" } else { "disk.img (SHA-256 in meta.json)" });
         let have = if name == super::IMAGE { image_sha.clone() } else { file_sha(&dir.join(name)) };
         match &have {
             Some(h) if *h == want.sha256 => {
                 image_ok |= name == super::IMAGE;
-                push(true, format!("{name}: matches meta.json's SHA-256"))
+                cx.push(true, format!("{name}: matches meta.json's SHA-256"))
             }
-            Some(_) => {
-                damaged = true;
-                push(false, format!("{name}: damaged: does not match meta.json's SHA-256 (changed after recording)"));
-            }
-            None => {
-                damaged = true;
-                push(false, format!("{name}: missing"));
-            }
+            Some(_) => cx.damage(format!("{name}: damaged: does not match meta.json's SHA-256 (changed after recording)")),
+            None => cx.damage(format!("{name}: missing")),
         }
-        manifest.push((name.to_string(), have.unwrap_or_default()));
+        cx.manifest.push((name.to_string(), have.unwrap_or_default()));
     }
+    (image, image_ok)
+}
 
-    let log = match LogReader::read(&dir.join(super::EVENTS), log::genesis(&meta_bytes)) {
-        Ok(l) => l,
-        Err(e) => {
-            push(false, format!("events.log: {e}"));
-            let summary = summary(&checked, false, false);
-            return (Report { findings: f, intact: false, incomplete: false, digest: None, manifest, summary }, None);
-        }
-    };
+fn check_log(log: &LogReader, cx: &mut Ctx) -> LogCut {
     match &log.status {
-        LogStatus::Complete => push(true, format!("events.log: {} chunks, {} events, hash chain verified, ends with End", log.chunks, log.events.len())),
+        LogStatus::Complete => cx.push(true, format!("events.log: {} chunks, {} events, hash chain verified, ends with End", log.chunks, log.events.len())),
         LogStatus::Incomplete { reason, damaged: d } => {
             if *d {
-                damaged = true;
+                cx.damaged = true;
             } else {
-                incomplete = true;
+                cx.incomplete = true;
             }
-            push(false, format!("events.log: {} chunks ({} events) verify; then {reason}", log.chunks, log.events.len()));
+            cx.push(false, format!("events.log: {} chunks ({} events) verify; then {reason}", log.chunks, log.events.len()));
         }
     }
-    manifest.push(("events.log chain head".to_string(), log.head.clone()));
+    cx.manifest.push(("events.log chain head".to_string(), log.head.clone()));
+    cx.checked.chunks = log.chunks;
     let cut_short = !log.status.is_damaged() && log.status != LogStatus::Complete;
-    // Why a file is not vouched for: truncation (the log stops before its
-    // binding) or the damaged log.
     let why_unbound = if cut_short {
         "the log was cut short before it was bound (truncation, not damage)"
     } else {
         "the log is damaged before its binding"
     };
+    LogCut { cut_short, why_unbound }
+}
 
-    checked.chunks = log.chunks;
-    let seals = super::checkpoint::Seals::from_events(&log.events, super::checkpoint::Expect::Unbound);
+/// events.idx (version 3) against the records derived from the log: the
+/// same records in the same order, its own chain intact. An index that
+/// stops early is truncation (a killed recorder; seeks then check the
+/// whole log); one that runs past a cut-short log holds records for chunks
+/// the log lost (not vouched for, not used).
+fn check_index(dir: &Path, meta: &Meta, log: &LogReader, genesis: &[u8; 32], cut: &LogCut, cx: &mut Ctx) {
+    use super::index::{Index, Stop};
+    let path = dir.join(super::INDEX);
+    let ix = match Index::read(&path, genesis) {
+        Ok(ix) => ix,
+        Err(_) if meta.version < 3 => {
+            cx.push(true, format!("events.idx: none (format version {}): seeks check the whole log", meta.version));
+            return;
+        }
+        Err(e) => return cx.damage(format!("events.idx: {e} (the seek index of a version-{} recording)", meta.version)),
+    };
+    cx.checked.files.push("events.idx (SHA-256 chain, matches the log)");
+    cx.manifest.push(("events.idx chain head".to_string(), ix.head.clone()));
+    let want = &log.index;
+    let same = ix.records.iter().zip(want).take_while(|(a, b)| a == b).count();
+    let n = ix.records.len();
+    if same < n.min(want.len()) {
+        return cx.damage(format!("events.idx: damaged: record {same} does not match the event log"));
+    }
+    if let Some(Stop::Damaged(why)) = &ix.stop {
+        return cx.damage(format!("events.idx: damaged: {why}"));
+    }
+    if n > want.len() {
+        if cut.cut_short {
+            cx.incomplete = true;
+            cx.push(false, format!("events.idx: its last {} records are for chunks past the end of the cut-short log: not vouched for (not used)", n - want.len()));
+        } else if !log.status.is_damaged() {
+            cx.damage(format!("events.idx: damaged: {} records more than the event log holds", n - want.len()));
+        }
+        return;
+    }
+    if let (Some(Stop::Cut(why)), true) = (&ix.stop, n == want.len()) {
+        // The log's last chunk is there with all its records: a recorder
+        // killed while writing a record would have left fewer.
+        return cx.damage(format!("events.idx: damaged: bytes after its last record ({why})"));
+    }
+    if n < want.len() {
+        cx.incomplete = true;
+        let why = match &ix.stop {
+            Some(Stop::Cut(w)) => format!(" ({w})"),
+            _ => String::new(),
+        };
+        return cx.push(false, format!("events.idx: cut short after {n} of {} records{why} (truncation, not damage): seeks check the whole log", want.len()));
+    }
+    cx.push(true, format!("events.idx: {n} records, chain verified, match the event log"));
+}
+
+/// Every checkpoint the log names, against its binding in the chain.
+/// Returns the ids the log names.
+fn check_checkpoints(dir: &Path, log: &LogReader, cut: &LogCut, cx: &mut Ctx) -> std::collections::HashSet<u32> {
+    use super::checkpoint::Expect;
+    let seals = super::checkpoint::Seals::from_events(&log.events, Expect::Unbound);
     let mut in_log = std::collections::HashSet::new();
     for e in &log.events {
-        if let Event::Checkpoint { id, exits, .. } = e {
-            in_log.insert(*id);
-            let p = checkpoint_path(dir, *id);
-            let name = format!("checkpoints/{id:06}.ckpt");
-            match seals.expect(*id) {
-                super::checkpoint::Expect::Dropped => {
-                    checked.dropped += 1;
-                    push(true, format!("checkpoint {id}: dropped (thinned); its removal is in the hash chain"));
-                    continue;
-                }
-                super::checkpoint::Expect::Bound(sha) => {
-                    checked.checkpoints += 1;
-                    match Checkpoint::read_expect(&p, &super::checkpoint::Expect::Bound(sha.clone())) {
-                        Ok((c, _)) if c.header.id == *id && c.header.exits == *exits => {
-                            push(true, format!("checkpoint {id} (exit {exits}): SHA-256 matches the hash chain"))
-                        }
-                        Ok(_) => {
-                            damaged = true;
-                            push(false, format!("checkpoint {id}: does not match its log entry (damaged)"));
-                        }
-                        // The retention policy (record::retain) logs a merged
-                        // checkpoint's new SHA-256 before it replaces the file:
-                        // a recorder killed in between leaves the version the
-                        // chain bound before (still right, with the dropped
-                        // one's file beside it).
-                        Err(_) if cut_short && earlier_binding(&log.events, *id, &sha).any(|s| Checkpoint::read_bound(&p, s).is_ok()) => {
-                            incomplete = true;
-                            push(false, format!("checkpoint {id}: the recorder stopped while thinning rewrote it: the file is the version the chain bound before (truncation, not damage)"));
-                        }
-                        Err(e) => {
-                            damaged = true;
-                            push(false, format!("checkpoint {id}: {e}"));
-                        }
-                    }
-                    manifest.push((name, sha));
-                }
-                _ => {
-                    // Taken, but the log stops before its file was bound:
-                    // the recorder was killed while writing it.
-                    if log.status == LogStatus::Complete {
-                        damaged = true;
-                        push(false, format!("checkpoint {id}: not bound into the log's hash chain (no SHA-256 logged for it)"));
-                        continue;
-                    }
-                    if !p.exists() {
-                        push(false, format!("checkpoint {id}: no file (the recorder stopped before writing it); not used"));
-                        continue;
-                    }
-                    checked.unvouched.push(name.clone());
-                    match Checkpoint::read(&p) {
-                        Ok(c) if c.header.id == *id && c.header.exits == *exits => {
-                            push(false, format!("{name}: not vouched for: {why_unbound} (CRC-32 ok)"))
-                        }
-                        Ok(_) => {
-                            damaged = true;
-                            push(false, format!("checkpoint {id}: does not match its log entry (damaged)"));
-                        }
-                        Err(e) => push(false, format!("{name}: not vouched for: {why_unbound}; and {e}")),
-                    }
-                    if cut_short {
-                        incomplete = true;
-                    }
-                }
+        let Event::Checkpoint { id, exits, .. } = e else { continue };
+        in_log.insert(*id);
+        match seals.expect(*id) {
+            Expect::Dropped => {
+                cx.checked.dropped += 1;
+                cx.push(true, format!("checkpoint {id}: dropped (thinned); its removal is in the hash chain"));
             }
+            Expect::Bound(sha) => check_bound_checkpoint(dir, log, *id, *exits, sha, cut, cx),
+            _ => check_unbound_checkpoint(dir, log, *id, *exits, cut, cx),
         }
     }
+    in_log
+}
 
+fn check_bound_checkpoint(dir: &Path, log: &LogReader, id: u32, exits: u64, sha: String, cut: &LogCut, cx: &mut Ctx) {
+    let p = checkpoint_path(dir, id);
+    cx.checked.checkpoints += 1;
+    match Checkpoint::read_expect(&p, &super::checkpoint::Expect::Bound(sha.clone())) {
+        Ok((c, _)) if c.header.id == id && c.header.exits == exits => cx.push(true, format!("checkpoint {id} (exit {exits}): SHA-256 matches the hash chain")),
+        Ok(_) => cx.damage(format!("checkpoint {id}: does not match its log entry (damaged)")),
+        // The retention policy (record::retain) logs a merged checkpoint's
+        // new SHA-256 before it replaces the file: a recorder killed in
+        // between leaves the version the chain bound before (still right,
+        // with the dropped one's file beside it).
+        Err(_) if cut.cut_short && earlier_binding(&log.events, id, &sha).any(|s| Checkpoint::read_bound(&p, s).is_ok()) => {
+            cx.incomplete = true;
+            cx.push(false, format!("checkpoint {id}: the recorder stopped while thinning rewrote it: the file is the version the chain bound before (truncation, not damage)"));
+        }
+        Err(e) => cx.damage(format!("checkpoint {id}: {e}")),
+    }
+    cx.manifest.push((format!("checkpoints/{id:06}.ckpt"), sha));
+}
+
+/// Taken, but the log stops before its file was bound: the recorder was
+/// killed while writing it.
+fn check_unbound_checkpoint(dir: &Path, log: &LogReader, id: u32, exits: u64, cut: &LogCut, cx: &mut Ctx) {
+    let p = checkpoint_path(dir, id);
+    let name = format!("checkpoints/{id:06}.ckpt");
+    if log.status == LogStatus::Complete {
+        return cx.damage(format!("checkpoint {id}: not bound into the log's hash chain (no SHA-256 logged for it)"));
+    }
+    if !p.exists() {
+        return cx.push(false, format!("checkpoint {id}: no file (the recorder stopped before writing it); not used"));
+    }
+    cx.checked.unvouched.push(name.clone());
+    let why_unbound = cut.why_unbound;
+    match Checkpoint::read(&p) {
+        Ok(c) if c.header.id == id && c.header.exits == exits => cx.push(false, format!("{name}: not vouched for: {why_unbound} (CRC-32 ok)")),
+        Ok(_) => cx.damage(format!("checkpoint {id}: does not match its log entry (damaged)")),
+        Err(e) => cx.push(false, format!("{name}: not vouched for: {why_unbound}; and {e}")),
+    }
+    if cut.cut_short {
+        cx.incomplete = true;
+    }
+}
+
+/// console.log against the chain; returns it as read and how much of it
+/// the chain vouches for.
+fn check_console_file(dir: &Path, log: &LogReader, cut: &LogCut, cx: &mut Ctx) -> (Vec<u8>, u64) {
     let console = std::fs::read(dir.join(super::CONSOLE)).unwrap_or_default();
-    let (vouched, ok) = check_console(&console, &log);
+    let (vouched, ok) = check_console(&console, log);
     let console_vouched = match vouched {
         Ok(n) => {
             if let Some(ok) = ok {
-                push(true, format!("console.log: {ok}"));
+                cx.push(true, format!("console.log: {ok}"));
             }
-            checked.console = if log.status == LogStatus::Complete { "End digest".into() } else { format!("{n} bytes bound in the chain") };
+            cx.checked.console = if log.status == LogStatus::Complete { "End digest".into() } else { format!("{n} bytes bound in the chain") };
             if (console.len() as u64) > n {
                 let tail = console.len() as u64 - n;
-                checked.unvouched.push(format!("console.log bytes {n}..{}", console.len()));
-                push(false, format!("console.log: its last {tail} bytes (from byte {n}) are not vouched for: {why_unbound}"));
-                if cut_short {
-                    incomplete = true;
+                cx.checked.unvouched.push(format!("console.log bytes {n}..{}", console.len()));
+                cx.push(false, format!("console.log: its last {tail} bytes (from byte {n}) are not vouched for: {}", cut.why_unbound));
+                if cut.cut_short {
+                    cx.incomplete = true;
                 }
             }
             n
         }
         Err(e) => {
-            damaged = true;
-            checked.console = "DAMAGED".into();
-            push(false, e);
+            cx.checked.console = "DAMAGED".into();
+            cx.damage(e);
             0
         }
     };
-    manifest.push(("console.log".to_string(), hex::encode(Sha256::digest(&console))));
+    cx.manifest.push(("console.log".to_string(), hex::encode(Sha256::digest(&console))));
+    (console, console_vouched)
+}
 
-    // Every other file in the directory: nothing the recording does not vouch for.
-    for name in stray_files(dir, &in_log, meta.disk.is_some()) {
-        checked.unvouched.push(name.clone());
-        if cut_short {
-            incomplete = true;
-            push(false, format!("{name}: not vouched for: {why_unbound} (not used)"));
+/// Every other file in the directory: nothing the recording does not vouch for.
+fn check_strays(dir: &Path, in_log: &std::collections::HashSet<u32>, disk: bool, cut: &LogCut, cx: &mut Ctx) {
+    for name in stray_files(dir, in_log, disk) {
+        cx.checked.unvouched.push(name.clone());
+        if cut.cut_short {
+            cx.incomplete = true;
+            cx.push(false, format!("{name}: not vouched for: {} (not used)", cut.why_unbound));
         } else {
-            damaged = true;
-            push(false, format!("{name}: not part of the recording (no event in the log's hash chain vouches for it); not used"));
+            cx.damage(format!("{name}: not part of the recording (no event in the log's hash chain vouches for it); not used"));
         }
     }
-
-    let mut h = Sha256::new();
-    for (name, sha) in &manifest {
-        h.update(format!("{name} {sha}\n"));
-    }
-    let (intact, incomplete) = (!damaged && !incomplete, incomplete && !damaged);
-    let report = Report {
-        findings: f,
-        intact,
-        incomplete,
-        digest: Some(hex::encode(h.finalize())),
-        manifest,
-        summary: summary(&checked, intact, incomplete),
-    };
-    let loaded = Loaded { meta, log, console, console_vouched, image: image.unwrap_or_default(), image_ok };
-    (report, Some(loaded))
 }
 
 /// The SHA-256s the log bound checkpoint `id` to before its latest, `latest`.
@@ -394,7 +471,7 @@ fn earlier_binding<'a>(events: &'a [Event], id: u32, latest: &'a str) -> impl It
 /// the checkpoint files the log names (a `.partial` left by a killed
 /// recorder, a checkpoint file the log never got to, anything added).
 fn stray_files(dir: &Path, in_log: &std::collections::HashSet<u32>, disk: bool) -> Vec<String> {
-    let own = [super::META, super::IMAGE, super::EVENTS, super::CONSOLE, super::CHECKPOINTS, if disk { super::DISK } else { super::META }];
+    let own = [super::META, super::IMAGE, super::EVENTS, super::INDEX, super::CONSOLE, super::CHECKPOINTS, if disk { super::DISK } else { super::META }];
     let mut out = Vec::new();
     let Ok(top) = std::fs::read_dir(dir) else { return out };
     for e in top.flatten() {

@@ -47,17 +47,17 @@ fn u64_at(b: &[u8], off: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(off..off + 8)?.try_into().ok()?))
 }
 
-impl Image {
-    pub fn load_file(path: &Path) -> Result<Image, ImageError> {
-        let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Image::parse(&bytes)
-    }
+/// What the ELF header says: the entry point and where the program header
+/// table is, the table checked to lie inside the file.
+struct Header {
+    entry: u64,
+    phoff: u64,
+    phentsize: u64,
+    phnum: u64,
+}
 
-    /// Parses an ELF64 x86-64 executable. Only PT_LOAD segments matter.
-    pub fn parse(b: &[u8]) -> Result<Image, ImageError> {
+impl Header {
+    fn parse(b: &[u8]) -> Result<Header, ImageError> {
         if b.len() < 4 || &b[..4] != b"\x7fELF" {
             return Err(ImageError::NotElf(format!(
                 "{} bytes, expected it to start with 0x7f 'E' 'L' 'F'",
@@ -90,21 +90,25 @@ impl Image {
                 "ELF type is {e_type}, expected a static executable (ET_EXEC = 2)"
             )));
         }
-        let entry = u64_at(b, 24).unwrap_or(0);
-        let phoff = u64_at(b, 32).unwrap_or(0);
-        let phentsize = u16_at(b, 54).unwrap_or(0) as u64;
-        let phnum = u16_at(b, 56).unwrap_or(0) as u64;
-        if phnum == 0 {
+        let h = Header {
+            entry: u64_at(b, 24).unwrap_or(0),
+            phoff: u64_at(b, 32).unwrap_or(0),
+            phentsize: u16_at(b, 54).unwrap_or(0) as u64,
+            phnum: u16_at(b, 56).unwrap_or(0) as u64,
+        };
+        if h.phnum == 0 {
             return Err(ImageError::Corrupt("no program headers".into()));
         }
-        if phentsize < 56 {
+        if h.phentsize < 56 {
             return Err(ImageError::Corrupt(format!(
-                "program header entry size {phentsize} < 56"
+                "program header entry size {} < 56",
+                h.phentsize
             )));
         }
-        let table_end = phentsize
-            .checked_mul(phnum)
-            .and_then(|n| n.checked_add(phoff))
+        let table_end = h
+            .phentsize
+            .checked_mul(h.phnum)
+            .and_then(|n| n.checked_add(h.phoff))
             .ok_or_else(|| ImageError::Corrupt("program header table offset overflows".into()))?;
         if table_end > b.len() as u64 {
             return Err(ImageError::Corrupt(format!(
@@ -112,39 +116,62 @@ impl Image {
                 b.len()
             )));
         }
+        Ok(h)
+    }
+}
+
+/// Program header `i` (at byte `h`) as a segment to load, when it is a
+/// non-empty PT_LOAD whose bytes lie inside the file.
+fn load_segment(b: &[u8], i: u64, h: usize) -> Result<Option<Segment>, ImageError> {
+    let p_type = u32_at(b, h).unwrap_or(0);
+    if p_type != PT_LOAD {
+        return Ok(None);
+    }
+    let offset = u64_at(b, h + 8).unwrap_or(0);
+    let paddr = u64_at(b, h + 24).unwrap_or(0);
+    let filesz = u64_at(b, h + 32).unwrap_or(0);
+    let memsz = u64_at(b, h + 40).unwrap_or(0);
+    if memsz == 0 {
+        return Ok(None);
+    }
+    if filesz > memsz {
+        return Err(ImageError::Corrupt(format!(
+            "segment {i}: file size {filesz:#x} exceeds memory size {memsz:#x}"
+        )));
+    }
+    let end = offset.checked_add(filesz).filter(|&e| e <= b.len() as u64).ok_or_else(|| {
+        ImageError::Corrupt(format!(
+            "segment {i}: bytes {offset:#x}..+{filesz:#x} lie beyond the end of the file ({} bytes; truncated?)",
+            b.len()
+        ))
+    })?;
+    paddr.checked_add(memsz).ok_or_else(|| {
+        ImageError::Corrupt(format!("segment {i}: address range overflows"))
+    })?;
+    Ok(Some(Segment {
+        paddr,
+        memsz,
+        data: b[offset as usize..end as usize].to_vec(),
+    }))
+}
+
+impl Image {
+    pub fn load_file(path: &Path) -> Result<Image, ImageError> {
+        let bytes = std::fs::read(path).map_err(|source| ImageError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Image::parse(&bytes)
+    }
+
+    /// Parses an ELF64 x86-64 executable. Only PT_LOAD segments matter.
+    pub fn parse(b: &[u8]) -> Result<Image, ImageError> {
+        let h = Header::parse(b)?;
         let mut segments = Vec::new();
-        for i in 0..phnum {
-            let h = (phoff + i * phentsize) as usize;
-            let p_type = u32_at(b, h).unwrap_or(0);
-            if p_type != PT_LOAD {
-                continue;
+        for i in 0..h.phnum {
+            if let Some(s) = load_segment(b, i, (h.phoff + i * h.phentsize) as usize)? {
+                segments.push(s);
             }
-            let offset = u64_at(b, h + 8).unwrap_or(0);
-            let paddr = u64_at(b, h + 24).unwrap_or(0);
-            let filesz = u64_at(b, h + 32).unwrap_or(0);
-            let memsz = u64_at(b, h + 40).unwrap_or(0);
-            if memsz == 0 {
-                continue;
-            }
-            if filesz > memsz {
-                return Err(ImageError::Corrupt(format!(
-                    "segment {i}: file size {filesz:#x} exceeds memory size {memsz:#x}"
-                )));
-            }
-            let end = offset.checked_add(filesz).filter(|&e| e <= b.len() as u64).ok_or_else(|| {
-                ImageError::Corrupt(format!(
-                    "segment {i}: bytes {offset:#x}..+{filesz:#x} lie beyond the end of the file ({} bytes; truncated?)",
-                    b.len()
-                ))
-            })?;
-            paddr.checked_add(memsz).ok_or_else(|| {
-                ImageError::Corrupt(format!("segment {i}: address range overflows"))
-            })?;
-            segments.push(Segment {
-                paddr,
-                memsz,
-                data: b[offset as usize..end as usize].to_vec(),
-            });
         }
         if segments.is_empty() {
             return Err(ImageError::Corrupt("no loadable (PT_LOAD) segments".into()));
@@ -161,6 +188,7 @@ impl Image {
                 )));
             }
         }
+        let entry = h.entry;
         if !segments.iter().any(|s| entry >= s.paddr && entry < s.paddr + s.memsz) {
             return Err(ImageError::Corrupt(format!(
                 "entry point {entry:#x} is not inside any loaded segment"

@@ -3,66 +3,25 @@
 //! on the vCPU thread once the guest is paused.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, BufWriter, Read, Seek, Write};
+use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 
 use super::proto::{self, FinalState, Hello, Kind, ProtoError, RecorderState, RecordingHello, Welcome, PAGE};
 use super::{Conn, MigrateError, Summary};
+
+mod request;
+mod tx;
+pub use request::{request, Compress, MigrateRequest, Reply};
+use tx::{FileSync, Tx, BATCH};
 use crate::vmm::pausable::Shared;
 use crate::vmm::machine::DirtyLog;
 use crate::vmm::{LiveHost, Machine, VmConfig};
-
-/// How to compress pages on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Compress {
-    /// zstd while the link is slower than compressing (measured as it goes).
-    Auto,
-    Always,
-    Never,
-}
-
-/// A `revirt migrate` request, sent as one JSON line on the control socket.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MigrateRequest {
-    /// Destination: HOST:PORT or unix:PATH, where `revirt receive` listens.
-    pub to: String,
-    /// Stream the disk too (default: the destination opens the same path).
-    pub copy_disk: bool,
-    /// Cap on bytes per second put on the wire.
-    pub bandwidth: Option<u64>,
-    /// Stop-and-copy once the rest is predicted to take at most this long.
-    pub max_downtime_ms: u64,
-    /// Stop-and-copy after this many rounds whatever remains.
-    pub max_rounds: u32,
-    /// Throttle a guest that dirties memory faster than the link carries it.
-    pub auto_converge: bool,
-    pub compress: Compress,
-    /// The migration key (`revirt migrate --key-file`), derived, hex. The
-    /// control socket it travels on is owner-only.
-    #[serde(default)]
-    pub key: Option<String>,
-    /// Allow a plain (unauthenticated, unencrypted) channel to a
-    /// non-loopback address.
-    #[serde(default)]
-    pub insecure: bool,
-}
-
-/// One line the control socket sends back to `revirt migrate`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reply {
-    Progress(String),
-    Done(Summary),
-    Error(String),
-}
 
 pub use crate::record::mover::RecordingInfo;
 
@@ -290,7 +249,7 @@ impl Controller {
             h.files.sync(&mut h.tx, &dir, Some((rec.log.len, rec.output_len)))?;
         }
         let t_pages = stopped.elapsed();
-        let machine = m.save_state(clock_ns)?;
+        let machine = crate::trace::state::Sealed::of(&m.save_state(clock_ns)?);
         let state = FinalState { machine, pending_input, recorder };
         let state = proto::json(&state);
         h.tx.send(Kind::State, &state)?;
@@ -331,271 +290,6 @@ impl Controller {
             max_throttle: h.max_throttle,
             recording: h.files.dir.is_some(),
         })
-    }
-}
-
-/// The sending half of the connection: frames, byte counts, the bandwidth
-/// cap and the compression choice.
-struct Tx {
-    w: BufWriter<Conn>,
-    seal: proto::Sealer,
-    bytes: u64,
-    pages: u64,
-    cap: Option<u64>,
-    t0: Instant,
-    compress: Compress,
-    /// Measured throughputs (bytes/s) that decide `Compress::Auto`.
-    link_bps: f64,
-    zstd_bps: f64,
-    zstd_saving: f64,
-    batches: u64,
-    /// Reused buffers: page data read from the guest, the frame payload.
-    data: Vec<u8>,
-    payload: Vec<u8>,
-}
-
-/// Pages per frame (1 MiB raw).
-const BATCH: usize = 256;
-
-impl Tx {
-    fn conn(&self) -> &Conn {
-        self.w.get_ref()
-    }
-
-    fn send(&mut self, kind: Kind, payload: &[u8]) -> Result<(), MigrateError> {
-        let t = Instant::now();
-        let n = self.seal.write_frame(&mut self.w, kind, payload)?;
-        self.bytes += n;
-        if let Some(cap) = self.cap {
-            let due = self.t0 + Duration::from_secs_f64(self.bytes as f64 / cap as f64);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-        }
-        if n > 64 * 1024 {
-            let bps = n as f64 / t.elapsed().as_secs_f64().max(1e-6);
-            self.link_bps = if self.link_bps == 0.0 { bps } else { 0.8 * self.link_bps + 0.2 * bps };
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<(), MigrateError> {
-        self.w.flush().map_err(|e| ProtoError::Io(e).into())
-    }
-
-    /// Whether to zstd the next batch: always, never, or (auto) when the
-    /// time it saves on the link exceeds the time it costs, re-measured
-    /// every 32 batches.
-    fn want_zstd(&mut self) -> bool {
-        self.batches += 1;
-        match self.compress {
-            Compress::Always => true,
-            Compress::Never => false,
-            Compress::Auto => {
-                self.zstd_bps == 0.0
-                    || self.link_bps == 0.0
-                    || self.batches.is_multiple_of(32)
-                    || self.zstd_saving * self.zstd_bps > self.link_bps
-            }
-        }
-    }
-
-    /// Appends `data`, packed, to `out`.
-    fn pack_into(&mut self, data: &[u8], out: &mut Vec<u8>) {
-        let z = self.want_zstd();
-        let t = Instant::now();
-        let before = out.len();
-        proto::pack_with(data, z, out);
-        if z {
-            let bps = data.len() as f64 / t.elapsed().as_secs_f64().max(1e-6);
-            let saving = 1.0 - (out.len() - before) as f64 / data.len().max(1) as f64;
-            self.zstd_bps = if self.zstd_bps == 0.0 { bps } else { 0.8 * self.zstd_bps + 0.2 * bps };
-            self.zstd_saving = 0.8 * self.zstd_saving + 0.2 * saving.max(0.0);
-        }
-    }
-
-    fn pack(&mut self, data: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.pack_into(data, &mut out);
-        out
-    }
-
-    /// One Pages frame for `full` whose contents are in `self.data`.
-    fn send_batch(&mut self, full: &[u64]) -> Result<(), MigrateError> {
-        let mut payload = std::mem::take(&mut self.payload);
-        let data = std::mem::take(&mut self.data);
-        payload.clear();
-        payload.extend_from_slice(&(full.len() as u32).to_le_bytes());
-        for p in full {
-            payload.extend_from_slice(&p.to_le_bytes());
-        }
-        self.pack_into(&data, &mut payload);
-        let r = self.send(Kind::Pages, &payload);
-        self.payload = payload;
-        self.data = data;
-        r
-    }
-
-    /// Sends `pages` (sorted page numbers); all-zero pages go as a list
-    /// (or not at all when `zeros` is false: the destination starts zeroed).
-    /// Returns how many pages were sent.
-    fn send_pages(&mut self, mem: &GuestMemoryMmap, pages: &[u64], zeros: bool) -> Result<u64, MigrateError> {
-        for chunk in pages.chunks(BATCH) {
-            let (mut full, mut zero) = (Vec::new(), Vec::new());
-            self.data.resize(chunk.len() * PAGE as usize, 0);
-            let mut used = 0;
-            for &p in chunk {
-                let page = &mut self.data[used..used + PAGE as usize];
-                mem.read_slice(page, GuestAddress(p * PAGE))
-                    .map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
-                if is_zero(page) {
-                    zero.push(p);
-                } else {
-                    full.push(p);
-                    used += PAGE as usize;
-                }
-            }
-            self.data.truncate(used);
-            if !full.is_empty() {
-                self.send_batch(&full)?;
-            }
-            if zeros && !zero.is_empty() {
-                self.send(Kind::ZeroPages, &proto::encode_numbers(&zero))?;
-            }
-            self.pages += chunk.len() as u64;
-        }
-        Ok(pages.len() as u64)
-    }
-
-    /// Round one: all of memory in large reads; zero pages are skipped.
-    fn send_all(&mut self, mem: &GuestMemoryMmap, mem_size: u64, check: &mut dyn FnMut() -> Result<(), MigrateError>) -> Result<(), MigrateError> {
-        let npages = mem_size / PAGE;
-        let mut first = 0;
-        while first < npages {
-            let n = (npages - first).min(BATCH as u64);
-            self.data.resize((n * PAGE) as usize, 0);
-            mem.read_slice(&mut self.data, GuestAddress(first * PAGE))
-                .map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
-            // Keep the non-zero pages, moved to the front.
-            let mut full = Vec::new();
-            for i in 0..n as usize {
-                let at = i * PAGE as usize;
-                if !is_zero(&self.data[at..at + PAGE as usize]) {
-                    let to = full.len() * PAGE as usize;
-                    self.data.copy_within(at..at + PAGE as usize, to);
-                    full.push(first + i as u64);
-                }
-            }
-            self.data.truncate(full.len() * PAGE as usize);
-            if !full.is_empty() {
-                self.send_batch(&full)?;
-                self.pages += full.len() as u64;
-            }
-            first += n;
-            check()?;
-        }
-        Ok(())
-    }
-
-    /// Disk sectors (`--copy-disk`), read from the file the VM writes.
-    fn send_sectors(&mut self, disk: Option<&Path>, sectors: &[u64]) -> Result<(), MigrateError> {
-        let Some(path) = disk else { return Ok(()) };
-        let mut f = std::fs::File::open(path)
-            .map_err(|source| MigrateError::Io { what: format!("reading disk {}", path.display()), source })?;
-        for (first, count) in crate::trace::checkpoint::runs(sectors.to_vec()) {
-            let mut at = first;
-            while at < first + count {
-                let n = (first + count - at).min(2048);
-                let mut data = vec![0u8; (n * 512) as usize];
-                f.seek(std::io::SeekFrom::Start(at * 512))
-                    .and_then(|_| f.read_exact(&mut data))
-                    .map_err(|source| MigrateError::Io { what: format!("reading disk {}", path.display()), source })?;
-                let mut payload = at.to_le_bytes().to_vec();
-                payload.extend_from_slice(&self.pack(&data));
-                self.send(Kind::Disk, &payload)?;
-                at += n;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    b.chunks_exact(8).all(|c| u64::from_ne_bytes(c.try_into().unwrap()) == 0)
-}
-
-/// The recording's files as the destination has them: immutable files are
-/// sent once (again, whole, if the checkpoint retention policy rewrote one
-/// since: its length or mtime changed), the growing log and console from
-/// where the last sync ended.
-#[derive(Default)]
-struct FileSync {
-    dir: Option<PathBuf>,
-    sent: HashMap<String, u64>,
-    stamp: HashMap<String, (u64, Option<std::time::SystemTime>)>,
-}
-
-const GROWING: [&str; 2] = [crate::trace::EVENTS, crate::trace::CONSOLE];
-
-impl FileSync {
-    /// `limits`: the exact lengths of events.log and console.log at the
-    /// stop (the log head and output length); `None` during pre-copy.
-    fn sync(&mut self, tx: &mut Tx, dir: &Path, limits: Option<(u64, u64)>) -> Result<(), MigrateError> {
-        let mut names: Vec<String> = [crate::trace::META, crate::trace::IMAGE, crate::trace::DISK]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let ck = dir.join(crate::trace::CHECKPOINTS);
-        if let Ok(rd) = std::fs::read_dir(&ck) {
-            let mut v: Vec<String> = rd
-                .flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| n.ends_with(".ckpt"))
-                .map(|n| format!("{}/{n}", crate::trace::CHECKPOINTS))
-                .collect();
-            v.sort();
-            names.extend(v);
-        }
-        names.extend(GROWING.iter().map(|s| s.to_string()));
-        for name in names {
-            let path = dir.join(&name);
-            let Ok(md) = std::fs::metadata(&path) else { continue };
-            let growing = GROWING.contains(&name.as_str());
-            let mut len = md.len();
-            if let Some((log_len, out_len)) = limits {
-                if name == crate::trace::EVENTS {
-                    len = log_len;
-                } else if name == crate::trace::CONSOLE {
-                    len = out_len;
-                }
-            }
-            let stamp = (md.len(), md.modified().ok());
-            if !growing && self.stamp.get(&name) != Some(&stamp) {
-                self.sent.remove(&name);
-            }
-            let from = self.sent.get(&name).copied().unwrap_or(0);
-            if (!growing && self.sent.contains_key(&name)) || len <= from {
-                continue;
-            }
-            if !growing {
-                self.stamp.insert(name.clone(), stamp);
-            }
-            let io = |source| MigrateError::Io { what: format!("reading {}", path.display()), source };
-            let mut f = std::fs::File::open(&path).map_err(io)?;
-            f.seek(std::io::SeekFrom::Start(from)).map_err(io)?;
-            let mut at = from;
-            while at < len {
-                let n = (len - at).min(8 << 20);
-                let mut data = vec![0u8; n as usize];
-                f.read_exact(&mut data).map_err(io)?;
-                let payload = proto::encode_file_packed(&name, at, tx.pack(&data));
-                tx.send(Kind::File, &payload)?;
-                at += n;
-            }
-            self.sent.insert(name, len);
-        }
-        Ok(())
     }
 }
 
@@ -783,28 +477,6 @@ fn rounds(ctl: &Controller, vm: &VmHandles, req: &MigrateRequest, h: &mut Handof
     h.rounds = round;
     h.max_throttle = max_throttle;
     Ok(())
-}
-
-/// `revirt migrate`: sends the request to a running VM's control socket,
-/// prints its progress, returns its summary.
-pub fn request(control: &Path, req: &MigrateRequest, progress: &mut dyn FnMut(&str)) -> Result<Summary, MigrateError> {
-    let mut s = UnixStream::connect(control).map_err(|source| MigrateError::Io {
-        what: format!("connecting to the VM's control socket {} (was it started with --control?)", control.display()),
-        source,
-    })?;
-    let mut line = serde_json::to_vec(req).expect("request serializes");
-    line.push(b'\n');
-    s.write_all(&line).map_err(|source| MigrateError::Io { what: "sending the request".into(), source })?;
-    for l in BufReader::new(s).lines() {
-        let l = l.map_err(|source| MigrateError::Io { what: "reading the VM's answer".into(), source })?;
-        match serde_json::from_str::<Reply>(&l) {
-            Ok(Reply::Progress(p)) => progress(&p),
-            Ok(Reply::Done(s)) => return Ok(s),
-            Ok(Reply::Error(e)) => return Err(MigrateError::Refused(e)),
-            Err(e) => return Err(MigrateError::Refused(format!("unreadable answer from the VM: {e}"))),
-        }
-    }
-    Err(MigrateError::Refused("the VM closed the control connection without an answer (did it exit?)".into()))
 }
 
 /// The recorder moves its VM through the controller (record does not know migrate).
