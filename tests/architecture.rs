@@ -193,8 +193,6 @@ const MAX_FN_LINES: usize = 100;
 /// must go once its file or function is within the limit, so the list only
 /// shrinks.
 const TOO_LONG: &[(&str, &str, usize)] = &[
-    ("vmm/machine.rs", "", 1515),
-    ("vmm/machine.rs", "run_loop", 362),
     ("record/mod.rs", "run", 129),
 ];
 

@@ -7,7 +7,6 @@ use common::*;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 type Server = GdbServer;
@@ -29,38 +28,7 @@ fn serve(rec: &Path) -> Server {
 
 /// Runs gdb in batch mode with these commands after connecting; returns stdout+stderr.
 fn gdb(port: u16, cmds: &[&str]) -> String {
-    let mut c = Command::new("gdb");
-    c.args([
-        "-nx",
-        "-batch",
-        "-ex",
-        "set architecture i386:x86-64",
-        "-ex",
-        "set pagination off",
-    ]);
-    c.args(["-ex", &format!("target remote 127.0.0.1:{port}")]);
-    for x in cmds {
-        c.args(["-ex", x]);
-    }
-    c.arg(demo_image());
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = c.spawn().expect("gdb");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel::<()>();
-    let t = std::thread::spawn(move || {
-        if rx.recv_timeout(Duration::from_secs(240)).is_err() {
-            // SAFETY: kill(2) of our own child.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    });
-    let o = child.wait_with_output().unwrap();
-    let _ = tx.send(());
-    t.join().unwrap();
-    let s = format!("{}{}", stdout(&o), stderr(&o));
-    eprintln!("---- gdb ----\n{s}-------------");
-    s
+    gdb_batch(port, &demo_image(), None, &["set architecture i386:x86-64"], cmds)
 }
 
 /// Values printed with `printf "KEY=%#lx\n", expr`, in order.

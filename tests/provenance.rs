@@ -7,7 +7,7 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::{Arc, OnceLock};
 
 use revirt::clock::ExecPoint;
@@ -474,30 +474,14 @@ fn gdb_monitor_origin_finds_the_serial_bytes() {
         .unwrap()
         .0;
     let s = serve(dir);
-    let mut c = Command::new("gdb");
-    c.args([
-        "-nx",
-        "-batch",
-        "-ex",
-        "set architecture i386:x86-64",
-        "-ex",
-        "set pagination off",
-        "-ex",
-        "set remotetimeout 120",
-    ]);
-    c.args(["-ex", &format!("target remote 127.0.0.1:{}", s.port)]);
-    for x in [
-        format!("break *{ret:#x}"),
-        "continue".into(),
-        "monitor origin $rsp:8".into(),
-        "monitor origin $rsp:8 --depth 1".into(),
-    ] {
-        c.args(["-ex", &x]);
-    }
-    c.arg(demo_image());
-    let o = c.stdin(Stdio::null()).output().expect("gdb");
-    let out = format!("{}{}", stdout(&o), stderr(&o));
-    eprintln!("{out}");
+    let brk = format!("break *{ret:#x}");
+    let out = gdb_batch(
+        s.port,
+        &demo_image(),
+        None,
+        &["set architecture i386:x86-64", "set remotetimeout 120"],
+        &[&brk, "continue", "monitor origin $rsp:8", "monitor origin $rsp:8 --depth 1"],
+    );
     assert!(
         out.contains(&format!("serial input: event #{event} bytes 56..64")),
         "{out}"

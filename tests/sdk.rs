@@ -203,24 +203,7 @@ fn serve_at(rec: &Path, at: u64) -> Server {
 
 /// The real gdb in batch mode against the server, with `image`'s symbols.
 fn gdb(port: u16, image: &Path, cmds: &[&str]) -> String {
-    let mut c = Command::new("gdb");
-    c.args([
-        "-nx",
-        "-batch",
-        "-ex",
-        "set pagination off",
-        "-ex",
-        "set confirm off",
-    ]);
-    c.args(["-ex", &format!("target remote 127.0.0.1:{port}")]);
-    for x in cmds {
-        c.args(["-ex", x]);
-    }
-    c.arg(image).current_dir(root().join("guests/programs"));
-    let o = c.output().expect("run gdb");
-    let s = format!("{}{}", stdout(&o), stderr(&o));
-    eprintln!("---- gdb ----\n{s}-------------");
-    s
+    gdb_batch(port, image, Some(&root().join("guests/programs")), &["set confirm off"], cmds)
 }
 
 /// The 1-based number of the first line containing `needle` after the last

@@ -3,6 +3,7 @@
 
 pub mod boot;
 pub mod counter;
+pub mod dirty;
 pub mod breakpoints;
 pub mod devices;
 pub mod host;
@@ -19,4 +20,5 @@ pub mod watch;
 
 pub use host::{Async, Console, Control, Host, HostError, LiveHost, PollCtx, Waker};
 pub use image::Image;
+pub use dirty::DirtyLog;
 pub use machine::{GuestPanic, Machine, MachineError, MachineState, Stop, VmConfig};

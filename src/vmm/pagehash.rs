@@ -40,11 +40,10 @@ impl PageHashes {
         &mut self,
         mem: &GuestMemoryMmap,
         frames: impl IntoIterator<Item = u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), vm_memory::GuestMemoryError> {
         let mut buf = vec![0u8; PAGE as usize];
         for f in frames {
-            mem.read_slice(&mut buf, GuestAddress(f * PAGE))
-                .map_err(|e| e.to_string())?;
+            mem.read_slice(&mut buf, GuestAddress(f * PAGE))?;
             let new = if buf.iter().all(|&b| b == 0) {
                 None
             } else {

@@ -227,6 +227,41 @@ pub fn start_gdb_server(mut cmd: Command) -> GdbServer {
     GdbServer { child, port }
 }
 
+/// The real gdb in batch mode against a `revirt gdb` server on `port`, with
+/// `image`'s symbols: `pre` settings, then `target remote`, then `cmds`.
+/// Killed after 240 s so a hung session fails its test instead of CI.
+pub fn gdb_batch(port: u16, image: &Path, cwd: Option<&Path>, pre: &[&str], cmds: &[&str]) -> String {
+    let mut c = Command::new("gdb");
+    c.args(["-nx", "-batch"]);
+    for x in pre.iter().chain(&["set pagination off"]) {
+        c.args(["-ex", x]);
+    }
+    c.args(["-ex", &format!("target remote 127.0.0.1:{port}")]);
+    for x in cmds {
+        c.args(["-ex", x]);
+    }
+    c.arg(image);
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = c.spawn().expect("gdb");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        if rx.recv_timeout(Duration::from_secs(240)).is_err() {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    });
+    let o = child.wait_with_output().unwrap();
+    let _ = tx.send(());
+    t.join().unwrap();
+    let s = format!("{}{}", stdout(&o), stderr(&o));
+    eprintln!("---- gdb ----\n{s}-------------");
+    s
+}
+
 /// The address of `name` in the demo image (nm).
 pub fn demo_symbol(name: &str) -> u64 {
     let o = Command::new("nm").arg(demo_image()).output().unwrap();

@@ -3,6 +3,7 @@
 //! which gets them from the host (live devices, or a replay log).
 
 pub mod block;
+pub mod bus;
 pub mod clock;
 pub mod pic;
 pub mod serial;
@@ -11,6 +12,7 @@ pub mod timer;
 use serde::{Deserialize, Serialize};
 
 pub use block::{Block, BlockRegs, DiskError};
+pub use bus::{PortDevice, PortEffect, SystemPorts};
 pub use clock::Clock;
 pub use pic::Pic;
 pub use serial::{Serial, SerialRegs};
@@ -32,6 +34,7 @@ pub struct Devices {
     pub timer: Timer,
     pub clock: Clock,
     pub block: Block,
+    pub system: SystemPorts,
 }
 
 impl Devices {
@@ -42,6 +45,7 @@ impl Devices {
             timer: Timer::default(),
             clock: Clock::default(),
             block,
+            system: SystemPorts,
         }
     }
 
@@ -63,6 +67,7 @@ impl Devices {
             timer: s.timer,
             clock: s.clock,
             block,
+            system: SystemPorts,
         })
     }
 
