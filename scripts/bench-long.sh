@@ -14,8 +14,10 @@
 #   SEEK_ONLY=1 bash scripts/bench-long.sh  # measure seeks, verify and replay again on the
 #                                           # recordings of the last run (target/bench/long.json)
 #   RECORD_ONLY=1 OUT=DIR                   # only make the recordings (into DIR)
-#   COMPARE=1 BEFORE_BIN=B BEFORE_DIR=D OUT=DIR   # seeks and verify side by side: binary B on the
-#                                           # recordings in D (made by B) vs this one on those in DIR
+#   COMPARE=1 BEFORE_BIN=B BEFORE_DIR=D OUT=DIR [BEFORE_REV=commit]   # seeks and verify side by side:
+#                                           # binary B on the recordings in D (made by B) vs this one on
+#                                           # those in DIR (both made with RECORD_ONLY=1 by their binary);
+#                                           # writes target/bench/seek-compare.json for bench.sh
 # The guest runs in real time (its timer is the host's), so the run takes
 # SECONDS_LONG + SECONDS_SHORT seconds; it uses little CPU. Prints a table,
 # writes target/bench/long.json. Nothing here asserts.
@@ -149,6 +151,11 @@ if os.environ.get("COMPARE"):
         for what in ["seek 0.5 s before the end", "seek 50 exits past the last checkpoint before that"]:
             s, l = (f"{what}, {x} recording" for x in ["10 s", "10-minute"])
             print(f"{side}: {what}: 10-minute / 10 s = {med((l, side), 0) / med((s, side), 0):.2f}x wall, {med((l, side), 1) / med((s, side), 1):.2f}x CPU")
+    summary = {"date": res["date"], "reps": REPS, "before_bin": B_BIN, "before_rev": os.environ.get("BEFORE_REV", "?"), "after_bin": R, "recorded": {side: rj.get("recorded") for side, (_, rj) in sides.items()},
+               "seconds": {side: [rj["short"]["seconds"], rj["long"]["seconds"]] for side, (_, rj) in sides.items()},
+               "median_ms": {f"{k[0]} | {k[1]}": {"wall": med(k, 0), "cpu": med(k, 1)} for k in got}}
+    os.makedirs("target/bench", exist_ok=True)
+    json.dump(summary, open(os.environ.get("COMPARE_JSON") or "target/bench/seek-compare.json", "w"), indent=1)
     json.dump({"date": res["date"], "reps": REPS, "targets": {f"{k[0]} | {k[1]}": v for k, v in targets.items()}, "runs": {f"{k[0]} | {k[1]}": v for k, v in got.items()}}, open(os.path.join(OUT, "compare.json"), "w"), indent=1)
     sys.exit(0)
 

@@ -183,6 +183,15 @@ impl Checkpoint {
     /// Decodes a checkpoint file's bytes. Every length is checked against
     /// the file size or a documented limit before anything is allocated.
     pub fn parse(b: &[u8], sha256: Option<&str>) -> Result<Checkpoint, String> {
+        let (header, data) = Self::parse_lazy(b, sha256)?;
+        let data = data.decompress()?;
+        Ok(Checkpoint { header, data })
+    }
+
+    /// [`Checkpoint::parse`] up to the data: the file's bytes checked and
+    /// its header decoded, the data left compressed (a restore skips the
+    /// data of a file whose pages later files all replace).
+    pub fn parse_lazy<'a>(b: &'a [u8], sha256: Option<&str>) -> Result<(CheckpointHeader, Packed<'a>), String> {
         if b.len() >= 8 && b[..6] == MAGIC[..6] && &b[..8] != MAGIC && &b[..8] != MAGIC_V1 {
             return Err(format!(
                 "checkpoint format version {} is not supported; this revirt reads versions 01 and 02",
@@ -235,8 +244,20 @@ impl Checkpoint {
         if expect > MAX_DATA {
             return Err(format!("page and sector lists add up to {expect} bytes, over the {MAX_DATA}-byte limit"));
         }
-        let data = super::decompress_exact(&body[dstart..], expect as usize).map_err(|e| format!("data {e}"))?;
-        Ok(Checkpoint { header, data })
+        Ok((header, Packed { bytes: &body[dstart..], len: expect as usize }))
+    }
+}
+
+/// A checkpoint's data, still compressed (its size is checked against
+/// the header's lists).
+pub struct Packed<'a> {
+    bytes: &'a [u8],
+    len: usize,
+}
+
+impl Packed<'_> {
+    pub fn decompress(&self) -> Result<Vec<u8>, String> {
+        super::decompress_exact(self.bytes, self.len).map_err(|e| format!("data {e}"))
     }
 }
 
@@ -305,6 +326,20 @@ impl Seals {
     /// Reads checkpoint `id` of the recording in `dir`, checked as
     /// [`Seals::expect`] says (one read: the bytes checked are the bytes
     /// decoded), and checks that the file says it is checkpoint `id`.
+    /// Checkpoint `id`'s file, read once, checked as [`Seals::expect`] says.
+    fn read_bytes(&self, dir: &Path, id: u32) -> Result<Vec<u8>, CheckpointError> {
+        let path = super::checkpoint_path(dir, id);
+        let p = path.display().to_string();
+        match self.expect(id) {
+            Expect::Dropped => Err(CheckpointError::Bad { path: p, msg: "was dropped from the recording (its removal is logged in the hash chain)".into() }),
+            Expect::Unbound => Err(CheckpointError::Bad {
+                path: p,
+                msg: "is not bound into the event log's hash chain (no SHA-256 logged for it), so it is not trusted".into(),
+            }),
+            _ => std::fs::read(&path).map_err(|source| CheckpointError::Io { path: p, source }),
+        }
+    }
+
     pub fn read(&self, dir: &Path, id: u32) -> Result<Checkpoint, CheckpointError> {
         let path = super::checkpoint_path(dir, id);
         let (ck, _) = Checkpoint::read_expect(&path, &self.expect(id))?;
@@ -318,12 +353,15 @@ impl Seals {
     }
 }
 
-/// Memory (and disk) at checkpoint `to` of the recording in `dir`: applies
-/// checkpoints `from..=to` in order, one file at a time, handing every page
-/// to `page(frame, bytes)` and every run of disk sectors to
-/// `sectors(first, bytes)`. With `from == 0` the target must start all zero
-/// (fresh guest RAM, a zeroed buffer): checkpoint 0 holds only the pages
-/// that were not zero, and any all-zero page in it is not passed on.
+/// Memory (and disk) at checkpoint `to` of the recording in `dir`: the
+/// newest version of every page and sector in checkpoints `from..=to`,
+/// handing each page once to `page(frame, bytes)` and each run of disk
+/// sectors to `sectors(first, bytes)`. With `from == 0` the target must
+/// start all zero (fresh guest RAM, a zeroed buffer): checkpoint 0 holds
+/// only the pages that were not zero, and any all-zero page in it is not
+/// passed on. The files are read newest first: a file whose pages and
+/// sectors later ones all replace is checked but its data not decompressed
+/// (after retention merges, old files mostly hold the same working set).
 /// Returns checkpoint `to`'s header. Each file is checked as `seals` says
 /// before it is decoded (dropped ones are skipped). The one reader of
 /// checkpoint contents for replay (`Timeline::at_checkpoint`) and
@@ -336,38 +374,106 @@ pub fn rebuild(
     mut page: impl FnMut(u64, &[u8]) -> Result<(), String>,
     mut sectors: impl FnMut(u64, &[u8]) -> Result<(), String>,
 ) -> Result<CheckpointHeader, CheckpointError> {
+    let mut done = Done::default();
     let mut last = None;
-    for k in from..=to {
+    for k in (from..=to).rev() {
         if seals.expect(k) == Expect::Dropped && k != to {
             continue;
         }
         let path = super::checkpoint_path(dir, k);
         let bad = |msg: String| CheckpointError::Bad { path: path.display().to_string(), msg };
-        let ck = seals.read(dir, k)?;
-        let mem = ck.header.machine.config.mem_size;
-        let mut at = 0usize;
-        for &(first, count) in &ck.header.pages {
-            if first.checked_add(count).and_then(|e| e.checked_mul(PAGE)).is_none_or(|e| e > mem) {
-                return Err(bad("has pages beyond guest memory (damaged recording)".into()));
-            }
-            for p in first..first + count {
-                let bytes = ck.data.get(at..at + PAGE as usize).ok_or_else(|| bad("data is shorter than its page list".into()))?;
-                at += PAGE as usize;
-                if k == 0 && bytes.iter().all(|&b| b == 0) {
-                    continue;
-                }
-                page(p, bytes).map_err(&bad)?;
-            }
+        let bytes = seals.read_bytes(dir, k)?;
+        let sha = match seals.expect(k) {
+            Expect::Bound(s) => Some(s),
+            _ => None,
+        };
+        let (header, packed) = Checkpoint::parse_lazy(&bytes, sha.as_deref()).map_err(&bad)?;
+        if header.id != k {
+            return Err(bad(format!("file {k} says it is checkpoint {} (damaged recording)", header.id)));
         }
-        for &(first, count) in &ck.header.sectors {
-            let len = count.checked_mul(SECTOR).ok_or_else(|| bad("sector run out of range".into()))? as usize;
-            let bytes = ck.data.get(at..at.saturating_add(len)).ok_or_else(|| bad("data is shorter than its sector list".into()))?;
-            at += len;
-            sectors(first, bytes).map_err(&bad)?;
+        if last.is_none() {
+            done.pages = vec![0u64; (header.machine.config.mem_size / PAGE).div_ceil(64) as usize];
         }
-        last = Some(ck.header);
+        if done.needs(&header) {
+            let data = packed.decompress().map_err(&bad)?;
+            done.apply(&header, &data, k == 0, &mut page, &mut sectors).map_err(&bad)?;
+        }
+        if last.is_none() {
+            last = Some(header);
+        }
     }
     last.ok_or_else(|| CheckpointError::Bad { path: dir.display().to_string(), msg: format!("no checkpoints {from}..={to}") })
+}
+
+/// The pages (a bitmap over guest memory) and sectors a newer checkpoint
+/// already supplied to [`rebuild`].
+#[derive(Default)]
+struct Done {
+    pages: Vec<u64>,
+    sectors: std::collections::HashSet<u64>,
+}
+
+impl Done {
+    fn page(&self, p: u64) -> Option<bool> {
+        self.pages.get((p / 64) as usize).map(|w| w & (1 << (p % 64)) != 0)
+    }
+
+    /// Whether some page or sector of `h` is not supplied yet (or lies
+    /// outside memory: then `apply` says so).
+    fn needs(&self, h: &CheckpointHeader) -> bool {
+        h.pages.iter().any(|&(f, c)| (f..f.saturating_add(c)).any(|p| self.page(p) != Some(true)))
+            || h.sectors.iter().any(|&(f, c)| (f..f.saturating_add(c)).any(|s| !self.sectors.contains(&s)))
+    }
+
+    /// Hands on what `h`'s `data` holds that no newer checkpoint did.
+    fn apply(
+        &mut self,
+        h: &CheckpointHeader,
+        data: &[u8],
+        zero_target: bool,
+        page: &mut impl FnMut(u64, &[u8]) -> Result<(), String>,
+        sectors: &mut impl FnMut(u64, &[u8]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mem = h.machine.config.mem_size;
+        let mut at = 0usize;
+        for &(first, count) in &h.pages {
+            if first.checked_add(count).and_then(|e| e.checked_mul(PAGE)).is_none_or(|e| e > mem) {
+                return Err("has pages beyond guest memory (damaged recording)".into());
+            }
+            for p in first..first + count {
+                let bytes = data.get(at..at + PAGE as usize).ok_or("data is shorter than its page list")?;
+                at += PAGE as usize;
+                match self.page(p) {
+                    None => return Err("has pages beyond the restored checkpoint's memory (damaged recording)".into()),
+                    Some(true) => continue,
+                    Some(false) => self.pages[(p / 64) as usize] |= 1 << (p % 64),
+                }
+                if zero_target && bytes.iter().all(|&b| b == 0) {
+                    continue;
+                }
+                page(p, bytes)?;
+            }
+        }
+        for &(first, count) in &h.sectors {
+            let len = count.checked_mul(SECTOR).ok_or("sector run out of range")? as usize;
+            let bytes = data.get(at..at.saturating_add(len)).ok_or("data is shorter than its sector list")?;
+            at += len;
+            // The sub-runs no newer checkpoint wrote.
+            let mut s = 0u64;
+            while s < count {
+                if self.sectors.contains(&(first + s)) {
+                    s += 1;
+                    continue;
+                }
+                let start = s;
+                while s < count && self.sectors.insert(first + s) {
+                    s += 1;
+                }
+                sectors(first + start, &bytes[(start * SECTOR) as usize..(s * SECTOR) as usize])?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A checkpoint file's bytes from a header (the JSON of a
