@@ -193,7 +193,6 @@ const MAX_FN_LINES: usize = 100;
 /// must go once its file or function is within the limit, so the list only
 /// shrinks.
 const TOO_LONG: &[(&str, &str, usize)] = &[
-    ("record/mod.rs", "run", 129),
 ];
 
 fn char_at(c: &[char], i: usize) -> char {

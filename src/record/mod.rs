@@ -598,43 +598,13 @@ impl Session {
             };
             match r {
                 Ok(Stop::Paused) if self.control.as_ref().is_some_and(|c| c.shared().stop_requested()) => {
-                    // The downtime starts here: finishing the checkpoint in
-                    // flight, the log flush and the dirty-log sync are in it.
-                    let stopped = Instant::now();
-                    let c = self.control.clone().expect("checked");
-                    self.settle_checkpoints(m.exits)?;
-                    self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
-                    let head = self.host.log.head()?;
-                    let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
-                    let rs = mover::RecorderState {
-                        events: self.host.events,
-                        log: head,
-                        checkpoints: self.checkpoints,
-                        output_len: self.host.output_len,
-                        ckpt_pages,
-                        ckpt_sectors,
-                        kept_checkpoints: self.ckpt.kept.iter().copied().collect(),
-                    };
-                    let clock = self.host.inner.now_ns();
-                    if let Some(s) = c.finish(&mut m, &mut self.host.inner, clock, rs, stopped) {
-                        migrated = Some(s);
+                    migrated = self.hand_over(&mut m, &console_path)?;
+                    if migrated.is_some() {
                         break EndReason::Stopped;
                     }
                     // Not committed: record on here.
                 }
-                Ok(Stop::Paused) => {
-                    let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
-                    let id = self.checkpoints;
-                    self.host.bind_console(m.exits).map_err(io("writing", &console_path))?;
-                    self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
-                    let now = self.host.inner.now_ns();
-                    self.bind_checkpoints(m.exits)?;
-                    self.ckpt.take(&dir, &mut m, id, self.host.events, self.host.output_len, now)?;
-                    self.bind_checkpoints(m.exits)?;
-                    self.checkpoints += 1;
-                    self.host.last_checkpoint = Instant::now();
-                    self.host.log.cut();
-                }
+                Ok(Stop::Paused) => self.checkpoint(&mut m, &console_path)?,
                 Ok(Stop::PowerOff(s)) => break EndReason::PowerOff(s),
                 Ok(Stop::Panic(p)) => {
                     tracing::warn!("recorded guest crashed: {p}");
@@ -656,6 +626,56 @@ impl Session {
                 EndReason::Stopped => "stopped".into(),
             });
         }
+        self.finish(m, end, migrated)
+    }
+
+    /// A requested move: everything the recorder holds goes to the mover,
+    /// which commits it (Some: the VM left) or not (record on here). The
+    /// downtime starts here: finishing the checkpoint in flight, the log
+    /// flush and the dirty-log sync are in it.
+    fn hand_over(&mut self, m: &mut Machine, console_path: &Path) -> Result<Option<mover::MoveSummary>, RecordError> {
+        let stopped = Instant::now();
+        let c = self.control.clone().expect("a move needs a mover");
+        self.settle_checkpoints(m.exits)?;
+        self.host.bind_console(m.exits).map_err(io("writing", console_path))?;
+        let head = self.host.log.head()?;
+        let (ckpt_pages, ckpt_sectors) = m.dirty_log().checkpoint_pending()?;
+        let rs = mover::RecorderState {
+            events: self.host.events,
+            log: head,
+            checkpoints: self.checkpoints,
+            output_len: self.host.output_len,
+            ckpt_pages,
+            ckpt_sectors,
+            kept_checkpoints: self.ckpt.kept.iter().copied().collect(),
+        };
+        let clock = self.host.inner.now_ns();
+        Ok(c.finish(m, &mut self.host.inner, clock, rs, stopped))
+    }
+
+    /// A periodic checkpoint: logged at this exit, taken (the vCPU pauses
+    /// only for the copy), and bound into the log's chain.
+    fn checkpoint(&mut self, m: &mut Machine, console_path: &Path) -> Result<(), RecordError> {
+        let fp = fingerprint(&m.vcpu.regs().map_err(MachineError::from)?);
+        let id = self.checkpoints;
+        self.host.bind_console(m.exits).map_err(io("writing", console_path))?;
+        self.host.log(Event::Checkpoint { id, exits: m.exits, fp });
+        let now = self.host.inner.now_ns();
+        self.bind_checkpoints(m.exits)?;
+        self.ckpt.take(&self.dir, m, id, self.host.events, self.host.output_len, now)?;
+        self.bind_checkpoints(m.exits)?;
+        self.checkpoints += 1;
+        self.host.last_checkpoint = Instant::now();
+        self.host.log.cut();
+        Ok(())
+    }
+
+    /// Ends the recording: the final state hash, every checkpoint settled
+    /// and bound, the console flushed, End logged (unless the VM moved
+    /// away: the recording goes on at the destination), the log sealed.
+    fn finish(mut self, mut m: Machine, end: EndReason, migrated: Option<mover::MoveSummary>) -> Result<RecordSummary, RecordError> {
+        let files = trace::Dir::new(&self.dir);
+        let console_path = files.console();
         let state_hash = if migrated.is_some() { String::new() } else { m.state_hash()? };
         // Every checkpoint file on disk, thinned and bound into the chain before End.
         self.settle_checkpoints(m.exits)?;
@@ -668,27 +688,11 @@ impl Session {
             events += 1;
             self.host.log(Event::End { exits: m.exits, reason: end.clone(), state_hash: state_hash.clone(), output_len, output_sha256 });
         }
-        let checkpoint_pauses = {
-            let p = &mut self.ckpt.pauses;
-            let mut pages: Vec<u64> = p.iter().map(|x| x.1).collect();
-            p.sort();
-            pages.sort_unstable();
-            p.last().map(|max| (p[p.len() / 2].0, max.0, pages[pages.len() / 2]))
-        };
-        let checkpoint_pause_cpu = {
-            let c = &mut self.ckpt.pause_cpu;
-            c.sort();
-            c.get(c.len() / 2).copied().unwrap_or_default()
-        };
-        let checkpoint_waits = {
-            let w = &mut self.ckpt.waits;
-            w.sort();
-            (w.len(), w.get(w.len() / 2).copied().unwrap_or_default())
-        };
+        let (checkpoint_pauses, checkpoint_pause_cpu, checkpoint_waits) = pause_figures(&mut self.ckpt);
         let RecordHost { log, .. } = self.host;
         let stats = log.finish()?;
         Ok(RecordSummary {
-            dir,
+            dir: self.dir,
             stop: end,
             exits: m.exits,
             events,
@@ -706,4 +710,22 @@ impl Session {
             migrated,
         })
     }
+}
+
+/// The checkpoint pauses for the summary: (median, max, median pages
+/// copied), the median CPU of a pause, and (how many waited for the writer,
+/// the median wait).
+#[allow(clippy::type_complexity)]
+fn pause_figures(ck: &mut CheckpointWriter) -> (Option<(Duration, Duration, u64)>, Duration, (usize, Duration)) {
+    let p = &mut ck.pauses;
+    let mut pages: Vec<u64> = p.iter().map(|x| x.1).collect();
+    p.sort();
+    pages.sort_unstable();
+    let pauses = p.last().map(|max| (p[p.len() / 2].0, max.0, pages[pages.len() / 2]));
+    let c = &mut ck.pause_cpu;
+    c.sort();
+    let cpu = c.get(c.len() / 2).copied().unwrap_or_default();
+    let w = &mut ck.waits;
+    w.sort();
+    (pauses, cpu, (w.len(), w.get(w.len() / 2).copied().unwrap_or_default()))
 }
