@@ -6,7 +6,7 @@
 # (REVIRT_GDB_NATIVE=0) on a short recording, for the before/after.
 #   bash scripts/bench-search.sh [ITERS] [ROUNDS]
 # ITERS: compute iterations (default 100000000, ~1.5e9 ring-3 instructions).
-# ROWS (env): the rows to run, default "watch compute ring0 race before history"
+# ROWS (env): the rows to run, default "watch rwatch awatch compute ring0 race before history"
 # (history: inspect's `history` and `last-write` on the engine, issue 19).
 # Prints one line per measurement and the ratios to replay (target <= 1.5x).
 set -euo pipefail
@@ -69,25 +69,27 @@ bench() { # $1 name, $2 cmdline, $3 break-forward sym, $4 break-reverse sym
   printf '%-44s replay -q %8.0f ms | continue to %-10s %8.0f ms (%.2fx) | reverse-continue to %-10s %8.0f ms (%.2fx)\n' \
     "$1 ($2)" "$mr" "$3" "$mf" "$(awk "BEGIN{print $mf / $mr}")" "$4" "$mv" "$(awk "BEGIN{print $mv / $mr}")"
 }
-# `watch -l` on a location written once early (the scheduler's cur_task,
-# set before the workload starts), reverse-continue from the end.
-bench_watch() { # $1 name, $2 cmdline, $3 variable
-  local rec=$tmp/w$1
-  record "$rec" "$2"
+# `watch -l` (or `rwatch -l`, `awatch -l`) on a location written once
+# early (the scheduler's cur_task, set before the workload starts),
+# reverse-continue from the end: to the write (watch), to the last read
+# (rwatch), to the last access (awatch).
+bench_watch() { # $1 name, $2 cmdline, $3 variable, $4 gdb command (watch, rwatch, awatch)
+  local rec=$tmp/w$1 cmd=${4:-watch}
+  [ -d "$rec" ] || record "$rec" "$2"
   local rep=() rev=()
   for r in $(seq "$ROUNDS"); do
     t0=$(now); $R replay "$rec" -q >/dev/null 2>&1; t1=$(now)
     rep+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
-    serve "$rec" "$tmp/srvw-$1-$r"
-    out=$(timed_gdb "$port" "continue;watch -l $3" "reverse-continue" "x/i \$pc;monitor stats")
-    grep -q "atchpoint" <<<"$out" || { echo "$1: reverse-continue did not stop at a write of $3:"; echo "$out"; exit 1; }
+    serve "$rec" "$tmp/srvw-$1-$cmd-$r"
+    out=$(timed_gdb "$port" "continue;$cmd -l $3" "reverse-continue" "x/i \$pc;monitor stats")
+    grep -q "atchpoint" <<<"$out" || { echo "$1: reverse-continue did not stop at a $cmd hit of $3:"; echo "$out"; exit 1; }
     rev+=("$(grep '^MS' <<<"$out" | cut -d' ' -f2)")
-    [ "$r" = 1 ] && grep -m1 '=> ' <<<"$out" | sed 's/^/  writer: /'
+    [ "$r" = 1 ] && grep -m1 '=> ' <<<"$out" | sed "s/^/  $cmd stops at: /"
     kill "${pids[-1]}" 2>/dev/null || true
   done
   local mr mv
   mr=$(printf '%s\n' "${rep[@]}" | med); mv=$(printf '%s\n' "${rev[@]}" | med)
-  printf '%-44s replay -q %8.0f ms | watch -l %s + reverse-continue %8.0f ms (%.2fx)\n' "$1 ($2)" "$mr" "$3" "$mv" "$(awk "BEGIN{print $mv / $mr}")"
+  printf '%-44s replay -q %8.0f ms | %s -l %s + reverse-continue %8.0f ms (%.2fx)\n' "$1 ($2)" "$mr" "$cmd" "$3" "$mv" "$(awk "BEGIN{print $mv / $mr}")"
 }
 # inspect on the same engine: `history` of a location (every write, then
 # with --reads) over the whole recording, and `last-write` from the end,
@@ -95,7 +97,7 @@ bench_watch() { # $1 name, $2 cmdline, $3 variable
 bench_history() { # $1 name, $2 cmdline, $3 variable
   local rec=$tmp/h$1
   record "$rec" "$2"
-  local rep=() hw=() hr=() lw=() out
+  local rep=() hw=() hr=() lw=() lq=() out
   for r in $(seq "$ROUNDS"); do
     t0=$(now); $R replay "$rec" -q >/dev/null 2>&1; t1=$(now)
     rep+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
@@ -108,14 +110,17 @@ bench_history() { # $1 name, $2 cmdline, $3 variable
     [ "$r" = 1 ] && tail -1 <<<"$out" | sed 's/^/  history --reads: /'
     t0=$(now); out=$($R inspect "$rec" --at end -c "last-write $3 8" 2>/dev/null); t1=$(now)
     grep -q "written by the instruction" <<<"$out" || { echo "last-write found no writer:"; echo "$out"; exit 1; }
+    lq+=("$(grep -o 'searched in [0-9]*' <<<"$out" | awk '{print $3}')")
     lw+=("$(awk "BEGIN{print ($t1 - $t0) * 1000}")")
     [ "$r" = 1 ] && grep -m1 "written by" <<<"$out" | sed 's/^ */  last-write: /'
   done
-  local mr a b c
+  local mr a b c q
   mr=$(printf '%s\n' "${rep[@]}" | med); a=$(printf '%s\n' "${hw[@]}" | med)
-  b=$(printf '%s\n' "${hr[@]}" | med); c=$(printf '%s\n' "${lw[@]}" | med)
-  printf '%-44s replay -q %8.0f ms | history %s 8 %8.0f ms (%.2fx) | history --reads %8.0f ms (%.2fx) | last-write from the end %8.0f ms (%.2fx)\n' \
-    "$1 ($2)" "$mr" "$3" "$a" "$(awk "BEGIN{print $a / $mr}")" "$b" "$(awk "BEGIN{print $b / $mr}")" "$c" "$(awk "BEGIN{print $c / $mr}")"
+  b=$(printf '%s\n' "${hr[@]}" | med); c=$(printf '%s\n' "${lw[@]}" | med); q=$(printf '%s\n' "${lq[@]}" | med)
+  printf '%-44s replay -q %8.0f ms | history %s 8 %8.0f ms (%.2fx) | history --reads %8.0f ms (%.2fx)\n' \
+    "$1 ($2)" "$mr" "$3" "$a" "$(awk "BEGIN{print $a / $mr}")" "$b" "$(awk "BEGIN{print $b / $mr}")"
+  printf '%-44s replay -q %8.0f ms | last-write from the end: the search %8.0f ms (%.2fx) | the whole inspect process (replays to the end first) %8.0f ms (%.2fx)\n' \
+    "$1 ($2)" "$mr" "$q" "$(awk "BEGIN{print $q / $mr}")" "$c" "$(awk "BEGIN{print $c / $mr}")"
 }
 history_before_after() { # the stepping oracle vs the engine on a short recording
   local rec=$tmp/hshort; record "$rec" "workload=compute iters=20000"
@@ -124,10 +129,12 @@ history_before_after() { # the stepping oracle vs the engine on a short recordin
   printf 'before/after, compute iters=20000, history cur_task 8 start end: stepping %.0f ms, native %.0f ms\n' \
     "$(awk "BEGIN{print ($t1 - $t0) * 1000}")" "$(awk "BEGIN{print ($t3 - $t2) * 1000}")"
 }
-ROWS=${ROWS:-watch compute ring0 race before history}
+ROWS=${ROWS:-watch rwatch awatch compute ring0 race before history}
 row() { [[ " $ROWS " == *" $1 "* ]]; }
 echo "medians of $ROUNDS, target <= 1.5x replay"
-if row watch; then bench_watch compute "workload=compute iters=$ITERS" cur_task; fi
+for w in watch rwatch awatch; do
+  if row $w; then bench_watch compute "workload=compute iters=$ITERS" cur_task $w; fi
+done
 if row compute; then bench compute "workload=compute iters=$ITERS" power_off wl_compute; fi
 if row ring0; then bench ring0 "workload=ring0 iters=20000" power_off ring0_main; fi
 if row race; then bench race "workload=race iters=200000 exits=16" task_exit kmain; fi

@@ -407,3 +407,47 @@ fn a_guest_reading_code_under_a_patched_int3_is_detected() {
         other => panic!("a read of a patched byte went unnoticed: {other:?}"),
     }
 }
+
+/// The automatic fallback for a guest reading code bytes under a patched
+/// `int3` (selfmod hashes sm_read's code every round; a breakpoint sits on
+/// sm_read): the native run diverges from the recording, the session
+/// notices, goes back to where the command started and single-steps its
+/// breakpoints from then on, telling the user once. reverse-continue from
+/// the end, and continue after it, reach the same stops (reason, registers'
+/// fingerprint, next event, state hash) as the stepping oracle, and the
+/// replay still matches the recording at its end.
+#[test]
+fn reading_code_under_a_patched_int3_falls_back_to_the_stepping_path() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("r");
+    record_demo_ok(&out, "workload=selfmod iters=40", &[], b"");
+    let rec = Arc::new(Recording::open(&out).unwrap());
+    let mut a = Session::open(rec.clone(), 0).unwrap();
+    let mut b = Session::open(rec.clone(), 0).unwrap();
+    a.native = true;
+    b.native = false;
+    // To the end with nothing set (a free run), then a breakpoint on sm_read.
+    for s in [&mut a, &mut b] {
+        assert_eq!(s.cont().unwrap(), StopWhy::End);
+        s.breakpoints = [symbol("sm_read")].into();
+    }
+    for i in 0..3 {
+        let (wa, wb) = (a.reverse_cont().unwrap(), b.reverse_cont().unwrap());
+        same_stop(&mut a, &mut b, &wa, &wb, &format!("reverse-continue {i}"));
+        assert_eq!(wa, StopWhy::Breakpoint(symbol("sm_read")), "{i}");
+    }
+    assert!(a.patched_diverged, "the divergence under patched int3s was noticed");
+    assert!(a.note.as_deref().is_some_and(|n| n.contains("reads its own code")), "{:?}", a.note);
+    for i in 0..2 {
+        let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+        same_stop(&mut a, &mut b, &wa, &wb, &format!("continue {i}"));
+    }
+    a.breakpoints.clear();
+    b.breakpoints.clear();
+    let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+    same_stop(&mut a, &mut b, &wa, &wb, "continue to the end");
+    assert_eq!(wa, StopWhy::End);
+    assert_eq!(a.end_note, b.end_note);
+    let note = a.end_note.clone().unwrap_or_default();
+    assert!(note.starts_with("the guest stopped: PowerOff") && !note.contains(" ("), "the replay matches at the end: {note}");
+}

@@ -2,8 +2,10 @@
 //! followed by `reverse-continue` (a write watchpoint on the range, the
 //! guest running free from the latest checkpoint or snapshot before here,
 //! the last change before here pinned down exactly), so it lands on the
-//! same instruction at native speed. `REVIRT_LASTWRITE_NATIVE=0` keeps the older
-//! path (replay one exit at a time, then single-step the interval).
+//! same instruction at native speed. At an exit boundary the search takes
+//! over the inspector's own replay (no second VM replaying to here).
+//! `REVIRT_LASTWRITE_NATIVE=0` keeps the older path (replay one exit at a
+//! time, then single-step the interval).
 
 
 use std::io::Write;
@@ -49,7 +51,16 @@ impl Session {
         let exact = self.exact();
         let start = self.rec.checkpoints[0].1;
         let e = |err| search_err(err, now);
-        let mut s = Search::open(self.rec.clone(), now).map_err(e)?;
+        let mut s = match exact {
+            // At an exit boundary: the search takes over the inspector's own
+            // replay standing there (re-created on demand afterwards).
+            None => {
+                let tl = self.take_timeline()?;
+                let end = (self.tl_state == super::TlState::Finished).then(|| "the guest stopped".to_string());
+                Search::from_timeline(self.rec.clone(), tl, end).map_err(e)?
+            }
+            Some(_) => Search::open(self.rec.clone(), now).map_err(e)?,
+        };
         s.interrupted = Some(Box::new(interrupt::take));
         // Stand where the inspector stands (an exact point: step to it).
         if let Some(p) = exact {
@@ -192,7 +203,11 @@ impl Session {
             return Err(Error::Usage("LEN must be 1..4096".into()));
         }
         let va = self.addr(&a.text())?;
+        // Positioned first: the time printed is the search's alone.
+        self.view()?;
+        let t0 = std::time::Instant::now();
         let r = self.last_write(va, len)?;
+        let ms = t0.elapsed().as_secs_f64() * 1000.0;
         let now = match self.exact() {
             Some(p) => point_str(&p),
             None => format!("exit {}", self.exits()),
@@ -219,9 +234,9 @@ impl Session {
                 writeln!(out, "    after:  {}", format::hex_bytes(&ch.after))?;
                 writeln!(out, "  rip at exit {}: {:#x} {}", ch.exits - 1, ch.rip_before, self.syms.describe(ch.rip_before))?;
                 writeln!(out, "  rip at {end}: {:#x} {}", ch.rip_after, self.syms.describe(ch.rip_after))?;
-
             }
         }
+        writeln!(out, "  searched in {ms:.0} ms")?;
         Ok(())
     }
 

@@ -38,6 +38,8 @@ pub enum MigrateError {
     Record(#[from] Box<crate::record::RecordError>),
     #[error("the final state: {0}")]
     State(#[from] crate::trace::state::StateError),
+    #[error("reading guest memory: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
 }
 
 impl From<crate::record::RecordError> for MigrateError {

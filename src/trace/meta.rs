@@ -24,8 +24,8 @@ pub const READS: [u32; 2] = [2, 3];
 pub enum MetaError {
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
-    #[error("{path} is not a revirt recording's meta.json: {msg}")]
-    Parse { path: String, msg: String },
+    #[error("{path} is not a revirt recording's meta.json: {source}")]
+    Parse { path: String, source: serde_json::Error },
     #[error("{path}: {found} format version {version} is not supported; this revirt reads {FORMAT} versions 2 and 3 (record it again with this revirt, or replay it with the revirt that made it)")]
     Version { path: String, found: String, version: u32 },
 }
@@ -119,13 +119,13 @@ impl Meta {
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Meta, MetaError> {
         let p = path.display().to_string();
         let v: serde_json::Value = serde_json::from_slice(bytes)
-            .map_err(|e| MetaError::Parse { path: p.clone(), msg: e.to_string() })?;
+            .map_err(|source| MetaError::Parse { path: p.clone(), source })?;
         let found = v.get("format").and_then(|f| f.as_str()).unwrap_or("?").to_string();
         let version = v.get("version").and_then(|f| f.as_u64()).unwrap_or(0) as u32;
         if found != FORMAT || !READS.contains(&version) {
             return Err(MetaError::Version { path: p, found, version });
         }
-        serde_json::from_value(v).map_err(|e| MetaError::Parse { path: p, msg: e.to_string() })
+        serde_json::from_value(v).map_err(|source| MetaError::Parse { path: p, source })
     }
 }
 

@@ -47,6 +47,8 @@ pub enum ProtoError {
     Version { theirs: u32 },
     #[error("corrupt frame: {0}")]
     Corrupt(String),
+    #[error("corrupt frame: {what}: {source}")]
+    Json { what: String, source: serde_json::Error },
     #[error("unexpected frame {got} (expected {want})")]
     Unexpected { got: &'static str, want: &'static str },
     #[error("the other side aborted: {0}")]
@@ -171,5 +173,5 @@ pub fn json<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 pub fn from_json<T: for<'a> Deserialize<'a>>(b: &[u8], what: &str) -> Result<T, ProtoError> {
-    serde_json::from_slice(b).map_err(|e| ProtoError::Corrupt(format!("{what}: {e}")))
+    serde_json::from_slice(b).map_err(|source| ProtoError::Json { what: what.to_string(), source })
 }

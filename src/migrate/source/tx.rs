@@ -127,7 +127,7 @@ impl Tx {
             for &p in chunk {
                 let page = &mut self.data[used..used + PAGE as usize];
                 mem.read_slice(page, GuestAddress(p * PAGE))
-                    .map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                    ?;
                 if is_zero(page) {
                     zero.push(p);
                 } else {
@@ -155,7 +155,7 @@ impl Tx {
             let n = (npages - first).min(BATCH as u64);
             self.data.resize((n * PAGE) as usize, 0);
             mem.read_slice(&mut self.data, GuestAddress(first * PAGE))
-                .map_err(|e| crate::vmm::MachineError::Memory(e.to_string()))?;
+                ?;
             // Keep the non-zero pages, moved to the front.
             let mut full = Vec::new();
             for i in 0..n as usize {

@@ -32,6 +32,10 @@ impl Session {
             let here = self.pos;
             match self.cont_native() {
                 Err(e) if watched_code(&e) => self.after_watched_code(here)?,
+                Err(e) => match self.patched_divergence(&e) {
+                    Some(why) => self.after_patched_divergence(here, why)?,
+                    None => return Err(e),
+                },
                 r => return r,
             }
         }

@@ -66,7 +66,7 @@ impl Session {
     /// (decoded with iced-x86: explicit operands and implicit stack
     /// accesses, addresses computed from the current registers).
     pub(super) fn touched(&self) -> Option<(u64, WatchKind)> {
-        use iced_x86::{Decoder, DecoderOptions, InstructionInfoFactory, OpAccess, Register};
+        use iced_x86::{Decoder, DecoderOptions};
         if !self.watches.iter().any(|w| w.kind != WatchKind::Write) {
             return None;
         }
@@ -86,8 +86,30 @@ impl Session {
         if ins.is_invalid() {
             return None;
         }
+        for (addr, size, reads, writes) in self.mem_ops(&ins) {
+            for w in &self.watches {
+                let overlaps = addr < w.addr + w.len && w.addr < addr + size;
+                let hit = match w.kind {
+                    WatchKind::Read => reads,
+                    WatchKind::Access => reads || writes,
+                    WatchKind::Write => false,
+                };
+                if overlaps && hit {
+                    return Some((w.addr, w.kind));
+                }
+            }
+        }
+        None
+    }
+
+    /// The memory an instruction accesses, with addresses computed from the
+    /// current registers: (virtual address, size, reads, writes).
+    pub(super) fn mem_ops(&self, ins: &iced_x86::Instruction) -> Vec<(u64, u64, bool, bool)> {
+        use iced_x86::{InstructionInfoFactory, OpAccess, Register};
+        let v = &self.tl.machine.vcpu;
+        let (Ok(r), Ok(sr)) = (v.regs(), v.sregs()) else { return Vec::new() };
         let mut f = InstructionInfoFactory::new();
-        let info = f.info(&ins);
+        let info = f.info(ins);
         let value = |reg: Register, _: usize, _: usize| -> Option<u64> {
             let full = match reg.full_register() {
                 Register::RAX => r.rax,
@@ -119,34 +141,15 @@ impl Session {
                 _ => full,
             })
         };
-        for m in info.used_memory() {
-            let Some(addr) = m.virtual_address(0, value) else {
-                continue;
-            };
-            let size = m.memory_size().size().max(1) as u64;
-            let reads = matches!(
-                m.access(),
-                OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite
-            );
-            let writes = matches!(
-                m.access(),
-                OpAccess::Write
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadWrite
-                    | OpAccess::ReadCondWrite
-            );
-            for w in &self.watches {
-                let overlaps = addr < w.addr + w.len && w.addr < addr + size;
-                let hit = match w.kind {
-                    WatchKind::Read => reads,
-                    WatchKind::Access => reads || writes,
-                    WatchKind::Write => false,
-                };
-                if overlaps && hit {
-                    return Some((w.addr, w.kind));
-                }
-            }
-        }
-        None
+        info.used_memory()
+            .iter()
+            .filter_map(|m| {
+                let addr = m.virtual_address(0, value)?;
+                let size = m.memory_size().size().max(1) as u64;
+                let reads = matches!(m.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::ReadWrite | OpAccess::ReadCondWrite);
+                let writes = matches!(m.access(), OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite);
+                Some((addr, size, reads, writes))
+            })
+            .collect()
     }
 }

@@ -137,6 +137,12 @@ pub struct Session {
     /// A page watched for reads turned out to hold running code (or tables
     /// the CPU reads): read/access watchpoints are stepped from then on.
     pub watched_code: bool,
+    /// A native run with breakpoints patched in diverged from the recording
+    /// (the guest read its own code under an `int3`): breakpoints are
+    /// single-stepped from then on, and `note` says so once.
+    pub patched_diverged: bool,
+    /// Something the user should be told once (printed on stderr as well).
+    pub note: Option<String>,
 }
 
 /// Arrivals (key, count) at these keys since the exit boundary, valid at a position.
@@ -162,6 +168,28 @@ impl Session {
     /// move back restores a recording checkpoint and replays, as before).
     pub fn open_with(rec: Arc<Recording>, at: u64, snapshots: bool) -> R<Session> {
         let tl = Timeline::open(rec.clone(), Sink::Discard)?;
+        let mut s = Session::around(rec, tl, snapshots);
+        s.refresh((0, None, 0))?;
+        if at > 0 {
+            s.goto_exit(at)?;
+        }
+        Ok(s)
+    }
+
+    /// A session over a timeline a front end already replayed to an exit
+    /// boundary (so a query from there does not replay to it again); `end`:
+    /// the recording ends there, and why. Snapshots as [`Session::open`].
+    pub fn from_timeline(rec: Arc<Recording>, tl: Timeline, end: Option<String>) -> R<Session> {
+        let on = !std::env::var("REVIRT_GDB_SNAPSHOTS").is_ok_and(|v| v == "0" || v == "off");
+        let mut s = Session::around(rec, tl, on);
+        let e = s.tl.exits();
+        s.refresh((e, None, 0))?;
+        s.pos.end = end.is_some();
+        s.end_note = end;
+        Ok(s)
+    }
+
+    fn around(rec: Arc<Recording>, tl: Timeline, snapshots: bool) -> Session {
         // Snapshots keep copies of the disk too: only for small ones.
         let disk_bytes = tl.machine.devices.block.capacity() * 512;
         let big_disk = disk_bytes > super::snapshots::MAX_DISK_BYTES;
@@ -173,7 +201,7 @@ impl Session {
             fp: 0,
             end: false,
         };
-        let mut s = Session {
+        Session {
             rec,
             tl,
             pos,
@@ -188,13 +216,10 @@ impl Session {
             native_runs: 0,
             watch_phys: HashMap::new(),
             watched_code: false,
+            patched_diverged: false,
+            note: None,
             native: !std::env::var("REVIRT_GDB_NATIVE").is_ok_and(|v| v == "0" || v == "off"),
-        };
-        s.refresh((0, None, 0))?;
-        if at > 0 {
-            s.goto_exit(at)?;
         }
-        Ok(s)
     }
 
     pub fn pos(&self) -> Pos {

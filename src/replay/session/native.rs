@@ -33,6 +33,9 @@ impl Session {
         if !self.native || (self.breakpoints.is_empty() && self.watches.is_empty()) {
             return false;
         }
+        if self.patched_diverged && !self.breakpoints.is_empty() {
+            return false;
+        }
         // Ranges inside one page (memory slots watch whole pages), one
         // watchpoint per physical start; not after code was found on a
         // page watched for reads (then stepped).
@@ -93,6 +96,31 @@ impl Session {
             StopWhy::Watch { addr, kind }
         } else {
             StopWhy::Breakpoint(key)
+        }
+    }
+
+    /// A native run diverged with breakpoints patched in (see
+    /// [`Session::patched_divergence`]): back to where the command started
+    /// (the machine restored, not trusted), breakpoints stepped from now on.
+    pub(super) fn after_patched_divergence(&mut self, here: Pos, why: String) -> R<()> {
+        self.patched_diverged = true;
+        let note = format!(
+            "the replay diverged from the recording while breakpoints were patched in as int3 ({why}): \
+             the guest reads its own code; breakpoints are single-stepped from now on (exact, slower)"
+        );
+        eprintln!("revirt: {note}");
+        self.note = Some(note);
+        self.pos.end = true; // forces a restore: the machine is not trusted
+        self.end_note = None;
+        self.goto(here)
+    }
+
+    /// Whether a native run failed in a way a patched `int3` read by the
+    /// guest explains: a divergence while breakpoints were patched in.
+    pub(super) fn patched_divergence(&self, e: &SessionError) -> Option<String> {
+        match e {
+            SessionError::Diverged(why) if !self.breakpoints.is_empty() && !self.patched_diverged => Some(why.clone()),
+            _ => None,
         }
     }
 
@@ -339,4 +367,79 @@ impl Session {
         }
     }
 
+
+    /// The boundary just before `here` found at native speed, when `here`
+    /// is an exit boundary (the exiting instruction before it) or a write
+    /// watchpoint's stop (the writing instruction before it): the candidate
+    /// instructions ending at here's RIP are decoded backwards, the last
+    /// arrival at one of them before here is counted natively, and it must
+    /// lead to here in one step (same RIP and register fingerprint, and for
+    /// a write, the watched bytes changed). `None`: not such a position, or
+    /// no candidate checked out (the caller single-steps the interval).
+    pub(super) fn native_prev(&mut self, here: Pos) -> R<Option<Pos>> {
+        if !self.native || here.end || here.steps > 0 {
+            return Ok(None);
+        }
+        let write = match here.anchor {
+            None if here.exits > 0 => false,
+            Some((k, _)) if k & WATCH != 0 && self.watch_phys.get(&(k & !WATCH)).is_some_and(|w| w.2 == WatchKind::Write) => true,
+            _ => return Ok(None),
+        };
+        let e0 = if write { here.exits } else { here.exits - 1 };
+        for w in self.ending_at(here.point.rip, write) {
+            // A wrong candidate (bytes inside another instruction) patched
+            // with int3 changes what runs: that run fails or ends elsewhere,
+            // and the machine is restored before the next try.
+            let Ok((hits, _)) = self.scan_native(e0, here, &[w].into()) else {
+                self.pos.end = true;
+                continue;
+            };
+            let Some(&(at, _)) = hits.iter().rev().find(|(at, k)| *k == w && at.0 == e0 && at.2 == 0) else { continue };
+            self.reach(at)?;
+            let p = self.pos;
+            let old = self.watched_bytes();
+            if self.step1()? != StopWhy::Step || !self.pos.same_state(&here) {
+                continue;
+            }
+            if write && self.changed(&old, &self.watched_bytes()).is_none() {
+                continue;
+            }
+            return Ok(Some(p));
+        }
+        Ok(None)
+    }
+
+    /// Instructions that end at `rip` (decoded backwards, longest first, at most 4): ones
+    /// that exit to the VMM, or (`write`) ones that fall through and write
+    /// a watched range (addresses from the registers now). Bytes decoded
+    /// from inside another instruction may pass too: the caller checks.
+    fn ending_at(&self, rip: u64, write: bool) -> Vec<u64> {
+        use iced_x86::{Decoder, DecoderOptions, FlowControl};
+        let mut code = [0u8; 15];
+        let start = rip.saturating_sub(15);
+        if self.read_virt(start, &mut code) < 15 {
+            return Vec::new();
+        }
+        // Longest first: a shorter one is often the tail of the real one.
+        (1..=15u64)
+            .rev()
+            .filter_map(|k| {
+                let at = rip - k;
+                let ins = Decoder::with_ip(64, &code[(15 - k) as usize..], at, DecoderOptions::NONE).decode();
+                if ins.is_invalid() || ins.len() as u64 != k {
+                    return None;
+                }
+                let ok = if write {
+                    ins.flow_control() == FlowControl::Next
+                        && self.mem_ops(&ins).iter().any(|&(a, n, _, writes)| {
+                            writes && self.watches.iter().any(|w| w.kind != WatchKind::Read && a < w.addr + w.len && w.addr < a + n)
+                        })
+                } else {
+                    crate::replay::search::exits_to_vmm(ins.mnemonic())
+                };
+                ok.then_some(at)
+            })
+            .take(4)
+            .collect()
+    }
 }

@@ -89,6 +89,11 @@ impl Session {
         {
             // Counted before: go straight there.
             self.goto(prev)?;
+        } else if let Some(prev) = self.native_prev(here)? {
+            // Found at native speed: the instruction that made the exit, or
+            // the write, that led here.
+            self.remember_prev(here, prev);
+            self.goto(prev)?;
         } else {
             // At an arrival (a native-speed stop): step from the arrival
             // before it, or from its exit boundary.
@@ -119,10 +124,7 @@ impl Session {
                 e -= 1;
             };
             if !here.end {
-                if self.prev_boundary.len() >= 1 << 16 {
-                    self.prev_boundary.clear();
-                }
-                self.prev_boundary.insert(here.at(), prev);
+                self.remember_prev(here, prev);
             }
             self.goto(prev)?;
         }
@@ -147,6 +149,10 @@ impl Session {
         if self.native_ok() {
             match self.reverse_cont_native() {
                 Err(e) if watched_code(&e) => self.after_watched_code(here)?,
+                Err(e) => match self.patched_divergence(&e) {
+                    Some(why) => self.after_patched_divergence(here, why)?,
+                    None => return Err(e),
+                },
                 r => return r,
             }
         }
@@ -199,5 +205,13 @@ impl Session {
             };
             width = (width * 2).min(1 << 16);
         }
+    }
+
+    /// Notes the boundary just before `here` (a reverse step found it).
+    fn remember_prev(&mut self, here: Pos, prev: Pos) {
+        if self.prev_boundary.len() >= 1 << 16 {
+            self.prev_boundary.clear();
+        }
+        self.prev_boundary.insert(here.at(), prev);
     }
 }
