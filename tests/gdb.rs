@@ -619,12 +619,12 @@ fn session_snapshots_give_the_exact_machine_state() {
         let same = |a: &mut Session, b: &mut Session, hash: bool, what: &str| {
             assert_eq!(a.pos(), b.pos(), "{name}: {what}");
             assert_eq!(a.event_index(), b.event_index(), "{name}: {what}");
-            assert_eq!(a.tl.host.output_len, b.tl.host.output_len, "{name}: {what}");
+            assert_eq!(a.tl.output_len(), b.tl.output_len(), "{name}: {what}");
             assert_eq!(a.tl.clock_ns(), b.tl.clock_ns(), "{name}: {what}");
             if hash {
                 assert_eq!(
-                    a.tl.machine.state_hash().unwrap(),
-                    b.tl.machine.state_hash().unwrap(),
+                    a.tl.state_hash().unwrap(),
+                    b.tl.state_hash().unwrap(),
                     "{name}: {what}"
                 );
             }
@@ -688,7 +688,7 @@ fn session_snapshots_restore_the_disk_too() {
     let mut a = Session::open_with(rec.clone(), 2, true).unwrap();
     let mut b = Session::open_with(rec.clone(), 2, false).unwrap();
     assert!(a.snaps.enabled);
-    let sector0 = |s: &mut Session| s.tl.machine.devices.block.read_sectors(0, 1).unwrap();
+    let sector0 = |s: &mut Session| s.tl.read_sectors(0, 1).unwrap();
     let before = sector0(&mut a);
     let mut seen_write = false;
     for (i, e) in [last - 1, 2, last - 2, 3, last - 1, 2].into_iter().enumerate() {
@@ -698,8 +698,8 @@ fn session_snapshots_restore_the_disk_too() {
         assert_eq!(sector0(&mut a), sector0(&mut b), "move {i} to exit {e}");
         seen_write |= sector0(&mut a) != before;
         assert_eq!(
-            a.tl.machine.state_hash().unwrap(),
-            b.tl.machine.state_hash().unwrap(),
+            a.tl.state_hash().unwrap(),
+            b.tl.state_hash().unwrap(),
             "move {i} to exit {e}"
         );
     }
@@ -708,7 +708,7 @@ fn session_snapshots_restore_the_disk_too() {
         b.reverse_step().unwrap();
         assert_eq!(a.pos(), b.pos(), "reverse step {i}");
     }
-    assert_eq!(a.tl.machine.state_hash().unwrap(), b.tl.machine.state_hash().unwrap());
+    assert_eq!(a.tl.state_hash().unwrap(), b.tl.state_hash().unwrap());
     assert!(seen_write, "the workload wrote sector 0 at some point");
     assert!(a.snaps.stats.restored > 0, "{:?}", a.snaps.stats);
 }

@@ -309,7 +309,7 @@ fn printed_at(dir: &Path, text: &str) -> u64 {
     let c = String::from_utf8_lossy(&rec.console).into_owned();
     let idx = (c.find(text).unwrap_or_else(|| panic!("{text:?} not in {c:?}")) + text.len()) as u64;
     let mut tl = Timeline::open(rec, Sink::Discard).unwrap();
-    while tl.host.output_len < idx {
+    while tl.output_len() < idx {
         let next = tl.exits() + 1;
         inspect::run_to(&mut tl, next, false).unwrap();
     }

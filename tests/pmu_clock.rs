@@ -51,7 +51,7 @@ fn landing_over_the_simulated_counter_hits_the_step_clock_oracle() {
         if p.exits != e {
             break;
         }
-        oracle.push((p, t.machine.vcpu.regs().unwrap()));
+        oracle.push((p, t.regs().unwrap()));
     }
     let max_branches = oracle.last().unwrap().0.branches;
     assert!(max_branches > 200, "interval too short: {max_branches} branches");
@@ -72,7 +72,7 @@ fn landing_over_the_simulated_counter_hits_the_step_clock_oracle() {
         match t.land_simulated(target, margin, skid).unwrap() {
             Verdict::Arrived => {
                 assert_eq!(t.position().unwrap(), *at, "case {case}: wrong point");
-                let got = t.machine.vcpu.regs().unwrap();
+                let got = t.regs().unwrap();
                 assert_eq!(format!("{got:?}"), format!("{regs:?}"), "case {case}: registers differ from the step clock's");
                 exact += 1;
             }
@@ -189,9 +189,9 @@ fn race_recorded_with_pmu_sim_replays_through_the_counter_with_random_skids() {
         }
         other => panic!("replay did not finish: {other:?}"),
     };
-    let Sink::Buffer(out) = &t.host.sink else { unreachable!() };
-    assert_eq!(out, &console, "console output differs");
-    let l = t.host.landing.as_ref().unwrap();
+    let out = t.buffered_output().unwrap();
+    assert_eq!(out, &console[..], "console output differs");
+    let l = t.landing_stats().unwrap();
     let far: usize = rec
         .events
         .iter()
@@ -295,14 +295,14 @@ fn landing_by_hardware_breakpoint_steps_past_false_hits_in_ring_0() {
     let mut oracle = Vec::new();
     for _ in 0..600 {
         assert_eq!(t.step(1).unwrap(), Outcome::Reached);
-        oracle.push((t.position().unwrap(), t.machine.vcpu.regs().unwrap()));
+        oracle.push((t.position().unwrap(), t.regs().unwrap()));
     }
     // A RIP the loop visits several times; land on its third visit.
     let rip = oracle[oracle.len() / 2].0.rip;
     let visits: Vec<usize> = (0..oracle.len()).filter(|&i| oracle[i].0.rip == rip).collect();
     assert!(visits.len() >= 3, "the loop does not come back to {rip:#x}");
     let (at, regs) = &oracle[visits[2]];
-    assert_eq!(t.machine.vcpu.sregs().unwrap().cs.selector & 3, 0, "the loop runs in ring 0");
+    assert_eq!(t.sregs().unwrap().cs.selector & 3, 0, "the loop runs in ring 0");
     let target = Target { at: ExecPoint { exits: e, branches: 0, rip }, fp: fingerprint(regs) };
 
     let mut t = Timeline::open(rec.clone(), Sink::Discard).unwrap();
@@ -312,10 +312,10 @@ fn landing_by_hardware_breakpoint_steps_past_false_hits_in_ring_0() {
         other => panic!("did not land: {other:?}"),
     }
     assert_eq!(t.position().unwrap().rip, at.rip);
-    let got = t.machine.vcpu.regs().unwrap();
+    let got = t.regs().unwrap();
     assert_eq!(format!("{got:?}"), format!("{regs:?}"), "registers differ from the step clock's");
-    eprintln!("landed on the third visit of {rip:#x} after {} hardware breakpoint hits", t.machine.hw_bp_hits);
-    assert_eq!(t.machine.hw_bp_hits, 3, "two false hits stepped past, then the target");
+    eprintln!("landed on the third visit of {rip:#x} after {} hardware breakpoint hits", t.landing_hits());
+    assert_eq!(t.landing_hits(), 3, "two false hits stepped past, then the target");
 }
 
 // ---- the start-up probe ----------------------------------------------------

@@ -343,10 +343,7 @@ fn replay_in_process(dir: &Path, limit: u64) -> Result_ {
         Err(e) => return Result_::Rejected(e.to_string()),
     };
     let out = t.run(Some(limit));
-    let output = match &t.host.sink {
-        Sink::Buffer(b) => b.clone(),
-        _ => unreachable!(),
-    };
+    let output = t.buffered_output().unwrap().to_vec();
     match out {
         Err(e) => Result_::Rejected(e.to_string()),
         Ok(o) => {

@@ -49,12 +49,11 @@ fn oracle_hits(rec: &Arc<Recording>, sites: &BTreeSet<u64>) -> (Vec<(u64, u64, u
     let mut tl = Timeline::open(rec.clone(), Sink::Discard).unwrap();
     let mut scan = Scan::new(sites.clone(), ScanStop::Never, 0, &[]);
     loop {
-        let r = tl.machine.vcpu.regs().unwrap();
+        let r = tl.regs().unwrap();
         let mut code = [0u8; 15];
-        use vm_memory::Bytes;
-        tl.machine.mem.read_slice(&mut code, vm_memory::GuestAddress(r.rip)).unwrap();
+        tl.read_phys(r.rip, &mut code).unwrap();
         let ins = iced_x86::Decoder::with_ip(64, &code, r.rip, 0).decode();
-        let exiting = revirt::replay::search::exits_to_vmm(ins.mnemonic()) && tl.machine.devices.pic.next_vector().is_none();
+        let exiting = revirt::replay::search::exits_to_vmm(ins.mnemonic()) && !tl.interrupt_pending();
         let o = if exiting {
             let to = tl.exits() + 1;
             tl.run(Some(to)).unwrap()
@@ -65,7 +64,7 @@ fn oracle_hits(rec: &Arc<Recording>, sites: &BTreeSet<u64>) -> (Vec<(u64, u64, u
             return (key(&scan), o);
         }
         let p = tl.position().unwrap();
-        scan.at_poll(p, revirt::clock::fingerprint(&tl.machine.vcpu.regs().unwrap()), None);
+        scan.at_poll(p, revirt::clock::fingerprint(&tl.regs().unwrap()), None);
     }
 }
 
@@ -115,7 +114,7 @@ fn native_hits_equal_the_stepping_oracle_for_every_clock() {
             }
             other => panic!("{clock}: {other:?}"),
         }
-        assert!(tl.machine.bps.hits > 0, "{clock}: hits came from int3 traps, not only from stepping");
+        assert!(tl.breakpoint_traps() > 0, "{clock}: hits came from int3 traps, not only from stepping");
     }
 }
 
@@ -218,7 +217,7 @@ fn read_and_access_watchpoints_at_native_speed_equal_the_stepping_path() {
             same(&mut a, &mut b, &wa, &wb, &format!("reverse-continue {i}"));
         }
         assert!(a.native_runs > 0 && !a.watched_code, "{kind:?}: the native session ran natively");
-        assert!(a.tl.machine.watched_accesses() > 0, "{kind:?}: reads exited to the VMM");
+        assert!(a.tl.watched_accesses() > 0, "{kind:?}: reads exited to the VMM");
     }
 }
 
@@ -369,7 +368,7 @@ fn ring0_breakpoints_equal_the_stepping_oracle() {
     let sites: BTreeSet<u64> = [body, symbol("con_puts"), symbol("power_off"), symbol("ring0_main")].into();
     let (want, tl) = same_as_oracle(&rec, &sites, "ring0");
     assert_eq!(want.iter().filter(|h| h.1 == body).count(), 300, "every iteration of the ring-0 loop");
-    assert!(tl.machine.bps.hits >= 300, "the hits came from int3 traps: {}", tl.machine.bps.hits);
+    assert!(tl.breakpoint_traps() >= 300, "the hits came from int3 traps: {}", tl.breakpoint_traps());
 }
 
 /// A breakpoint in code the guest overwrites (selfmod copies sm_v2 over

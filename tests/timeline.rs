@@ -22,18 +22,18 @@ fn seek_gives_the_same_state_from_any_checkpoint() {
     // Straight from the start.
     let mut a = Timeline::open(rec.clone(), Sink::Discard).unwrap();
     assert_eq!(a.run(Some(target)).unwrap(), Outcome::Reached);
-    let ha = a.machine.state_hash().unwrap();
+    let ha = a.state_hash().unwrap();
 
     // Via seek (may restore a later checkpoint).
     let mut b = Timeline::open(rec.clone(), Sink::Discard).unwrap();
     assert_eq!(b.seek(target).unwrap(), Outcome::Reached);
     assert_eq!(b.exits(), target);
-    assert_eq!(b.machine.state_hash().unwrap(), ha);
+    assert_eq!(b.state_hash().unwrap(), ha);
 
     // Backwards: go past, then seek back.
     assert_eq!(b.seek(last - 1).unwrap(), Outcome::Reached);
     assert_eq!(b.seek(target).unwrap(), Outcome::Reached);
-    assert_eq!(b.machine.state_hash().unwrap(), ha);
+    assert_eq!(b.state_hash().unwrap(), ha);
 
     // And on to the end, which verifies against the recording.
     match b.run(None).unwrap() {
@@ -58,14 +58,14 @@ fn step_and_seek_to_exact_points() {
     assert_ne!(one, start, "a step must move");
     assert_eq!(t.step(500).unwrap(), Outcome::Reached);
     let far = t.position().unwrap();
-    let far_hash = t.machine.state_hash().unwrap();
+    let far_hash = t.state_hash().unwrap();
     assert!(far.exits > one.exits || far.branches > one.branches, "{far} vs {one}");
 
     // Going back to an exact point (restore + replay + step) gives the same state.
     let mut u = Timeline::open(rec.clone(), Sink::Discard).unwrap();
     assert_eq!(u.seek_point(far).unwrap(), Outcome::Reached);
     assert_eq!(u.position().unwrap(), far);
-    assert_eq!(u.machine.state_hash().unwrap(), far_hash);
+    assert_eq!(u.state_hash().unwrap(), far_hash);
     // And backwards from there to the single-step point.
     assert_eq!(u.seek_point(one).unwrap(), Outcome::Reached);
     assert_eq!(u.position().unwrap(), one);

@@ -165,7 +165,7 @@ fn report(rec: &Recording, tl: &Timeline, outcome: Outcome) -> anyhow::Result<u8
     Ok(match outcome {
         Outcome::Reached => {
             let p = tl.position()?;
-            eprintln!("revirt: reached {p} (event #{})", tl.host.next);
+            eprintln!("revirt: reached {p} (event #{})", tl.next_event());
             0
         }
         Outcome::Finished { problems, state_hash, stop } if problems.is_empty() => {

@@ -50,8 +50,8 @@ pub struct LandingConfig {
 
 pub struct Timeline {
     pub rec: Arc<Recording>,
-    pub machine: Machine,
-    pub host: ReplayHost,
+    pub(crate) machine: Machine,
+    pub(crate) host: ReplayHost,
     /// Kept across restores (seeks rebuild the machine and the host).
     landing: Option<LandingConfig>,
     /// The disk the replay runs on: a private copy, so the recording is never written.
@@ -194,6 +194,48 @@ impl Timeline {
     /// The full machine state hash (registers, devices, memory).
     pub fn state_hash(&mut self) -> Result<String, ReplayError> {
         Ok(self.machine.state_hash()?)
+    }
+
+    /// The console output so far, when the timeline buffers it (`Sink::Buffer`).
+    pub fn buffered_output(&self) -> Option<&[u8]> {
+        match &self.host.sink {
+            Sink::Buffer(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The PMU landing's figures, when one is in use.
+    pub fn landing_stats(&self) -> Option<&crate::replay::Landing> {
+        self.host.landing.as_ref()
+    }
+
+    /// Hardware-breakpoint exits the PMU landing took so far.
+    pub fn landing_hits(&self) -> u64 {
+        self.machine.hw_bp_hits
+    }
+
+    /// Native breakpoint traps (int3 at a site) taken so far.
+    pub fn breakpoint_traps(&self) -> u64 {
+        self.machine.bps.hits
+    }
+
+    /// Accesses to watched pages the VMM performed so far.
+    pub fn watched_accesses(&self) -> u64 {
+        self.machine.watched_accesses()
+    }
+
+    /// Whether an interrupt is waiting to be delivered at the next boundary.
+    pub fn interrupt_pending(&self) -> bool {
+        self.machine.devices.pic.next_vector().is_some()
+    }
+
+    /// `count` sectors of the replay's disk from `first`.
+    pub fn read_sectors(&self, first: u64, count: u64) -> Result<Vec<u8>, ReplayError> {
+        self.machine.devices.block.read_sectors(first, count).map_err(|source| ReplayError::Io {
+            what: "reading the disk",
+            path: self.machine.config.disk.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            source,
+        })
     }
 
     /// Moves to exit count `exits`: restores the nearest checkpoint at or
