@@ -51,30 +51,7 @@ impl Session {
         let exact = self.exact();
         let start = self.rec.checkpoints[0].1;
         let e = |err| search_err(err, now);
-        let mut s = match exact {
-            // At an exit boundary: the search takes over the inspector's own
-            // replay standing there (re-created on demand afterwards).
-            None => {
-                let tl = self.take_timeline()?;
-                let end = (self.tl_state == super::TlState::Finished).then(|| "the guest stopped".to_string());
-                Search::from_timeline(self.rec.clone(), tl, end).map_err(e)?
-            }
-            Some(_) => Search::open(self.rec.clone(), now).map_err(e)?,
-        };
-        s.interrupted = Some(Box::new(interrupt::take));
-        // Stand where the inspector stands (an exact point: step to it).
-        if let Some(p) = exact {
-            let mut n = 0u64;
-            while s.tl.position()? != p {
-                if s.pos().end
-                    || n >= MAX_REFINE_STEPS
-                    || s.step().map_err(e)? == StopWhy::End
-                {
-                    return Err(Error::Msg(format!("cannot reach {p} from exit {now}")));
-                }
-                n += 1;
-            }
-        }
+        let mut s = self.search_here(now, exact)?;
         s.watches.push(Watch {
             addr: va,
             len: len as u64,
@@ -140,6 +117,37 @@ impl Session {
             searched_from: start,
             within_here,
         })
+    }
+
+    /// A search engine standing exactly where the inspector stands (exit
+    /// `now`, or the exact point `exact` inside its interval).
+    fn search_here(&mut self, now: u64, exact: Option<ExecPoint>) -> Result<Search, Error> {
+        let e = |err| search_err(err, now);
+        let mut s = match exact {
+            // At an exit boundary: the search takes over the inspector's own
+            // replay standing there (re-created on demand afterwards).
+            None => {
+                let tl = self.take_timeline()?;
+                let end = (self.tl_state == super::TlState::Finished).then(|| "the guest stopped".to_string());
+                Search::from_timeline(self.rec.clone(), tl, end).map_err(e)?
+            }
+            Some(_) => Search::open(self.rec.clone(), now).map_err(e)?,
+        };
+        s.interrupted = Some(Box::new(interrupt::take));
+        // Stand where the inspector stands (an exact point: step to it).
+        if let Some(p) = exact {
+            let mut n = 0u64;
+            while s.tl.position()? != p {
+                if s.pos().end
+                    || n >= MAX_REFINE_STEPS
+                    || s.step().map_err(e)? == StopWhy::End
+                {
+                    return Err(Error::Msg(format!("cannot reach {p} from exit {now}")));
+                }
+                n += 1;
+            }
+        }
+        Ok(s)
     }
 }
 
