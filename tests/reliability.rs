@@ -315,15 +315,7 @@ struct Chunks {
 }
 
 fn chunk_spans(log: &[u8]) -> Chunks {
-    let mut spans = Vec::new();
-    let mut at = 8;
-    while at + trace::log::CHUNK_HEADER <= log.len() {
-        let comp = u32::from_le_bytes(log[at + 24..at + 28].try_into().unwrap()) as usize;
-        let len = trace::log::CHUNK_HEADER + comp + 32;
-        spans.push((at, len));
-        at += len;
-    }
-    Chunks { spans }
+    Chunks { spans: trace::log::chunk_spans(log) }
 }
 
 /// What a replay of a (possibly damaged) recording did.

@@ -19,18 +19,7 @@ fn sample(dir: &Path) {
     record_demo_ok(dir, "workload=idle iters=2 hz=100 pages=4", &["--checkpoint-every", "100ms", "--keep-checkpoints", "0"], b"");
 }
 
-/// (offset, length) of each chunk of events.log.
-fn chunk_spans(log: &[u8]) -> Vec<(usize, usize)> {
-    let mut spans = Vec::new();
-    let mut at = 8;
-    while at + trace::log::CHUNK_HEADER <= log.len() {
-        let comp = u32::from_le_bytes(log[at + 24..at + 28].try_into().unwrap()) as usize;
-        let len = trace::log::CHUNK_HEADER + comp + 32;
-        spans.push((at, len));
-        at += len;
-    }
-    spans
-}
+use trace::log::chunk_spans;
 
 /// Runs `replay -q DIR --to T [extra]`: (exit code, stderr).
 fn seek(dir: &Path, t: u64, extra: &[&str]) -> (Option<i32>, String) {

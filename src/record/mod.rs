@@ -26,7 +26,7 @@ pub enum RecordError {
     #[error("{what} {path}: {source}")]
     Io { what: &'static str, path: String, source: std::io::Error },
     #[error("clock 'pmu' unavailable: {0}. Use --clock pmu-sim (same timestamps, counted by single-stepping), step or exit; `revirt doctor` explains")]
-    NoPmu(String),
+    NoPmu(#[source] crate::vmm::counter::PmuError),
     #[error(transparent)]
     Image(#[from] crate::vmm::image::ImageError),
     #[error(transparent)]
@@ -319,7 +319,7 @@ fn prepare(opts: &RecordOptions, image_bytes: &[u8], disk_now: Option<&Path>) ->
         // The counter must open and count the start-up probe guest exactly
         // (clock::probe); say why not before anything is written. The
         // session opens its own on the thread that runs the guest.
-        crate::clock::probe::check(&opts.pmu_opener()).map_err(|e| RecordError::NoPmu(e.to_string()))?;
+        crate::clock::probe::check(&opts.pmu_opener()).map_err(RecordError::NoPmu)?;
     }
     let files = trace::Dir::new(&opts.out);
     let dir = files.root();
@@ -454,8 +454,8 @@ fn install_counter(m: &mut Machine, clock: ClockKind, opener: &crate::vmm::count
             // The very counter that will time this recording, on this
             // (vCPU) thread, passes the start-up probe first (also where
             // no `prepare` ran: a migration's destination).
-            let mut c = opener().map_err(|e| RecordError::NoPmu(e.to_string()))?;
-            crate::clock::probe::verify(&mut *c).map_err(|e| RecordError::NoPmu(e.to_string()))?;
+            let mut c = opener().map_err(RecordError::NoPmu)?;
+            crate::clock::probe::verify(&mut *c).map_err(RecordError::NoPmu)?;
             m.set_counter(Some(c))?;
         }
         ClockKind::PmuSim => {

@@ -49,7 +49,7 @@ pub enum ReplayError {
     #[error("guest memory {addr:#x}+{len} lies beyond the guest's {mem:#x} bytes of RAM")]
     Beyond { addr: u64, len: u64, mem: u64 },
     #[error("clock 'pmu' unavailable for replay: {0}. Use --clock pmu-sim (the same landing over the simulated counter) or step")]
-    NoPmu(String),
+    NoPmu(#[source] crate::vmm::counter::PmuError),
 }
 
 /// Why a replay stopped short of its target, raised from inside the run

@@ -268,7 +268,7 @@ impl Timeline {
     /// Replays precise events with the hardware PMU (this thread must be
     /// the one that runs the replay); `margin` defaults to the CPU's.
     pub fn use_pmu(&mut self, margin: Option<u64>) -> Result<(), ReplayError> {
-        let c = crate::clock::pmu::RealCounter::open().map_err(|e| ReplayError::NoPmu(e.to_string()))?;
+        let c = crate::clock::pmu::RealCounter::open().map_err(ReplayError::NoPmu)?;
         let margin = margin.unwrap_or(c.perf.config.replay_margin);
         self.machine.set_counter(Some(Box::new(c)))?;
         self.landing = Some(LandingConfig { margin, counter: CounterKind::Real });

@@ -43,6 +43,21 @@ pub enum LogError {
     Writer(String),
 }
 
+/// (offset, length) of each whole chunk in the bytes of an events.log, as
+/// far as the chunk headers' lengths lead (nothing is verified): for tools
+/// and tests that cut or damage a log chunk by chunk.
+pub fn chunk_spans(log: &[u8]) -> Vec<(usize, usize)> {
+    let mut spans = Vec::new();
+    let mut at = FILE_MAGIC.len();
+    while at + CHUNK_HEADER <= log.len() {
+        let comp = u32::from_le_bytes(log[at + CHUNK_HEADER - 4..at + CHUNK_HEADER].try_into().expect("4 bytes")) as usize;
+        let len = CHUNK_HEADER + comp + 32;
+        spans.push((at, len));
+        at += len;
+    }
+    spans
+}
+
 /// The hash chain starts from the exact bytes of the recording's meta.json
 /// (which holds a random id), so changing any byte of meta.json, or moving a
 /// log under another recording, breaks the chain at its first chunk.
