@@ -94,6 +94,16 @@ fn same_stop(a: &mut Session, b: &mut Session, wa: &StopWhy, wb: &StopWhy, what:
     assert_eq!(a.tl.state_hash().unwrap(), b.tl.state_hash().unwrap(), "{what}");
 }
 
+/// Two sessions on `rec` at its start: `a` on the search engine (native
+/// runs), `b` on the single-step path kept as its oracle.
+fn native_and_stepping(rec: &Arc<Recording>) -> (Session, Session) {
+    let mut a = Session::open(rec.clone(), 0).unwrap();
+    let mut b = Session::open(rec.clone(), 0).unwrap();
+    a.native = true;
+    b.native = false;
+    (a, b)
+}
+
 #[test]
 fn native_hits_equal_the_stepping_oracle_for_every_clock() {
     let d = tempfile::tempdir().unwrap();
@@ -125,10 +135,7 @@ fn continue_and_reverse_continue_equal_the_stepping_path() {
     let d = tempfile::tempdir().unwrap();
     for clock in ["exit", "step"] {
         let rec = record_race(d.path(), clock, clock);
-        let mut a = Session::open(rec.clone(), 0).unwrap();
-        let mut b = Session::open(rec.clone(), 0).unwrap();
-        a.native = true;
-        b.native = false;
+        let (mut a, mut b) = native_and_stepping(&rec);
         let bps: BTreeSet<u64> = [symbol("task_exit"), race_loop_body(), irq_timer_body()].into();
         a.breakpoints = bps.clone();
         b.breakpoints = bps.clone();
@@ -170,10 +177,7 @@ fn write_watchpoints_at_native_speed_equal_the_stepping_path() {
     use revirt::replay::session::{Watch, WatchKind};
     let d = tempfile::tempdir().unwrap();
     let rec = record_race(d.path(), "exit", "exit");
-    let mut a = Session::open(rec.clone(), 0).unwrap();
-    let mut b = Session::open(rec.clone(), 0).unwrap();
-    a.native = true;
-    b.native = false;
+    let (mut a, mut b) = native_and_stepping(&rec);
     // The shared counter, written by both tasks on every iteration.
     let w = Watch { addr: symbol("race_counter"), len: 8, kind: WatchKind::Write };
     a.watches.push(w.clone());
@@ -199,10 +203,7 @@ fn read_and_access_watchpoints_at_native_speed_equal_the_stepping_path() {
     let d = tempfile::tempdir().unwrap();
     let rec = record_race(d.path(), "exit", "exit");
     for kind in [WatchKind::Read, WatchKind::Access] {
-        let mut a = Session::open(rec.clone(), 0).unwrap();
-        let mut b = Session::open(rec.clone(), 0).unwrap();
-        a.native = true;
-        b.native = false;
+        let (mut a, mut b) = native_and_stepping(&rec);
         let w = Watch { addr: symbol("race_counter"), len: 8, kind };
         a.watches.push(w.clone());
         b.watches.push(w);
@@ -228,10 +229,7 @@ fn a_read_watchpoint_on_running_code_falls_back_to_stepping() {
     use revirt::replay::session::{Watch, WatchKind};
     let d = tempfile::tempdir().unwrap();
     let rec = record_race(d.path(), "exit", "exit");
-    let mut a = Session::open(rec.clone(), 0).unwrap();
-    let mut b = Session::open(rec.clone(), 0).unwrap();
-    a.native = true;
-    b.native = false;
+    let (mut a, mut b) = native_and_stepping(&rec);
     // Code bytes of the racy loop (never read as data) and a breakpoint.
     let w = Watch { addr: race_loop_body(), len: 1, kind: WatchKind::Read };
     for s in [&mut a, &mut b] {
@@ -259,10 +257,7 @@ fn a_dma_write_into_a_watched_range_is_a_hit() {
     let out = d.path().join("disk");
     record_demo_ok(&out, "workload=disk", &["--disk", img.to_str().unwrap()], b"");
     let rec = Arc::new(Recording::open(&out).unwrap());
-    let mut a = Session::open(rec.clone(), 0).unwrap();
-    let mut b = Session::open(rec.clone(), 0).unwrap();
-    a.native = true;
-    b.native = false;
+    let (mut a, mut b) = native_and_stepping(&rec);
     // Sector 4 of the 8 the workload reads into disk_buf (nothing else writes there).
     let w = Watch { addr: symbol("disk_buf") + 0x800, len: 8, kind: WatchKind::Write };
     a.watches.push(w.clone());
@@ -422,10 +417,7 @@ fn reading_code_under_a_patched_int3_falls_back_to_the_stepping_path() {
     let out = d.path().join("r");
     record_demo_ok(&out, "workload=selfmod iters=40", &[], b"");
     let rec = Arc::new(Recording::open(&out).unwrap());
-    let mut a = Session::open(rec.clone(), 0).unwrap();
-    let mut b = Session::open(rec.clone(), 0).unwrap();
-    a.native = true;
-    b.native = false;
+    let (mut a, mut b) = native_and_stepping(&rec);
     // To the end with nothing set (a free run), then a breakpoint on sm_read.
     for s in [&mut a, &mut b] {
         assert_eq!(s.cont().unwrap(), StopWhy::End);
