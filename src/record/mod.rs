@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 mod ckpt;
+pub mod cover;
 pub mod mover;
 pub mod retain;
 use ckpt::CheckpointWriter;
@@ -555,6 +556,10 @@ impl Session {
             }
             let logged = self.host.log.head_later()?;
             self.ckpt.commit(logged, &t)?;
+        }
+        // After the bindings they are about (a claim names its file's SHA-256).
+        for (id, by, sha256) in std::mem::take(&mut self.ckpt.covered) {
+            self.host.log(Event::CheckpointCovered { id, by, exits, sha256 });
         }
         Ok(())
     }
