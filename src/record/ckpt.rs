@@ -43,7 +43,10 @@ type Done = Result<Finished, String>;
 pub struct CheckpointWriter {
     tx: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Done>,
-    thread: Option<JoinHandle<()>>,
+    /// Answers the thread's own CPU time when it ends.
+    thread: Option<JoinHandle<std::time::Duration>>,
+    /// The checkpoint thread's CPU time, once it has ended.
+    pub thread_cpu: std::time::Duration,
     /// Buffers the writer has finished with (page copies go into these).
     spare: Vec<Vec<u8>>,
     in_flight: u32,
@@ -74,8 +77,9 @@ pub struct CheckpointWriter {
 impl CheckpointWriter {
     /// `keep`: the retention policy's K (0 keeps every checkpoint);
     /// `kept`: the checkpoints already on disk that later ones build on
-    /// (none for a new recording; a migrated one's chain).
-    pub fn start(dir: &Path, keep: u32, kept: Vec<u32>) -> Result<CheckpointWriter, RecordError> {
+    /// (none for a new recording; a migrated one's chain); `claims`: log
+    /// coverage claims (format version 4, super::cover).
+    pub fn start(dir: &Path, keep: u32, kept: Vec<u32>, claims: bool) -> Result<CheckpointWriter, RecordError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (dtx, done) = mpsc::channel();
         let dir = dir.to_path_buf();
@@ -101,7 +105,8 @@ impl CheckpointWriter {
                             let dropped: Vec<u32> = thinned.dropped.iter().map(|d| d.0).collect();
                             cover.thinned(&dropped, &std::mem::take(&mut thinned.holds));
                             pending |= !thinned.dropped.is_empty();
-                            Ok(Finished::Written { id, w, buf: ck.data, thinned, covered: cover.claims(id) })
+                            let covered = if claims { cover.claims(id) } else { Vec::new() };
+                            Ok(Finished::Written { id, w, buf: ck.data, thinned, covered })
                         }),
                         Job::Commit { logged, rewritten, dropped } => {
                             pending = false;
@@ -113,15 +118,17 @@ impl CheckpointWriter {
                         }
                     };
                     if dtx.send(r).is_err() {
-                        return;
+                        break;
                     }
                 }
+                thread_cpu()
             })
             .map_err(|e| RecordError::CheckpointWriter(format!("starting its thread: {e}")))?;
         Ok(CheckpointWriter {
             tx: Some(tx),
             done,
             thread: Some(thread),
+            thread_cpu: std::time::Duration::ZERO,
             spare: Vec::new(),
             in_flight: 0,
             bytes: 0,
@@ -276,7 +283,7 @@ impl CheckpointWriter {
         let r = self.wait();
         self.tx.take();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            self.thread_cpu = t.join().unwrap_or_default();
         }
         r.map(|_| self.bytes)
     }
@@ -309,7 +316,7 @@ fn copy_pages(m: &Machine, pages: &[(u64, u64)], page_bytes: u64, data: &mut Vec
 }
 
 /// CPU time of the calling thread.
-fn thread_cpu() -> std::time::Duration {
+pub fn thread_cpu() -> std::time::Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

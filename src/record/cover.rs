@@ -26,6 +26,9 @@ pub struct Coverage {
 /// Runs of (first, count).
 type RunList = [(u64, u64)];
 
+/// A file as retention rewrote it: (id, page runs, sector runs, SHA-256).
+pub type Holds = (u32, Vec<(u64, u64)>, Vec<(u64, u64)>, String);
+
 impl Coverage {
     /// Checkpoint `id` (newer than every file so far) landed holding these
     /// pages and sectors, with SHA-256 `sha`.
@@ -52,7 +55,7 @@ impl Coverage {
     /// A retention pass: `dropped` files are gone; each rewritten file
     /// (id, its pages and sectors now, its new SHA-256) holds what it held
     /// plus what the dropped ones before it held.
-    pub fn thinned(&mut self, dropped: &[u32], rewritten: &[(u32, Vec<(u64, u64)>, Vec<(u64, u64)>, String)]) {
+    pub fn thinned(&mut self, dropped: &[u32], rewritten: &[Holds]) {
         for d in dropped {
             self.files.remove(d);
             self.claimed.remove(d);
@@ -147,7 +150,7 @@ mod tests {
                 claims_seen += 1;
             }
             for (&k, pages) in &kept {
-                let later: HashSet<u64> = kept.range(k + 1..=id).flat_map(|(_, p)| p.iter().copied()).collect();
+                let later: HashSet<u64> = kept.range(k + 1..).flat_map(|(_, p)| p.iter().copied()).collect();
                 let covered = k < id && pages.iter().all(|p| later.contains(p));
                 assert_eq!(claimed.contains_key(&k), covered, "file {k} after checkpoint {id}: covered {covered}");
                 if let Some(&by) = claimed.get(&k) {

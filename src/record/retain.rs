@@ -45,7 +45,7 @@ pub struct Thinned {
     pub rewritten: Vec<(u32, Written)>,
     /// What each rewritten file holds now: (id, page runs, sector runs,
     /// SHA-256), for the checkpoint thread's coverage (super::cover).
-    pub holds: Vec<(u32, Vec<(u64, u64)>, Vec<(u64, u64)>, String)>,
+    pub holds: Vec<super::cover::Holds>,
 }
 
 /// Drops what the policy no longer keeps now that `newest` is on disk:

@@ -387,8 +387,10 @@ fn check_checkpoints(dir: &Path, log: &LogReader, cut: &LogCut, cx: &mut Ctx) ->
     in_log
 }
 
-/// The kept files read intact: id -> (page runs, sector runs).
-type Held = std::collections::BTreeMap<u32, (Vec<(u64, u64)>, Vec<(u64, u64)>)>;
+/// A file's (page runs, sector runs).
+type Runs = (Vec<(u64, u64)>, Vec<(u64, u64)>);
+/// The kept files read intact: id -> their runs.
+type Held = std::collections::BTreeMap<u32, Runs>;
 
 /// Checks each claim (id, by) of `Event::CheckpointCovered` about a file
 /// as bound now: restoring any kept checkpoint from `by` on finds every
@@ -427,7 +429,7 @@ fn false_claims(held: &Held, claims: &[(u32, u32)]) -> Result<usize, String> {
 }
 
 /// Returns the file's page and sector runs when it is intact.
-fn check_bound_checkpoint(dir: &Path, log: &LogReader, id: u32, exits: u64, sha: String, cut: &LogCut, cx: &mut Ctx) -> Option<(Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+fn check_bound_checkpoint(dir: &Path, log: &LogReader, id: u32, exits: u64, sha: String, cut: &LogCut, cx: &mut Ctx) -> Option<Runs> {
     let p = checkpoint_path(dir, id);
     cx.checked.checkpoints += 1;
     let mut runs = None;
