@@ -232,6 +232,15 @@ impl Machine {
         }
         let kvm = Kvm::new().map_err(MachineError::NoKvm)?;
         let vm = setup("KVM_CREATE_VM", kvm.create_vm())?;
+        // Manual dirty-log protection, where KVM has it: the dirty log can
+        // then leave pages the guest rewrites every interval writable
+        // (vmm::dirty), instead of taking a write fault on each again.
+        let manual = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            args: [u64::from(kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), 0, 0, 0],
+            ..Default::default()
+        };
+        let manual = std::env::var_os("REVIRT_CLASSIC_DIRTY_LOG").is_none() && vm.enable_cap(&manual).is_ok();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), config.mem_size as usize)])
             .map_err(|e| MachineError::MemoryAccess { what: "mapping guest RAM", source: e.into() })?;
         for (slot, region) in mem.iter().enumerate() {
@@ -250,7 +259,7 @@ impl Machine {
         let vcpu = Vcpu::new(&kvm, fd)?;
         let block = Block::new(config.disk.as_deref())?;
         let vm = Arc::new(vm);
-        let dirty = Arc::new(DirtyLog::new(vm.clone(), config.mem_size / 4096));
+        let dirty = Arc::new(DirtyLog::new(vm.clone(), config.mem_size / 4096, manual));
         Ok(Machine {
             config: config.clone(),
             _kvm: kvm,
