@@ -15,6 +15,8 @@
 #                                          # (default target/bench: where bench-long.sh writes them)
 #   ONLY=ckpt,mem bash scripts/bench.sh    # only these sections (record log ckpt mem tt qemu
 #                                          # migrate long; for iterating, not for the report)
+#   WL=dirty,race                          # only these workloads in the record section
+#   CKPT_ITERS=60 STEADY_ITERS=600         # rounds of the checkpoint rows (STEADY_ITERS=0: no steady-state row)
 # It also runs RECORD=1 scripts/bench-migrate.sh (64M, 25,600 and 102,400
 # dirty pages/s) and quotes target/bench/long.json from scripts/bench-long.sh
 # (a 10-minute recording, run on its own beforehand) when it is there.
@@ -135,6 +137,9 @@ BINS = [("now", NOW)] + ([("before", BEFORE)] if BEFORE else [])
 # ONLY=ckpt,mem runs only those sections (record log ckpt mem tt qemu migrate long).
 ONLY = set(filter(None, os.environ.get("ONLY", "").split(",")))
 def want(key): return not ONLY or key in ONLY
+# Rounds of the checkpoint benchmark's dirty workload (60: comparable with the before binary's
+# run time; more rounds give the hot-page dirty log (vmm::dirty) more checkpoints to settle over).
+CKPT_ITERS = int(os.environ.get("CKPT_ITERS", "60"))
 # The 64M/4G rows time 0.02 s runs: more repetitions (MEM_REPS, default 3 x REPS).
 MEM_REPS = int(os.environ.get("MEM_REPS", str(3 * REPS)))
 
@@ -149,6 +154,9 @@ if want("record"):
         ("branchy", "workload=branchy iters=6000000"),
         ("fpu", "workload=fpu iters=4000000"),
     ]
+    # WL=dirty,race: only the workloads whose label starts with one of these (for iterating).
+    WL = [x for x in os.environ.get("WL", "").split(",") if x]
+    WORKLOADS = [w for w in WORKLOADS if not WL or any(w[0].startswith(x) for x in WL)]
     res["workloads"] = []
     for label, cl in WORKLOADS:
         w = {"workload": label, "cmdline": cl}
@@ -219,10 +227,15 @@ if want("log"):
 if want("ckpt"):
     section("checkpoint cost: --checkpoint-every 10ms vs 0, dirty workload")
     res["checkpoints"] = []
-    for pages in [1024, 4096, 12288]:
-        cl = f"workload=dirty iters=60 pages={pages}"
-        r = {"pages_written": pages}
-        for tag, b in BINS:
+    # The three sizes side by side with the before binary; then 4,096 pages over STEADY_ITERS
+    # rounds with this binary alone: enough checkpoints for the hot-page dirty log (vmm::dirty)
+    # to settle (its first reads still fault), which the before binary would take minutes over.
+    STEADY = int(os.environ.get("STEADY_ITERS", "600"))
+    for pages, iters, bins in [(1024, CKPT_ITERS, BINS), (4096, CKPT_ITERS, BINS), (12288, CKPT_ITERS, BINS)] + ([(4096, STEADY, BINS[:1])] if STEADY else []):
+        cl = f"workload=dirty iters={iters} pages={pages}"
+        r = {"pages_written": pages, "rounds": iters}
+        rounds = "" if iters == CKPT_ITERS else f", {iters} rounds"
+        for tag, b in bins:
             t0, t1, c0, c1, pauses, th0, th1 = [], [], [], [], [], [], []
             for i in range(REPS):
                 dt, p = record(b, f"ck0-{tag}", cl, ckpt="0"); t0.append(dt); c0.append(p.cpu); th0.append(p.threads)
@@ -246,7 +259,7 @@ if want("ckpt"):
                 r[tag]["dirty_pages"] = med([x[2] for x in pauses])
                 r[tag]["pause_cpu_median_ms"] = med([x[3] for x in pauses])
         dp = r["now"].get("dirty_pages", pages + 1)
-        for tag, _ in BINS:
+        for tag, _ in bins:
             for k in ["cpu", "wall", "own", "guest"]:
                 if f"{k}_ms_per_ckpt" in r[tag]:
                     r[tag][f"{k}_ms_per_1000"] = r[tag][f"{k}_ms_per_ckpt"] / dp * 1000
@@ -256,18 +269,18 @@ if want("ckpt"):
         print(f"  {r}", file=sys.stderr)
         bf = r.get("before")
         # Before, the vCPU stood still for the whole checkpoint (copy, compress, write on its thread).
-        ROWS.append(("ckpt", f"checkpoint vCPU pause per 1,000 dirty pages ({dp:.0f} pages, {r['now']['incremental']} ckpts)",
+        ROWS.append(("ckpt", f"checkpoint vCPU pause per 1,000 dirty pages ({dp:.0f} pages, {r['now']['incremental']} ckpts{rounds})",
                      f"{f(bf['wall_ms_per_1000'],1)} ms (whole checkpoint)" if bf else "-",
                      f"{f(r['now']['pause_ms_per_1000'],2)} ms wall, {f(r['now']['pause_cpu_ms_per_1000'],2)} ms cpu (max pause {f(r['now'].get('pause_max_ms'),1)} ms)", "<= 1 ms",
                      verdict(r["now"]["pause_ms_per_1000"], 1.0) + ("" if (r["now"]["pause_ms_per_1000"] <= 1) == (r["now"]["pause_cpu_ms_per_1000"] <= 1) else f" (cpu: {verdict(r['now']['pause_cpu_ms_per_1000'], 1.0)})")))
-        ROWS.append(("ckpt", f"checkpoint CPU per 1,000 dirty pages ({dp:.0f} pages)",
+        ROWS.append(("ckpt", f"checkpoint CPU per 1,000 dirty pages ({dp:.0f} pages{rounds})",
                      f"{f(bf['cpu_ms_per_1000'],1)} ms" if bf else "-", f"{f(r['now']['cpu_ms_per_1000'],1)} ms", "<= 5 ms",
                      verdict(r["now"]["cpu_ms_per_1000"], 5.0)))
         if "own_ms_per_1000" in r["now"]:
             nw = r["now"]
-            ROWS.append(("ckpt", f"  of which the recorder's own work (vCPU thread's pauses + checkpoint thread) ({dp:.0f} pages)", "-",
+            ROWS.append(("ckpt", f"  of which the recorder's own work (vCPU thread's pauses + checkpoint thread) ({dp:.0f} pages{rounds})", "-",
                          f"{f(nw['own_ms_per_1000'],1)} ms", "<= 5 ms", verdict(nw["own_ms_per_1000"], 5.0)))
-            ROWS.append(("ckpt", f"  of which the guest's extra execution on the vCPU thread (write faults on re-protected pages) ({dp:.0f} pages)", "-",
+            ROWS.append(("ckpt", f"  of which the guest's extra execution on the vCPU thread (write faults on re-protected pages) ({dp:.0f} pages{rounds})", "-",
                          f"{f(nw['guest_ms_per_1000'],1)} ms (other threads {f(nw['cpu_ms_per_1000'] - nw['own_ms_per_1000'] - nw['guest_ms_per_1000'],1)} ms)", "-", "-"))
 
 # ---------------------------------------------------------------- guest RAM size
