@@ -21,6 +21,7 @@ use crate::replay::search::{Scan, ScanStop, WATCH};
 mod forward;
 mod memory;
 mod native;
+mod prev;
 mod reverse;
 
 /// Something went wrong below the debugger (KVM, a damaged recording, a divergence).
@@ -155,6 +156,10 @@ const SNAP_HALFWAY_MIN: u64 = 16;
 const SCAN_SNAP_EVERY: u64 = 64;
 
 const POLL_EVERY: u64 = 512;
+
+/// A reverse step at the n-th arrival at a RIP first tries stepping from
+/// the arrival before it, for at most this many steps (a loop's body).
+const LOOP_STEPS: u64 = 4096;
 
 impl Session {
     /// Opens a session at exit `at` (0 = the start of the recording).
@@ -480,7 +485,7 @@ impl Session {
         if here.anchor.is_none() || here.end {
             return Ok(());
         }
-        self.scan((here.exits, None, 0), here, SCAN_SNAP_EVERY, |_, _| {})?;
+        self.scan((here.exits, None, 0), here, SCAN_SNAP_EVERY, u64::MAX, |_, _| {})?;
         Ok(())
     }
 
