@@ -367,6 +367,12 @@ impl Timeline {
         Ok((r?, scan))
     }
 
+    /// Lets a request on `kick` stop the next runs wherever the guest is
+    /// (they then fail with [`ReplayError::Interrupted`]); None: not.
+    pub fn set_kick(&mut self, kick: Option<std::sync::Arc<crate::replay::interrupt::Interrupter>>) {
+        self.host.kick = kick;
+    }
+
     /// Executes `n` guest instructions forward (single-stepping), then stops.
     pub fn step(&mut self, n: u64) -> Result<Outcome, ReplayError> {
         if n == 0 {
@@ -410,6 +416,10 @@ impl Timeline {
             (a, b) => a.or(b),
         };
         match self.machine.run(&mut self.host, limit) {
+            Ok(Stop::Paused) if std::mem::take(&mut self.host.kicked) => {
+                self.host.reached = false;
+                Err(ReplayError::Interrupted { exits: self.machine.exits })
+            }
             Ok(Stop::Paused) => {
                 let stepped_here = std::mem::take(&mut self.host.reached);
                 if (to.is_some() && Some(self.machine.exits) == to) || stepped_here {

@@ -115,6 +115,9 @@ pub struct Session {
     pub watches: Vec<Watch>,
     /// Polled every `POLL_EVERY` steps during long runs; true = stop now.
     pub interrupted: Option<Box<dyn FnMut() -> bool>>,
+    /// A front end's Ctrl-C from another thread: also stops a native run
+    /// inside an exit interval (see `replay::interrupt`).
+    pub interrupter: Option<Arc<crate::replay::interrupt::Interrupter>>,
     /// Steps taken since the session began (for `monitor stats`).
     pub steps_taken: u64,
     /// In-memory snapshots taken while going back (see `snapshots`).
@@ -214,6 +217,7 @@ impl Session {
             breakpoints: BTreeSet::new(),
             watches: Vec::new(),
             interrupted: None,
+            interrupter: None,
             steps_taken: 0,
             snaps: Snapshots::new(snapshots && !big_disk),
             prev_boundary: HashMap::new(),
@@ -255,6 +259,9 @@ impl Session {
     }
 
     fn interrupted(&mut self) -> bool {
+        if self.interrupter.as_ref().is_some_and(|i| i.requested()) {
+            return true;
+        }
         match &mut self.interrupted {
             Some(f) => f(),
             None => false,
