@@ -172,6 +172,33 @@ fn continue_and_reverse_continue_equal_the_stepping_path() {
     }
 }
 
+/// `make_exact` on a native stop (the n-th arrival at a breakpoint, reached
+/// running free) steps to it once, counting: the same exact point (branch
+/// count), step count since the exit and state as the stepping path's stop.
+#[test]
+fn make_exact_at_a_native_stop_equals_the_stepping_paths_point() {
+    let d = tempfile::tempdir().unwrap();
+    for clock in ["exit", "step"] {
+        let rec = record_race(d.path(), clock, clock);
+        let (mut a, mut b) = native_and_stepping(&rec);
+        let bps: BTreeSet<u64> = [race_loop_body(), irq_timer_body()].into();
+        a.breakpoints = bps.clone();
+        b.breakpoints = bps;
+        let mut anchored = 0;
+        for i in 0..8 {
+            let what = format!("{clock}: stop {i}");
+            let (wa, wb) = if i < 5 { (a.cont().unwrap(), b.cont().unwrap()) } else { (a.reverse_cont().unwrap(), b.reverse_cont().unwrap()) };
+            anchored += u64::from(a.pos().anchor.is_some());
+            a.make_exact().unwrap();
+            same_stop(&mut a, &mut b, &wa, &wb, &what);
+            let (pa, pb) = (a.pos(), b.pos());
+            assert_eq!((pa.at(), pa.point), (pb.at(), pb.point), "{what}: exit, steps and branch count");
+            assert!(pa.anchor.is_none(), "{what}: an exact position counts steps from its exit");
+        }
+        assert!(anchored >= 5, "{clock}: the stops were native arrivals ({anchored})");
+    }
+}
+
 #[test]
 fn write_watchpoints_at_native_speed_equal_the_stepping_path() {
     use revirt::replay::session::{Watch, WatchKind};

@@ -154,8 +154,9 @@ fn version_2_recordings_without_an_index_are_checked_whole() {
     let exits = rec.last_exits();
     let meta_path = dir.join(trace::META);
     let meta = String::from_utf8(std::fs::read(&meta_path).unwrap()).unwrap();
-    assert!(meta.contains("\"version\": 3"), "{meta}");
-    let meta = meta.replace("\"version\": 3", "\"version\": 2");
+    let now = format!("\"version\": {}", trace::meta::VERSION);
+    assert!(meta.contains(&now), "{meta}");
+    let meta = meta.replace(&now, "\"version\": 2");
     std::fs::write(&meta_path, &meta).unwrap();
     // The log re-sealed from the new meta.json, as a version-2 revirt wrote it.
     let w = trace::LogWriter::create(&dir.join(trace::EVENTS), trace::log::genesis(meta.as_bytes())).unwrap();
@@ -177,4 +178,84 @@ fn version_2_recordings_without_an_index_are_checked_whole() {
     let (code, err) = seek(&dir, exits / 2, &[]);
     assert_ne!(code, Some(0));
     assert!(err.contains("format version 1 is not supported"), "{err}");
+}
+
+/// Memory and disk at checkpoint `to` as `rebuild` hands them on with `seals`.
+type Restored = (std::collections::BTreeMap<u64, Vec<u8>>, std::collections::BTreeMap<u64, Vec<u8>>);
+fn restore(dir: &Path, seals: &trace::checkpoint::Seals, to: u32) -> Result<Restored, String> {
+    let (mut pages, mut sectors) = (std::collections::BTreeMap::new(), std::collections::BTreeMap::new());
+    let page = |p, b: &[u8]| {
+        pages.insert(p, b.to_vec());
+        Ok(())
+    };
+    let sector = |s, b: &[u8]| {
+        sectors.insert(s, b.to_vec());
+        Ok(())
+    };
+    trace::checkpoint::rebuild(dir, seals, 0, to, page, sector).map_err(|e| e.to_string())?;
+    Ok((pages, sectors))
+}
+
+/// Format version 4: the recorder logs which kept checkpoint files later
+/// ones hold entirely (`CheckpointCovered`), so a restore opens only the
+/// files it needs, however long the recording: it restores the same memory
+/// without them, a seek works with such a file gone (it never opens it),
+/// `verify` still checks every file and every claim, and a false claim
+/// sealed into the chain is found.
+#[test]
+fn restores_skip_files_later_ones_hold_and_verify_checks_the_claims() {
+    use trace::checkpoint::{Covers, Expect, Seals};
+    use trace::Event;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("rec");
+    sample(&dir);
+    let rec = Recording::open(&dir).unwrap();
+    let seals = Seals::from_events(&rec.events, Expect::Unbound);
+    let claims = seals.claims();
+    let last = rec.checkpoints.last().unwrap().0;
+    assert!(claims.len() >= 3, "an idle guest rewriting its working set covers old files: {claims:?}");
+    let bound: std::collections::HashMap<u32, String> = rec
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::CheckpointFile { id, sha256, .. } => Some((*id, sha256.clone())),
+            _ => None,
+        })
+        .collect();
+    let unclaimed = Seals::from_bindings(bound.clone(), Covers::new(), Expect::Unbound);
+    let full = restore(&dir, &unclaimed, last).unwrap();
+    assert!(!full.0.is_empty());
+    assert_eq!(restore(&dir, &seals, last).unwrap(), full, "skipping covered files restores the same memory");
+    // A claimed file gone: restores from its `by` on never open it.
+    let &(k, by) = claims.iter().find(|c| c.1 < last).expect("a claim older than the last checkpoint");
+    let path = trace::checkpoint_path(&dir, k);
+    let kept = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(restore(&dir, &seals, last).unwrap(), full);
+    assert!(restore(&dir, &unclaimed, last).is_err(), "without the claims the restore needs checkpoint {k}");
+    assert!(restore(&dir, &seals, by.max(k + 1)).is_ok());
+    let to = rec.checkpoints.iter().find(|c| c.0 == last).unwrap().1 + 5;
+    let (code, err) = seek(&dir, to, &[]);
+    assert_eq!(code, Some(0), "the seek does not open checkpoint {k}: {err}");
+    assert!(err.contains("integrity (seek)") && err.contains(&format!("starting from checkpoint {last}")), "{err}");
+    let v = verify(&dir);
+    assert!(!v.intact && v.problems().iter().any(|p| p.contains(&format!("checkpoint {k}:"))), "verify checks every file: {:?}", v.problems());
+    std::fs::write(&path, &kept).unwrap();
+    let v = verify(&dir);
+    assert!(v.intact && v.findings.iter().any(|f| f.ok && f.what.contains(&format!("{} coverage claims hold", claims.len()))), "{:?}", v.findings);
+    // A false claim, sealed into the chain as a recorder would log it.
+    let (bad, _) = bound.iter().filter(|(id, s)| !s.is_empty() && **id < last && !claims.iter().any(|c| c.0 == **id)).max().expect("a kept file later ones do not hold");
+    let mut events = rec.events.clone();
+    let end = events.pop().unwrap();
+    events.push(Event::CheckpointCovered { id: *bad, by: last, exits: end.exits(), sha256: bound[bad].clone() });
+    events.push(end);
+    let meta = std::fs::read(dir.join(trace::META)).unwrap();
+    let w = trace::LogWriter::create(&dir.join(trace::EVENTS), trace::log::genesis(&meta)).unwrap();
+    for e in events {
+        w.push(e);
+    }
+    w.finish().unwrap();
+    let v = verify(&dir);
+    let why = format!("checkpoint {bad}: the chain says later files hold all of it by checkpoint {last}, but they do not");
+    assert!(!v.intact && v.problems().iter().any(|p| p.contains(&why)), "{:?}", v.problems());
 }

@@ -121,6 +121,13 @@ pub fn main(a: Args) -> anyhow::Result<u8> {
             s.checkpoint_waits.1.as_secs_f64() * 1e3
         );
     }
+    let (vcpu, pauses, ckpt) = s.thread_cpu;
+    eprintln!(
+        "revirt: cpu by thread: vCPU {:.1} ms ({:.1} ms of it in checkpoint pauses), checkpoint writer {:.1} ms",
+        vcpu.as_secs_f64() * 1e3,
+        pauses.as_secs_f64() * 1e3,
+        ckpt.as_secs_f64() * 1e3
+    );
     eprintln!("revirt: replay it with `revirt replay {}`", s.dir.display());
     Ok(match s.stop {
         EndReason::PowerOff(st) => st,

@@ -578,7 +578,8 @@ pub fn event_point(e: &Event) -> u64 {
         | Event::End { exits, .. }
         | Event::Migrated { exits, .. }
         | Event::CheckpointFile { exits, .. }
-        | Event::ConsoleFile { exits, .. } => *exits,
+        | Event::ConsoleFile { exits, .. }
+        | Event::CheckpointCovered { exits, .. } => *exits,
     }
 }
 

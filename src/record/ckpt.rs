@@ -1,7 +1,8 @@
 //! Checkpoints off the vCPU's path: the vCPU thread only copies the dirty
 //! pages into a reused buffer and saves the machine state; a writer thread
 //! serializes, compresses and writes the file, then hands the buffer back.
-//! The same thread applies the retention policy (super::retain).
+//! The same thread applies the retention policy (super::retain) and keeps
+//! track of which files later ones replace entirely (super::cover).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -9,6 +10,7 @@ use std::thread::JoinHandle;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::cover::Coverage;
 use super::retain::{self, Thinned};
 use super::RecordError;
 use crate::trace::checkpoint::{runs, CheckpointHeader, PAGE};
@@ -25,7 +27,7 @@ enum Job {
 }
 
 enum Finished {
-    Written { id: u32, w: trace::checkpoint::Written, buf: Vec<u8>, thinned: Thinned },
+    Written { id: u32, w: trace::checkpoint::Written, buf: Vec<u8>, thinned: Thinned, covered: Vec<(u32, String)> },
     Committed,
 }
 
@@ -41,7 +43,10 @@ type Done = Result<Finished, String>;
 pub struct CheckpointWriter {
     tx: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Done>,
-    thread: Option<JoinHandle<()>>,
+    /// Answers the thread's own CPU time when it ends.
+    thread: Option<JoinHandle<std::time::Duration>>,
+    /// The checkpoint thread's CPU time, once it has ended.
+    pub thread_cpu: std::time::Duration,
     /// Buffers the writer has finished with (page copies go into these).
     spare: Vec<Vec<u8>>,
     in_flight: u32,
@@ -60,6 +65,8 @@ pub struct CheckpointWriter {
     pub landed: Vec<(u32, String)>,
     /// Thinning passes whose events the log does not hold yet.
     pub thinned: Vec<Thinned>,
+    /// Coverage claims the log does not hold yet: (id, by, SHA-256).
+    pub covered: Vec<(u32, u32, String)>,
     /// Checkpoints dropped by the retention policy so far.
     pub dropped: u32,
     /// The checkpoints on disk that the policy keeps (as the writer
@@ -70,8 +77,9 @@ pub struct CheckpointWriter {
 impl CheckpointWriter {
     /// `keep`: the retention policy's K (0 keeps every checkpoint);
     /// `kept`: the checkpoints already on disk that later ones build on
-    /// (none for a new recording; a migrated one's chain).
-    pub fn start(dir: &Path, keep: u32, kept: Vec<u32>) -> Result<CheckpointWriter, RecordError> {
+    /// (none for a new recording; a migrated one's chain); `claims`: log
+    /// coverage claims (format version 4, super::cover).
+    pub fn start(dir: &Path, keep: u32, kept: Vec<u32>, claims: bool) -> Result<CheckpointWriter, RecordError> {
         let (tx, rx) = mpsc::channel::<Job>();
         let (dtx, done) = mpsc::channel();
         let dir = dir.to_path_buf();
@@ -80,6 +88,7 @@ impl CheckpointWriter {
             .name("revirt-checkpoints".into())
             .spawn(move || {
                 let mut kept: std::collections::BTreeSet<u32> = kept.into_iter().collect();
+                let mut cover = Coverage::default();
                 // A pass not yet committed: the next waits (its files are in flux).
                 let mut pending = false;
                 for job in rx {
@@ -87,13 +96,17 @@ impl CheckpointWriter {
                         Job::Write { path, ck } => ck.write(&path).map_err(|e| e.to_string()).and_then(|w| {
                             let id = ck.header.id;
                             kept.insert(id);
-                            let thinned = if keep > 0 && !pending {
+                            cover.landed(id, &ck.header.pages, &ck.header.sectors, &w.sha256);
+                            let mut thinned = if keep > 0 && !pending {
                                 retain::thin(&dir, &mut kept, id, keep)?
                             } else {
                                 Thinned::default()
                             };
+                            let dropped: Vec<u32> = thinned.dropped.iter().map(|d| d.0).collect();
+                            cover.thinned(&dropped, &std::mem::take(&mut thinned.holds));
                             pending |= !thinned.dropped.is_empty();
-                            Ok(Finished::Written { id, w, buf: ck.data, thinned })
+                            let covered = if claims { cover.claims(id) } else { Vec::new() };
+                            Ok(Finished::Written { id, w, buf: ck.data, thinned, covered })
                         }),
                         Job::Commit { logged, rewritten, dropped } => {
                             pending = false;
@@ -105,15 +118,17 @@ impl CheckpointWriter {
                         }
                     };
                     if dtx.send(r).is_err() {
-                        return;
+                        break;
                     }
                 }
+                thread_cpu()
             })
             .map_err(|e| RecordError::CheckpointWriter(format!("starting its thread: {e}")))?;
         Ok(CheckpointWriter {
             tx: Some(tx),
             done,
             thread: Some(thread),
+            thread_cpu: std::time::Duration::ZERO,
             spare: Vec::new(),
             in_flight: 0,
             bytes: 0,
@@ -122,6 +137,7 @@ impl CheckpointWriter {
             pause_cpu: Vec::new(),
             landed: Vec::new(),
             thinned: Vec::new(),
+            covered: Vec::new(),
             dropped: 0,
             kept: kept_here,
         })
@@ -130,7 +146,8 @@ impl CheckpointWriter {
     fn collect(&mut self, r: Done) -> Result<(), RecordError> {
         self.in_flight -= 1;
         match r.map_err(RecordError::CheckpointWriter)? {
-            Finished::Written { id, w, buf, thinned } => {
+            Finished::Written { id, w, buf, thinned, covered } => {
+                self.covered.extend(covered.into_iter().map(|(k, sha)| (k, id, sha)));
                 self.bytes += w.bytes;
                 self.landed.push((id, w.sha256));
                 self.spare.push(buf);
@@ -170,7 +187,7 @@ impl CheckpointWriter {
 
     /// Nothing handed over is still being written or committed.
     pub fn idle(&self) -> bool {
-        self.in_flight == 0 && self.thinned.is_empty() && self.landed.is_empty()
+        self.in_flight == 0 && self.thinned.is_empty() && self.landed.is_empty() && self.covered.is_empty()
     }
 
     /// Takes in what the writer finished, without waiting.
@@ -266,7 +283,7 @@ impl CheckpointWriter {
         let r = self.wait();
         self.tx.take();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            self.thread_cpu = t.join().unwrap_or_default();
         }
         r.map(|_| self.bytes)
     }
@@ -299,7 +316,7 @@ fn copy_pages(m: &Machine, pages: &[(u64, u64)], page_bytes: u64, data: &mut Vec
 }
 
 /// CPU time of the calling thread.
-fn thread_cpu() -> std::time::Duration {
+pub fn thread_cpu() -> std::time::Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

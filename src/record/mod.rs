@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 mod ckpt;
+pub mod cover;
 pub mod mover;
 pub mod retain;
 use ckpt::CheckpointWriter;
@@ -98,6 +99,10 @@ pub struct RecordSummary {
     pub checkpoint_waits: (usize, Duration),
     /// Median CPU time of the vCPU thread in a checkpoint pause.
     pub checkpoint_pause_cpu: Duration,
+    /// Where the recorder's CPU went: (the vCPU thread in all, the vCPU
+    /// thread in checkpoint pauses, the checkpoint thread). The benchmark
+    /// splits a checkpoint's cost with it (scripts/bench.sh).
+    pub thread_cpu: (Duration, Duration, Duration),
     /// The VM moved to another host mid-recording; this end holds the
     /// recording up to the move and no End event.
     pub migrated: Option<mover::MoveSummary>,
@@ -407,7 +412,7 @@ fn session(
         dir: dir.clone(),
         host: RecordHost::new(LiveHost::new(input, console, clock_ns), log, opts.clock, console_file, opts.checkpoint_every),
         checkpoints: 0,
-        ckpt: CheckpointWriter::start(dir, opts.keep_checkpoints, Vec::new())?,
+        ckpt: CheckpointWriter::start(dir, opts.keep_checkpoints, Vec::new(), true)?,
         start: Instant::now(),
         control: opts.control.clone(),
         pmu_counter: opts.pmu_opener(),
@@ -527,7 +532,8 @@ impl Session {
             dir: dir.to_path_buf(),
             host,
             checkpoints: rs.checkpoints,
-            ckpt: CheckpointWriter::start(dir, meta.checkpoint_keep.unwrap_or(0), kept)?,
+            // A recording older than format version 4 gets no claims (its readers could not decode them).
+            ckpt: CheckpointWriter::start(dir, meta.checkpoint_keep.unwrap_or(0), kept, meta.version >= 4)?,
             start: Instant::now(),
             control,
             pmu_counter: crate::clock::pmu::hardware_opener(),
@@ -555,6 +561,10 @@ impl Session {
             }
             let logged = self.host.log.head_later()?;
             self.ckpt.commit(logged, &t)?;
+        }
+        // After the bindings they are about (a claim names its file's SHA-256).
+        for (id, by, sha256) in std::mem::take(&mut self.ckpt.covered) {
+            self.host.log(Event::CheckpointCovered { id, by, exits, sha256 });
         }
         Ok(())
     }
@@ -688,6 +698,8 @@ impl Session {
             events += 1;
             self.host.log(Event::End { exits: m.exits, reason: end.clone(), state_hash: state_hash.clone(), output_len, output_sha256 });
         }
+        let in_pauses: Duration = self.ckpt.pause_cpu.iter().sum();
+        let thread_cpu = (ckpt::thread_cpu(), in_pauses, self.ckpt.thread_cpu);
         let (checkpoint_pauses, checkpoint_pause_cpu, checkpoint_waits) = pause_figures(&mut self.ckpt);
         let RecordHost { log, .. } = self.host;
         let stats = log.finish()?;
@@ -704,6 +716,7 @@ impl Session {
             checkpoint_pauses,
             checkpoint_waits,
             checkpoint_pause_cpu,
+            thread_cpu,
             wall: self.start.elapsed(),
             max_irq_delay,
             state_hash,

@@ -43,6 +43,9 @@ pub struct Thinned {
     pub dropped: Vec<(u32, u32)>,
     /// Rewritten checkpoints and their new files.
     pub rewritten: Vec<(u32, Written)>,
+    /// What each rewritten file holds now: (id, page runs, sector runs,
+    /// SHA-256), for the checkpoint thread's coverage (super::cover).
+    pub holds: Vec<super::cover::Holds>,
 }
 
 /// Drops what the policy no longer keeps now that `newest` is on disk:
@@ -96,6 +99,7 @@ pub fn thin(
     }
     for (id, ck) in merged {
         let w = ck.write(&files.thinned(id)).map_err(|e| e.to_string())?;
+        out.holds.push((id, ck.header.pages, ck.header.sectors, w.sha256.clone()));
         out.rewritten.push((id, w));
     }
     Ok(out)

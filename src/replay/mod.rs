@@ -238,7 +238,7 @@ impl Recording {
             return Recording::open_checked(dir, force);
         };
         use trace::checkpoint::{Expect, Seals};
-        let seals = Seals::from_bindings(w.bindings, Expect::Unbound);
+        let seals = Seals::from_bindings(w.bindings, w.covers, Expect::Unbound);
         let files = trace::Dir::new(dir);
         let checkpoints = w
             .checkpoints

@@ -373,6 +373,25 @@ impl Timeline {
         self.host.kick = kick;
     }
 
+    /// Single-steps while `scan` counts arrivals (nothing patched: every
+    /// instruction boundary is polled, so the branch count stays exact),
+    /// until the scan's stop, exit `limit` or the end. Also returns the
+    /// instructions stepped, counted as [`Timeline::step`] counts them.
+    pub fn step_scan(&mut self, scan: Scan, limit: Option<u64>) -> Result<(Outcome, Scan, u64), ReplayError> {
+        const MANY: u64 = u64::MAX;
+        self.host.scan = Some(scan);
+        self.host.stop_at = Some(StopAt::Steps(MANY));
+        let r = self.run(limit);
+        let left = match self.host.stop_at.take() {
+            Some(StopAt::Steps(n)) => n,
+            _ => MANY,
+        };
+        let scan = self.host.scan.take().expect("set above");
+        // Each boundary polled counts one down, except the one the scan stopped at.
+        let stopped = matches!(r, Ok(Outcome::Reached)) && limit != Some(self.machine.exits);
+        Ok((r?, scan, MANY - left + u64::from(stopped)))
+    }
+
     /// Executes `n` guest instructions forward (single-stepping), then stops.
     pub fn step(&mut self, n: u64) -> Result<Outcome, ReplayError> {
         if n == 0 {

@@ -328,29 +328,61 @@ pub enum Expect {
 pub struct Seals {
     bound: std::collections::HashMap<u32, String>,
     unbound: Expect,
+    covers: Covers,
 }
+
+/// Coverage claims (`Event::CheckpointCovered`): (checkpoint, the SHA-256
+/// of its file the claim is about) -> the earliest checkpoint `by` from
+/// which on a restore need not open that file.
+pub type Covers = std::collections::HashMap<(u32, String), u32>;
 
 impl Seals {
     /// From a log's events; `unbound` is what ids without a binding get
     /// (`Expect::Unbound`, or `Expect::CrcOnly` for a cut-short log).
     pub fn from_events(events: &[crate::trace::Event], unbound: Expect) -> Seals {
+        use crate::trace::Event;
         let mut bound = std::collections::HashMap::new();
+        let mut covers = Covers::new();
         for e in events {
-            if let crate::trace::Event::CheckpointFile { id, sha256, .. } = e {
-                bound.insert(*id, sha256.clone());
+            match e {
+                Event::CheckpointFile { id, sha256, .. } => {
+                    bound.insert(*id, sha256.clone());
+                }
+                Event::CheckpointCovered { id, by, sha256, .. } => {
+                    let b = covers.entry((*id, sha256.clone())).or_insert(*by);
+                    *b = (*b).min(*by);
+                }
+                _ => {}
             }
         }
-        Seals { bound, unbound }
+        Seals { bound, unbound, covers }
     }
 
-    /// From bindings already collected (the seek index's, `trace::seek`).
-    pub fn from_bindings(bound: std::collections::HashMap<u32, String>, unbound: Expect) -> Seals {
-        Seals { bound, unbound }
+    /// From bindings and claims already collected (the seek index's,
+    /// `trace::seek`).
+    pub fn from_bindings(bound: std::collections::HashMap<u32, String>, covers: Covers, unbound: Expect) -> Seals {
+        Seals { bound, unbound, covers }
     }
 
     /// Every file on its CRC-32 alone (`--force`, unchecked library use).
     pub fn crc_only() -> Seals {
-        Seals { bound: Default::default(), unbound: Expect::CrcOnly }
+        Seals { bound: Default::default(), unbound: Expect::CrcOnly, covers: Covers::new() }
+    }
+
+    /// Whether a restore of checkpoint `to` need not open checkpoint `k`'s
+    /// file: the chain binds it and claims (for that very file) that later
+    /// kept files up to a checkpoint at or before `to` hold all its pages
+    /// and sectors. `verify` checks every claim against the files.
+    pub fn covered(&self, k: u32, to: u32) -> bool {
+        k < to
+            && self.bound.get(&k).is_some_and(|s| !s.is_empty() && self.covers.get(&(k, s.clone())).is_some_and(|&by| by <= to))
+    }
+
+    /// The claims that apply to the files the chain binds now: (id, by).
+    pub fn claims(&self) -> Vec<(u32, u32)> {
+        let mut out: Vec<(u32, u32)> = self.covers.iter().filter(|((id, sha), _)| self.bound.get(id) == Some(sha) && !sha.is_empty()).map(|((id, _), &by)| (*id, by)).collect();
+        out.sort_unstable();
+        out
     }
 
     pub fn expect(&self, id: u32) -> Expect {
@@ -404,8 +436,10 @@ impl Seals {
 /// only the pages that were not zero, and any all-zero page in it is not
 /// passed on. The files are read newest first: a file whose pages and
 /// sectors later ones all replace is checked but its data not decompressed
-/// (after retention merges, old files mostly hold the same working set).
-/// Returns checkpoint `to`'s header. Each file is checked as `seals` says
+/// (after retention merges, old files mostly hold the same working set),
+/// and a file the chain says later files up to `to` replace entirely
+/// (`Seals::covered`) is not opened at all, so the files a restore opens
+/// do not grow with the recording's length. Returns checkpoint `to`'s header. Each file is checked as `seals` says
 /// before it is decoded (dropped ones are skipped). The one reader of
 /// checkpoint contents for replay (`Timeline::at_checkpoint`) and
 /// inspection (`Checkpoints::memory`).
@@ -420,7 +454,7 @@ pub fn rebuild(
     let mut done = Done::default();
     let mut last = None;
     for k in (from..=to).rev() {
-        if seals.expect(k) == Expect::Dropped && k != to {
+        if k != to && (seals.expect(k) == Expect::Dropped || seals.covered(k, to)) {
             continue;
         }
         let path = super::checkpoint_path(dir, k);

@@ -45,12 +45,19 @@ pub enum Event {
     /// checkpoint and before a migration), so a cut-short recording vouches
     /// for all but its last moments of output. Replay skips it like a mark.
     ConsoleFile { exits: u64, len: u64, sha256: String },
+    /// Every page and sector of checkpoint `id`'s file (the version with
+    /// this SHA-256) is also in a later kept checkpoint file, up to
+    /// checkpoint `by`: a restore of checkpoint `by` or any later one need
+    /// not open it (trace::checkpoint::rebuild). Logged by the recorder
+    /// once it knows (record::cover); `verify` checks the claim against the
+    /// files. Format version 4. Replay skips it like a mark.
+    CheckpointCovered { id: u32, by: u32, exits: u64, sha256: String },
 }
 
 impl Event {
     /// Bookkeeping that the guest never sees (replay skips it).
     pub fn is_mark(&self) -> bool {
-        matches!(self, Event::Mark { .. } | Event::Checkpoint { .. } | Event::Migrated { .. } | Event::CheckpointFile { .. } | Event::ConsoleFile { .. })
+        matches!(self, Event::Mark { .. } | Event::Checkpoint { .. } | Event::Migrated { .. } | Event::CheckpointFile { .. } | Event::ConsoleFile { .. } | Event::CheckpointCovered { .. })
     }
 
     /// Guest-caused exits at which the event happened.
@@ -62,7 +69,8 @@ impl Event {
             | Event::End { exits, .. }
             | Event::Migrated { exits, .. }
             | Event::CheckpointFile { exits, .. }
-            | Event::ConsoleFile { exits, .. } => *exits,
+            | Event::ConsoleFile { exits, .. }
+            | Event::CheckpointCovered { exits, .. } => *exits,
             Event::Timer { at, .. } | Event::Serial { at, .. } => at.exits,
         }
     }
@@ -78,6 +86,7 @@ impl Event {
             Event::Migrated { .. } => "migrated",
             Event::CheckpointFile { .. } => "ckpt-file",
             Event::ConsoleFile { .. } => "console-file",
+            Event::CheckpointCovered { .. } => "ckpt-covered",
         }
     }
 }
@@ -95,6 +104,7 @@ impl std::fmt::Display for Event {
             Event::CheckpointFile { id, sha256, .. } if sha256.is_empty() => write!(f, "checkpoint {id} dropped (thinned by the retention policy)"),
             Event::CheckpointFile { id, sha256, .. } => write!(f, "checkpoint {id} written, SHA-256 {}", &sha256[..sha256.len().min(16)]),
             Event::ConsoleFile { len, sha256, .. } => write!(f, "console.log: {len} bytes written, SHA-256 {}", &sha256[..sha256.len().min(16)]),
+            Event::CheckpointCovered { id, by, .. } => write!(f, "checkpoint {id}: every page is in a later file by checkpoint {by}"),
         }
     }
 }

@@ -1,11 +1,12 @@
-//! The seek index (`events.idx`, format version 3): what a reader seeking
+//! The seek index (`events.idx`, format version 3; coverage records since 4): what a reader seeking
 //! to one point needs from the whole event log, small, in a SHA-256 chain of
 //! its own that starts from the log's genesis (so from meta.json's bytes).
 //! Each record is derived from the log: for every `Checkpoint` event, where
 //! the chunk after the one holding it starts and the log's chain hash there
 //! (a *cut*); for every `CheckpointFile` event, the binding; for every
-//! `ConsoleFile` (and the `End`), the console binding; and the end of the
-//! log. The log writer appends a chunk's records right after the chunk, and
+//! `ConsoleFile` (and the `End`), the console binding; for every
+//! `CheckpointCovered`, the claim; and the end of the log. The log writer
+//! appends a chunk's records right after the chunk, and
 //! `revirt verify` derives them again from the log and compares, so the
 //! index is checked like every other file.
 //!
@@ -18,7 +19,8 @@
 //! replay to the end, checks all of it).
 //!
 //! Layout: `b"RVIDX001"`, then fixed records of [`RECORD`] bytes:
-//! kind u8 (1 cut, 2 checkpoint binding, 3 console binding, 4 end), 3 zero
+//! kind u8 (1 cut, 2 checkpoint binding, 3 console binding, 4 end, 5
+//! coverage claim), 3 zero
 //! bytes, id u32, value u64, event u64, seq u32, flags u32, offset u64,
 //! first u64, hash [32], link [32] = SHA-256(previous link || the 80 bytes
 //! before it). See docs/recording-format.md.
@@ -50,6 +52,11 @@ pub enum Kind {
     /// The log ends (after `End`, event `event`): chunk `seq` would start
     /// at `offset` (the file's length) with event `first`; chain head `hash`.
     End = 4,
+    /// `CheckpointCovered` (event `event`, chunk `seq`): every page and
+    /// sector of checkpoint `id`'s file with SHA-256 `hash` is in a later
+    /// kept file up to checkpoint `value` (flags & NOT_SHA as above: then
+    /// the claim matches no file and is not used). Format version 4.
+    Cover = 5,
 }
 
 pub const DROPPED: u32 = 1;
@@ -105,6 +112,7 @@ impl Record {
             2 => Kind::Bind,
             3 => Kind::Console,
             4 => Kind::End,
+            5 => Kind::Cover,
             _ => return None,
         };
         if b[1..4] != [0, 0, 0] {
@@ -162,6 +170,7 @@ pub enum Note {
     Bind { id: u32, sha256: String },
     Console { len: u64, sha256: String },
     End { len: u64, sha256: String },
+    Cover { id: u32, by: u32, sha256: String },
 }
 
 pub fn note(e: &Event) -> Option<Note> {
@@ -170,6 +179,7 @@ pub fn note(e: &Event) -> Option<Note> {
         Event::CheckpointFile { id, sha256, .. } => Some(Note::Bind { id: *id, sha256: sha256.clone() }),
         Event::ConsoleFile { len, sha256, .. } => Some(Note::Console { len: *len, sha256: sha256.clone() }),
         Event::End { output_len, output_sha256, .. } => Some(Note::End { len: *output_len, sha256: output_sha256.clone() }),
+        Event::CheckpointCovered { id, by, sha256, .. } => Some(Note::Cover { id: *id, by: *by, sha256: sha256.clone() }),
         _ => None,
     }
 }
@@ -196,6 +206,12 @@ pub fn records(notes: &[(u64, Note)], seq: u32, after: At, out: &mut Vec<Record>
             Note::Bind { id, sha256 } => {
                 let (hash, flags) = sha_field(sha256);
                 out.push(Record { kind: Kind::Bind, id: *id, event, flags, hash, ..base });
+            }
+            Note::Cover { id, by, sha256 } => {
+                // An empty SHA-256 names no file (not a drop).
+                let (hash, flags) = sha_field(sha256);
+                let flags = if flags != 0 { NOT_SHA } else { 0 };
+                out.push(Record { kind: Kind::Cover, id: *id, value: u64::from(*by), event, flags, hash, ..base });
             }
             Note::Console { len, sha256 } | Note::End { len, sha256 } => {
                 // An empty console SHA-256 is no SHA-256 (not a drop).
@@ -297,6 +313,19 @@ impl Index {
         }
         Some(out)
     }
+
+    /// The coverage claims (`Kind::Cover`): (checkpoint, its file's
+    /// SHA-256) -> the earliest `by` claimed. Claims that name no SHA-256
+    /// are left out (they match no file).
+    pub fn covers(&self) -> super::checkpoint::Covers {
+        let mut out = super::checkpoint::Covers::new();
+        for r in self.records.iter().filter(|r| r.kind == Kind::Cover && r.flags & NOT_SHA == 0) {
+            let by = u32::try_from(r.value).unwrap_or(u32::MAX);
+            let e = out.entry((r.id, hex::encode(r.hash))).or_insert(by);
+            *e = (*e).min(by);
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +341,9 @@ mod tests {
             (40, Note::Bind { id: 0, sha256: String::new() }),
             (41, Note::Console { len: 12, sha256: "nothex".into() }),
             (42, Note::End { len: 12, sha256: hex::encode([1u8; 32]) }),
+            (43, Note::Cover { id: 1, by: 2, sha256: hex::encode([9u8; 32]) }),
+            (44, Note::Cover { id: 1, by: 5, sha256: hex::encode([9u8; 32]) }),
+            (45, Note::Cover { id: 0, by: 2, sha256: "nothex".into() }),
         ];
         records(&notes, 2, at, &mut out);
         out
@@ -324,7 +356,7 @@ mod tests {
         let g = [5u8; 32];
         let mut w = Writer::create(&p, &g).unwrap();
         let recs = sample();
-        assert_eq!(recs.len(), 6);
+        assert_eq!(recs.len(), 9);
         for r in &recs {
             w.push(r).unwrap();
         }
@@ -337,6 +369,10 @@ mod tests {
         let b = b.unwrap();
         assert_eq!(b[&1], hex::encode([9u8; 32]));
         assert_eq!(b[&0], "");
+        // The earliest claim per (id, SHA-256); one naming no SHA-256 is not used.
+        let c = ix.covers();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[&(1, hex::encode([9u8; 32]))], 2);
         // Another recording's genesis: nothing verifies.
         assert!(Index::read(&p, &[6; 32]).unwrap().records.is_empty());
         let bytes = std::fs::read(&p).unwrap();

@@ -16,9 +16,12 @@ pub const FORMAT: &str = "revirt-recording";
 /// 3: the seek index `events.idx` (trace::index) beside the log. Version 2
 /// recordings (no index) are read as before: every reader checks the whole
 /// log, seeks included.
-pub const VERSION: u32 = 3;
+/// 4: the log may hold `CheckpointCovered` events (and the index their
+/// records), which a version-3 reader cannot decode. Versions 2 and 3 are
+/// read as before (no claims: a restore opens every kept checkpoint file).
+pub const VERSION: u32 = 4;
 /// The versions this revirt reads.
-pub const READS: [u32; 2] = [2, 3];
+pub const READS: [u32; 3] = [2, 3, 4];
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
@@ -26,7 +29,7 @@ pub enum MetaError {
     Io { path: String, source: std::io::Error },
     #[error("{path} is not a revirt recording's meta.json: {source}")]
     Parse { path: String, source: serde_json::Error },
-    #[error("{path}: {found} format version {version} is not supported; this revirt reads {FORMAT} versions 2 and 3 (record it again with this revirt, or replay it with the revirt that made it)")]
+    #[error("{path}: {found} format version {version} is not supported; this revirt reads {FORMAT} versions 2, 3 and 4 (record it again with this revirt, or replay it with the revirt that made it)")]
     Version { path: String, found: String, version: u32 },
 }
 

@@ -16,7 +16,8 @@
 //!   cut, ending exactly at the chain hash it holds at the last, and the
 //!   index records of those chunks derived again and compared;
 //! - each checkpoint file against its latest binding in the index, when
-//!   replay reads it (`checkpoint::Seals`, as for a full check);
+//!   replay reads it (`checkpoint::Seals`, as for a full check); a file the
+//!   index's coverage claims say later files replace is not read at all;
 //! - console.log's first bytes against the index's latest console binding.
 //!
 //! Anything else (a version-2 recording, no index, an index that stops
@@ -46,6 +47,8 @@ pub struct Window {
     pub checkpoints: Vec<(u32, u64, usize)>,
     /// The latest binding of each checkpoint (empty: dropped).
     pub bindings: std::collections::HashMap<u32, String>,
+    /// The coverage claims (format version 4; `checkpoint::Seals::covered`).
+    pub covers: super::checkpoint::Covers,
     /// The events from `base` on, up to past the target.
     pub events: Vec<Event>,
     pub base: usize,
@@ -132,6 +135,7 @@ pub fn open(dir: &Path, from: Option<u32>, to: u64) -> Option<Window> {
         console,
         checkpoints: cuts.iter().map(|c| (c.id, c.value, c.event as usize)).collect(),
         bindings,
+        covers: ix.covers(),
         events: lr.events,
         base: first.first as usize,
         total: end.first as usize,

@@ -351,12 +351,14 @@ fn check_index(dir: &Path, meta: &Meta, log: &LogReader, genesis: &[u8; 32], cut
     cx.push(true, format!("events.idx: {n} records, chain verified, match the event log"));
 }
 
-/// Every checkpoint the log names, against its binding in the chain.
-/// Returns the ids the log names.
+/// Every checkpoint the log names, against its binding in the chain, and
+/// the coverage claims against the files. Returns the ids the log names.
 fn check_checkpoints(dir: &Path, log: &LogReader, cut: &LogCut, cx: &mut Ctx) -> std::collections::HashSet<u32> {
     use super::checkpoint::Expect;
     let seals = super::checkpoint::Seals::from_events(&log.events, Expect::Unbound);
     let mut in_log = std::collections::HashSet::new();
+    let mut held = Held::new();
+    let mut all_held = true;
     for e in &log.events {
         let Event::Checkpoint { id, exits, .. } = e else { continue };
         in_log.insert(*id);
@@ -365,18 +367,77 @@ fn check_checkpoints(dir: &Path, log: &LogReader, cut: &LogCut, cx: &mut Ctx) ->
                 cx.checked.dropped += 1;
                 cx.push(true, format!("checkpoint {id}: dropped (thinned); its removal is in the hash chain"));
             }
-            Expect::Bound(sha) => check_bound_checkpoint(dir, log, *id, *exits, sha, cut, cx),
+            Expect::Bound(sha) => match check_bound_checkpoint(dir, log, *id, *exits, sha, cut, cx) {
+                Some(runs) => {
+                    held.insert(*id, runs);
+                }
+                None => all_held = false,
+            },
             _ => check_unbound_checkpoint(dir, log, *id, *exits, cut, cx),
         }
+    }
+    // With a bound file not read intact (reported above) the claims cannot
+    // all be checked; restores refuse that file anyway.
+    let claims = if all_held { seals.claims() } else { Vec::new() };
+    match false_claims(&held, &claims) {
+        Ok(0) => {}
+        Ok(n) => cx.push(true, format!("checkpoints: {n} coverage claims hold (later files hold every page and sector of the file named)")),
+        Err(e) => cx.damage(e),
     }
     in_log
 }
 
-fn check_bound_checkpoint(dir: &Path, log: &LogReader, id: u32, exits: u64, sha: String, cut: &LogCut, cx: &mut Ctx) {
+/// A file's (page runs, sector runs).
+type Runs = (Vec<(u64, u64)>, Vec<(u64, u64)>);
+/// The kept files read intact: id -> their runs.
+type Held = std::collections::BTreeMap<u32, Runs>;
+
+/// Checks each claim (id, by) of `Event::CheckpointCovered` about a file
+/// as bound now: restoring any kept checkpoint from `by` on finds every
+/// page and sector of `id` in kept files after it. For each file, the
+/// newest files are scanned first, remembering the nearest later holder of
+/// each page; a file is covered from the farthest of those. Claims about
+/// files not read intact are left to the damage already reported.
+fn false_claims(held: &Held, claims: &[(u32, u32)]) -> Result<usize, String> {
+    use std::collections::HashMap;
+    let (mut next_page, mut next_sector) = (HashMap::<u64, u32>::new(), HashMap::<u64, u32>::new());
+    // id -> the first checkpoint from which all its units are in later files.
+    let mut from: HashMap<u32, Option<u32>> = HashMap::new();
+    for (&id, (pages, sectors)) in held.iter().rev() {
+        let mut need = Some(id);
+        for (map, runs) in [(&mut next_page, pages), (&mut next_sector, sectors)] {
+            for &(first, count) in runs {
+                for u in first..first.saturating_add(count) {
+                    need = need.zip(map.get(&u).copied()).map(|(a, b)| a.max(b));
+                    map.insert(u, id);
+                }
+            }
+        }
+        from.insert(id, need);
+    }
+    let mut n = 0;
+    for &(id, by) in claims {
+        let Some(need) = from.get(&id) else { continue };
+        // The first kept checkpoint a claim lets skip `id`.
+        let Some((&t, _)) = held.range(by.max(id + 1)..).next() else { continue };
+        match need {
+            Some(need) if *need <= t => n += 1,
+            _ => return Err(format!("checkpoint {id}: the chain says later files hold all of it by checkpoint {by}, but they do not (damaged recording: a restore would miss pages)")),
+        }
+    }
+    Ok(n)
+}
+
+/// Returns the file's page and sector runs when it is intact.
+fn check_bound_checkpoint(dir: &Path, log: &LogReader, id: u32, exits: u64, sha: String, cut: &LogCut, cx: &mut Ctx) -> Option<Runs> {
     let p = checkpoint_path(dir, id);
     cx.checked.checkpoints += 1;
+    let mut runs = None;
     match Checkpoint::read_expect(&p, &super::checkpoint::Expect::Bound(sha.clone())) {
-        Ok((c, _)) if c.header.id == id && c.header.exits == exits => cx.push(true, format!("checkpoint {id} (exit {exits}): SHA-256 matches the hash chain")),
+        Ok((c, _)) if c.header.id == id && c.header.exits == exits => {
+            cx.push(true, format!("checkpoint {id} (exit {exits}): SHA-256 matches the hash chain"));
+            runs = Some((c.header.pages, c.header.sectors));
+        }
         Ok(_) => cx.damage(format!("checkpoint {id}: does not match its log entry (damaged)")),
         // The retention policy (record::retain) logs a merged checkpoint's
         // new SHA-256 before it replaces the file: a recorder killed in
@@ -389,6 +450,7 @@ fn check_bound_checkpoint(dir: &Path, log: &LogReader, id: u32, exits: u64, sha:
         Err(e) => cx.damage(format!("checkpoint {id}: {e}")),
     }
     cx.manifest.push((format!("checkpoints/{id:06}.ckpt"), sha));
+    runs
 }
 
 /// Taken, but the log stops before its file was bound: the recorder was

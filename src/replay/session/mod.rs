@@ -487,13 +487,50 @@ impl Session {
     /// stop knows its exit, RIP and registers but not the branch count (the
     /// guest ran free), which the step clock's points and provenance need;
     /// this steps from the exit boundary to here once and counts it.
+    /// An arrival at a breakpoint site (not a watch hit) is stepped to in
+    /// one run of the machine that counts arrivals at every boundary
+    /// (`Timeline::step_scan`; 723 steps in ring 0: 13 ms, 68 through `scan`).
     pub fn make_exact(&mut self) -> R<()> {
         let here = self.pos;
-        if here.anchor.is_none() || here.end {
-            return Ok(());
+        match here.anchor {
+            _ if here.end => Ok(()),
+            None => Ok(()),
+            Some((r, n)) if r & WATCH == 0 => self.step_to_arrival(here, r, n),
+            Some(_) => {
+                self.scan((here.exits, None, 0), here, SCAN_SNAP_EVERY, u64::MAX, |_, _| {})?;
+                Ok(())
+            }
         }
-        self.scan((here.exits, None, 0), here, SCAN_SNAP_EVERY, u64::MAX, |_, _| {})?;
-        Ok(())
+    }
+
+    /// [`Session::make_exact`] for `here`, the `n`-th arrival at `r` (then
+    /// `here.steps` steps): from its exit boundary, stepped and counted.
+    fn step_to_arrival(&mut self, here: Pos, r: u64, n: u64) -> R<()> {
+        let e = here.exits;
+        self.reach((e, None, 0))?;
+        let seen = u64::from(self.pos.point.rip == r);
+        let mut k = 0;
+        if seen < n {
+            let scan = Scan::new([r].into(), ScanStop::Nth { exits: e, rip: r, n }, e, &[(r, seen)]);
+            let (o, sc, steps) = self.tl.step_scan(scan, Some(e + 1))?;
+            self.steps_taken += steps;
+            if o != Outcome::Reached || self.tl.exits() != e || sc.arrivals(r) != n {
+                self.pos.end = true; // not where `pos` says: restore next time
+                return Err(SessionError::Lost(format!("stepping from exit {e} did not reach arrival {n} at {r:#x}")));
+            }
+            k = steps;
+            self.refresh((e, None, k))?;
+        }
+        if here.steps > 0 {
+            self.reach((e, None, k + here.steps))?;
+        }
+        if !self.pos.same_state(&here) {
+            return Err(SessionError::Lost(format!(
+                "stepping to {} found {} (fp {:#x}, expected {:#x})",
+                here.point, self.pos.point, self.pos.fp, here.fp
+            )));
+        }
+        self.snap_here()
     }
 
     /// Goes to a position remembered earlier (exit, then steps), and checks
