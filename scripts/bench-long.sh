@@ -263,7 +263,7 @@ print(f"| checkpoint storage per day: keeping all / retention (est.) | | {per(L[
 print(f"| whole recording on disk | {S['total_bytes']/1e3:.0f} KB | {L['total_bytes']/1e3:.0f} KB | |")
 print(f"| seek `replay --to` 0.5 s before the end (new process, median of {REPS}) | {res['seek_ms']['short_late']:.0f} ms | {res['seek_ms']['long_late']:.0f} ms | same cost expected |")
 print(f"| seek to the middle / to 10 % (long) | | {res['seek_ms']['long_mid']:.0f} / {res['seek_ms']['long_early']:.0f} ms | older points: sparser checkpoints |")
-print(f"| `verify` (new process, median of {REPS}): reads and checks the whole log and every kept file | {res['verify_ms']['short']:.0f} ms | {res['verify_ms']['long']:.0f} ms | part of every seek (readers verify first) |")
+print(f"| `verify` (new process, median of {REPS}): reads and checks the whole log and every kept file | {res['verify_ms']['short']:.0f} ms | {res['verify_ms']['long']:.0f} ms | what a full check reads; a seek checks the index and its window |")
 print(f"| full replay | {res['replay_ms']['short']:.0f} ms | {res['replay_ms']['long']:.0f} ms | idle time is skipped |")
 print(f"| verify | {'intact' if res['verify_ok']['short'] else 'FAILED'} | {'intact' if res['verify_ok']['long'] else 'FAILED'} | thinned recording |")
 print(f"JSON: {os.path.relpath(OUT)}/long.json")

@@ -448,8 +448,11 @@ if want("long"):
         Lr = json.load(open(lj)); res["long"] = Lr
         L, S = Lr["long"], Lr["short"]
         tag = f"bench-long.sh {Lr['date']}"
-        grow = (L["log_bytes"] + L["console_bytes"]) / L["seconds"]
-        ROWS.append(("long", f"log growth, workload=idle {L['seconds']} s, 100 Hz, input every 5 s ({tag}): per hour / per day", "-",
+        # The seek index grows with the log (format 3 on): counted with it.
+        ix = os.path.join(L.get("dir", ""), "events.idx")
+        ix_bytes = os.path.getsize(ix) if os.path.exists(ix) else 0
+        grow = (L["log_bytes"] + L["console_bytes"] + ix_bytes) / L["seconds"]
+        ROWS.append(("long", f"log growth (events.log + events.idx + console.log), workload=idle {L['seconds']} s, 100 Hz, input every 5 s ({tag}): per hour / per day", "-",
                      f"{f(grow*3600/1e6,1)} MB / {f(grow*86400/1e6,0)} MB", "<= 1 GB/day", verdict(grow * 86400 / 1e9, 1.0)))
         ROWS.append(("long", f"checkpoints after {L['seconds']} s at 1 s, --keep-checkpoints {Lr['keep']}: kept / taken, bytes kept / written", "-",
                      f"{L['kept']} / {L['checkpoints']}, {f(L['kept_bytes']/1e3,0)} / {f(L['checkpoint_bytes_written']/1e3,0)} KB", "bounded", "met" if L["dropped"] > 0 else "miss"))

@@ -307,19 +307,30 @@ impl Index {
     /// The latest binding of each checkpoint (the log's rule: the latest
     /// `CheckpointFile` for an id counts); None where a binding is no SHA-256.
     pub fn bindings(&self) -> Option<std::collections::HashMap<u32, String>> {
-        let mut out = std::collections::HashMap::new();
-        for r in self.records.iter().filter(|r| r.kind == Kind::Bind) {
-            out.insert(r.id, r.sha_hex()?);
+        let binds = || self.records.iter().filter(|r| r.kind == Kind::Bind);
+        if binds().any(|r| r.flags & NOT_SHA != 0) {
+            return None;
         }
-        Some(out)
+        // Hex only for the latest binding of each id (a seek on a long
+        // recording would otherwise encode every superseded one too).
+        self.latest_binds().into_values().map(|r| Some((r.id, r.sha_hex()?))).collect()
     }
 
-    /// The coverage claims (`Kind::Cover`): (checkpoint, its file's
-    /// SHA-256) -> the earliest `by` claimed. Claims that name no SHA-256
-    /// are left out (they match no file).
+    fn latest_binds(&self) -> std::collections::HashMap<u32, &Record> {
+        self.records.iter().filter(|r| r.kind == Kind::Bind).map(|r| (r.id, r)).collect()
+    }
+
+    /// The coverage claims (`Kind::Cover`) about the files as bound now:
+    /// (checkpoint, its file's SHA-256) -> the earliest `by` claimed.
+    /// Claims about an earlier version of a file, a dropped one or no
+    /// SHA-256 are left out (they match no file a reader would open).
     pub fn covers(&self) -> super::checkpoint::Covers {
+        let latest = self.latest_binds();
         let mut out = super::checkpoint::Covers::new();
         for r in self.records.iter().filter(|r| r.kind == Kind::Cover && r.flags & NOT_SHA == 0) {
+            if !latest.get(&r.id).is_some_and(|b| b.flags == 0 && b.hash == r.hash) {
+                continue;
+            }
             let by = u32::try_from(r.value).unwrap_or(u32::MAX);
             let e = out.entry((r.id, hex::encode(r.hash))).or_insert(by);
             *e = (*e).min(by);

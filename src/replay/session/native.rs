@@ -145,10 +145,18 @@ impl Session {
         // In chunks of exits sized to take about CONT_SLICE each: between
         // them, at an exit boundary (an exact position), a Ctrl-C is noticed.
         let mut chunk = 1u64;
+        let start = self.pos;
         loop {
             let t0 = std::time::Instant::now();
             let to = self.tl.exits().saturating_add(chunk);
-            let (o, mut sc) = self.run_scan(scan, Some(to))?;
+            // A Ctrl-C may kick this run out of a long exit interval.
+            self.tl.set_kick(self.interrupter.clone());
+            let r = self.run_scan(scan, Some(to));
+            self.tl.set_kick(None);
+            let (o, mut sc) = match r {
+                Err(SessionError::Replay(ReplayError::Interrupted { exits })) => return self.after_kick(start, exits),
+                r => r?,
+            };
             match o {
                 Outcome::Reached => {}
                 other => return self.ended(other),
@@ -176,6 +184,23 @@ impl Session {
         let arr = bps.iter().map(|&b| (b, scan.arrivals(b))).collect();
         self.arrivals = Some((self.pos.at(), bps, arr));
         Ok(self.hit_why(hit.key))
+    }
+
+    /// A native run was kicked at an unnamed point after exit `x`: back to
+    /// the last exact point before it (that exit's boundary, or where the
+    /// continue started if that lies in the same interval).
+    fn after_kick(&mut self, start: Pos, x: u64) -> R<StopWhy> {
+        self.pos.end = true; // the machine is not at a named position
+        self.arrivals = None;
+        let to = if start.exits == x && !start.end { start.at() } else { (x, None, 0) };
+        self.reach(to)?;
+        let note = format!(
+            "interrupted inside an exit-free stretch: stopped at exit {x}{}, the last exact point before the interrupt",
+            if to.1.is_some() || to.2 > 0 { " (where the continue started)" } else { "" }
+        );
+        eprintln!("revirt: {note}");
+        self.note = Some(note);
+        Ok(StopWhy::Interrupted)
     }
 
     /// Arrivals at `bps` since the current exit boundary, up to here.
