@@ -375,6 +375,32 @@ fn ctrl_c_case(cmdline: &str, native: bool, wait: Duration) {
     t.write_all(&packet("g")).unwrap();
     let g = read_packet(&mut t, 10);
     assert!(g.len() > 50 && !g.starts_with('E'), "{g:?}");
+    if native {
+        // Kicked out of the loop's exit interval: back at its exit
+        // boundary, the last exact point, and the user is told.
+        let w = monitor(&mut t, "where");
+        assert!(w.contains("+ 0 steps") && w.contains("note: interrupted inside an exit-free stretch"), "{w}");
+    }
+}
+
+/// The text a `monitor` command prints (its `O` packets, up to `OK`).
+fn monitor(t: &mut std::net::TcpStream, cmd: &str) -> String {
+    use std::io::Read;
+    t.write_all(&packet(&format!("qRcmd,{}", hex::encode(cmd)))).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"$OK#") {
+        let n = t.read(&mut b).unwrap();
+        assert!(n > 0, "the server went away");
+        got.extend_from_slice(&b[..n]);
+    }
+    let s = String::from_utf8_lossy(&got).into_owned();
+    s.split('$')
+        .filter_map(|p| p.split('#').next()?.strip_prefix('O'))
+        .filter(|h| !h.is_empty() && *h != "K")
+        .map(|h| String::from_utf8_lossy(&hex::decode(h).unwrap()).into_owned())
+        .collect()
 }
 
 #[test]
@@ -537,6 +563,8 @@ fn reverse_stepi_through_snapshots_matches_a_direct_replay() {
             v.push(what.into());
         }
         v.push("info registers".into());
+        // A stop found at native speed is an arrival count: make it exit + steps.
+        v.push("monitor exact".into());
         v.push("monitor where".into());
     };
     moves(&mut cmds, "reverse-stepi", 25); // across the exit boundary `at`

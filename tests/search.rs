@@ -241,8 +241,12 @@ fn read_and_access_watchpoints_at_native_speed_equal_the_stepping_path() {
             same(&mut a, &mut b, &wa, &wb, &format!("continue {i}"));
         }
         for i in 0..3 {
+            let steps = a.steps_taken;
             let (wa, wb) = (a.reverse_cont().unwrap(), b.reverse_cont().unwrap());
             same(&mut a, &mut b, &wa, &wb, &format!("reverse-continue {i}"));
+            // Back over the accessing instruction at native speed: one
+            // step checks it (not the loop iteration stepped since the hit before).
+            assert!(a.steps_taken - steps <= 2, "{kind:?} reverse-continue {i}: {} steps", a.steps_taken - steps);
         }
         assert!(a.native_runs > 0 && !a.watched_code, "{kind:?}: the native session ran natively");
         assert!(a.tl.watched_accesses() > 0, "{kind:?}: reads exited to the VMM");
@@ -469,4 +473,61 @@ fn reading_code_under_a_patched_int3_falls_back_to_the_stepping_path() {
     assert_eq!(a.end_note, b.end_note);
     let note = a.end_note.clone().unwrap_or_default();
     assert!(note.starts_with("the guest stopped: PowerOff") && !note.contains(" ("), "the replay matches at the end: {note}");
+}
+
+/// reverse-stepi from the exit boundary after `compute`'s long exit-free
+/// loop, and on back through the function calls before that exit (a
+/// function's entry, returns, a loop head, falling through): every step
+/// equals the single-stepping oracle's, and the native session found each
+/// previous instruction at native speed instead of stepping the interval.
+#[test]
+fn reverse_stepi_back_from_a_long_interval_equals_the_stepping_path() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path().join("compute");
+    record_demo_ok(&dir, "workload=compute iters=3000", &[], b"");
+    let rec = Arc::new(Recording::open(&dir).unwrap());
+    let (mut a, mut b) = native_and_stepping(&rec);
+    // The loop runs in the exit interval that starts at wl_compute.
+    a.breakpoints = [symbol("wl_compute")].into();
+    assert_eq!(a.cont().unwrap(), StopWhy::Breakpoint(symbol("wl_compute")));
+    a.breakpoints.clear();
+    let after_loop = a.pos().exits + 1;
+    a.goto_exit(after_loop).unwrap();
+    b.goto_exit(after_loop).unwrap();
+    let stepped = a.steps_taken;
+    let mut rips = BTreeSet::new();
+    for i in 0..60 {
+        let (wa, wb) = (a.reverse_step().unwrap(), b.reverse_step().unwrap());
+        same_stop(&mut a, &mut b, &wa, &wb, &format!("reverse-stepi {i}"));
+        rips.insert(a.pos().point.rip);
+    }
+    assert_eq!(a.pos().point.exits, after_loop - 1, "all 60 steps back lie in the long interval");
+    // The oracle stepped the whole interval (~45,000 instructions) once;
+    // the native session stepped only to check its guesses.
+    assert!(b.steps_taken > 20_000, "oracle: {}", b.steps_taken);
+    assert!(a.steps_taken - stepped < 1_000, "native: {} steps", a.steps_taken - stepped);
+    // The path back left a function through its entry (to the call) and
+    // went on into the loop (its head reached by a backward jump).
+    let funcs: BTreeSet<String> = rips.iter().map(|&r| demo_function_at(r)).collect();
+    assert!(funcs.contains("con_vprintf") && funcs.contains("con_printf") && funcs.contains("wl_compute"), "{funcs:?}");
+    assert!(rips.contains(&loop_head("wl_compute")), "the loop's head: {rips:x?}");
+    // Back from a return address: the instruction before is the callee's `ret`.
+    let call = demo_disasm("wl_compute").into_iter().find(|(_, t)| t.starts_with("call")).unwrap().0;
+    let after_call = demo_disasm("wl_compute").into_iter().find(|(a, _)| *a > call).unwrap().0;
+    a.breakpoints = [after_call].into();
+    b.breakpoints = a.breakpoints.clone();
+    let (wa, wb) = (a.cont().unwrap(), b.cont().unwrap());
+    same_stop(&mut a, &mut b, &wa, &wb, "continue to the return address");
+    a.breakpoints.clear();
+    b.breakpoints.clear();
+    let stepped = a.steps_taken;
+    let mut path = Vec::new();
+    for i in 0..3 {
+        let (wa, wb) = (a.reverse_step().unwrap(), b.reverse_step().unwrap());
+        same_stop(&mut a, &mut b, &wa, &wb, &format!("reverse-stepi {i} from the return address"));
+        path.push(demo_function_at(a.pos().point.rip));
+    }
+    // con_printf's `ret`, its `leave`, then con_vprintf's `ret`.
+    assert_eq!(path, ["con_printf", "con_printf", "con_vprintf"], "back into the callees");
+    assert!(a.steps_taken - stepped < 100, "native: {} steps", a.steps_taken - stepped);
 }

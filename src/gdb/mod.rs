@@ -6,6 +6,8 @@
 pub mod arch;
 
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use gdbstub::common::Signal;
 use gdbstub::conn::ConnectionExt;
@@ -27,6 +29,7 @@ use gdbstub::target::ext::monitor_cmd::{ConsoleOutput, MonitorCmd, MonitorCmdOps
 use gdbstub::target::{Target, TargetError, TargetResult};
 use arch::{RevirtRegs, X86_64Revirt};
 
+use crate::replay::interrupt::Interrupter;
 use crate::replay::session::{Session, SessionError, StopWhy, Watch, WatchKind};
 
 /// What the client asked for at the last resume.
@@ -44,6 +47,8 @@ pub struct Target64 {
     resume: Option<Resume>,
     /// The last fatal problem, told to the user by `monitor where`.
     pub last_error: Option<String>,
+    /// The last thing the session said the user should know (`monitor where`).
+    pub last_note: Option<String>,
 }
 
 impl Target64 {
@@ -52,6 +57,7 @@ impl Target64 {
             s,
             resume: None,
             last_error: None,
+            last_note: None,
         }
     }
 
@@ -64,6 +70,9 @@ impl Target64 {
             Some(Resume::ReverseStep) => self.s.reverse_step(),
             None => Ok(StopWhy::Step),
         };
+        if let Some(n) = self.s.note.take() {
+            self.last_note = Some(n);
+        }
         match r {
             Ok(why) => stop_reason(why),
             Err(e) => {
@@ -321,6 +330,9 @@ impl Target64 {
         if let Some(n) = &self.s.end_note {
             outputln!(out, "at the end of the recording: {n}");
         }
+        if let Some(n) = &self.last_note {
+            outputln!(out, "note: {n}");
+        }
         if let Some(e) = &self.last_error {
             outputln!(out, "last error: {e}");
         }
@@ -394,6 +406,8 @@ fn monitor_help(out: &mut ConsoleOutput<'_>) {
         "  stats               instructions single-stepped so far"
     );
     outputln!(out, "  origin LOCATION     where a value came from ($reg or ADDR[:LEN]; --depth N, --json)");
+    outputln!(out, "  exact               count the steps from the exit boundary to here (a native-speed stop is");
+    outputln!(out, "                      an arrival count): `where` then shows exit + steps, reachable by stepi");
 }
 
 impl MonitorCmd for Target64 {
@@ -433,6 +447,13 @@ impl MonitorCmd for Target64 {
                 }
             }
             ["stats"] => self.monitor_stats(&mut out),
+            ["exact"] => match self.s.make_exact() {
+                Ok(()) => {
+                    let p = self.s.pos();
+                    outputln!(out, "{}: exit {} + {} steps", p.point, p.exits, p.steps)
+                }
+                Err(e) => outputln!(out, "error: {e}"),
+            },
             _ => monitor_help(&mut out),
         }
         Ok(())
@@ -456,22 +477,15 @@ impl run_blocking::BlockingEventLoop for EventLoop {
         run_blocking::Event<Self::StopReason>,
         run_blocking::WaitForStopReasonError<SessionError, std::io::Error>,
     > {
-        let watcher = conn
-            .try_clone()
-            .map_err(run_blocking::WaitForStopReasonError::Connection)?;
-        target.s.interrupted = Some(Box::new(move || {
-            let mut b = [0u8; 1];
-            let _ = watcher.set_nonblocking(true);
-            let r = match watcher.peek(&mut b) {
-                Ok(0) => true, // the client went away: stop working for it
-                Ok(_) => true,
-                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-            };
-            let _ = watcher.set_nonblocking(false);
-            r
-        }));
+        // A thread watches the socket while the target runs: a Ctrl-C (any
+        // byte) kicks even a native run out of a long exit interval.
+        let intr = Arc::new(Interrupter::default());
+        let done = Arc::new(AtomicBool::new(false));
+        target.s.interrupter = Some(intr.clone());
+        watch_for_interrupt(conn, intr, done.clone());
         let stop = target.execute();
-        target.s.interrupted = None;
+        done.store(true, Ordering::SeqCst);
+        target.s.interrupter = None;
         if stop == SingleThreadStopReason::Signal(Signal::SIGINT) {
             // Hand gdbstub the byte that interrupted us (normally 0x03).
             if let Ok(Some(_)) = conn.peek() {
@@ -488,6 +502,30 @@ impl run_blocking::BlockingEventLoop for EventLoop {
     fn on_interrupt(_target: &mut Target64) -> Result<Option<Self::StopReason>, SessionError> {
         Ok(Some(SingleThreadStopReason::Signal(Signal::SIGINT)))
     }
+}
+
+/// Until `done`, polls `conn` for incoming bytes (without reading them:
+/// gdbstub reads the Ctrl-C itself) and interrupts on the first, or when
+/// the client goes away. Polling (not a read timeout) leaves the socket's
+/// settings alone for gdbstub.
+fn watch_for_interrupt(conn: &TcpStream, intr: Arc<Interrupter>, done: Arc<AtomicBool>) {
+    use std::os::fd::AsRawFd;
+    let Ok(sock) = conn.try_clone() else { return };
+    std::thread::spawn(move || {
+        let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        while !done.load(Ordering::SeqCst) {
+            // SAFETY: one valid pollfd for the duration of the call; the fd
+            // stays open (this thread owns a clone of the socket).
+            let n = unsafe { libc::poll(&mut p, 1, 20) };
+            if done.load(Ordering::SeqCst) {
+                return;
+            }
+            if n > 0 || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted) {
+                intr.interrupt();
+                return;
+            }
+        }
+    });
 }
 
 /// Serves clients one after another on `listener` until `max_clients`

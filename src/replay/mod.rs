@@ -4,6 +4,7 @@
 
 pub mod checkpoints;
 pub mod history;
+pub mod interrupt;
 pub mod live;
 pub mod provenance;
 pub mod search;
@@ -50,6 +51,8 @@ pub enum ReplayError {
     Beyond { addr: u64, len: u64, mem: u64 },
     #[error("clock 'pmu' unavailable for replay: {0}. Use --clock pmu-sim (the same landing over the simulated counter) or step")]
     NoPmu(#[source] crate::vmm::counter::PmuError),
+    #[error("interrupted inside the exit interval after exit {exits} (a point there has no name)")]
+    Interrupted { exits: u64 },
 }
 
 /// Why a replay stopped short of its target, raised from inside the run
@@ -322,6 +325,10 @@ pub struct ReplayHost {
     pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// Breakpoint arrivals being counted (the search engine, `search`).
     pub scan: Option<search::Scan>,
+    /// While set, a request on it kicks the run out of the guest and
+    /// pauses it wherever it is (`interrupt`); `kicked` says it did.
+    pub kick: Option<Arc<interrupt::Interrupter>>,
+    pub kicked: bool,
 }
 
 /// Replaying precise events with the PMU clock's landing algorithm over the
@@ -400,7 +407,7 @@ impl ReplayHost {
     }
 
     pub fn new(rec: Arc<Recording>, next: usize, output_len: u64, sink: Sink) -> ReplayHost {
-        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false, landing: None, interrupt: None, scan: None }
+        ReplayHost { rec, next, output_len, sink, last_clock: 0, expect: Vec::new(), stop_at: None, last_boundary: None, reached: false, landing: None, interrupt: None, scan: None, kick: None, kicked: false }
     }
 
     fn next_desc(&self) -> String {
@@ -678,7 +685,24 @@ impl Host for ReplayHost {
         CounterPlan { overflow_at: None, breakpoint: Some(t.at.rip) }
     }
 
+    fn attach(&mut self, kicker: crate::vmm::vcpu::Kicker) {
+        if let Some(k) = &self.kick {
+            k.attach(Some(kicker));
+        }
+    }
+
+    fn detach(&mut self) {
+        if let Some(k) = &self.kick {
+            k.attach(None);
+        }
+    }
+
     fn poll(&mut self, ctx: &PollCtx, out: &mut Vec<Async>) -> Result<Control, HostError> {
+        if !ctx.guest_caused && ctx.rip.is_none() && self.kick.as_ref().is_some_and(|k| k.requested()) {
+            // Kicked out of the guest somewhere inside an exit interval.
+            self.kicked = true;
+            return Ok(Control::Pause);
+        }
         if ctx.guest_caused {
             self.collect(ctx, out, false)?;
             if let Some(StopAt::Land(t)) = self.stop_at {

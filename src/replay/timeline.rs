@@ -367,6 +367,12 @@ impl Timeline {
         Ok((r?, scan))
     }
 
+    /// Lets a request on `kick` stop the next runs wherever the guest is
+    /// (they then fail with [`ReplayError::Interrupted`]); None: not.
+    pub fn set_kick(&mut self, kick: Option<std::sync::Arc<crate::replay::interrupt::Interrupter>>) {
+        self.host.kick = kick;
+    }
+
     /// Single-steps while `scan` counts arrivals (nothing patched: every
     /// instruction boundary is polled, so the branch count stays exact),
     /// until the scan's stop, exit `limit` or the end. Also returns the
@@ -429,6 +435,10 @@ impl Timeline {
             (a, b) => a.or(b),
         };
         match self.machine.run(&mut self.host, limit) {
+            Ok(Stop::Paused) if std::mem::take(&mut self.host.kicked) => {
+                self.host.reached = false;
+                Err(ReplayError::Interrupted { exits: self.machine.exits })
+            }
             Ok(Stop::Paused) => {
                 let stepped_here = std::mem::take(&mut self.host.reached);
                 if (to.is_some() && Some(self.machine.exits) == to) || stepped_here {

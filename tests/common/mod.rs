@@ -274,6 +274,22 @@ pub fn demo_symbol(name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no symbol {name}"))
 }
 
+/// The name of the function of the demo image that holds `addr` (the
+/// nearest text symbol at or below it, nm).
+pub fn demo_function_at(addr: u64) -> String {
+    let o = Command::new("nm").arg(demo_image()).output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let a = u64::from_str_radix(f.first()?, 16).ok()?;
+            (f.len() == 3 && matches!(f[1], "T" | "t") && a <= addr).then(|| (a, f[2].to_string()))
+        })
+        .max()
+        .map(|(_, n)| n)
+        .unwrap_or_else(|| panic!("no function at {addr:#x}"))
+}
+
 /// (address, text) of each instruction of `func` in the demo image, from objdump.
 pub fn demo_disasm(func: &str) -> Vec<(u64, String)> {
     let o = Command::new("objdump")

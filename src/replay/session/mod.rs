@@ -21,6 +21,7 @@ use crate::replay::search::{Scan, ScanStop, WATCH};
 mod forward;
 mod memory;
 mod native;
+mod prev;
 mod reverse;
 
 /// Something went wrong below the debugger (KVM, a damaged recording, a divergence).
@@ -114,6 +115,9 @@ pub struct Session {
     pub watches: Vec<Watch>,
     /// Polled every `POLL_EVERY` steps during long runs; true = stop now.
     pub interrupted: Option<Box<dyn FnMut() -> bool>>,
+    /// A front end's Ctrl-C from another thread: also stops a native run
+    /// inside an exit interval (see `replay::interrupt`).
+    pub interrupter: Option<Arc<crate::replay::interrupt::Interrupter>>,
     /// Steps taken since the session began (for `monitor stats`).
     pub steps_taken: u64,
     /// In-memory snapshots taken while going back (see `snapshots`).
@@ -155,6 +159,10 @@ const SNAP_HALFWAY_MIN: u64 = 16;
 const SCAN_SNAP_EVERY: u64 = 64;
 
 const POLL_EVERY: u64 = 512;
+
+/// A reverse step at the n-th arrival at a RIP first tries stepping from
+/// the arrival before it, for at most this many steps (a loop's body).
+const LOOP_STEPS: u64 = 4096;
 
 impl Session {
     /// Opens a session at exit `at` (0 = the start of the recording).
@@ -209,6 +217,7 @@ impl Session {
             breakpoints: BTreeSet::new(),
             watches: Vec::new(),
             interrupted: None,
+            interrupter: None,
             steps_taken: 0,
             snaps: Snapshots::new(snapshots && !big_disk),
             prev_boundary: HashMap::new(),
@@ -250,6 +259,9 @@ impl Session {
     }
 
     fn interrupted(&mut self) -> bool {
+        if self.interrupter.as_ref().is_some_and(|i| i.requested()) {
+            return true;
+        }
         match &mut self.interrupted {
             Some(f) => f(),
             None => false,
@@ -485,7 +497,7 @@ impl Session {
             None => Ok(()),
             Some((r, n)) if r & WATCH == 0 => self.step_to_arrival(here, r, n),
             Some(_) => {
-                self.scan((here.exits, None, 0), here, SCAN_SNAP_EVERY, |_, _| {})?;
+                self.scan((here.exits, None, 0), here, SCAN_SNAP_EVERY, u64::MAX, |_, _| {})?;
                 Ok(())
             }
         }

@@ -4,18 +4,21 @@
 
 use super::*;
 use super::native::watched_code;
+use super::prev::Prev;
 
 impl Session {
 
     /// Scans forward from exit boundary `from` up to `until` (a position
     /// with a later or equal exit count), calling `visit(pos, hit)` for
     /// each boundary before `until`, where `hit` says whether the step
-    /// from it hit something. Returns the number of steps taken.
+    /// from it hit something. Returns the number of steps taken; `None`
+    /// when interrupted or after `budget` steps.
     pub(super) fn scan(
         &mut self,
         from: At,
         until: Pos,
         snap_every: u64,
+        budget: u64,
         mut visit: impl FnMut(Pos, Option<StopWhy>),
     ) -> R<Option<u64>> {
         self.reach(from)?;
@@ -32,7 +35,7 @@ impl Session {
                     until.point, self.pos.point
                 )));
             }
-            if k > 0 && k.is_multiple_of(POLL_EVERY) && self.interrupted() {
+            if k >= budget || (k > 0 && k.is_multiple_of(POLL_EVERY) && self.interrupted()) {
                 return Ok(None);
             }
             let at = self.pos;
@@ -95,33 +98,9 @@ impl Session {
             self.remember_prev(here, prev);
             self.goto(prev)?;
         } else {
-            // At an arrival (a native-speed stop): step from the arrival
-            // before it, or from its exit boundary.
-            let mut prev = None;
-            if let Some((r, n)) = here.anchor.filter(|_| !here.end) {
-                let start = if n >= 2 { (here.exits, Some((r, n - 1)), 0) } else { (here.exits, None, 0) };
-                self.scan(start, here, SCAN_SNAP_EVERY, |p, _| prev = Some(p))?;
-                if prev.is_none() && here.exits == 0 {
-                    self.goto(here)?;
-                    return Ok(StopWhy::Begin);
-                }
-            }
-            // At an exit boundary (or the end): the previous boundary lies in an earlier interval.
-            let mut e = if here.end { here.exits } else { here.exits.saturating_sub(1) };
-            let prev = loop {
-                if let Some(p) = prev {
-                    break p;
-                }
-                let mut last = None;
-                self.scan((e, None, 0), here, SCAN_SNAP_EVERY, |p, _| last = Some(p))?;
-                if let Some(p) = last {
-                    break p;
-                }
-                if e == 0 {
-                    self.goto(here)?;
-                    return Ok(StopWhy::Begin);
-                }
-                e -= 1;
+            let Some(prev) = self.prev_of(here)? else {
+                self.goto(here)?;
+                return Ok(StopWhy::Begin);
             };
             if !here.end {
                 self.remember_prev(here, prev);
@@ -178,7 +157,7 @@ impl Session {
                 lo = c;
             }
             let mut last: Option<(Pos, StopWhy)> = None;
-            let scanned = self.scan((lo, None, 0), until, 0, |p, hit| {
+            let scanned = self.scan((lo, None, 0), until, 0, u64::MAX, |p, hit| {
                 if let Some(h) = hit {
                     last = Some((p, h));
                 }
@@ -204,6 +183,51 @@ impl Session {
                 ..self.pos_at_exit(lo)?
             };
             width = (width * 2).min(1 << 16);
+        }
+    }
+
+    /// The boundary just before `here` (an arrival or an exit boundary
+    /// not counted before), the cheapest way that works: in a loop, a short
+    /// step run from the arrival before this one; else guessed at native
+    /// speed (module `prev`); else stepped from the latest known point
+    /// before here. `None`: here is the first boundary of the recording.
+    fn prev_of(&mut self, here: Pos) -> R<Option<Pos>> {
+        let mut prev = None;
+        let mut last = None;
+        if let Some((r, n)) = here.anchor.filter(|&(_, n)| !here.end && n >= 2) {
+            if self.scan((here.exits, Some((r, n - 1)), 0), here, SCAN_SNAP_EVERY, LOOP_STEPS, |p, _| last = Some(p))?.is_some() {
+                prev = last;
+            }
+        }
+        if prev.is_none() {
+            match self.native_prev_guess(here)? {
+                Prev::Found(p) => prev = Some(p),
+                Prev::StepFrom(a) => {
+                    self.scan(a, here, SCAN_SNAP_EVERY, u64::MAX, |p, _| prev = Some(p))?;
+                }
+                Prev::Unknown => {}
+            }
+        }
+        // At an arrival (a native-speed stop): step from the arrival
+        // before it, or from its exit boundary.
+        if let Some((r, n)) = here.anchor.filter(|_| !here.end && prev.is_none()) {
+            let start = if n >= 2 { (here.exits, Some((r, n - 1)), 0) } else { (here.exits, None, 0) };
+            self.scan(start, here, SCAN_SNAP_EVERY, u64::MAX, |p, _| prev = Some(p))?;
+            if prev.is_none() && here.exits == 0 {
+                return Ok(None);
+            }
+        }
+        // At an exit boundary (or the end): the previous boundary lies in an earlier interval.
+        let mut e = if here.end { here.exits } else { here.exits.saturating_sub(1) };
+        loop {
+            if let Some(p) = prev {
+                return Ok(Some(p));
+            }
+            self.scan((e, None, 0), here, SCAN_SNAP_EVERY, u64::MAX, |p, _| prev = Some(p))?;
+            if prev.is_none() && e == 0 {
+                return Ok(None);
+            }
+            e = e.saturating_sub(1);
         }
     }
 
