@@ -292,14 +292,18 @@ impl Session {
             )));
         }
         // The position itself is not a breakpoint hit before it (gdb's semantics).
+        // The arrival that is `until` itself: by its number where `until`
+        // is one (an earlier pass of a loop may have the same registers),
+        // else by its point and registers.
+        let is_until = |h: &Hit| match until.anchor {
+            Some(a) if until.steps == 0 => (h.key, h.n) == a && h.point.exits == e,
+            _ => h.point.exits == e && h.point.rip == until.point.rip && h.fp == until.fp,
+        };
         let found = hits
             .into_iter()
             // A write that led to here is still behind us: going back, it is
             // undone first (its stop is the state before it).
-            .filter(|(_, h)| {
-                bps.contains(&h.key)
-                    && (h.key & WATCH != 0 || !(h.point.exits == e && h.point.rip == until.point.rip && h.fp == until.fp))
-            })
+            .filter(|(_, h)| bps.contains(&h.key) && (h.key & WATCH != 0 || !is_until(h)))
             .map(|(at, h)| (at, h.key))
             .collect();
         let arr = bps.iter().map(|&b| (b, scan.arrivals(b))).collect();
