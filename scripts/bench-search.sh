@@ -25,7 +25,7 @@ record() { # $1 dir, $2 cmdline
 serve() { # $1 rec, $2 log, env in $3; sets $port
   env ${3:-} $R gdb "$1" --port 0 >/dev/null 2>"$2" & pids+=($!)
   port=
-  for _ in $(seq 600); do port=$(grep -o "listening on 127.0.0.1:[0-9]*" "$2" | head -1 | cut -d: -f2 || true); [ -n "$port" ] && return; sleep 0.1; done
+  for _ in $(seq 600); do port=$(grep -so "listening on 127.0.0.1:[0-9]*" "$2" | head -1 | cut -d: -f2 || true); [ -n "$port" ] && return; sleep 0.1; done
   echo "server did not start" >&2; exit 1
 }
 # gdb: times one command with gdb's Python (connection excluded).

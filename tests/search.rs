@@ -241,8 +241,12 @@ fn read_and_access_watchpoints_at_native_speed_equal_the_stepping_path() {
             same(&mut a, &mut b, &wa, &wb, &format!("continue {i}"));
         }
         for i in 0..3 {
+            let steps = a.steps_taken;
             let (wa, wb) = (a.reverse_cont().unwrap(), b.reverse_cont().unwrap());
             same(&mut a, &mut b, &wa, &wb, &format!("reverse-continue {i}"));
+            // Back over the accessing instruction at native speed: one
+            // step checks it (not the loop iteration stepped since the hit before).
+            assert!(a.steps_taken - steps <= 2, "{kind:?} reverse-continue {i}: {} steps", a.steps_taken - steps);
         }
         assert!(a.native_runs > 0 && !a.watched_code, "{kind:?}: the native session ran natively");
         assert!(a.tl.watched_accesses() > 0, "{kind:?}: reads exited to the VMM");

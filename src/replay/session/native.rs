@@ -398,40 +398,54 @@ impl Session {
 
 
     /// The boundary just before `here` found at native speed, when `here`
-    /// is an exit boundary (the exiting instruction before it) or a write
-    /// watchpoint's stop (the writing instruction before it): the candidate
-    /// instructions ending at here's RIP are decoded backwards, the last
-    /// arrival at one of them before here is counted natively, and it must
-    /// lead to here in one step (same RIP and register fingerprint, and for
-    /// a write, the watched bytes changed). `None`: not such a position, or
-    /// no candidate checked out (the caller single-steps the interval).
+    /// is an exit boundary (the exiting instruction before it) or a data
+    /// watchpoint's stop (the accessing instruction before it): the
+    /// candidate instructions ending at here's RIP are decoded backwards,
+    /// the last arrival at one of them before here is counted natively, and
+    /// it must lead to here in one step (same RIP and register fingerprint;
+    /// for a write, the watched bytes changed; for a read or access, the
+    /// instruction touches the range). At a watch stop here's RIP is counted
+    /// too, so no arrival there lies between the candidate and here: the
+    /// step from it is the one to here. `None`: not such a position, or no
+    /// candidate checked out (the caller single-steps the interval).
     pub(super) fn native_prev(&mut self, here: Pos) -> R<Option<Pos>> {
         if !self.native || here.end || here.steps > 0 {
             return Ok(None);
         }
-        let write = match here.anchor {
-            None if here.exits > 0 => false,
-            Some((k, _)) if k & WATCH != 0 && self.watch_phys.get(&(k & !WATCH)).is_some_and(|w| w.2 == WatchKind::Write) => true,
+        let kind = match here.anchor {
+            None if here.exits > 0 => None,
+            Some((k, _)) if k & WATCH != 0 => match self.watch_phys.get(&(k & !WATCH)) {
+                Some(w) => Some(w.2),
+                None => return Ok(None),
+            },
             _ => return Ok(None),
         };
-        let e0 = if write { here.exits } else { here.exits - 1 };
-        for w in self.ending_at(here.point.rip, write) {
+        let e0 = if kind.is_some() { here.exits } else { here.exits - 1 };
+        let r = here.point.rip;
+        for w in self.ending_at(r, kind) {
             // A wrong candidate (bytes inside another instruction) patched
             // with int3 changes what runs: that run fails or ends elsewhere,
             // and the machine is restored before the next try.
-            let Ok((hits, _)) = self.scan_native(e0, here, &[w].into()) else {
+            let sites = if kind.is_some() { [w, r].into() } else { [w].into() };
+            let Ok((hits, _)) = self.scan_native(e0, here, &sites) else {
                 self.pos.end = true;
                 continue;
             };
-            let Some(&(at, _)) = hits.iter().rev().find(|(at, k)| *k == w && at.0 == e0 && at.2 == 0) else { continue };
+            let Some(&(at, k)) = hits.iter().rev().find(|(at, _)| at.0 == e0) else { continue };
+            if k != w || at.2 != 0 {
+                continue;
+            }
             self.reach(at)?;
             let p = self.pos;
             let old = self.watched_bytes();
+            let touches = self.touched().is_some();
             if self.step1()? != StopWhy::Step || !self.pos.same_state(&here) {
                 continue;
             }
-            if write && self.changed(&old, &self.watched_bytes()).is_none() {
-                continue;
+            match kind {
+                Some(WatchKind::Write) if self.changed(&old, &self.watched_bytes()).is_none() => continue,
+                Some(WatchKind::Read | WatchKind::Access) if !touches => continue,
+                _ => {}
             }
             return Ok(Some(p));
         }
@@ -439,10 +453,10 @@ impl Session {
     }
 
     /// Instructions that end at `rip` (decoded backwards, longest first, at most 4): ones
-    /// that exit to the VMM, or (`write`) ones that fall through and write
-    /// a watched range (addresses from the registers now). Bytes decoded
-    /// from inside another instruction may pass too: the caller checks.
-    fn ending_at(&self, rip: u64, write: bool) -> Vec<u64> {
+    /// that exit to the VMM, or (`watch`) ones that fall through and make
+    /// that kind of access to a watched range (addresses from the registers
+    /// now). Bytes decoded from inside another instruction may pass too: the caller checks.
+    fn ending_at(&self, rip: u64, watch: Option<WatchKind>) -> Vec<u64> {
         use iced_x86::{Decoder, DecoderOptions, FlowControl};
         let mut code = [0u8; 15];
         let start = rip.saturating_sub(15);
@@ -458,10 +472,15 @@ impl Session {
                 if ins.is_invalid() || ins.len() as u64 != k {
                     return None;
                 }
-                let ok = if write {
+                let ok = if let Some(kind) = watch {
+                    let makes = |reads: bool, writes: bool| match kind {
+                        WatchKind::Write => writes,
+                        WatchKind::Read => reads,
+                        WatchKind::Access => reads || writes,
+                    };
                     ins.flow_control() == FlowControl::Next
-                        && self.mem_ops(&ins).iter().any(|&(a, n, _, writes)| {
-                            writes && self.watches.iter().any(|w| w.kind != WatchKind::Read && a < w.addr + w.len && w.addr < a + n)
+                        && self.mem_ops(&ins).iter().any(|&(a, n, reads, writes)| {
+                            makes(reads, writes) && self.watches.iter().any(|w| w.kind == kind && a < w.addr + w.len && w.addr < a + n)
                         })
                 } else {
                     crate::replay::search::exits_to_vmm(ins.mnemonic())
