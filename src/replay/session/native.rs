@@ -293,11 +293,15 @@ impl Session {
         }
         // The position itself is not a breakpoint hit before it (gdb's semantics).
         // The arrival that is `until` itself: by its number where `until`
-        // is one (an earlier pass of a loop may have the same registers),
-        // else by its point and registers.
-        let is_until = |h: &Hit| match until.anchor {
-            Some(a) if until.steps == 0 => (h.key, h.n) == a && h.point.exits == e,
-            _ => h.point.exits == e && h.point.rip == until.point.rip && h.fp == until.fp,
+        // is a breakpoint arrival (an earlier pass of a loop may have the
+        // same registers), else by its point and registers (at a watch
+        // stop, also the arrival at its RIP there).
+        let is_until = |h: &Hit| {
+            h.point.exits == e
+                && match until.anchor {
+                    Some(a) if until.steps == 0 && a.0 & WATCH == 0 => (h.key, h.n) == a,
+                    _ => h.point.rip == until.point.rip && h.fp == until.fp,
+                }
         };
         let found = hits
             .into_iter()
