@@ -491,8 +491,9 @@ fn gdb_monitor_origin_finds_the_serial_bytes() {
 }
 
 /// `history` through `revirt inspect`, with the native engine or the
-/// stepping oracle (`REVIRT_HISTORY_NATIVE=0`): (touches, native figures).
-fn history_json(rec: &Path, cmds: &str, native: bool) -> (serde_json::Value, serde_json::Value) {
+/// stepping oracle (`REVIRT_HISTORY_NATIVE=0`): (touches, native figures,
+/// the TO point).
+fn history_json(rec: &Path, cmds: &str, native: bool) -> (serde_json::Value, serde_json::Value, serde_json::Value) {
     let o = revirt()
         .env("REVIRT_HISTORY_NATIVE", if native { "1" } else { "0" })
         .args(["inspect", rec.to_str().unwrap(), "-c", cmds])
@@ -503,7 +504,7 @@ fn history_json(rec: &Path, cmds: &str, native: bool) -> (serde_json::Value, ser
     let s = stdout(&o);
     let j: serde_json::Value = serde_json::from_str(&s[s.find('{').unwrap()..]).unwrap_or_else(|e| panic!("{e}:\n{s}"));
     assert!(j["stopped"].is_null(), "{cmds}: {}", j["stopped"]);
-    (j["touches"].clone(), j["native"].clone())
+    (j["touches"].clone(), j["native"].clone(), j["to"].clone())
 }
 
 /// The native `history` (accesses found by watching the range's page,
@@ -514,11 +515,14 @@ fn history_json(rec: &Path, cmds: &str, native: bool) -> (serde_json::Value, ser
 #[test]
 fn history_at_native_speed_equals_the_stepping_oracle() {
     let same = |dir: &Path, cmds: &str| -> serde_json::Value {
-        let (n, figures) = history_json(dir, cmds, true);
-        let (s, none) = history_json(dir, cmds, false);
+        let (n, figures, to_n) = history_json(dir, cmds, true);
+        let (s, none, to_s) = history_json(dir, cmds, false);
         assert!(none.is_null(), "{cmds}: the oracle stepped");
         assert!(figures.is_array(), "{cmds}: the native engine answered: {figures}");
         assert_eq!(n, s, "{cmds}: native = stepping");
+        // TO = an exit boundary: the native pass finds its point on the way.
+        assert_eq!(to_n, to_s, "{cmds}: the same TO point");
+        assert!(to_n["rip"].as_u64().is_some_and(|r| r != 0), "{cmds}: TO resolved: {to_n}");
         assert!(!n.as_array().unwrap().is_empty(), "{cmds}: accesses found");
         n
     };

@@ -204,15 +204,16 @@ impl Session {
             }
             None => start,
         };
-        let to = match to {
+        // An exit boundary's RIP is found by the query on its way there.
+        let (to, to_rip_unknown) = match to {
             Some(t) => {
                 let t = self.resolve(parse::point(t)?)?;
                 match t.exact {
-                    Some(p) => p,
-                    None => prov::exit_point(&self.rec, t.exits)?,
+                    Some(p) => (p, false),
+                    None => (ExecPoint { exits: t.exits, branches: 0, rip: 0 }, true),
                 }
             }
-            None => self.here_point()?,
+            None => (self.here_point()?, false),
         };
         if from > to.exits {
             return Err(Error::Usage(format!(
@@ -236,6 +237,7 @@ impl Session {
             from,
             to,
             reads: o.reads,
+            to_rip_unknown,
         };
         let h = prov::history(&self.rec, &q, &limits)?;
         if o.json {

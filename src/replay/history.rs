@@ -31,25 +31,35 @@ const CHUNK_EXITS: u64 = 4096;
 const MAX_CHUNK_HITS: usize = 1 << 22;
 
 /// Pass 1: accesses to the range per exit interval in `from..=to.exits`
-/// (a DMA write counts for the interval of the `out` that started it).
+/// (a DMA write counts for the interval of the `out` that started it);
+/// with `find_to`, also the point at exit boundary `to.exits` (the run
+/// pauses there once).
 fn count_hits(
     rec: &Arc<Recording>,
     spec: WatchSpec,
     from: u64,
     to: ExecPoint,
+    find_to: bool,
     limits: &Limits,
-) -> R<BTreeMap<u64, u64>> {
+) -> R<(BTreeMap<u64, u64>, Option<ExecPoint>)> {
     let key = WATCH | spec.start;
     let mut tl = timeline_at(rec, from, false)?;
     let started = Instant::now();
     let mut need: BTreeMap<u64, u64> = BTreeMap::new();
     let end = to.exits + 1;
+    let mut found = None;
     loop {
         let at = tl.exits();
+        if find_to && found.is_none() && at == to.exits {
+            found = Some(tl.position()?);
+        }
         if at >= end {
             break;
         }
-        let limit = at.saturating_add(CHUNK_EXITS).min(end);
+        let mut limit = at.saturating_add(CHUNK_EXITS).min(end);
+        if find_to && found.is_none() && at < to.exits {
+            limit = limit.min(to.exits);
+        }
         let scan = Scan::new([key].into(), ScanStop::Never, at, &[]).keep_last(MAX_CHUNK_HITS);
         let (o, scan) = tl.run_scan_specs(scan, vec![spec], Some(limit))?;
         if scan.total > scan.hits.len() as u64 {
@@ -69,7 +79,12 @@ fn count_hits(
         }
         match o {
             Outcome::Reached => {}
-            Outcome::Finished { .. } => break,
+            Outcome::Finished { .. } => {
+                if find_to && found.is_none() && tl.exits() == to.exits {
+                    found = Some(tl.position()?);
+                }
+                break;
+            }
             Outcome::Diverged(why) => {
                 return Err(ProvError::Diverged {
                     at: tl.exits(),
@@ -95,13 +110,13 @@ fn count_hits(
             )));
         }
     }
-    Ok(need)
+    Ok((need, found))
 }
 
 /// [`super::provenance::history`] at native speed (see the module doc).
 pub fn history_native(rec: &Arc<Recording>, q: &Watched, limits: &Limits) -> R<History> {
     let started = Instant::now();
-    let Watched { phys, len, from, to, reads } = *q;
+    let Watched { phys, len, from, reads, .. } = *q;
     if phys & DMA != 0 || len == 0 {
         return Err(ProvError::Msg(format!("bad range {phys:#x}+{len}")));
     }
@@ -111,7 +126,13 @@ pub fn history_native(rec: &Arc<Recording>, q: &Watched, limits: &Limits) -> R<H
         reads,
         writes: WriteReport::Any,
     };
-    let need = count_hits(rec, spec, from, to, limits)?;
+    let (need, found) = count_hits(rec, spec, from, q.to, q.to_rip_unknown, limits)?;
+    // TO as pass 1 found it (or, if the recording ended before, a replay to it).
+    let q = &match found {
+        Some(p) => Watched { to: p, to_rip_unknown: false, ..*q },
+        None => q.resolved(rec)?,
+    };
+    let to = q.to;
     let hits: u64 = need.values().sum();
     let mut budget = Budget::new(limits);
     let mut touches = Vec::new();

@@ -42,6 +42,19 @@ pub struct Watched {
     pub from: u64,
     pub to: ExecPoint,
     pub reads: bool,
+    /// `to` is the boundary of exit `to.exits`, its RIP not known yet: the
+    /// query finds it on the way (no replay just to learn it).
+    pub to_rip_unknown: bool,
+}
+
+impl Watched {
+    /// This query with `to` made exact (a replay to its exit boundary).
+    pub fn resolved(&self, rec: &Arc<Recording>) -> R<Watched> {
+        if !self.to_rip_unknown {
+            return Ok(*self);
+        }
+        Ok(Watched { to: exit_point(rec, self.to.exits)?, to_rip_unknown: false, ..*self })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -124,12 +137,12 @@ pub(crate) fn touches_of(st: &Step, phys: u64, len: u64, reads: bool, out: &mut 
 /// running code.
 pub fn history(rec: &Arc<Recording>, q: &Watched, limits: &Limits) -> R<History> {
     if std::env::var("REVIRT_HISTORY_NATIVE").is_ok_and(|v| v == "0" || v == "off") {
-        return history_stepping(rec, q, limits);
+        return history_stepping(rec, &q.resolved(rec)?, limits);
     }
     match crate::replay::history::history_native(rec, q, limits) {
         Err(ProvError::Replay(ReplayError::Machine(crate::vmm::MachineError::WatchedCode { .. })))
         | Err(ProvError::Machine(crate::vmm::MachineError::WatchedCode { .. })) => {
-            history_stepping(rec, q, limits)
+            history_stepping(rec, &q.resolved(rec)?, limits)
         }
         r => r,
     }
@@ -185,7 +198,8 @@ fn without(mut spans: Vec<(u64, u64)>, skipped: &[(u64, u64)]) -> Vec<(u64, u64)
 /// writes are wanted.
 pub fn history_stepping(rec: &Arc<Recording>, q: &Watched, limits: &Limits) -> R<History> {
     let started = Instant::now();
-    let Watched { phys, len, from, to, reads } = *q;
+    let q = &q.resolved(rec)?;
+    let Watched { phys, len, from, to, reads, .. } = *q;
     let first = phys / 4096;
     let last = (phys + len.max(1) - 1) / 4096;
     let skipped = if reads {
