@@ -89,7 +89,7 @@ for r in $(seq "$ROUNDS"); do
     -ex "x/i \$pc" -ex "monitor where" -ex "monitor stats" -ex disconnect 2>&1)
   ms=$(grep '^MS ' <<<"$out" | cut -d' ' -f2-)
   echo "long round $r (ms): $ms"
-  [ "$r" = 1 ] && { grep -m1 '=> ' <<<"$out" | sed 's/^/  after the first step back: /'; grep -m1 'single-stepped' <<<"$out" | sed 's/^/  /'; }
+  [ "$r" = 1 ] && { grep -m1 '=> ' <<<"$out" | sed "s/^/  after $N steps back: /"; grep -m1 'single-stepped' <<<"$out" | sed 's/^/  /'; }
   firsts+=("$(cut -d' ' -f1 <<<"$ms")")
   all+=($ms)
 done

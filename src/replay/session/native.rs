@@ -292,14 +292,22 @@ impl Session {
             )));
         }
         // The position itself is not a breakpoint hit before it (gdb's semantics).
+        // The arrival that is `until` itself: by its number where `until`
+        // is a breakpoint arrival (an earlier pass of a loop may have the
+        // same registers), else by its point and registers (at a watch
+        // stop, also the arrival at its RIP there).
+        let is_until = |h: &Hit| {
+            h.point.exits == e
+                && match until.anchor {
+                    Some(a) if until.steps == 0 && a.0 & WATCH == 0 => (h.key, h.n) == a,
+                    _ => h.point.rip == until.point.rip && h.fp == until.fp,
+                }
+        };
         let found = hits
             .into_iter()
             // A write that led to here is still behind us: going back, it is
             // undone first (its stop is the state before it).
-            .filter(|(_, h)| {
-                bps.contains(&h.key)
-                    && (h.key & WATCH != 0 || !(h.point.exits == e && h.point.rip == until.point.rip && h.fp == until.fp))
-            })
+            .filter(|(_, h)| bps.contains(&h.key) && (h.key & WATCH != 0 || !is_until(h)))
             .map(|(at, h)| (at, h.key))
             .collect();
         let arr = bps.iter().map(|&b| (b, scan.arrivals(b))).collect();

@@ -34,7 +34,9 @@ const MAX_GUESSES: usize = 12;
 impl Session {
     /// The position before `here` (an arrival or an exit boundary), found
     /// at native speed; see the module's doc.
-    pub(super) fn native_prev_guess(&mut self, here: Pos) -> R<Prev> {
+    /// `guesses`: [`Session::predecessor_guesses`] made where here's machine
+    /// state stood (they read its code and stack).
+    pub(super) fn native_prev_guess(&mut self, here: Pos, guesses: Vec<Vec<u64>>) -> R<Prev> {
         if !self.native || here.end || here.steps > 0 || self.patched_diverged {
             return Ok(Prev::Unknown);
         }
@@ -46,8 +48,8 @@ impl Session {
             _ => return Ok(Prev::Unknown),
         };
         let mut from = None;
-        for guesses in self.predecessor_guesses(r) {
-            let mut bps: BTreeSet<u64> = guesses.iter().copied().collect();
+        for group in guesses {
+            let mut bps: BTreeSet<u64> = group.iter().copied().collect();
             bps.insert(r);
             // A guess that is not an instruction start changes the code
             // that runs: the run fails (the machine is restored next time).
@@ -57,8 +59,9 @@ impl Session {
             };
             let Some(&(at, key)) = hits.last() else { continue };
             from.get_or_insert(at);
-            // Nothing counted lies between that arrival and here, so if one
-            // step from it lands on here's state it is the step before here.
+            // Nothing counted lies between that arrival and here (every
+            // arrival at r but here's own is in `hits`), so if one step from
+            // it lands on here's state it is the step before here.
             if key == r {
                 continue;
             }
@@ -77,7 +80,7 @@ impl Session {
     /// function a call just before r calls (r is a return address), and
     /// the call whose return address is on the stack (r is a function's
     /// first instruction).
-    fn predecessor_guesses(&self, r: u64) -> Vec<Vec<u64>> {
+    pub(super) fn predecessor_guesses(&self, r: u64) -> Vec<Vec<u64>> {
         let ends = self.ending_at_votes(r);
         let mut groups = Vec::new();
         let mut rest = Vec::new();

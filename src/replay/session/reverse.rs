@@ -92,13 +92,16 @@ impl Session {
         {
             // Counted before: go straight there.
             self.goto(prev)?;
-        } else if let Some(prev) = self.native_prev(here)? {
-            // Found at native speed: the instruction that made the exit, or
-            // the write, that led here.
-            self.remember_prev(here, prev);
-            self.goto(prev)?;
         } else {
-            let Some(prev) = self.prev_of(here)? else {
+            // Guessed from the code and stack here, before anything moves the machine.
+            let guesses = if here.end || !self.native { Vec::new() } else { self.predecessor_guesses(here.point.rip) };
+            // Found at native speed: the instruction that made the exit, or
+            // the write, that led here; else the cheapest other way.
+            let found = match self.native_prev(here)? {
+                Some(p) => Some(p),
+                None => self.prev_of(here, guesses)?,
+            };
+            let Some(prev) = found else {
                 self.goto(here)?;
                 return Ok(StopWhy::Begin);
             };
@@ -191,7 +194,8 @@ impl Session {
     /// step run from the arrival before this one; else guessed at native
     /// speed (module `prev`); else stepped from the latest known point
     /// before here. `None`: here is the first boundary of the recording.
-    fn prev_of(&mut self, here: Pos) -> R<Option<Pos>> {
+    /// `guesses`: [`Session::predecessor_guesses`] made at here.
+    fn prev_of(&mut self, here: Pos, guesses: Vec<Vec<u64>>) -> R<Option<Pos>> {
         let mut prev = None;
         let mut last = None;
         if let Some((r, n)) = here.anchor.filter(|&(_, n)| !here.end && n >= 2) {
@@ -200,7 +204,7 @@ impl Session {
             }
         }
         if prev.is_none() {
-            match self.native_prev_guess(here)? {
+            match self.native_prev_guess(here, guesses)? {
                 Prev::Found(p) => prev = Some(p),
                 Prev::StepFrom(a) => {
                     self.scan(a, here, SCAN_SNAP_EVERY, u64::MAX, |p, _| prev = Some(p))?;
