@@ -68,13 +68,20 @@ impl Session {
     }
 
     /// Nothing to watch for: run at full speed, a chunk of exits at a time
-    /// (so Ctrl-C is noticed between chunks).
+    /// (a Ctrl-C is noticed between chunks, or kicks the run inside one).
     pub(super) fn run_free(&mut self) -> R<StopWhy> {
+        let start = self.pos;
         loop {
             let to = self.tl.exits() + 64;
-            match self.tl.run(Some(to))? {
-                Outcome::Reached => self.refresh((to, None, 0))?,
-                other => return self.ended(other),
+            // A Ctrl-C may kick this run out of a long exit interval.
+            self.tl.set_kick(self.interrupter.clone());
+            let r = self.tl.run(Some(to));
+            self.tl.set_kick(None);
+            match r {
+                Err(ReplayError::Interrupted { exits }) => return self.after_kick(start, exits),
+                Ok(Outcome::Reached) => self.refresh((to, None, 0))?,
+                Ok(other) => return self.ended(other),
+                Err(e) => return Err(e.into()),
             }
             if self.interrupted() {
                 return Ok(StopWhy::Interrupted);

@@ -189,7 +189,7 @@ impl Session {
     /// A native run was kicked at an unnamed point after exit `x`: back to
     /// the last exact point before it (that exit's boundary, or where the
     /// continue started if that lies in the same interval).
-    fn after_kick(&mut self, start: Pos, x: u64) -> R<StopWhy> {
+    pub(super) fn after_kick(&mut self, start: Pos, x: u64) -> R<StopWhy> {
         self.pos.end = true; // the machine is not at a named position
         self.arrivals = None;
         let to = if start.exits == x && !start.end { start.at() } else { (x, None, 0) };
