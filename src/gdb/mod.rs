@@ -47,7 +47,7 @@ pub struct Target64 {
     resume: Option<Resume>,
     /// The last fatal problem, told to the user by `monitor where`.
     pub last_error: Option<String>,
-    /// The last thing the session said the user should know (`monitor where`).
+    /// What the session said the user should know about the last stop (`monitor where`).
     pub last_note: Option<String>,
 }
 
@@ -70,9 +70,8 @@ impl Target64 {
             Some(Resume::ReverseStep) => self.s.reverse_step(),
             None => Ok(StopWhy::Step),
         };
-        if let Some(n) = self.s.note.take() {
-            self.last_note = Some(n);
-        }
+        // What the session said about this stop (shown until the next one).
+        self.last_note = self.s.note.take();
         match r {
             Ok(why) => stop_reason(why),
             Err(e) => {
@@ -482,7 +481,7 @@ impl run_blocking::BlockingEventLoop for EventLoop {
         let intr = Arc::new(Interrupter::default());
         let done = Arc::new(AtomicBool::new(false));
         target.s.interrupter = Some(intr.clone());
-        watch_for_interrupt(conn, intr, done.clone());
+        watch_for_interrupt(conn, intr, done.clone()).map_err(run_blocking::WaitForStopReasonError::Connection)?;
         let stop = target.execute();
         done.store(true, Ordering::SeqCst);
         target.s.interrupter = None;
@@ -508,9 +507,9 @@ impl run_blocking::BlockingEventLoop for EventLoop {
 /// gdbstub reads the Ctrl-C itself) and interrupts on the first, or when
 /// the client goes away. Polling (not a read timeout) leaves the socket's
 /// settings alone for gdbstub.
-fn watch_for_interrupt(conn: &TcpStream, intr: Arc<Interrupter>, done: Arc<AtomicBool>) {
+fn watch_for_interrupt(conn: &TcpStream, intr: Arc<Interrupter>, done: Arc<AtomicBool>) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let Ok(sock) = conn.try_clone() else { return };
+    let sock = conn.try_clone()?;
     std::thread::spawn(move || {
         let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         while !done.load(Ordering::SeqCst) {
@@ -526,6 +525,7 @@ fn watch_for_interrupt(conn: &TcpStream, intr: Arc<Interrupter>, done: Arc<Atomi
             }
         }
     });
+    Ok(())
 }
 
 /// Serves clients one after another on `listener` until `max_clients`
