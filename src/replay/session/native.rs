@@ -410,9 +410,10 @@ impl Session {
     /// for a write, the watched bytes changed; for a read or access, the
     /// instruction touches the range). At a watch stop here's RIP is counted
     /// too, so no arrival there lies between the candidate and here: the
-    /// step from it is the one to here. `None`: not such a position, or no
-    /// candidate checked out (the caller single-steps the interval).
-    pub(super) fn native_prev(&mut self, here: Pos) -> R<Option<Pos>> {
+    /// step from it is the one to here; given `truth` (here's state hash),
+    /// the whole state must be reproduced too. `None`: not such a position,
+    /// or no candidate checked out (the caller single-steps the interval).
+    pub(super) fn native_prev(&mut self, here: Pos, truth: Option<&str>) -> R<Option<Pos>> {
         if !self.native || here.end || here.steps > 0 {
             return Ok(None);
         }
@@ -450,6 +451,10 @@ impl Session {
                 Some(WatchKind::Write) if self.changed(&old, &self.watched_bytes()).is_none() => continue,
                 Some(WatchKind::Read | WatchKind::Access) if !touches => continue,
                 _ => {}
+            }
+            // A candidate from inside another instruction that changed only memory.
+            if !self.reproduces(truth)? {
+                continue;
             }
             return Ok(Some(p));
         }

@@ -35,8 +35,9 @@ impl Session {
     /// The position before `here` (an arrival or an exit boundary), found
     /// at native speed; see the module's doc.
     /// `guesses`: [`Session::predecessor_guesses`] made where here's machine
-    /// state stood (they read its code and stack).
-    pub(super) fn native_prev_guess(&mut self, here: Pos, guesses: Vec<Vec<u64>>) -> R<Prev> {
+    /// state stood (they read its code and stack); `truth`: here's state
+    /// hash, which the step from a guess must reproduce (memory included).
+    pub(super) fn native_prev_guess(&mut self, here: Pos, guesses: Vec<Vec<u64>>, truth: Option<&str>) -> R<Prev> {
         if !self.native || here.end || here.steps > 0 || self.patched_diverged {
             return Ok(Prev::Unknown);
         }
@@ -67,7 +68,7 @@ impl Session {
             }
             self.reach(at)?;
             let p = self.pos;
-            if self.step1()? == StopWhy::Step && self.pos.same_state(&here) {
+            if self.step1()? == StopWhy::Step && self.pos.same_state(&here) && self.reproduces(truth)? {
                 return Ok(Prev::Found(p));
             }
         }

@@ -95,11 +95,15 @@ impl Session {
         } else {
             // Guessed from the code and stack here, before anything moves the machine.
             let guesses = if here.end || !self.native { Vec::new() } else { self.predecessor_guesses(here.point.rip) };
+            // Here's full state: a position found through a guess must
+            // reproduce it, memory included (a wrong guess patched inside an
+            // instruction could change only memory).
+            let truth = if guesses.is_empty() { None } else { Some(self.tl.state_hash()?) };
             // Found at native speed: the instruction that made the exit, or
             // the write, that led here; else the cheapest other way.
-            let found = match self.native_prev(here)? {
+            let found = match self.native_prev(here, truth.as_deref())? {
                 Some(p) => Some(p),
-                None => self.prev_of(here, guesses)?,
+                None => self.prev_of(here, guesses, truth)?,
             };
             let Some(prev) = found else {
                 self.goto(here)?;
@@ -194,8 +198,9 @@ impl Session {
     /// step run from the arrival before this one; else guessed at native
     /// speed (module `prev`); else stepped from the latest known point
     /// before here. `None`: here is the first boundary of the recording.
-    /// `guesses`: [`Session::predecessor_guesses`] made at here.
-    fn prev_of(&mut self, here: Pos, guesses: Vec<Vec<u64>>) -> R<Option<Pos>> {
+    /// `guesses`: [`Session::predecessor_guesses`] made at here; `truth`:
+    /// here's state hash, which what the guesses found must reproduce.
+    fn prev_of(&mut self, here: Pos, guesses: Vec<Vec<u64>>, truth: Option<String>) -> R<Option<Pos>> {
         let mut prev = None;
         let mut last = None;
         if let Some((r, n)) = here.anchor.filter(|&(_, n)| !here.end && n >= 2) {
@@ -204,10 +209,14 @@ impl Session {
             }
         }
         if prev.is_none() {
-            match self.native_prev_guess(here, guesses)? {
+            match self.native_prev_guess(here, guesses, truth.as_deref())? {
                 Prev::Found(p) => prev = Some(p),
                 Prev::StepFrom(a) => {
-                    self.scan(a, here, SCAN_SNAP_EVERY, u64::MAX, |p, _| prev = Some(p))?;
+                    let mut last = None;
+                    self.scan(a, here, SCAN_SNAP_EVERY, u64::MAX, |p, _| last = Some(p))?;
+                    if self.reproduces(truth.as_deref())? {
+                        prev = last;
+                    }
                 }
                 Prev::Unknown => {}
             }
@@ -233,6 +242,18 @@ impl Session {
             }
             e = e.saturating_sub(1);
         }
+    }
+
+    /// Whether the machine, reached through guessed breakpoints, has the
+    /// state hash `truth` (none: nothing to check). If not, it is not
+    /// trusted: the next move restores.
+    pub(super) fn reproduces(&mut self, truth: Option<&str>) -> R<bool> {
+        let Some(t) = truth else { return Ok(true) };
+        if self.tl.state_hash()? == t {
+            return Ok(true);
+        }
+        self.pos.end = true;
+        Ok(false)
     }
 
     /// Notes the boundary just before `here` (a reverse step found it).
