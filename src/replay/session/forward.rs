@@ -73,15 +73,10 @@ impl Session {
         let start = self.pos;
         loop {
             let to = self.tl.exits() + 64;
-            // A Ctrl-C may kick this run out of a long exit interval.
-            self.tl.set_kick(self.interrupter.clone());
-            let r = self.tl.run(Some(to));
-            self.tl.set_kick(None);
-            match r {
-                Err(ReplayError::Interrupted { exits }) => return self.after_kick(start, exits),
+            match self.kickable(|s| Ok(s.tl.run(Some(to))?))? {
+                Err(exits) => return self.after_kick(start, exits),
                 Ok(Outcome::Reached) => self.refresh((to, None, 0))?,
                 Ok(other) => return self.ended(other),
-                Err(e) => return Err(e.into()),
             }
             if self.interrupted() {
                 return Ok(StopWhy::Interrupted);

@@ -149,13 +149,9 @@ impl Session {
         loop {
             let t0 = std::time::Instant::now();
             let to = self.tl.exits().saturating_add(chunk);
-            // A Ctrl-C may kick this run out of a long exit interval.
-            self.tl.set_kick(self.interrupter.clone());
-            let r = self.run_scan(scan, Some(to));
-            self.tl.set_kick(None);
-            let (o, mut sc) = match r {
-                Err(SessionError::Replay(ReplayError::Interrupted { exits })) => return self.after_kick(start, exits),
-                r => r?,
+            let (o, mut sc) = match self.kickable(|s| s.run_scan(scan, Some(to)))? {
+                Ok(r) => r,
+                Err(exits) => return self.after_kick(start, exits),
             };
             match o {
                 Outcome::Reached => {}
@@ -184,6 +180,19 @@ impl Session {
         let arr = bps.iter().map(|&b| (b, scan.arrivals(b))).collect();
         self.arrivals = Some((self.pos.at(), bps, arr));
         Ok(self.hit_why(hit.key))
+    }
+
+    /// Runs `f` so that a Ctrl-C can kick it out of the guest (see
+    /// `replay::interrupt`): `Err(x)` when it was kicked inside the exit
+    /// interval after exit `x` (then [`Session::after_kick`]).
+    pub(super) fn kickable<T>(&mut self, f: impl FnOnce(&mut Self) -> R<T>) -> R<Result<T, u64>> {
+        self.tl.set_kick(self.interrupter.clone());
+        let r = f(self);
+        self.tl.set_kick(None);
+        match r {
+            Err(SessionError::Replay(ReplayError::Interrupted { exits })) => Ok(Err(exits)),
+            r => r.map(Ok),
+        }
     }
 
     /// A native run was kicked at an unnamed point after exit `x`: back to

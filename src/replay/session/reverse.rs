@@ -98,7 +98,7 @@ impl Session {
             // Here's full state: a position found through a guess must
             // reproduce it, memory included (a wrong guess patched inside an
             // instruction could change only memory).
-            let truth = if guesses.is_empty() { None } else { Some(self.tl.state_hash()?) };
+            let truth = if here.end || !self.native { None } else { Some(self.tl.state_hash()?) };
             // Found at native speed: the instruction that made the exit, or
             // the write, that led here; else the cheapest other way.
             let found = match self.native_prev(here, truth.as_deref())? {
@@ -202,10 +202,14 @@ impl Session {
     /// here's state hash, which what the guesses found must reproduce.
     fn prev_of(&mut self, here: Pos, guesses: Vec<Vec<u64>>, truth: Option<String>) -> R<Option<Pos>> {
         let mut prev = None;
-        let mut last = None;
+        // Where a step run from the previous arrival stopped short (its budget).
+        let mut stepped_to = None;
         if let Some((r, n)) = here.anchor.filter(|&(_, n)| !here.end && n >= 2) {
+            let mut last = None;
             if self.scan((here.exits, Some((r, n - 1)), 0), here, SCAN_SNAP_EVERY, LOOP_STEPS, |p, _| last = Some(p))?.is_some() {
                 prev = last;
+            } else {
+                stepped_to = last;
             }
         }
         if prev.is_none() {
@@ -222,9 +226,15 @@ impl Session {
             }
         }
         // At an arrival (a native-speed stop): step from the arrival
-        // before it, or from its exit boundary.
+        // before it (or where the bounded run from it stopped), or from its
+        // exit boundary.
         if let Some((r, n)) = here.anchor.filter(|_| !here.end && prev.is_none()) {
-            let start = if n >= 2 { (here.exits, Some((r, n - 1)), 0) } else { (here.exits, None, 0) };
+            let start = match stepped_to {
+                // Go on from where the bounded run stopped (not its steps again).
+                Some(p) => p.at(),
+                None if n >= 2 => (here.exits, Some((r, n - 1)), 0),
+                None => (here.exits, None, 0),
+            };
             self.scan(start, here, SCAN_SNAP_EVERY, u64::MAX, |p, _| prev = Some(p))?;
             if prev.is_none() && here.exits == 0 {
                 return Ok(None);
